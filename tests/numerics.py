@@ -1,0 +1,41 @@
+"""Numerics helpers shared by every test: distances, per-dtype tolerances, poisoning."""
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per output dtype: the error budget of one rounding to that dtype plus fp32 accumulation.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cosine-style distance 1 - 2<x,y>/(|x|^2+|y|^2) in float64 (0 = identical; DeepGEMM's metric)."""
+    x64, y64 = x.double().flatten(), y.double().flatten()
+    denom = (x64 * x64 + y64 * y64).sum()
+    if denom == 0:
+        return 0.0
+    return float(1 - 2 * (x64 * y64).sum() / denom)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 atol: float | None = None, rtol: float | None = None, msg: str = "") -> None:
+    """torch.testing.assert_close with the tolerance of ``dtype`` (default: actual's dtype)."""
+    d_atol, d_rtol = TOLERANCES.get(dtype or actual.dtype, (1e-5, 1e-5))
+    torch.testing.assert_close(actual.double(), expected.double(),
+                               atol=d_atol if atol is None else atol,
+                               rtol=d_rtol if rtol is None else rtol, equal_nan=False, msg=msg or None)
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``t`` filled with NaN (floats) or the dtype's max (ints): output buffers
+    start poisoned so an unwritten element fails the comparison."""
+    out = torch.empty_like(t)
+    if out.is_floating_point():
+        out.fill_(float("nan"))
+    else:
+        out.fill_(torch.iinfo(out.dtype).max if out.dtype != torch.bool else True)
+    return out

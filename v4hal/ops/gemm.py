@@ -1,0 +1,181 @@
+"""Low-precision GEMMs: FP8 x FP8 (1x128 activation, 128x128 weight scales), FP8 x MXFP4, and the
+grouped (MoE) GEMM over rows grouped by expert."""
+from __future__ import annotations
+
+import torch
+
+from . import _checks as C
+from ._checks import E8M0, FLOATS, FP8, SCALE_DTYPES, ceil_div
+from ._define import define_op
+
+BLOCK = 128   # FP8 block along K (activations) and N x K (weights)
+FP4_BLOCK = 32
+
+
+def _check_act_operand(op: str, a: torch.Tensor, a_s: torch.Tensor, name: str = "a") -> int:
+    C.dtype(op, name, a, (FP8,))
+    C.min_rank(op, name, a, 1, "[..., K]")
+    k = a.shape[-1]
+    C.divisible(op, f"{name}.shape[-1] (K)", k, BLOCK, "the FP8 block")
+    C.dtype(op, f"{name}_s", a_s, SCALE_DTYPES)
+    C.shape(op, f"{name}_s", a_s, (*a.shape[:-1], k // BLOCK), "[..., K/128]")
+    return k
+
+
+def _check_fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
+    op = "fp8_gemm"
+    k = _check_act_operand(op, a, a_s)
+    C.dtype(op, "b", b, (FP8,))
+    C.rank(op, "b", b, (2,), "[N, K]")
+    if b.shape[1] != k:
+        raise C.ShapeError(f"{op}: b must be [N, K] with K = a.shape[-1] = {k}, got {C.describe(b)}")
+    C.dtype(op, "b_s", b_s, SCALE_DTYPES)
+    C.shape(op, "b_s", b_s, (ceil_div(b.shape[0], BLOCK), k // BLOCK), "[ceil(N/128), K/128]")
+    C.one_of(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
+    if scale_dtype != a_s.dtype:
+        raise C.DTypeError(f"{op}: scale_dtype ({scale_dtype}) must equal a_s.dtype, got {C.describe(a_s)}")
+    C.one_of(op, "out_dtype", out_dtype, FLOATS)
+    C.same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
+
+
+def _finite_scales(op):
+    def check(a, a_s, b, b_s, *rest):
+        C.finite(op, "a_s", a_s)
+        C.finite(op, "b_s", b_s)
+    return check
+
+
+def _fake_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
+    return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=out_dtype)
+
+
+define_op("fp8_gemm",
+          "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType scale_dtype=float32, "
+          "ScalarType out_dtype=bfloat16) -> Tensor",
+          check=_check_fp8_gemm, fake=_fake_gemm, value_check=_finite_scales("fp8_gemm"))
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``C[..., N] = A[..., K] @ B[N, K]^T``: A fp8 with scales ``[..., K/128]``, B fp8 with ``[ceil(N/128), K/128]``
+    block scales (fp32 or e8m0), fp32 accumulation per 128-wide K block; out ``out_dtype``."""
+    return torch.ops.v4hal.fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
+
+
+def _check_fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
+    op = "fp4_gemm"
+    k = _check_act_operand(op, a, a_s)
+    C.dtype(op, "b", b, (torch.uint8,))
+    C.rank(op, "b", b, (2,), "[N, K/2] packed e2m1")
+    if 2 * b.shape[1] != k:
+        raise C.ShapeError(f"{op}: b must be [N, K/2] with K = a.shape[-1] = {k}, got {C.describe(b)}")
+    C.dtype(op, "b_s", b_s, SCALE_DTYPES)
+    C.shape(op, "b_s", b_s, (b.shape[0], k // FP4_BLOCK), "[N, K/32]")
+    C.one_of(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
+    if scale_dtype != a_s.dtype:
+        raise C.DTypeError(f"{op}: scale_dtype ({scale_dtype}) must equal a_s.dtype, got {C.describe(a_s)}")
+    C.one_of(op, "out_dtype", out_dtype, FLOATS)
+    C.same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
+
+
+define_op("fp4_gemm",
+          "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType scale_dtype=float32, "
+          "ScalarType out_dtype=bfloat16) -> Tensor",
+          check=_check_fp4_gemm, fake=_fake_gemm, value_check=_finite_scales("fp4_gemm"))
+
+
+def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``C = A @ B^T`` with A fp8 (+ ``[..., K/128]`` scales) and B packed MXFP4 ``[N, K/2]`` (+ e8m0 ``[N, K/32]``)."""
+    return torch.ops.v4hal.fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
+
+
+def weight_kind(op: str, name: str, w: torch.Tensor, scale: torch.Tensor | None, k: int,
+                scale_name: str) -> str:
+    """Classify an expert weight stack ``[E, N, K]``: 'float', 'fp8' or 'fp4'; checks its scales."""
+    C.rank(op, name, w, (3,), "[E, N, K] (FP4: [E, N, K/2])")
+    e, n = w.shape[0], w.shape[1]
+    if w.dtype in FLOATS:
+        if scale is not None:
+            raise C.ShapeError(f"{op}: {scale_name} must be None for {w.dtype} {name}, got {C.describe(scale)}")
+        if w.shape[2] != k:
+            raise C.ShapeError(f"{op}: {name} must be [E, N, K] with K = {k}, got {C.describe(w)}")
+        return "float"
+    if scale is None:
+        raise C.ShapeError(f"{op}: {scale_name} is required for a quantized {name} ({C.describe(w)})")
+    if w.dtype == FP8:
+        if w.shape[2] != k:
+            raise C.ShapeError(f"{op}: {name} must be [E, N, K] with K = {k}, got {C.describe(w)}")
+        C.divisible(op, f"{name}.shape[-1] (K)", k, BLOCK, "the FP8 block")
+        C.dtype(op, scale_name, scale, SCALE_DTYPES)
+        C.shape(op, scale_name, scale, (e, ceil_div(n, BLOCK), k // BLOCK), "[E, ceil(N/128), K/128]")
+        return "fp8"
+    if w.dtype == torch.uint8:
+        if 2 * w.shape[2] != k:
+            raise C.ShapeError(f"{op}: {name} must be packed [E, N, K/2] with K = {k}, got {C.describe(w)}")
+        C.divisible(op, f"{name} K", k, FP4_BLOCK, "the FP4 block")
+        C.dtype(op, scale_name, scale, SCALE_DTYPES)
+        C.shape(op, scale_name, scale, (e, n, k // FP4_BLOCK), "[E, N, K/32]")
+        return "fp4"
+    raise C.DTypeError(f"{op}: {name} must be bfloat16/float16/float32, float8_e4m3fn or uint8 (packed e2m1), "
+                       f"got {C.describe(w)}")
+
+
+def _check_grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype):
+    op = "grouped_gemm"
+    C.rank(op, "x", x, (2,), "[M, K]")
+    m, k = x.shape
+    if x.dtype in FLOATS:
+        if x_scale is not None:
+            raise C.ShapeError(f"{op}: x_scale must be None for {x.dtype} x, got {C.describe(x_scale)}")
+        kind = weight_kind(op, "w", w, w_scale, k, "w_scale")
+        if kind != "float" or w.dtype != x.dtype:
+            raise C.DTypeError(f"{op}: a {x.dtype} x takes w of the same dtype, got {C.describe(w)}")
+    elif x.dtype == FP8:
+        if x_scale is None:
+            raise C.ShapeError(f"{op}: x_scale [M, K/128] is required for an fp8 x")
+        _check_act_operand(op, x, x_scale, "x")
+        kind = weight_kind(op, "w", w, w_scale, k, "w_scale")
+        if kind == "float":
+            raise C.DTypeError(f"{op}: an fp8 x takes fp8 or packed-FP4 w, got {C.describe(w)}")
+    else:
+        raise C.DTypeError(f"{op}: x must be bfloat16/float16/float32 or float8_e4m3fn, got {C.describe(x)}")
+    C.dtype(op, "group_offsets", group_offsets, (torch.int64,))
+    C.shape(op, "group_offsets", group_offsets, (w.shape[0] + 1,), "[E+1]")
+    C.one_of(op, "out_dtype", out_dtype, FLOATS)
+    C.same_device(op, x=x, w=w, group_offsets=group_offsets, x_scale=x_scale, w_scale=w_scale)
+
+
+def check_group_offsets(op: str, group_offsets: torch.Tensor, rows: int) -> None:
+    """Values: 0 first, ``rows`` last, non-decreasing."""
+    if group_offsets.numel() == 0:
+        return
+    first, last = int(group_offsets[0]), int(group_offsets[-1])
+    if first != 0 or last != rows or bool((group_offsets[1:] < group_offsets[:-1]).any()):
+        raise C.RangeError(f"{op}: group_offsets must start at 0, end at M={rows} and never decrease, "
+                           f"got {group_offsets.tolist() if group_offsets.numel() <= 16 else 'first ' + str(first) + ', last ' + str(last)}")
+
+
+def _value_check_grouped(x, w, group_offsets, x_scale, w_scale, out_dtype):
+    check_group_offsets("grouped_gemm", group_offsets, x.shape[0])
+    C.finite("grouped_gemm", "x_scale", x_scale)
+    C.finite("grouped_gemm", "w_scale", w_scale)
+
+
+define_op("grouped_gemm",
+          "(Tensor x, Tensor w, Tensor group_offsets, Tensor? x_scale=None, Tensor? w_scale=None, "
+          "ScalarType out_dtype=bfloat16) -> Tensor",
+          check=_check_grouped_gemm,
+          fake=lambda x, w, go, xs, ws, od: x.new_empty((x.shape[0], w.shape[1]), dtype=od),
+          value_check=_value_check_grouped)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor, *,
+                 x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Rows ``group_offsets[e]:group_offsets[e+1]`` of ``x [M, K]`` times ``w[e]^T`` -> ``[M, N]``.
+
+    Recipes: float x with float w; fp8 x (+ x_scale ``[M, K/128]``) with fp8 w (+ ``[E, N/128, K/128]``)
+    or packed FP4 w ``[E, N, K/2]`` (+ e8m0 ``[E, N, K/32]``).
+    """
+    return torch.ops.v4hal.grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype)
