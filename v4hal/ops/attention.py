@@ -30,7 +30,8 @@ def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
 
 def _values_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
     C.index_range("sparse_attn", "topk_idxs", topk_idxs, -1, kv.shape[1])
-    C.finite("sparse_attn", "attn_sink", attn_sink)
+    if attn_sink.numel() and bool((attn_sink.isnan() | attn_sink.isposinf()).any()):
+        raise C.RangeError(f"sparse_attn: attn_sink must be finite or -inf (no sink), got {attn_sink.tolist()}")
 
 
 define_op("sparse_attn", "(Tensor q, Tensor kv, Tensor attn_sink, Tensor topk_idxs, float softmax_scale) -> Tensor",
