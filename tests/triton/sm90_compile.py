@@ -1,0 +1,188 @@
+"""Compile the attention / indexer / mHC / small-op Triton kernels for sm_90 without a GPU.
+
+The interpreter runs kernels as Python and accepts code the compiler rejects; this script
+sends the same kernels, with the launch configurations the launchers use, through the real
+Triton compiler to an sm_90a cubin and reads ptxas's register / spill counts. It needs no GPU,
+only the NVIDIA backend that ships with the triton wheel (its ptxas).
+
+Run in a process **without** ``TRITON_INTERPRET=1`` (with it, ``@triton.jit`` builds interpreter
+objects the compiler cannot take):
+
+    python -m tests.triton.sm90_compile          # table
+    python -m tests.triton.sm90_compile --json   # one JSON list on stdout
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Case:
+    """One kernel x launch configuration to compile."""
+
+    name: str
+    kernel: str                      # "module:function" under v4hal.backends.triton
+    types: dict[str, str]            # non-int argument types ("*bf16", "fp32", ...); others are i32
+    constexprs: dict[str, Any]
+    aligned: tuple[str, ...] = ()    # arguments specialised as multiples of 16 (pointers, strides)
+    num_warps: int = 4
+    num_stages: int = 2
+    serving: bool = True             # a production-dtype configuration: must not spill
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _attn_cases() -> list[Case]:
+    from v4hal.backends.triton import attention
+
+    aligned = ("q_ptr", "kv_ptr", "sink_ptr", "idx_ptr", "out_ptr", "s_qb", "s_qm", "s_qh", "s_kb", "s_kn",
+               "s_ib", "s_im", "s_ob", "s_om", "s_oh", "D")
+
+    def types(dt: str) -> dict[str, str]:
+        return {"q_ptr": f"*{dt}", "kv_ptr": f"*{dt}", "sink_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": f"*{dt}",
+                "qk_scale": "fp32"}
+
+    cases = []
+    for cfg in attention._GPU_CONFIGS:
+        bh, bn = cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_N"]
+        cases.append(Case(f"sparse_attn bf16 d=512 BH={bh} BN={bn} w={cfg.num_warps} s={cfg.num_stages}",
+                          "attention:_sparse_attn_kernel", types("bf16"),
+                          dict(BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=512, EVEN_D=True, UPCAST=False, PREC="tf32"),
+                          aligned, cfg.num_warps, cfg.num_stages, serving=not (bh == 64 and bn == 32)))
+    cases.append(Case("sparse_attn fp16 d=64 BH=16 BN=32", "attention:_sparse_attn_kernel", types("fp16"),
+                      dict(BLOCK_H=16, BLOCK_N=32, BLOCK_D=64, EVEN_D=True, UPCAST=False, PREC="tf32"), aligned))
+    cases.append(Case("sparse_attn fp32 d=512 (ieee, fixed config)", "attention:_sparse_attn_kernel", types("fp32"),
+                      dict(BLOCK_H=16, BLOCK_N=16, BLOCK_D=512, EVEN_D=True, UPCAST=False, PREC="ieee"), aligned))
+    return cases
+
+
+def _indexer_cases() -> list[Case]:
+    aligned = ("q_ptr", "k_ptr", "w_ptr", "out_ptr", "s_qb", "s_qs", "s_qh", "s_kb", "s_kt", "s_ob", "s_os", "D")
+    bf16 = {"q_ptr": "*bf16", "k_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+    f32 = {"q_ptr": "*fp32", "k_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32"}
+    base = dict(BLOCK_D=128, EVEN_D=True, TO_F32=False)
+    return [
+        Case("index_scores bf16 H=64 (2 queries x 64 heads, 64 keys)", "indexer:_index_scores_kernel", bf16,
+             dict(base, BLOCK_S=2, HP=64, BLOCK_T=64, MASK=True, PREC="tf32"), aligned),
+        Case("index_scores bf16 H=1 (16 queries)", "indexer:_index_scores_kernel", bf16,
+             dict(base, BLOCK_S=16, HP=1, BLOCK_T=64, MASK=False, PREC="tf32"), aligned),
+        Case("index_scores fp32 H=64 (tf32x3)", "indexer:_index_scores_kernel", f32,
+             dict(base, BLOCK_S=1, HP=64, BLOCK_T=32, MASK=True, PREC="tf32x3"), aligned, serving=False),
+    ]
+
+
+def _mhc_cases() -> list[Case]:
+    mix_types = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "sq_ptr": "*fp32"}
+    apply_types = {"part_ptr": "*fp32", "sq_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
+                   "x_ptr": "*bf16", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
+                   "norm_eps": "fp32", "hc_eps": "fp32"}
+    split_types = {"mix_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "pre_ptr": "*fp32",
+                   "post_ptr": "*fp32", "comb_ptr": "*fp32", "eps": "fp32"}
+    post_types = {"x_ptr": "*bf16", "res_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32", "out_ptr": "*bf16"}
+    cases = [Case(f"hc_mix bf16 BT={bt}", "mhc:_hc_mix_kernel", mix_types,
+                  dict(BLOCK_T=bt, BLOCK_K=64, MIXP=32, PREC="tf32x3"), ("x_ptr", "fn_ptr", "s_xt", "s_fn", "K_SPLIT"),
+                  4, 2 if bt == 64 else 3) for bt in (16, 32, 64)]
+    cases += [Case(f"hc_apply head={head}", "mhc:_hc_apply_kernel", apply_types,
+                   dict(BLOCK_T=4, HCP=4, MIXP=16 if head else 32, BLOCK_D=256, HEAD=head),
+                   ("x_ptr", "y_ptr", "s_xt", "s_xh", "s_yt")) for head in (False, True)]
+    cases.append(Case("hc_split", "mhc:_hc_split_kernel", split_types, dict(BLOCK_T=64, HCP=4)))
+    cases.append(Case("hc_post", "mhc:_hc_post_kernel", post_types, dict(HCP=4, BLOCK_D=512),
+                      ("x_ptr", "res_ptr", "out_ptr", "s_xt", "s_rt", "s_rh", "s_ot", "s_oh")))
+    return cases
+
+
+def _small_cases() -> list[Case]:
+    rms = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16", "eps": "fp32"}
+    cases = [Case(f"rms_norm single={single}", "small:_rms_norm_kernel", rms, dict(BLOCK_D=8192, SINGLE=single),
+                  ("x_ptr", "w_ptr", "out_ptr", "s_x", "s_o"), 8) for single in (True, False)]
+    for dt, br in (("bf16", 64), ("fp32", 16)):
+        t = {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "scale": "fp32"}
+        cases.append(Case(f"hadamard rows {dt} D=128", "small:_hadamard_rows_kernel", t,
+                          dict(BLOCK_R=br, DP=128, UPCAST=False, F32=dt == "fp32"), ("x_ptr", "out_ptr", "s_x", "s_o")))
+    t = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scale": "fp32"}
+    for a, b, w in ((16, 16, 4), (64, 128, 8)):
+        cases.append(Case(f"hadamard kron bf16 {a}x{b}", "small:_hadamard_kron_kernel", t,
+                          dict(A=a, B=b, UPCAST=False, F32=False), ("x_ptr", "out_ptr", "s_x", "s_o"), w))
+    cases.append(Case("rotary bf16", "small:_rotary_kernel", {"x_ptr": "*bf16", "f_ptr": "*fp32", "out_ptr": "*bf16"},
+                      dict(INVERSE=True, BLOCK_H=16, BLOCK_P=32)))
+    return cases
+
+
+GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases}
+
+
+def _ptxas() -> str:
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):  # the newer one accepts the PTX version Triton emits
+        path = os.path.join(bindir, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no ptxas under {bindir}")
+
+
+def compile_case(case: Case) -> dict[str, Any]:
+    """Compile one case to an sm_90a cubin; returns name, registers, spill bytes, shared memory, MMA kind."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, fn_name = case.kernel.split(":")
+    fn = getattr(importlib.import_module(f"v4hal.backends.triton.{module}"), fn_name)
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in case.constexprs else case.types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case.aligned}
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in case.constexprs.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        res = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    info = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    return {"name": case.name, "regs": int(regs.group(1)) if regs else None,
+            "spill_bytes": int(spill.group(1)) if spill else None, "smem": int(compiled.metadata.shared),
+            "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
+            "serving": case.serving}
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("run without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    groups = [a for a in argv if not a.startswith("--")] or list(GROUPS)
+    cases = [c for g in groups for c in GROUPS[g]()]
+    jobs = max(1, min(4, os.cpu_count() or 1))
+    if jobs == 1:
+        rows = [compile_case(c) for c in cases]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            rows = list(pool.map(compile_case, cases))
+    if "--json" in argv:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['name']:58s} regs={r['regs']:>4} spill={r['spill_bytes']:>6} smem={r['smem']:>7} {r['mma']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

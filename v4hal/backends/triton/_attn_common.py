@@ -1,0 +1,44 @@
+"""Helpers shared by the attention / indexer / mHC / small-op Triton kernels of this backend.
+
+Nothing here launches a kernel. The interpreter switch is read when a kernel is launched
+(``TRITON_INTERPRET=1`` must be set before ``triton`` is imported, which the test suite does).
+"""
+from __future__ import annotations
+
+import torch
+
+from v4hal.hal.devices import triton_interpreter_on
+
+# tl.dot input precision per operand dtype. fp32 operands use three TF32 products on a GPU
+# (about fp32 accuracy; plain TF32 would miss the fp32 tolerance); 16-bit operands ignore it.
+FP32_DOT_PRECISION = "tf32x3"
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    n = max(int(n), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceil division of non-negative ints."""
+    return -(-a // b)
+
+
+def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether kernels must convert 16-bit ``tl.dot`` operands to fp32 before the product.
+
+    Only bf16 under the interpreter: its bf16 ``tl.dot`` is wrong (Triton 3.9). On a GPU the
+    MMA runs in the operands' own dtype.
+    """
+    return dtype == torch.bfloat16 and (device.type == "cpu" or triton_interpreter_on())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` passed to ``tl.dot`` for operands of ``dtype``."""
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def on_interpreter(t: torch.Tensor) -> bool:
+    """True when a kernel launched on ``t`` runs under the Triton CPU interpreter."""
+    return t.device.type == "cpu" or triton_interpreter_on()

@@ -1,0 +1,304 @@
+"""Triton small ops: RMSNorm, normalized Walsh-Hadamard transform, rotary embedding.
+
+- ``rms_norm``: one program per row; rows up to ``_RMS_BLOCK`` wide stay in registers, wider
+  rows take a second pass over the row (fp32 math, weight read as fp32, one cast at the end).
+- ``hadamard_transform``: ``y = scale * x @ H_D`` (Sylvester order, ``H[i, j] = (-1)^popcount(i & j)``,
+  generated in the kernel). ``D <= 128``: one MMA per block of rows with the ``[D, D]`` matrix
+  (``D`` < 16 is zero-padded to 16: the top-left block of ``H_16`` is ``H_D``). ``D >= 256``: the
+  row is viewed as ``X [A, B]`` (``D = A*B``, ``A, B >= 16``) and ``H_D x = H_A X H_B`` (the
+  Kronecker factorization of the Sylvester matrix), two products per row. 16-bit operands go
+  straight into the MMA (the +-1 products are exact, fp32 accumulation); fp32 operands, and the
+  fp32 intermediate of the second product, are split into ``hi + lo`` (``hi`` = the top 11
+  significand bits, exact in TF32) and multiplied by the exact +-1 matrix as two TF32 MMAs,
+  about fp32 accuracy. ``D`` up to ``MAX_HADAMARD_DIM`` = 16384.
+- ``rotary_emb``: interleaved pairs ``(x[2i], x[2i+1])`` times ``freqs_cis`` (complex64, read as
+  its real view), conjugate when ``inverse``; one program per (b, s) and block of heads.
+
+Verified where: numerics under the Triton interpreter (CPU) for fp32/fp16/bf16 inputs (the bf16
+Hadamard tiles are converted to fp32 before ``tl.dot`` there); the GPU tiles compile for sm_90a
+without spills (``tests/triton/test_sm90_compile.py``, no GPU needed). GPU numerics (bf16 MMA,
+TF32 hi/lo products) and all speeds only on a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+
+from ._attn_common import cdiv, dot_upcast, next_pow2, on_interpreter
+
+MAX_HADAMARD_DIM = 16384
+_RMS_BLOCK = 8192
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
+    """out[r] = w * x[r] * rsqrt(mean(x[r]^2) + eps), fp32 math."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    x_row = x_ptr + row * s_x
+    o_row = out_ptr + row * s_o
+    if SINGLE:
+        ok = offs < D
+        x = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(o_row + offs, (w * (x * inv)).to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ok = d0 + offs < D
+            x = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+            acc += x * x
+        inv = tl.rsqrt(tl.sum(acc, 0) / D + eps)
+        for d0 in range(0, D, BLOCK_D):
+            ok = d0 + offs < D
+            x = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(o_row + d0 + offs, (w * (x * inv)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`rms_norm` writing into contiguous ``out`` (x's shape and dtype); returns it."""
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ShapeError(f"rms_norm: out must be contiguous {x.dtype} {list(x.shape)}, got {_desc(out)}")
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    if rows == 0:
+        return out
+    x2 = x.contiguous().reshape(rows, d)
+    o2 = out.view(rows, d)
+    block = min(next_pow2(d), _RMS_BLOCK if not on_interpreter(x) else 1024)
+    single = block >= d
+    kwargs = {} if on_interpreter(x) else {"num_warps": 4 if block <= 2048 else 8}
+    _rms_norm_kernel[(rows,)](x2, weight.contiguous(), o2, d, float(eps), x2.stride(0), o2.stride(0),
+                              BLOCK_D=block, SINGLE=single, **kwargs)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x float ``[..., D]``, weight ``[D]`` (fp32 or x's dtype) -> ``[..., D]`` in x's dtype."""
+    if x.dtype not in _FLOATS or x.dim() < 1:
+        raise DTypeError(f"rms_norm: x must be float [..., D], got {_desc(x)}")
+    if tuple(weight.shape) != (x.shape[-1],) or weight.dtype not in _FLOATS:
+        raise ShapeError(f"rms_norm: weight must be float [D] = [{x.shape[-1]}], got {_desc(weight)}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return rms_norm_into(out, x, weight, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hadamard
+
+
+@triton.jit
+def _hsign(i, j):
+    """Sylvester Hadamard entry (-1)^popcount(i & j) for i, j < 2**16, as int32 +-1."""
+    v = i & j
+    v = v ^ (v >> 8)
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    return 1 - 2 * (v & 1)
+
+
+@triton.jit
+def _tf32_split(x):
+    """x fp32 -> (hi, lo) with hi = x's top 11 significand bits (exact in TF32) and lo = x - hi."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _hadamard_rows_kernel(x_ptr, out_ptr, R, D, scale, s_x, s_o,
+                          BLOCK_R: tl.constexpr, DP: tl.constexpr, UPCAST: tl.constexpr, F32: tl.constexpr):
+    """D <= 128: y[rows] = scale * x[rows] @ H_DP (zero-padded to DP >= 16 columns).
+
+    16-bit x: one MMA in x's dtype (the +-1 products are exact, fp32 accumulation).
+    fp32 x (F32): x = hi + lo, two TF32 MMAs with the exact +-1 matrix (about fp32 accuracy).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, DP)
+    ok = (rows < R)[:, None] & (cols < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * s_x + cols[None, :], mask=ok, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    h = _hsign(cols[:, None], cols[None, :]).to(x.dtype)
+    if F32:
+        hi, lo = _tf32_split(x)
+        y = tl.dot(hi, h, input_precision="tf32") + tl.dot(lo, h, input_precision="tf32")
+    else:
+        y = tl.dot(x, h)
+    tl.store(out_ptr + rows64[:, None] * s_o + cols[None, :], (y * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _hadamard_kron_kernel(x_ptr, out_ptr, scale, s_x, s_o, A: tl.constexpr, B: tl.constexpr,
+                          UPCAST: tl.constexpr, F32: tl.constexpr):
+    """D = A*B >= 256: the row as X [A, B] (row-major), y = scale * H_A @ (X @ H_B).
+
+    The first product runs like the rows kernel (F32: hi/lo TF32 split); the second always
+    splits the fp32 intermediate into hi/lo TF32 halves against the exact +-1 matrix.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    ia = tl.arange(0, A)
+    ib = tl.arange(0, B)
+    offs = ia[:, None] * B + ib[None, :]
+    x = tl.load(x_ptr + row * s_x + offs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    hb = _hsign(ib[:, None], ib[None, :]).to(x.dtype)
+    if F32:
+        hi, lo = _tf32_split(x)
+        y1 = tl.dot(hi, hb, input_precision="tf32") + tl.dot(lo, hb, input_precision="tf32")
+    else:
+        y1 = tl.dot(x, hb)                                            # fp32 [A, B]
+    ha = _hsign(ia[:, None], ia[None, :]).to(tl.float32)
+    hi1, lo1 = _tf32_split(y1)
+    y = tl.dot(ha, hi1, input_precision="tf32") + tl.dot(ha, lo1, input_precision="tf32")
+    tl.store(out_ptr + row * s_o + offs, (y * scale).to(out_ptr.dtype.element_ty))
+
+
+def _kron_split(d: int) -> tuple[int, int]:
+    """D = A * B with A = 2**floor(log2(D)/2) (both >= 16 for D >= 256)."""
+    a = 1 << (d.bit_length() - 1) // 2
+    return a, d // a
+
+
+def hadamard_transform_into(out: torch.Tensor, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`hadamard_transform` writing into contiguous ``out`` (x's shape and dtype); returns it."""
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ShapeError(f"hadamard_transform: out must be contiguous {x.dtype} {list(x.shape)}, got {_desc(out)}")
+    d = x.shape[-1]
+    _check_hadamard_dim(d)
+    if scale is None:
+        scale = d ** -0.5
+    if not math.isfinite(float(scale)):
+        raise RangeError(f"hadamard_transform: scale must be finite, got {scale}")
+    rows = x.numel() // d
+    if rows == 0:
+        return out
+    x2 = x.contiguous().reshape(rows, d)
+    o2 = out.view(rows, d)
+    interp = on_interpreter(x)
+    upcast = dot_upcast(x.dtype, x.device)
+    f32 = x.dtype == torch.float32 or upcast
+    if d <= 128:
+        dp = max(16, d)
+        block_r = 16 if interp or f32 else 64
+        kwargs = {} if interp else {"num_warps": 4}
+        _hadamard_rows_kernel[(cdiv(rows, block_r),)](x2, o2, rows, d, float(scale), x2.stride(0), o2.stride(0),
+                                                      BLOCK_R=block_r, DP=dp, UPCAST=upcast, F32=f32, **kwargs)
+    else:
+        a, b = _kron_split(d)
+        kwargs = {} if interp else {"num_warps": 4 if d <= 4096 else 8}
+        _hadamard_kron_kernel[(rows,)](x2, o2, float(scale), x2.stride(0), o2.stride(0), A=a, B=b,
+                                       UPCAST=upcast, F32=f32, **kwargs)
+    return out
+
+
+def _check_hadamard_dim(d: int) -> None:
+    if d < 1 or d & (d - 1):
+        raise ShapeError(f"hadamard_transform: last dim of x must be a power of 2, got {d}")
+    if d > MAX_HADAMARD_DIM:
+        raise ShapeError(f"hadamard_transform (triton): last dim must be <= {MAX_HADAMARD_DIM}, got {d}")
+
+
+def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """x float ``[..., D]`` (D a power of two <= 16384) -> ``scale * x @ H_D`` in x's dtype (scale ``D**-0.5``)."""
+    if x.dtype not in _FLOATS or x.dim() < 1:
+        raise DTypeError(f"hadamard_transform: x must be float [..., D], got {_desc(x)}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return hadamard_transform_into(out, x, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary embedding
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, f_ptr, out_ptr, S, H, HALF, s_xb, s_xs, s_xh, s_fb, s_fs, s_ob, s_os, s_oh,
+                   INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(x[2i] + 1j x[2i+1]) * f[i] (conj when INVERSE) for one (b, s) and a block of heads."""
+    pid = tl.program_id(0)
+    b = (pid // S).to(tl.int64)
+    s = (pid % S).to(tl.int64)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pp = tl.arange(0, BLOCK_P)
+    p_ok = pp < HALF
+    f = f_ptr + b * s_fb + s * s_fs + 2 * pp
+    c = tl.load(f, mask=p_ok, other=0.0)
+    sn = tl.load(f + 1, mask=p_ok, other=0.0)
+    if INVERSE:
+        sn = -sn
+    ok = (hh < H)[:, None] & p_ok[None, :]
+    xp = x_ptr + b * s_xb + s * s_xs + hh[:, None] * s_xh + 2 * pp[None, :]
+    xr = tl.load(xp, mask=ok, other=0.0).to(tl.float32)
+    xi = tl.load(xp + 1, mask=ok, other=0.0).to(tl.float32)
+    yr = xr * c[None, :] - xi * sn[None, :]
+    yi = xr * sn[None, :] + xi * c[None, :]
+    op = out_ptr + b * s_ob + s * s_os + hh[:, None] * s_oh + 2 * pp[None, :]
+    tl.store(op, yr.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(op + 1, yi.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rotary_emb_into(out: torch.Tensor, x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """:func:`rotary_emb` writing into contiguous ``out`` (x's shape and dtype); returns it."""
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ShapeError(f"rotary_emb: out must be contiguous {x.dtype} {list(x.shape)}, got {_desc(out)}")
+    f = _check_rotary(x, freqs_cis)
+    if out.numel() == 0:
+        return out
+    x4 = x.contiguous()
+    x4 = x4.unsqueeze(2) if x4.dim() == 3 else x4
+    o4 = out.unsqueeze(2) if out.dim() == 3 else out
+    b, s, h, rd = x4.shape
+    half = rd // 2
+    fr = torch.view_as_real(f.contiguous())                        # [fb, s, half, 2] float32
+    s_fb = fr.stride(0) if fr.shape[0] > 1 else 0
+    block_h = min(16, next_pow2(h))
+    kwargs = {} if on_interpreter(x) else {"num_warps": 4}
+    _rotary_kernel[(b * s, cdiv(h, block_h))](x4, fr, o4, s, h, half, x4.stride(0), x4.stride(1), x4.stride(2),
+                                               s_fb, fr.stride(1), o4.stride(0), o4.stride(1), o4.stride(2),
+                                               INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_P=next_pow2(half),
+                                               **kwargs)
+    return out
+
+
+def _check_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Validate and return freqs as ``[1 or b, s, rd/2]`` complex64."""
+    if x.dim() not in (3, 4) or x.dtype not in _FLOATS:
+        raise ShapeError(f"rotary_emb: x must be float [b, s, rd] or [b, s, h, rd], got {_desc(x)}")
+    if freqs_cis.dtype != torch.complex64:
+        raise DTypeError(f"rotary_emb: freqs_cis must be complex64, got {freqs_cis.dtype}")
+    b, s, rd = x.shape[0], x.shape[1], x.shape[-1]
+    if rd % 2:
+        raise ShapeError(f"rotary_emb: rotary dim of x must be even, got {rd}")
+    half = rd // 2
+    if tuple(freqs_cis.shape) == (s, half):
+        return freqs_cis.unsqueeze(0)
+    if tuple(freqs_cis.shape) == (b, s, half):
+        return freqs_cis
+    raise ShapeError(f"rotary_emb: freqs_cis must be [s, rd/2] = {[s, half]} or [b, s, rd/2] = {[b, s, half]}, "
+                     f"got {list(freqs_cis.shape)}")
+
+
+def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x ``[b, s, rd]`` or ``[b, s, h, rd]`` float, freqs_cis complex64 ``[s, rd/2]`` or ``[b, s, rd/2]`` ->
+    x's shape and dtype, interleaved pairs rotated (by the conjugate when ``inverse``)."""
+    _check_rotary(x, freqs_cis)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return rotary_emb_into(out, x, freqs_cis, inverse)

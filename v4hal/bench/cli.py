@@ -1,0 +1,120 @@
+"""``v4hal bench``: every op on every backend available here, verified then timed against ceilings and peers.
+
+Wiring (in ``v4hal/cli.py``)::
+
+    p = sub.add_parser("bench", help=...)
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.main)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from v4hal.hal.errors import RangeError
+
+from . import cases as casemod
+from .ceilings import measure_ceilings
+from .report import build_document, plot_rows, render_ceilings, render_table, write_json
+from .runner import default_backends, run_cases
+
+
+def _default_device() -> str:
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        return "cuda"
+    npu = getattr(torch, "npu", None)
+    if npu is not None and getattr(npu, "is_available", lambda: False)():
+        return "npu"
+    return "cpu"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``v4hal bench``."""
+    parser.add_argument("--quick", action="store_true",
+                        help="every public op once at small (v4-mini) shapes; runs on a CPU in about a minute")
+    parser.add_argument("--preset", default=None,
+                        help="comma-separated presets for the shape set (default v4-flash,v4-pro; ignored with --quick)")
+    parser.add_argument("--mode", default="decode,prefill", help="decode, prefill or both (default: %(default)s)")
+    parser.add_argument("--shapes", metavar="FILE.yaml",
+                        help="custom cases: a YAML list of {op: <name>, <param>: <value>, ...} (replaces the presets)")
+    parser.add_argument("--ops", default=None, help="comma-separated op names to keep (default: all)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends (default: every backend available on the device)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or npu (default: the accelerator if present)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 20 GPU, 7 CPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default: %(default)s)")
+    parser.add_argument("--max-case-seconds", type=float, default=2.0,
+                        help="stop timing a case after this many seconds (at least 3 calls are kept)")
+    parser.add_argument("--no-peers", action="store_true", help="do not time the peers")
+    parser.add_argument("--json", metavar="PATH", help="write every row, the ceilings and the environment as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (% of ceiling, speedup over peers)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def select_cases(args: argparse.Namespace) -> list[casemod.Case]:
+    """The case list the options ask for."""
+    if args.shapes:
+        cases = casemod.cases_from_yaml(args.shapes)
+    elif args.quick:
+        cases = casemod.quick_cases()
+    else:
+        presets = [p.strip() for p in (args.preset or "v4-flash,v4-pro").split(",") if p.strip()]
+        modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+        cases = [c for p in presets for m in modes for c in casemod.preset_cases(p, m)]
+    if args.ops:
+        keep = {o.strip() for o in args.ops.split(",") if o.strip()}
+        unknown = keep - set(casemod.BUILDERS)
+        if unknown:
+            raise RangeError(f"v4hal bench: --ops names unknown ops {sorted(unknown)}; known: {sorted(casemod.BUILDERS)}")
+        cases = [c for c in cases if c.op in keep]
+    return cases
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``v4hal bench``; exit code 1 when any backend failed its check against the reference."""
+    device = args.device or _default_device()
+    try:
+        cases = select_cases(args)
+    except (RangeError, OSError) as e:
+        print(f"v4hal bench: {e}", file=sys.stderr)
+        return 2
+    available = default_backends(device)
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else available
+    missing = [b for b in backends if b not in available]
+    if missing:
+        print(f"v4hal bench: backends {missing} are not available on {device} here (available: {available})",
+              file=sys.stderr)
+        return 2
+    if device == "cpu" and not (args.quick or args.shapes):
+        print("v4hal bench: note: full V4 shapes on the CPU take long; --quick runs the small set", file=sys.stderr)
+    repeats = args.repeats or (20 if device != "cpu" else 7)
+    t0 = time.monotonic()
+    ceilings = measure_ceilings(device, quick=args.quick)
+    print(render_ceilings(ceilings))
+    print(f"{len(cases)} cases x backends {backends} on {device}\n")
+    rows = run_cases(cases, backends, device, ceilings=ceilings, repeats=repeats, warmup=args.warmup,
+                     max_case_s=args.max_case_seconds, peers=not args.no_peers, progress=not args.no_progress,
+                     report_missing=True)
+    print(render_table(rows))
+    elapsed = time.monotonic() - t0
+    print(f"\n{len(rows)} rows in {elapsed:.1f} s")
+    meta: dict[str, Any] = {"command": "v4hal bench", "argv": sys.argv[1:], "device": device, "backends": backends,
+                            "set": "shapes" if args.shapes else ("quick" if args.quick else "presets"),
+                            "elapsed_s": elapsed, "value_checks_while_timing": False}
+    if args.json:
+        write_json(args.json, build_document(rows, ceilings, meta))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_rows(args.plot, rows, title=f"v4hal bench on {ceilings.device_name}")
+        print(f"wrote {args.plot}")
+    return 1 if any(r.status == "check-failed" for r in rows) else 0
+
+
+if __name__ == "__main__":  # python -m v4hal.bench.cli
+    _p = argparse.ArgumentParser(prog="v4hal bench", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    sys.exit(main(_p.parse_args()))

@@ -1,0 +1,404 @@
+"""DeepSeek-V4 model configuration.
+
+`ModelConfig` holds the keys of the public inference ``config.json`` (the public
+``inference/model.py`` ``ModelArgs``), with the same names and the same defaults, so a
+directory written for the public code loads unchanged. `ModelConfig.from_dict` also
+reads the Hugging Face ``config.json`` keys (``hidden_size``, ``rope_scaling``,
+``quantization_config`` ...; mapping in ``shared/spec/CHECKPOINT.md``).
+
+Defaults: a key missing from a ``config.json`` takes the public ``ModelArgs`` default
+(that is what ``ModelArgs(**json.load(f))`` does in the public code). Keys we do not
+know are ignored and listed in ``ModelConfig.ignored_keys``.
+
+Presets (`ModelConfig.preset`): ``v4-flash`` and ``v4-pro`` (the published shapes) and
+``v4-mini`` (a tiny V4-shaped config with every feature: window-only, ratio-4 with
+indexer and ratio-128 layers, hash- and score-routed MoE, mHC, one MTP layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from v4hal.hal.errors import RangeError, ShapeError
+
+__all__ = ["ModelConfig", "PRESETS", "HF_KEY_MAP"]
+
+# Hugging Face config.json key -> inference key (plain renames; nested dicts handled apart).
+HF_KEY_MAP: dict[str, str] = {
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "qk_rope_head_dim": "rope_head_dim",
+    "sliding_window": "window_size",
+    "num_experts_per_tok": "n_activated_experts",
+    "moe_intermediate_size": "moe_inter_dim",
+    "num_hash_layers": "n_hash_layers",
+    "num_nextn_predict_layers": "n_mtp_layers",
+    "scoring_func": "score_func",
+    "routed_scaling_factor": "route_scale",
+    "rms_norm_eps": "norm_eps",
+}
+
+# rope_scaling (HF) sub-key -> inference key
+_ROPE_SCALING_MAP: dict[str, str] = {
+    "factor": "rope_factor",
+    "original_max_position_embeddings": "original_seq_len",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+}
+
+_VALID_RATIOS = (0, 4, 128)
+_SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+
+
+def _flash_ratios() -> list[int]:
+    return [0, 0] + [4, 128] * 20 + [4] + [0]
+
+
+def _pro_ratios() -> list[int]:
+    return [128, 128] + [4, 128] * 29 + [4] + [0]
+
+
+@dataclass
+class ModelConfig:
+    """Every key of the public inference ``config.json`` (names and defaults of ``ModelArgs``).
+
+    ``compress_ratios`` has one entry per layer then one per MTP layer:
+    0 = sliding window only, 4 = window + indexer-selected compressed entries (CSA),
+    128 = window + every compressed entry (HCA).
+    """
+
+    max_batch_size: int = 4
+    max_seq_len: int = 4096
+    dtype: str = "bf16"                  # "bf16" | "fp8": non-expert Linear weights
+    scale_fmt: str | None = None          # None | "ue8m0": power-of-two activation scales
+    expert_dtype: str | None = None       # None (same as dtype) | "fp4" | "fp8": routed experts
+    scale_dtype: str = "fp32"             # "fp32" | "fp8" (e8m0): storage of the scales
+    vocab_size: int = 129280
+    dim: int = 4096
+    moe_inter_dim: int = 4096
+    n_layers: int = 7
+    n_hash_layers: int = 0
+    n_mtp_layers: int = 1
+    n_heads: int = 64
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.0
+    swiglu_limit: float = 0.0
+    q_lora_rank: int = 1024
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    norm_eps: float = 1e-6
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    compress_ratios: list[int] = field(default_factory=lambda: [0, 0, 4, 128, 4, 128, 4, 0])
+    compress_rope_theta: float = 40000.0
+    original_seq_len: int = 0
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # Keys of the source dict that are not configuration keys (recorded, not used).
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = ("v4-flash", "v4-pro", "v4-mini")
+
+    def __post_init__(self) -> None:
+        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        self.ignored_keys = tuple(self.ignored_keys)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def nope_head_dim(self) -> int:
+        """Head dims without rotary embedding (448 in the published models)."""
+        return self.head_dim - self.rope_head_dim
+
+    @property
+    def n_total_layers(self) -> int:
+        """Main layers plus MTP layers (= len(compress_ratios))."""
+        return self.n_layers + self.n_mtp_layers
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    @property
+    def is_hash_layer(self) -> list[bool]:
+        """Per main layer: True when its MoE gate is hash-routed (the first n_hash_layers)."""
+        return [i < self.n_hash_layers for i in range(self.n_layers)]
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The configuration keys (inference names), without bookkeeping fields."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "ignored_keys")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        """A fresh config for ``"v4-flash"``, ``"v4-pro"`` or ``"v4-mini"``."""
+        key = name.lower().replace("_", "-")
+        if key not in PRESETS:
+            raise RangeError(f"ModelConfig.preset: name must be one of {list(PRESETS)}, got {name!r}")
+        cfg = cls(**PRESETS[key]())
+        cfg.validate()
+        return cfg
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from an inference or Hugging Face ``config.json`` dict (or a mix of both).
+
+        Inference keys and HF keys may both appear; when both name the same field with
+        different values a `RangeError` names the two keys. Missing keys take the public
+        ``ModelArgs`` defaults; unknown keys are listed in ``ignored_keys``. The result is
+        validated.
+        """
+        if not isinstance(d, Mapping):
+            raise RangeError(f"ModelConfig.from_dict: d must be a mapping, got {type(d).__name__}")
+        names = set(cls.field_names())
+        values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        ignored: list[str] = []
+
+        def put(target: str, value: Any, source: str) -> None:
+            if target in values and values[target] != value:
+                raise RangeError(
+                    f"ModelConfig.from_dict: {source}={value!r} disagrees with "
+                    f"{origin[target]}={values[target]!r} (both set {target})"
+                )
+            values[target] = value
+            origin[target] = source
+
+        for key, value in d.items():
+            if key == "ignored_keys":
+                ignored.append(key)
+            elif key in names:
+                put(key, value, key)
+            elif key in HF_KEY_MAP:
+                put(HF_KEY_MAP[key], value, key)
+            elif key == "rope_scaling":
+                if value is None:
+                    put("rope_factor", 1.0, "rope_scaling")
+                    put("original_seq_len", 0, "rope_scaling")
+                    continue
+                if not isinstance(value, Mapping):
+                    raise RangeError(f"ModelConfig.from_dict: rope_scaling must be a dict or null, got {value!r}")
+                kind = value.get("type", value.get("rope_type", "yarn"))
+                if kind not in ("yarn", "default", None):
+                    raise RangeError(f"ModelConfig.from_dict: rope_scaling.type must be 'yarn', got {kind!r}")
+                for sub, target in _ROPE_SCALING_MAP.items():
+                    if sub in value:
+                        put(target, value[sub], f"rope_scaling.{sub}")
+                ignored.extend(f"rope_scaling.{k}" for k in value
+                               if k not in _ROPE_SCALING_MAP and k not in ("type", "rope_type"))
+            elif key == "rope_parameters" and isinstance(value, Mapping):
+                main, comp = value.get("main", {}) or {}, value.get("compress", {}) or {}
+                if "rope_theta" in main:
+                    put("rope_theta", main["rope_theta"], "rope_parameters.main.rope_theta")
+                if "rope_theta" in comp:
+                    put("compress_rope_theta", comp["rope_theta"], "rope_parameters.compress.rope_theta")
+                for sub, target in _ROPE_SCALING_MAP.items():
+                    if sub in comp:
+                        put(target, comp[sub], f"rope_parameters.compress.{sub}")
+            elif key == "quantization_config":
+                if value is None:
+                    continue
+                if not isinstance(value, Mapping):
+                    raise RangeError(f"ModelConfig.from_dict: quantization_config must be a dict, got {value!r}")
+                fmt = value.get("fmt", value.get("quant_method"))
+                if fmt is not None:
+                    if str(fmt).lower() not in ("e4m3", "fp8", "float8_e4m3fn"):
+                        raise RangeError(
+                            f"ModelConfig.from_dict: quantization_config.fmt must be e4m3/fp8, got {fmt!r}")
+                    put("dtype", "fp8", "quantization_config.fmt")
+                if "scale_fmt" in value:
+                    put("scale_fmt", value["scale_fmt"], "quantization_config.scale_fmt")
+                if "expert_dtype" in value:
+                    put("expert_dtype", value["expert_dtype"], "quantization_config.expert_dtype")
+                if "scale_dtype" in value:
+                    put("scale_dtype", value["scale_dtype"], "quantization_config.scale_dtype")
+                block = value.get("weight_block_size")
+                if block is not None and list(block) != [128, 128]:
+                    raise ShapeError(
+                        f"ModelConfig.from_dict: quantization_config.weight_block_size must be [128, 128], got {block!r}")
+                ignored.extend(f"quantization_config.{k}" for k in value if k not in (
+                    "fmt", "quant_method", "scale_fmt", "expert_dtype", "scale_dtype", "weight_block_size"))
+            elif key == "num_key_value_heads":
+                if value != 1:
+                    raise ShapeError(
+                        f"ModelConfig.from_dict: num_key_value_heads must be 1 (one shared KV head), got {value!r}")
+            else:
+                ignored.append(key)
+        cfg = cls(**values, ignored_keys=tuple(ignored))
+        cfg._coerce()
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> "ModelConfig":
+        """Read a ``config.json`` file, or ``<dir>/config.json`` when given a directory."""
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            p = os.path.join(p, "config.json")
+        with open(p, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise RangeError(f"ModelConfig.from_json: {p} is not valid JSON ({e})") from e
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The inference ``config.json`` dict (every key, ``ignored_keys`` left out)."""
+        out = {name: getattr(self, name) for name in self.field_names()}
+        out["compress_ratios"] = list(self.compress_ratios)
+        return out
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the inference ``config.json``."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with some fields changed."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    # ------------------------------------------------------------------ checks
+    def _coerce(self) -> None:
+        """Cast JSON numbers to the field types (ints written as 1e6 or 16.0 are accepted)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and isinstance(v, float) and v.is_integer():
+                setattr(self, f.name, int(v))
+            elif f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+
+    def validate(self) -> None:
+        """Raise `ShapeError` / `RangeError` naming the first field the V4 graph cannot take."""
+        def need(ok: bool, exc: type[Exception], msg: str) -> None:
+            if not ok:
+                raise exc(f"ModelConfig: {msg}")
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                need(isinstance(v, int) and not isinstance(v, bool), RangeError,
+                     f"{f.name} must be an int, got {v!r}")
+            elif f.type == "float":
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), RangeError,
+                     f"{f.name} must be a finite number, got {v!r}")
+        for name in ("max_batch_size", "max_seq_len", "vocab_size", "dim", "moe_inter_dim", "n_layers",
+                     "n_heads", "n_routed_experts", "n_activated_experts", "q_lora_rank", "head_dim",
+                     "rope_head_dim", "o_groups", "o_lora_rank", "window_size", "index_n_heads",
+                     "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters"):
+            need(getattr(self, name) > 0, RangeError, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("n_hash_layers", "n_mtp_layers", "n_shared_experts", "original_seq_len", "swiglu_limit"):
+            need(getattr(self, name) >= 0, RangeError, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("norm_eps", "hc_eps", "rope_theta", "compress_rope_theta", "rope_factor", "route_scale"):
+            need(getattr(self, name) > 0, RangeError, f"{name} must be > 0, got {getattr(self, name)}")
+
+        need(self.dtype in ("bf16", "fp8"), RangeError, f"dtype must be 'bf16' or 'fp8', got {self.dtype!r}")
+        need(self.expert_dtype in (None, "fp4", "fp8"), RangeError,
+             f"expert_dtype must be null, 'fp4' or 'fp8', got {self.expert_dtype!r}")
+        need(self.scale_fmt in (None, "ue8m0"), RangeError,
+             f"scale_fmt must be null or 'ue8m0', got {self.scale_fmt!r}")
+        need(self.scale_dtype in ("fp32", "fp8"), RangeError,
+             f"scale_dtype must be 'fp32' or 'fp8', got {self.scale_dtype!r}")
+        need(self.score_func in _SCORE_FUNCS, RangeError,
+             f"score_func must be one of {list(_SCORE_FUNCS)}, got {self.score_func!r}")
+
+        need(isinstance(self.compress_ratios, list) and len(self.compress_ratios) == self.n_total_layers,
+             ShapeError, f"compress_ratios must have n_layers + n_mtp_layers = {self.n_total_layers} entries, "
+                         f"got {len(self.compress_ratios)}")
+        bad = [r for r in self.compress_ratios if r not in _VALID_RATIOS]
+        need(not bad, RangeError, f"compress_ratios entries must be in {list(_VALID_RATIOS)}, got {bad}")
+
+        need(self.head_dim > self.rope_head_dim, ShapeError,
+             f"head_dim ({self.head_dim}) must be > rope_head_dim ({self.rope_head_dim})")
+        need(self.rope_head_dim % 2 == 0, ShapeError, f"rope_head_dim must be even, got {self.rope_head_dim}")
+        need(self.n_heads % self.o_groups == 0, ShapeError,
+             f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
+        need(self.n_activated_experts <= self.n_routed_experts, RangeError,
+             f"n_activated_experts ({self.n_activated_experts}) must be <= n_routed_experts "
+             f"({self.n_routed_experts})")
+        need(self.n_hash_layers <= self.n_layers, RangeError,
+             f"n_hash_layers ({self.n_hash_layers}) must be <= n_layers ({self.n_layers})")
+        need(self.n_shared_experts <= 1, RangeError,
+             f"n_shared_experts must be 0 or 1 (the V4 graph has one shared expert), got {self.n_shared_experts}")
+        if 4 in self.compress_ratios:
+            need(self.index_head_dim >= self.rope_head_dim, ShapeError,
+                 f"index_head_dim ({self.index_head_dim}) must be >= rope_head_dim ({self.rope_head_dim})")
+            need(self.index_head_dim & (self.index_head_dim - 1) == 0, ShapeError,
+                 f"index_head_dim must be a power of two (Hadamard rotation), got {self.index_head_dim}")
+            need(self.index_head_dim % 32 == 0, ShapeError,
+                 f"index_head_dim must be divisible by 32 (FP4 blocks of the indexer), got {self.index_head_dim}")
+        if self.dtype == "fp8":
+            # FP8 GEMMs take activations in blocks of 128 along K.
+            for name, k in (("dim", self.dim), ("q_lora_rank", self.q_lora_rank),
+                            ("o_groups * o_lora_rank", self.o_groups * self.o_lora_rank),
+                            ("moe_inter_dim", self.moe_inter_dim)):
+                need(k % 128 == 0, ShapeError,
+                     f"{name} must be divisible by 128 when dtype is 'fp8' (activation scale blocks), got {k}")
+            # the KV cache stores its no-rope dims as FP8 in blocks of 64
+            need(self.nope_head_dim % 64 == 0, ShapeError,
+                 f"head_dim - rope_head_dim must be divisible by 64 when dtype is 'fp8' (FP8 KV blocks), "
+                 f"got {self.nope_head_dim}")
+        if self.expert_dtype == "fp4":
+            for name, k in (("dim", self.dim), ("moe_inter_dim", self.moe_inter_dim)):
+                need(k % 128 == 0, ShapeError,
+                     f"{name} must be divisible by 128 when expert_dtype is 'fp4' (FP8 activation blocks), got {k}")
+
+
+def _published_common() -> dict[str, Any]:
+    return dict(
+        dtype="fp8", expert_dtype="fp4", scale_fmt="ue8m0", scale_dtype="fp8",
+        vocab_size=129280, head_dim=512, rope_head_dim=64, window_size=128,
+        index_n_heads=64, index_head_dim=128, n_shared_experts=1, n_activated_experts=6,
+        n_hash_layers=3, n_mtp_layers=1, score_func="sqrtsoftplus", swiglu_limit=10.0,
+        hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6,
+        rope_theta=10000.0, compress_rope_theta=160000.0, rope_factor=16.0,
+        original_seq_len=65536, beta_fast=32, beta_slow=1,
+    )
+
+
+def _v4_flash() -> dict[str, Any]:
+    return dict(_published_common(), dim=4096, n_layers=43, n_heads=64, q_lora_rank=1024, o_groups=8,
+                o_lora_rank=1024, compress_ratios=_flash_ratios(), index_topk=512, n_routed_experts=256,
+                moe_inter_dim=2048, route_scale=1.5)
+
+
+def _v4_pro() -> dict[str, Any]:
+    return dict(_published_common(), dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16,
+                o_lora_rank=1024, compress_ratios=_pro_ratios(), index_topk=1024, n_routed_experts=384,
+                moe_inter_dim=3072, route_scale=2.5)
+
+
+def _v4_mini() -> dict[str, Any]:
+    return dict(
+        dtype="fp8", expert_dtype="fp4", scale_fmt="ue8m0", scale_dtype="fp8",
+        dim=256, n_layers=4, n_heads=4, head_dim=128, rope_head_dim=64, q_lora_rank=128,
+        o_groups=2, o_lora_rank=64, window_size=16, compress_ratios=[0, 4, 128, 4, 0],
+        index_n_heads=4, index_head_dim=64, index_topk=8, n_routed_experts=8, n_activated_experts=2,
+        n_shared_experts=1, n_hash_layers=1, moe_inter_dim=128, score_func="sqrtsoftplus",
+        route_scale=1.5, swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+        vocab_size=512, n_mtp_layers=1, norm_eps=1e-6,
+        rope_theta=10000.0, compress_rope_theta=160000.0, rope_factor=16.0,
+        original_seq_len=65536, beta_fast=32, beta_slow=1,
+    )
+
+
+PRESETS: dict[str, Any] = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v4-mini": _v4_mini}
