@@ -35,8 +35,11 @@ def info(devices: list[str] | None = None) -> dict[str, Any]:
     devices = devices or _devices_here()
     backends = {name: registry.backend_reason(name) for name in registry.BACKENDS}
     ops = {op: {dev: dispatch.explain(op, dev) for dev in devices} for op in PUBLIC_OPS}
+    from v4hal.backends.ascend import fallback_table  # data only: imports no torch_npu
+
     return {"torch": torch.__version__, "devices": devices, "backends": backends, "ops": ops,
-            "descriptions": {n: s.description for n, s in registry.BACKENDS.items()}}
+            "descriptions": {n: s.description for n, s in registry.BACKENDS.items()},
+            "ascend_fallbacks": fallback_table()}
 
 
 def format_info(data: dict[str, Any]) -> str:
@@ -62,4 +65,10 @@ def format_info(data: dict[str, Any]) -> str:
             lines.append(f"  {op:<20}" + "".join(cells))
         if notes:
             lines += ["", "  notes:"] + [f"  [{i}] {text}" for text, i in notes.items()]
+    lines += ["", "ascend: calls that run the reference on the NPU tensors instead of a CANN op (per chip)"]
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for row in data.get("ascend_fallbacks", []):
+        grouped.setdefault((row["op"], row["condition"]), []).append(row["chip"])
+    for (op, condition), chips in grouped.items():
+        lines.append(f"  {op:<22} {'/'.join(chips):<10} {condition}")
     return "\n".join(lines)
