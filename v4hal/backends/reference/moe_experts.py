@@ -1,0 +1,147 @@
+"""Reference routed-expert path of a DeepSeek-V4 MoE layer (``moe_experts``), pure PyTorch.
+
+What it computes, per token t and chosen slot j (expert ``e = indices[t, j]``), following
+``V4_OPS.md`` section 8 and the public ``inference/model.py`` (``MoE.forward``, ``Expert``,
+``linear``):
+
+1. ``gate = W1[e] x``, ``up = W3[e] x``, each a GEMM whose output is rounded to x's dtype
+   (the public ``linear`` returns the default dtype, bf16 in the model) and then widened to fp32.
+2. With ``swiglu_limit > 0``: ``up = clamp(up, -limit, limit)``, ``gate = min(gate, limit)``.
+3. ``h = weights[t, j] * (silu(gate) * up)`` in fp32 (the gate weight is applied **before**
+   w2), rounded to x's dtype.
+4. ``y = W2[e] h`` (GEMM output in x's dtype), and ``out[t] = sum_j y`` in fp32, cast to x's
+   dtype once at the end (the public code accumulates the routed outputs in fp32 and casts after
+   adding the shared expert, which is not part of this op).
+
+Weights: float ``[E, I, D]`` / ``[E, D, I]`` of x's dtype (plain GEMMs in fp32), FP8 with
+128x128 tile scales, or packed FP4 (uint8 ``[E, I, D/2]`` / ``[E, D, I/2]``) with e8m0 scales per
+32 along K. For quantized weights, as the public ``linear``, the GEMM inputs ``x`` and ``h`` go
+through ``act_quant`` first with block 128. Choice made here: the activation scale format follows
+the weight scales, which is how the public model configures both from one setting
+(``scale_fmt="ue8m0"`` with ``scale_dtype=e8m0`` for the released checkpoints): e8m0 weight
+scales -> power-of-two activation scales stored as e8m0; float32 weight scales -> plain fp32
+activation scales (``scale_fmt=None``). ``D`` and ``I`` must then be multiples of 128.
+
+Dispatch and combine are inline: rows are sorted by expert id with a **stable** argsort of the
+flat ``t*k + j`` order (the ``moe_dispatch`` order), the three GEMMs are grouped GEMMs over
+contiguous groups (no Python loop over experts or tokens), and the outputs are put back in flat
+order and summed over j.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+
+from v4hal.hal import formats as F
+from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+
+from .gemm import grouped_gemm
+from .quant import act_quant
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _describe(t: torch.Tensor | None) -> str:
+    return "None" if t is None else f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
+def _weight_format(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   scales: tuple[torch.Tensor | None, ...]) -> str:
+    """'float', 'fp8' or 'fp4' after checking that the three weights and scales agree."""
+    op = "moe_experts"
+    if not (w1.dtype == w2.dtype == w3.dtype):
+        raise DTypeError(f"{op}: w1, w2, w3 must share one dtype, got {w1.dtype}, {w2.dtype}, {w3.dtype}")
+    if w1.dtype in _FLOATS:
+        if w1.dtype != x.dtype:
+            raise DTypeError(f"{op}: float weights must have x's dtype {x.dtype}, got w1 {_describe(w1)}")
+        if any(s is not None for s in scales):
+            raise DTypeError(f"{op}: float weights take no scales, got w1_scale/w2_scale/w3_scale")
+        return "float"
+    if w1.dtype not in (F.FP8_DTYPE, torch.uint8):
+        raise DTypeError(f"{op}: w1 must be float, float8_e4m3fn or uint8 (packed e2m1), got {_describe(w1)}")
+    if any(s is None for s in scales):
+        raise DTypeError(f"{op}: quantized weights need w1_scale, w2_scale and w3_scale, got "
+                         f"{', '.join(_describe(s) for s in scales)}")
+    if len({s.dtype for s in scales}) != 1:
+        raise DTypeError(f"{op}: w1_scale, w2_scale, w3_scale must share one dtype, got "
+                         f"{', '.join(_describe(s) for s in scales)}")
+    return "fp8" if w1.dtype == F.FP8_DTYPE else "fp4"
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                w3_scale: torch.Tensor | None = None, swiglu_limit: float = 0.0) -> torch.Tensor:
+    """Routed SwiGLU experts with dispatch and weighted combine.
+
+    Args:
+        x: ``[T, D]`` float.
+        weights: fp32 ``[T, k]`` gate weights (applied before w2).
+        indices: int32/int64 ``[T, k]`` expert ids in ``[0, E)``.
+        w1, w3: ``[E, I, D]`` (float / fp8) or uint8 ``[E, I, D/2]`` (FP4).
+        w2: ``[E, D, I]`` (float / fp8) or uint8 ``[E, D, I/2]`` (FP4).
+        w1_scale, w2_scale, w3_scale: FP8 ``[E, ceil(N/128), ceil(K/128)]`` float32 or e8m0;
+            FP4 e8m0 ``[E, N, K/32]``; None for float weights.
+        swiglu_limit: > 0 clamps ``up`` to ``[-limit, limit]`` and ``gate`` to ``<= limit``.
+
+    Returns:
+        ``[T, D]`` in x's dtype.
+    """
+    op = "moe_experts"
+    if x.dtype not in _FLOATS or x.dim() != 2:
+        raise DTypeError(f"{op}: x must be float [T, D], got {_describe(x)}")
+    t, d = x.shape
+    if indices.dim() != 2 or indices.shape[0] != t or indices.dtype not in (torch.int32, torch.int64):
+        raise ShapeError(f"{op}: indices must be int32 [T={t}, k], got {_describe(indices)}")
+    if tuple(weights.shape) != tuple(indices.shape):
+        raise ShapeError(f"{op}: weights must be [T, k] = {list(indices.shape)}, got {_describe(weights)}")
+    scales = (w1_scale, w2_scale, w3_scale)
+    fmt = _weight_format(x, w1, w2, w3, scales)
+    e, inter = w1.shape[:2]
+    if w1.dim() != 3 or w3.shape != w1.shape or w2.dim() != 3 or w2.shape[:2] != (e, d):
+        raise ShapeError(f"{op}: w1/w3 must be [E, I, D(/2)] and w2 [E, D={d}, I(/2)], got "
+                         f"w1 {_describe(w1)}, w2 {_describe(w2)}, w3 {_describe(w3)}")
+    if fmt != "float" and (d % F.FP8_BLOCK or inter % F.FP8_BLOCK):
+        raise ShapeError(f"{op}: quantized weights need D ({d}) and I ({inter}) divisible by {F.FP8_BLOCK} "
+                         "(activations are act_quant-ed in 128 blocks)")
+    k = indices.shape[1]
+    flat = indices.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= e):
+        raise RangeError(f"{op}: indices must lie in [0, E={e}), got range "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+
+    # dispatch: stable sort of the flat (t, j) order by expert id
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    token = torch.div(order, k, rounding_mode="floor")
+
+    if fmt == "float":
+        xs = x[token]
+        gate = grouped_gemm(xs, w1, offsets, out_dtype=x.dtype)
+        up = grouped_gemm(xs, w3, offsets, out_dtype=x.dtype)
+    else:
+        e8m0 = w1_scale.dtype == F.E8M0_DTYPE
+        sfmt, sdtype = ("ue8m0", F.E8M0_DTYPE) if e8m0 else (None, torch.float32)
+        xq, xq_s = act_quant(x, F.FP8_BLOCK, sfmt, sdtype)     # per-row blocks: quantize once, gather
+        xq, xq_s = xq[token], xq_s[token]
+        gate = grouped_gemm(xq, w1, offsets, xq_s, w1_scale, x.dtype)
+        up = grouped_gemm(xq, w3, offsets, xq_s, w3_scale, x.dtype)
+
+    gate, up = gate.float(), up.float()
+    if swiglu_limit > 0:
+        up = torch.clamp(up, min=-swiglu_limit, max=swiglu_limit)
+        gate = torch.clamp(gate, max=swiglu_limit)
+    h = weights.reshape(-1)[order].float().unsqueeze(1) * (Fn.silu(gate) * up)
+    h = h.to(x.dtype)
+
+    if fmt == "float":
+        y = grouped_gemm(h, w2, offsets, out_dtype=x.dtype)
+    else:
+        hq, hq_s = act_quant(h, F.FP8_BLOCK, sfmt, sdtype)
+        y = grouped_gemm(hq, w2, offsets, hq_s, w2_scale, x.dtype)
+
+    # combine: back to flat (t, j) order, sum over j in fp32
+    y_flat = torch.empty_like(y)
+    y_flat[order] = y
+    return y_flat.float().reshape(t, k, d).sum(dim=1).to(x.dtype)
