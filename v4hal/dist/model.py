@@ -1,0 +1,209 @@
+"""The V4 model under expert parallelism: `shard_model_experts` and `run_ep` (``v4hal run --ep N``).
+
+`shard_model_experts(model, group)` swaps every MoE layer's routed experts (main layers and MTP) for
+`EPExperts`: this rank keeps only experts ``[r*E/W, (r+1)*E/W)`` (the other rows are freed) and
+runs them through `ExpertParallelMoE`; the gate and the shared expert stay local on every rank.
+When the model has fused the shared expert into the routed stack (``MoE.fused``: it is expert
+``E``, weight 1, in one ``moe_experts`` call), `EPExperts` keeps that expert local, takes the
+routed sum in fp32 from the EP path and adds the shared output before the single final cast, so the
+summation is the fused single-process one (slots in order, shared last).
+
+The model still loads every expert before sharding (its loader has no EP argument yet); for
+``v4-mini`` that costs nothing, for real checkpoints the loader should read only the rank's experts
+(see the report of issue 7 for the hook).
+
+`run_ep(args, ep)` runs ``v4hal run``'s job on ``ep`` local gloo ranks (`spawn`): each rank loads the
+checkpoint, shards the experts, and runs prefill + greedy decode on its rows of the prompt (rows
+split in contiguous chunks when ``batch >= ep``, data-parallel attention; otherwise every rank runs
+every row, replicated attention), the MoE layers exchanging tokens every step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import v4hal
+from v4hal.hal.errors import RangeError, ShapeError
+
+from . import comm
+from .ep import expert_range
+from .launch import spawn
+from .moe import ExpertParallelMoE
+
+__all__ = ["EPExperts", "shard_model_experts", "run_ep"]
+
+
+class EPExperts(nn.Module):
+    """Drop-in for the model's routed ``Experts``: ``(x [T, D], weights [T, k'], indices [T, k']) -> [T, D]``.
+
+    ``k' = k`` (routed only) or ``k + 1`` when the shared expert is fused as expert ``E`` (its slot is last).
+    """
+
+    def __init__(self, moe: ExpertParallelMoE, num_routed: int, kind: str,
+                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None] | None,
+                 swiglu_limit: float) -> None:
+        super().__init__()
+        self.ep = moe
+        self.num_routed = num_routed
+        self.kind = kind
+        self.shared = shared
+        self.swiglu_limit = swiglu_limit
+
+    @property
+    def transport(self) -> str:
+        return self.ep.transport
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if self.shared is None:
+            return self.ep(x, weights, indices)
+        w1, w2, w3, scales = self.shared
+        t = x.shape[0]
+        ones = torch.ones(t, 1, dtype=torch.float32, device=x.device)
+        zero = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
+        shared = v4hal.moe_experts(x, ones, zero, w1, w2, w3, w_scales=scales, swiglu_limit=self.swiglu_limit)
+        routed = self.ep(x, weights[:, :-1].contiguous(), indices[:, :-1].contiguous(), out_dtype=torch.float32)
+        return (routed + shared.float()).to(x.dtype)
+
+
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    blocks = [*getattr(model, "layers", []), *getattr(model, "mtp", [])]
+    return [b.ffn for b in blocks if hasattr(getattr(b, "ffn", None), "experts")]
+
+
+def shard_model_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *, fp8_payload: bool = False,
+                        scale_fmt: str | None = None, timeout: float | None = None,
+                        transport: str | None = None) -> nn.Module:
+    """Keep this rank's routed experts and route every MoE layer through `ExpertParallelMoE` (in place).
+
+    The model's expert stacks may hold all E experts (rows ``[r*E/W, (r+1)*E/W)`` are kept) or already
+    only this rank's E/W (a loader that read just those); a fused shared expert is the stack's last row
+    either way. Collective: every rank of ``group`` calls it on its model. Returns ``model``.
+    """
+    op = "shard_model_experts"
+    grp = comm.resolve_group(group, op)
+    world, rank = dist.get_world_size(grp), dist.get_rank(grp)
+    for ffn in _moe_layers(model):
+        ex = ffn.experts
+        if isinstance(ex, EPExperts):
+            raise RangeError(f"{op}: the model's experts are already sharded")
+        e = int(ffn.n_experts)
+        lo, hi = expert_range(e, world, rank, op)
+        names = ("w1", "w2", "w3")
+        w = [getattr(ex, n) for n in names]
+        s = [getattr(ex, f"{n}_scale", None) for n in names]
+        quant = s[0] is not None
+        fused = bool(getattr(ffn, "fused", False))
+        routed_rows = w[0].shape[0] - int(fused)          # the fused shared expert is the last row
+        if routed_rows == e:                              # every expert loaded: keep this rank's rows
+            sl = slice(lo, hi)
+        elif routed_rows == hi - lo:                      # a loader already read only this rank's experts
+            sl = slice(0, hi - lo)
+        else:
+            raise ShapeError(f"{op}: routed expert stack must hold E={e} or E/W={hi - lo} experts"
+                             f"{' + the fused shared one' if fused else ''}, got {list(w[0].shape)}")
+        local = [t[sl].clone() for t in w]
+        local_s = tuple(t[sl].clone() for t in s) if quant else None
+        shared = None
+        if fused:
+            shared = (*(t[-1:].clone() for t in w), tuple(t[-1:].clone() for t in s) if quant else None)
+        moe = ExpertParallelMoE.from_weights(*local, num_experts=e, group=grp, swiglu_limit=ex.swiglu_limit,
+                                             w_scales=local_s, fp8_payload=fp8_payload, scale_fmt=scale_fmt,
+                                             transport=transport, timeout=timeout)
+        ffn.experts = EPExperts(moe, e, getattr(ex, "kind", str(w[0].dtype)), shared, float(ex.swiglu_limit))
+    return model
+
+
+# --------------------------------------------------------------------------- v4hal run --ep N
+def _rank_run(rank: int, world: int, opts: dict[str, Any], path: str) -> dict[str, Any]:
+    """One rank of `run_ep`: load, shard, prefill + decode its rows; tokens, timings, EP byte counts."""
+    from v4hal.model import V4Model
+    from v4hal.model.cli import make_prompt
+
+    t0 = time.perf_counter()
+    model = V4Model.from_pretrained(path, device="cpu", experts_fp8=opts["experts_fp8"])
+    shard_model_experts(model, fp8_payload=opts["fp8_payload"], timeout=opts["timeout"])
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    prompt = make_prompt(opts["batch"], opts["prompt_len"], cfg.vocab_size, opts["seed"], "cpu")
+    rows = (torch.tensor_split(torch.arange(opts["batch"]), world)[rank] if opts["batch"] >= world
+            else torch.arange(opts["batch"]))
+    prompt = prompt[rows]
+    n = opts["max_new_tokens"]
+    tokens = torch.empty(prompt.shape[0], n, dtype=torch.long)
+    ctx = v4hal.use_backend(opts["backend"]) if opts["backend"] else _Null()
+    sent = {"dispatch_bytes_remote": 0.0, "combine_bytes_remote": 0.0}
+    layers = [f.experts for f in _moe_layers(model)]
+    with ctx:
+        dist.barrier()
+        t0 = time.perf_counter()
+        logits = model(prompt, 0)
+        tokens[:, 0] = logits.argmax(dim=-1)
+        prefill_s = time.perf_counter() - t0
+        for ex in layers:
+            for key in sent:
+                sent[key] += ex.ep.last_handle.stats.get(key, 0.0) if ex.ep.last_handle else 0.0
+        t1 = time.perf_counter()
+        for i in range(1, n):
+            logits = model(tokens[:, i - 1:i], opts["prompt_len"] + i - 1)
+            tokens[:, i] = logits.argmax(dim=-1)
+        decode_s = time.perf_counter() - t1
+    return {"rows": rows.tolist(), "tokens": tokens, "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "logits_finite": bool(torch.isfinite(logits).all()), "experts": layers[0].kind if layers else None,
+            "transport": layers[0].transport if layers else None, "prefill_bytes_sent": sent,
+            "threads": torch.get_num_threads()}
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def run_ep(args: argparse.Namespace, ep: int, *, timeout_s: float = 120.0, start_method: str = "spawn",
+           fp8_payload: bool = False) -> dict[str, Any]:
+    """``v4hal run`` on ``ep`` local gloo ranks; the same result keys as ``v4hal.model.cli.run`` plus
+    ``ep``, ``attention`` ("data-parallel" or "replicated"), ``transport`` and ``prefill_bytes_sent``.
+
+    ``args``: the ``v4hal run`` namespace (model, checkpoint, backend, device, prompt_len, max_new_tokens,
+    batch, seed, threads, experts). Only ``device="cpu"`` (gloo) is served.
+    """
+    from v4hal.model.cli import prepare_backend, resolve_checkpoint
+
+    if ep < 1:
+        raise RangeError(f"--ep must be >= 1, got {ep}")
+    if str(args.device) != "cpu":
+        raise RangeError(f"--ep runs local gloo ranks on the CPU; got --device {args.device}")
+    if args.max_new_tokens < 1:
+        raise RangeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prepare_backend(args.backend, "cpu")
+    path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
+    opts = {"batch": args.batch, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed, "backend": args.backend, "fp8_payload": fp8_payload, "timeout": timeout_s,
+            "experts_fp8": getattr(args, "experts", "auto") in ("auto", "fp8")}
+    threads = getattr(args, "threads", None) or 1
+    res = spawn(_rank_run, ep, opts, str(path), timeout_s=timeout_s, start_method=start_method, threads=threads)
+    tokens = torch.empty(args.batch, args.max_new_tokens, dtype=torch.long)
+    for r in res:
+        tokens[r["rows"]] = r["tokens"]
+    prefill_s = max(r["prefill_s"] for r in res)
+    decode_s = max(r["decode_s"] for r in res)
+    steps = args.max_new_tokens - 1
+    return {
+        "model": args.model if not args.checkpoint else None, "checkpoint": str(path),
+        "backend": args.backend or "auto", "device": "cpu", "batch": args.batch, "prompt_len": args.prompt_len,
+        "max_new_tokens": args.max_new_tokens, "threads": res[0]["threads"], "experts": res[0]["experts"],
+        "load_s": max(r["load_s"] for r in res), "prefill_s": prefill_s,
+        "prefill_tok_s": args.batch * args.prompt_len / prefill_s,
+        "decode_s": decode_s, "decode_tok_s": (args.batch * steps / decode_s) if steps and decode_s > 0 else None,
+        "tokens": tokens.tolist(), "logits_finite": all(r["logits_finite"] for r in res),
+        "ep": ep, "attention": "data-parallel" if args.batch >= ep else "replicated",
+        "transport": res[0]["transport"],
+        "prefill_bytes_sent": {k: sum(r["prefill_bytes_sent"][k] for r in res) for k in res[0]["prefill_bytes_sent"]},
+    }
