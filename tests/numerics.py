@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from v4hal.compare import calc_diff  # noqa: F401  (one definition, re-exported for the tests)
+
 # (atol, rtol) per output dtype: the error budget of one rounding to that dtype plus fp32 accumulation.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),
@@ -10,15 +12,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Cosine-style distance 1 - 2<x,y>/(|x|^2+|y|^2) in float64 (0 = identical; DeepGEMM's metric)."""
-    x64, y64 = x.double().flatten(), y.double().flatten()
-    denom = (x64 * x64 + y64 * y64).sum()
-    if denom == 0:
-        return 0.0
-    return float(1 - 2 * (x64 * y64).sum() / denom)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,

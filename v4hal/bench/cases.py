@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 import v4hal
+from v4hal.compare import calc_diff
 from v4hal.hal import formats
 from v4hal.hal.errors import RangeError, ShapeError
 from v4hal.model.config import ModelConfig
@@ -631,12 +632,6 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     raise TypeError(f"cannot compare an output of type {type(out).__name__}")
 
 
-def _calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x64, y64 = x.double().flatten(), y.double().flatten()
-    denom = float((x64 * x64 + y64 * y64).sum())
-    return 0.0 if denom == 0 else float(1 - 2 * (x64 * y64).sum() / denom)
-
-
 def _float_metrics(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[bool, dict[str, float]]:
     if a.shape != b.shape:
         return False, {"shape_mismatch": 1.0}
@@ -644,7 +639,7 @@ def _float_metrics(a: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[bool, 
     nan_ok = bool(torch.equal(torch.isnan(a32), torch.isnan(b32)))
     fin = torch.isfinite(a32) & torch.isfinite(b32)
     a32, b32 = torch.where(fin, a32, 0), torch.where(fin, b32, 0)
-    diff = _calc_diff(a32, b32)
+    diff = calc_diff(a32, b32)
     err = float((a32 - b32).abs().max()) if a32.numel() else 0.0
     return nan_ok and diff <= tol, {"calc_diff": diff, "max_abs_err": err}
 

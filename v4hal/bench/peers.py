@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from v4hal.compare import calc_diff
 from v4hal.hal import formats
 
 __all__ = ["Peer", "scaled_mm_blockwise", "bf16_dequant_matmul", "torch_grouped_mm", "gather_sdpa",
@@ -118,9 +119,7 @@ def _scaled_mm_prepare(i: dict[str, Any]) -> Any:
         except Exception as exc:  # this spelling is not supported by this torch / GPU
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
-        num = float((got * want).sum())
-        den = float((got * got + want * want).sum())
-        if den == 0 or 1 - 2 * num / den < 1e-3:
+        if calc_diff(got, want) < 1e-3:
             _SCALED_MM_CHOICE["name"] = name
             return {"call": call, "variant": name, "shape": a.shape[:-1]}
         errors.append(f"{name}: runs but disagrees with the dequantized product")

@@ -29,6 +29,7 @@ import torch
 
 from v4hal.backends.reference import gemm as ref_gemm
 from v4hal.backends.reference import quant as ref_quant
+from v4hal.compare import calc_diff
 from v4hal.hal import formats as F
 from v4hal.hal.errors import DTypeError, ShapeError
 
@@ -150,11 +151,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _calc_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    x, y = a.double().flatten(), b.double().flatten()
-    denom = (x * x + y * y).sum()
-    return 0.0 if denom == 0 else float(1 - 2 * (x * y).sum() / denom)
-
 
 def _activations(m: int, k: int, outliers: bool, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(m, k, generator=gen)
@@ -204,7 +200,7 @@ def measure(m: int = 64, seed: int = 0, layers: tuple[tuple[str, int, int, str],
             for option, got in options.items():
                 rows.append({"layer": name, "shape": f"{n}x{k}", "weights": fmt,
                              "activations": "outlier channels" if hot else "gaussian", "option": option,
-                             "calc_diff": _calc_diff(got, expect), "rel_l2": _rel(got, expect),
+                             "calc_diff": calc_diff(got, expect), "rel_l2": _rel(got, expect),
                              "rel_l2_vs_exact": _rel(got, exact)})
     return rows
 
