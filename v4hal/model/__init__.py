@@ -5,6 +5,20 @@
   ``model(input_ids, start_pos) -> logits``, ``model.generate(...)``.
 - `write_random_checkpoint`, `load_checkpoint`, `read_checkpoint` (``checkpoint.py``).
 - ``cli.py`` (``v4hal run``) and ``parity.py`` (``v4hal parity --model``).
+
+Every attention, MoE, GEMM, quantization and mHC step is a v4hal op call (``v4hal.<op>``), so
+``v4hal.use_backend(name)`` moves the whole graph. Plain torch appears only as glue:
+
+- the embedding lookup (``F.embedding``) and its copy into ``hc_mult`` residual copies;
+- reshapes, slicing, ``cat``/``split`` of fused projections, the last-position slice;
+- the int32 index tables of the sliding window and of the compressed entries, cache row writes;
+- ``.float()`` / ``.to(bf16)`` casts where the public code casts (the fp32 compressor input, a
+  bf16 part of a fused fp32 GEMM), the scalar scaling of the indexer head weights;
+- the sum of routed and shared expert outputs when the two cannot share one ``moe_experts``
+  call (different weight formats), and ``argmax`` in greedy generation.
+
+No ``F.linear``/``matmul`` is used for model math: float (bf16/fp32) projections go through
+``grouped_gemm`` with a single group.
 """
 from __future__ import annotations
 

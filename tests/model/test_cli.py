@@ -1,0 +1,79 @@
+"""``v4hal run`` and ``v4hal parity --model`` end to end on v4-mini."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from v4hal.cli import cli
+from v4hal.model import ModelConfig
+from v4hal.model.parity import BackendRun, compare
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("V4HAL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_run_writes_the_checkpoint_once_and_reports(cache, tmp_path, capsys) -> None:
+    out = tmp_path / "run.json"
+    args = ["run", "--model", "v4-mini", "--prompt-len", "20", "--max-new-tokens", "5", "--batch", "2",
+            "--seed", "3", "--json", str(out), "--no-progress"]
+    assert cli(args) == 0
+    first = capsys.readouterr()
+    assert "writing a random v4-mini checkpoint" in first.err
+    assert (cache / "v4-mini" / "model0-mp1.safetensors").exists()
+    assert json.loads((cache / "v4-mini" / "config.json").read_text()) == ModelConfig.preset("v4-mini").to_dict()
+    res = json.loads(out.read_text())
+    assert res["batch"] == 2 and res["prompt_len"] == 20 and res["max_new_tokens"] == 5
+    assert len(res["tokens"]) == 2 and all(len(r) == 5 for r in res["tokens"])
+    assert all(0 <= t < 512 for r in res["tokens"] for t in r)
+    assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["logits_finite"]
+    assert res["threads"] == 1 and res["experts"] == "fp8"
+    assert "prefill: 2 x 20 tokens" in first.out and "decode:  2 x 4 tokens" in first.out
+    assert "tokens[1]:" in first.out
+    # second run: the cached checkpoint, the same prompt -> the same tokens
+    assert cli(args) == 0
+    assert "writing" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["tokens"] == res["tokens"]
+    # the experts as stored (FP4): a separate shared-expert call, rounding moved -> tokens may differ
+    assert cli(args + ["--experts", "checkpoint"]) == 0
+    assert json.loads(out.read_text())["experts"] == "fp4"
+
+
+def test_run_checkpoint_and_backend_flags(cache, tmp_path, capsys, mini_fp8) -> None:
+    assert cli(["run", "--checkpoint", str(mini_fp8), "--backend", "reference", "--prompt-len", "8",
+                "--max-new-tokens", "2", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "backend reference" in text and str(mini_fp8) in text
+    assert not cache.exists()                                  # nothing written for a given checkpoint
+    assert cli(["run", "--checkpoint", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["run", "--model", "v4-flash", "--no-progress"]) == 2         # would be a 152 GiB random checkpoint
+    assert "give --checkpoint DIR" in capsys.readouterr().err
+
+
+def test_parity_model_reference_only(cache, tmp_path, capsys) -> None:
+    out = tmp_path / "par.json"
+    rc = cli(["parity", "--model", "v4-mini", "--backends", "reference", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "only the reference backend was run" in text
+    data = json.loads(out.read_text())
+    assert data["backends"] == ["reference"] and data["rows"] == []
+    assert len(data["reference_tokens"][0]) == 4           # prefill token + 3 decode steps
+
+
+def test_parity_compare_flags_a_drift() -> None:
+    ref = BackendRun("reference", {"prefill": {"layer 0": torch.ones(2, 3), "logits": torch.arange(6.).view(2, 3)}})
+    close = BackendRun("x", {"prefill": {"layer 0": torch.ones(2, 3) * 1.001,
+                                         "logits": torch.arange(6.).view(2, 3)}})
+    far = BackendRun("y", {"prefill": {"layer 0": -torch.ones(2, 3), "logits": torch.arange(6.).view(2, 3).flip(-1)}})
+    rows = compare(ref, close, 1e-3, 1e-3)
+    assert [r["status"] for r in rows] == ["pass", "pass"] and rows[1]["argmax_agree"] == 1.0
+    rows = compare(ref, far, 1e-3, 1e-3)
+    assert [r["status"] for r in rows] == ["FAIL", "FAIL"] and rows[1]["argmax_agree"] == 0.0
+    missing = BackendRun("z", {})
+    assert all(r["status"] == "FAIL" for r in compare(ref, missing, 1, 1))

@@ -1,0 +1,591 @@
+"""Loading and writing DeepSeek-V4 checkpoints (``shared/spec/CHECKPOINT.md``).
+
+Layouts read by `load_checkpoint`:
+
+* **inference** (what the public ``convert.py`` writes and ``generate.py`` loads): a directory
+  with the inference ``config.json`` and ``model{rank}-mp{world}.safetensors``, one file per
+  model-parallel rank. Tensors split over ranks are joined back along the dimension the public
+  converter split them (``embed``, ``head``, ``wq_b``, ``wo_a``, ``attn_sink``,
+  ``weights_proj`` on dim 0, ``wo_b`` on dim 1, each FP8 ``.scale`` with its weight); routed
+  experts live in the file of their rank; the rest is replicated (rank 0's copy is used).
+* **Hugging Face**: ``config.json`` with HF keys, one ``*.safetensors`` file or shards listed
+  in ``model.safetensors.index.json``. Names get the public converter's renames (``model.``
+  prefix dropped, ``self_attn`` -> ``attn``, ``mlp`` -> ``ffn``, ``weight_scale_inv`` ->
+  ``scale``, ``e_score_correction_bias`` -> ``bias``), the MTP copies of the embedding and head
+  are skipped (the model shares the main ones) and an FP8 ``wo_a`` is dequantized to bf16.
+
+Weights may be bf16, FP8 e4m3 with e8m0 or fp32 ``.scale`` (128x128 blocks), and routed experts
+packed FP4 (``I8``/``U8 [N, K/2]`` or safetensors ``F4`` with the logical shape ``[N, K]``) with
+e8m0 scales ``[N, K/32]``.
+
+Every header is checked against `spec.checkpoint_spec` before any tensor data is read: a
+missing, extra, misshaped or wrongly typed tensor raises a `CheckpointError` naming it with
+what was expected and what was found; an unreadable (e.g. truncated) file raises one naming
+the file. Tensors are then read one at a time (``safe_open``) straight into the model, so a
+file is never held in memory twice, and no model is returned unless every tensor arrived.
+
+`write_random_checkpoint` writes a seeded random checkpoint in either layout (bf16, FP8, FP4
+experts), with weight scales that keep activations in a sane range.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import v4hal
+from v4hal.hal.errors import DTypeError, RangeError, ShapeError, V4HalError
+
+from .config import HF_KEY_MAP, ModelConfig
+from .layers import act_scale_format
+from .spec import FP4_X2, TensorSpec, checkpoint_spec
+
+__all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "load_checkpoint",
+           "read_checkpoint", "write_random_checkpoint", "random_tensors", "save_tensors", "hf_rename",
+           "shard_dim"]
+
+
+class CheckpointError(V4HalError, ValueError):
+    """A checkpoint does not match its config: missing / extra tensors, unreadable files."""
+
+
+class CheckpointShapeError(CheckpointError, ShapeError):
+    """A checkpoint tensor has the wrong shape."""
+
+
+class CheckpointDTypeError(CheckpointError, DTypeError):
+    """A checkpoint tensor has the wrong dtype."""
+
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if FP4_X2 is not None:
+    _ST_DTYPES["F4"] = FP4_X2
+
+_RANK_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
+# public convert.py: which dimension a model-parallel rank splits, by the tensor's key
+_SHARD_DIMS = {"embed": 0, "wq_b": 0, "wo_a": 0, "wo_b": 1, "head": 0, "attn_sink": 0, "weights_proj": 0}
+
+
+def _dname(dtype: torch.dtype | None) -> str:
+    return "none" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def shard_dim(name: str) -> int | None:
+    """Dimension the public converter splits ``name`` along for model parallelism (None: replicated)."""
+    parts = name.split(".")
+    unsuffixed = any(k in name for k in ("hc", "attn_sink", "tid2eid", "ape"))
+    key = parts[-1] if unsuffixed or len(parts) < 2 else parts[-2]
+    return _SHARD_DIMS.get(key)
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".experts." in name and "shared_experts" not in name
+
+
+def hf_rename(name: str) -> str | None:
+    """Inference name of a Hugging Face tensor name; None for the MTP copies of embed/head (shared)."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
+        return None
+    name = name.replace("self_attn", "attn").replace("mlp", "ffn")
+    return name.replace("weight_scale_inv", "scale").replace("e_score_correction_bias", "bias")
+
+
+# ---------------------------------------------------------------------------- discovery
+@dataclass
+class _Entry:
+    """One tensor of the checkpoint as the headers describe it (possibly split over rank files)."""
+
+    name: str
+    dtype: torch.dtype | None
+    shape: tuple[int, ...]
+    parts: list[tuple[int, str]] = field(default_factory=list)   # (file index, key in file)
+    dim: int | None = None                                          # concat dim of the parts
+
+
+@dataclass
+class _Catalog:
+    layout: str
+    config: ModelConfig
+    files: list[Path]
+    entries: dict[str, _Entry]
+
+
+def _open(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types; name the file
+        raise CheckpointError(f"checkpoint: cannot read {path} ({type(e).__name__}: {e}); "
+                              f"the file is truncated or not a safetensors file") from e
+
+
+def _header(f: Any, key: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
+    sl = f.get_slice(key)
+    dt = _ST_DTYPES.get(sl.get_dtype())
+    shape = tuple(int(x) for x in sl.get_shape())
+    if dt is not None and dt == FP4_X2 and shape:
+        shape = shape[:-1] + (shape[-1] // 2,)      # F4 headers give the logical [N, K]; torch holds [N, K/2]
+    return dt, shape
+
+
+def _discover(path: Path) -> tuple[str, list[Path], list[int] | None]:
+    """(layout, files, ranks): ranks[i] is the rank of files[i] for per-rank files, else None."""
+    if path.is_file():
+        return "hf", [path], None
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint: {path} is neither a directory nor a .safetensors file")
+    rank_files = {}
+    worlds = set()
+    for p in sorted(path.glob("*.safetensors")):
+        m = _RANK_FILE.match(p.name)
+        if m:
+            rank_files[int(m.group(1))] = p
+            worlds.add(int(m.group(2)))
+    if rank_files:
+        if len(worlds) != 1:
+            raise CheckpointError(f"checkpoint: {path} mixes model-parallel sizes {sorted(worlds)} "
+                                  f"(model{{rank}}-mp{{world}}.safetensors)")
+        world = worlds.pop()
+        missing = [f"model{r}-mp{world}.safetensors" for r in range(world) if r not in rank_files]
+        extra = [rank_files[r].name for r in rank_files if r >= world]
+        if missing or extra:
+            raise CheckpointError(f"checkpoint: {path} must hold model0-mp{world} .. model{world - 1}-mp{world}."
+                                  f"safetensors; missing {missing}, unexpected {extra}")
+        return "inference", [rank_files[r] for r in range(world)], list(range(world))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint: {index} is not a safetensors index ({e})") from e
+        names = sorted(set(weight_map.values()))
+        absent = [n for n in names if not (path / n).exists()]
+        if absent:
+            raise CheckpointError(f"checkpoint: {index} lists shard files that are missing: {absent}")
+        return "hf", [path / n for n in names], None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint: no .safetensors file in {path}")
+    return "hf", files, None
+
+
+def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib.ExitStack) -> _Catalog:
+    root = Path(path)
+    layout, files, ranks = _discover(root)
+    cfg_dir = root if root.is_dir() else root.parent
+    if not (cfg_dir / "config.json").exists():
+        raise CheckpointError(f"checkpoint: {cfg_dir / 'config.json'} is missing")
+    cfg = ModelConfig.from_json(cfg_dir / "config.json")
+    entries: dict[str, _Entry] = {}
+    index_map = None
+    if layout == "hf" and (cfg_dir / "model.safetensors.index.json").exists() and root.is_dir():
+        index_map = json.loads((cfg_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    for fi, fpath in enumerate(files):
+        f = stack.enter_context(_open(fpath))
+        handles.append(f)
+        for key in f.keys():
+            if index_map is not None and index_map.get(key) != fpath.name:
+                raise CheckpointError(f"checkpoint: tensor {key} is in {fpath.name} but the index "
+                                      f"lists {index_map.get(key, 'no file')} for it")
+            name = hf_rename(key) if layout == "hf" else key
+            if name is None:
+                continue
+            dt, shape = _header(f, key)
+            if ranks is None:
+                if name in entries:
+                    raise CheckpointError(f"checkpoint: tensor {name} appears twice "
+                                          f"({files[entries[name].parts[0][0]].name} and {fpath.name})")
+                entries[name] = _Entry(name, dt, shape, [(fi, key)])
+                continue
+            e = entries.get(name)
+            if e is None:
+                entries[name] = _Entry(name, dt, shape, [(fi, key)],
+                                       None if _is_routed_expert(name) else shard_dim(name))
+                continue
+            if _is_routed_expert(name):
+                raise CheckpointError(f"checkpoint: routed expert tensor {name} appears in two rank files "
+                                      f"({files[e.parts[0][0]].name} and {fpath.name})")
+            if dt != e.dtype:
+                raise CheckpointDTypeError(f"checkpoint: {name} is {_dname(e.dtype)} in "
+                                           f"{files[e.parts[0][0]].name} but {_dname(dt)} in {fpath.name}")
+            e.parts.append((fi, key))
+            if e.dim is None:
+                if shape != e.shape:
+                    raise CheckpointShapeError(f"checkpoint: replicated tensor {name} is {list(e.shape)} in "
+                                               f"{files[e.parts[0][0]].name} but {list(shape)} in {fpath.name}")
+            else:
+                if len(shape) != len(e.shape) or any(a != b for i, (a, b) in enumerate(zip(shape, e.shape))
+                                                     if i != e.dim):
+                    raise CheckpointShapeError(f"checkpoint: rank shards of {name} disagree: {list(e.shape)} "
+                                               f"(so far) vs {list(shape)} in {fpath.name}")
+                e.shape = tuple(s + shape[i] if i == e.dim else s for i, s in enumerate(e.shape))
+    if ranks is not None:
+        world = len(files)
+        for e in entries.values():
+            if not _is_routed_expert(e.name) and len(e.parts) != world:
+                have = sorted(files[fi].name for fi, _ in e.parts)
+                raise CheckpointError(f"checkpoint: {e.name} must be in every rank file ({world}), found in {have}")
+            if e.dim is None and len(e.parts) > 1:
+                e.parts = e.parts[:1]      # replicated: rank 0's copy
+    return _Catalog(layout, cfg, files, entries)
+
+
+# ---------------------------------------------------------------------------- validation
+def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
+    problems: list[str] = []
+    kinds: dict[type, int] = {CheckpointShapeError: 0, CheckpointDTypeError: 0, CheckpointError: 0}
+    where = cat.files[0].parent if cat.files else ""
+    for name, s in spec.items():
+        e = cat.entries.get(name)
+        if e is None:
+            problems.append(f"missing tensor {name} (expected {s.kind} {list(s.shape)})")
+            kinds[CheckpointError] += 1
+            continue
+        if cat.layout == "hf" and s.kind == "bf16" and e.dtype == torch.float8_e4m3fn and name.endswith(".weight"):
+            scale = name[:-len("weight")] + "scale"
+            if scale in cat.entries:
+                continue          # FP8 wo_a of the HF layout: dequantized at load, checked there
+        if e.dtype not in s.accepted:
+            problems.append(f"{name} must be {' or '.join(_dname(d) for d in s.accepted)} ({s.kind}), "
+                            f"found {_dname(e.dtype)} {list(e.shape)}")
+            kinds[CheckpointDTypeError] += 1
+        elif e.shape != s.shape:
+            problems.append(f"{name} must be {list(s.shape)}, found {list(e.shape)} ({_dname(e.dtype)})")
+            kinds[CheckpointShapeError] += 1
+    for name, e in cat.entries.items():
+        if name in spec:
+            continue
+        if cat.layout == "hf" and name.endswith(".scale"):
+            w = name[:-len("scale")] + "weight"
+            if w in spec and spec[w].kind == "bf16" and cat.entries.get(w) is not None \
+                    and cat.entries[w].dtype == torch.float8_e4m3fn:
+                continue
+        problems.append(f"unexpected tensor {name} ({_dname(e.dtype)} {list(e.shape)}) not in the V4 graph "
+                        f"of this config")
+        kinds[CheckpointError] += 1
+    if problems:
+        head = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        err = CheckpointError
+        if kinds[CheckpointError] == 0:
+            err = CheckpointShapeError if kinds[CheckpointDTypeError] == 0 else (
+                CheckpointDTypeError if kinds[CheckpointShapeError] == 0 else CheckpointError)
+        raise err(f"checkpoint {where} does not match its config.json: {head}")
+
+
+# ---------------------------------------------------------------------------- reading
+def _read(cat: _Catalog, handles: list[Any], e: _Entry) -> torch.Tensor:
+    try:
+        parts = [handles[fi].get_tensor(key) for fi, key in e.parts]
+    except Exception as err:
+        names = ", ".join(cat.files[fi].name for fi, _ in e.parts)
+        raise CheckpointError(f"checkpoint: cannot read tensor {e.name} from {names} "
+                              f"({type(err).__name__}: {err})") from err
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=e.dim)
+
+
+def _to_scale(name: str, s: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+    if s.dtype == want:
+        return s
+    if want == torch.float32:
+        return s.float()
+    exact = torch.exp2(torch.round(torch.log2(s.float())))
+    if not torch.equal(exact, s.float()):
+        return s.float()        # not representable in e8m0: fp8_gemm takes fp32 weight scales as well
+    return s.float().to(torch.float8_e8m0fnu)
+
+
+def _convert(name: str, s: TensorSpec, t: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    if s.kind == "f32":
+        return t.to(torch.float32)
+    if s.kind == "bf16":
+        return t.to(torch.bfloat16)
+    if s.kind == "fp8":
+        return t
+    if s.kind == "fp8_scale":
+        return _to_scale(name, t, scale_dtype)
+    if s.kind == "fp4":
+        return t.view(torch.uint8)
+    if s.kind == "fp4_scale":
+        return t
+    if s.kind == "i32":
+        if t.dtype != torch.int32:
+            if t.numel() and (int(t.min()) < -2**31 or int(t.max()) >= 2**31):
+                raise RangeError(f"checkpoint: {name} holds values outside int32")
+            t = t.to(torch.int32)
+        return t
+    raise CheckpointError(f"checkpoint: unknown tensor kind {s.kind} for {name}")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """Validate a checkpoint and return (config, iterator of (inference name, tensor in the model's dtype)).
+
+    The iterator holds the files open until it is exhausted; tensors come one at a time.
+    Raises `CheckpointError` (or its shape/dtype subclasses) before yielding anything when a
+    header does not match the config.
+    """
+    stack = contextlib.ExitStack()
+    handles: list[Any] = []
+    try:
+        cat = _catalog(path, handles, stack)
+        spec = checkpoint_spec(cat.config)
+        _validate(cat, spec)
+    except BaseException:
+        stack.close()
+        raise
+    scale_dtype = act_scale_format(cat.config)[1]
+
+    def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        with stack:
+            for name, s in spec.items():
+                e = cat.entries[name]
+                t = _read(cat, handles, e)
+                if s.kind == "bf16" and t.dtype == torch.float8_e4m3fn:
+                    sname = name[:-len("weight")] + "scale"
+                    sc = _read(cat, handles, cat.entries[sname])
+                    want = (math.ceil(s.shape[0] / 128), math.ceil(s.shape[1] / 128))
+                    if tuple(t.shape) != s.shape or tuple(sc.shape) != want:
+                        raise CheckpointShapeError(f"checkpoint: FP8 {name} must be {list(s.shape)} with scale "
+                                                   f"{list(want)}, found {list(t.shape)} / {list(sc.shape)}")
+                    t = v4hal.dequant_fp8(t, sc, 128, out_dtype=torch.bfloat16)
+                yield name, _convert(name, s, t, scale_dtype)
+
+    return cat.config, gen()
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str | None = None, *,
+                    experts_fp8: bool = False):
+    """Load a V4 checkpoint directory (either layout) into a `V4Model` on ``device`` (default CPU).
+
+    ``experts_fp8``: see `V4Model.from_pretrained`.
+    """
+    from .model import V4Model
+
+    cfg, tensors = read_checkpoint(path)
+    model = V4Model(cfg, experts_fp8=experts_fp8)
+    model.assign(tensors, device)
+    model.finalize(device)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- random weights
+def _init(name: str, s: TensorSpec, cfg: ModelConfig, g: torch.Generator) -> torch.Tensor:
+    """fp32 master values for ``name`` (the logical, unquantized shape)."""
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    shape = s.shape
+    if s.kind == "fp4":
+        shape = shape[:-1] + (shape[-1] * 2,)
+    leaf = name.split(".")[-1]
+    if name.endswith("tid2eid"):
+        return torch.rand(shape[0], cfg.n_routed_experts, generator=g).argsort(dim=-1)[:, :shape[1]].to(torch.int32)
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.05 * randn(*shape)
+    if leaf.endswith("_fn"):                                       # mHC projections
+        return randn(*shape) * (0.5 / math.sqrt(shape[1]))
+    if leaf.endswith("_scale") and leaf.startswith("hc_"):
+        return 0.5 + torch.rand(*shape, generator=g)
+    if leaf.endswith("_base"):
+        return 0.3 * randn(*shape)
+    if leaf == "attn_sink":
+        return 0.5 * randn(*shape)
+    if leaf == "ape":
+        return 0.5 * randn(*shape)
+    if leaf == "bias":
+        return 0.1 * randn(*shape)
+    if name == "embed.weight":
+        return randn(*shape)
+    return randn(*shape) / math.sqrt(shape[1])                    # Linear weights [N, K]
+
+
+def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded random weights for ``cfg`` in the inference layout, quantized as the config says.
+
+    FP8 weights come from ``v4hal.quant_weight_fp8`` (e8m0 scales), FP4 experts from
+    ``v4hal.quant_weight_fp4``; a weight and its ``.scale`` are yielded one after the other.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    spec = checkpoint_spec(cfg)
+    for name, s in spec.items():
+        if s.kind in ("fp8_scale", "fp4_scale"):
+            continue                           # produced with their weight
+        w = _init(name, s, cfg, g)
+        if s.kind == "fp8":
+            q, sc = v4hal.quant_weight_fp8(w, 128, "ue8m0")
+            yield name, q
+            yield name[:-len("weight")] + "scale", sc
+        elif s.kind == "fp4":
+            q, sc = v4hal.quant_weight_fp4(w, 32)
+            yield name, q
+            yield name[:-len("weight")] + "scale", sc
+        elif s.kind == "bf16" and cfg.dtype == "fp8" and name.endswith("attn.wo_a.weight"):
+            # published checkpoints hold wo_a in FP8 (the public converter dequantizes it to bf16):
+            # draw it on the FP8 grid, so that the Hugging Face layout (FP8) and this one agree exactly
+            q, sc = v4hal.quant_weight_fp8(w, 128, "ue8m0")
+            yield name, v4hal.dequant_fp8(q, sc, 128, out_dtype=torch.bfloat16)
+        elif s.kind == "bf16":
+            yield name, w.to(torch.bfloat16)
+        elif s.kind == "i32":
+            yield name, w
+        else:
+            # fp32 in the model; stored bf16 where the public checkpoints store bf16 (norms, compressor)
+            yield name, w
+
+
+def _hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    inv = {v: k for k, v in HF_KEY_MAP.items()}
+    out: dict[str, Any] = {"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}
+    for k, v in cfg.to_dict().items():
+        if k in ("rope_factor", "original_seq_len", "beta_fast", "beta_slow", "dtype", "scale_fmt",
+                 "scale_dtype", "expert_dtype"):
+            continue
+        out[inv.get(k, k)] = v
+    out["rope_scaling"] = {"type": "yarn", "factor": cfg.rope_factor,
+                           "original_max_position_embeddings": cfg.original_seq_len,
+                           "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow}
+    if cfg.dtype == "fp8":
+        q: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                             "scale_dtype": cfg.scale_dtype}
+        if cfg.scale_fmt is not None:
+            q["scale_fmt"] = cfg.scale_fmt
+        if cfg.expert_dtype is not None:
+            q["expert_dtype"] = cfg.expert_dtype
+        out["quantization_config"] = q
+    return out
+
+
+def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+                 path: str | os.PathLike[str], layout: str = "inference", world: int = 1, shards: int = 1,
+                 fp4_storage: str = "F4") -> Path:
+    """Write inference-layout tensors as a checkpoint directory.
+
+    ``layout="inference"``: ``config.json`` (inference keys) + ``model{r}-mp{world}.safetensors``
+    split like the public converter. ``layout="hf"``: ``config.json`` (HF keys) +
+    ``shards`` files with ``model.safetensors.index.json``; ``wo_a`` stored FP8 with a scale
+    (FP8 configs), FP4 experts as ``I8``, MTP copies of embed/head included.
+    ``fp4_storage``: ``"F4"`` (float4_e2m1fn_x2, the public converter's output) or ``"I8"``.
+    """
+    if layout not in ("inference", "hf"):
+        raise RangeError(f"save_tensors: layout must be 'inference' or 'hf', got {layout!r}")
+    if world < 1 or shards < 1:
+        raise RangeError(f"save_tensors: world and shards must be >= 1, got {world}, {shards}")
+    if fp4_storage not in ("F4", "I8"):
+        raise RangeError(f"save_tensors: fp4_storage must be 'F4' or 'I8', got {fp4_storage!r}")
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
+    spec = checkpoint_spec(cfg)
+
+    def fp4_view(name: str, t: torch.Tensor, storage: str) -> torch.Tensor:
+        if name in spec and spec[name].kind == "fp4":
+            if storage == "F4" and FP4_X2 is not None:
+                return t.view(FP4_X2)
+            return t.view(torch.int8)
+        return t
+
+    if layout == "inference":
+        with open(out_dir / "config.json", "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+        n_local = cfg.n_routed_experts // world
+        if cfg.n_routed_experts % world:
+            raise RangeError(f"save_tensors: n_routed_experts={cfg.n_routed_experts} must divide by world={world}")
+        for name, t in items:
+            t = fp4_view(name, t, fp4_storage)
+            if _is_routed_expert(name):
+                e = int(name.split(".")[name.split(".").index("experts") + 1])
+                per_rank[e // n_local][name] = t.contiguous()
+                continue
+            d = shard_dim(name) if world > 1 else None
+            for r in range(world):
+                if d is None:
+                    per_rank[r][name] = t.contiguous() if r == 0 else t.contiguous().clone()
+                else:
+                    if t.shape[d] % world:
+                        raise RangeError(f"save_tensors: {name} dim {d} ({t.shape[d]}) must divide by world={world}")
+                    if spec.get(name) is not None and spec[name].kind == "fp8" and (t.shape[d] // world) % 128:
+                        raise RangeError(f"save_tensors: {name} dim {d} ({t.shape[d]}) split over world={world} "
+                                         f"breaks its 128x128 FP8 scale blocks")
+                    step = t.shape[d] // world
+                    per_rank[r][name] = t.narrow(d, r * step, step).contiguous()
+        for r in range(world):
+            save_file(per_rank[r], str(out_dir / f"model{r}-mp{world}.safetensors"))
+        return out_dir
+
+    with open(out_dir / "config.json", "w", encoding="utf-8") as f:
+        json.dump(_hf_config(cfg), f, indent=2)
+    hf: list[tuple[str, torch.Tensor]] = []
+    for name, t in items:
+        t = fp4_view(name, t, "I8")
+        if name.endswith("attn.wo_a.weight") and cfg.dtype == "fp8":
+            q, sc = v4hal.quant_weight_fp8(t.float(), 128, "ue8m0")
+            hf += [(name, q), (name[:-len("weight")] + "scale", sc)]
+            continue
+        hf.append((name, t))
+    embed = dict(items).get("embed.weight")
+    head = dict(items).get("head.weight")
+    for j in range(cfg.n_mtp_layers):
+        if embed is not None:
+            hf.append((f"mtp.{j}.embed.weight", embed.clone()))
+        if head is not None:
+            hf.append((f"mtp.{j}.head.weight", head.to(torch.bfloat16)))
+    n = min(shards, len(hf))
+    per = math.ceil(len(hf) / n)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i in range(n):
+        chunk = hf[i * per:(i + 1) * per]
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in chunk}, str(out_dir / fname))
+        for k, v in chunk:
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    with open(out_dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return out_dir
+
+
+def write_random_checkpoint(config: ModelConfig, path: str | os.PathLike[str], seed: int = 0,
+                            dtype: str | None = None, expert_dtype: str | None = "config",
+                            layout: str = "inference", world: int = 1, shards: int = 1,
+                            fp4_storage: str = "F4") -> Path:
+    """Write a seeded random V4 checkpoint for ``config`` into the directory ``path``.
+
+    Args:
+        config: the model shape (e.g. ``ModelConfig.preset("v4-mini")``).
+        seed: the weights are a pure function of (config, seed).
+        dtype: ``"bf16"`` or ``"fp8"`` for the non-expert Linear weights (default: the config's).
+        expert_dtype: ``"fp4"``, ``"fp8"`` or None for the routed experts (default: the config's
+            when ``dtype`` is fp8, None (= dtype) for bf16).
+        layout, world, shards, fp4_storage: see `save_tensors`.
+
+    Returns the directory. The written ``config.json`` records the dtypes actually used.
+    """
+    changes: dict[str, Any] = {}
+    if dtype is not None:
+        if dtype not in ("bf16", "fp8"):
+            raise RangeError(f"write_random_checkpoint: dtype must be 'bf16' or 'fp8', got {dtype!r}")
+        changes["dtype"] = dtype
+    final_dtype = changes.get("dtype", config.dtype)
+    if expert_dtype == "config":
+        changes["expert_dtype"] = config.expert_dtype if final_dtype == "fp8" else None
+    else:
+        changes["expert_dtype"] = expert_dtype
+    cfg = config.replace(**changes)
+    return save_tensors(cfg, random_tensors(cfg, seed), path, layout=layout, world=world, shards=shards,
+                        fp4_storage=fp4_storage)

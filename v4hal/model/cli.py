@@ -1,0 +1,243 @@
+"""``v4hal run``: prefill a prompt, decode tokens greedily, report tokens/s.
+
+``v4hal run --model v4-mini`` writes a seeded random v4-mini checkpoint into the cache folder
+on first use (``$V4HAL_CACHE_DIR`` or ``~/.cache/v4hal``, subfolder named after the preset) and
+runs it; ``--checkpoint DIR`` runs a real checkpoint (inference or Hugging Face layout).
+``--backend NAME`` forces every op onto one backend (``v4hal.use_backend``).
+
+The prompt is ``--batch`` rows of ``--prompt-len`` random token ids (``--seed``). Prefill time
+covers the forward pass over the prompt (which yields the first new token); decode time covers
+the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["add_arguments", "main", "run", "cache_dir", "resolve_checkpoint", "make_prompt", "prepare_backend",
+           "set_threads"]
+
+DEFAULT_WEIGHT_SEED = 0
+MAX_RANDOM_BYTES = 4 << 30
+
+_KIND_BYTES = {"f32": 4, "bf16": 2, "fp8": 1, "fp8_scale": 1, "fp4": 1, "fp4_scale": 1, "i32": 4}
+
+
+def checkpoint_bytes(cfg) -> int:
+    """Bytes of the checkpoint of ``cfg`` as `write_random_checkpoint` stores it."""
+    from .spec import checkpoint_spec
+
+    total = 0
+    for s in checkpoint_spec(cfg).values():
+        n = 1
+        for d in s.shape:
+            n *= d
+        total += n * _KIND_BYTES[s.kind]
+    return total
+
+
+def cache_dir() -> Path:
+    """Folder of generated checkpoints: ``$V4HAL_CACHE_DIR`` or ``~/.cache/v4hal``."""
+    return Path(os.environ.get("V4HAL_CACHE_DIR") or Path.home() / ".cache" / "v4hal")
+
+
+def resolve_checkpoint(model: str | None, checkpoint: str | None, quiet: bool = False) -> Path:
+    """The checkpoint directory to load: ``checkpoint`` if given, else the cached random one of preset
+    ``model`` (written on first use, atomically, and rewritten if its config.json is stale)."""
+    from v4hal.hal.errors import RangeError
+
+    from .checkpoint import write_random_checkpoint
+    from .config import ModelConfig
+
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise RangeError(f"--checkpoint: {path} does not exist")
+        return path
+    if not model:
+        raise RangeError("give --model PRESET (e.g. v4-mini) or --checkpoint DIR")
+    cfg = ModelConfig.preset(model)
+    target = cache_dir() / model
+    cfg_file = target / "config.json"
+    if cfg_file.exists():
+        try:
+            if json.loads(cfg_file.read_text()) == cfg.to_dict() and any(target.glob("*.safetensors")):
+                return target
+        except json.JSONDecodeError:
+            pass
+    size = checkpoint_bytes(cfg)
+    if size > MAX_RANDOM_BYTES:
+        raise RangeError(f"--model {model}: a random checkpoint of this preset would take {size / 2**30:.0f} GiB; "
+                         f"give --checkpoint DIR with real weights (random ones are written up to "
+                         f"{MAX_RANDOM_BYTES / 2**30:.0f} GiB)")
+    if not quiet:
+        print(f"writing a random {model} checkpoint (seed {DEFAULT_WEIGHT_SEED}) to {target}", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=target.parent))
+    try:
+        write_random_checkpoint(cfg, tmp, seed=DEFAULT_WEIGHT_SEED)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def make_prompt(batch: int, prompt_len: int, vocab: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """``[batch, prompt_len]`` random token ids (int64) from ``seed``."""
+    from v4hal.hal.errors import RangeError
+
+    if batch < 1 or prompt_len < 1:
+        raise RangeError(f"--batch and --prompt-len must be >= 1, got {batch}, {prompt_len}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+
+
+def prepare_backend(backend: str | None, device: str) -> None:
+    """Triton on the CPU runs only under its interpreter: switch it on before Triton is imported."""
+    if backend == "triton" and device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            return
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("note: --backend triton on the CPU runs the Triton interpreter (TRITON_INTERPRET=1); "
+              "its timings say nothing about GPU speed", file=sys.stderr)
+
+
+def set_threads(threads: int | None, checkpoint: Path, device: str) -> None:
+    """``torch.set_num_threads``: the given count, else 1 for small models on the CPU."""
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    if not device.startswith("cpu"):
+        return
+    try:
+        from .config import ModelConfig
+
+        if ModelConfig.from_json(checkpoint).dim <= 1024:
+            torch.set_num_threads(1)
+    except Exception:          # unreadable config: loading reports it properly
+        pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``v4hal run``."""
+    parser.add_argument("--model", default="v4-mini", help="preset whose random checkpoint to run (default v4-mini)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory to run instead of a preset")
+    parser.add_argument("--backend", default=None, help="force every op onto this backend (default: automatic)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, npu ...)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--batch", type=int, default=1, help="prompt rows (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for models with dim <= 1024, whose tiny GEMMs only "
+                             "lose to thread synchronization, else torch's choice)")
+    parser.add_argument("--experts", choices=("auto", "checkpoint", "fp8"), default="auto",
+                        help="routed expert format: as stored, or FP4 re-encoded to FP8 at load when lossless "
+                             "(then one moe_experts call covers routed + shared experts); auto = fp8 on cpu")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _experts_fp8(choice: str, device: str) -> bool:
+    return choice == "fp8" or (choice == "auto" and device.startswith("cpu"))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, prefill, decode; returns the result dict that `main` prints."""
+    from tqdm import tqdm
+
+    import v4hal
+
+    from .model import V4Model
+
+    if args.max_new_tokens < 1:
+        raise v4hal.RangeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prepare_backend(args.backend, args.device)
+    path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
+    set_threads(args.threads, path, args.device)
+    t0 = time.perf_counter()
+    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device))
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    prompt = make_prompt(args.batch, args.prompt_len, cfg.vocab_size, args.seed, args.device)
+    n = args.max_new_tokens
+    tokens = torch.empty(args.batch, n, dtype=torch.long, device=args.device)
+    ctx = v4hal.use_backend(args.backend) if args.backend else _null()
+    sync = _synchronizer(args.device)
+    with ctx, tqdm(total=n, desc="decode", unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
+        t0 = time.perf_counter()
+        logits = model(prompt, 0)
+        tokens[:, 0] = logits.argmax(dim=-1)
+        sync()
+        prefill_s = time.perf_counter() - t0
+        bar.update(1)
+        t1 = time.perf_counter()
+        for i in range(1, n):
+            logits = model(tokens[:, i - 1:i], args.prompt_len + i - 1)
+            tokens[:, i] = logits.argmax(dim=-1)
+            bar.update(1)
+        sync()
+        decode_s = time.perf_counter() - t1
+    steps = n - 1
+    return {
+        "model": args.model if not args.checkpoint else None, "checkpoint": str(path),
+        "backend": args.backend or "auto", "device": args.device, "batch": args.batch,
+        "prompt_len": args.prompt_len, "max_new_tokens": n, "threads": torch.get_num_threads(),
+        "experts": model.layers[0].ffn.experts.kind, "load_s": load_s,
+        "prefill_s": prefill_s, "prefill_tok_s": args.batch * args.prompt_len / prefill_s,
+        "decode_s": decode_s, "decode_tok_s": (args.batch * steps / decode_s) if steps and decode_s > 0 else None,
+        "tokens": tokens.tolist(), "logits_finite": bool(torch.isfinite(logits).all()),
+    }
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _synchronizer(device: str):
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.synchronize
+    mod = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and mod is not None and hasattr(mod, "synchronize"):
+        return mod.synchronize
+    return lambda: None
+
+
+def main(args: argparse.Namespace) -> int:
+    """``v4hal run``: 0 on success, 1 when the logits are not finite, 2 on a usage or checkpoint error."""
+    from v4hal.hal.errors import V4HalError
+
+    try:
+        res = run(args)
+    except V4HalError as e:
+        print(f"v4hal run: error: {e}", file=sys.stderr)
+        return 2
+    for row, toks in enumerate(res["tokens"]):
+        print(f"tokens[{row}]: {' '.join(map(str, toks))}")
+    dec = f"{res['decode_tok_s']:.2f} tok/s" if res["decode_tok_s"] is not None else "n/a (one token)"
+    print(f"prefill: {res['batch']} x {res['prompt_len']} tokens in {res['prefill_s']:.3f} s = "
+          f"{res['prefill_tok_s']:.1f} tok/s")
+    print(f"decode:  {res['batch']} x {res['max_new_tokens'] - 1} tokens in {res['decode_s']:.3f} s = {dec}")
+    print(f"({res['checkpoint']}, backend {res['backend']}, device {res['device']}, {res['threads']} threads, "
+          f"experts {res['experts']})")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return 0 if res["logits_finite"] else 1

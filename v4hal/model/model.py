@@ -1,0 +1,323 @@
+"""The DeepSeek-V4 model on v4hal ops: mHC blocks, the mHC head, the MTP block, greedy generation.
+
+Computation of the public ``inference/model.py`` ``Block`` / ``ParallelHead`` / ``MTPBlock`` /
+``Transformer``:
+
+* the residual stream is ``hc_mult`` copies ``[b, s, hc, dim]`` (bf16); before each sub-layer
+  ``hc_pre`` collapses them (RMS-scaled mixes, Sinkhorn split), after it ``hc_post`` expands
+  the output back and mixes the copies;
+* sub-layers: ``attn_norm`` + `Attention`, ``ffn_norm`` + `MoE`;
+* head: ``hc_head`` collapses the copies with its ``pre`` weights, ``norm``, then the fp32
+  vocabulary projection of the last position (``grouped_gemm`` with one group);
+* MTP block ``j``: ``e_proj(enorm(embed(next_ids))) + h_proj(hnorm(h))`` through a full block,
+  then its own ``hc_head`` and ``norm`` and the shared head.
+
+Glue in plain torch: the embedding lookup (``F.embedding``), the copy of the embedding into
+``hc`` residual copies, slicing of the last position, ``argmax`` in `generate`.
+
+Positions follow the public code: a call with ``start_pos == 0`` prefills (any length, resets
+every cache), a call with ``start_pos > 0`` decodes exactly one token at position
+``start_pos``, which must be the next position of the running sequence.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import v4hal
+from v4hal.hal.errors import RangeError, ShapeError
+
+from .attention import Attention, check_positions
+from .config import ModelConfig
+from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
+from .moe import MoE
+from .spec import linear_kind
+
+__all__ = ["Block", "MTPBlock", "V4Model", "ForwardResult"]
+
+META = torch.device("meta")
+_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
+
+
+def _same_kind(leaf: str, want: torch.dtype, got: torch.dtype) -> bool:
+    """Buffer dtypes must match, except FP8 block scales, which may be fp32 or e8m0."""
+    return want == got or (leaf.endswith("scale") and want in _SCALE_DTYPES and got in _SCALE_DTYPES)
+
+
+class Block(nn.Module):
+    """One transformer block with hyper-connections: ``[b, s, hc, dim]`` -> same."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.norm_eps, self.hc_mult = cfg.norm_eps, cfg.hc_mult
+        self.hc_iters, self.hc_eps = cfg.hc_sinkhorn_iters, cfg.hc_eps
+        self._hc_args = dict(norm_eps=cfg.norm_eps, hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
+                             hc_eps=cfg.hc_eps)
+        self.attn = Attention(layer_id, cfg)
+        self.ffn = MoE(layer_id, cfg)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        mix, hc_dim = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
+        for part in ("attn", "ffn"):
+            self.register_buffer(f"hc_{part}_fn", torch.empty(mix, hc_dim, device=META))
+            self.register_buffer(f"hc_{part}_base", torch.empty(mix, device=META))
+            self.register_buffer(f"hc_{part}_scale", torch.empty(3, device=META))
+
+    def reset(self, bsz: int) -> None:
+        self.attn.reset(bsz)
+
+    def forward(self, h: torch.Tensor, start_pos: int, input_ids: torch.Tensor) -> torch.Tensor:
+        x, post, comb = v4hal.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, **self._hc_args)
+        x = self.attn(self.attn_norm(x), start_pos)
+        h = v4hal.hc_post(x, h, post, comb)
+        x, post, comb = v4hal.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **self._hc_args)
+        x = self.ffn(self.ffn_norm(x), input_ids)
+        return v4hal.hc_post(x, h, post, comb)
+
+
+class _Head(nn.Module):
+    """The vocabulary projection: ``weight [vocab, dim]`` fp32 (the public head keeps fp32)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(cfg.vocab_size, cfg.dim, device=META))
+
+
+class _Embed(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(cfg.vocab_size, cfg.dim, dtype=torch.bfloat16, device=META))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def _register_hc_head(m: nn.Module, cfg: ModelConfig) -> None:
+    m.register_buffer("hc_head_fn", torch.empty(cfg.hc_mult, cfg.hc_mult * cfg.dim, device=META))
+    m.register_buffer("hc_head_base", torch.empty(cfg.hc_mult, device=META))
+    m.register_buffer("hc_head_scale", torch.empty(1, device=META))
+
+
+class MTPBlock(Block):
+    """Multi-token-prediction block: predicts token ``t+2`` from the main hidden state at ``t`` and token ``t+1``."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__(layer_id, cfg)
+        lin = linear_kind(cfg)
+        self.e_proj = Linear(cfg.dim, cfg.dim, lin, cfg)
+        self.h_proj = Linear(cfg.dim, cfg.dim, lin, cfg)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        _register_hc_head(self, cfg)
+
+    def mix_inputs(self, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """e ``[b, s, dim]`` token embeddings, h ``[b, s, hc, dim]`` main hidden -> block input ``[b, s, hc, dim]``."""
+        return self.e_proj(self.enorm(e)).unsqueeze(2) + self.h_proj(self.hnorm(h))
+
+
+class ForwardResult:
+    """Output of `V4Model.forward_full`: last-position logits, per-layer hidden states, final stream."""
+
+    __slots__ = ("logits", "hidden", "final")
+
+    def __init__(self, logits: torch.Tensor, hidden: list[torch.Tensor], final: torch.Tensor) -> None:
+        self.logits, self.hidden, self.final = logits, hidden, final
+
+
+class V4Model(nn.Module):
+    """DeepSeek-V4 (inference): ``model(input_ids [b, s], start_pos) -> logits [b, vocab]`` (fp32, last position).
+
+    Build with `V4Model.from_pretrained` (a checkpoint directory) or `V4Model.from_tensors`.
+    """
+
+    def __init__(self, cfg: ModelConfig, experts_fp8: bool = False) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.experts_fp8 = experts_fp8
+        self.embed = _Embed(cfg)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = _Head(cfg)
+        _register_hc_head(self, cfg)
+        self.mtp = nn.ModuleList(MTPBlock(cfg.n_layers + j, cfg) for j in range(cfg.n_mtp_layers))
+        self._next_pos: int | None = None
+        self._mtp_next_pos: list[int | None] = [None] * cfg.n_mtp_layers
+        self._batch = 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str | None = None, *,
+                        experts_fp8: bool = False) -> "V4Model":
+        """Load a checkpoint directory (inference or Hugging Face layout; see `v4hal.model.checkpoint`).
+
+        ``experts_fp8``: re-encode FP4 routed experts as FP8 at load when lossless, so the shared
+        expert joins them in one ``moe_experts`` call (faster on the reference backend, 2x the
+        expert bytes). Results equal the FP4 path up to fp32 summation order.
+        """
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path, device=device, experts_fp8=experts_fp8)
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                     device: torch.device | str | None = None, *, experts_fp8: bool = False) -> "V4Model":
+        """Build from ``(model name, tensor)`` pairs already in the model's dtypes (see `checkpoint`)."""
+        model = cls(cfg, experts_fp8=experts_fp8)
+        model.assign(tensors, device)
+        model.finalize(device)
+        return model
+
+    def _resolve(self, name: str) -> tuple[nn.Module, str, int | None]:
+        """Model location of a checkpoint name: (module, buffer name, expert row or None)."""
+        parts = name.split(".")
+        expert = None
+        if "experts" in parts and "shared_experts" not in parts:
+            i = parts.index("experts")
+            expert = int(parts[i + 1])
+            which = parts[i + 2]
+            leaf = which if parts[-1] == "weight" else f"{which}_scale"
+            parts = parts[:i + 1] + [leaf]
+        mod: nn.Module = self
+        for p in parts[:-1]:
+            mod = getattr(mod, p)
+        return mod, parts[-1], expert
+
+    def assign(self, tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device | str | None = None) -> None:
+        """Place checkpoint tensors (checkpoint names, model dtypes) into the model's buffers."""
+        for name, t in tensors:
+            mod, leaf, expert = self._resolve(name)
+            cur = getattr(mod, leaf)
+            if expert is None:
+                if tuple(cur.shape) != tuple(t.shape) or not _same_kind(leaf, cur.dtype, t.dtype):
+                    raise ShapeError(f"V4Model: {name} must be {cur.dtype} {list(cur.shape)}, got {t.dtype} "
+                                     f"{list(t.shape)}")
+                mod._buffers[leaf] = t.to(device) if device is not None else t
+            else:
+                if cur.is_meta:
+                    cur = torch.empty(cur.shape, dtype=cur.dtype, device=device or t.device)
+                    mod._buffers[leaf] = cur
+                if tuple(cur.shape[1:]) != tuple(t.shape) or not _same_kind(leaf, cur.dtype, t.dtype):
+                    raise ShapeError(f"V4Model: {name} must be {cur.dtype} {list(cur.shape[1:])}, got {t.dtype} "
+                                     f"{list(t.shape)}")
+                if cur.dtype != t.dtype:       # scales: keep the dtype the checkpoint gives
+                    cur = cur.to(t.dtype)
+                    mod._buffers[leaf] = cur
+                cur[expert] = t.to(cur.device)
+
+    def finalize(self, device: torch.device | str | None = None) -> None:
+        """Compute the rotary tables and check that every weight was filled."""
+        missing = [n for n, b in self.named_buffers() if b.is_meta and not n.endswith("freqs_cis")]
+        if missing:
+            raise ShapeError(f"V4Model: weights never loaded: {', '.join(missing[:8])}"
+                             + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        dev = self.embed.weight.device if device is None else torch.device(device)
+        for block in [*self.layers, *self.mtp]:
+            block.attn.freqs_cis = precompute_freqs_cis(self.config, bool(block.attn.ratio), dev)
+            block.attn.prepare()
+            block.ffn.prepare(self.experts_fp8)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ------------------------------------------------------------------ forward
+    def _head_logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm) -> torch.Tensor:
+        cfg = self.config
+        x = v4hal.hc_head(h[:, -1], owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
+                          norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps)    # [b, dim] bf16
+        return float_gemm(norm(x).float(), self.head.weight)          # [b, vocab] fp32
+
+    def _start(self, input_ids: torch.Tensor, start_pos: int, expected: int | None) -> None:
+        if input_ids.dim() != 2:
+            raise ShapeError(f"V4Model: input_ids must be [b, s], got {list(input_ids.shape)}")
+        check_positions(start_pos, input_ids.shape[1], self.config.max_seq_len)
+        if start_pos > 0:
+            if expected is None:
+                raise RangeError("V4Model: decode (start_pos > 0) needs a prefill from start_pos=0 first")
+            if start_pos != expected:
+                raise RangeError(f"V4Model: start_pos must continue the running sequence at {expected}, "
+                                 f"got {start_pos}")
+            if input_ids.shape[0] != self._batch:
+                raise ShapeError(f"V4Model: decode batch must be the prefill batch {self._batch}, "
+                                 f"got {input_ids.shape[0]}")
+
+    @torch.inference_mode()
+    def forward_full(self, input_ids: torch.Tensor, start_pos: int = 0, keep_hidden: bool = False) -> ForwardResult:
+        """Run the main layers: logits of the last position, optionally every layer's output stream."""
+        self._start(input_ids, start_pos, self._next_pos)
+        bsz, seqlen = input_ids.shape
+        if start_pos == 0:
+            self._batch = bsz
+            for block in self.layers:
+                block.reset(bsz)
+        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
+        hidden: list[torch.Tensor] = []
+        for block in self.layers:
+            h = block(h, start_pos, input_ids)
+            if keep_hidden:
+                hidden.append(h)
+        logits = self._head_logits(h, self, self.norm)
+        self._next_pos = start_pos + seqlen
+        return ForwardResult(logits, hidden, h)
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """``input_ids [b, s]`` at positions ``start_pos ..`` -> fp32 logits ``[b, vocab]`` of the last position."""
+        return self.forward_full(input_ids, start_pos).logits
+
+    @torch.inference_mode()
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0, j: int = 0) -> torch.Tensor:
+        """MTP block ``j``: main final stream ``hidden [b, s, hc, dim]`` at positions ``start_pos ..`` and the
+        tokens that follow them ``next_ids [b, s]`` -> fp32 logits ``[b, vocab]`` (drafts of the token after)."""
+        if not 0 <= j < len(self.mtp):
+            raise RangeError(f"V4Model.mtp_forward: j must be in [0, {len(self.mtp)}), got {j}")
+        self._start(next_ids, start_pos, self._mtp_next_pos[j])
+        if tuple(hidden.shape[:2]) != tuple(next_ids.shape):
+            raise ShapeError(f"V4Model.mtp_forward: hidden [b, s, hc, dim] must match next_ids {list(next_ids.shape)}, "
+                             f"got {list(hidden.shape)}")
+        block = self.mtp[j]
+        if start_pos == 0:
+            block.reset(next_ids.shape[0])
+        h = block.mix_inputs(self.embed(next_ids), hidden)
+        h = block(h, start_pos, next_ids)
+        self._mtp_next_pos[j] = start_pos + next_ids.shape[1]
+        return self._head_logits(h, block, block.norm)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Greedy decoding: prefill ``prompt_ids [b, s]`` then ``max_new_tokens`` one-token steps.
+
+        Returns int64 ``[b, max_new_tokens]``; after a row emits ``eos_id`` it repeats ``eos_id``.
+        ``on_token(step, tokens [b])`` is called after every new token (progress reporting).
+        """
+        if max_new_tokens < 0:
+            raise RangeError(f"V4Model.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device)
+        if prompt_ids.dim() != 2:
+            raise ShapeError(f"V4Model.generate: prompt_ids must be [b, s], got {list(prompt_ids.shape)}")
+        bsz, plen = prompt_ids.shape
+        check_positions(0, plen + max(max_new_tokens - 1, 0), self.config.max_seq_len)
+        out = torch.empty(bsz, max_new_tokens, dtype=torch.long, device=self.device)
+        if max_new_tokens == 0:
+            return out
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        logits = self.forward(prompt_ids, 0)
+        for step in range(max_new_tokens):
+            tok = logits.argmax(dim=-1)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                done |= tok == eos_id
+            out[:, step] = tok
+            if on_token is not None:
+                on_token(step, tok)
+            if step + 1 < max_new_tokens:
+                logits = self.forward(tok.unsqueeze(1), plen + step)
+        return out

@@ -1,0 +1,177 @@
+"""The tensors of a DeepSeek-V4 checkpoint, derived from a `ModelConfig`.
+
+One list drives everything that touches weights: the loader checks a checkpoint against it
+(name, shape, accepted dtypes), `write_random_checkpoint` writes exactly these tensors, and
+the model takes them. Names are those of the public inference layout
+(``shared/spec/CHECKPOINT.md``): ``layers.{i}.attn.wq_a.weight`` with a sibling
+``layers.{i}.attn.wq_a.scale`` when the weight is FP8, routed experts one tensor per expert
+(``layers.{i}.ffn.experts.{e}.w1.weight``), MTP layers under ``mtp.{j}.``.
+
+Kinds (what a tensor holds, what it may be stored as, what the model keeps):
+
+===========  =====================================  =================================
+kind         accepted checkpoint dtypes             kept by the model as
+===========  =====================================  =================================
+``f32``      bf16 / fp16 / fp32                     fp32 (norms, mHC, sinks, ape, ...)
+``bf16``     bf16 / fp16 / fp32                     bf16 (embed, wo_a, gate, bf16 Linear)
+``fp8``      float8_e4m3fn                          fp8, with an ``fp8_scale`` sibling
+``fp8_scale`` float8_e8m0fnu / fp32, ``[ceil(N/128), ceil(K/128)]``
+``fp4``      int8 / uint8 ``[N, K/2]`` or F4 ``[N, K]`` packed e2m1 (uint8 ``[N, K/2]``)
+``fp4_scale`` float8_e8m0fnu ``[N, K/32]``
+``i32``      int32 / int64                          int32 (``tid2eid``)
+===========  =====================================  =================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+__all__ = ["TensorSpec", "checkpoint_spec", "linear_kind", "expert_kind", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+E8M0 = torch.float8_e8m0fnu
+FP8 = torch.float8_e4m3fn
+FP4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
+
+ACCEPTED: dict[str, tuple[torch.dtype, ...]] = {
+    "f32": FLOAT_DTYPES,
+    "bf16": FLOAT_DTYPES,
+    "fp8": (FP8,),
+    "fp8_scale": (E8M0, torch.float32),
+    "fp4": tuple(d for d in (torch.int8, torch.uint8, FP4_X2) if d is not None),
+    "fp4_scale": (E8M0,),
+    "i32": (torch.int32, torch.int64),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor: ``shape`` is the logical shape the model keeps (FP4: packed ``[N, K/2]``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+
+    @property
+    def accepted(self) -> tuple[torch.dtype, ...]:
+        return ACCEPTED[self.kind]
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def linear_kind(cfg: ModelConfig) -> str:
+    """Kind of the non-expert Linear weights: ``"fp8"`` or ``"bf16"`` (``cfg.dtype``)."""
+    return "fp8" if cfg.dtype == "fp8" else "bf16"
+
+
+def expert_kind(cfg: ModelConfig) -> str:
+    """Kind of the routed expert weights: ``cfg.expert_dtype``, else the Linear kind."""
+    if cfg.expert_dtype == "fp4":
+        return "fp4"
+    if cfg.expert_dtype == "fp8":
+        return "fp8"
+    return linear_kind(cfg)
+
+
+def _weight(out: dict[str, TensorSpec], name: str, n: int, k: int, kind: str) -> None:
+    """A Linear weight ``[n, k]`` of ``kind`` plus its scale sibling when quantized."""
+    w = f"{name}.weight"
+    if kind == "fp8":
+        out[w] = TensorSpec(w, (n, k), "fp8")
+        out[f"{name}.scale"] = TensorSpec(f"{name}.scale", (_ceil(n, 128), _ceil(k, 128)), "fp8_scale")
+    elif kind == "fp4":
+        out[w] = TensorSpec(w, (n, k // 2), "fp4")
+        out[f"{name}.scale"] = TensorSpec(f"{name}.scale", (n, k // 32), "fp4_scale")
+    else:
+        out[w] = TensorSpec(w, (n, k), kind)
+
+
+def _plain(out: dict[str, TensorSpec], name: str, shape: tuple[int, ...], kind: str) -> None:
+    out[name] = TensorSpec(name, tuple(shape), kind)
+
+
+def _compressor(out: dict[str, TensorSpec], p: str, cfg: ModelConfig, ratio: int, head_dim: int) -> None:
+    coff = 2 if ratio == 4 else 1
+    _weight(out, f"{p}.wkv", coff * head_dim, cfg.dim, "f32")
+    _weight(out, f"{p}.wgate", coff * head_dim, cfg.dim, "f32")
+    _plain(out, f"{p}.ape", (ratio, coff * head_dim), "f32")
+    _plain(out, f"{p}.norm.weight", (head_dim,), "f32")
+
+
+def _block(out: dict[str, TensorSpec], p: str, cfg: ModelConfig, layer_id: int) -> None:
+    """Tensors of one block (main layer ``layer_id`` or an MTP layer) under prefix ``p``."""
+    lin = linear_kind(cfg)
+    hc, dim = cfg.hc_mult, cfg.dim
+    mix = (2 + hc) * hc
+    ratio = cfg.compress_ratios[layer_id]
+    _plain(out, f"{p}.attn_norm.weight", (dim,), "f32")
+    _plain(out, f"{p}.ffn_norm.weight", (dim,), "f32")
+    for part in ("attn", "ffn"):
+        _plain(out, f"{p}.hc_{part}_fn", (mix, hc * dim), "f32")
+        _plain(out, f"{p}.hc_{part}_base", (mix,), "f32")
+        _plain(out, f"{p}.hc_{part}_scale", (3,), "f32")
+    a = f"{p}.attn"
+    _plain(out, f"{a}.attn_sink", (cfg.n_heads,), "f32")
+    _weight(out, f"{a}.wq_a", cfg.q_lora_rank, dim, lin)
+    _plain(out, f"{a}.q_norm.weight", (cfg.q_lora_rank,), "f32")
+    _weight(out, f"{a}.wq_b", cfg.n_heads * cfg.head_dim, cfg.q_lora_rank, lin)
+    _weight(out, f"{a}.wkv", cfg.head_dim, dim, lin)
+    _plain(out, f"{a}.kv_norm.weight", (cfg.head_dim,), "f32")
+    _weight(out, f"{a}.wo_a", cfg.o_groups * cfg.o_lora_rank, cfg.n_heads * cfg.head_dim // cfg.o_groups, "bf16")
+    _weight(out, f"{a}.wo_b", dim, cfg.o_groups * cfg.o_lora_rank, lin)
+    if ratio:
+        _compressor(out, f"{a}.compressor", cfg, ratio, cfg.head_dim)
+    if ratio == 4:
+        i = f"{a}.indexer"
+        _weight(out, f"{i}.wq_b", cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank, lin)
+        _weight(out, f"{i}.weights_proj", cfg.index_n_heads, dim, "bf16")
+        _compressor(out, f"{i}.compressor", cfg, ratio, cfg.index_head_dim)
+    f = f"{p}.ffn"
+    _weight(out, f"{f}.gate", cfg.n_routed_experts, dim, "bf16")
+    if layer_id < cfg.n_hash_layers:
+        _plain(out, f"{f}.gate.tid2eid", (cfg.vocab_size, cfg.n_activated_experts), "i32")
+    else:
+        _plain(out, f"{f}.gate.bias", (cfg.n_routed_experts,), "f32")
+    ek = expert_kind(cfg)
+    inter = cfg.moe_inter_dim
+    for e in range(cfg.n_routed_experts):
+        _weight(out, f"{f}.experts.{e}.w1", inter, dim, ek)
+        _weight(out, f"{f}.experts.{e}.w2", dim, inter, ek)
+        _weight(out, f"{f}.experts.{e}.w3", inter, dim, ek)
+    if cfg.n_shared_experts:
+        _weight(out, f"{f}.shared_experts.w1", inter, dim, lin)
+        _weight(out, f"{f}.shared_experts.w2", dim, inter, lin)
+        _weight(out, f"{f}.shared_experts.w3", inter, dim, lin)
+
+
+def _hc_head(out: dict[str, TensorSpec], p: str, cfg: ModelConfig) -> None:
+    hc = cfg.hc_mult
+    _plain(out, f"{p}hc_head_fn", (hc, hc * cfg.dim), "f32")
+    _plain(out, f"{p}hc_head_base", (hc,), "f32")
+    _plain(out, f"{p}hc_head_scale", (1,), "f32")
+
+
+def checkpoint_spec(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Every tensor of the inference layout for ``cfg``, in a stable order (name -> spec)."""
+    out: dict[str, TensorSpec] = {}
+    _plain(out, "embed.weight", (cfg.vocab_size, cfg.dim), "bf16")
+    for i in range(cfg.n_layers):
+        _block(out, f"layers.{i}", cfg, i)
+    _plain(out, "norm.weight", (cfg.dim,), "f32")
+    _plain(out, "head.weight", (cfg.vocab_size, cfg.dim), "f32")
+    _hc_head(out, "", cfg)
+    lin = linear_kind(cfg)
+    for j in range(cfg.n_mtp_layers):
+        p = f"mtp.{j}"
+        _block(out, p, cfg, cfg.n_layers + j)
+        _weight(out, f"{p}.e_proj", cfg.dim, cfg.dim, lin)
+        _weight(out, f"{p}.h_proj", cfg.dim, cfg.dim, lin)
+        for norm in ("enorm", "hnorm", "norm"):
+            _plain(out, f"{p}.{norm}.weight", (cfg.dim,), "f32")
+        _hc_head(out, f"{p}.", cfg)
+    return out
