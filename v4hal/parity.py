@@ -106,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--model", default=None,
                         help="model-level parity instead (e.g. v4-mini): compare hidden states and logits per backend")
+    from v4hal.model.parity import add_model_arguments
+    group = parser.add_argument_group("with --model")
+    add_model_arguments(group)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -77,3 +77,14 @@ def test_parity_compare_flags_a_drift() -> None:
     assert [r["status"] for r in rows] == ["FAIL", "FAIL"] and rows[1]["argmax_agree"] == 0.0
     missing = BackendRun("z", {})
     assert all(r["status"] == "FAIL" for r in compare(ref, missing, 1, 1))
+
+
+def test_run_ep2_gives_the_single_process_tokens(cache, tmp_path, capsys) -> None:
+    """``v4hal run --ep 2``: two local gloo ranks, each with half the routed experts, same tokens."""
+    base = ["run", "--model", "v4-mini", "--prompt-len", "12", "--max-new-tokens", "3", "--no-progress"]
+    single, ep = tmp_path / "single.json", tmp_path / "ep.json"
+    assert cli(base + ["--json", str(single)]) == 0
+    assert cli(base + ["--ep", "2", "--json", str(ep)]) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel: 2 ranks, transport all_to_all" in out
+    assert json.loads(ep.read_text())["tokens"] == json.loads(single.read_text())["tokens"]

@@ -148,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(then one moe_experts call covers routed + shared experts); auto = fp8 on cpu")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel ranks: N local gloo processes, each holding E/N routed experts")
+    parser.add_argument("--fp8-payload", action="store_true", help="with --ep: FP8 dispatch payload (act_quant)")
 
 
 def _experts_fp8(choice: str, device: str) -> bool:
@@ -225,7 +228,11 @@ def main(args: argparse.Namespace) -> int:
     from v4hal.hal.errors import V4HalError
 
     try:
-        res = run(args)
+        if args.ep > 1:
+            from v4hal.dist import run_ep
+            res = run_ep(args, args.ep, fp8_payload=args.fp8_payload)
+        else:
+            res = run(args)
     except V4HalError as e:
         print(f"v4hal run: error: {e}", file=sys.stderr)
         return 2
@@ -237,6 +244,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"decode:  {res['batch']} x {res['max_new_tokens'] - 1} tokens in {res['decode_s']:.3f} s = {dec}")
     print(f"({res['checkpoint']}, backend {res['backend']}, device {res['device']}, {res['threads']} threads, "
           f"experts {res['experts']})")
+    if res.get("ep"):
+        print(f"expert parallel: {res['ep']} ranks, transport {res['transport']}, attention {res['attention']}, "
+              f"prefill bytes sent {res['prefill_bytes_sent']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
