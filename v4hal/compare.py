@@ -22,8 +22,10 @@ SET_COMPARED_OPS = ("indexer_topk",)
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``1 - 2<x,y> / (|x|^2 + |y|^2)`` in float64; 0 for identical tensors."""
+    """``1 - 2<x,y> / (|x|^2 + |y|^2)`` in float64; 0 for identical tensors, inf when either holds NaN/inf."""
     x64, y64 = x.double().flatten(), y.double().flatten()
+    if not (bool(torch.isfinite(x64).all()) and bool(torch.isfinite(y64).all())):
+        return float("inf")
     denom = float((x64 * x64 + y64 * y64).sum())
     return 0.0 if denom == 0 else float(1 - 2 * (x64 * y64).sum() / denom)
 

@@ -25,21 +25,12 @@ from typing import Any
 
 import torch
 
+from v4hal.compare import calc_diff
+
 __all__ = ["add_arguments", "main", "collect", "compare", "calc_diff", "BackendRun", "run_backend"]
 
 DEFAULT_TOL_HIDDEN = 2e-2
 DEFAULT_TOL_LOGITS = 2e-2
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``1 - 2<x,y>/(|x|^2+|y|^2)`` in float64 (0 = identical, NaN/inf anywhere -> inf)."""
-    x64, y64 = x.double().flatten(), y.double().flatten()
-    if not (torch.isfinite(x64).all() and torch.isfinite(y64).all()):
-        return float("inf")
-    denom = float((x64 * x64 + y64 * y64).sum())
-    if denom == 0:
-        return 0.0
-    return float(1 - 2 * float((x64 * y64).sum()) / denom)
 
 
 @dataclass
