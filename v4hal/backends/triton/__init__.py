@@ -25,7 +25,8 @@ def device_reason(device: str) -> str | None:
 
 def load() -> None:
     """Register every Triton kernel."""
-    from . import register_attn, register_quant_gemm
+    from . import register_attn, register_moe_compress, register_quant_gemm
 
     register_quant_gemm.load()
     register_attn.load()
+    register_moe_compress.load()
