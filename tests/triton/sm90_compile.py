@@ -139,10 +139,13 @@ def compile_case(case: Case) -> dict[str, Any]:
     module, fn_name = case.kernel.split(":")
     fn = getattr(importlib.import_module(f"v4hal.backends.triton.{module}"), fn_name)
     names = fn.arg_names
-    signature = {n: "constexpr" if n in case.constexprs else case.types.get(n, "i32") for n in names}
+    constexprs = dict(case.constexprs)
+    if "SOFT" in names:              # the interpreter's integer bf16 rounding: never on a compiled path
+        constexprs.setdefault("SOFT", False)
+    signature = {n: "constexpr" if n in constexprs else case.types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case.aligned}
     src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in case.constexprs.items()}, attrs=attrs)
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
     ptx = compiled.asm["ptx"]
@@ -159,7 +162,9 @@ def compile_case(case: Case) -> dict[str, Any]:
     return {"name": case.name, "regs": int(regs.group(1)) if regs else None,
             "spill_bytes": int(spill.group(1)) if spill else None, "smem": int(compiled.metadata.shared),
             "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
-            "serving": case.serving}
+            "serving": case.serving,
+            "bf16_out": any(case.types.get(n) == "*bf16" for n in ("out_ptr", "y_ptr")),
+            "bf16_cvt": ptx.count("cvt.rn.bf16")}     # hardware fp32 -> bf16 conversions (f32 and bf16x2)
 
 
 def main(argv: list[str]) -> int:
@@ -180,7 +185,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
-            print(f"{r['name']:58s} regs={r['regs']:>4} spill={r['spill_bytes']:>6} smem={r['smem']:>7} {r['mma']}")
+            print(f"{r['name']:58s} regs={r['regs']:>4} spill={r['spill_bytes']:>6} smem={r['smem']:>7} {r['mma']:8s} "
+                  f"cvt.rn.bf16={r['bf16_cvt']}")
     return 0
 
 

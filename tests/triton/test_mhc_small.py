@@ -1,11 +1,16 @@
 """Triton mHC kernels (hc_split_sinkhorn, hc_pre, hc_post, hc_head) and small ops (rms_norm,
-hadamard_transform, rotary_emb) against the reference backend; outputs start poisoned (NaN)."""
+hadamard_transform, rotary_emb) against the reference backend; outputs start poisoned (NaN).
+
+16-bit outputs (bf16 and fp16 alike) must be correctly rounded: within half an ulp of the exact
+result (the reference on the same values in fp32) and within one ulp of the reference's own
+output, differing from it on at most 1% of the elements (a truncating cast misses on ~half)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from tests.numerics import assert_close, poison_like
+from tests.triton.rounding import assert_matches_rounded_reference, assert_rounded
 from v4hal.backends.reference import mhc as ref_mhc
 from v4hal.backends.reference import small as ref_small
 from v4hal.backends.triton import mhc, small
@@ -16,6 +21,16 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def check(got: torch.Tensor, expected: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
+          atol: float | None = None) -> None:
+    """``assert_close`` at ``dtype``'s tolerance; for 16-bit outputs also correct rounding of ``exact``
+    (the reference computed on fp32 copies of the same inputs)."""
+    assert_close(got, expected, dtype, atol=atol)
+    if dtype != torch.float32:
+        assert_rounded(got, exact, what=f"{dtype}")
+        assert_matches_rounded_reference(got, expected, what=f"{dtype}")
 
 
 def make_hc(lead: tuple[int, ...], hc: int, dim: int, dtype: torch.dtype, seed: int, head: bool = False):
@@ -58,7 +73,7 @@ def test_hc_pre(lead, hc, dim, dtype) -> None:
             poison_like(torch.empty(*lead, hc, hc)))
     y, post, comb = mhc.hc_pre_into(outs, x, fn, scale, base, 1e-6, hc, 20, 1e-6)
     ey, epost, ecomb = ref_mhc.hc_pre(x, fn, scale, base, 1e-6, hc, 20, 1e-6)
-    assert_close(y, ey, dtype)
+    check(y, ey, ref_mhc.hc_pre(x.float(), fn, scale, base, 1e-6, hc, 20, 1e-6)[0], dtype)
     # mixes go through an fp32 MMA with a different summation order: a few fp32 ulps of the logits
     assert_close(post, epost, torch.float32, atol=2e-5, rtol=2e-5)
     assert_close(comb, ecomb, torch.float32, atol=2e-5, rtol=2e-5)
@@ -70,7 +85,8 @@ def test_hc_head(lead, hc, dim, dtype) -> None:
     x, fn, scale, base = make_hc(lead, hc, dim, dtype, seed=3 * dim, head=True)
     y = poison_like(torch.empty(*lead, dim, dtype=dtype))
     assert mhc.hc_head_into(y, x, fn, scale, base, 1e-6, 1e-6) is y
-    assert_close(y, ref_mhc.hc_head(x, fn, scale, base, 1e-6, 1e-6), dtype)
+    check(y, ref_mhc.hc_head(x, fn, scale, base, 1e-6, 1e-6), ref_mhc.hc_head(x.float(), fn, scale, base, 1e-6, 1e-6),
+          dtype)
 
 
 @pytest.mark.parametrize("lead,hc,dim,dtype", [((1,), 4, 64, torch.float32), ((2, 3), 4, 300, torch.bfloat16),
@@ -83,7 +99,7 @@ def test_hc_post(lead, hc, dim, dtype) -> None:
     comb = torch.softmax(torch.randn(*lead, hc, hc, generator=g), dim=-1)
     out = poison_like(res)
     assert mhc.hc_post_into(out, x, res, post, comb) is out
-    assert_close(out, ref_mhc.hc_post(x, res, post, comb), dtype)
+    check(out, ref_mhc.hc_post(x, res, post, comb), ref_mhc.hc_post(x.float(), res.float(), post, comb), dtype)
 
 
 def test_hc_pre_checks_shapes() -> None:
@@ -105,7 +121,7 @@ def test_rms_norm(shape, dtype) -> None:
     for weight in (w, w.to(dtype)):
         out = poison_like(x)
         small.rms_norm_into(out, x, weight, 1e-6)
-        assert_close(out, ref_small.rms_norm(x, weight, 1e-6), dtype)
+        check(out, ref_small.rms_norm(x, weight, 1e-6), ref_small.rms_norm(x.float(), weight.float(), 1e-6), dtype)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -115,11 +131,12 @@ def test_hadamard_transform(d, dtype) -> None:
     x = torch.randn(3, 2, d, generator=g).to(dtype)
     out = poison_like(x)
     small.hadamard_transform_into(out, x)
-    for got, exp in ((out, ref_small.hadamard_transform(x)),
-                     (small.hadamard_transform(x, 0.5), ref_small.hadamard_transform(x, 0.5))):
+    for got, exp, exact in ((out, ref_small.hadamard_transform(x), ref_small.hadamard_transform(x.float())),
+                            (small.hadamard_transform(x, 0.5), ref_small.hadamard_transform(x, 0.5),
+                             ref_small.hadamard_transform(x.float(), 0.5))):
         # a D-term sum in another order: fp32 rounding grows with the output's magnitude
         atol = 1e-5 + 1e-6 * float(exp.float().abs().max()) if dtype == torch.float32 else None
-        assert_close(got, exp, dtype, atol=atol)
+        check(got, exp, exact, dtype, atol=atol)
 
 
 def test_hadamard_is_its_own_inverse() -> None:
@@ -143,6 +160,6 @@ def test_rotary_emb(xshape, fshape, dtype) -> None:
     for inverse in (False, True):
         out = poison_like(x)
         small.rotary_emb_into(out, x, f, inverse)
-        assert_close(out, ref_small.rotary_emb(x, f, inverse), dtype)
+        check(out, ref_small.rotary_emb(x, f, inverse), ref_small.rotary_emb(x.float(), f, inverse), dtype)
     back = small.rotary_emb(small.rotary_emb(x.float(), f), f, inverse=True)
     assert_close(back, x.float(), torch.float32, atol=1e-5, rtol=1e-5)

@@ -5,7 +5,8 @@ the Triton interpreter on the CPU).
   magnitudes, all-zero blocks, signed zeros, every e4m3 rounding tie (normal and subnormal), every
   e2m1 tie, property-based inputs (hypothesis).
 * GEMMs: ``calc_diff < 1e-5`` against the reference plus ``assert_close`` at the output dtype's
-  tolerance, on odd M (1, 3, 33), N not a multiple of the tile (200, and 384 against 256-wide
+  tolerance; bf16/fp16 outputs must also be correctly rounded (within half an ulp of the
+  reference's fp32 result, equal to the reference's own output on >= 99% of the elements), on odd M (1, 3, 33), N not a multiple of the tile (200, and 384 against 256-wide
   tiles), split-K and the fp16 MMA path of the FP4 kernel; the grouped GEMM with empty experts,
   E = 1 and row tiles that cross expert boundaries.
 * Every output buffer the kernels allocate starts poisoned (``poison_like``): torch.empty is
@@ -25,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.numerics import assert_close, calc_diff, poison_like
+from tests.triton.rounding import assert_matches_rounded_reference, assert_rounded
 from v4hal.backends.cuda import scaled_mm
 from v4hal.backends.reference import gemm as ref_gemm
 from v4hal.backends.reference import quant as ref_quant
@@ -274,11 +276,17 @@ def _fp8_operands(lead, n, k, sd, seed):
     return a, a_s, b, b_s, b4, b4_s
 
 
-def check_gemm(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def check_gemm(out: torch.Tensor, expected: torch.Tensor, what: str, exact: torch.Tensor | None = None) -> None:
+    """``out`` against the reference's ``expected``; a 16-bit ``out`` also against ``exact`` (the reference's
+    fp32 result), of which it must be the correctly rounded value."""
     assert out.dtype == expected.dtype and out.shape == expected.shape, what
     assert not bool(out.isnan().any()), f"{what}: unwritten (NaN) outputs"
     assert calc_diff(out, expected) < 1e-5, f"{what}: calc_diff {calc_diff(out, expected):.2e}"
     assert_close(out, expected, out.dtype, msg=what)
+    if out.dtype != torch.float32:
+        assert exact is not None and exact.dtype == torch.float32, f"{what}: a 16-bit output needs the fp32 result"
+        assert_rounded(out, exact, what=what)
+        assert_matches_rounded_reference(out, expected, what=what)
 
 
 @pytest.mark.parametrize("lead,n,k", GEMM_CASES)
@@ -287,9 +295,10 @@ def test_fp8_and_fp4_gemm_match_reference(lead, n, k, sd):
     a, a_s, b, b_s, b4, b4_s = _fp8_operands(lead, n, k, sd, seed=n + k + len(lead))
     out_dtype = torch.bfloat16 if sd == torch.float32 else torch.float32
     check_gemm(tri_gemm.fp8_gemm(a, a_s, b, b_s, sd, out_dtype), ref_gemm.fp8_gemm(a, a_s, b, b_s, sd, out_dtype),
-               f"fp8_gemm {lead} {n} {k} {sd}")
+               f"fp8_gemm {lead} {n} {k} {sd}", ref_gemm.fp8_gemm(a, a_s, b, b_s, sd, torch.float32))
     check_gemm(tri_gemm.fp4_gemm(a, a_s, b4, b4_s, sd, out_dtype),
-               ref_gemm.fp4_gemm(a, a_s, b4, b4_s, sd, out_dtype), f"fp4_gemm {lead} {n} {k} {sd}")
+               ref_gemm.fp4_gemm(a, a_s, b4, b4_s, sd, out_dtype), f"fp4_gemm {lead} {n} {k} {sd}",
+               ref_gemm.fp4_gemm(a, a_s, b4, b4_s, sd, torch.float32))
 
 
 def test_fp4_gemm_fp16_mma_and_fp32_weight_scales():
@@ -309,7 +318,8 @@ def test_split_k_and_tile_order(split):
     a, a_s, b, b_s, b4, b4_s = _fp8_operands((33,), 384, 512, torch.float32, seed=split)
     cfg = replace(tri_gemm.INTERPRETER_CONFIG, block_n=128, group_m=3, split_k=split)
     check_gemm(tri_gemm.launch_gemm(a, a_s, b, b_s, torch.bfloat16, tri_gemm.B_FP8, cfg),
-               ref_gemm.fp8_gemm(a, a_s, b, b_s, torch.float32, torch.bfloat16), f"fp8 split {split}")
+               ref_gemm.fp8_gemm(a, a_s, b, b_s, torch.float32, torch.bfloat16), f"fp8 split {split}",
+               ref_gemm.fp8_gemm(a, a_s, b, b_s, torch.float32, torch.float32))
     check_gemm(tri_gemm.launch_gemm(a, a_s, b4, b4_s, torch.float32, tri_gemm.B_FP4, cfg, dot=tl.float32),
                ref_gemm.fp4_gemm(a, a_s, b4, b4_s, torch.float32, torch.float32), f"fp4 split {split}")
 
@@ -343,7 +353,8 @@ def test_grouped_gemm_quantized(counts):
         a, a_s = ref_quant.act_quant(x, 128, fmt, sd)
         b, b_s = ref_quant.quant_weight_fp8(w, 128, fmt)
         check_gemm(tri_grouped.grouped_gemm(a, b, off, a_s, b_s, torch.bfloat16),
-                   ref_gemm.grouped_gemm(a, b, off, a_s, b_s, torch.bfloat16), f"grouped fp8 {counts} {sd}")
+                   ref_gemm.grouped_gemm(a, b, off, a_s, b_s, torch.bfloat16), f"grouped fp8 {counts} {sd}",
+                   ref_gemm.grouped_gemm(a, b, off, a_s, b_s, torch.float32))
     b4, b4_s = ref_quant.quant_weight_fp4(w, 32)
     check_gemm(tri_grouped.grouped_gemm(a, b4, off, a_s, b4_s, torch.float32),
                ref_gemm.grouped_gemm(a, b4, off, a_s, b4_s, torch.float32), f"grouped fp4 {counts}")
@@ -358,7 +369,8 @@ def test_grouped_gemm_float(counts, dtype):
     w = (torch.randn(e, n, k, generator=g) * 0.1).to(dtype)
     off = _offsets(counts)
     check_gemm(tri_grouped.grouped_gemm(x, w, off, None, None, dtype),
-               ref_gemm.grouped_gemm(x, w, off, None, None, dtype), f"grouped {dtype} {counts}")
+               ref_gemm.grouped_gemm(x, w, off, None, None, dtype), f"grouped {dtype} {counts}",
+               ref_gemm.grouped_gemm(x.float(), w.float(), off, None, None, torch.float32))
 
 
 def test_grouped_gemm_no_rows_and_bad_offsets_dtype():

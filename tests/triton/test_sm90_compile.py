@@ -42,6 +42,10 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
         assert row["smem"] <= 227 * 1024, f"{row['name']}: {row['smem']} bytes of shared memory"
         if row["serving"]:
             assert row["spill_bytes"] == 0, f"{row['name']} spills {row['spill_bytes']} bytes"
+        if row["bf16_out"]:
+            # bf16 outputs use the hardware round-to-nearest-even conversion (the interpreter's integer
+            # rounding, SOFT=True, is never compiled)
+            assert row["bf16_cvt"] > 0, f"{row['name']}: no cvt.rn.bf16 in the PTX"
     names = {r["name"]: r for r in rows}
     # the V4 decode tile that holds 64 heads uses Hopper's warpgroup MMA
     assert names["sparse_attn bf16 d=512 BH=64 BN=16 w=8 s=3"]["mma"] == "wgmma"

@@ -32,10 +32,11 @@ exact fp32 products (three-TF32 MMAs spill at d = 512).
 
 Verified where: numerics under the Triton interpreter (CPU) with fp32 and fp16 operands, and with
 bf16 inputs whose tiles the kernel converts to fp32 before ``tl.dot`` there (the interpreter's bf16
-``tl.dot`` is wrong and its fp32 -> bf16 cast truncates). Every GPU configuration compiles for
-sm_90a through Triton and ptxas without a GPU (``tests/triton/test_sm90_compile.py``: registers,
-spills, shared memory). The bf16 MMA numerics, the autotuner's choice and the speed are checked
-only on a GPU.
+``tl.dot`` is wrong); the bf16 output is rounded to nearest even there by integer arithmetic
+(``SOFT``, :mod:`._cast`: the interpreter's own cast truncates), on a GPU by the hardware cast.
+Every GPU configuration compiles for sm_90a through Triton and ptxas without a GPU
+(``tests/triton/test_sm90_compile.py``: registers, spills, shared memory). The bf16 MMA
+numerics, the autotuner's choice and the speed are checked only on a GPU.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ import triton.language as tl
 from v4hal.hal.errors import DTypeError, ShapeError
 
 from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
+from ._cast import cast_out
 
 MAX_HEAD_DIM = 512
 _LOG2E = 1.4426950408889634
@@ -57,11 +59,12 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr,
                         s_qb, s_qm, s_qh, s_kb, s_kn, s_ib, s_im, s_ob, s_om, s_oh,
                         BM_BUCKET,
                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SOFT: tl.constexpr):
     """One program: query row (b, m) = divmod(program_id(0), M), heads [pid1*BLOCK_H, +BLOCK_H).
 
     ``qk_scale`` is softmax_scale * log2(e) (scores live in the exp2 domain). ``BM_BUCKET``
-    only keys the autotuner (decode vs prefill); the kernel does not read it.
+    only keys the autotuner (decode vs prefill); the kernel does not read it. ``SOFT``: the
+    interpreter's correctly rounded bf16 output cast (:func:`._cast.cast_out`).
     """
     pid_bm = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -117,7 +120,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr,
     else:
         o_mask = h_ok[:, None] & (offs_d[None, :] < D)
     tl.store(out_ptr + b * s_ob + m * s_om + offs_h[:, None] * s_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=o_mask)
+             cast_out(o, out_ptr.dtype.element_ty, SOFT), mask=o_mask)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -195,17 +198,17 @@ def sparse_attn_into(out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, attn_
         block_h = min(32, max(16, next_pow2(h)))
         grid = (b * m, cdiv(h, block_h))
         _sparse_attn_kernel[grid](*args, BLOCK_H=block_h, BLOCK_N=16, BLOCK_D=block_d, EVEN_D=block_d == d,
-                                  UPCAST=upcast, PREC=prec)
+                                  UPCAST=upcast, PREC=prec, SOFT=True)
     elif q.dtype == torch.float32:
         # fp32 is a checking dtype, not a serving one: exact fp32 FMA products on one small tile
         # (three-TF32 MMAs spill heavily at d = 512 on sm_90 per ptxas).
         _sparse_attn_kernel[(b * m, cdiv(h, 16))](*args, BLOCK_H=16, BLOCK_N=16, BLOCK_D=block_d,
-                                                  EVEN_D=block_d == d, UPCAST=False, PREC="ieee",
+                                                  EVEN_D=block_d == d, UPCAST=False, PREC="ieee", SOFT=False,
                                                   num_warps=4, num_stages=2)
     else:
         def grid(meta):
             return (b * m, cdiv(h, meta["BLOCK_H"]))
-        _sparse_attn_tuned[grid](*args, BLOCK_D=block_d, EVEN_D=block_d == d, UPCAST=upcast, PREC=prec)
+        _sparse_attn_tuned[grid](*args, BLOCK_D=block_d, EVEN_D=block_d == d, UPCAST=upcast, PREC=prec, SOFT=False)
     return out
 
 

@@ -50,7 +50,8 @@ import triton.language as tl
 from v4hal.hal import formats as F
 from v4hal.hal.errors import DTypeError, ShapeError
 
-from .quant import cast_out, cdiv, interpreting, load_scale, next_pow2, on_interpreter, tl_dtype
+from ._cast import cast_out
+from .quant import cdiv, interpreting, load_scale, next_pow2, on_interpreter, tl_dtype
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SCALES = (torch.float32, F.E8M0_DTYPE)

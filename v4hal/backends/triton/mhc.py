@@ -18,7 +18,8 @@ Kernels:
 Sinkhorn on a ``[BLOCK_T, HCP, HCP]`` tile (``HCP`` = hc padded to a power of two; padded
 entries are kept at exactly 0): row softmax + eps, a column normalisation, then
 ``iters - 1`` rounds of (row, column), every division by ``(sum + eps)``, as the reference.
-Everything is fp32; ``y`` is cast to x's dtype, hc_post's output to residual's dtype.
+Everything is fp32; ``y`` is cast to x's dtype, hc_post's output to residual's dtype, both
+rounded to nearest even (under the interpreter by :func:`._cast.cast_out`'s integer rounding).
 
 Verified where: numerics of all kernels under the Triton interpreter (CPU) for fp32/fp16/bf16 x
 (the only MMA here is fp32 x fp32); the GPU tiles compile for sm_90a without spills
@@ -36,6 +37,7 @@ import triton.language as tl
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
 from ._attn_common import FP32_DOT_PRECISION, cdiv, next_pow2, on_interpreter
+from ._cast import cast_out
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -87,7 +89,7 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, MIX, K_SPLIT, s_xt, s
 def _hc_apply_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, x_ptr, y_ptr, post_ptr, comb_ptr,
                      T, D, HC, SPLITS, KT, norm_eps, hc_eps, ITERS, s_xt, s_xh, s_yt,
                      BLOCK_T: tl.constexpr, HCP: tl.constexpr, MIXP: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD: tl.constexpr):
+                     HEAD: tl.constexpr, SOFT: tl.constexpr):
     """Reduce the split-K partials, RMS-scale, split (+Sinkhorn), and y = sum_j pre[j] * x[j] for one D block."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -137,8 +139,8 @@ def _hc_apply_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, x_ptr, y_ptr, post_p
     xt = tl.load(x_ptr + offs_t.to(tl.int64)[:, None, None] * s_xt + jj[None, :, None] * s_xh + offs_d[None, None, :],
                  mask=xm, other=0.0).to(tl.float32)
     y = tl.sum(pre[:, :, None] * xt, 1)
-    tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * s_yt + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * s_yt + offs_d[None, :],
+             cast_out(y, y_ptr.dtype.element_ty, SOFT), mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -172,7 +174,7 @@ def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, 
 
 @triton.jit
 def _hc_post_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, D, HC, s_xt, s_rt, s_rh, s_ot, s_oh,
-                    HCP: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HCP: tl.constexpr, BLOCK_D: tl.constexpr, SOFT: tl.constexpr):
     """out[t, k, d] = post[t, k] * x[t, d] + sum_j comb[t, j, k] * res[t, j, d] (fp32)."""
     t = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -188,8 +190,8 @@ def _hc_post_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, D, HC, s_xt, s_
                    mask=j_ok[:, None] & j_ok[None, :], other=0.0)                  # [j, k]
     mixed = tl.sum(comb[:, :, None] * res[:, None, :], 0)                          # [k, d]
     out = post[:, None] * x[None, :] + mixed
-    tl.store(out_ptr + t * s_ot + jj[:, None] * s_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=j_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptr + t * s_ot + jj[:, None] * s_oh + offs_d[None, :],
+             cast_out(out, out_ptr.dtype.element_ty, SOFT), mask=j_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def _apply(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
                            post if post is not None else y2, comb if comb is not None else y2,
                            t, dim, hc, splits, hc * dim, float(norm_eps), float(hc_eps), int(iters),
                            xc.stride(0), xc.stride(1), y2.stride(0),
-                           BLOCK_T=block_t, HCP=hcp, MIXP=mixp, BLOCK_D=block_d, HEAD=head, **kwargs)
+                           BLOCK_T=block_t, HCP=hcp, MIXP=mixp, BLOCK_D=block_d, HEAD=head, SOFT=interp, **kwargs)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int = 4,
@@ -410,5 +412,5 @@ def hc_post_into(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, pos
     kwargs = {} if interp else {"num_warps": 4}
     _hc_post_kernel[(t, cdiv(dim, block_d))](x2, r3, post.contiguous(), comb.contiguous(), o3, dim, hc,
                                              x2.stride(0), r3.stride(0), r3.stride(1), o3.stride(0), o3.stride(1),
-                                             HCP=hcp, BLOCK_D=block_d, **kwargs)
+                                             HCP=hcp, BLOCK_D=block_d, SOFT=interp, **kwargs)
     return out

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from v4hal.hal.errors import DTypeError, ShapeError
 
-from .quant import bits_view, cast_out, cdiv, interpreting, next_pow2, tl_dtype
+from ._cast import cast_out
+from .quant import bits_view, cdiv, interpreting, next_pow2, tl_dtype
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 

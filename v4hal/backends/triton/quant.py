@@ -20,7 +20,7 @@ Conversions: on a GPU the fp32 -> e4m3 / bf16 casts are the hardware's round-to-
 conversions (``cvt.rn.satfinite``), bit-identical to torch's. The Triton interpreter's own float
 down-casts to e4m3 and bf16 do not round correctly (Triton 3.9: no carry into the exponent, bf16
 truncates), so under the interpreter (``SOFT=True``) the kernels round with integer arithmetic
-instead (:func:`e4m3_bits_soft`, :func:`bf16_soft`). Up-casts are exact in both.
+instead (:func:`e4m3_bits_soft`; bf16 outputs through :func:`._cast.cast_out`). Up-casts are exact in both.
 
 Non-finite inputs: an infinite element gives the reference's result on the fp32-scale paths
 (its block scale is inf, ``x / inf`` = 0, ``inf / inf`` = NaN). NaN inputs are unspecified (a
@@ -40,6 +40,8 @@ import triton.language as tl
 from v4hal.hal import formats as F
 from v4hal.hal.devices import triton_interpreter_on
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+
+from ._cast import cast_out  # new kernels import it from ._cast; some still import it from here
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _TILE_ELEMS = 4096          # elements per program in the block quantizers
@@ -99,28 +101,6 @@ def e4m3_bits_soft(q):
     code = tl.where(a < 0.015625, code_s, code_n)
     code = tl.where(a != a, 0x7F, code)         # NaN -> e4m3 NaN, sign kept (torch's CPU cast)
     return code | sign
-
-
-@triton.jit
-def bf16_soft(v):
-    """fp32 -> bf16 with round to nearest even, by integer arithmetic (finite inputs)."""
-    bits = v.to(tl.int32, bitcast=True)
-    r = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def cast_out(v, OUT: tl.constexpr, SOFT: tl.constexpr):
-    """fp32 ``v`` -> ``OUT`` (fp32 / bf16 / fp16), rounding to nearest even also under the interpreter."""
-    if OUT == tl.float32:
-        return v
-    elif OUT == tl.bfloat16:
-        if SOFT:
-            return bf16_soft(v)
-        else:
-            return v.to(tl.bfloat16)
-    else:
-        return v.to(OUT)
 
 
 @triton.jit

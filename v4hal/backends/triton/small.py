@@ -14,6 +14,9 @@
 - ``rotary_emb``: interleaved pairs ``(x[2i], x[2i+1])`` times ``freqs_cis`` (complex64, read as
   its real view), conjugate when ``inverse``; one program per (b, s) and block of heads.
 
+Outputs are rounded to nearest even from fp32 (:func:`._cast.cast_out`: the hardware cast on a GPU,
+integer rounding under the interpreter, whose own bf16 cast truncates).
+
 Verified where: numerics under the Triton interpreter (CPU) for fp32/fp16/bf16 inputs (the bf16
 Hadamard tiles are converted to fp32 before ``tl.dot`` there); the GPU tiles compile for sm_90a
 without spills (``tests/triton/test_sm90_compile.py``, no GPU needed). GPU numerics (bf16 MMA,
@@ -30,6 +33,7 @@ import triton.language as tl
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
 from ._attn_common import cdiv, dot_upcast, next_pow2, on_interpreter
+from ._cast import cast_out
 
 MAX_HADAMARD_DIM = 16384
 _RMS_BLOCK = 8192
@@ -45,7 +49,8 @@ def _desc(t: torch.Tensor) -> str:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
+                     SOFT: tl.constexpr):
     """out[r] = w * x[r] * rsqrt(mean(x[r]^2) + eps), fp32 math."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
@@ -56,7 +61,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.conste
         x = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(x * x, 0) / D + eps)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(o_row + offs, (w * (x * inv)).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(o_row + offs, cast_out(w * (x * inv), out_ptr.dtype.element_ty, SOFT), mask=ok)
     else:
         acc = tl.zeros([BLOCK_D], tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -68,7 +73,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.conste
             ok = d0 + offs < D
             x = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + d0 + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(o_row + d0 + offs, (w * (x * inv)).to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(o_row + d0 + offs, cast_out(w * (x * inv), out_ptr.dtype.element_ty, SOFT), mask=ok)
 
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -85,7 +90,7 @@ def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps:
     single = block >= d
     kwargs = {} if on_interpreter(x) else {"num_warps": 4 if block <= 2048 else 8}
     _rms_norm_kernel[(rows,)](x2, weight.contiguous(), o2, d, float(eps), x2.stride(0), o2.stride(0),
-                              BLOCK_D=block, SINGLE=single, **kwargs)
+                              BLOCK_D=block, SINGLE=single, SOFT=on_interpreter(x), **kwargs)
     return out
 
 
@@ -123,7 +128,8 @@ def _tf32_split(x):
 
 @triton.jit
 def _hadamard_rows_kernel(x_ptr, out_ptr, R, D, scale, s_x, s_o,
-                          BLOCK_R: tl.constexpr, DP: tl.constexpr, UPCAST: tl.constexpr, F32: tl.constexpr):
+                          BLOCK_R: tl.constexpr, DP: tl.constexpr, UPCAST: tl.constexpr, F32: tl.constexpr,
+                          SOFT: tl.constexpr):
     """D <= 128: y[rows] = scale * x[rows] @ H_DP (zero-padded to DP >= 16 columns).
 
     16-bit x: one MMA in x's dtype (the +-1 products are exact, fp32 accumulation).
@@ -142,12 +148,13 @@ def _hadamard_rows_kernel(x_ptr, out_ptr, R, D, scale, s_x, s_o,
         y = tl.dot(hi, h, input_precision="tf32") + tl.dot(lo, h, input_precision="tf32")
     else:
         y = tl.dot(x, h)
-    tl.store(out_ptr + rows64[:, None] * s_o + cols[None, :], (y * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows64[:, None] * s_o + cols[None, :], cast_out(y * scale, out_ptr.dtype.element_ty, SOFT),
+             mask=ok)
 
 
 @triton.jit
 def _hadamard_kron_kernel(x_ptr, out_ptr, scale, s_x, s_o, A: tl.constexpr, B: tl.constexpr,
-                          UPCAST: tl.constexpr, F32: tl.constexpr):
+                          UPCAST: tl.constexpr, F32: tl.constexpr, SOFT: tl.constexpr):
     """D = A*B >= 256: the row as X [A, B] (row-major), y = scale * H_A @ (X @ H_B).
 
     The first product runs like the rows kernel (F32: hi/lo TF32 split); the second always
@@ -169,7 +176,7 @@ def _hadamard_kron_kernel(x_ptr, out_ptr, scale, s_x, s_o, A: tl.constexpr, B: t
     ha = _hsign(ia[:, None], ia[None, :]).to(tl.float32)
     hi1, lo1 = _tf32_split(y1)
     y = tl.dot(ha, hi1, input_precision="tf32") + tl.dot(ha, lo1, input_precision="tf32")
-    tl.store(out_ptr + row * s_o + offs, (y * scale).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * s_o + offs, cast_out(y * scale, out_ptr.dtype.element_ty, SOFT))
 
 
 def _kron_split(d: int) -> tuple[int, int]:
@@ -201,12 +208,13 @@ def hadamard_transform_into(out: torch.Tensor, x: torch.Tensor, scale: float | N
         block_r = 16 if interp or f32 else 64
         kwargs = {} if interp else {"num_warps": 4}
         _hadamard_rows_kernel[(cdiv(rows, block_r),)](x2, o2, rows, d, float(scale), x2.stride(0), o2.stride(0),
-                                                      BLOCK_R=block_r, DP=dp, UPCAST=upcast, F32=f32, **kwargs)
+                                                      BLOCK_R=block_r, DP=dp, UPCAST=upcast, F32=f32, SOFT=interp,
+                                                      **kwargs)
     else:
         a, b = _kron_split(d)
         kwargs = {} if interp else {"num_warps": 4 if d <= 4096 else 8}
         _hadamard_kron_kernel[(rows,)](x2, o2, float(scale), x2.stride(0), o2.stride(0), A=a, B=b,
-                                       UPCAST=upcast, F32=f32, **kwargs)
+                                       UPCAST=upcast, F32=f32, SOFT=interp, **kwargs)
     return out
 
 
@@ -231,7 +239,7 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Ten
 
 @triton.jit
 def _rotary_kernel(x_ptr, f_ptr, out_ptr, S, H, HALF, s_xb, s_xs, s_xh, s_fb, s_fs, s_ob, s_os, s_oh,
-                   INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                   INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, SOFT: tl.constexpr):
     """(x[2i] + 1j x[2i+1]) * f[i] (conj when INVERSE) for one (b, s) and a block of heads."""
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -251,8 +259,8 @@ def _rotary_kernel(x_ptr, f_ptr, out_ptr, S, H, HALF, s_xb, s_xs, s_xh, s_fb, s_
     yr = xr * c[None, :] - xi * sn[None, :]
     yi = xr * sn[None, :] + xi * c[None, :]
     op = out_ptr + b * s_ob + s * s_os + hh[:, None] * s_oh + 2 * pp[None, :]
-    tl.store(op, yr.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(op + 1, yi.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(op, cast_out(yr, out_ptr.dtype.element_ty, SOFT), mask=ok)
+    tl.store(op + 1, cast_out(yi, out_ptr.dtype.element_ty, SOFT), mask=ok)
 
 
 def rotary_emb_into(out: torch.Tensor, x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -274,7 +282,7 @@ def rotary_emb_into(out: torch.Tensor, x: torch.Tensor, freqs_cis: torch.Tensor,
     _rotary_kernel[(b * s, cdiv(h, block_h))](x4, fr, o4, s, h, half, x4.stride(0), x4.stride(1), x4.stride(2),
                                                s_fb, fr.stride(1), o4.stride(0), o4.stride(1), o4.stride(2),
                                                INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_P=next_pow2(half),
-                                               **kwargs)
+                                               SOFT=on_interpreter(x), **kwargs)
     return out
 
 
