@@ -98,6 +98,8 @@ def select(op: str, device: str, args: Mapping[str, Any]) -> registry.Implementa
     states = registry.ensure_device_backends(device)
     wanted, source = requested_backend(op)
     candidates = registry.implementations(op, device)
+    if wanted is None and candidates and candidates[0].auto and not candidates[0].requires:
+        return candidates[0]    # the usual case: the top-priority implementation takes every call
     if wanted is not None:
         for impl in candidates:
             if impl.backend == wanted:

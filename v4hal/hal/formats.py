@@ -19,6 +19,12 @@ Block-scale rule of the public DeepSeek-V4 ``inference/kernel.py`` (``act_quant_
 differ by up to one ulp), then for power-of-two formats ``s = 2**ceil(log2(s))`` taken from the
 fp32 bits (``fast_round_scale``). :func:`fp8_block_scale` and :func:`fp4_block_scale` are that
 rule; backends must produce the same bits.
+
+CPU speed without new numerics: e4m3 / e8m0 / e2m1 decoding on the CPU indexes small tables
+holding exactly what the direct formulas (or torch's own cast) give, and :func:`operand` passes
+fp32/int32 constants as cached 0-d tensors (torch wraps a Python number per call otherwise).
+Every result is bit-identical to the plain formulation; ``tests/reference/test_fast_paths.py``
+checks that.
 """
 from __future__ import annotations
 
@@ -58,6 +64,42 @@ _E2M1_THRESHOLDS: tuple[tuple[float, bool], ...] = (
     (0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
+# ------------------------------------------------------------------------------ scalar operands
+_OPERANDS: dict[tuple, torch.Tensor] = {}
+
+
+def operand(value: float | int, like: torch.Tensor) -> torch.Tensor | float | int:
+    """``value`` as the other operand of arithmetic on ``like`` (a float32 or int32 tensor).
+
+    On the CPU: a cached 0-d tensor of like's dtype. Torch converts a Python number to that same
+    value (it computes fp32/int32 ops in fp32/int32), but wraps it in a fresh tensor on every
+    call, which costs more than the op itself on small tensors. Elsewhere: ``value`` itself.
+    Only for like of dtype float32 or int32, where the two are the same operand.
+    """
+    if not like.is_cpu:
+        return value
+    key = (value.hex() if isinstance(value, float) else value, like.dtype)   # hex: keeps -0.0 apart
+    t = _OPERANDS.get(key)
+    if t is None:
+        if like.dtype not in (torch.float32, torch.int32):
+            raise DTypeError(f"operand: like must be float32 or int32, got {like.dtype}")
+        if len(_OPERANDS) >= 1024:
+            _OPERANDS.clear()
+        with torch.inference_mode(False):      # a normal tensor, usable inside and outside inference mode
+            t = _OPERANDS[key] = torch.tensor(value, dtype=like.dtype)
+    return t
+
+
+# ------------------------------------------------------------------------------ lookup tables
+def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``table[codes]`` for uint8 ``codes`` of any shape (fp32 result, contiguous, codes' shape)."""
+    return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+
+
+# Below this many elements the direct fp8 cast (one op) beats the table lookup (a few ops).
+_TABLE_MIN_NUMEL = 2048
+
+
 # ---------------------------------------------------------------------------------------- e2m1
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round to the e2m1 grid: float ``[...]`` -> uint8 codes ``[...]`` in ``[0, 16)``.
@@ -73,15 +115,18 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     a = xf.abs()
     mag = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
     for threshold, tie_up in _E2M1_THRESHOLDS:
-        mag += (a >= threshold if tie_up else a > threshold).to(torch.uint8)
-    mag = torch.where(torch.isnan(a), torch.full_like(mag, 7), mag)
-    return mag | (torch.signbit(xf).to(torch.uint8) << 3)
+        t = operand(threshold, a)
+        mag += a >= t if tie_up else a > t                  # each passed threshold adds 1
+    mag.masked_fill_(torch.isnan(a), 7)
+    return mag.add_(torch.signbit(xf), alpha=8)             # sign into bit 3 (mag < 8: + 8 is the bit-or)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes ``[...]`` in ``[0, 16)`` -> fp32 values ``[...]`` (code 8 is ``-0.0``)."""
     if codes.dtype != torch.uint8:
         raise DTypeError(f"e2m1_decode: codes must be uint8, got {codes.dtype}")
+    if codes.device.type == "cpu":
+        return _lookup(_E2M1_TO_F32_CPU, codes & 0xF)
     table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
     return table[(codes & 0xF).long()]
 
@@ -122,10 +167,31 @@ def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
         b = s
     else:
         raise DTypeError(f"e8m0_to_float: s must be float8_e8m0fnu or uint8, got {s.dtype}")
+    if b.device.type == "cpu":
+        return _lookup(_E8M0_TO_F32_CPU, b)      # the table is this function's own bit formula
+    return _e8m0_bits_to_float(b)
+
+
+def _e8m0_bits_to_float(b: torch.Tensor) -> torch.Tensor:
+    """uint8 e8m0 bytes -> fp32 built from bits: ``b << 23``, byte 0 the subnormal ``2**-127``, 255 NaN."""
     b = b.to(torch.int32)
     bits = torch.where(b == 0, torch.full_like(b, 0x00400000), b << 23)
     bits = torch.where(b == 255, torch.full_like(b, 0x7FC00000), bits)
     return bits.view(torch.float32)
+
+
+def fp8_to_float(y: torch.Tensor) -> torch.Tensor:
+    """``float8_e4m3fn`` ``[...]`` -> fp32 ``[...]``: the same bits as ``y.float()``, NaNs included.
+
+    On the CPU torch converts e4m3 one element at a time (several ns each); for contiguous
+    tensors of at least ``_TABLE_MIN_NUMEL`` elements this looks every byte up in a 256-entry
+    table filled by that very cast, several times faster. Elsewhere it is ``y.float()``.
+    """
+    if y.dtype != FP8_DTYPE:
+        raise DTypeError(f"fp8_to_float: y must be float8_e4m3fn, got {y.dtype}")
+    if y.device.type == "cpu" and y.numel() >= _TABLE_MIN_NUMEL and y.is_contiguous():
+        return _lookup(_FP8_TO_F32_CPU, y.view(torch.uint8))
+    return y.float()
 
 
 def scale_to_float(s: torch.Tensor) -> torch.Tensor:
@@ -184,20 +250,58 @@ def float_to_e8m0(s: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ block scales
+def _floored(amax: torch.Tensor, floor: float) -> torch.Tensor:
+    """fp32 ``max(amax, floor)`` (a fresh tensor). ``torch.maximum`` with a 0-d tensor, not
+    ``clamp_min``: the two differ in the bits of a NaN amax."""
+    a = amax.float()
+    f = operand(floor, a)
+    if not isinstance(f, torch.Tensor):
+        f = torch.tensor(floor, dtype=torch.float32, device=a.device)
+    return torch.maximum(a, f)
+
+
+def _pow2_ceil_normal(s: torch.Tensor) -> torch.Tensor:
+    """:func:`pow2_ceil` for fp32 ``s`` that is a positive normal number, ``+inf`` or NaN.
+
+    The public kernel's ``fast_round_scale``: adding ``0x7FFFFF`` to the bits carries into the
+    exponent exactly when a mantissa bit is set, and clearing the mantissa leaves
+    ``2**ceil(log2(s))`` (exponent 255, ``inf``, on overflow; ``inf`` stays ``inf``). NaN bits
+    would wrap around, so NaNs are written back as the canonical NaN :func:`pow2_ceil` gives.
+    """
+    bits = s.view(torch.int32)
+    up = bits.add(operand(0x7FFFFF, bits)).bitwise_and_(operand(0x7F800000, bits)).view(torch.float32)
+    return up.masked_fill_(torch.isnan(s), float("nan"))
+
+
 def fp8_block_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     """FP8 block scale from fp32 block amax: ``max(amax, 1e-4) * fp32(1/448)``, rounded up to a
     power of two when ``pow2`` (ue8m0 / e8m0 formats). Returns fp32 like ``amax``."""
-    floor = torch.tensor(FP8_AMAX_FLOOR, dtype=torch.float32, device=amax.device)
-    s = torch.maximum(amax.float(), floor) * torch.tensor(FP8_MAX_INV, dtype=torch.float32, device=amax.device)
-    return pow2_ceil(s) if pow2 else s
+    s = _floored(amax, FP8_AMAX_FLOOR)
+    s.mul_(operand(FP8_MAX_INV, s))
+    # s >= 1e-4/448 is normal (or inf/NaN), the case _pow2_ceil_normal is exact for
+    return _pow2_ceil_normal(s) if pow2 else s
 
 
 def fp4_block_scale(amax: torch.Tensor) -> torch.Tensor:
     """MXFP4 block scale from fp32 block amax: ``pow2_ceil(max(amax, 6*2**-126) * fp32(1/6))``
     (always a power of two in ``[2**-126, 2**127]``). Returns fp32 like ``amax``."""
-    floor = torch.tensor(FP4_AMAX_FLOOR, dtype=torch.float32, device=amax.device)
-    return pow2_ceil(torch.maximum(amax.float(), floor)
-                     * torch.tensor(FP4_MAX_INV, dtype=torch.float32, device=amax.device))
+    s = _floored(amax, FP4_AMAX_FLOOR)
+    s.mul_(operand(FP4_MAX_INV, s))
+    # s >= 2**-126 is normal (or inf/NaN), the case _pow2_ceil_normal is exact for
+    return _pow2_ceil_normal(s)
+
+
+def block_scale_to_e8m0(s: torch.Tensor) -> torch.Tensor:
+    """Power-of-two block scales from :func:`fp8_block_scale` / :func:`fp4_block_scale` -> e8m0.
+
+    Those are normal powers of two, whose e8m0 byte is the biased fp32 exponent (bits 23..30);
+    ``inf`` / NaN scales go to :func:`float_to_e8m0`, which refuses them with its error.
+    """
+    bits = s.view(torch.int32)
+    biased = bits.bitwise_right_shift(operand(23, bits))
+    if s.numel() and bool(biased.ge(operand(255, bits)).any()):
+        return float_to_e8m0(s)
+    return biased.to(torch.uint8).view(E8M0_DTYPE)
 
 
 def fp8_round(v: torch.Tensor) -> torch.Tensor:
@@ -205,9 +309,15 @@ def fp8_round(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+# CPU tables (built once; CPU only: elsewhere the direct formulas run on the device).
+_FP8_TO_F32_CPU = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()   # torch's own cast
+_E8M0_TO_F32_CPU = _e8m0_bits_to_float(torch.arange(256, dtype=torch.uint8))
+_E2M1_TO_F32_CPU = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+
+
 __all__ = [
     "FP8_DTYPE", "E8M0_DTYPE", "FP4_PACKED_DTYPE", "FP8_MAX", "FP8_MAX_INV", "FP8_AMAX_FLOOR",
     "FP4_MAX", "FP4_MAX_INV", "FP4_AMAX_FLOOR", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
-    "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "e8m0_to_float", "scale_to_float",
-    "pow2_ceil", "float_to_e8m0", "fp8_block_scale", "fp4_block_scale", "fp8_round",
+    "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "e8m0_to_float", "fp8_to_float", "scale_to_float",
+    "pow2_ceil", "float_to_e8m0", "fp8_block_scale", "fp4_block_scale", "block_scale_to_e8m0", "fp8_round",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from v4hal.hal import formats
 from v4hal.hal.errors import RangeError, ShapeError
 
 # Largest fp32 intermediate (in elements) one chunk may materialize: 2**24 floats = 64 MiB.
@@ -60,33 +61,38 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     b, m, h, d = q.shape
     n = kv.shape[1]
     k = topk_idxs.shape[-1]
-    if torch.isnan(attn_sink).any() or torch.isposinf(attn_sink).any():
+    if bool((torch.isnan(attn_sink) | torch.isposinf(attn_sink)).any()):
         raise RangeError(f"sparse_attn: attn_sink must be finite or -inf, got {attn_sink.tolist()}")
-    if topk_idxs.numel() and (int(topk_idxs.min()) < -1 or int(topk_idxs.max()) >= n):
-        raise RangeError(f"sparse_attn: topk_idxs must lie in [-1, {n}), got values in "
-                         f"[{int(topk_idxs.min())}, {int(topk_idxs.max())}]")
-    out = torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
+    if topk_idxs.numel():
+        lo, hi = (int(v) for v in torch.aminmax(topk_idxs))
+        if lo < -1 or hi >= n:
+            raise RangeError(f"sparse_attn: topk_idxs must lie in [-1, {n}), got values in [{lo}, {hi}]")
     if k == 0 or n == 0 or m == 0 or b == 0:
-        return out  # nothing to attend to: every row is an all -1 row
+        # nothing to attend to: every row is an all -1 row
+        return torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
 
     sink = attn_sink.to(device=q.device, dtype=torch.float32)  # [h]
     batch = torch.arange(b, device=q.device).view(b, 1, 1)
     step = _rows_per_chunk(m, b * k * d)
+    out = torch.empty(b, m, h, d, dtype=q.dtype, device=q.device) if step < m else None
     for lo in range(0, m, step):
         hi = min(m, lo + step)
         idx = topk_idxs[:, lo:hi].long()                                   # [b, c, k]
-        valid = idx != -1
+        invalid = idx == -1
         rows = kv[batch, idx.clamp_min(0)].float()                         # [b, c, k, d]
-        rows.masked_fill_(~valid.unsqueeze(-1), 0.0)                       # -1 loads a zero row
+        rows.masked_fill_(invalid.unsqueeze(-1), 0.0)                      # -1 loads a zero row
         qf = q[:, lo:hi].float()                                           # [b, c, h, d]
-        scores = torch.matmul(qf, rows.transpose(-1, -2)) * softmax_scale  # [b, c, h, k]
-        scores.masked_fill_(~valid.unsqueeze(2), float("-inf"))
+        scores = torch.matmul(qf, rows.transpose(-1, -2))                  # [b, c, h, k]
+        scores.mul_(formats.operand(softmax_scale, scores))               # the fp32 scale, as a tensor operand
+        scores.masked_fill_(invalid.unsqueeze(2), float("-inf"))
         # Subtract max(scores, sink): same softmax, and neither a huge sink nor an empty row overflows.
         top = torch.maximum(scores.amax(dim=-1), sink)                     # [b, c, h]
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         p = torch.exp(scores - top.unsqueeze(-1))                          # masked -> exactly 0
         denom = p.sum(dim=-1) + torch.exp(sink - top)                      # >= 1 unless all terms vanish
         o = torch.matmul(p, rows) / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        if out is None:         # one chunk holds every query row
+            return o.to(q.dtype)
         out[:, lo:hi] = o.to(q.dtype)
     return out
 

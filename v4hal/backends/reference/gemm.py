@@ -79,14 +79,15 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     n, k = b.shape
     kb_count = _ceil_div(k, _BLOCK)
     _check_scale(op, "b_s", b_s, (_ceil_div(n, _BLOCK), kb_count))
-    a2 = a.reshape(-1, k).float()
+    a2 = F.fp8_to_float(a.reshape(-1, k))
     sa = F.scale_to_float(a_s).reshape(-1, kb_count)
     sb = _fp8_weight_scales(b_s, n)                                    # [N, KB]
-    bf = b.float()
+    bf = F.fp8_to_float(b)
+    scales = sa.unsqueeze(1) * sb                                      # [M, N, KB]: a_s[kb] * b_s[n // 128, kb]
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        acc += (a2[:, sl] @ bf[:, sl].T) * (sa[:, kb:kb + 1] * sb[:, kb])
+        acc += (a2[:, sl] @ bf[:, sl].T) * scales[..., kb]
     return acc.to(out_dtype).reshape(*a.shape[:-1], n)
 
 
@@ -104,7 +105,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     n = b.shape[0]
     _check_scale(op, "b_s", b_s, (n, k // _FP4_BLOCK))
     kb_count = _ceil_div(k, _BLOCK)
-    a2 = a.reshape(-1, k).float()
+    a2 = F.fp8_to_float(a.reshape(-1, k))
     sa = F.scale_to_float(a_s).reshape(-1, kb_count)
     bf = _fp4_weight_to_float(b, b_s)
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
@@ -149,70 +150,134 @@ def _recipe(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None,
     raise DTypeError(f"{op}: w must be float, float8_e4m3fn or uint8 (packed e2m1), got {_describe(w)}")
 
 
-def _check_offsets(group_offsets: torch.Tensor, e: int, m: int) -> torch.Tensor:
-    """group_offsets int64 ``[E+1]`` -> per-expert row counts int64 ``[E]`` (validated)."""
+class GroupPlan:
+    """How the rows of a grouped GEMM are batched, independent of the operands' values.
+
+    Experts that own rows are bucketed by size class ``ceil(log2(count))``; each class becomes
+    one padded batch ``[c, rows_max, K]`` (slot ``(i, r)`` = row ``offs[ex[i]] + r`` of x, zero
+    padding past a shorter group). Built once per set of offsets and reused by every GEMM over
+    the same grouping (the three projections of an MoE layer).
+    """
+
+    def __init__(self, group_offsets: torch.Tensor, distinct: list[int], m: int) -> None:
+        """group_offsets int ``[E+1]`` (valid); distinct: its distinct group sizes, ascending."""
+        self.m = m
+        self.single = group_offsets.shape[0] == 2        # E == 1: one group holds every row
+        self.whole = False
+        # per class: (experts [c], source rows [c, rows_max], valid slots [c, rows_max] or None)
+        self.classes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        if self.single or m == 0:
+            return
+        sizes: dict[int, list[int]] = {}
+        for c in distinct:   # host bookkeeping over the distinct counts (ints), ascending
+            if c > 0:
+                sizes.setdefault((c - 1).bit_length(), []).append(c)      # bit_length(c - 1) = ceil(log2 c)
+        offs = group_offsets.long()
+        counts = offs.diff()
+        active = torch.nonzero(counts).squeeze(1)                      # experts owning rows, ascending
+        active_counts = counts[active]
+        for members in sizes.values():
+            lo, rows_max = members[0], members[-1]
+            if len(sizes) == 1:
+                experts, expert_counts = active, active_counts
+            else:
+                in_class = (active_counts >= lo) & (active_counts <= rows_max)
+                experts, expert_counts = active[in_class], active_counts[in_class]
+            pos = torch.arange(rows_max, device=offs.device)
+            src = offs[experts].unsqueeze(1) + pos                     # [c, rows_max]
+            valid = None
+            if lo < rows_max:                                          # some group is shorter: padding
+                valid = pos < expert_counts.unsqueeze(1)
+                src = src.clamp_max(m - 1)
+            self.classes.append((experts, src, valid))
+        # one unpadded class: its rows, in order, are all of x's rows
+        self.whole = len(self.classes) == 1 and self.classes[0][2] is None
+
+
+def _check_offsets(group_offsets: torch.Tensor, e: int, m: int) -> list[int]:
+    """Validate group_offsets int64 ``[E+1]``; returns the distinct per-expert row counts, ascending."""
     op = "grouped_gemm"
     if group_offsets.dtype not in (torch.int64, torch.int32) or tuple(group_offsets.shape) != (e + 1,):
         raise ShapeError(f"{op}: group_offsets must be int64 [E+1] = [{e + 1}], got {_describe(group_offsets)}")
-    offs = group_offsets.long()
-    counts = offs[1:] - offs[:-1]
-    first, last = int(offs[0]), int(offs[-1])
-    if first != 0 or last != m or bool((counts < 0).any()):
+    first, last = group_offsets[[0, -1]].tolist()
+    # E == 1: the one count is last - first (no host round trip for it)
+    distinct = [last - first] if e == 1 else torch.unique(group_offsets.long().diff()).tolist()
+    if first != 0 or last != m or (distinct and distinct[0] < 0):
         raise RangeError(f"{op}: group_offsets must start at 0, end at M={m} and not decrease, "
                          f"got first {first}, last {last}")
-    return counts
+    return distinct
 
 
-def _grouped_matmul(m: int, n: int, counts: torch.Tensor, group_offsets: torch.Tensor,
-                    x_rows: torch.Tensor, x_row_scales: torch.Tensor | None,
-                    weights: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` for an integer index into dim 0 (index_select when t is contiguous: the same
+    values and the same contiguous layout as advanced indexing, with less overhead)."""
+    if t.is_contiguous():
+        return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:])
+    return t[index]
+
+
+def _bucket_product(xp: torch.Tensor, xs: torch.Tensor | None, wf: torch.Tensor, ws: torch.Tensor | None,
                     k_blocks: int) -> torch.Tensor:
-    """Shared driver of the grouped GEMM: returns fp32 ``[M, N]``.
+    """One bucket: padded rows xp fp32 ``[c, R, K]`` times wf fp32 ``[c, N, K]`` -> fp32 ``[c, R, N]``.
 
-    x_rows fp32 ``[M, K]``; x_row_scales fp32 ``[M, KB]`` or None (float recipe);
-    ``weights(expert_ids)`` gives fp32 ``[c, N, K]`` and fp32 per-row weight scales ``[c, N, KB]``
-    (or None when already folded in).
+    xs fp32 ``[c, R, KB]`` row scales (None: float recipe, one bmm over all of K); ws fp32
+    ``[c, N, KB]`` weight scales (None when folded into wf): one bmm per K block, scaled, summed.
     """
-    device = x_rows.device
-    k = x_rows.shape[1]
-    out = torch.zeros(m, n, dtype=torch.float32, device=device)
+    if xs is None:
+        return torch.bmm(xp, wf.transpose(1, 2))
+    k = xp.shape[2]
+    scales = xs.unsqueeze(2) if ws is None else xs.unsqueeze(2) * ws.unsqueeze(1)       # [c, R, 1 or N, KB]
+    o = torch.zeros(xp.shape[0], xp.shape[1], wf.shape[1], dtype=torch.float32, device=xp.device)
+    for kb in range(k_blocks):
+        sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
+        o += torch.bmm(xp[:, :, sl], wf[:, :, sl].transpose(1, 2)) * scales[..., kb]
+    return o
+
+
+def _grouped_matmul(plan: GroupPlan, n: int, x_rows: torch.Tensor, x_row_scales: torch.Tensor | None,
+                    weights: list[Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]],
+                    k_blocks: int) -> list[torch.Tensor]:
+    """Shared driver of the grouped GEMM: one fp32 ``[M, N]`` result per entry of ``weights``.
+
+    x_rows fp32 ``[M, K]``; x_row_scales fp32 ``[M, KB]`` or None (float recipe); each
+    ``weights[i](expert_ids)`` gives fp32 ``[c, N, K]`` and fp32 per-row weight scales ``[c, N, KB]``
+    (or None when already folded in); ``expert_ids=None`` means every expert (E == 1).
+    The padded rows of each bucket are built once and shared by all weight stacks.
+    """
+    m, device, k = plan.m, x_rows.device, x_rows.shape[1]
     if m == 0 or n == 0:
-        return out
-    e = counts.shape[0]
-    offs = group_offsets.long()
-    row_expert = torch.repeat_interleave(torch.arange(e, device=device), counts)           # [M]
-    row_pos = torch.arange(m, device=device) - offs[row_expert]                              # [M]
-    active = torch.nonzero(counts > 0).squeeze(1)
-    # size class: ceil(log2(count)); a class holds groups within a factor 2 of each other
-    size_class = torch.ceil(torch.log2(counts[active].double())).long()
-    for cls in torch.unique(size_class).tolist():
-        experts = active[size_class == cls]
-        rows_max = int(counts[experts].max())
+        return [torch.zeros(m, n, dtype=torch.float32, device=device) for _ in weights]
+    if plan.single:   # one bucket of one expert, no padding
+        xp = x_rows.contiguous().unsqueeze(0)
+        xs = None if x_row_scales is None else x_row_scales.contiguous().unsqueeze(0)
+        return [_bucket_product(xp, xs, *fn(None), k_blocks)[0] for fn in weights]
+    outs: list[torch.Tensor | None] = [None] * len(weights)
+    for experts, src_all, valid_all in plan.classes:
+        rows_max = src_all.shape[1]
         per_expert = max(n * k, rows_max * k, rows_max * n)
         chunk = max(1, _CHUNK_ELEMS // max(per_expert, 1))
         for start in range(0, experts.shape[0], chunk):
-            ex = experts[start:start + chunk]
-            c = ex.shape[0]
-            slot = torch.full((e,), -1, dtype=torch.long, device=device)
-            slot[ex] = torch.arange(c, device=device)
-            rows = torch.nonzero(slot[row_expert] >= 0).squeeze(1)
-            rs, rp = slot[row_expert[rows]], row_pos[rows]
-            xp = torch.zeros(c, rows_max, k, dtype=torch.float32, device=device)
-            xp[rs, rp] = x_rows[rows]
-            wf, ws = weights(ex)                                                   # [c, N, K], [c, N, KB]
-            if x_row_scales is None:
-                o = torch.bmm(xp, wf.transpose(1, 2))
-            else:
-                xs = torch.zeros(c, rows_max, k_blocks, dtype=torch.float32, device=device)
-                xs[rs, rp] = x_row_scales[rows]
-                o = torch.zeros(c, rows_max, n, dtype=torch.float32, device=device)
-                for kb in range(k_blocks):
-                    sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-                    part = torch.bmm(xp[:, :, sl], wf[:, :, sl].transpose(1, 2))
-                    scale = xs[:, :, kb:kb + 1] if ws is None else xs[:, :, kb:kb + 1] * ws[:, None, :, kb]
-                    o += part * scale
-            out[rows] = o[rs, rp]
-    return out
+            ex, src = experts[start:start + chunk], src_all[start:start + chunk]
+            valid = None if valid_all is None else valid_all[start:start + chunk]
+            xp = _rows(x_rows, src).contiguous()                               # [c, rows_max, K]
+            xs = None if x_row_scales is None else _rows(x_row_scales, src).contiguous()   # [c, rows_max, KB]
+            if valid is not None:
+                xp.masked_fill_(~valid.unsqueeze(-1), 0.0)
+                if xs is not None:
+                    xs.masked_fill_(~valid.unsqueeze(-1), 0.0)
+            whole = plan.whole and chunk >= experts.shape[0]
+            for i, fn in enumerate(weights):
+                o = _bucket_product(xp, xs, *fn(ex), k_blocks)                 # [c, rows_max, N]
+                if whole:
+                    outs[i] = o.reshape(m, n)      # the bucket is every row of x, in order
+                    continue
+                if outs[i] is None:
+                    outs[i] = torch.zeros(m, n, dtype=torch.float32, device=device)
+                if valid is not None:
+                    outs[i][src[valid]] = o[valid]
+                else:
+                    outs[i][src.reshape(-1)] = o.reshape(-1, n)
+    return outs
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
@@ -227,22 +292,45 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
     w_scale ``[E, N, K/32]`` (as :func:`fp4_gemm`). group_offsets int64 ``[E+1]`` (0 first, M last,
     non-decreasing). fp32 accumulation; out ``[M, N]`` in ``out_dtype``.
     """
-    recipe = _recipe(x, w, x_scale, w_scale)
+    return grouped_gemms(x, [(w, w_scale)], group_offsets, x_scale, out_dtype)[0]
+
+
+def grouped_gemms(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+                  group_offsets: torch.Tensor, x_scale: torch.Tensor | None = None,
+                  out_dtype: torch.dtype = torch.bfloat16, plan: GroupPlan | None = None) -> list[torch.Tensor]:
+    """:func:`grouped_gemm` of one x against several weight stacks ``[(w, w_scale), ...]`` of one
+    recipe and shape (the MoE gate and up projections): the same results as separate calls, with
+    the validation, row grouping and activation decoding done once. ``plan``: a `GroupPlan` of
+    these (already valid) offsets, which then are not checked again."""
+    recipe = _recipe(x, weights[0][0], x_scale, weights[0][1])
+    for w, w_scale in weights[1:]:
+        if _recipe(x, w, x_scale, w_scale) != recipe or w.shape != weights[0][0].shape:
+            raise ShapeError(f"grouped_gemms: every weight must share the first one's recipe and shape "
+                             f"{_describe(weights[0][0])}, got {_describe(w)}")
     m, k = x.shape
-    e, n = w.shape[:2]
-    counts = _check_offsets(group_offsets, e, m)
+    e, n = weights[0][0].shape[:2]
+    if plan is None:
+        plan = GroupPlan(group_offsets, _check_offsets(group_offsets, e, m), m)
     k_blocks = _ceil_div(k, _BLOCK)
+
+    def gather(t: torch.Tensor, ex: torch.Tensor | None) -> torch.Tensor:
+        """Experts ex of t (None: all, E == 1; a contiguous t then is its own gather, no copy)."""
+        if ex is None:
+            return t if t.is_contiguous() else t[torch.zeros(1, dtype=torch.long, device=t.device)]
+        return _rows(t, ex)
+
+    def expert_weights(w: torch.Tensor, w_scale: torch.Tensor | None):
+        """ex -> (fp32 weights [c, N, K], fp32 per-row scales [c, N, KB] or None when folded in)."""
+        if recipe == "float":
+            return lambda ex: (gather(w, ex).float(), None)
+        if recipe == "fp8":
+            return lambda ex: (F.fp8_to_float(gather(w, ex)), _fp8_weight_scales(gather(w_scale, ex), n))
+        return lambda ex: (_fp4_weight_to_float(gather(w, ex), gather(w_scale, ex)), None)
+
     if recipe == "float":
-        def weights(ex: torch.Tensor) -> tuple[torch.Tensor, None]:
-            return w[ex].float(), None
-        row_scales = None
-    elif recipe == "fp8":
-        def weights(ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return w[ex].float(), _fp8_weight_scales(w_scale[ex], n)
-        row_scales = F.scale_to_float(x_scale)
+        x_rows, row_scales = x.float(), None
     else:
-        def weights(ex: torch.Tensor) -> tuple[torch.Tensor, None]:
-            return _fp4_weight_to_float(w[ex], w_scale[ex]), None
-        row_scales = F.scale_to_float(x_scale)
-    out = _grouped_matmul(m, n, counts, group_offsets, x.float(), row_scales, weights, k_blocks)
-    return out.to(out_dtype)
+        x_rows, row_scales = F.fp8_to_float(x), F.scale_to_float(x_scale)
+    outs = _grouped_matmul(plan, n, x_rows, row_scales, [expert_weights(w, w_scale) for w, w_scale in weights],
+                           k_blocks)
+    return [o.to(out_dtype) for o in outs]

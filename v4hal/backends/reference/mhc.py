@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from v4hal.hal import formats
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
 __all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
@@ -67,14 +68,16 @@ def _check_split_args(op: str, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc
 
 def _split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc: int,
                     iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pre = torch.sigmoid(mixes[..., :hc] * hc_scale[0] + hc_base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * hc_scale[1] + hc_base[hc:2 * hc])
+    e = formats.operand(eps, mixes)    # eps as an fp32 tensor operand: the same sums, less per-op overhead
+    pre = torch.sigmoid(mixes[..., :hc] * hc_scale[0] + hc_base[:hc]).add_(e)
+    post = torch.sigmoid(mixes[..., hc:2 * hc] * hc_scale[1] + hc_base[hc:2 * hc]).mul_(formats.operand(2.0, mixes))
     logits = (mixes[..., 2 * hc:] * hc_scale[2] + hc_base[2 * hc:]).unflatten(-1, (hc, hc))
-    comb = torch.softmax(logits, dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    comb = torch.softmax(logits, dim=-1)
+    comb.add_(e)
+    comb.div_(comb.sum(dim=-2, keepdim=True).add_(e))
     for _ in range(iters - 1):  # fixed, small iteration count
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        comb.div_(comb.sum(dim=-1, keepdim=True).add_(e))
+        comb.div_(comb.sum(dim=-2, keepdim=True).add_(e))
     return pre, post, comb
 
 
@@ -103,8 +106,8 @@ def _mixes(x: torch.Tensor, hc_fn: torch.Tensor, norm_eps: float) -> tuple[torch
     """x ``[..., hc, D]`` -> (fp32 x, fp32 mixes ``[..., M]``): RMS factor applied after the GEMM."""
     xf = x.float()
     flat = xf.flatten(-2)
-    rsqrt = torch.rsqrt(flat.square().mean(dim=-1, keepdim=True) + norm_eps)
-    return xf, F.linear(flat, hc_fn) * rsqrt
+    rsqrt = flat.square().mean(dim=-1, keepdim=True).add_(formats.operand(norm_eps, flat)).rsqrt_()
+    return xf, F.linear(flat, hc_fn).mul_(rsqrt)
 
 
 def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
@@ -148,11 +151,11 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     _check_fp32(op, "post", post, lead + (hc,), f"{list(lead + (hc,))}")
     _check_fp32(op, "comb", comb, lead + (hc, hc), f"{list(lead + (hc, hc))}")
     res = residual.float()
-    mixed = comb[..., 0, :].unsqueeze(-1) * res[..., 0:1, :]
+    weight = comb.unsqueeze(-1)                                   # [..., j, k, 1]
+    mixed = weight[..., 0, :, :] * res[..., 0:1, :]
     for j in range(1, hc):  # hc is a small fixed count; keeps the summation order explicit
-        mixed = mixed + comb[..., j, :].unsqueeze(-1) * res[..., j:j + 1, :]
-    out = post.unsqueeze(-1) * x.float().unsqueeze(-2) + mixed
-    return out.to(residual.dtype)
+        mixed += weight[..., j, :, :] * res[..., j:j + 1, :]
+    return (post.unsqueeze(-1) * x.float().unsqueeze(-2)).add_(mixed).to(residual.dtype)
 
 
 def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,

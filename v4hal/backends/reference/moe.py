@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from v4hal.hal import formats
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
 __all__ = ["moe_gate", "moe_dispatch", "moe_combine", "SCORE_FUNCS"]
@@ -104,7 +105,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     weights = scores.gather(1, indices)
     if score_func != "softmax":
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    weights = weights * route_scale
+    weights = weights * formats.operand(route_scale, weights)      # fp32 route_scale as a tensor operand
     return weights.contiguous(), indices.to(torch.int32).contiguous()
 
 

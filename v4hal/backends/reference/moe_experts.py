@@ -35,7 +35,7 @@ import torch.nn.functional as Fn
 from v4hal.hal import formats as F
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
-from .gemm import grouped_gemm
+from .gemm import GroupPlan, grouped_gemms
 from .quant import act_quant
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,27 +106,26 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                          "(activations are act_quant-ed in 128 blocks)")
     k = indices.shape[1]
     flat = indices.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= e):
-        raise RangeError(f"{op}: indices must lie in [0, E={e}), got range "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
+    if flat.numel():
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if lo < 0 or hi >= e:
+            raise RangeError(f"{op}: indices must lie in [0, E={e}), got range [{lo}, {hi}]")
 
     # dispatch: stable sort of the flat (t, j) order by expert id
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=e)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     token = torch.div(order, k, rounding_mode="floor")
+    plan = GroupPlan(offsets, torch.unique(counts).tolist(), t * k)     # shared by the three GEMMs
 
     if fmt == "float":
-        xs = x[token]
-        gate = grouped_gemm(xs, w1, offsets, out_dtype=x.dtype)
-        up = grouped_gemm(xs, w3, offsets, out_dtype=x.dtype)
+        gate, up = grouped_gemms(x[token], [(w1, None), (w3, None)], offsets, out_dtype=x.dtype, plan=plan)
     else:
         e8m0 = w1_scale.dtype == F.E8M0_DTYPE
         sfmt, sdtype = ("ue8m0", F.E8M0_DTYPE) if e8m0 else (None, torch.float32)
         xq, xq_s = act_quant(x, F.FP8_BLOCK, sfmt, sdtype)     # per-row blocks: quantize once, gather
-        xq, xq_s = xq[token], xq_s[token]
-        gate = grouped_gemm(xq, w1, offsets, xq_s, w1_scale, x.dtype)
-        up = grouped_gemm(xq, w3, offsets, xq_s, w3_scale, x.dtype)
+        gate, up = grouped_gemms(xq[token], [(w1, w1_scale), (w3, w3_scale)], offsets, xq_s[token], x.dtype,
+                                 plan=plan)
 
     gate, up = gate.float(), up.float()
     if swiglu_limit > 0:
@@ -136,10 +135,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     h = h.to(x.dtype)
 
     if fmt == "float":
-        y = grouped_gemm(h, w2, offsets, out_dtype=x.dtype)
+        y, = grouped_gemms(h, [(w2, None)], offsets, out_dtype=x.dtype, plan=plan)
     else:
         hq, hq_s = act_quant(h, F.FP8_BLOCK, sfmt, sdtype)
-        y = grouped_gemm(hq, w2, offsets, hq_s, w2_scale, x.dtype)
+        y, = grouped_gemms(hq, [(w2, w2_scale)], offsets, hq_s, x.dtype, plan=plan)
 
     # combine: back to flat (t, j) order, sum over j in fp32
     y_flat = torch.empty_like(y)

@@ -54,15 +54,15 @@ def _fp8_quant_rows(x: torch.Tensor, block_size: int, pow2: bool) -> tuple[torch
     """x float ``[..., K]`` -> (fp8 ``[..., K]``, fp32 scales ``[..., K/bs]``)."""
     xb = x.float().unflatten(-1, (-1, block_size))                        # [..., K/bs, bs]
     s = F.fp8_block_scale(xb.abs().amax(dim=-1), pow2)                     # [..., K/bs]
-    y = F.fp8_round(xb / s.unsqueeze(-1)).flatten(-2)
-    return y, s
+    q = (xb / s.unsqueeze(-1)).clamp_(-F.FP8_MAX, F.FP8_MAX)               # F.fp8_round, in place
+    return q.to(F.FP8_DTYPE).flatten(-2), s
 
 
 def _fp4_quant_rows(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x float ``[..., K]`` -> (e2m1 codes uint8 ``[..., K]``, fp32 power-of-two scales ``[..., K/bs]``)."""
     xb = x.float().unflatten(-1, (-1, block_size))
     s = F.fp4_block_scale(xb.abs().amax(dim=-1))
-    codes = F.e2m1_encode((xb / s.unsqueeze(-1)).clamp(-F.FP4_MAX, F.FP4_MAX)).flatten(-2)
+    codes = F.e2m1_encode((xb / s.unsqueeze(-1)).clamp_(-F.FP4_MAX, F.FP4_MAX)).flatten(-2)
     return codes, s
 
 
@@ -81,7 +81,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
         raise DTypeError(f"act_quant: scale_dtype must be float32 or float8_e8m0fnu, got {scale_dtype}")
     pow2 = scale_fmt is not None or scale_dtype == F.E8M0_DTYPE
     y, s = _fp8_quant_rows(x, block_size, pow2)
-    return y, (F.float_to_e8m0(s) if scale_dtype == F.E8M0_DTYPE else s)
+    return y, (F.block_scale_to_e8m0(s) if scale_dtype == F.E8M0_DTYPE else s)
 
 
 def act_quant_inplace(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None) -> None:
@@ -91,7 +91,7 @@ def act_quant_inplace(x: torch.Tensor, block_size: int = 128, scale_fmt: str | N
     _check_blocks("act_quant_inplace", x, block_size)
     _check_scale_fmt("act_quant_inplace", scale_fmt)
     y, s = _fp8_quant_rows(x, block_size, scale_fmt is not None)
-    deq = y.float().unflatten(-1, (-1, block_size)) * s.unsqueeze(-1)
+    deq = F.fp8_to_float(y).unflatten(-1, (-1, block_size)) * s.unsqueeze(-1)
     x.copy_(deq.flatten(-2).to(x.dtype))
 
 
@@ -104,7 +104,7 @@ def fp4_act_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, 
     _check_float("fp4_act_quant", "x", x)
     _check_blocks("fp4_act_quant", x, block_size, even=True)
     codes, s = _fp4_quant_rows(x, block_size)
-    return F.pack_fp4(codes), F.float_to_e8m0(s)
+    return F.pack_fp4(codes), F.block_scale_to_e8m0(s)
 
 
 def fp4_act_quant_inplace(x: torch.Tensor, block_size: int = 32) -> None:
@@ -147,7 +147,7 @@ def dequant_fp8(y: torch.Tensor, s: torch.Tensor, block_size: int = 128,
         raise DTypeError(f"dequant_fp8: y must be float8_e4m3fn, got {y.dtype} {list(y.shape)}")
     if y.dim() < 1:
         raise ShapeError("dequant_fp8: y must be [..., K], got a 0-d tensor")
-    return (y.float() * _expand_block_scales(s, y.shape, block_size)).to(out_dtype)
+    return (F.fp8_to_float(y) * _expand_block_scales(s, y.shape, block_size)).to(out_dtype)
 
 
 def dequant_fp4(y: torch.Tensor, s: torch.Tensor, block_size: int = 32,
@@ -185,7 +185,7 @@ def quant_weight_fp8(w: torch.Tensor, block: int = 128,
     tiles = wf.unflatten(-1, (kb, block)).unflatten(-3, (nb, block))              # [..., nb, bs, kb, bs]
     s = F.fp8_block_scale(tiles.abs().amax(dim=(-3, -1)), scale_fmt is not None)  # [..., nb, kb]
     y = F.fp8_round(tiles / s[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :n, :k]
-    return y.contiguous(), (F.float_to_e8m0(s) if scale_fmt == "ue8m0" else s)
+    return y.contiguous(), (F.block_scale_to_e8m0(s) if scale_fmt == "ue8m0" else s)
 
 
 def quant_weight_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,4 +196,4 @@ def quant_weight_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, to
         raise ShapeError(f"quant_weight_fp4: w must be [..., N, K], got {list(w.shape)}")
     _check_blocks("quant_weight_fp4", w, block, even=True)
     codes, s = _fp4_quant_rows(w, block)
-    return F.pack_fp4(codes), F.float_to_e8m0(s)
+    return F.pack_fp4(codes), F.block_scale_to_e8m0(s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from v4hal.hal import formats
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
 
@@ -26,8 +27,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if weight.shape != x.shape[-1:]:
         raise ShapeError(f"rms_norm: weight must be [D] = [{x.shape[-1]}], got {list(weight.shape)}")
     xf = x.float()
-    inv = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-    return (weight.float() * (xf * inv)).to(x.dtype)
+    inv = xf.square().mean(dim=-1, keepdim=True).add_(formats.operand(eps, xf)).rsqrt_()
+    # weight * (x * inv): fp32 products (a bf16 weight is widened exactly by the in-place multiply)
+    return (xf * inv).mul_(weight).to(x.dtype)
 
 
 def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -96,4 +98,4 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Ten
         a, c = pairs[:, :, 0], pairs[:, :, 1]
         y = torch.stack((a + c, a - c), dim=2).view(-1, dd)
         h *= 2
-    return (y * scale).reshape(*lead, dd).to(x.dtype)
+    return (y * formats.operand(float(scale), y)).reshape(*lead, dd).to(x.dtype)
