@@ -1,6 +1,7 @@
 """Numerics helpers shared by every test: distances, per-dtype tolerances, poisoning."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from v4hal.compare import calc_diff  # noqa: F401  (one definition, re-exported for the tests)
@@ -32,3 +33,20 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     else:
         out.fill_(torch.iinfo(out.dtype).max if out.dtype != torch.bool else True)
     return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Same-size integer view of ``t``, for bitwise comparisons (NaN == NaN, -0.0 != 0.0)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every ``torch.empty`` of the test returns a poisoned buffer (NaN / integer max), so an output
+    element a kernel never writes fails the comparison. Use with ``pytest.mark.usefixtures``."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        return poison_like(original(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)

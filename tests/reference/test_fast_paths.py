@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.numerics import bits
 from v4hal.backends.reference import gemm as G
 from v4hal.backends.reference import mhc as M
 from v4hal.backends.reference import quant as Q
@@ -19,11 +20,6 @@ from v4hal.hal.errors import DTypeError, RangeError
 
 FP8 = torch.float8_e4m3fn
 E8M0 = torch.float8_e8m0fnu
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of t (integer view of its dtype's width)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from tests.numerics import assert_close, calc_diff, poison_like
+from tests.numerics import assert_close, calc_diff, poisoned_empty  # noqa: F401  (fixture)
 from v4hal.backends.reference import attention as ref_attn
 from v4hal.backends.reference import moe as ref_moe
 from v4hal.backends.reference import moe_experts as ref_experts
@@ -30,15 +30,7 @@ from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 MAX_DIFF = {torch.float32: 1e-10, torch.float16: 1e-6, torch.bfloat16: 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every torch.empty of the test returns a poisoned buffer (NaN / integer max)."""
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison_like(original(*args, **kwargs))
-
-    monkeypatch.setattr(torch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
 def gen(seed: int) -> torch.Generator:

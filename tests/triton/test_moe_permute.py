@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from tests.numerics import poison_like
+from tests.numerics import bits, poisoned_empty  # noqa: F401  (fixture)
 from v4hal.backends.reference import moe as ref
 from v4hal.backends.triton import moe_permute as tri
 from v4hal.hal.errors import DTypeError, ShapeError
@@ -29,19 +29,7 @@ CASES = [  # T, k, E
 ]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every torch.empty of the test returns a poisoned buffer (NaN / integer max)."""
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison_like(original(*args, **kwargs))
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
 def routing(t: int, k: int, e: int, seed: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.numerics import assert_close, calc_diff, poison_like
+from tests.numerics import assert_close, bits, calc_diff, poisoned_empty  # noqa: F401  (fixture)
 from tests.triton.rounding import assert_matches_rounded_reference, assert_rounded
 from v4hal.backends.cuda import scaled_mm
 from v4hal.backends.reference import gemm as ref_gemm
@@ -41,20 +41,7 @@ E8M0 = F.E8M0_DTYPE
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every torch.empty of the test returns a poisoned buffer (NaN / integer max)."""
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison_like(original(*args, **kwargs))
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Same-size integer view, for bitwise comparisons (NaN == NaN, -0.0 != 0.0)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
