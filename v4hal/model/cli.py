@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         if args.ep > 1:
-            from v4hal.dist import run_ep
+            from v4hal.parallel import run_ep
             res = run_ep(args, args.ep, fp8_payload=args.fp8_payload)
         else:
             res = run(args)

@@ -2,9 +2,10 @@
 signatures (DeepEP ``deep_ep/buffer.py``; op-plugin ``torch_npu-npu_moe_distribute_{dispatch,combine}_v2.md``).
 
 Python itself rejects an argument name the real API does not have; the bodies check the documented
-dtypes / chip rules and compute the documented result for one rank, so the adapters in
-``v4hal/dist/transport.py`` can be run end to end on the CPU. Never installed as packages: the
-rank function puts them into ``sys.modules`` of its own (forked) process only.
+dtypes / chip rules and compute the documented result for one rank, so the transports in
+``v4hal/parallel/deepep.py`` and ``v4hal/parallel/ascend_mc2.py`` can be run end to end on the CPU.
+Never installed as packages: the rank function puts them into ``sys.modules`` of its own (forked)
+process only.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import v4hal
-from v4hal.dist import EPTimeoutError, ExpertParallelMoE, ep_combine, ep_dispatch
+from v4hal.parallel import EPTimeoutError, ExpertParallelMoE, ep_combine, ep_dispatch
 
 E, D, I, K = 8, 256, 128, 3
 SWIGLU = 10.0
@@ -187,7 +187,7 @@ def rank_raises(rank: int, world: int) -> int:
     """Rank 1 raises ValueError; the others wait in a collective and fail with EPTimeoutError."""
     if rank == 1:
         raise ValueError("rank 1 gave up")
-    from v4hal.dist import comm
+    from v4hal.parallel import comm
 
     comm.wait(dist.barrier(async_op=True), "barrier", dist.group.WORLD, 20)
     return rank
@@ -206,8 +206,8 @@ def rank_model(rank: int, world: int, path: str, ids: torch.Tensor, experts_fp8:
     ``preslice``: first cut the expert stacks down to this rank's rows (+ the fused shared row), as a
     loader that reads only the local experts would leave them.
     """
-    from v4hal.dist.model import shard_model_experts
     from v4hal.model import V4Model
+    from v4hal.parallel.model import shard_model_experts
 
     model = V4Model.from_pretrained(path, experts_fp8=experts_fp8)
     if preslice:
@@ -236,21 +236,21 @@ def rank_adapters(rank: int, world: int) -> dict[str, Any]:
     import sys
 
     from v4hal.backends.ascend import runtime
-    from v4hal.dist import transport
+    from v4hal.parallel import ascend_mc2, get_transport
 
     from . import stand_ins
 
     assert world == 1
     sys.modules["deep_ep"] = stand_ins.deep_ep_module()
-    transport.hccl_comm_name = lambda group, r: "hccl_ep_stand_in"
+    ascend_mc2.hccl_comm_name = lambda group, r: "hccl_ep_stand_in"
     w1, w2, w3, s = make_weights("bf16")
     moe = ExpertParallelMoE.from_weights(w1, w2, w3, num_experts=E, timeout=10)
     x, w, idx = make_tokens(0, 2, "all", tokens=9)
     out: dict[str, Any] = {"reference": v4hal.moe_experts(x, w, idx, w1, w2, w3)}
 
     def run(name: str, fp8: bool = False) -> torch.Tensor:
-        xl, wl, h = transport.transport_by_name(name).dispatch(x, w, idx, dist.group.WORLD, num_experts=E, fp8=fp8,
-                                                              scale_fmt=None, timeout=10)
+        xl, wl, h = get_transport(name).dispatch(x, w, idx, dist.group.WORLD, num_experts=E, fp8=fp8,
+                                                 scale_fmt=None, timeout=10)
         out[f"{name}/weights_at_combine"] = h.weights_at_combine
         out[f"{name}/weights_returned"] = wl is not None
         return ep_combine(moe.local_experts(xl, wl, h), h)

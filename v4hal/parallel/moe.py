@@ -62,7 +62,8 @@ class ExpertParallelMoE:
                 FP4 uint8 ``[E/W, N, K/2]`` with e8m0 ``[E/W, N, K/32]`` scales) of experts ``[r*E/W, (r+1)*E/W)``.
             num_experts: E over the whole group (divisible by its size W).
             group: the EP group (None: WORLD). swiglu_limit, w_scales: as `v4hal.moe_experts`.
-            fp8_payload / scale_fmt: FP8 dispatch payload (see `ep_dispatch`); transport: see `v4hal.dist.transport`.
+            fp8_payload / scale_fmt: FP8 dispatch payload (see `ep_dispatch`).
+            transport: None (automatic) or a name among `TRANSPORTS` (see `v4hal.parallel.transport`).
             partial_sums: combine one partial sum per (token, rank) instead of one row per copy (see `ep_combine`).
             timeout: seconds any exchange may take (None: the group's timeout).
 
@@ -124,5 +125,4 @@ class ExpertParallelMoE:
                                                transport=self.transport)
         y = self.local_experts(x_local, w_local, handle)
         self.last_handle = handle
-        return ep_combine(y, handle, out_dtype=out_dtype or x.dtype,
-                          partial_sums=self.partial_sums and handle.transport == "all_to_all")
+        return ep_combine(y, handle, out_dtype=out_dtype or x.dtype, partial_sums=self.partial_sums)

@@ -1,6 +1,6 @@
 """EP dispatch/combine measurements: bytes sent per token and time per MoE layer, bf16 vs FP8 payload.
 
-``python -m v4hal.dist.bench --ep 2 --tokens 256 --dim 4096 --experts 256 --topk 6`` (V4-Flash-like:
+``python -m v4hal.parallel.bench --ep 2 --tokens 256 --dim 4096 --experts 256 --topk 6`` (V4-Flash-like:
 dim 4096, 256 routed experts, top-6) starts ``--ep`` local gloo ranks, routes ``--tokens`` random
 bf16 tokens per rank to uniformly random top-k experts, and times `ep_dispatch` and `ep_combine`
 (identity experts in between, so only the exchange and its packing are timed) for each payload:
@@ -149,7 +149,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m v4hal.dist.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m v4hal.parallel.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--ep", type=int, default=2, help="local gloo ranks (default 2)")
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank (default 256)")
     p.add_argument("--dim", type=int, default=4096, help="hidden size (default 4096, V4-Flash)")

@@ -6,7 +6,7 @@ import torch
 
 import v4hal
 from tests.numerics import assert_close, calc_diff
-from v4hal.dist import spawn
+from v4hal.parallel import spawn
 
 from . import workers as W
 

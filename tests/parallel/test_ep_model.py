@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.numerics import calc_diff
-from v4hal.dist import spawn
+from v4hal.parallel import spawn
 
 from . import workers as W
 
@@ -26,8 +26,8 @@ def test_v4_mini_ep2_logits(mini_ckpt: Path, experts_fp8: bool, preslice: bool) 
     from v4hal.model import V4Model
 
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(3))
-    res = spawn(W.rank_model, 2, str(mini_ckpt), ids, experts_fp8, preslice, start_method="fork", threads=1, timeout_s=60,
-                join_timeout_s=300)
+    res = spawn(W.rank_model, 2, str(mini_ckpt), ids, experts_fp8, preslice, start_method="fork", threads=1,
+                timeout_s=60, join_timeout_s=300)
     ref_model = V4Model.from_pretrained(mini_ckpt, experts_fp8=experts_fp8)
     assert [r["rows"].tolist() for r in res] == [[0, 1], [2]]
     for r in res:
@@ -43,8 +43,8 @@ def test_v4_mini_ep2_logits(mini_ckpt: Path, experts_fp8: bool, preslice: bool) 
 
 def test_run_ep_matches_single_process_run(mini_ckpt: Path) -> None:
     """`run_ep` (the `v4hal run --ep N` path) generates the tokens of `v4hal run`."""
-    from v4hal.dist.model import run_ep
     from v4hal.model.cli import run
+    from v4hal.parallel.model import run_ep
 
     args = argparse.Namespace(model=None, checkpoint=str(mini_ckpt), backend=None, device="cpu", prompt_len=12,
                               max_new_tokens=3, batch=3, seed=1, threads=1, experts="auto", json=None,

@@ -8,9 +8,9 @@ When the model has fused the shared expert into the routed stack (``MoE.fused``:
 routed sum in fp32 from the EP path and adds the shared output before the single final cast, so the
 summation is the fused single-process one (slots in order, shared last).
 
-The model still loads every expert before sharding (its loader has no EP argument yet); for
-``v4-mini`` that costs nothing, for real checkpoints the loader should read only the rank's experts
-(see the report of issue 7 for the hook).
+The model loader reads every expert before sharding; for ``v4-mini`` that costs nothing. A loader
+that reads only the rank's experts can hand its stacks over as they are: `shard_model_experts`
+accepts stacks of E or of E/W experts.
 
 `run_ep(args, ep)` runs ``v4hal run``'s job on ``ep`` local gloo ranks (`spawn`): each rank loads the
 checkpoint, shards the experts, and runs prefill + greedy decode on its rows of the prompt (rows

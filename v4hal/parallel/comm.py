@@ -29,7 +29,7 @@ def resolve_group(group: dist.ProcessGroup | None, op: str) -> dist.ProcessGroup
     """``group`` or the default (WORLD) group; `EPGroupError` when torch.distributed is not initialized."""
     if not dist.is_available() or not dist.is_initialized():
         raise EPGroupError(f"{op}: torch.distributed is not initialized: call torch.distributed.init_process_group "
-                           "(or run under v4hal.dist.launch.spawn) before using expert parallelism")
+                           "(or run under v4hal.parallel.launch.spawn) before using expert parallelism")
     return dist.group.WORLD if group is None else group
 
 

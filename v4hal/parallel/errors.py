@@ -15,7 +15,7 @@ class EPGroupError(V4HalError, RuntimeError):
 
 
 class EPRankError(V4HalError, RuntimeError):
-    """`v4hal.dist.launch.spawn`: one or more launched ranks failed; ``failures`` maps each failed rank
+    """`v4hal.parallel.launch.spawn`: one or more launched ranks failed; ``failures`` maps each failed rank
     to its exception (or a text when the rank died without one), ``results`` holds the return values
     of the ranks that finished (None for the others)."""
 
