@@ -1,27 +1,41 @@
-"""Numerics helpers shared by every test: distances, per-dtype tolerances, poisoning."""
+"""Numerics helpers shared by every test: distances, tolerances, poisoning.
+
+The pass rules are the library's numerics table (`v4hal.compare`): ``TOLERANCES`` is its
+(atol, rtol) per floating dtype, ``assert_close`` applies them (or an explicit atol/rtol), and
+``assert_op_matches`` applies an op's whole rule (bitwise, set per row, cosine distance, ...).
+"""
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import pytest
 import torch
 
+from v4hal import compare
 from v4hal.compare import calc_diff  # noqa: F401  (one definition, re-exported for the tests)
 
 # (atol, rtol) per output dtype: the error budget of one rounding to that dtype plus fp32 accumulation.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
+    dtype: (rule.atol, rule.rtol) for dtype, rule in compare.DTYPE_RULES.items() if rule.kind == "close"
 }
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
                  atol: float | None = None, rtol: float | None = None, msg: str = "") -> None:
     """torch.testing.assert_close with the tolerance of ``dtype`` (default: actual's dtype)."""
-    d_atol, d_rtol = TOLERANCES.get(dtype or actual.dtype, (1e-5, 1e-5))
+    d_atol, d_rtol = TOLERANCES.get(dtype or actual.dtype, TOLERANCES[torch.float32])
     torch.testing.assert_close(actual.double(), expected.double(),
                                atol=d_atol if atol is None else atol,
                                rtol=d_rtol if rtol is None else rtol, equal_nan=False, msg=msg or None)
+
+
+def assert_op_matches(op: str, actual: Any, expected: Any, args: Sequence[Any] | None = None,
+                      msg: str = "") -> None:
+    """Every output of ``op`` passes its rule in the numerics table against the reference's ``expected``."""
+    results = compare.compare_outputs(op, actual, expected, args)
+    bad = [f"output {i}: {r.rule}: max abs {r.max_abs:.3g}, calc_diff {r.diff:.3g}, {r.mismatches} mismatches"
+           for i, r in enumerate(results) if not r.passed]
+    assert not bad, f"{op}{' ' + msg if msg else ''}: " + "; ".join(bad)
 
 
 def poison_like(t: torch.Tensor) -> torch.Tensor:

@@ -1,86 +1,113 @@
-"""``v4hal parity``: every op on every backend available here, on seeded random inputs, compared
-with the reference backend. Prints a table (max error / cosine distance / pass) and saves JSON."""
+"""``v4hal parity``: every public op (and its variants) on every backend available here, on the tiny
+cases of the catalogue (`v4hal.cases`), compared with the reference backend by the numerics table
+(`v4hal.compare`). Prints a table (max error / cosine distance / pass) and saves JSON.
+
+The op list is read live from the op table (``v4hal.public_ops()``; in-place variants through
+``OpDef.variant_of``), so an op declared later (a plugin's, a test's) is covered once it has a case.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from v4hal import cases, compare
-from v4hal.hal import registry
 from v4hal.hal.dispatch import use_backend
 from v4hal.hal.errors import BackendUnavailableError
 
-INPLACE = {"act_quant": "act_quant_inplace", "fp4_act_quant": "fp4_act_quant_inplace"}
+__all__ = ["run_parity", "check_case", "parity_backends", "format_table", "add_arguments", "main"]
 
 
 def _clone(args: list[Any]) -> list[Any]:
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _run(backend: str, op: str, args: list[Any]) -> Any:
+def _call(backend: str, op: str, args: list[Any]) -> list[torch.Tensor]:
+    """Run ``op`` on ``backend``; its outputs: the returned tensors, then the arguments it writes into."""
     with use_backend(backend):
-        return getattr(torch.ops.v4hal, op)(*args)
+        out = getattr(torch.ops.v4hal, op)(*args)
+    returned = [] if out is None else [out] if isinstance(out, torch.Tensor) else list(out)
+    return returned + [args[i] for i in cases.written_args(op)]
 
 
-def _backends_for(device: str, requested: list[str] | None) -> list[str]:
-    """The requested backends, or every non-reference backend with an implementation on ``device``."""
+def parity_backends(device: str = "cpu", requested: Sequence[str] | None = None) -> list[str]:
+    """The requested backends, or every backend other than the reference that serves some op on ``device``."""
     if requested:
         return [n for n in requested if n != "reference"]
-    registry.ensure_device_backends(device)
-    return [n for n in registry.BACKENDS if n != "reference"
-            and any(i.backend == n for op in cases.BUILDERS for i in registry.implementations(op, device))]
+    from v4hal.hal.info import available_backends
+
+    return [n for n in available_backends(device) if n != "reference"]
 
 
-def _inplace_args(op: str, args: list[Any]) -> list[Any]:
-    """The in-place variant's arguments: (x, block_size[, scale_fmt]) from the out-of-place case."""
-    return _clone(args[:3] if op == "act_quant" else args[:2])
+def check_case(op: str, shape: dict[str, Any], backends: Sequence[str], device: str = "cpu",
+               seed: int = 0) -> list[dict[str, Any]]:
+    """One case of ``op`` (and of each of its variants) on each backend, against the reference.
+
+    Rows: the reference's ("oracle"), then per (op or variant, backend) one of "pass", "FAIL"
+    (outputs outside the rule, or the backend raised) or "skipped" (the backend cannot serve the
+    call: `BackendUnavailableError`, with its reasons)."""
+    args = cases.make_case(op, shape, seed=seed, device=device)
+    desc = cases.describe_shape(shape)
+    checks: list[tuple[str, list[Any], list[torch.Tensor]]] = []
+    t0 = time.perf_counter()
+    checks.append((op, args, _call("reference", op, _clone(args))))
+    rows: list[dict[str, Any]] = [{"op": op, "shape": desc, "backend": "reference", "device": device,
+                                   "status": "oracle", "seconds": time.perf_counter() - t0, "max_abs": 0.0,
+                                   "diff": 0.0, "mismatches": 0, "rule": "the reference itself"}]
+    for variant in cases.variants(op):
+        vargs = cases.variant_args(variant, args)
+        checks.append((variant, vargs, _call("reference", variant, _clone(vargs))))
+    for backend in backends:
+        for name, call_args, expected in checks:
+            row: dict[str, Any] = {"op": name, "shape": desc, "backend": backend, "device": device}
+            try:
+                t0 = time.perf_counter()
+                got = _call(backend, name, _clone(call_args))
+                row["seconds"] = time.perf_counter() - t0
+            except BackendUnavailableError as exc:
+                rows.append({**row, "status": "skipped", "reason": str(exc)})
+                continue
+            except Exception as exc:  # a kernel that raises on valid input is a failure, reported with the rest
+                rows.append({**row, "status": "FAIL", "reason": f"raised {type(exc).__name__}: {exc}",
+                             "max_abs": float("inf"), "diff": float("inf"), "mismatches": -1, "rule": "-"})
+                continue
+            results = compare.compare_outputs(name, got, expected, call_args)
+            row.update(status="pass" if compare.passed(results) else "FAIL",
+                       max_abs=max((r.max_abs for r in results), default=0.0),
+                       diff=max((r.diff for r in results), default=0.0),
+                       mismatches=sum(max(r.mismatches, 0) for r in results),
+                       rule="; ".join(sorted({r.rule for r in results})))
+            rows.append(row)
+    return rows
 
 
 def run_parity(device: str = "cpu", backends: list[str] | None = None, ops: list[str] | None = None,
                seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """One row per (op, shape, backend, output): errors vs the reference and pass/fail."""
+    """One row per (op, shape, backend): errors vs the reference and pass/fail; a public op without a
+    case gets one "skipped" row saying so."""
+    from v4hal.ops import public_ops
+
     rows: list[dict[str, Any]] = []
-    todo = [(op, shape) for op, shape in cases.SMALL_SHAPES if not ops or op in ops]
-    names = _backends_for(device, backends)
-    iterator = todo
+    names = parity_backends(device, backends)
+    todo: list[tuple[str, dict[str, Any]]] = []
+    for op in public_ops():
+        if ops and op not in ops:
+            continue
+        if op not in cases.CASES:
+            rows.append({"op": op, "shape": "-", "backend": "-", "device": device, "status": "skipped",
+                         "reason": "no case in v4hal.cases (register_case adds one)"})
+            continue
+        todo += cases.tiny_cases(op)
+    iterator: Any = todo
     if progress:
         from tqdm import tqdm
         iterator = tqdm(todo, desc="parity", unit="case", file=sys.stderr, leave=False)
     for op, shape in iterator:
-        args = cases.make_case(op, shape, seed=seed, device=device)
-        t0 = time.perf_counter()
-        expected = _run("reference", op, _clone(args))
-        rows.append({"op": op, "shape": cases.describe_shape(shape), "backend": "reference", "device": device,
-                     "status": "oracle", "seconds": time.perf_counter() - t0, "max_abs": 0.0, "diff": 0.0,
-                     "mismatches": 0, "rule": "the reference itself"})
-        checks = [(op, expected)]
-        if op in INPLACE:  # the in-place round trip of the same quantizer
-            ref_args = _inplace_args(op, args)
-            _run("reference", INPLACE[op], ref_args)
-            checks.append((INPLACE[op], ref_args[0]))
-        for backend in names:
-            for op_name, exp in checks:
-                row = {"op": op_name, "shape": cases.describe_shape(shape), "backend": backend, "device": device}
-                call = _clone(args) if op_name == op else _inplace_args(op, args)
-                try:
-                    t0 = time.perf_counter()
-                    out = _run(backend, op_name, call)
-                    row["seconds"] = time.perf_counter() - t0
-                except BackendUnavailableError as exc:
-                    rows.append({**row, "status": "skipped", "reason": str(exc)})
-                    continue
-                got = out if op_name == op else call[0]
-                results = compare.compare_outputs(op_name, got, exp)
-                row.update(status="pass" if all(r.passed for r in results) else "FAIL",
-                           max_abs=max(r.max_abs for r in results), diff=max(r.diff for r in results),
-                           mismatches=sum(max(r.mismatches, 0) for r in results),
-                           rule="; ".join(sorted({r.rule for r in results})))
-                rows.append(row)
+        rows += check_case(op, shape, names, device, seed)
     return rows
 
 
@@ -89,11 +116,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'op':<22}{'backend':<10}{'shape':<44}{'max abs err':>12}{'calc_diff':>11}{'bad':>6}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
-        if r["status"] == "skipped":
-            lines.append(f"{r['op']:<22}{r['backend']:<10}{r['shape'][:43]:<44}{'':>29}  skipped: {r['reason'][:80]}")
+        if r["status"] == "skipped" or "max_abs" not in r:
+            lines.append(f"{r['op']:<22}{r['backend']:<10}{r['shape'][:43]:<44}{'':>29}  {r['status']}: "
+                         f"{r.get('reason', '')[:80]}")
             continue
+        reason = f" ({r['reason'][:80]})" if r.get("reason") else ""
         lines.append(f"{r['op']:<22}{r['backend']:<10}{r['shape'][:43]:<44}{r['max_abs']:>12.3g}{r['diff']:>11.2g}"
-                     f"{r['mismatches']:>6}  {r['status']}")
+                     f"{r['mismatches']:>6}  {r['status']}{reason}")
     return "\n".join(lines)
 
 
@@ -117,13 +146,15 @@ def main(args: argparse.Namespace) -> int:
         return model_parity.main(args)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    t0 = time.perf_counter()
     rows = run_parity(args.device, backends, ops, args.seed)
     print(format_table(rows))
     ran = [r for r in rows if r["status"] in ("pass", "FAIL")]
     failed = [r for r in ran if r["status"] == "FAIL"]
     backends_seen = sorted({r["backend"] for r in ran})
     print(f"\n{len(ran) - len(failed)} passed, {len(failed)} failed, "
-          f"{sum(r['status'] == 'skipped' for r in rows)} skipped (backends compared with the reference: {', '.join(backends_seen) or 'none'})")
+          f"{sum(r['status'] == 'skipped' for r in rows)} skipped (backends compared with the reference: "
+          f"{', '.join(backends_seen) or 'none'}; {len(rows)} rows in {time.perf_counter() - t0:.1f} s)")
     if not ran:
         print("only the reference backend is available here; set TRITON_INTERPRET=1 to check the Triton kernels "
               "on the CPU")

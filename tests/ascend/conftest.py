@@ -6,6 +6,7 @@ from typing import Iterator
 
 import pytest
 
+import v4hal
 from v4hal.backends.ascend import limits, register
 from v4hal.hal import registry
 
@@ -33,6 +34,7 @@ def npu_950(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNPU]:
 def _session(chip: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNPU]:
     monkeypatch.delenv("V4HAL_BACKEND", raising=False)
     monkeypatch.delenv("V4HAL_OP_BACKENDS", raising=False)
+    v4hal.hal.dispatch.refresh()
     registry.ensure_device_backends("cpu")          # the reference backend, as in any CPU session
     handle = install(chip)
     register.enable_cpu_emulation()

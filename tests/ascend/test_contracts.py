@@ -83,7 +83,8 @@ def test_chip_only_ops(npu_a2):
         torch_npu.npu_dynamic_mx_quant(torch.ones(2, 32, dtype=BF16), dst_type=296)
     x8 = torch.zeros(2, 64, dtype=torch.float8_e4m3fn)
     with pytest.raises(ContractViolation, match="FP8/MX"):
-        torch_npu.npu_quant_matmul(x8, torch.zeros(64, 2, dtype=torch.float8_e4m3fn), torch.ones(1, 2, 2, dtype=torch.uint8),
+        torch_npu.npu_quant_matmul(x8, torch.zeros(64, 2, dtype=torch.float8_e4m3fn),
+                                   torch.ones(1, 2, 2, dtype=torch.uint8),
                                    pertoken_scale=torch.ones(2, 1, 2, dtype=torch.uint8), scale_dtype=293,
                                    pertoken_scale_dtype=293, output_dtype=BF16, group_sizes=[1, 1, 32])
     with pytest.raises(ContractViolation, match="hc of x support only 4|d of x supports only"):

@@ -119,3 +119,24 @@ def test_quant_indexer_limits_fall_back(npu_950):
     got = attention.quant_indexer_topk(q, qs, k, ks, w, 256, start_pos=60, ratio=4)
     assert not npu_950.calls and "sparse_count (topk) not 512 on 950" in _last_path("quant_indexer_topk")
     assert torch.equal(got, attention.quant_indexer_reference(q, qs, k, ks, w, 256, start_pos=60, ratio=4))
+
+
+def test_shared_kv_attention_checks_its_inputs(npu_a2):
+    """The Ascend-only entry validates with the op layer's checks: errors name the argument."""
+    from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+
+    q, kv, sink, cmp_kv, idx = _inputs()
+    with pytest.raises(RangeError, match="window must be > 0"):
+        attention.shared_kv_attention(q, kv, sink, 0.05, start_pos=300, window=0)
+    with pytest.raises(RangeError, match="start_pos and start_pos \\+ m"):
+        attention.shared_kv_attention(q, kv, sink, 0.05, start_pos=301, window=128)
+    with pytest.raises(DTypeError, match="cmp_kv \\(required with cmp_idxs\\)"):
+        attention.shared_kv_attention(q, kv, sink, 0.05, start_pos=300, window=128, cmp_idxs=idx)
+    with pytest.raises(ShapeError, match="attn_sink"):
+        attention.shared_kv_attention(q, kv, sink[:3], 0.05, start_pos=300, window=128)
+    bad = idx.clone()
+    bad[0, 0, 0] = cmp_kv.shape[1]
+    with pytest.raises(RangeError, match="cmp_idxs values must be in"):
+        attention.shared_kv_attention(q, kv, sink, 0.05, start_pos=300, window=128, cmp_kv=cmp_kv, cmp_ratio=4,
+                                      cmp_idxs=bad)
+    assert not npu_a2.calls

@@ -72,6 +72,7 @@ def _run_ascend(chip: str, case: dict) -> tuple[tuple[torch.Tensor, torch.Tensor
 @pytest.mark.parametrize("chip", ["A2", "950"])
 def test_v4_mini_graph(mini, chip, monkeypatch):
     monkeypatch.delenv("V4HAL_BACKEND", raising=False)
+    v4hal.hal.dispatch.refresh()
     (prefill, decode), served = _run_ascend(chip, mini)
     want_prefill, want_decode = mini["want"]
     assert calc_diff(prefill, want_prefill) <= TOL_LOGITS
@@ -84,6 +85,7 @@ def test_v4_mini_graph(mini, chip, monkeypatch):
 
 def test_v4_shaped_graph_runs_the_fused_ops(v4_shaped, monkeypatch):
     monkeypatch.delenv("V4HAL_BACKEND", raising=False)
+    v4hal.hal.dispatch.refresh()
     (prefill, decode), served = _run_ascend("A3", v4_shaped)
     want_prefill, want_decode = v4_shaped["want"]
     assert calc_diff(prefill, want_prefill) <= 1e-3

@@ -198,3 +198,49 @@ def test_unknown_chip_falls_back_everywhere(chip):
             assert ("rms_norm", "?", "reference: unknown Ascend chip") in limits.stats()
         finally:
             register.disable_cpu_emulation()
+
+
+def test_npu_probes_live_in_hal_devices():
+    """The backend's probes are the ones in v4hal.hal.devices (one cache, reset by runtime.reset)."""
+    from v4hal.hal import devices
+
+    runtime.reset()
+    assert devices.npu_reason() == "torch_npu not installed" and devices.npu_chip() is None
+    with fake_npu("950"):
+        assert devices.npu_chip() == runtime.chip() == "950" and devices.npu_reason() is None
+    assert devices.npu_chip() is None                     # uninstall reset the shared cache
+
+
+def test_one_requirement_table_registered_routed_and_shown():
+    """The requirements the adapter routes on are the registered ones; fallbacks are per chip, never
+    reasons to skip the backend, and v4hal info prints them from the backend's notes hook."""
+    registry.ensure_device_backends("cpu")
+    with fake_npu("A2") as handle:
+        register.enable_cpu_emulation()
+        try:
+            impl = next(i for i in registry.implementations("sparse_attn", "cpu") if i.backend == "ascend")
+            routed = limits.requirements("sparse_attn")
+            assert routed and all(any(r is q for q in impl.requires) for r in routed)
+            assert all(r.fallback == "reference" and r.chips for r in routed)
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(1, 2, 3, 512, generator=g).to(torch.bfloat16)          # 3 heads: not a power of 2
+            args = {"q": q, "kv": torch.randn(1, 8, 512, generator=g).to(torch.bfloat16),
+                    "attn_sink": torch.zeros(3), "topk_idxs": torch.zeros(1, 2, 4, dtype=torch.int32),
+                    "softmax_scale": 0.1}
+            assert impl.why_not(args) == []
+            assert impl.fallback_reasons(args) == ["heads not in {1,2,4,...,128} (A2/A3 N1 limit)"]
+            handle.set_chip("950")
+            runtime.reset()
+            assert impl.fallback_reasons(args) == []
+        finally:
+            register.disable_cpu_emulation()
+    notes = v4hal.info(["cpu"])["notes"]["ascend"]
+    assert {"op": "sparse_attn", "note": "falls back to reference: heads not in 1..128 (950 N1 limit) (950)"} in notes
+    assert {"op": "fp8_gemm",
+            "note": "falls back to dequant to bf16/fp32 + NPU matmul: out_dtype not bf16/fp16 (950)"} in notes
+    assert {r["op"] for r in notes} == set(v4hal.OPS)
+    from v4hal.hal.info import format_info
+
+    text = format_info(v4hal.info(["cpu"]))
+    assert ("notes from the ascend backend:" in text
+            and "falls back to reference: no MX quantizer on A2/A3 (A2/A3)" in text)

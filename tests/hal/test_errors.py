@@ -47,6 +47,19 @@ def test_fp8_gemm_scale_shape_and_nonfinite():
         v4hal.fp8_gemm(a, a_s, b, b_s, scale_dtype=torch.float8_e8m0fnu)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp8_gemm_partial_k_block_refused_by_every_backend(backend):
+    """K = 192 with ceil(K/128) = 2 scales is not a valid fp8_gemm call, whichever backend is asked for."""
+    a = torch.randn(3, 192).to(FP8)
+    a_s = torch.ones(3, 2)
+    b = torch.randn(128, 192).to(FP8)
+    b_s = torch.ones(1, 2)
+    with v4hal.use_backend(backend):
+        with pytest.raises(ShapeError, match=r"fp8_gemm: a.shape\[-1\] \(K\) \(192\) must be divisible by the FP8 "
+                                             r"block \(128\)"):
+            v4hal.fp8_gemm(a, a_s, b, b_s)
+
+
 def test_grouped_gemm_offsets_checked():
     x = torch.randn(6, 128)
     with pytest.raises(RangeError, match="group_offsets must start at 0, end at M=6"):
@@ -78,6 +91,7 @@ def test_hadamard_needs_power_of_two():
 
 def test_value_checks_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("V4HAL_CHECK_VALUES", "0")
+    v4hal.hal.dispatch.refresh()
     x = torch.randn(3, 16)
     # with value checks off the range error is not raised by v4hal (the kernel may still fail)
     out = v4hal.moe_gate(x, torch.randn(4, 16), topk=2)

@@ -5,10 +5,11 @@ import torch
 import v4hal
 from v4hal import cases
 
-INPLACE_ARGS = {"act_quant_inplace": ("act_quant", 3), "fp4_act_quant_inplace": ("fp4_act_quant", 2)}
-CASES = [(op, shape) for op, shape in cases.SMALL_SHAPES]
+CASES = cases.tiny_cases()
 # one case per op is enough for opcheck (schema, fake tensor, aot dispatch): take the first of each
 FIRST = list({op: (op, shape) for op, shape in reversed(CASES)}.values())
+# in-place variants (OpDef.variant_of), with their arguments taken from their op's case
+VARIANTS = [name for name, d in v4hal.OPS.items() if d.variant_of is not None and d.variant_of in cases.CASES]
 
 
 LOW_PRECISION = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
@@ -40,17 +41,19 @@ def test_opcheck(op, shape):
         torch.library.opcheck(overload, args, test_utils=utils)
 
 
-@pytest.mark.parametrize("op", sorted(INPLACE_ARGS))
+@pytest.mark.parametrize("op", VARIANTS)
 def test_opcheck_inplace(op):
-    base, n = INPLACE_ARGS[op]
+    base = v4hal.OPS[op].variant_of
     shape = next(s for o, s in CASES if o == base)
-    args = cases.make_case(base, shape, seed=2)[:n]
-    args[0] = args[0].float()
+    args = cases.variant_args(op, cases.make_case(base, shape, seed=2))
+    for i in cases.written_args(op):
+        args[i] = args[i].float()
     torch.library.opcheck(getattr(torch.ops.v4hal, op).default, args)
 
 
 def test_every_public_op_has_a_case():
-    assert {op for op, _ in CASES} == set(v4hal.PUBLIC_OPS)
+    assert set(v4hal.PUBLIC_OPS) <= {op for op, _ in CASES}
+    assert {"act_quant_inplace", "fp4_act_quant_inplace"} <= set(VARIANTS)
 
 
 def test_compiled_graph_matches_eager():

@@ -10,8 +10,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from v4hal.model import (CheckpointDTypeError, CheckpointError, CheckpointShapeError, ModelConfig, V4Model,
-                         checkpoint_spec, read_checkpoint, write_random_checkpoint)
+from v4hal.model import (
+    CheckpointDTypeError,
+    CheckpointError,
+    CheckpointShapeError,
+    ModelConfig,
+    V4Model,
+    checkpoint_spec,
+    read_checkpoint,
+    write_random_checkpoint,
+)
 from v4hal.model.checkpoint import hf_rename, shard_dim
 
 PROMPT = torch.randint(0, 512, (2, 21), generator=torch.Generator().manual_seed(0))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ref_v4 import F64, RefV4
+
 from tests.numerics import calc_diff
 from v4hal.model import V4Model
 

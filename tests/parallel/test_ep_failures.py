@@ -6,8 +6,17 @@ import torch
 import torch.distributed as dist
 
 from v4hal.hal.errors import BackendUnavailableError, RangeError, V4HalError
-from v4hal.parallel import (EPGroupError, EPRankError, EPTimeoutError, ExpertParallelMoE, ep_dispatch, expert_range,
-                            select_transport, spawn, transport_reasons)
+from v4hal.parallel import (
+    EPGroupError,
+    EPRankError,
+    EPTimeoutError,
+    ExpertParallelMoE,
+    ep_dispatch,
+    expert_range,
+    select_transport,
+    spawn,
+    transport_reasons,
+)
 
 from . import workers as W
 

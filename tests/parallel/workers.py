@@ -15,7 +15,7 @@ import torch.distributed as dist
 import v4hal
 from v4hal.parallel import EPTimeoutError, ExpertParallelMoE, ep_combine, ep_dispatch
 
-E, D, I, K = 8, 256, 128, 3
+E, D, INTER, K = 8, 256, 128, 3     # experts, model dim, expert intermediate dim, experts per token
 SWIGLU = 10.0
 
 #: tokens per rank: uneven, one rank without tokens
@@ -36,9 +36,10 @@ PAYLOADS = {"fp8": None, "fp8-ue8m0": "ue8m0"}
 
 
 def make_weights(kind: str, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
-    """All E experts: w1/w3 ``[E, I, D]``, w2 ``[E, D, I]`` (bf16, FP8 with fp32 or e8m0 128x128 scales, FP4)."""
+    """All E experts: w1/w3 ``[E, INTER, D]``, w2 ``[E, D, INTER]`` (bf16, FP8 with fp32 or e8m0 128x128 scales,
+    FP4)."""
     g = torch.Generator().manual_seed(seed)
-    wf = [torch.randn(E, *shape, generator=g) * 0.06 for shape in ((I, D), (D, I), (I, D))]
+    wf = [torch.randn(E, *shape, generator=g) * 0.06 for shape in ((INTER, D), (D, INTER), (INTER, D))]
     if kind == "bf16":
         return (*(w.to(torch.bfloat16) for w in wf), None)
     if kind in ("fp8", "fp8e"):
@@ -235,7 +236,7 @@ def rank_adapters(rank: int, world: int) -> dict[str, Any]:
     """The DeepEP and Ascend MC2 adapters driven end to end against the one-rank stand-ins."""
     import sys
 
-    from v4hal.backends.ascend import runtime
+    from v4hal.hal import devices
     from v4hal.parallel import ascend_mc2, get_transport
 
     from . import stand_ins
@@ -261,8 +262,8 @@ def rank_adapters(rank: int, world: int) -> dict[str, Any]:
     out["fp8_reference"] = v4hal.moe_experts(fp8_roundtrip(x, None), w, idx, w1, w2, w3)
     for chip in ("A2", "A3"):
         mc2 = stand_ins.MC2(chip)
-        runtime.torch_npu_module = lambda: mc2
-        runtime.chip = lambda: chip
+        devices.torch_npu_module = lambda: mc2
+        devices.npu_chip = lambda: chip
         out[f"ascend/{chip}"] = run("ascend")
         out[f"ascend/{chip}/calls"] = [c["op"] for c in mc2.calls]
         out[f"ascend/{chip}/global_bs"] = mc2.calls[0]["global_bs"]

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import v4hal
 from tests.numerics import assert_close, calc_diff, poison_like
 from v4hal.backends.reference import attention as ref
 from v4hal.hal.errors import RangeError, ShapeError
@@ -200,17 +201,41 @@ def test_sparse_attn_model_size_on_cpu() -> None:
         assert_close(out[bi, mi], expected[bi, mi], torch.bfloat16)
 
 
+def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every read of tensor data into Python (``.item()``, ``.tolist()``, ``int(t)``...) fail."""
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a reference kernel read tensor data on the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+
+def test_sparse_attn_reads_no_tensor_data_on_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference kernel leaves the range checks to the op (``V4HAL_CHECK_VALUES``): no host sync,
+    and still an all -1 row gives exactly 0 and a -inf sink means "no sink"."""
+    q, kv, sink, idx = make_attn_inputs(2, 5, 3, 64, 9, 6, torch.float32, seed=4, empty_rows=2)
+    sink[1] = float("-inf")
+    expected = sparse_attn_f64(q, kv, sink, idx, 0.125)
+    empty = (idx == -1).all(dim=-1)                                         # [b, m]
+    forbid_host_reads(monkeypatch)
+    out = ref.sparse_attn(q, kv, sink, idx, 0.125)
+    monkeypatch.undo()
+    assert empty.sum().item() == 2
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert_close(out, expected, torch.float32)
+
+
 def test_sparse_attn_rejects_bad_values() -> None:
     q, kv, sink, idx = make_attn_inputs(1, 2, 2, 64, 8, 4, torch.float32, seed=1)
     bad = idx.clone()
     bad[0, 0, 0] = 8
     with pytest.raises(RangeError, match="topk_idxs"):
-        ref.sparse_attn(q, kv, sink, bad, 0.1)
+        v4hal.sparse_attn(q, kv, sink, bad, 0.1)
     bad[0, 0, 0] = -2
     with pytest.raises(RangeError, match="topk_idxs"):
-        ref.sparse_attn(q, kv, sink, bad, 0.1)
+        v4hal.sparse_attn(q, kv, sink, bad, 0.1)
     with pytest.raises(RangeError, match="attn_sink"):
-        ref.sparse_attn(q, kv, torch.tensor([0.0, float("nan")]), idx, 0.1)
+        v4hal.sparse_attn(q, kv, torch.tensor([0.0, float("nan")]), idx, 0.1)
 
 
 # ---- properties (hypothesis) -----------------------------------------------------------------
@@ -316,7 +341,8 @@ def test_index_scores_matches_f64(b, s, nh, dd, t, dtype) -> None:
 
 def test_index_scores_chunking_is_invisible(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
-    q, k, w = torch.randn(2, 7, 3, 16, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(2, 7, 3, generator=g)
+    q, k, w = (torch.randn(2, 7, 3, 16, generator=g), torch.randn(2, 5, 16, generator=g),
+               torch.randn(2, 7, 3, generator=g))
     whole = ref.index_scores(q, k, w)
     monkeypatch.setattr(ref, "_CHUNK_ELEMS", 2 * 2 * 3 * 5)               # 2 query rows per chunk
     assert_close(ref.index_scores(q, k, w), whole, torch.float32)
@@ -394,9 +420,9 @@ def test_indexer_topk_empty_and_errors() -> None:
     assert ref.indexer_topk(q, torch.randn(1, 0, 8), w, 4).shape == (1, 3, 0)
     assert ref.indexer_topk(q, torch.randn(1, 5, 8), w, 0).shape == (1, 3, 0)
     for kwargs in ({"topk": -1}, {"topk": 2, "ratio": 0}, {"topk": 2, "start_pos": -1},
-                   {"topk": 2, "offset": -3}):
+                   {"topk": 2, "offset": -3}, {"topk": 2, "offset": 2**31 - 5}):
         with pytest.raises(RangeError):
-            ref.indexer_topk(q, torch.randn(1, 5, 8), w, **kwargs)
+            v4hal.indexer_topk(q, torch.randn(1, 5, 8), w, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,10 +481,10 @@ def test_compress_kv_overlap_dependencies() -> None:
 def test_compress_kv_rejects_bad_shapes() -> None:
     kv, score, ape = make_compress_inputs(1, 8, 16, 4, torch.float32, seed=0)
     with pytest.raises(ShapeError, match="multiple of ratio"):
-        ref.compress_kv(kv[:, :6], score[:, :6], ape, 4, True)
+        v4hal.compress_kv(kv[:, :6], score[:, :6], ape, 4, True)
     with pytest.raises(ShapeError, match="ape"):
-        ref.compress_kv(kv, score, ape[:3], 4, True)
+        v4hal.compress_kv(kv, score, ape[:3], 4, True)
     with pytest.raises(ShapeError, match="score"):
-        ref.compress_kv(kv, score[:, :4], ape, 4, False)
+        v4hal.compress_kv(kv, score[:, :4], ape, 4, False)
     with pytest.raises(ShapeError, match="c\\*d"):
-        ref.compress_kv(kv[..., :15], score[..., :15], ape[:, :15], 4, True)
+        v4hal.compress_kv(kv[..., :15], score[..., :15], ape[:, :15], 4, True)

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from v4hal.hal import formats as F
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError

@@ -255,28 +255,28 @@ def test_mhc_errors() -> None:
     _, hc_fn, scale, base = _params(4, 8, seed=1)
     x = torch.randn(3, 4, 8)
     with pytest.raises(ShapeError, match="mixes"):
-        hc_split_sinkhorn(torch.randn(3, 23), scale, base)
+        torch.ops.v4hal.hc_split_sinkhorn(torch.randn(3, 23), scale, base)
     with pytest.raises(DTypeError, match="mixes"):
-        hc_split_sinkhorn(torch.randn(3, 24, dtype=torch.float64), scale, base)
+        torch.ops.v4hal.hc_split_sinkhorn(torch.randn(3, 24, dtype=torch.float64), scale, base)
     with pytest.raises(RangeError, match="sinkhorn_iters"):
-        hc_split_sinkhorn(torch.randn(3, 24), scale, base, 4, 0)
+        torch.ops.v4hal.hc_split_sinkhorn(torch.randn(3, 24), scale, base, 4, 0)
     with pytest.raises(ShapeError, match="hc_scale"):
-        hc_split_sinkhorn(torch.randn(3, 24), scale[:1], base)
+        torch.ops.v4hal.hc_split_sinkhorn(torch.randn(3, 24), scale[:1], base)
     with pytest.raises(ShapeError, match="hc_fn"):
-        hc_pre(x, hc_fn[:, :16], scale, base)
+        torch.ops.v4hal.hc_pre(x, hc_fn[:, :16], scale, base)
     with pytest.raises(DTypeError, match="hc_fn"):
-        hc_pre(x, hc_fn.bfloat16(), scale, base)
+        torch.ops.v4hal.hc_pre(x, hc_fn.bfloat16(), scale, base)
     with pytest.raises(ShapeError, match="x"):
-        hc_pre(torch.randn(3, 2, 8), hc_fn, scale, base)
+        torch.ops.v4hal.hc_pre(torch.randn(3, 2, 8), hc_fn, scale, base)
     with pytest.raises(DTypeError, match="x"):
-        hc_pre(x.double(), hc_fn, scale, base)
+        torch.ops.v4hal.hc_pre(x.double(), hc_fn, scale, base)
     with pytest.raises(ShapeError, match="post"):
-        hc_post(torch.randn(3, 8), x, torch.rand(3, 3), torch.rand(3, 4, 4))
+        torch.ops.v4hal.hc_post(torch.randn(3, 8), x, torch.rand(3, 3), torch.rand(3, 4, 4))
     with pytest.raises(ShapeError, match="x"):
-        hc_post(torch.randn(3, 7), x, torch.rand(3, 4), torch.rand(3, 4, 4))
+        torch.ops.v4hal.hc_post(torch.randn(3, 7), x, torch.rand(3, 4), torch.rand(3, 4, 4))
     with pytest.raises(DTypeError, match="comb"):
-        hc_post(torch.randn(3, 8), x, torch.rand(3, 4), torch.rand(3, 4, 4).bfloat16())
+        torch.ops.v4hal.hc_post(torch.randn(3, 8), x, torch.rand(3, 4), torch.rand(3, 4, 4).bfloat16())
     with pytest.raises(ShapeError, match="hc_scale"):
-        hc_head(x, hc_fn[:4], scale, base[:4])
+        torch.ops.v4hal.hc_head(x, hc_fn[:4], scale, base[:4])
     with pytest.raises(ShapeError, match="hc_fn"):
-        hc_head(x, hc_fn, scale[:1], base[:4])
+        torch.ops.v4hal.hc_head(x, hc_fn, scale[:1], base[:4])

@@ -11,7 +11,8 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from v4hal.backends.reference.moe import moe_combine, moe_dispatch, moe_gate
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
@@ -147,23 +148,23 @@ def test_moe_gate_errors() -> None:
     tid2eid = torch.zeros(10, 2, dtype=torch.int32)
     ids = torch.zeros(4, dtype=torch.int64)
     with pytest.raises(RangeError, match="score_func"):
-        moe_gate(x, w, 2, score_func="relu")
+        torch.ops.v4hal.moe_gate(x, w, 2, score_func="relu")
     with pytest.raises(RangeError, match="topk"):
-        moe_gate(x, w, 9)
+        torch.ops.v4hal.moe_gate(x, w, 9)
     with pytest.raises(ShapeError, match="tid2eid"):
-        moe_gate(x, w, 2, tid2eid=tid2eid)
+        torch.ops.v4hal.moe_gate(x, w, 2, tid2eid=tid2eid)
     with pytest.raises(RangeError, match="input_ids"):
-        moe_gate(x, w, 2, tid2eid=tid2eid, input_ids=torch.full((4,), 10))
+        torch.ops.v4hal.moe_gate(x, w, 2, tid2eid=tid2eid, input_ids=torch.full((4,), 10))
     with pytest.raises(RangeError, match="tid2eid"):
-        moe_gate(x, w, 2, tid2eid=torch.full((10, 2), 8, dtype=torch.int32), input_ids=ids)
+        torch.ops.v4hal.moe_gate(x, w, 2, tid2eid=torch.full((10, 2), 8, dtype=torch.int32), input_ids=ids)
     with pytest.raises(DTypeError, match="bias"):
-        moe_gate(x, w, 2, bias=bias.double())
+        torch.ops.v4hal.moe_gate(x, w, 2, bias=bias.double())
     with pytest.raises(ShapeError, match="bias"):
-        moe_gate(x, w, 2, bias=bias[:4])
+        torch.ops.v4hal.moe_gate(x, w, 2, bias=bias[:4])
     with pytest.raises(ShapeError, match="tid2eid"):
-        moe_gate(x, w, 3, tid2eid=tid2eid, input_ids=ids)
+        torch.ops.v4hal.moe_gate(x, w, 3, tid2eid=tid2eid, input_ids=ids)
     with pytest.raises(ShapeError, match="weight"):
-        moe_gate(x, w[:, :5], 2)
+        torch.ops.v4hal.moe_gate(x, w[:, :5], 2)
 
 
 # ---------------------------------------------------------------- dispatch / combine
@@ -269,30 +270,51 @@ def test_moe_round_trip_unit_weights(topk) -> None:
     assert_close(moe_combine(xs, torch.ones(13, topk), s2f), topk * xf.double(), torch.float32)
 
 
+def test_routing_reads_no_tensor_data_on_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gate (score and hash routing), dispatch and combine leave the id checks to the op: no host sync."""
+    x, w, bias = _make_gate_inputs(6, 8, torch.float32, 3)
+    tid2eid = torch.randint(0, 8, (20, 2), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    ids = torch.arange(6) * 3
+    want_hash = tid2eid[ids]
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a reference kernel read tensor data on the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    weights, indices = moe_gate(x, w, 2, bias)
+    _, hashed = moe_gate(x, w, 2, tid2eid=tid2eid, input_ids=ids)
+    x_sorted, offsets, s2f = moe_dispatch(x, indices, 8)
+    out = moe_combine(x_sorted, weights, s2f)
+    monkeypatch.undo()
+    assert torch.equal(hashed, want_hash)
+    assert torch.equal(offsets[-1], torch.tensor(12))
+    assert_close(out, x.double() * weights.double().sum(dim=1, keepdim=True), torch.float32)
+
+
 def test_moe_dispatch_combine_errors() -> None:
     x = torch.randn(4, D)
     idx = torch.zeros(4, 2, dtype=torch.int32)
     with pytest.raises(DTypeError, match="indices"):
-        moe_dispatch(x, idx.long(), 8)
+        torch.ops.v4hal.moe_dispatch(x, idx.long(), 8)
     with pytest.raises(ShapeError, match="indices"):
-        moe_dispatch(x, idx[:3], 8)
+        torch.ops.v4hal.moe_dispatch(x, idx[:3], 8)
     with pytest.raises(RangeError, match="indices"):
-        moe_dispatch(x, idx + 8, 8)
+        torch.ops.v4hal.moe_dispatch(x, idx + 8, 8)
     with pytest.raises(RangeError, match="indices"):
-        moe_dispatch(x, idx - 1, 8)
+        torch.ops.v4hal.moe_dispatch(x, idx - 1, 8)
     with pytest.raises(RangeError, match="num_experts"):
-        moe_dispatch(x, idx, 0)
+        torch.ops.v4hal.moe_dispatch(x, idx, 0)
     y = torch.randn(8, D)
     with pytest.raises(RangeError, match="permutation"):
-        moe_combine(y, torch.ones(4, 2), torch.zeros(8, dtype=torch.int64))
+        torch.ops.v4hal.moe_combine(y, torch.ones(4, 2), torch.zeros(8, dtype=torch.int64))
     with pytest.raises(RangeError, match="permutation"):
-        moe_combine(y, torch.ones(4, 2), torch.arange(8) + 1)
+        torch.ops.v4hal.moe_combine(y, torch.ones(4, 2), torch.arange(8) + 1)
     with pytest.raises(DTypeError, match="weights"):
-        moe_combine(y, torch.ones(4, 2, dtype=torch.bfloat16), torch.arange(8))
+        torch.ops.v4hal.moe_combine(y, torch.ones(4, 2, dtype=torch.bfloat16), torch.arange(8))
     with pytest.raises(ShapeError, match="y"):
-        moe_combine(y[:7], torch.ones(4, 2), torch.arange(8))
+        torch.ops.v4hal.moe_combine(y[:7], torch.ones(4, 2), torch.arange(8))
     with pytest.raises(DTypeError, match="sorted_to_flat"):
-        moe_combine(y, torch.ones(4, 2), torch.arange(8, dtype=torch.int32))
+        torch.ops.v4hal.moe_combine(y, torch.ones(4, 2), torch.arange(8, dtype=torch.int32))
 
 
 @settings(max_examples=60, deadline=None)

@@ -186,19 +186,20 @@ def test_empty_tokens() -> None:
 def test_errors() -> None:
     x, weights, indices, w1, w2, w3 = make_case(4, 2, 4, 128, 128, torch.float32, seed=8)
     with pytest.raises(DTypeError, match="x's dtype"):
-        moe_experts(x, weights, indices, w1.bfloat16(), w2.bfloat16(), w3.bfloat16())
+        torch.ops.v4hal.moe_experts(x, weights, indices, w1.bfloat16(), w2.bfloat16(), w3.bfloat16())
     with pytest.raises(RangeError, match="indices"):
-        moe_experts(x, weights, indices + 4, w1, w2, w3)
+        torch.ops.v4hal.moe_experts(x, weights, indices + 4, w1, w2, w3)
     with pytest.raises(ShapeError, match="weights must be"):
-        moe_experts(x, weights[:, :1], indices, w1, w2, w3)
+        torch.ops.v4hal.moe_experts(x, weights[:, :1], indices, w1, w2, w3)
     with pytest.raises(ShapeError, match="w2"):
-        moe_experts(x, weights, indices, w1, w2[:, :64], w3)
+        torch.ops.v4hal.moe_experts(x, weights, indices, w1, w2[:, :64], w3)
     ws, scales, _, _ = quantize("fp8-e8m0", w1, w2, w3)
     with pytest.raises(DTypeError, match="need w1_scale"):
-        moe_experts(x, weights, indices, *ws)
+        torch.ops.v4hal.moe_experts(x, weights, indices, *ws)
     with pytest.raises(DTypeError, match="share one dtype"):
-        moe_experts(x, weights, indices, *ws, scales[0], Q.quant_weight_fp8(w2, 128, None)[1], scales[2])
+        torch.ops.v4hal.moe_experts(x, weights, indices, *ws, scales[0], Q.quant_weight_fp8(w2, 128, None)[1],
+                                    scales[2])
     x2, weights2, indices2, v1, v2, v3 = make_case(4, 2, 4, 96, 128, torch.float32, seed=9)
     q = [Q.quant_weight_fp4(w, 32) for w in (v1, v2, v3)]
     with pytest.raises(ShapeError, match="divisible by 128"):
-        moe_experts(x2, weights2, indices2, *[a for a, _ in q], *[b for _, b in q])
+        torch.ops.v4hal.moe_experts(x2, weights2, indices2, *[a for a, _ in q], *[b for _, b in q])

@@ -7,8 +7,10 @@ import struct
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import v4hal
 from v4hal.backends.reference import quant as Q
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
@@ -327,7 +329,7 @@ def test_dequant_fp8_weight_tiles(scale_dtype: torch.dtype) -> None:
     want = [[[f32(yv[e][i][j] * sf[e][i // bs][j // bs]) for j in range(k)] for i in range(n)] for e in range(2)]
     assert_same_bits(out, torch.tensor(want))
     with pytest.raises(ShapeError, match="per-row blocks"):
-        Q.dequant_fp8(y, s[:, :2], bs)
+        v4hal.dequant_fp8(y, s[:, :2], bs)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, E8M0])
@@ -347,9 +349,9 @@ def test_dequant_fp4(scale_dtype: torch.dtype) -> None:
              for j in range(96)] for r in range(6)]
     assert_same_bits(out.reshape(6, 96), torch.tensor(want).to(torch.bfloat16))
     with pytest.raises(ShapeError):
-        Q.dequant_fp4(packed, s[..., :2], 32)
+        v4hal.dequant_fp4(packed, s[..., :2], 32)
     with pytest.raises(DTypeError):
-        Q.dequant_fp4(packed.view(torch.int8), s, 32)
+        v4hal.dequant_fp4(packed.view(torch.int8), s, 32)
 
 
 # ------------------------------------------------------------------ weight quantizers
@@ -411,23 +413,23 @@ def test_empty_and_leading_dims() -> None:
 def test_errors() -> None:
     x = torch.randn(2, 100)
     with pytest.raises(ShapeError, match="divisible by block_size"):
-        Q.act_quant(x, 128)
+        v4hal.act_quant(x, 128)
     with pytest.raises(RangeError, match="scale_fmt"):
-        Q.act_quant(torch.randn(2, 128), 128, "e4m3")
+        v4hal.act_quant(torch.randn(2, 128), 128, "e4m3")
     with pytest.raises(DTypeError, match="scale_dtype"):
-        Q.act_quant(torch.randn(2, 128), 128, None, torch.float16)
+        v4hal.act_quant(torch.randn(2, 128), 128, None, torch.float16)
     with pytest.raises(DTypeError, match="x must be"):
-        Q.act_quant(torch.randint(0, 3, (2, 128)), 128)
+        v4hal.act_quant(torch.randint(0, 3, (2, 128)), 128)
     with pytest.raises(ShapeError, match="even"):
-        Q.fp4_act_quant(torch.randn(2, 99), 33)
+        v4hal.fp4_act_quant(torch.randn(2, 99), 33)
     with pytest.raises(RangeError, match="block_size"):
-        Q.act_quant_inplace(torch.randn(2, 128), 0)
+        v4hal.act_quant(torch.randn(2, 128), 0, inplace=True)
     with pytest.raises(ShapeError, match=r"\[..., N, K\]"):
-        Q.quant_weight_fp8(torch.randn(128))
+        v4hal.quant_weight_fp8(torch.randn(128))
     with pytest.raises(ShapeError):
-        Q.quant_weight_fp4(torch.randn(4, 48), 32)
+        v4hal.quant_weight_fp4(torch.randn(4, 48), 32)
     with pytest.raises(DTypeError):
-        Q.dequant_fp8(torch.randn(2, 128), torch.ones(2, 1), 128)
+        v4hal.dequant_fp8(torch.randn(2, 128), torch.ones(2, 1), 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,12 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import v4hal
 from tests.numerics import assert_close, calc_diff, poison_like
 from tests.triton.rounding import assert_matches_rounded_reference, assert_rounded
 from v4hal.backends.reference import attention as ref
 from v4hal.backends.triton import attention as tri
 from v4hal.backends.triton._attn_common import dot_upcast
-from v4hal.hal.errors import ShapeError
 
 DIFF_BOUND = 5e-6
 
@@ -137,8 +137,8 @@ def test_empty_index_list_and_limits() -> None:
     out = run_poisoned(q, kv, sink, idx, 0.1)
     assert torch.equal(out, torch.zeros_like(out))
     big = torch.zeros(1, 1, 1, 1024)
-    with pytest.raises(ShapeError, match="head dim"):
-        tri.sparse_attn(big, torch.zeros(1, 3, 1024), torch.zeros(1), torch.zeros(1, 1, 2, dtype=torch.int32), 1.0)
+    with v4hal.use_backend("triton"), pytest.raises(v4hal.BackendUnavailableError, match="head dim"):
+        v4hal.sparse_attn(big, torch.zeros(1, 3, 1024), torch.zeros(1), torch.zeros(1, 1, 2, dtype=torch.int32), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,17 +146,17 @@ def test_empty_index_list_and_limits() -> None:
 
 
 def test_registration_on_cpu_is_explicit_and_explains_limits() -> None:
-    from v4hal.backends.triton import register_attn
+    from v4hal.backends import triton as tri_backend
     from v4hal.hal import registry
 
-    register_attn.load()
+    tri_backend.load()
     ops = ("sparse_attn", "index_scores", "indexer_topk", "hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head",
            "rms_norm", "rotary_emb", "hadamard_transform")
     for op in ops:
         cpu = [i for i in registry.implementations(op, "cpu") if i.backend == "triton"]
         cuda = [i for i in registry.implementations(op, "cuda") if i.backend == "triton"]
-        assert len(cpu) == 1 and not cpu[0].auto and register_attn.INTERPRETER in cpu[0].requires
-        assert len(cuda) == 1 and cuda[0].auto and cuda[0].priority == register_attn.CUDA_PRIORITY
+        assert len(cpu) == 1 and not cpu[0].auto and tri_backend.INTERPRETER in cpu[0].requires
+        assert len(cuda) == 1 and cuda[0].auto and cuda[0].priority == tri_backend.PRIORITY
     impl = next(i for i in registry.implementations("sparse_attn", "cpu") if i.backend == "triton")
     assert impl.fn is tri.sparse_attn
     small_args = {"q": torch.zeros(1, 1, 2, 64), "kv": torch.zeros(1, 3, 64)}
@@ -166,8 +166,6 @@ def test_registration_on_cpu_is_explicit_and_explains_limits() -> None:
 
 
 def test_public_op_runs_the_triton_kernel_when_asked() -> None:
-    import v4hal
-
     q, kv, sink, idx = make_inputs(1, 2, 3, 64, 10, 6, torch.float32, seed=2)
     with v4hal.use_backend("triton"):
         got = v4hal.sparse_attn(q, kv, sink, idx, 0.125)

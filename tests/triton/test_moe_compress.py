@@ -16,16 +16,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+import v4hal
 from tests.numerics import assert_close, calc_diff, poisoned_empty  # noqa: F401  (fixture)
+from v4hal.backends import triton as tri_backend
 from v4hal.backends.reference import attention as ref_attn
 from v4hal.backends.reference import moe as ref_moe
 from v4hal.backends.reference import moe_experts as ref_experts
 from v4hal.backends.reference import quant as ref_quant
 from v4hal.backends.triton import compress as tri_compress
 from v4hal.backends.triton import moe as tri_moe
-from v4hal.backends.triton import register_moe_compress
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.errors import BackendUnavailableError, DTypeError, RangeError, ShapeError
 
 MAX_DIFF = {torch.float32: 1e-10, torch.float16: 1e-6, torch.bfloat16: 1e-5}
 
@@ -78,13 +79,16 @@ def test_compress_kv_strided_score_and_peaked_softmax():
 
 
 def test_compress_kv_errors():
+    """Invalid calls fail in the op layer; a ratio above the kernel's window is refused by the backend."""
     kv, score, ape = torch.zeros(1, 6, 8), torch.zeros(1, 6, 8), torch.zeros(4, 8)
-    with pytest.raises(ShapeError, match="n % ratio"):
-        tri_compress.compress_kv(kv, score, ape, 4, False)
-    with pytest.raises(ShapeError, match="ape must be float32"):
-        tri_compress.compress_kv(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), torch.zeros(2, 8), 4, False)
-    with pytest.raises(RangeError, match="ratio in"):
-        tri_compress.compress_kv(kv, score, ape, tri_compress.MAX_RATIO + 1, False)
+    big = tri_compress.MAX_RATIO + 1
+    with v4hal.use_backend("triton"):
+        with pytest.raises(ShapeError, match=r"kv.*ratio \(4\)"):
+            v4hal.compress_kv(kv, score, ape, 4, False)
+        with pytest.raises(ShapeError, match="ape must be"):
+            v4hal.compress_kv(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), torch.zeros(2, 8), 4, False)
+        with pytest.raises(BackendUnavailableError, match=f"ratio must be <= {tri_compress.MAX_RATIO}"):
+            v4hal.compress_kv(torch.zeros(1, big, 8), torch.zeros(1, big, 8), torch.zeros(big, 8), big, False)
 
 
 # ============================================================================ moe_gate
@@ -180,14 +184,16 @@ def test_moe_gate_hash_routing(score_func, ids_dtype):
 def test_moe_gate_no_tokens_and_errors():
     w, i = tri_moe.moe_gate(torch.zeros(0, 8), torch.zeros(4, 8), 2)
     assert w.shape == i.shape == (0, 2) and i.dtype == torch.int32
-    with pytest.raises(RangeError, match="score_func"):
-        tri_moe.moe_gate(torch.zeros(2, 8), torch.zeros(4, 8), 2, score_func="relu")
-    with pytest.raises(RangeError, match="topk"):
-        tri_moe.moe_gate(torch.zeros(2, 8), torch.zeros(4, 8), 5)
-    with pytest.raises(ShapeError, match="both tid2eid and input_ids"):
-        tri_moe.moe_gate(torch.zeros(2, 8), torch.zeros(4, 8), 2, tid2eid=torch.zeros(3, 2, dtype=torch.int32))
-    with pytest.raises(RangeError, match="softmax gate"):
-        tri_moe.moe_gate(torch.zeros(2, 8), torch.zeros(tri_moe.MAX_SOFTMAX_EXPERTS + 1, 8), 2, score_func="softmax")
+    x = torch.zeros(2, 8)
+    with v4hal.use_backend("triton"):
+        with pytest.raises(RangeError, match="score_func"):
+            v4hal.moe_gate(x, torch.zeros(4, 8), topk=2, score_func="relu")
+        with pytest.raises(RangeError, match="topk"):
+            v4hal.moe_gate(x, torch.zeros(4, 8), topk=5)
+        with pytest.raises(ShapeError, match="both tid2eid and input_ids"):
+            v4hal.moe_gate(x, torch.zeros(4, 8), topk=2, tid2eid=torch.zeros(3, 2, dtype=torch.int32))
+        with pytest.raises(BackendUnavailableError, match="softmax"):
+            v4hal.moe_gate(x, torch.zeros(tri_moe.MAX_SOFTMAX_EXPERTS + 1, 8), topk=2, score_func="softmax")
 
 
 # ============================================================================ moe_experts
@@ -278,21 +284,21 @@ def test_moe_experts_errors():
     w2 = torch.zeros(2, 64, 32)
     ids = torch.zeros(2, 1, dtype=torch.int32)
     wt = torch.ones(2, 1)
-    with pytest.raises(DTypeError, match="share one dtype"):
-        tri_moe.moe_experts(x, wt, ids, w, w2.half(), w)
-    with pytest.raises(DTypeError, match="x's dtype"):
-        tri_moe.moe_experts(x, wt, ids, w.half(), w2.half(), w.half())
     q = torch.zeros(2, 32, 64, dtype=F.FP8_DTYPE)
     s = torch.ones(2, 1, 1)
-    with pytest.raises(ShapeError, match="divisible by 128"):
-        tri_moe.moe_experts(x, wt, ids, q, torch.zeros(2, 64, 32, dtype=F.FP8_DTYPE), q, s, s, s)
-    with pytest.raises(RangeError, match="swiglu_limit"):
-        tri_moe.moe_experts(x, wt, ids, w, w2, w, swiglu_limit=-1.0)
+    with v4hal.use_backend("triton"):
+        with pytest.raises(DTypeError, match="share one"):
+            v4hal.moe_experts(x, wt, ids, w, w2.half(), w)
+        with pytest.raises(DTypeError, match="x's dtype"):
+            v4hal.moe_experts(x, wt, ids, w.half(), w2.half(), w.half())
+        with pytest.raises(ShapeError, match="divisible by"):
+            v4hal.moe_experts(x, wt, ids, q, torch.zeros(2, 64, 32, dtype=F.FP8_DTYPE), q, w_scales=(s, s, s))
+        with pytest.raises(RangeError, match="swiglu_limit"):
+            v4hal.moe_experts(x, wt, ids, w, w2, w, swiglu_limit=-1.0)
 
 
 # ============================================================================ registration, public API
 def test_registration_and_public_ops(monkeypatch):
-    import v4hal
     from v4hal.hal import dispatch, registry
 
     registry.ensure_device_backends("cpu")
@@ -300,13 +306,13 @@ def test_registration_and_public_ops(monkeypatch):
         cpu = {i.backend: i for i in registry.implementations(op, "cpu")}["triton"]
         assert not cpu.auto, op
         cuda = {i.backend: i for i in registry.implementations(op, "cuda")}["triton"]
-        assert cuda.auto and cuda.priority == register_moe_compress.CUDA_PRIORITY, op
+        assert cuda.auto and cuda.priority == tri_backend.PRIORITY, op
     gate = {i.backend: i for i in registry.implementations("moe_gate", "cpu")}["triton"]
     wide = torch.zeros(tri_moe.MAX_SOFTMAX_EXPERTS + 1, 8)
     assert any("softmax" in r for r in gate.why_not({"x": torch.zeros(2, 8), "weight": wide, "score_func": "softmax"}))
     assert gate.why_not({"x": torch.zeros(2, 8), "weight": wide, "score_func": "sigmoid"}) == []
     comp = {i.backend: i for i in registry.implementations("compress_kv", "cpu")}["triton"]
-    assert any("ratio <=" in r for r in comp.why_not({"kv": torch.zeros(1, 1, 1), "ratio": 4096}))
+    assert any("ratio must be <=" in r for r in comp.why_not({"kv": torch.zeros(1, 1, 1), "ratio": 4096}))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert any("TRITON_INTERPRET=1" in r for r in comp.why_not({"kv": torch.zeros(1, 1, 1), "ratio": 4}))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -315,7 +321,8 @@ def test_registration_and_public_ops(monkeypatch):
     x = torch.randn(6, 64, generator=g)
     gw = torch.randn(8, 64, generator=g) * 0.125
     bias = torch.randn(8, generator=g) * 0.1
-    kv, score, ape = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g), torch.randn(4, 32, generator=g)
+    kv, score, ape = (torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g),
+                      torch.randn(4, 32, generator=g))
     xe, weights, ids, wargs, _ = _experts_case(5, 128, 128, 4, 2, "fp4", torch.bfloat16, 1.0, seed=2)
     with v4hal.use_backend("triton"):
         assert dispatch.select("compress_kv", "cpu", {"kv": kv, "score": score, "ape": ape, "ratio": 4,

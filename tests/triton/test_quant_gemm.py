@@ -6,9 +6,10 @@ the Triton interpreter on the CPU).
   e2m1 tie, property-based inputs (hypothesis).
 * GEMMs: ``calc_diff < 1e-5`` against the reference plus ``assert_close`` at the output dtype's
   tolerance; bf16/fp16 outputs must also be correctly rounded (within half an ulp of the
-  reference's fp32 result, equal to the reference's own output on >= 99% of the elements), on odd M (1, 3, 33), N not a multiple of the tile (200, and 384 against 256-wide
-  tiles), split-K and the fp16 MMA path of the FP4 kernel; the grouped GEMM with empty experts,
-  E = 1 and row tiles that cross expert boundaries.
+  reference's fp32 result, equal to the reference's own output on >= 99% of the elements), on
+  odd M (1, 3, 33), N not a multiple of the tile (200, and 384 against 256-wide tiles), split-K
+  and the fp16 MMA path of the FP4 kernel; the grouped GEMM with empty experts, E = 1 and row
+  tiles that cross expert boundaries.
 * Every output buffer the kernels allocate starts poisoned (``poison_like``): torch.empty is
   patched for each test, so an element a kernel never writes fails the comparison.
 """
@@ -25,17 +26,18 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import v4hal
 from tests.numerics import assert_close, bits, calc_diff, poisoned_empty  # noqa: F401  (fixture)
 from tests.triton.rounding import assert_matches_rounded_reference, assert_rounded
+from v4hal.backends import triton as tri_backend
 from v4hal.backends.cuda import scaled_mm
 from v4hal.backends.reference import gemm as ref_gemm
 from v4hal.backends.reference import quant as ref_quant
 from v4hal.backends.triton import gemm as tri_gemm
 from v4hal.backends.triton import grouped as tri_grouped
 from v4hal.backends.triton import quant as tri_quant
-from v4hal.backends.triton import register_quant_gemm
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.errors import BackendUnavailableError, DTypeError, ShapeError
 
 E8M0 = F.E8M0_DTYPE
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -239,14 +241,16 @@ def test_dequantizers_bitwise(out_dtype):
 
 
 def test_quantizer_errors_name_the_argument():
-    with pytest.raises(DTypeError, match="x must be"):
-        tri_quant.act_quant(torch.zeros(2, 128, dtype=torch.int32))
-    with pytest.raises(ShapeError, match="block_size"):
-        tri_quant.act_quant(torch.zeros(2, 100))
-    with pytest.raises(RangeError, match="power of two"):
-        tri_quant.fp4_act_quant(torch.zeros(2, 96), 24)
-    with pytest.raises(DTypeError, match="y must be float8_e4m3fn"):
-        tri_quant.dequant_fp8(torch.zeros(2, 128), torch.ones(2, 1))
+    """Invalid calls fail in the op layer; a valid block size the FP4 kernel cannot tile is refused."""
+    with v4hal.use_backend("triton"):
+        with pytest.raises(DTypeError, match="x must be"):
+            v4hal.act_quant(torch.zeros(2, 128, dtype=torch.int32))
+        with pytest.raises(ShapeError, match="block_size"):
+            v4hal.act_quant(torch.zeros(2, 100))
+        with pytest.raises(BackendUnavailableError, match="power of two"):
+            v4hal.fp4_act_quant(torch.zeros(2, 96), 24)
+        with pytest.raises(DTypeError, match="y must be float8_e4m3fn"):
+            v4hal.dequant_fp8(torch.zeros(2, 128), torch.ones(2, 1))
 
 
 # ============================================================================ GEMMs
@@ -365,13 +369,12 @@ def test_grouped_gemm_no_rows_and_bad_offsets_dtype():
     w = torch.randn(3, 64, 128)
     out = tri_grouped.grouped_gemm(x, w, torch.zeros(4, dtype=torch.int64), None, None, torch.float32)
     assert out.shape == (0, 64)
-    with pytest.raises(RangeError, match="group_offsets"):
-        tri_grouped.grouped_gemm(torch.zeros(2, 128), w, torch.tensor([0, 1, 2, 2], dtype=torch.int32))
+    with v4hal.use_backend("triton"), pytest.raises(DTypeError, match="group_offsets"):
+        v4hal.grouped_gemm(torch.zeros(2, 128), w, torch.tensor([0, 1, 2, 2], dtype=torch.int32))
 
 
 # ============================================================================ registration
 def test_registration_and_requirements(monkeypatch):
-    import v4hal
     from v4hal.hal import dispatch, registry
 
     registry.ensure_device_backends("cpu")
@@ -381,7 +384,7 @@ def test_registration_and_requirements(monkeypatch):
         impl = {i.backend: i for i in registry.implementations(op, "cpu")}["triton"]
         assert not impl.auto, op                     # CPU: only when asked for
         cuda = {i.backend: i for i in registry.implementations(op, "cuda")}["triton"]
-        assert cuda.auto and cuda.priority == register_quant_gemm.CUDA_PRIORITY
+        assert cuda.auto and cuda.priority == tri_backend.PRIORITY
     x = torch.randn(3, 256)
     fp4 = {i.backend: i for i in registry.implementations("fp4_act_quant", "cpu")}["triton"]
     assert any("power of two" in r for r in fp4.why_not({"x": x, "block_size": 24}))
@@ -390,8 +393,8 @@ def test_registration_and_requirements(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fp4.why_not({"x": x, "block_size": 32}) == []
     grouped = {i.backend: i for i in registry.implementations("grouped_gemm", "cpu")}["triton"]
-    big = torch.empty(register_quant_gemm.MAX_EXPERTS + 1, 1, 1)
-    assert any("E <=" in r for r in grouped.why_not({"x": x, "w": big}))
+    big = torch.empty(tri_grouped.MAX_EXPERTS + 1, 1, 1)
+    assert any("E must be <=" in r for r in grouped.why_not({"x": x, "w": big}))
 
     # the public op, when asked for the Triton backend, runs the Triton kernel: same bits
     with v4hal.use_backend("triton"):
@@ -406,12 +409,18 @@ def test_registration_and_requirements(monkeypatch):
 def test_scaled_mm_path_explains_itself_here():
     """The cuBLASLt path: its requirements say why it does not serve on this machine; the layouts it
     hands to torch._scaled_mm are the ones torch checks; its probe oracle is the contract."""
+    from v4hal.hal import registry
+
     a, a_s, b, b_s, _, _ = _fp8_operands((4,), 256, 512, torch.float32, seed=1)
     args = {"a": a, "a_s": a_s, "b": b, "b_s": b_s, "scale_dtype": torch.float32, "out_dtype": torch.bfloat16}
     if not torch.cuda.is_available():
         assert scaled_mm.PLATFORM.reason(args) is not None
-    assert scaled_mm.SHAPES.reason(args) is None
-    assert "multiple of 512" in scaled_mm.SHAPES.reason({**args, "a": torch.empty(4, 384, dtype=F.FP8_DTYPE)})
+    assert scaled_mm.K_BLOCKS.reason(args) is None and scaled_mm.N_ALIGNED.reason(args) is None
+    assert "multiple of 512" in scaled_mm.K_BLOCKS.reason({**args, "a": torch.empty(4, 384, dtype=F.FP8_DTYPE)})
+    assert "multiple of 16" in scaled_mm.N_ALIGNED.reason({**args, "b": torch.empty(520, 256, dtype=F.FP8_DTYPE)})
+    decl = registry.declarations("cuda")["fp8_gemm"]
+    assert decl.fn is scaled_mm.fp8_gemm and decl.requires == scaled_mm.REQUIREMENTS
+    assert decl.devices == ("cuda",) and decl.priority == scaled_mm.PRIORITY == 20
     a_c, b_t, sa, sb = scaled_mm._layouts(a, a_s, b, b_s)
     assert sa.shape == (4, 4) and sa.stride() == (1, 4)                  # [M, K/128], M-major
     assert sb.shape == (4, 2) and sb.stride() == (1, 4)                  # ([N/128, K/128] row-major)^T

@@ -5,6 +5,8 @@
   one ``v4-mini`` decode step, hybrid attention vs a dense-attention control.
 - ``cli`` (``v4hal bench``): every op on every available backend, verified against the
   reference, then timed against the device's ceilings (``ceilings``) and the peers present
-  (``peers``); cases in ``cases``, the loop in ``runner``, timers in ``timing``, output in ``report``.
-- ``gpu_check`` (``python -m v4hal.bench.gpu_check``): the one GPU script of the Triton issue.
+  (``peers``); cases in ``cases`` (views of the catalogue ``v4hal.cases``), the loop in
+  ``runner``, timers in ``timing``, output in ``report``.
+- ``gpu_check`` (``python -m v4hal.bench.gpu_check``): the one GPU script: every GPU kernel checked
+  at V4 shapes and timed next to baselines, with its performance targets.
 """

@@ -34,10 +34,12 @@ def _default_device() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal bench``."""
+    parser.add_argument("--overhead", action="store_true",
+                        help="what the op layer adds per call, every op on its tiny case (us; CPU by default)")
     parser.add_argument("--quick", action="store_true",
-                        help="every public op once at small (v4-mini) shapes; runs on a CPU in about a minute")
+                        help="every public op with a case once, at small (v4-mini) shapes; about a minute on a CPU")
     parser.add_argument("--preset", default=None,
-                        help="comma-separated presets for the shape set (default v4-flash,v4-pro; ignored with --quick)")
+                        help="comma-separated presets (default v4-flash,v4-pro; ignored with --quick)")
     parser.add_argument("--mode", default="decode,prefill", help="decode, prefill or both (default: %(default)s)")
     parser.add_argument("--shapes", metavar="FILE.yaml",
                         help="custom cases: a YAML list of {op: <name>, <param>: <value>, ...} (replaces the presets)")
@@ -67,15 +69,20 @@ def select_cases(args: argparse.Namespace) -> list[casemod.Case]:
         cases = [c for p in presets for m in modes for c in casemod.preset_cases(p, m)]
     if args.ops:
         keep = {o.strip() for o in args.ops.split(",") if o.strip()}
-        unknown = keep - set(casemod.BUILDERS)
+        known = casemod.known_ops()
+        unknown = keep - set(known)
         if unknown:
-            raise RangeError(f"v4hal bench: --ops names unknown ops {sorted(unknown)}; known: {sorted(casemod.BUILDERS)}")
+            raise RangeError(f"v4hal bench: --ops names ops without a case {sorted(unknown)}; known: {sorted(known)}")
         cases = [c for c in cases if c.op in keep]
     return cases
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``v4hal bench``; exit code 1 when any backend failed its check against the reference."""
+    if getattr(args, "overhead", False):
+        from .overhead import main as overhead_main
+
+        return overhead_main(args)
     device = args.device or _default_device()
     try:
         cases = select_cases(args)

@@ -106,7 +106,8 @@ def render(report: dict[str, Any], breakdown: bool = False) -> str:
         for entry in report["contexts"]:
             for model, c in entry["costs"].items():
                 parts = ", ".join(f"{k} {_fmt_si(v)}" for k, v in sorted(c["flops"].items(), key=lambda kv: -kv[1]))
-                kvp = ", ".join(f"{k} {_fmt_si(v, 'B')}" for k, v in sorted(c["kv_bytes"].items(), key=lambda kv: -kv[1]))
+                kv_sorted = sorted(c["kv_bytes"].items(), key=lambda kv: -kv[1])
+                kvp = ", ".join(f"{k} {_fmt_si(v, 'B')}" for k, v in kv_sorted)
                 out.append(f"\n{model} @ {_fmt_len(entry['context'])}\n  FLOPs: {parts}\n  KV:    {kvp}")
     out.append("\nAt 1M tokens (1,048,576), V4 / V3.2 against the technical report (pass = within 25% relative):")
     rows = [[k, f"{100 * v['value']:.1f}%", f"{100 * v['target']:.0f}%", f"{100 * v['rel_err']:.1f}%",

@@ -1,4 +1,4 @@
-"""``python -m v4hal.bench.gpu_check``: the one GPU script (issue 3).
+"""``python -m v4hal.bench.gpu_check``: the one GPU script.
 
 On one CUDA GPU, within a time budget (default 7 minutes):
 1. measures the ceilings (copy bandwidth; bf16, fp16, fp32 and FP8 matmul rates);
@@ -8,7 +8,7 @@ On one CUDA GPU, within a time budget (default 7 minutes):
 3. times them (warm-up, median, rotating inputs larger than L2) next to the baselines present
    (``torch._scaled_mm`` blockwise, bf16 matmul on dequantized weights, ``torch._grouped_mm``,
    gather + ``scaled_dot_product_attention``);
-4. prints the table and the issue's targets, writes JSON (``--json``, default
+4. prints the table and the targets below, writes JSON (``--json``, default
    ``gpu_check.json``) and optionally a PNG (``--plot``).
 
 Targets (H200): ``fp8_gemm`` >= 0.8x ``torch._scaled_mm`` blockwise at the V4-Flash projection
@@ -39,9 +39,10 @@ BF16_MM = "bf16 matmul (dequantized)"
 def target_cases() -> list[casemod.Case]:
     """Cases that exist for a target and are not in the preset sets."""
     return [
-        casemod.build_fp4_gemm("target/v4-flash/expert_w1_m16", 16, 2048, 4096),
-        casemod.build_act_quant("target/act_quant_large", 16384, 7168),
-        casemod.build_grouped_gemm("target/grouped_fp8_1024_per_expert", 8192, 8, 2048, 4096, "fp8"),
+        casemod.bench_case("fp4_gemm", {"m": 16, "n": 2048, "k": 4096}, "target/v4-flash/expert_w1_m16"),
+        casemod.bench_case("act_quant", {"m": 16384, "k": 7168, "fmt": "ue8m0"}, "target/act_quant_large"),
+        casemod.bench_case("grouped_gemm", {"m": 8192, "n": 2048, "k": 4096, "e": 8, "fmt": "fp8"},
+                           "target/grouped_fp8_1024_per_expert"),
     ]
 
 
@@ -66,7 +67,7 @@ def _attn_read_bytes(p: dict[str, Any]) -> float:
 
 
 def evaluate_targets(rows: Sequence[Row], ceilings: Ceilings, backend: str = "triton") -> list[dict[str, Any]]:
-    """Each target of issue 3: measured value, threshold, pass / FAIL / not measured (with why)."""
+    """Each target: measured value, threshold, pass / FAIL / not measured (with why)."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, values: list[tuple[str, float]], threshold: float, unit: str, why_missing: str) -> None:

@@ -1,8 +1,9 @@
 """Peers: other implementations present on the machine that compute what a v4hal op computes.
 
-Each `Peer` prepares its own operands from the case's inputs (untimed: layout changes,
-dequantized copies), then runs (timed). A peer is verified against the reference output like
-any backend before its time is used; a peer that cannot run here says why.
+Each `Peer` prepares its own operands from the case's inputs (the op's arguments by name;
+untimed: layout changes, dequantized copies), then runs (timed). A peer is verified against the
+reference output (by the numerics table's ``PEER_RULE``) before its time is used; a peer that
+cannot run here says why.
 
 - ``torch._scaled_mm`` blockwise (1x128 activation scales, 128x128 weight scales; cuBLASLt on
   Hopper with CUDA >= 12.9) for ``fp8_gemm``;
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from v4hal.compare import calc_diff
+from v4hal.compare import PEER_RULE, calc_diff
 from v4hal.hal import formats
 
 __all__ = ["Peer", "scaled_mm_blockwise", "bf16_dequant_matmul", "torch_grouped_mm", "gather_sdpa",
@@ -34,7 +35,8 @@ __all__ = ["Peer", "scaled_mm_blockwise", "bf16_dequant_matmul", "torch_grouped_
 
 @dataclass
 class Peer:
-    """``reason(device)``: None when it can run there. ``prepare(inputs)`` (untimed) -> state; ``run(state)`` (timed)."""
+    """``reason(device)``: None when it can run there; ``prepare(inputs)`` (untimed) -> state;
+    ``run(state)`` (timed)."""
 
     name: str
     reason: Callable[[str], str | None]
@@ -119,7 +121,7 @@ def _scaled_mm_prepare(i: dict[str, Any]) -> Any:
         except Exception as exc:  # this spelling is not supported by this torch / GPU
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
-        if calc_diff(got, want) < 1e-3:
+        if calc_diff(got, want) <= PEER_RULE.max_diff:
             _SCALED_MM_CHOICE["name"] = name
             return {"call": call, "variant": name, "shape": a.shape[:-1]}
         errors.append(f"{name}: runs but disagrees with the dequantized product")
@@ -159,11 +161,11 @@ def _grouped_reason(device: str) -> str | None:
 
 def _grouped_prepare(i: dict[str, Any]) -> Any:
     x, w = i["x"], i["w"]
-    if i["xs"] is not None:
-        x = _deq_rows(x, i["xs"])
-        w = _deq_fp4(w, i["ws"]) if w.dtype == torch.uint8 else _deq_2d(w, i["ws"])
+    if i["x_scale"] is not None:
+        x = _deq_rows(x, i["x_scale"])
+        w = _deq_fp4(w, i["w_scale"]) if w.dtype == torch.uint8 else _deq_2d(w, i["w_scale"])
     return {"x": x.to(torch.bfloat16).contiguous(), "wt": w.to(torch.bfloat16).transpose(-2, -1),
-            "offs": i["offs"][1:].to(torch.int32)}
+            "offs": i["group_offsets"][1:].to(torch.int32)}
 
 
 def torch_grouped_mm() -> Peer:
@@ -177,12 +179,12 @@ SDPA_MAX_EXPANDED_BYTES = 8 << 30
 
 def _sdpa_prepare(i: dict[str, Any]) -> Any:
     b, m, h, d = i["q"].shape
-    k = i["idx"].shape[-1]
+    k = i["topk_idxs"].shape[-1]
     expanded = b * m * h * (k + 1) * d * i["q"].element_size()
     if expanded > SDPA_MAX_EXPANDED_BYTES:
         # SDPA's math fallback (head dim 512 has no fused kernel) materializes keys per head
         raise RuntimeError(f"gather + SDPA would expand keys to {expanded / 2**30:.1f} GiB across heads; skipped")
-    return {"q": i["q"], "kv": i["kv"], "sink": i["sink"], "idx": i["idx"], "scale": i["scale"]}
+    return {"q": i["q"], "kv": i["kv"], "sink": i["attn_sink"], "idx": i["topk_idxs"], "scale": i["softmax_scale"]}
 
 
 def _sdpa_run(st: Any) -> torch.Tensor:

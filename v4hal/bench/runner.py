@@ -2,9 +2,10 @@
 
 For each case: build rotating input sets (enough that their total size exceeds the caches,
 so a timed call does not find its operands in the cache), compute the reference output,
-then per backend: call once and compare with the reference (a backend that fails the check
-is reported and not timed), then time with value checks off (they read tensors back to the
-host). Peers are verified and timed the same way.
+then per backend: call once and compare with the reference by the numerics table's rules
+(`v4hal.compare`; a backend that fails the check is reported and not timed), then time with
+value checks off (they read tensors back to the host). Peers are verified (by ``PEER_RULE``)
+and timed the same way.
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 import v4hal
+from v4hal import compare
 from v4hal.hal import registry
 from v4hal.hal.errors import BackendUnavailableError
 
-from .cases import Case, compare_outputs
+from .cases import Case
 from .ceilings import Ceilings
 from .timing import time_fn, value_checks_off
 
-__all__ = ["Row", "run_cases", "rotation_count", "default_backends", "ROTATE_BYTES"]
+__all__ = ["Row", "run_cases", "rotation_count", "default_backends", "verify", "ROTATE_BYTES"]
 
 # total bytes the rotating input sets should span, and the most memory they may take
 ROTATE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20, "npu": 512 << 20}
@@ -105,6 +107,16 @@ def _free(device: str) -> None:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def verify(case: Case, out: Any, ref: Any, args: Sequence[Any],
+           rule: compare.Rule | None = None) -> tuple[bool, dict[str, float]]:
+    """``out`` against the reference's ``ref`` for ``case`` (the numerics table, or one ``rule`` for every
+    output): (passed, metrics: max_abs_err, calc_diff, mismatches)."""
+    results = compare.compare_outputs(case.op, out, ref, args, rule=rule)
+    metrics = {"max_abs_err": max(r.max_abs for r in results), "calc_diff": max(r.diff for r in results),
+               "mismatches": float(sum(max(r.mismatches, 0) for r in results))}
+    return compare.passed(results), metrics
 
 
 def _bound_and_pct(case: Case, seconds: float, ceilings: Ceilings | None) -> tuple[str, float | None]:
@@ -226,7 +238,7 @@ def _run_wanted(case: Case, wanted: Sequence[str], device: str, dev: torch.devic
             ok, metrics = _self_check(case, out, ref, inputs[0])
             row.verified = "oracle"
         else:
-            ok, metrics = compare_outputs(case, out, ref, inputs[0])
+            ok, metrics = verify(case, out, ref, inputs[0])
             row.verified = "vs reference"
         row.check = metrics
         del out
@@ -259,10 +271,9 @@ def _run_wanted(case: Case, wanted: Sequence[str], device: str, dev: torch.devic
         emit(row)
 
 
-def _self_check(case: Case, out: Any, ref: Any, inputs: dict[str, Any]) -> tuple[bool, dict[str, float]]:
-    """The reference against itself on a second call: deterministic and finite."""
-    # 1e-9, not 0: on a GPU a float reduction may change its order between two calls
-    ok, metrics = compare_outputs(case, out, ref, inputs, tol=1e-9)
+def _self_check(case: Case, out: Any, ref: Any, inputs: list[Any]) -> tuple[bool, dict[str, float]]:
+    """The reference against itself on a second call: within its own pass rule, and finite."""
+    ok, metrics = verify(case, out, ref, inputs)
     finite = True
     for t in _flat(out):
         if t.is_floating_point() and t.dtype.itemsize >= 2:
@@ -286,7 +297,7 @@ def _fill_timing(row: Row, case: Case, t: Any, ceilings: Ceilings | None) -> Non
     row.bound, row.pct_of_ceiling = _bound_and_pct(case, t.median, ceilings)
 
 
-def _run_peers(case: Case, inputs: list[dict[str, Any]], ref: Any, device: str, repeats: int, warmup: int,
+def _run_peers(case: Case, inputs: list[list[Any]], ref: Any, device: str, repeats: int, warmup: int,
                max_case_s: float, n_sets: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for peer in case.peers:
@@ -295,9 +306,9 @@ def _run_peers(case: Case, inputs: list[dict[str, Any]], ref: Any, device: str, 
             out[peer.name] = {"status": "unavailable", "note": reason}
             continue
         try:
-            states = [peer.prepare(i) for i in inputs]
+            states = [peer.prepare(case.named(i)) for i in inputs]
             res = peer.run(states[0])
-            ok, metrics = compare_outputs(case, res, ref, inputs[0], tol=max(case.tol, 1e-3))
+            ok, metrics = verify(case, res, ref, inputs[0], rule=compare.PEER_RULE)
             if not ok:
                 out[peer.name] = {"status": "check-failed", "check": metrics}
                 continue

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Timing", "time_fn", "synchronize", "timer_name", "value_checks_off"]
+__all__ = ["Timing", "time_fn", "synchronize", "timer_name", "value_checks_off", "value_checks_forced"]
 
 
 @dataclass
@@ -45,11 +45,20 @@ def timer_name(device: str) -> str:
     return {"cuda": "cuda-events", "npu": "npu-events"}.get(device, "perf_counter")
 
 
-@contextlib.contextmanager
-def value_checks_off() -> Iterator[None]:
+def value_checks_off() -> contextlib.AbstractContextManager[None]:
     """Turn the ops' value checks off (they read tensors back to the host, a sync per call)."""
+    return value_checks_forced(False)
+
+
+@contextlib.contextmanager
+def value_checks_forced(on: bool) -> Iterator[None]:
+    """``V4HAL_CHECK_VALUES=1`` (``on``) or ``0`` inside the block; the environment is restored and
+    re-read after it."""
+    from v4hal.hal.dispatch import refresh
+
     old = os.environ.get("V4HAL_CHECK_VALUES")
-    os.environ["V4HAL_CHECK_VALUES"] = "0"
+    os.environ["V4HAL_CHECK_VALUES"] = "1" if on else "0"
+    refresh()
     try:
         yield
     finally:
@@ -57,6 +66,7 @@ def value_checks_off() -> Iterator[None]:
             del os.environ["V4HAL_CHECK_VALUES"]
         else:
             os.environ["V4HAL_CHECK_VALUES"] = old
+        refresh()
 
 
 def _quantile(xs: list[float], q: float) -> float:

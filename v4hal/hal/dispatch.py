@@ -10,25 +10,102 @@ Overrides, strongest first:
 An explicit request (1-3) is strict: when the named backend cannot serve the call, a
 ``BackendUnavailableError`` lists the reasons. Automatic choice (4) skips implementations
 whose requirements are unmet, and never retries another backend after a kernel raised.
+
+The environment (``V4HAL_BACKEND``, ``V4HAL_OP_BACKENDS``, ``V4HAL_CHECK_VALUES``) is read once,
+at the first call; :func:`refresh` reads it again (after changing ``os.environ`` at run time).
+The op layer caches each call's selection per call signature (see ``registry.selection_cache``)
+until an override, the registry or the environment changes.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
 from contextvars import ContextVar
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
 from . import registry
 from .errors import BackendUnavailableError, RangeError
 
 _GLOBAL = "*"
-_OVERRIDES: ContextVar[Mapping[str, str]] = ContextVar("v4hal_backend_overrides", default={})
+_NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
+
+#: (key, overrides): ``key`` is the same small integer for equal override contents, so cached
+#: selections are shared by every ``use_backend`` block that asks for the same thing.
+_OVERRIDES: ContextVar[tuple[int, Mapping[str, str]]] = ContextVar(
+    "v4hal_backend_overrides", default=(0, _NO_OVERRIDES))
+_OVERRIDE_KEYS: dict[frozenset[tuple[str, str]], int] = {frozenset(): 0}
+_OVERRIDE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The environment as read by :func:`refresh`.
+
+    ``backend``: ``V4HAL_BACKEND`` (stripped; empty when unset); ``op_backends``: the raw
+    ``V4HAL_OP_BACKENDS`` (parsed, and checked, when a call reads it); ``check_values``:
+    ``V4HAL_CHECK_VALUES`` -- True (forced on: any value but 0), False (``0``) or None (unset or
+    ``auto``: on for CPU tensors, off for accelerator tensors).
+    """
+
+    backend: str
+    op_backends: str
+    check_values: bool | None
+
+
+_SETTINGS: Settings | None = None
+
+
+def _read_environment() -> Settings:
+    raw = os.environ.get("V4HAL_CHECK_VALUES", "").strip().lower()
+    check_values = None if raw in ("", "auto") else raw != "0"
+    return Settings(os.environ.get("V4HAL_BACKEND", "").strip(), os.environ.get("V4HAL_OP_BACKENDS", ""),
+                    check_values)
+
+
+def refresh() -> Settings:
+    """Read ``V4HAL_BACKEND``, ``V4HAL_OP_BACKENDS`` and ``V4HAL_CHECK_VALUES`` again and drop
+    every cached selection. Call it after changing these variables in ``os.environ``."""
+    global _SETTINGS
+    _SETTINGS = _read_environment()
+    registry.invalidate()
+    return _SETTINGS
+
+
+def settings() -> Settings:
+    """The environment settings in force (read at the first call, then by :func:`refresh`)."""
+    current = _SETTINGS
+    return current if current is not None else refresh()
+
+
+def value_checks_on(device: str) -> bool:
+    """Whether value checks run for tensors on ``device``: ``V4HAL_CHECK_VALUES=1``/``0`` forces
+    them on/off; unset, they run on the CPU and not on accelerators (they would sync the host)."""
+    forced = settings().check_values
+    return device == "cpu" if forced is None else forced
 
 
 def _check_backend_name(name: str, where: str) -> None:
     if name not in registry.BACKENDS:
         raise RangeError(f"{where}: backend must be one of {sorted(registry.BACKENDS)}, got {name!r}")
+
+
+def _override_key(entries: Mapping[str, str]) -> int:
+    frozen = frozenset(entries.items())
+    key = _OVERRIDE_KEYS.get(frozen)
+    if key is None:
+        with _OVERRIDE_LOCK:
+            key = _OVERRIDE_KEYS.setdefault(frozen, len(_OVERRIDE_KEYS))
+    return key
+
+
+def override_key() -> int:
+    """A small integer naming the ``use_backend`` overrides in force (0: none); part of the
+    selection cache key."""
+    return _OVERRIDES.get()[0]
 
 
 @contextlib.contextmanager
@@ -49,12 +126,12 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
     if name is None and not per_op:
         new: dict[str, str] = {}
     else:
-        new = dict(_OVERRIDES.get())
+        new = dict(_OVERRIDES.get()[1])
         if name is not None:
             # a new global name replaces the outer global *and* the outer per-op entries
             new = {_GLOBAL: name}
         new.update(per_op)
-    token = _OVERRIDES.set(new)
+    token = _OVERRIDES.set((_override_key(new), MappingProxyType(new)))
     try:
         yield
     finally:
@@ -63,33 +140,40 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=16)
 def _parse_op_env(value: str) -> dict[str, str]:
+    """``V4HAL_OP_BACKENDS`` as {op: backend}; a malformed entry, an unknown op or backend raises
+    a RangeError naming the entry (at the first call that reads it)."""
+    from v4hal.ops import OPS
+
     out: dict[str, str] = {}
     for item in value.split(","):
         item = item.strip()
         if not item:
             continue
-        op, sep, backend = item.partition("=")
-        if not sep:
+        op, sep, backend = (part.strip() for part in item.partition("="))
+        if not sep or not op:
             raise RangeError(f"V4HAL_OP_BACKENDS: entries must look like op=backend, got {item!r}")
-        _check_backend_name(backend.strip(), f"V4HAL_OP_BACKENDS ({op.strip()})")
-        out[op.strip()] = backend.strip()
+        if op not in OPS:
+            raise RangeError(f"V4HAL_OP_BACKENDS: {op!r} in entry {item!r} is not a v4hal op "
+                             f"(known: {', '.join(sorted(OPS))})")
+        _check_backend_name(backend, f"V4HAL_OP_BACKENDS ({op})")
+        out[op] = backend
     return out
 
 
 def requested_backend(op: str) -> tuple[str | None, str]:
     """The backend explicitly requested for ``op`` and where the request came from."""
-    ctx = _OVERRIDES.get()
+    ctx = _OVERRIDES.get()[1]
     if op in ctx:
         return ctx[op], f"use_backend({op}={ctx[op]!r})"
     if _GLOBAL in ctx:
         return ctx[_GLOBAL], f"use_backend({ctx[_GLOBAL]!r})"
-    per_op = _parse_op_env(os.environ.get("V4HAL_OP_BACKENDS", ""))
+    env = settings()
+    per_op = _parse_op_env(env.op_backends)
     if op in per_op:
         return per_op[op], f"V4HAL_OP_BACKENDS {op}={per_op[op]}"
-    env = os.environ.get("V4HAL_BACKEND", "").strip()
-    if env:
-        _check_backend_name(env, "V4HAL_BACKEND")
-        return env, f"V4HAL_BACKEND={env}"
+    if env.backend:
+        _check_backend_name(env.backend, "V4HAL_BACKEND")
+        return env.backend, f"V4HAL_BACKEND={env.backend}"
     return None, "priority"
 
 
@@ -136,7 +220,7 @@ def explain(op: str, device: str, args: Mapping[str, Any] | None = None) -> list
             reason = states.get(name) or registry.device_reason(name, device) or "no implementation of this op"
             rows.append({"backend": name, "status": "unavailable", "reason": reason})
             continue
-        notes = [r.description for r in impl.requires]
+        notes = [r.summary() for r in impl.requires]
         reasons = impl.why_not(args) if args is not None else []
         status = "no" if reasons else ("explicit only" if not impl.auto else "yes")
         rows.append({"backend": name, "status": status, "priority": impl.priority,

@@ -1,21 +1,25 @@
-"""What can run here: the op x backend x device matrix, each unavailable cell with its reason."""
+"""What can run here: the op x backend x device matrix, each unavailable cell with its reason.
+
+A backend may add notes of its own (per-op facts the matrix cannot show, such as the calls the
+Ascend backend serves by running the reference): its module (``registry.BACKENDS[name].module``)
+defines ``info_notes() -> list[dict[str, str]]``, rows with an ``"op"`` (may be empty) and a
+``"note"``. :func:`info` collects them for every backend that defines the hook, without loading
+the backend (the hook must not import device runtimes), and :func:`format_info` prints them.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
 
 from . import dispatch, registry
+from .devices import devices_here
 
 
 def _devices_here() -> list[str]:
-    devices = ["cpu"]
-    if torch.version.cuda is not None and torch.cuda.is_available():
-        devices.append("cuda")
-    npu = getattr(torch, "npu", None)
-    if npu is not None and getattr(npu, "is_available", lambda: False)():
-        devices.append("npu")
-    return devices
+    """The registered device types present on this machine (``v4hal.hal.devices``)."""
+    return devices_here()
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -30,16 +34,29 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def info(devices: list[str] | None = None) -> dict[str, Any]:
     """The matrix as data: ``{"devices", "backends": {name: reason|None}, "ops": {op: {device: [rows]}}}``."""
-    from v4hal.ops import PUBLIC_OPS
+    from v4hal.ops import public_ops
 
     devices = devices or _devices_here()
     backends = {name: registry.backend_reason(name) for name in registry.BACKENDS}
-    ops = {op: {dev: dispatch.explain(op, dev) for dev in devices} for op in PUBLIC_OPS}
-    from v4hal.backends.ascend import fallback_table  # data only: imports no torch_npu
-
+    ops = {op: {dev: dispatch.explain(op, dev) for dev in devices} for op in public_ops()}
     return {"torch": torch.__version__, "devices": devices, "backends": backends, "ops": ops,
             "descriptions": {n: s.description for n, s in registry.BACKENDS.items()},
-            "ascend_fallbacks": fallback_table()}
+            "notes": backend_notes()}
+
+
+def backend_notes() -> dict[str, list[dict[str, str]]]:
+    """backend -> the rows its module's ``info_notes()`` returns (backends without the hook, or
+    whose module does not import, are left out: their reason is in ``info()["backends"]``)."""
+    notes: dict[str, list[dict[str, str]]] = {}
+    for name, spec in registry.BACKENDS.items():
+        try:
+            module = importlib.import_module(spec.module)
+        except Exception:  # the import failure is the backend's reason, shown with the backends
+            continue
+        hook = getattr(module, "info_notes", None)
+        if hook is not None:
+            notes[name] = [{"op": str(row.get("op", "")), "note": str(row["note"])} for row in hook()]
+    return notes
 
 
 def format_info(data: dict[str, Any]) -> str:
@@ -51,9 +68,8 @@ def format_info(data: dict[str, Any]) -> str:
     names = list(data["backends"])
     for dev in data["devices"]:
         lines += ["", f"ops on {dev} (yes = chosen automatically by priority; explicit only = use_backend)"]
-        header = f"  {'op':<20}" + "".join(f"{n:<16}" for n in names)
-        lines.append(header)
         notes: dict[str, int] = {}  # one footnote per distinct reason
+        table: list[tuple[str, list[str]]] = []
         for op, per_dev in data["ops"].items():
             cells = []
             for row in per_dev[dev]:
@@ -61,14 +77,16 @@ def format_info(data: dict[str, Any]) -> str:
                 if row.get("reason"):
                     key = f"{row['backend']}: {row['reason']}"
                     mark += f" [{notes.setdefault(key, len(notes) + 1)}]"
-                cells.append(f"{mark:<16}")
-            lines.append(f"  {op:<20}" + "".join(cells))
+                cells.append(mark)
+            table.append((op, cells))
+        width = max([len(n) for n in names] + [len(c) for _, cells in table for c in cells]) + 2
+        op_width = max([len("op")] + [len(op) for op, _ in table]) + 2
+        lines.append(f"  {'op':<{op_width}}" + "".join(f"{n:<{width}}" for n in names).rstrip())
+        lines += [f"  {op:<{op_width}}" + "".join(f"{c:<{width}}" for c in cells).rstrip() for op, cells in table]
         if notes:
             lines += ["", "  notes:"] + [f"  [{i}] {text}" for text, i in notes.items()]
-    lines += ["", "ascend: calls that run the reference on the NPU tensors instead of a CANN op (per chip)"]
-    grouped: dict[tuple[str, str], list[str]] = {}
-    for row in data.get("ascend_fallbacks", []):
-        grouped.setdefault((row["op"], row["condition"]), []).append(row["chip"])
-    for (op, condition), chips in grouped.items():
-        lines.append(f"  {op:<22} {'/'.join(chips):<10} {condition}")
+    for name, rows in data.get("notes", {}).items():
+        if rows:
+            lines += ["", f"notes from the {name} backend:"]
+            lines += [f"  {row['op']:<22} {row['note']}" for row in rows]
     return "\n".join(lines)

@@ -22,8 +22,14 @@ No ``F.linear``/``matmul`` is used for model math: float (bf16/fp32) projections
 """
 from __future__ import annotations
 
-from .checkpoint import (CheckpointDTypeError, CheckpointError, CheckpointShapeError, load_checkpoint,
-                         read_checkpoint, write_random_checkpoint)
+from .checkpoint import (
+    CheckpointDTypeError,
+    CheckpointError,
+    CheckpointShapeError,
+    load_checkpoint,
+    read_checkpoint,
+    write_random_checkpoint,
+)
 from .config import ModelConfig
 from .model import ForwardResult, V4Model
 from .spec import checkpoint_spec

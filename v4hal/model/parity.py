@@ -5,14 +5,16 @@ one-token steps fed with the reference run's greedy tokens (so every backend see
 inputs), then the MTP block on the prefill. After every layer the residual stream is compared
 with the reference run's, and so are the logits of every step, by the cosine-style distance
 ``calc_diff = 1 - 2<x,y>/(|x|^2+|y|^2)`` (DeepGEMM's metric) and the largest absolute error.
-A row fails when ``calc_diff`` exceeds its tolerance (``--tol-hidden``, ``--tol-logits``).
+A row fails when ``calc_diff`` exceeds its bound: the numerics table's rules for the graph's
+hidden states and logits (`v4hal.compare`, ``MODEL_HIDDEN`` / ``MODEL_LOGITS``), unless
+``--tol-hidden`` / ``--tol-logits`` set another.
 
 A backend runs the graph with ``v4hal.use_backend(name)``. When it cannot serve some op (no
 implementation on this device, or a requirement unmet), that op falls back to the reference
 backend for the whole run; the fallbacks are listed with their reasons, so the table always
 says which ops the comparison covered.
 
-The tolerances are loose on purpose: FP8/FP4 activation quantization turns a one-ulp bf16
+The bounds are loose on purpose: FP8/FP4 activation quantization turns a one-ulp bf16
 difference upstream into a full quantization step downstream, so two correct backends drift
 apart by ~1e-3 (calc_diff) over a few quantized layers; a wrong kernel shows up as 1e-1..1.
 """
@@ -25,12 +27,15 @@ from typing import Any
 
 import torch
 
+from v4hal import compare as numerics
 from v4hal.compare import calc_diff
 
 __all__ = ["add_arguments", "main", "collect", "compare", "calc_diff", "BackendRun", "run_backend"]
 
-DEFAULT_TOL_HIDDEN = 2e-2
-DEFAULT_TOL_LOGITS = 2e-2
+HIDDEN_RULE = numerics.rule_for(numerics.MODEL_HIDDEN, torch.float32)
+LOGITS_RULE = numerics.rule_for(numerics.MODEL_LOGITS, torch.float32)
+DEFAULT_TOL_HIDDEN = HIDDEN_RULE.max_diff
+DEFAULT_TOL_LOGITS = LOGITS_RULE.max_diff
 
 
 @dataclass
@@ -94,19 +99,20 @@ def run_backend(path: str, backend: str, device: str, prompt: torch.Tensor, deco
 def compare(ref: BackendRun, other: BackendRun, tol_hidden: float, tol_logits: float) -> list[dict[str, Any]]:
     """Rows of (stage, tensor, backend, max_abs, calc_diff, status) for ``other`` against ``ref``."""
     rows = []
+    hidden, logits = numerics.with_bound(HIDDEN_RULE, tol_hidden), numerics.with_bound(LOGITS_RULE, tol_logits)
     for stage, tensors in ref.stages.items():
         got = other.stages.get(stage, {})
         for name, want in tensors.items():
-            tol = tol_logits if name == "logits" else tol_hidden
+            rule = logits if name == "logits" else hidden
+            tol = rule.max_diff
             have = got.get(name)
             if have is None or have.shape != want.shape:
                 rows.append(dict(stage=stage, tensor=name, backend=other.backend, max_abs=float("inf"),
                                  calc_diff=float("inf"), tol=tol, status="FAIL"))
                 continue
-            d = calc_diff(have, want)
-            err = float((have - want).abs().max()) if want.numel() else 0.0
-            row = dict(stage=stage, tensor=name, backend=other.backend, max_abs=err, calc_diff=d, tol=tol,
-                       status="pass" if d <= tol else "FAIL")
+            res = numerics.compare_tensor(have, want, rule)
+            row = dict(stage=stage, tensor=name, backend=other.backend, max_abs=res.max_abs, calc_diff=res.diff,
+                       tol=tol, status="pass" if res.passed else "FAIL")
             if name == "logits":
                 row["argmax_agree"] = float((have.argmax(-1) == want.argmax(-1)).float().mean())
             rows.append(row)

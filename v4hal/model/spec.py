@@ -2,8 +2,8 @@
 
 One list drives everything that touches weights: the loader checks a checkpoint against it
 (name, shape, accepted dtypes), `write_random_checkpoint` writes exactly these tensors, and
-the model takes them. Names are those of the public inference layout
-(``shared/spec/CHECKPOINT.md``): ``layers.{i}.attn.wq_a.weight`` with a sibling
+the model takes them. Names are those of the public inference layout:
+``layers.{i}.attn.wq_a.weight`` with a sibling
 ``layers.{i}.attn.wq_a.scale`` when the weight is FP8, routed experts one tensor per expert
 (``layers.{i}.ffn.experts.{e}.w1.weight``), MTP layers under ``mtp.{j}.``.
 

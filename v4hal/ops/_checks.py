@@ -3,7 +3,6 @@ the op, the argument, what was expected and what came."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterable, Sequence
 
 import torch
@@ -61,6 +60,14 @@ def positive(op: str, name: str, value: int | float) -> None:
         raise RangeError(f"{op}: {name} must be > 0, got {value}")
 
 
+def dtype_arg(op: str, name: str, value: torch.dtype, allowed: Iterable[torch.dtype]) -> None:
+    """A dtype passed as an argument (``scale_dtype``): a DTypeError when it is not allowed."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        names = " or ".join(_dtype_name(d) for d in allowed)
+        raise DTypeError(f"{op}: {name} must be {names}, got {value}")
+
+
 def one_of(op: str, name: str, value: object, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -86,9 +93,16 @@ def ceil_div(a: int, b: int) -> int:
 
 # ---- value checks (read tensor data: a host sync on accelerators; switchable) ----
 
-def value_checks_enabled() -> bool:
-    """Value checks (index ranges, finite scales) run unless ``V4HAL_CHECK_VALUES=0``."""
-    return os.environ.get("V4HAL_CHECK_VALUES", "1") != "0"
+def value_checks_enabled(device: str = "cpu") -> bool:
+    """Whether value checks (index ranges, finite scales) run for tensors on ``device``.
+
+    By default on for CPU tensors and off for accelerator tensors (they read data back to the
+    host, which would sync the device and break CUDA-graph capture); ``V4HAL_CHECK_VALUES=1``
+    or ``0`` forces them on or off everywhere. The environment is read once
+    (``v4hal.hal.dispatch.refresh()`` reads it again)."""
+    from v4hal.hal.dispatch import value_checks_on
+
+    return value_checks_on(device)
 
 
 def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int) -> None:
@@ -110,6 +124,17 @@ def finite(op: str, name: str, t: torch.Tensor | None) -> None:
         bad = not bool(torch.isfinite(t).all())
     if bad:
         raise RangeError(f"{op}: {name} must be finite, got a NaN or Inf in {describe(t)}")
+
+
+def permutation(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` (int, 1-D) holds every value of ``[0, t.numel())`` exactly once."""
+    n = t.numel()
+    if n == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= n or not bool((torch.bincount(t.reshape(-1), minlength=n) == 1).all()):
+        raise RangeError(f"{op}: {name} must be a permutation of [0, {n}), got min {lo}, max {hi}"
+                         + ("" if lo < 0 or hi >= n else " with a repeated value"))
 
 
 def finite_scalar(op: str, name: str, value: float) -> None:

@@ -6,7 +6,9 @@ import torch
 
 from . import _checks as C
 from ._checks import FLOATS
-from ._define import define_op
+from ._define import call, define_op
+
+INT32_MAX = 2**31 - 1
 
 
 def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
@@ -42,7 +44,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
                 softmax_scale: float) -> torch.Tensor:
     """Attention of ``q [b, m, h, d]`` over the rows ``kv[b, topk_idxs[b, m]]`` (keys = values; -1 skipped),
     with ``exp(attn_sink[h])`` added to the softmax denominator. An all -1 row gives 0. Out like q."""
-    return torch.ops.v4hal.sparse_attn(q, kv, attn_sink, topk_idxs, float(softmax_scale))
+    return call.sparse_attn(q, kv, attn_sink, topk_idxs, float(softmax_scale))
 
 
 def _check_indexer_inputs(op, q, k, weights):
@@ -65,7 +67,7 @@ define_op("index_scores", "(Tensor q, Tensor k, Tensor weights) -> Tensor",
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Lightning-indexer scores ``I[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h] . k[b, t])``, fp32."""
-    return torch.ops.v4hal.index_scores(q, k, weights)
+    return call.index_scores(q, k, weights)
 
 
 def _check_indexer_topk(q, k, weights, topk, start_pos, ratio, offset):
@@ -75,8 +77,9 @@ def _check_indexer_topk(q, k, weights, topk, start_pos, ratio, offset):
     C.positive(op, "ratio", ratio)
     if start_pos < 0:
         raise C.RangeError(f"{op}: start_pos must be >= 0, got {start_pos}")
-    if offset < 0:
-        raise C.RangeError(f"{op}: offset must be >= 0, got {offset}")
+    t = k.shape[1]
+    if offset < 0 or offset + t > INT32_MAX:
+        raise C.RangeError(f"{op}: offset must be in [0, 2**31 - 1 - t] with t = {t} (picks are int32), got {offset}")
 
 
 define_op("indexer_topk",
@@ -90,7 +93,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
                  ratio: int = 4, offset: int = 0) -> torch.Tensor:
     """Top ``min(topk, t)`` compressed entries per query (int32 ``[b, s, min(topk, t)]``), ``t + offset`` when
     the entry's span is complete before the query (``t < (start_pos + i + 1) // ratio``), else -1."""
-    return torch.ops.v4hal.indexer_topk(q, k, weights, topk, start_pos, ratio, offset)
+    return call.indexer_topk(q, k, weights, topk, start_pos, ratio, offset)
 
 
 def _check_compress_kv(kv, score, ape, ratio, overlap):
@@ -100,7 +103,8 @@ def _check_compress_kv(kv, score, ape, ratio, overlap):
     C.positive(op, "ratio", ratio)
     b, n, cd = kv.shape
     c = 2 if overlap else 1
-    C.divisible(op, "kv.shape[1] (n)", n, ratio, "ratio")
+    if n % ratio:
+        raise C.ShapeError(f"{op}: kv length n = kv.shape[1] ({n}) must be a multiple of ratio ({ratio})")
     C.divisible(op, "kv.shape[2] (c*d)", cd, c, "c (2 when overlap)")
     C.dtype(op, "score", score, (torch.float32,))
     C.shape(op, "score", score, (b, n, cd), "[b, n, c*d]")
@@ -118,4 +122,4 @@ define_op("compress_kv", "(Tensor kv, Tensor score, Tensor ape, int ratio, bool 
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
     """Pool every ``ratio`` positions of ``kv [b, n, c*d]`` into one entry with ``softmax(score + ape)`` weights
     per channel (ratio 4: overlapping windows, c = 2) -> ``[b, n/ratio, d]``."""
-    return torch.ops.v4hal.compress_kv(kv, score, ape, ratio, bool(overlap))
+    return call.compress_kv(kv, score, ape, ratio, bool(overlap))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._checks import E8M0, FLOATS, FP8, SCALE_DTYPES, ceil_div
-from ._define import define_op
+from ._checks import FLOATS, FP8, SCALE_DTYPES, ceil_div
+from ._define import call, define_op
 
 BLOCK = 128   # FP8 block along K (activations) and N x K (weights)
 FP4_BLOCK = 32
@@ -22,6 +22,12 @@ def _check_act_operand(op: str, a: torch.Tensor, a_s: torch.Tensor, name: str = 
     return k
 
 
+def _check_scale_dtype(op: str, scale_dtype: torch.dtype, a_s: torch.Tensor) -> None:
+    C.dtype_arg(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
+    if scale_dtype != a_s.dtype:
+        raise C.DTypeError(f"{op}: a_s must have scale_dtype ({scale_dtype}), got {C.describe(a_s)}")
+
+
 def _check_fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
     op = "fp8_gemm"
     k = _check_act_operand(op, a, a_s)
@@ -31,9 +37,7 @@ def _check_fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
         raise C.ShapeError(f"{op}: b must be [N, K] with K = a.shape[-1] = {k}, got {C.describe(b)}")
     C.dtype(op, "b_s", b_s, SCALE_DTYPES)
     C.shape(op, "b_s", b_s, (ceil_div(b.shape[0], BLOCK), k // BLOCK), "[ceil(N/128), K/128]")
-    C.one_of(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
-    if scale_dtype != a_s.dtype:
-        raise C.DTypeError(f"{op}: scale_dtype ({scale_dtype}) must equal a_s.dtype, got {C.describe(a_s)}")
+    _check_scale_dtype(op, scale_dtype, a_s)
     C.one_of(op, "out_dtype", out_dtype, FLOATS)
     C.same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
 
@@ -59,7 +63,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C[..., N] = A[..., K] @ B[N, K]^T``: A fp8 with scales ``[..., K/128]``, B fp8 with ``[ceil(N/128), K/128]``
     block scales (fp32 or e8m0), fp32 accumulation per 128-wide K block; out ``out_dtype``."""
-    return torch.ops.v4hal.fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
+    return call.fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
 
 
 def _check_fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
@@ -71,9 +75,7 @@ def _check_fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
         raise C.ShapeError(f"{op}: b must be [N, K/2] with K = a.shape[-1] = {k}, got {C.describe(b)}")
     C.dtype(op, "b_s", b_s, SCALE_DTYPES)
     C.shape(op, "b_s", b_s, (b.shape[0], k // FP4_BLOCK), "[N, K/32]")
-    C.one_of(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
-    if scale_dtype != a_s.dtype:
-        raise C.DTypeError(f"{op}: scale_dtype ({scale_dtype}) must equal a_s.dtype, got {C.describe(a_s)}")
+    _check_scale_dtype(op, scale_dtype, a_s)
     C.one_of(op, "out_dtype", out_dtype, FLOATS)
     C.same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
 
@@ -87,7 +89,7 @@ define_op("fp4_gemm",
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C = A @ B^T`` with A fp8 (+ ``[..., K/128]`` scales) and B packed MXFP4 ``[N, K/2]`` (+ e8m0 ``[N, K/32]``)."""
-    return torch.ops.v4hal.fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
+    return call.fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
 
 
 def weight_kind(op: str, name: str, w: torch.Tensor, scale: torch.Tensor | None, k: int,
@@ -97,12 +99,13 @@ def weight_kind(op: str, name: str, w: torch.Tensor, scale: torch.Tensor | None,
     e, n = w.shape[0], w.shape[1]
     if w.dtype in FLOATS:
         if scale is not None:
-            raise C.ShapeError(f"{op}: {scale_name} must be None for {w.dtype} {name}, got {C.describe(scale)}")
+            raise C.DTypeError(f"{op}: {scale_name} must be None for {w.dtype} {name} (the float recipe takes "
+                               f"no scales), got {C.describe(scale)}")
         if w.shape[2] != k:
             raise C.ShapeError(f"{op}: {name} must be [E, N, K] with K = {k}, got {C.describe(w)}")
         return "float"
     if scale is None:
-        raise C.ShapeError(f"{op}: {scale_name} is required for a quantized {name} ({C.describe(w)})")
+        raise C.DTypeError(f"{op}: a quantized {name} ({C.describe(w)}) needs {scale_name}, got None")
     if w.dtype == FP8:
         if w.shape[2] != k:
             raise C.ShapeError(f"{op}: {name} must be [E, N, K] with K = {k}, got {C.describe(w)}")
@@ -127,13 +130,16 @@ def _check_grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype):
     m, k = x.shape
     if x.dtype in FLOATS:
         if x_scale is not None:
-            raise C.ShapeError(f"{op}: x_scale must be None for {x.dtype} x, got {C.describe(x_scale)}")
+            raise C.DTypeError(f"{op}: x_scale must be None for {x.dtype} x (the float recipe takes no scales), "
+                               f"got {C.describe(x_scale)}")
         kind = weight_kind(op, "w", w, w_scale, k, "w_scale")
         if kind != "float" or w.dtype != x.dtype:
             raise C.DTypeError(f"{op}: a {x.dtype} x takes w of the same dtype, got {C.describe(w)}")
     elif x.dtype == FP8:
-        if x_scale is None:
-            raise C.ShapeError(f"{op}: x_scale [M, K/128] is required for an fp8 x")
+        if x_scale is None or w_scale is None:
+            raise C.DTypeError(f"{op}: an fp8 x needs x_scale and w_scale, got "
+                               f"x_scale {'None' if x_scale is None else C.describe(x_scale)}, "
+                               f"w_scale {'None' if w_scale is None else C.describe(w_scale)}")
         _check_act_operand(op, x, x_scale, "x")
         kind = weight_kind(op, "w", w, w_scale, k, "w_scale")
         if kind == "float":
@@ -152,8 +158,8 @@ def check_group_offsets(op: str, group_offsets: torch.Tensor, rows: int) -> None
         return
     first, last = int(group_offsets[0]), int(group_offsets[-1])
     if first != 0 or last != rows or bool((group_offsets[1:] < group_offsets[:-1]).any()):
-        raise C.RangeError(f"{op}: group_offsets must start at 0, end at M={rows} and never decrease, "
-                           f"got {group_offsets.tolist() if group_offsets.numel() <= 16 else 'first ' + str(first) + ', last ' + str(last)}")
+        got = group_offsets.tolist() if group_offsets.numel() <= 16 else f"first {first}, last {last}"
+        raise C.RangeError(f"{op}: group_offsets must start at 0, end at M={rows} and never decrease, got {got}")
 
 
 def _value_check_grouped(x, w, group_offsets, x_scale, w_scale, out_dtype):
@@ -178,4 +184,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor, 
     Recipes: float x with float w; fp8 x (+ x_scale ``[M, K/128]``) with fp8 w (+ ``[E, N/128, K/128]``)
     or packed FP4 w ``[E, N, K/2]`` (+ e8m0 ``[E, N, K/32]``).
     """
-    return torch.ops.v4hal.grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype)
+    return call.grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype)

@@ -6,7 +6,7 @@ import torch
 
 from . import _checks as C
 from ._checks import FLOATS
-from ._define import define_op
+from ._define import call, define_op
 
 
 def _check_hc_params(op, hc_scale, hc_base, hc_mult, n_scale):
@@ -45,7 +45,7 @@ def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torc
                       sinkhorn_iters: int = 20, eps: float = 1e-6):
     """Split ``mixes [..., (2+hc)*hc]`` into (pre ``[..., hc]``, post ``[..., hc]``, comb ``[..., hc, hc]``), fp32;
     comb is made doubly stochastic by ``sinkhorn_iters`` Sinkhorn normalisations."""
-    return torch.ops.v4hal.hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, float(eps))
+    return call.hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, float(eps))
 
 
 def _check_hc_x(op, x, hc_fn, hc_mult, rows):
@@ -83,8 +83,8 @@ def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
            norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20, hc_eps: float = 1e-6):
     """Collapse the residual copies ``x [..., hc, D]`` into the sub-layer input:
     (y ``[..., D]`` in x's dtype, post fp32 ``[..., hc]``, comb fp32 ``[..., hc, hc]``)."""
-    return torch.ops.v4hal.hc_pre(x, hc_fn, hc_scale, hc_base, float(norm_eps), hc_mult, sinkhorn_iters,
-                                  float(hc_eps))
+    return call.hc_pre(x, hc_fn, hc_scale, hc_base, float(norm_eps), hc_mult, sinkhorn_iters,
+                       float(hc_eps))
 
 
 def _check_hc_post(x, residual, post, comb):
@@ -107,11 +107,12 @@ define_op("hc_post", "(Tensor x, Tensor residual, Tensor post, Tensor comb) -> T
 
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """``out[..., k, :] = post[k] * x + sum_j comb[j, k] * residual[..., j, :]`` -> ``[..., hc, D]``."""
-    return torch.ops.v4hal.hc_post(x, residual, post, comb)
+    return call.hc_post(x, residual, post, comb)
 
 
 def _check_hc_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps):
     op = "hc_head"
+    C.dtype(op, "x", x, FLOATS)
     C.min_rank(op, "x", x, 2, "[..., hc, D]")
     hc = x.shape[-2]
     _check_hc_params(op, hc_scale, hc_base, hc, 1)
@@ -129,4 +130,4 @@ define_op("hc_head",
 def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,
             norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
     """Collapse ``x [..., hc, D]`` with ``pre = sigmoid(mixes*scale + base) + eps`` only -> ``[..., D]``."""
-    return torch.ops.v4hal.hc_head(x, hc_fn, hc_scale, hc_base, float(norm_eps), float(hc_eps))
+    return call.hc_head(x, hc_fn, hc_scale, hc_base, float(norm_eps), float(hc_eps))

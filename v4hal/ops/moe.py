@@ -8,8 +8,8 @@ import torch
 
 from . import _checks as C
 from ._checks import FLOATS, FP8
-from ._define import define_op
-from .gemm import weight_kind
+from ._define import call, define_op
+from .gemm import BLOCK, weight_kind
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 
@@ -68,7 +68,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, *, topk: int, bias: torch.Te
     ``bias`` only influences the choice; weights are the chosen unbiased scores normalised to sum 1
     (sqrtsoftplus/sigmoid) times ``route_scale``. With ``tid2eid``/``input_ids`` the ids come from the table.
     """
-    return torch.ops.v4hal.moe_gate(x, weight, topk, bias, score_func, float(route_scale), tid2eid, input_ids)
+    return call.moe_gate(x, weight, topk, bias, score_func, float(route_scale), tid2eid, input_ids)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def moe_dispatch(x: torch.Tensor, indices: torch.Tensor, num_experts: int
                  ) -> tuple[torch.Tensor, torch.Tensor, MoEHandle]:
     """Copy each token once per chosen expert, grouped by expert (stable: ascending ``t*k + j`` inside an
     expert): (x_sorted ``[T*k, D]``, group_offsets int64 ``[E+1]``, handle for ``moe_combine``)."""
-    x_sorted, offsets, sorted_to_flat = torch.ops.v4hal.moe_dispatch(x, indices, num_experts)
+    x_sorted, offsets, sorted_to_flat = call.moe_dispatch(x, indices, num_experts)
     return x_sorted, offsets, MoEHandle(sorted_to_flat, indices.shape[0], indices.shape[1])
 
 
@@ -128,14 +128,14 @@ def _check_moe_combine(y, weights, sorted_to_flat):
 define_op("moe_combine", "(Tensor y, Tensor weights, Tensor sorted_to_flat) -> Tensor",
           check=_check_moe_combine,
           fake=lambda y, w, s: y.new_empty((w.shape[0], y.shape[1])),
-          value_check=lambda y, w, s: C.index_range("moe_combine", "sorted_to_flat", s, 0, s.numel()))
+          value_check=lambda y, w, s: C.permutation("moe_combine", "sorted_to_flat", s))
 
 
 def moe_combine(y: torch.Tensor, weights: torch.Tensor, handle: MoEHandle) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * y[row of (t, j)]`` (fp32 sums) -> ``[T, D]`` in y's dtype."""
     if not isinstance(handle, MoEHandle):
         raise C.DTypeError(f"moe_combine: handle must be the MoEHandle from moe_dispatch, got {type(handle).__name__}")
-    return torch.ops.v4hal.moe_combine(y, weights, handle.sorted_to_flat)
+    return call.moe_combine(y, weights, handle.sorted_to_flat)
 
 
 def _check_moe_experts(x, weights, indices, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit):
@@ -143,22 +143,38 @@ def _check_moe_experts(x, weights, indices, w1, w2, w3, w1_scale, w2_scale, w3_s
     C.dtype(op, "x", x, FLOATS)
     C.rank(op, "x", x, (2,), "[T, D]")
     t, d = x.shape
-    C.dtype(op, "weights", weights, (torch.float32,))
-    C.rank(op, "weights", weights, (2,), "[T, k]")
     C.dtype(op, "indices", indices, (torch.int32,))
-    C.shape(op, "indices", indices, tuple(weights.shape), "[T, k] like weights")
-    if weights.shape[0] != t:
-        raise C.ShapeError(f"{op}: weights must be [T={t}, k], got {C.describe(weights)}")
-    kind1 = weight_kind(op, "w1", w1, w1_scale, d, "w1_scale")
-    kind3 = weight_kind(op, "w3", w3, w3_scale, d, "w3_scale")
+    C.rank(op, "indices", indices, (2,), "[T, k]")
+    if indices.shape[0] != t:
+        raise C.ShapeError(f"{op}: indices must be [T={t}, k], got {C.describe(indices)}")
+    C.dtype(op, "weights", weights, (torch.float32,))
+    C.shape(op, "weights", weights, tuple(indices.shape), "[T, k] like indices")
+    if not w1.dtype == w2.dtype == w3.dtype:
+        raise C.DTypeError(f"{op}: w1, w2, w3 must share one dtype, got {w1.dtype}, {w2.dtype}, {w3.dtype}")
+    C.rank(op, "w1", w1, (3,), "[E, I, D] (FP4: [E, I, D/2])")
+    scales = (w1_scale, w2_scale, w3_scale)
+    if w1.dtype in FLOATS:
+        if w1.dtype != x.dtype:
+            raise C.DTypeError(f"{op}: float weights must have x's dtype {x.dtype}, got w1 {C.describe(w1)}")
+    else:
+        if any(s is None for s in scales):
+            raise C.DTypeError(f"{op}: quantized weights need w1_scale, w2_scale and w3_scale, got "
+                               + ", ".join("None" if s is None else C.describe(s) for s in scales))
+        if len({s.dtype for s in scales}) != 1:
+            raise C.DTypeError(f"{op}: w1_scale, w2_scale, w3_scale must share one dtype, got "
+                               + ", ".join(C.describe(s) for s in scales))
+        inter = w1.shape[1]
+        if d % BLOCK or inter % BLOCK:
+            raise C.ShapeError(f"{op}: quantized weights need D ({d}) and I ({inter}) divisible by {BLOCK} "
+                               "(the activations are quantized in 128-blocks)")
+    weight_kind(op, "w1", w1, w1_scale, d, "w1_scale")
+    weight_kind(op, "w3", w3, w3_scale, d, "w3_scale")
     e, inter = w1.shape[0], w1.shape[1]
     if tuple(w3.shape) != tuple(w1.shape):
         raise C.ShapeError(f"{op}: w3 must have w1's shape {list(w1.shape)}, got {C.describe(w3)}")
-    kind2 = weight_kind(op, "w2", w2, w2_scale, inter, "w2_scale")
+    weight_kind(op, "w2", w2, w2_scale, inter, "w2_scale")
     if w2.shape[0] != e or w2.shape[1] != d:
         raise C.ShapeError(f"{op}: w2 must be [E={e}, D={d}, I={inter}], got {C.describe(w2)}")
-    if len({kind1, kind2, kind3}) != 1 or len({w1.dtype, w2.dtype, w3.dtype}) != 1:
-        raise C.DTypeError(f"{op}: w1, w2, w3 must share one format, got {w1.dtype}, {w2.dtype}, {w3.dtype}")
     if swiglu_limit < 0:
         raise C.RangeError(f"{op}: swiglu_limit must be >= 0 (0 = no clamp), got {swiglu_limit}")
     C.same_device(op, x=x, weights=weights, indices=indices, w1=w1, w2=w2, w3=w3,
@@ -191,6 +207,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
         s1 = s2 = s3 = None
     else:
         if len(w_scales) != 3:
-            raise C.ShapeError(f"moe_experts: w_scales must be (w1_scale, w2_scale, w3_scale), got {len(w_scales)} items")
+            raise C.ShapeError(f"moe_experts: w_scales must be (w1_scale, w2_scale, w3_scale), "
+                               f"got {len(w_scales)} items")
         s1, s2, s3 = w_scales
-    return torch.ops.v4hal.moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, float(swiglu_limit))
+    return call.moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, float(swiglu_limit))

@@ -8,7 +8,7 @@ import torch
 
 from . import _checks as C
 from ._checks import E8M0, FLOATS, FP8, SCALE_DTYPES, ceil_div
-from ._define import define_op
+from ._define import call, define_op
 
 SCALE_FMTS = (None, "ue8m0")
 
@@ -21,7 +21,7 @@ def _check_act_quant(x, block_size, scale_fmt, scale_dtype):
     C.positive(op, "block_size", block_size)
     C.divisible(op, "x.shape[-1]", x.shape[-1], block_size, "block_size")
     C.one_of(op, "scale_fmt", scale_fmt, SCALE_FMTS)
-    C.one_of(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
+    C.dtype_arg(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
 
 
 def _fake_act_quant(x, block_size, scale_fmt, scale_dtype):
@@ -39,7 +39,7 @@ def _check_act_quant_inplace(x, block_size, scale_fmt):
 
 
 define_op("act_quant_inplace", "(Tensor(a!) x, int block_size=128, str? scale_fmt=None) -> ()",
-          check=_check_act_quant_inplace, fake=lambda *a: None)
+          check=_check_act_quant_inplace, fake=lambda *a: None, variant_of="act_quant")
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None,
@@ -52,18 +52,23 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     """
     if inplace:
         fmt = scale_fmt if scale_fmt is not None or scale_dtype != E8M0 else "ue8m0"
-        torch.ops.v4hal.act_quant_inplace(x, block_size, fmt)
+        call.act_quant_inplace(x, block_size, fmt)
         return x
-    return torch.ops.v4hal.act_quant(x, block_size, scale_fmt, scale_dtype)
+    return call.act_quant(x, block_size, scale_fmt, scale_dtype)
 
 
 # ---------------------------------------------------------------- fp4_act_quant
+def _even_block(op: str, name: str, block: int) -> None:
+    if block % 2:
+        raise C.ShapeError(f"{op}: {name} must be even (two FP4 values per byte), got {block}")
+
+
 def _check_fp4_act_quant(x, block_size):
     op = "fp4_act_quant"
     C.dtype(op, "x", x, FLOATS)
     C.min_rank(op, "x", x, 1, "[..., K]")
     C.positive(op, "block_size", block_size)
-    C.divisible(op, "block_size", block_size, 2, "2 (two values per byte)")
+    _even_block(op, "block_size", block_size)
     C.divisible(op, "x.shape[-1]", x.shape[-1], block_size, "block_size")
 
 
@@ -76,7 +81,7 @@ def _fake_fp4_act_quant(x, block_size):
 define_op("fp4_act_quant", "(Tensor x, int block_size=32) -> (Tensor, Tensor)",
           check=_check_fp4_act_quant, fake=_fake_fp4_act_quant)
 define_op("fp4_act_quant_inplace", "(Tensor(a!) x, int block_size=32) -> ()",
-          check=_check_fp4_act_quant, fake=lambda *a: None)
+          check=_check_fp4_act_quant, fake=lambda *a: None, variant_of="fp4_act_quant")
 
 
 def fp4_act_quant(x: torch.Tensor, block_size: int = 32, inplace: bool = False):
@@ -86,9 +91,9 @@ def fp4_act_quant(x: torch.Tensor, block_size: int = 32, inplace: bool = False):
     ``inplace=True`` writes the dequantized round trip into ``x`` and returns ``x``.
     """
     if inplace:
-        torch.ops.v4hal.fp4_act_quant_inplace(x, block_size)
+        call.fp4_act_quant_inplace(x, block_size)
         return x
-    return torch.ops.v4hal.fp4_act_quant(x, block_size)
+    return call.fp4_act_quant(x, block_size)
 
 
 # ---------------------------------------------------------------- dequant
@@ -125,7 +130,7 @@ define_op("dequant_fp8", "(Tensor y, Tensor s, int block_size=128, ScalarType ou
 def dequant_fp8(y: torch.Tensor, s: torch.Tensor, block_size: int = 128,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """FP8 ``y`` times its block scales ``s`` (per-row ``[..., K/bs]`` or 2-D ``[..., N/bs, K/bs]``)."""
-    return torch.ops.v4hal.dequant_fp8(y, s, block_size, out_dtype)
+    return call.dequant_fp8(y, s, block_size, out_dtype)
 
 
 def _check_dequant_fp4(y, s, block_size, out_dtype):
@@ -150,7 +155,7 @@ define_op("dequant_fp4", "(Tensor y, Tensor s, int block_size=32, ScalarType out
 def dequant_fp4(y: torch.Tensor, s: torch.Tensor, block_size: int = 32,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Packed e2m1 ``y [..., K/2]`` times its scales ``s [..., K/block_size]`` -> ``[..., K]``."""
-    return torch.ops.v4hal.dequant_fp4(y, s, block_size, out_dtype)
+    return call.dequant_fp4(y, s, block_size, out_dtype)
 
 
 # ---------------------------------------------------------------- weight quantizers
@@ -175,7 +180,7 @@ define_op("quant_weight_fp8", "(Tensor w, int block=128, str? scale_fmt=\"ue8m0\
 def quant_weight_fp8(w: torch.Tensor, block: int = 128, scale_fmt: str | None = "ue8m0"):
     """Weight FP8 quantization per ``block x block`` tile: w float ``[..., N, K]`` -> (fp8 ``[..., N, K]``,
     s ``[..., ceil(N/block), ceil(K/block)]``, e8m0 for ``scale_fmt="ue8m0"`` else float32)."""
-    return torch.ops.v4hal.quant_weight_fp8(w, block, scale_fmt)
+    return call.quant_weight_fp8(w, block, scale_fmt)
 
 
 def _check_quant_weight_fp4(w, block):
@@ -183,7 +188,7 @@ def _check_quant_weight_fp4(w, block):
     C.dtype(op, "w", w, FLOATS)
     C.min_rank(op, "w", w, 2, "[..., N, K]")
     C.positive(op, "block", block)
-    C.divisible(op, "block", block, 2, "2 (two values per byte)")
+    _even_block(op, "block", block)
     C.divisible(op, "w.shape[-1]", w.shape[-1], block, "block")
 
 
@@ -193,4 +198,4 @@ define_op("quant_weight_fp4", "(Tensor w, int block=32) -> (Tensor, Tensor)",
 
 def quant_weight_fp4(w: torch.Tensor, block: int = 32):
     """Weight MXFP4 quantization: w float ``[..., N, K]`` -> (uint8 ``[..., N, K/2]``, e8m0 ``[..., N, K/block]``)."""
-    return torch.ops.v4hal.quant_weight_fp4(w, block)
+    return call.quant_weight_fp4(w, block)

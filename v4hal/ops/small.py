@@ -5,7 +5,7 @@ import torch
 
 from . import _checks as C
 from ._checks import FLOATS
-from ._define import define_op
+from ._define import call, define_op
 
 
 def _check_rms_norm(x, weight, eps):
@@ -24,14 +24,15 @@ define_op("rms_norm", "(Tensor x, Tensor weight, float eps=1e-6) -> Tensor",
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x * rsqrt(mean(x^2) + eps) * weight`` in fp32, returned in x's dtype. x ``[..., D]``, weight ``[D]``."""
-    return torch.ops.v4hal.rms_norm(x, weight, float(eps))
+    return call.rms_norm(x, weight, float(eps))
 
 
 def _check_rotary(x, freqs_cis, inverse):
     op = "rotary_emb"
     C.dtype(op, "x", x, FLOATS)
     C.rank(op, "x", x, (3, 4), "[b, s, rd] or [b, s, h, rd]")
-    C.divisible(op, "x.shape[-1] (rd)", x.shape[-1], 2, "2 (interleaved pairs)")
+    if x.shape[-1] % 2:
+        raise C.ShapeError(f"{op}: the rotary dim x.shape[-1] must be even (interleaved pairs), got {C.describe(x)}")
     C.dtype(op, "freqs_cis", freqs_cis, (torch.complex64,))
     b, s, half = x.shape[0], x.shape[1], x.shape[-1] // 2
     if tuple(freqs_cis.shape) not in ((s, half), (b, s, half)):
@@ -47,7 +48,7 @@ define_op("rotary_emb", "(Tensor x, Tensor freqs_cis, bool inverse=False) -> Ten
 def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x [b, s, (h,) rd]`` by complex ``freqs_cis``
     ``[s, rd/2]`` or ``[b, s, rd/2]`` (by its conjugate when ``inverse``). Out like x."""
-    return torch.ops.v4hal.rotary_emb(x, freqs_cis, bool(inverse))
+    return call.rotary_emb(x, freqs_cis, bool(inverse))
 
 
 def _check_hadamard(x, scale):
@@ -66,4 +67,4 @@ define_op("hadamard_transform", "(Tensor x, float? scale=None) -> Tensor",
 def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Walsh-Hadamard transform (Sylvester order) of the last dim (a power of two) times ``scale``
     (default ``D**-0.5``, orthonormal). Out like x."""
-    return torch.ops.v4hal.hadamard_transform(x, None if scale is None else float(scale))
+    return call.hadamard_transform(x, None if scale is None else float(scale))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from v4hal.hal import devices
 from v4hal.hal.errors import BackendUnavailableError, DTypeError
 
 from . import comm
@@ -27,13 +28,6 @@ _OPS = ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2")
 def hccl_comm_name(group: dist.ProcessGroup, rank: int) -> str:
     """The HCCL communicator name the MC2 ops take as ``group_ep`` (torch_npu >= 2.1 form)."""
     return group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
-
-
-def _runtime() -> Any:
-    """The Ascend runtime probes (``torch_npu_module``, ``probe_reason``, ``chip``), imported lazily."""
-    from v4hal.backends.ascend import runtime
-
-    return runtime
 
 
 @dataclass(kw_only=True)
@@ -74,10 +68,9 @@ class AscendMC2:
             return f"the Ascend MC2 ops move NPU tensors, got {device}"
         if group is not None and str(dist.get_backend(group)).lower() != "hccl":
             return f"the Ascend MC2 ops need an HCCL group, got {str(dist.get_backend(group)).lower()}"
-        runtime = _runtime()
-        npu = runtime.torch_npu_module()
+        npu = devices.torch_npu_module()
         if npu is None:
-            return f"torch_npu is unavailable: {runtime.probe_reason()}"
+            return f"torch_npu is unavailable: {devices.npu_reason()}"
         missing = [f for f in _OPS if not hasattr(npu, f)]
         return f"torch_npu lacks {', '.join(missing)}" if missing else None
 
@@ -90,9 +83,8 @@ class AscendMC2:
                                           "(quant_mode=2 is int8 per token); use fp8=False or transport='all_to_all'")
         if x.dtype not in (torch.bfloat16, torch.float16):
             raise DTypeError(f"ep_dispatch: npu_moe_distribute_dispatch_v2 takes bf16/fp16 x, got {x.dtype}")
-        runtime = _runtime()
-        npu = runtime.torch_npu_module()
-        chip = runtime.chip()
+        npu = devices.torch_npu_module()
+        chip = devices.npu_chip()
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         lo, hi = expert_range(num_experts, world, rank, "ep_dispatch")
         name = hccl_comm_name(group, rank)
@@ -123,7 +115,7 @@ class AscendMC2:
     def combine(self, y: torch.Tensor, handle: EPHandle, *, out_dtype: torch.dtype | None,
                 partial_sums: bool) -> torch.Tensor:
         """``combine_v2`` (gate weights applied there) -> ``[T, D]``."""
-        npu = _runtime().torch_npu_module()
+        npu = devices.torch_npu_module()
         st: _AscendState = handle.state
         full = y.new_zeros(st.rows, handle.dim)
         full[:y.shape[0]] = y

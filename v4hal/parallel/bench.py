@@ -141,7 +141,10 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{v['partial_combine_bytes_per_token']:.0f}", f"{v['dispatch_ms']:.2f}",
                      f"{v['combine_ms']:.2f}", f"{v['layer_ms']:.2f}", f"{v['partial_combine_ms']:.2f}"))
     widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
-    line = lambda r: "  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
+    def line(r: tuple | list) -> str:
+        return "  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
     notes = ("B/tok: bytes sent to other ranks per dispatched token ((total): including the local share); combine "
              "sends one bf16 row per copy (exact); partial: one bf16 partial sum per (token, rank), DeepEP-style; "
              "layer ms = dispatch + combine")

@@ -8,8 +8,7 @@ import torch
 from v4hal.hal import formats as F
 
 from . import kernels
-from .contract import (STATE, block_table, cumulative, defaults, desc, paged_kv, pow2, require, tensor,
-                       valid_first)
+from .contract import STATE, block_table, cumulative, defaults, desc, paged_kv, pow2, require, tensor, valid_first
 
 HALF = (torch.bfloat16, torch.float16)
 E8M0_CODE = 293
@@ -111,10 +110,12 @@ def lightning_indexer(op: str, query: Any, key: Any, weights: Any, aslq: Any, as
                       next_tokens: int, return_value: bool) -> torch.Tensor:
     """npu_lightning_indexer (op-plugin doc) -> int32 ``[T, 1, sparse_count]``, -1 padded."""
     chip = STATE.chip
-    require(sparse_count in LI_COUNTS, op, f"sparse_count must be in [1, 2048] or 3072..8192 step 1024, got {sparse_count}")
+    require(sparse_count in LI_COUNTS, op,
+            f"sparse_count must be in [1, 2048] or 3072..8192 step 1024, got {sparse_count}")
     require(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
     defaults(op, pre_tokens, next_tokens)
-    require(layout_key in ("PA_BSND", "BSND", "TND"), op, f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
+    require(layout_key in ("PA_BSND", "BSND", "TND"), op,
+            f"layout_key must be PA_BSND, BSND or TND, got {layout_key!r}")
     require(layout_key == "PA_BSND", op, "the stand-in models the paged (PA_BSND) key layout only")
     require(not return_value, op, "return_value is not supported with PA_BSND")
     qt, ends, n1 = _query(op, "query", query, layout_query, 128, aslq)
@@ -136,7 +137,8 @@ def lightning_indexer(op: str, query: Any, key: Any, weights: Any, aslq: Any, as
     batch, i_in, q_len = kernels.token_batches(ends, query.device)
     s_max = int(k_lens.max()) if b else 0
     pos = torch.arange(max(s_max, 1), device=query.device).view(1, -1).expand(t, -1)
-    keys = kernels.paged_rows(key, block_table_, batch.unsqueeze(1).expand_as(pos), pos.clamp(max=max(blocks * blk - 1, 0)))
+    keys = kernels.paged_rows(key, block_table_, batch.unsqueeze(1).expand_as(pos),
+                              pos.clamp(max=max(blocks * blk - 1, 0)))
     lim = k_lens[batch].unsqueeze(1)
     valid = pos < lim
     if sparse_mode == 3:
@@ -157,7 +159,8 @@ def sharedkv_metadata(op: str, *, num_heads_q: int, num_heads_kv: int, head_dim:
                       device: str) -> torch.Tensor:
     """The tiling summary both metadata ops produce: int32 ``[1024]`` (what the stand-in attention
     checks against its own arguments)."""
-    require(layout_q in ("TND", "BSND") and layout_kv == "PA_ND", op, f"layouts must be TND/BSND and PA_ND, got {layout_q}, {layout_kv}")
+    require(layout_q in ("TND", "BSND") and layout_kv == "PA_ND", op,
+            f"layouts must be TND/BSND and PA_ND, got {layout_q}, {layout_kv}")
     require(num_heads_kv == 1, op, f"num_heads_kv must be 1, got {num_heads_kv}")
     require(seqused_kv is not None, op, "seqused_kv is required")
     tensor(op, "seqused_kv", seqused_kv, dtypes=(torch.int32,), shape=(batch_size,))
@@ -165,7 +168,8 @@ def sharedkv_metadata(op: str, *, num_heads_q: int, num_heads_kv: int, head_dim:
         ends = cumulative(op, "cu_seqlens_q", cu_seqlens_q, leading_zero=True)
         require(len(ends) == batch_size + 1, op, f"cu_seqlens_q must have B+1={batch_size + 1} entries")
         q_lens = [b - a for a, b in zip(ends, ends[1:])]
-        require(max(q_lens, default=0) <= max_seqlen_q, op, f"max_seqlen_q {max_seqlen_q} < longest query {max(q_lens)}")
+        require(max(q_lens, default=0) <= max_seqlen_q, op,
+                f"max_seqlen_q {max_seqlen_q} < longest query {max(q_lens)}")
     require(int(seqused_kv.max()) <= max_seqlen_kv, op, "max_seqlen_kv smaller than the longest sequence")
     require(isinstance(device, str), op, "device must be a string")
     meta = torch.zeros(1024, dtype=torch.int32)
@@ -187,8 +191,10 @@ def sharedkv(op: str, q: Any, *, ori_kv: Any, cmp_kv: Any, ori_sparse_indices: A
     batch sits at ``p = seqused_kv - q_len + i``."""
     require(layout_kv == "PA_ND", op, f"layout_kv supports only PA_ND, got {layout_kv!r}")
     require(layout_q == "TND", op, "the stand-in models layout_q TND")
-    require(ori_mask_mode == 4 and cmp_mask_mode == 3, op, f"mask modes must be 4 (band) / 3 (causal), got {ori_mask_mode}/{cmp_mask_mode}")
-    require(ori_win_left == 127 and ori_win_right == 0, op, f"ori_win_left/right support only 127/0, got {ori_win_left}/{ori_win_right}")
+    require(ori_mask_mode == 4 and cmp_mask_mode == 3, op,
+            f"mask modes must be 4 (band) / 3 (causal), got {ori_mask_mode}/{cmp_mask_mode}")
+    require(ori_win_left == 127 and ori_win_right == 0, op,
+            f"ori_win_left/right support only 127/0, got {ori_win_left}/{ori_win_right}")
     require(not return_softmax_lse, op, "return_softmax_lse is not supported")
     require(ori_sparse_indices is None, op, "ori_sparse_indices is not supported (ignored by the op)")
     qt, ends, n1 = _query(op, "q", q, layout_q, 512, cu_seqlens_q, dtypes=(torch.bfloat16,) if quant else HALF,
@@ -204,7 +210,8 @@ def sharedkv(op: str, q: Any, *, ori_kv: Any, cmp_kv: Any, ori_sparse_indices: A
     if quant or sinks is not None:
         require(sinks is not None, op, "sinks are required")
         tensor(op, "sinks", sinks, dtypes=(torch.float32,), shape=(n1,))
-    require(isinstance(softmax_scale, float) and softmax_scale != 0.0, op, f"softmax_scale must be a non-zero float, got {softmax_scale!r}")
+    require(isinstance(softmax_scale, float) and softmax_scale != 0.0, op,
+            f"softmax_scale must be a non-zero float, got {softmax_scale!r}")
     has_cmp = cmp_kv is not None
     require(cmp_sparse_indices is None or has_cmp, op, "cmp_sparse_indices needs cmp_kv")
     if has_cmp:
@@ -217,7 +224,8 @@ def sharedkv(op: str, q: Any, *, ori_kv: Any, cmp_kv: Any, ori_sparse_indices: A
     k2 = 0
     if cmp_sparse_indices is not None:
         tensor(op, "cmp_sparse_indices", cmp_sparse_indices, dtypes=(torch.int32,), ndim=3, contiguous=True)
-        require(cmp_sparse_indices.shape[:2] == (qt.shape[0], 1), op, f"cmp_sparse_indices must be [T, 1, K], got {desc(cmp_sparse_indices)}")
+        require(cmp_sparse_indices.shape[:2] == (qt.shape[0], 1), op,
+                f"cmp_sparse_indices must be [T, 1, K], got {desc(cmp_sparse_indices)}")
         k2 = cmp_sparse_indices.shape[2]
         require(k2 in topks, op, f"cmp_sparse_indices K must be one of {topks}, got {k2}")
         valid_first(op, "cmp_sparse_indices", cmp_sparse_indices)
@@ -252,8 +260,8 @@ def sharedkv(op: str, q: Any, *, ori_kv: Any, cmp_kv: Any, ori_sparse_indices: A
 
 
 def unpack_fp8_bytes(packed: torch.Tensor) -> torch.Tensor:
-    """Packed rows (float8_e4m3fn or uint8 bytes) ``[..., 640]`` = rope bf16 x64 | no-rope fp8 x448 | e8m0 x7 | pad -> fp32 ``[..., 512]``
-    ordered [no-rope 448 | rope 64] (the layout of q)."""
+    """Packed rows (float8_e4m3fn or uint8 bytes) ``[..., 640]`` = rope bf16 x64 | no-rope fp8 x448 | e8m0 x7 | pad
+    -> fp32 ``[..., 512]`` ordered [no-rope 448 | rope 64] (the layout of q)."""
     packed = packed.contiguous().view(torch.uint8)
     rope = packed[..., :128].contiguous().view(torch.bfloat16).float()
     nope = packed[..., 128:576].contiguous().view(F.FP8_DTYPE).float()

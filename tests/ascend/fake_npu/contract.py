@@ -56,8 +56,9 @@ def desc(t: Any) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
 
 
-def tensor(op: str, name: str, t: Any, *, dtypes: Iterable[torch.dtype] | None = None, ndim: int | Iterable[int] | None = None,
-           shape: tuple[int | None, ...] | None = None, contiguous: bool = False) -> torch.Tensor:
+def tensor(op: str, name: str, t: Any, *, dtypes: Iterable[torch.dtype] | None = None,
+           ndim: int | Iterable[int] | None = None, shape: tuple[int | None, ...] | None = None,
+           contiguous: bool = False) -> torch.Tensor:
     """Check one tensor argument; ``None`` in ``shape`` matches any size."""
     require(isinstance(t, torch.Tensor), op, f"{name} must be a Tensor, got {type(t).__name__}")
     if dtypes is not None:
@@ -110,7 +111,8 @@ def block_table(op: str, name: str, t: Any, b: int, blocks: int, blk: int, max_l
     tensor(op, name, t, dtypes=(torch.int32,), ndim=2)
     require(t.shape[0] == b, op, f"{name}: first dim must be B={b}, got {desc(t)}")
     need = -(-max_len // blk)
-    require(t.shape[1] >= need, op, f"{name}: needs >= {need} columns for {max_len} tokens in blocks of {blk}, got {desc(t)}")
+    require(t.shape[1] >= need, op,
+            f"{name}: needs >= {need} columns for {max_len} tokens in blocks of {blk}, got {desc(t)}")
     if need:
         used = t[:, :need]
         require(bool(((used >= 0) & (used < blocks)).all()), op, f"{name}: block ids must lie in [0, {blocks})")

@@ -27,7 +27,8 @@ def gating(op: str, x: Any, k: int, bias: Any, input_ids: Any, tid2eid: Any, k_g
     require(group_select_mode in (0, 1), op, f"group_select_mode must be 0 or 1, got {group_select_mode}")
     require(group_count > 0 and e % group_count == 0 and e // group_count > 2, op,
             f"x.shape[-1] must split into group_count groups of more than 2, got E={e}, group_count={group_count}")
-    require(-(-(e // group_count) // 32) * 32 * group_count <= 2048, op, "32-aligned group size x group_count must be <= 2048")
+    require(-(-(e // group_count) // 32) * 32 * group_count <= 2048, op,
+            "32-aligned group size x group_count must be <= 2048")
     require(1 <= k_group <= group_count, op, f"k_group must be in [1, group_count], got {k_group}")
     require(1 <= k <= e // group_count * k_group, op, f"k must be in [1, E/group_count*k_group], got {k}")
     if norm_type == 2:
@@ -57,11 +58,13 @@ def init_routing_v2(op: str, x: Any, expert_idx: Any, scale: Any, offset: Any, a
     require(drop_pad_mode == 0, op, "the stand-in models dropless routing (drop_pad_mode=0)")
     require(quant_mode == -1 and scale is None and offset is None, op, "the stand-in models quant_mode=-1 only")
     require(row_idx_type in (0, 1), op, f"row_idx_type must be 0 or 1, got {row_idx_type}")
-    require(expert_tokens_num_type in (0, 1, 2), op, f"expert_tokens_num_type must be 0, 1 or 2, got {expert_tokens_num_type}")
+    require(expert_tokens_num_type in (0, 1, 2), op,
+            f"expert_tokens_num_type must be 0, 1 or 2, got {expert_tokens_num_type}")
     limit = 5120 if expert_tokens_num_type == 2 else 10240
     require(0 <= expert_num <= limit, op, f"expert_num must be in [0, {limit}], got {expert_num}")
     start, end = (active_expert_range or [0, expert_num])
-    require(0 <= start < end <= expert_num, op, f"active_expert_range must satisfy 0 <= start < end <= expert_num, got {active_expert_range}")
+    require(0 <= start < end <= expert_num, op,
+            f"active_expert_range must satisfy 0 <= start < end <= expert_num, got {active_expert_range}")
     require(active_num >= -1, op, f"active_num must be >= -1, got {active_num}")
     flat = expert_idx.reshape(-1).long()
     inside = (flat >= start) & (flat < end)
@@ -115,7 +118,8 @@ def grouped_matmul(op: str, x: Any, weight: Any, quant_args: dict[str, Any], gro
     require(isinstance(x, list) and len(x) == 1 and isinstance(weight, list) and len(weight) == 1, op,
             "the stand-in models x=[X] and weight=[W] (single tensors)")
     require(all(v is None for v in quant_args.values()), op,
-            f"the stand-in models the unquantized recipe only, got {[k for k, v in quant_args.items() if v is not None]}")
+            "the stand-in models the unquantized recipe only, got "
+            f"{[k for k, v in quant_args.items() if v is not None]}")
     require(split_item in (2, 3), op, f"single-tensor output needs split_item 2 or 3, got {split_item}")
     require(group_type == 0, op, f"group_type must be 0 (m-axis grouping), got {group_type}")
     require(act_type == 0, op, "act_type must be 0")
@@ -169,7 +173,8 @@ def dynamic_mx_quant(op: str, x: Any, axis: int, round_mode: str, dst_type: Any,
     require(round_mode == "rint", op, f"round_mode must be 'rint', got {round_mode!r}")
     require(block_size == 32, op, f"block_size must be 32, got {block_size}")
     require(scale_alg in (0, 1), op, f"scale_alg must be 0 or 1, got {scale_alg}")
-    require(dst_type in (FP4_CODE, FP8_CODE, torch.float8_e4m3fn), op, f"dst_type must be fp4_e2m1 (296) or fp8 e4m3, got {dst_type}")
+    require(dst_type in (FP4_CODE, FP8_CODE, torch.float8_e4m3fn), op,
+            f"dst_type must be fp4_e2m1 (296) or fp8 e4m3, got {dst_type}")
     m, k = x.shape
     require(k % 32 == 0, op, f"the last dim must be a multiple of 32, got {k}")
     fp4 = dst_type == FP4_CODE
@@ -202,7 +207,8 @@ def quant_matmul(op: str, x1: Any, x2: Any, scale: Any, offset: Any, pertoken_sc
     require(k <= 65535 and n <= 65535, op, "the last dims of x1 and x2 must be <= 65535")
     if x1.dtype == torch.int8:
         require(x2.dtype == torch.int8, op, "x1 and x2 must share one dtype")
-        require(group_sizes is None and scale_dtype is None and pertoken_scale_dtype is None, op, "int8 takes no MX arguments")
+        require(group_sizes is None and scale_dtype is None and pertoken_scale_dtype is None, op,
+                "int8 takes no MX arguments")
         tensor(op, "scale", scale, dtypes=(torch.float32, torch.bfloat16), ndim=1)
         require(scale.shape[0] in (1, n), op, f"scale must be [1] or [N={n}], got {desc(scale)}")
         tensor(op, "pertoken_scale", pertoken_scale, dtypes=(torch.float32,), shape=(m,))
@@ -215,13 +221,16 @@ def quant_matmul(op: str, x1: Any, x2: Any, scale: Any, offset: Any, pertoken_sc
     require(x2.dtype == torch.float8_e4m3fn, op, "MXFP8 needs fp8 x2")
     require(list(group_sizes or []) == [1, 1, 32], op, f"MX mode needs group_sizes=[1, 1, 32], got {group_sizes}")
     require(scale_dtype == E8M0_CODE and pertoken_scale_dtype == E8M0_CODE, op,
-            f"MX scales need scale_dtype=pertoken_scale_dtype=float8_e8m0fnu (293), got {scale_dtype}, {pertoken_scale_dtype}")
+            "MX scales need scale_dtype=pertoken_scale_dtype=float8_e8m0fnu (293), "
+            f"got {scale_dtype}, {pertoken_scale_dtype}")
     require(k % 32 == 0, op, f"MX needs K % 32 == 0, got {k}")
     kb = k // 32
     pairs = -(-kb // 2)
     tensor(op, "scale", scale, dtypes=(torch.uint8, torch.float8_e8m0fnu), shape=(pairs, n, 2), contiguous=True)
-    tensor(op, "pertoken_scale", pertoken_scale, dtypes=(torch.uint8, torch.float8_e8m0fnu), shape=(m, pairs, 2), contiguous=True)
-    require(output_dtype in (torch.bfloat16, torch.float16), op, f"MX output_dtype must be bf16/fp16, got {output_dtype}")
+    tensor(op, "pertoken_scale", pertoken_scale, dtypes=(torch.uint8, torch.float8_e8m0fnu), shape=(m, pairs, 2),
+           contiguous=True)
+    require(output_dtype in (torch.bfloat16, torch.float16), op,
+            f"MX output_dtype must be bf16/fp16, got {output_dtype}")
     sa = F.e8m0_to_float(pertoken_scale.view(torch.uint8).reshape(m, -1)[:, :kb])          # [M, K/32]
     sb = F.e8m0_to_float(scale.view(torch.uint8).transpose(0, 1).reshape(n, -1)[:, :kb])   # [N, K/32]
     part = torch.einsum("mbk,bkn->mbn", x1.float().view(m, kb, 32), x2.float().view(kb, 32, n))
@@ -234,7 +243,8 @@ def rms_norm(op: str, x: Any, gamma: Any, epsilon: float) -> tuple[torch.Tensor,
     tensor(op, "self", x, dtypes=FLOATS)
     require(2 <= x.dim() <= 8, op, f"self must have 2-8 dims, got {desc(x)}")
     tensor(op, "gamma", gamma)
-    require(tuple(gamma.shape) == tuple(x.shape[x.dim() - gamma.dim():]), op, f"gamma must match self's trailing dims, got {desc(gamma)}")
+    require(tuple(gamma.shape) == tuple(x.shape[x.dim() - gamma.dim():]), op,
+            f"gamma must match self's trailing dims, got {desc(gamma)}")
     pairs = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
              (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)}
     require((x.dtype, gamma.dtype) in pairs, op, f"unsupported (self, gamma) dtypes ({x.dtype}, {gamma.dtype})")
@@ -245,7 +255,8 @@ def rms_norm(op: str, x: Any, gamma: Any, epsilon: float) -> tuple[torch.Tensor,
 
 def rotary_mul(op: str, x: Any, r1: Any, r2: Any, rotary_mode: str, rotate: Any) -> torch.Tensor:
     """npu_rotary_mul: ``x * cos + rotate(x) * sin``; interleave: rotate pairs (x[2i], x[2i+1]) -> (-x[2i+1], x[2i])."""
-    require(rotary_mode in ("half", "interleave"), op, f"rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
+    require(rotary_mode in ("half", "interleave"), op,
+            f"rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
     require(rotate is None, op, "the stand-in models rotate=None")
     tensor(op, "input", x, dtypes=FLOATS, ndim=(3, 4))
     tensor(op, "r1", r1, dtypes=(x.dtype,), ndim=x.dim())
@@ -257,7 +268,8 @@ def rotary_mul(op: str, x: Any, r1: Any, r2: Any, rotary_mode: str, rotate: Any)
             require(tuple(r1.shape) == (x.shape[0], 1, d), op, f"TND interleave needs r1 [T, 1, D], got {desc(r1)}")
             require(x.shape[1] < 1000, op, f"N must be < 1000, got {x.shape[1]}")
         else:              # BSND with 1S1D
-            require(tuple(r1.shape) == (1, x.shape[1], 1, d), op, f"BSND interleave needs r1 [1, S, 1, D], got {desc(r1)}")
+            require(tuple(r1.shape) == (1, x.shape[1], 1, d), op,
+                    f"BSND interleave needs r1 [1, S, 1, D], got {desc(r1)}")
             require(x.shape[0] * x.shape[2] < 1000, op, "B*N must be < 1000")
         rot = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     else:
@@ -271,7 +283,8 @@ def hc_pre(op: str, x: Any, hc_fn: Any, hc_scale: Any, hc_base: Any, hc_mult: in
     """vllm-ascend torch_binding checks of npu_hc_pre_v2: bf16 x ``[T, 4, D]`` / ``[B, S, 4, D]``, D 4096/7168."""
     tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=dims, contiguous=True)
     require(all(s > 0 for s in x.shape), op, f"x's shape must be positive, got {desc(x)}")
-    require(hc_mult == 4 and x.shape[-2] == 4, op, f"hc_mult and the hc of x support only 4, got {hc_mult}, {x.shape[-2]}")
+    require(hc_mult == 4 and x.shape[-2] == 4, op,
+            f"hc_mult and the hc of x support only 4, got {hc_mult}, {x.shape[-2]}")
     d = x.shape[-1]
     require(d in (4096, 7168), op, f"the d of x supports only 4096 or 7168, got {d}")
     tensor(op, "hc_fn", hc_fn, dtypes=(torch.float32,), shape=(24, 4 * d))

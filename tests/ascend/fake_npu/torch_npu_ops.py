@@ -18,7 +18,8 @@ def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *
     called(TIER, "npu_sparse_flash_attention")
     out = A.sfa("torch_npu.npu_sparse_flash_attention", TIER, query, key, value, sparse_indices, scale_value,
                 block_table, actual_seq_lengths_query, actual_seq_lengths_kv, query_rope, key_rope, sparse_block_size,
-                layout_query, layout_kv, sparse_mode, pre_tokens, next_tokens, attention_mode, return_softmax_lse, sinks)
+                layout_query, layout_kv, sparse_mode, pre_tokens, next_tokens, attention_mode, return_softmax_lse,
+                sinks)
     empty = out.new_zeros(0).float()
     return out, empty, empty
 

@@ -2,18 +2,19 @@
 the ``custom_ops`` wheel, with layout adapters between our contract and theirs.
 
 Importing this package imports neither torch_npu nor any extension: :func:`probe` does that
-lazily (``find_spec`` + guarded import, see :mod:`.runtime`) when ``v4hal info`` or a call on
-``npu`` tensors asks. What each op calls per chip, and when it falls back to the reference
-backend, is in :func:`fallback_table` / :func:`native_table` and ``docs/ascend.md``.
+lazily (the NPU probes of :mod:`v4hal.hal.devices`) when ``v4hal info`` or a call on ``npu``
+tensors asks. What each op calls per chip, and when it falls back to the reference backend, is in
+:func:`fallback_table` / :func:`native_table`, :func:`info_notes` (what ``v4hal info`` prints) and
+``docs/ascend.md``.
 """
 from __future__ import annotations
 
 
 def probe() -> str | None:
     """None when torch_npu imports, an NPU is visible and the chip is A2, A3 or 950; else why not."""
-    from . import runtime
+    from v4hal.hal.devices import npu_reason
 
-    return runtime.probe_reason()
+    return npu_reason()
 
 
 def device_reason(device: str) -> str | None:
@@ -31,14 +32,35 @@ def load() -> None:
 
 
 def fallback_table() -> list[dict[str, str]]:
-    """Per op and chip: the conditions under which the reference backend runs instead of CANN."""
-    from . import register
+    """Rows ``{op, chip, condition, runs}``: when the Ascend backend does not call its CANN op."""
+    from . import limits
 
-    return register.fallback_table()
+    return limits.fallback_table()
 
 
 def native_table() -> list[dict[str, str]]:
-    """Per op and chip: the CANN path used within the limits."""
-    from . import register
+    """Rows ``{op, chip, native}``: the CANN path used inside the limits."""
+    from . import limits
 
-    return register.native_table()
+    return limits.native_table()
+
+
+def info_notes() -> list[dict[str, str]]:
+    """``v4hal info``'s notes: one row ``{op, note}`` per fallback requirement of each Ascend
+    implementation (read from the declarations the registry registers), e.g.
+    ``falls back to reference: head dim d != 512 (...) (A2/A3/950)``, plus one row per chip that has
+    no CANN path for an op and no requirement saying why."""
+    from v4hal.hal.registry import declarations
+
+    from . import limits, register
+
+    register.import_op_modules()
+    rows: list[dict[str, str]] = []
+    for op, decl in sorted(declarations("ascend").items()):
+        rows += [{"op": op, "note": req.summary()} for req in decl.requires if req.fallback is not None]
+        native = limits.PLANS[op].native
+        bare = [chip for chip in limits.CHIPS if chip not in native
+                and not any(limits.applies(req, chip) for req in decl.requires)]
+        if bare:
+            rows.append({"op": op, "note": f"falls back to reference: no CANN op ({'/'.join(bare)})"})
+    return rows

@@ -1,20 +1,28 @@
-"""The one routing step every Ascend implementation starts with: limits, then binding, else fallback."""
+"""The one routing step every Ascend implementation starts with: requirements, then binding, else fallback."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
+
+from v4hal.ops import OPS
 
 from . import binding, limits, runtime
 
 
-def route(op: str, args: Mapping[str, Any],
-          candidates: Sequence[tuple[str, str]]) -> tuple[str | None, binding.Bound | None, str | None]:
+def schema_args(op: str, values: Sequence[Any]) -> dict[str, Any]:
+    """The call's arguments by schema name (``values`` in schema order, as the op layer passes them)."""
+    return dict(zip(OPS[op].arg_names, values))
+
+
+def route(op: str, candidates: Sequence[tuple[str, str]],
+          *values: Any) -> tuple[str | None, binding.Bound | None, str | None]:
     """(chip, bound op, None) when the call goes to a CANN op, else (chip, None, reason).
 
-    The limits of ``op`` are checked first (cheap, no probing of extension modules); then the
-    candidates are looked up tier by tier. A missing op is a fallback reason like any limit.
+    ``values`` are the op's arguments in schema order. The requirements ``op`` was declared with
+    are checked first (cheap, no probing of extension modules); then the candidates are looked up
+    tier by tier. A missing op is a fallback reason like any unmet requirement.
     """
     chip = runtime.chip()
-    reason = limits.violation(op, chip, args)
+    reason = limits.violation(op, chip, schema_args(op, values))
     if reason is not None:
         return chip, None, reason
     bound = binding.lookup(candidates)
@@ -24,12 +32,8 @@ def route(op: str, args: Mapping[str, Any],
     return chip, bound, None
 
 
-def always_reference(op: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run the reference ``fn`` for an op the backend never sends to CANN (its plan says why)."""
+def always_reference(op: str, fn: Callable[..., Any], *values: Any) -> Any:
+    """Run the reference ``fn`` for an op the backend never sends to CANN (its requirement says why)."""
     chip = runtime.chip()
-    return limits.fallback(op, chip, limits.violation(op, chip, {}) or "reference", fn, *args)
-
-
-def desc(t: Any) -> str:
-    """'bfloat16 [2, 3]' for error messages."""
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+    return limits.fallback(op, chip, limits.violation(op, chip, schema_args(op, values)) or "reference", fn,
+                           *values)

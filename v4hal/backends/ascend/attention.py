@@ -41,11 +41,12 @@ import torch
 
 from v4hal.backends.reference import attention as ref
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.registry import implements
+from v4hal.ops import _checks as C
 
 from . import binding, limits, runtime
-from ._route import always_reference, desc, route
-from .limits import Rule
+from ._route import always_reference, route
+from .limits import ALL, always, fallback_when
 
 SFA = (("torch_npu", "npu_sparse_flash_attention"), ("_C_ascend", "npu_sparse_flash_attention"),
        ("custom", "npu_sparse_flash_attention"))
@@ -64,37 +65,85 @@ SFA_D, SFA_DR = 512, 64
 INDEXER_D = 128
 _HALF = (torch.bfloat16, torch.float16)
 _POW2_N1 = (1, 2, 4, 8, 16, 32, 64, 128)
-_LI_SPARSE_COUNTS = tuple(range(1, 2049)) + (3072, 4096, 5120, 6144, 7168, 8192)
 
-limits.plan("sparse_attn", {c: "npu_sparse_flash_attention (TND q, PA_BSND kv, attention_mode=2)" for c in limits.ALL}, [
-    Rule("head dim d != 512 (SFA: D = 512 plus a 64-wide rope slot)", test=lambda a: a["d"] != SFA_D),
-    Rule("q/kv not bf16/fp16", test=lambda a: a["dtype"] not in _HALF),
-    Rule("heads not in {1,2,4,...,128} (A2/A3 N1 limit)", ("A2", "A3"), lambda a: a["h"] not in _POW2_N1),
-    Rule("heads not in 1..128 (950 N1 limit)", ("950",), lambda a: not 1 <= a["h"] <= 128),
-    Rule("empty batch, query, key or index list", test=lambda a: a["empty"]),
-    Rule("softmax_scale is 0 or not finite (the sink rides in the rope slot as sink/scale)",
-         test=lambda a: a["sink_token"] and not (math.isfinite(a["scale"]) and a["scale"] != 0.0)),
-    Rule("attn_sink mixes -inf with finite values", test=lambda a: a["sink_mixed"]),
-    Rule("fp16 q with |attn_sink / softmax_scale| >= 65504", test=lambda a: a["sink_overflow"]),
-])
 
-limits.plan("indexer_topk", {c: "npu_lightning_indexer (TND q, PA_BSND k)" for c in limits.ALL}, [
-    Rule("indexer head dim D != 128", test=lambda a: a["d"] != INDEXER_D),
-    Rule("q/k not bf16/fp16 or of different dtypes", test=lambda a: a["dtype"] not in _HALF or a["kdtype"] != a["dtype"]),
-    Rule("weights neither q's dtype nor fp32", test=lambda a: a["wdtype"] not in (a["dtype"], torch.float32)),
-    Rule("fp32 weights (950 takes none)", ("950",), lambda a: a["wdtype"] == torch.float32),
-    Rule("more than 64 indexer heads (A2/A3)", ("A2", "A3"), lambda a: a["h"] > 64),
-    Rule("indexer heads not in {8, 16, 24, 32, 64} (950)", ("950",), lambda a: a["h"] not in (8, 16, 24, 32, 64)),
-    Rule("empty input or nothing to pick", test=lambda a: a["empty"]),
-    Rule("min(topk, t) > 8192 (sparse_count limit)", test=lambda a: a["width"] > 8192),
-    Rule("no compressed entry visible yet", test=lambda a: a["mode"] == "none"),
-    Rule("prefill staircase mask (ratio > 1, queries see different counts): no sparse_mode expresses it",
-         test=lambda a: a["mode"] == "staircase"),
-])
+def _sink_flags(attn_sink: torch.Tensor) -> tuple[bool, bool]:
+    """(every sink is -inf, some sink is -inf), read with one host sync."""
+    inf = torch.isneginf(attn_sink)
+    all_inf, any_inf = torch.stack([inf.all(), inf.any()]).tolist()
+    return bool(all_inf), bool(any_inf)
 
-limits.plan("index_scores", {}, [Rule("the CANN indexers return top-k indices, not the score matrix")])
-limits.plan("compress_kv", {}, [Rule(
-    "our op is pooling only; the CANN compressor fuses projections, norm, rope and its state cache")])
+
+def _scale_unusable(a: limits.Args) -> bool:
+    """The sink rides in the rope slot as sink / scale: a 0 or non-finite scale cannot carry it."""
+    scale = float(a["softmax_scale"])
+    return not _sink_flags(a["attn_sink"])[0] and not (math.isfinite(scale) and scale != 0.0)
+
+
+def _sink_mixed(a: limits.Args) -> bool:
+    all_inf, any_inf = _sink_flags(a["attn_sink"])
+    return any_inf and not all_inf
+
+
+def _sink_overflow(a: limits.Args) -> bool:
+    """fp16 q cannot hold sink / scale (hi + lo in q's dtype) at or above 65504."""
+    scale = float(a["softmax_scale"])
+    if a["q"].dtype != torch.float16 or not math.isfinite(scale) or scale == 0.0:
+        return False
+    if _sink_flags(a["attn_sink"])[0]:
+        return False
+    return bool((a["attn_sink"].float() / scale).abs().max() >= 65504.0)
+
+
+def _empty_attn(a: limits.Args) -> bool:
+    q, kv, idx = a["q"], a["kv"], a["topk_idxs"]
+    return q.shape[0] * q.shape[1] * kv.shape[1] * idx.shape[-1] == 0
+
+
+limits.plan("sparse_attn", {c: "npu_sparse_flash_attention (TND q, PA_BSND kv, attention_mode=2)" for c in ALL})
+SPARSE_ATTN_LIMITS = (
+    fallback_when("head dim d != 512 (SFA: D = 512 plus a 64-wide rope slot)", lambda a: a["q"].shape[-1] != SFA_D),
+    fallback_when("q/kv not bf16/fp16", lambda a: a["q"].dtype not in _HALF),
+    fallback_when("heads not in {1,2,4,...,128} (A2/A3 N1 limit)", lambda a: a["q"].shape[2] not in _POW2_N1,
+                  ("A2", "A3")),
+    fallback_when("heads not in 1..128 (950 N1 limit)", lambda a: not 1 <= a["q"].shape[2] <= 128, ("950",)),
+    fallback_when("empty batch, query, key or index list", _empty_attn),
+    fallback_when("softmax_scale is 0 or not finite (the sink rides in the rope slot as sink/scale)",
+                  _scale_unusable),
+    fallback_when("attn_sink mixes -inf with finite values", _sink_mixed),
+    fallback_when("fp16 q with |attn_sink / softmax_scale| >= 65504", _sink_overflow),
+)
+
+
+def _indexer_width(a: limits.Args) -> int:
+    return min(a["topk"], a["k"].shape[1])
+
+
+def _indexer_mask(a: limits.Args) -> str:
+    return _indexer_mode(a["q"].shape[1], a["k"].shape[1], a["start_pos"], a["ratio"])[0]
+
+
+limits.plan("indexer_topk", {c: "npu_lightning_indexer (TND q, PA_BSND k)" for c in ALL})
+INDEXER_TOPK_LIMITS = (
+    fallback_when("indexer head dim D != 128", lambda a: a["q"].shape[-1] != INDEXER_D),
+    fallback_when("q/k not bf16/fp16 or of different dtypes",
+                  lambda a: a["q"].dtype not in _HALF or a["k"].dtype != a["q"].dtype),
+    fallback_when("weights neither q's dtype nor fp32",
+                  lambda a: a["weights"].dtype not in (a["q"].dtype, torch.float32)),
+    fallback_when("fp32 weights (950 takes none)", lambda a: a["weights"].dtype == torch.float32, ("950",)),
+    fallback_when("more than 64 indexer heads", lambda a: a["q"].shape[2] > 64, ("A2", "A3")),
+    fallback_when("indexer heads not in {8, 16, 24, 32, 64}", lambda a: a["q"].shape[2] not in (8, 16, 24, 32, 64),
+                  ("950",)),
+    fallback_when("empty input or nothing to pick",
+                  lambda a: a["q"].shape[0] * a["q"].shape[1] * _indexer_width(a) == 0),
+    fallback_when("min(topk, t) > 8192 (sparse_count limit)", lambda a: _indexer_width(a) > 8192),
+    fallback_when("no compressed entry visible yet", lambda a: _indexer_mask(a) == "none"),
+    fallback_when("prefill staircase mask (ratio > 1, queries see different counts): no sparse_mode expresses it",
+                  lambda a: _indexer_mask(a) == "staircase"),
+)
+
+limits.plan("index_scores", {})
+limits.plan("compress_kv", {})
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -132,25 +181,19 @@ def _sink_rope(attn_sink: torch.Tensor, scale: float, t: int, dtype: torch.dtype
 
 
 # ---------------------------------------------------------------------------------- sparse_attn
+@implements("sparse_attn", "ascend", requires=SPARSE_ATTN_LIMITS)
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
                 softmax_scale: float) -> torch.Tensor:
     """q ``[b, m, h, d]``, kv ``[b, n, d]``, attn_sink fp32 ``[h]``, topk_idxs int32 ``[b, m, k]`` in
     ``[-1, n)`` -> ``[b, m, h, d]`` in q's dtype (sink in the denominator, all -1 rows exactly 0)."""
     b, m, h, d = q.shape
     n, k = kv.shape[1], topk_idxs.shape[-1]
-    chip = runtime.chip()
-    sink_inf = torch.isneginf(attn_sink)
-    all_inf, any_inf = bool(sink_inf.all()), bool(sink_inf.any())
-    native_sinks = chip == "950"          # only the torch_npu schema on 950 has `sinks`; checked below
-    scale = float(softmax_scale)
-    overflow = (q.dtype == torch.float16 and not all_inf and math.isfinite(scale) and scale != 0.0
-                and bool((attn_sink.float() / scale).abs().max() >= 65504.0))
-    args = {"d": d, "h": h, "dtype": q.dtype, "empty": b * m * n * k == 0, "scale": scale,
-            "sink_token": not all_inf, "sink_mixed": any_inf and not all_inf, "sink_overflow": overflow}
-    chip, op, why = route("sparse_attn", args, SFA)
+    chip, op, why = route("sparse_attn", SFA, q, kv, attn_sink, topk_idxs, softmax_scale)
     if op is None:
         return limits.fallback("sparse_attn", chip, why, ref.sparse_attn, q, kv, attn_sink, topk_idxs, softmax_scale)
-    native_sinks = native_sinks and op.tier == "torch_npu"
+    all_inf = _sink_flags(attn_sink)[0]
+    scale = float(softmax_scale)
+    native_sinks = chip == "950" and op.tier == "torch_npu"   # only the torch_npu schema on 950 has `sinks`
     sink_row = not all_inf and not native_sinks
     t = b * m
     rows = n + (1 if sink_row else 0)
@@ -185,6 +228,8 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
 
 
 # ---------------------------------------------------------------------------------- indexer ops
+@implements("index_scores", "ascend", requires=(
+    always("the CANN indexers return top-k indices, not the score matrix"),))
 def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Reference logits ``[b, s, t]`` fp32 (no CANN op returns them)."""
     return always_reference("index_scores", ref.index_scores, q, k, weights)
@@ -207,6 +252,7 @@ def _sparse_count(width: int) -> int:
     return width if width <= 2048 else min(8192, -(-width // 1024) * 1024)
 
 
+@implements("indexer_topk", "ascend", requires=INDEXER_TOPK_LIMITS)
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: int, start_pos: int = 0,
                  ratio: int = 4, offset: int = 0) -> torch.Tensor:
     """q ``[b, s, H, D]``, k ``[b, t, D]``, weights ``[b, s, H]`` -> int32 ``[b, s, min(topk, t)]``:
@@ -214,13 +260,11 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
     b, s, h, d = q.shape
     t = k.shape[1]
     width = min(topk, t)
-    mode, key_len = _indexer_mode(s, t, start_pos, ratio) if ratio >= 1 and start_pos >= 0 else ("staircase", 0)
-    args = {"d": d, "h": h, "dtype": q.dtype, "kdtype": k.dtype, "wdtype": weights.dtype,
-            "empty": b * s * width == 0, "width": width, "mode": mode}
-    chip, op, why = route("indexer_topk", args, LIGHTNING_INDEXER)
+    chip, op, why = route("indexer_topk", LIGHTNING_INDEXER, q, k, weights, topk, start_pos, ratio, offset)
     if op is None:
         return limits.fallback("indexer_topk", chip, why, ref.indexer_topk, q, k, weights, topk, start_pos,
                                ratio, offset)
+    mode, key_len = _indexer_mode(s, t, start_pos, ratio)
     count = _sparse_count(width)
     k_pages, table = _pages(k.contiguous(), max(key_len, 1))
     kwargs = dict(actual_seq_lengths_query=_cum_lengths(b, s, q.device),
@@ -235,6 +279,8 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
     return out.to(torch.int32)
 
 
+@implements("compress_kv", "ascend", requires=(always(
+    "our op is pooling only; the CANN compressor fuses projections, norm, rope and its state cache"),))
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
     """Reference pooling (the CANN compressor is a different, fused op; see the module doc)."""
     return always_reference("compress_kv", ref.compress_kv, kv, score, ape, ratio, overlap)
@@ -243,28 +289,32 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio:
 # ------------------------------------------------------------------ shared-KV (window + compressed)
 def _check_shared_kv(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, start_pos: int, window: int,
                      cmp_kv: torch.Tensor | None, cmp_ratio: int, cmp_idxs: torch.Tensor | None) -> None:
+    """The input contract of :func:`shared_kv_attention`, with the op layer's checks."""
     op = "shared_kv_attention"
-    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[2] != q.shape[3]:
-        raise ShapeError(f"{op}: q must be [b, m, h, d] and kv [b, n, d], got q {desc(q)}, kv {desc(kv)}")
-    if kv.dtype != q.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise DTypeError(f"{op}: q and kv must share one float dtype, got q {desc(q)}, kv {desc(kv)}")
-    if attn_sink.dtype != torch.float32 or tuple(attn_sink.shape) != (q.shape[2],):
-        raise DTypeError(f"{op}: attn_sink must be float32 [h={q.shape[2]}], got {desc(attn_sink)}")
-    if start_pos < 0 or window < 1 or start_pos + q.shape[1] > kv.shape[1]:
-        raise RangeError(f"{op}: need start_pos >= 0, window >= 1 and start_pos + m <= n, got start_pos="
-                         f"{start_pos}, window={window}, m={q.shape[1]}, n={kv.shape[1]}")
+    C.rank(op, "q", q, (4,), "[b, m, h, d]")
+    b, m, h, d = q.shape
+    C.dtype(op, "q", q, C.FLOATS)
+    C.rank(op, "kv", kv, (3,), "[b, n, d]")
+    n = kv.shape[1]
+    C.shape(op, "kv", kv, (b, n, d), "[b, n, d]")
+    C.dtype(op, "kv", kv, (q.dtype,))
+    C.dtype(op, "attn_sink", attn_sink, (torch.float32,))
+    C.shape(op, "attn_sink", attn_sink, (h,), "[h]")
+    C.positive(op, "window", window)
+    C.index_range(op, "start_pos and start_pos + m", torch.tensor([start_pos, start_pos + m]), 0, n + 1)
     if cmp_kv is not None:
-        if cmp_kv.dim() != 3 or cmp_kv.shape[0] != q.shape[0] or cmp_kv.shape[2] != q.shape[3] or cmp_kv.dtype != q.dtype:
-            raise ShapeError(f"{op}: cmp_kv must be {q.dtype} [b, nc, d={q.shape[3]}], got {desc(cmp_kv)}")
-        if cmp_ratio < 1:
-            raise RangeError(f"{op}: cmp_ratio must be >= 1 with cmp_kv, got {cmp_ratio}")
+        C.rank(op, "cmp_kv", cmp_kv, (3,), "[b, nc, d]")
+        C.shape(op, "cmp_kv", cmp_kv, (b, cmp_kv.shape[1], d), "[b, nc, d]")
+        C.dtype(op, "cmp_kv", cmp_kv, (q.dtype,))
+        C.positive(op, "cmp_ratio", cmp_ratio)
     if cmp_idxs is not None:
-        if cmp_kv is None:
-            raise RangeError(f"{op}: cmp_idxs needs cmp_kv")
-        if cmp_idxs.dtype != torch.int32 or cmp_idxs.dim() != 3 or tuple(cmp_idxs.shape[:2]) != tuple(q.shape[:2]):
-            raise DTypeError(f"{op}: cmp_idxs must be int32 [b, m, K], got {desc(cmp_idxs)}")
-        if cmp_idxs.numel() and (int(cmp_idxs.min()) < -1 or int(cmp_idxs.max()) >= cmp_kv.shape[1]):
-            raise RangeError(f"{op}: cmp_idxs must lie in [-1, nc={cmp_kv.shape[1]})")
+        C.dtype(op, "cmp_kv (required with cmp_idxs)", cmp_kv, (q.dtype,))
+        assert cmp_kv is not None
+        C.dtype(op, "cmp_idxs", cmp_idxs, (torch.int32,))
+        C.rank(op, "cmp_idxs", cmp_idxs, (3,), "[b, m, K]")
+        C.shape(op, "cmp_idxs", cmp_idxs, (b, m, cmp_idxs.shape[2]), "[b, m, K]")
+        if C.value_checks_enabled(cmp_idxs.device.type):
+            C.index_range(op, "cmp_idxs", cmp_idxs, -1, cmp_kv.shape[1])
 
 
 def shared_kv_indices(m: int, b: int, start_pos: int, window: int, n: int, cmp_n: int, cmp_ratio: int,
@@ -432,12 +482,15 @@ def quant_indexer_topk(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
     weights ``[b, s, 64]`` (fp16 on A2/A3, fp32 on 950). Returns int32 ``[b, s, min(topk, t)]``
     exactly as :func:`quant_indexer_reference` (``indexer_topk`` on the dequantized tensors).
     """
+    op_name = "quant_indexer_topk"
+    C.rank(op_name, "q", q, (4,), "[b, s, H, D]")
     b, s, h, d = q.shape
+    C.rank(op_name, "k", k, (3,), "[b, t, D]")
     t = k.shape[1]
-    if k.dim() != 3 or k.shape[0] != b or k.shape[2] != d or tuple(q_scale.shape) != (b, s, h) \
-            or tuple(k_scale.shape) != (b, t) or tuple(weights.shape) != (b, s, h):
-        raise ShapeError(f"quant_indexer_topk: need q [b, s, H, D], q_scale [b, s, H], k [b, t, D], k_scale [b, t], "
-                         f"weights [b, s, H], got {desc(q)}, {desc(q_scale)}, {desc(k)}, {desc(k_scale)}, {desc(weights)}")
+    C.shape(op_name, "k", k, (b, t, d), "[b, t, D]")
+    C.shape(op_name, "q_scale", q_scale, (b, s, h), "[b, s, H]")
+    C.shape(op_name, "k_scale", k_scale, (b, t), "[b, t]")
+    C.shape(op_name, "weights", weights, (b, s, h), "[b, s, H]")
     chip = runtime.chip()
     width = min(topk, t)
     quant_dtype, scale_dtype = (F.FP8_DTYPE, torch.float32) if chip == "950" else (torch.int8, torch.float16)

@@ -1,6 +1,6 @@
 """Finding the CANN ops at run time, tier by tier, and caching what was found.
 
-Three packaging tiers ship the DeepSeek-V4 ops, with different schemas (``shared/spec/ASCEND.md`` §0):
+Three packaging tiers ship the DeepSeek-V4 ops, with different schemas:
 
 1. ``torch_npu``: ``torch_npu.<name>`` (same op as ``torch.ops.npu.<name>``);
 2. ``_C_ascend``: vllm-ascend's compiled ops, ``torch.ops._C_ascend.<name>``, registered by

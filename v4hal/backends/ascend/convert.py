@@ -31,7 +31,7 @@ from v4hal.backends.reference import gemm as ref_gemm
 from v4hal.backends.reference import quant as ref_quant
 from v4hal.compare import calc_diff
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, ShapeError
+from v4hal.ops import _checks as C
 
 from . import binding, gemm, limits, runtime
 
@@ -49,22 +49,21 @@ class Int8Weight:
 
 def fp8_weight_to_float(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """FP8 ``[N, K]`` + tile scales ``[ceil(N/128), ceil(K/128)]`` -> ``dtype [N, K]`` (exact for e8m0)."""
-    if w.dtype != F.FP8_DTYPE or w.dim() != 2:
-        raise DTypeError(f"fp8_weight_to_float: w must be float8_e4m3fn [N, K], got {w.dtype} {list(w.shape)}")
+    C.dtype("fp8_weight_to_float", "w", w, (F.FP8_DTYPE,))
+    C.rank("fp8_weight_to_float", "w", w, (2,), "[N, K]")
     return ref_quant.dequant_fp8(w, s, 128, out_dtype=dtype)
 
 
 def fp4_weight_to_float(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Packed e2m1 uint8 ``[N, K/2]`` + e8m0 ``[N, K/32]`` -> ``dtype [N, K]`` (exact)."""
-    if w.dtype != torch.uint8 or w.dim() != 2:
-        raise DTypeError(f"fp4_weight_to_float: w must be uint8 [N, K/2], got {w.dtype} {list(w.shape)}")
+    C.dtype("fp4_weight_to_float", "w", w, (torch.uint8,))
+    C.rank("fp4_weight_to_float", "w", w, (2,), "[N, K/2]")
     return ref_quant.dequant_fp4(w, s, 32, out_dtype=dtype)
 
 
 def int8_per_channel(w: torch.Tensor) -> Int8Weight:
     """float ``[N, K]`` -> symmetric int8 per output row (round half to even, ``scale = amax/127``)."""
-    if w.dim() != 2:
-        raise ShapeError(f"int8_per_channel: w must be [N, K], got {list(w.shape)}")
+    C.rank("int8_per_channel", "w", w, (2,), "[N, K]")
     wf = w.float()
     amax = wf.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
@@ -85,8 +84,7 @@ def fp4_weight_to_int8(w: torch.Tensor, s: torch.Tensor) -> Int8Weight:
 def fp4_weight_to_mxfp8(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed e2m1 ``[N, K/2]`` + e8m0 ``[N, K/32]`` -> (float8_e4m3fn ``[N, K]``, the same e8m0 scales):
     lossless, since every e2m1 value is an e4m3 value."""
-    if s.dtype != F.E8M0_DTYPE:
-        raise DTypeError(f"fp4_weight_to_mxfp8: s must be float8_e8m0fnu, got {s.dtype}")
+    C.dtype("fp4_weight_to_mxfp8", "s", s, (F.E8M0_DTYPE,))
     return gemm.fp4_to_fp8_codes(w), s
 
 

@@ -29,35 +29,49 @@ import torch
 from v4hal.backends.reference import gemm as ref
 from v4hal.backends.reference import quant as ref_quant
 from v4hal.hal import formats as F
+from v4hal.hal.registry import implements
 
 from . import binding, limits, runtime
-from .limits import Rule
+from ._route import schema_args
+from .limits import ALL, DEQUANT, fallback_when
 
 QUANT_MATMUL = (("torch_npu", "npu_quant_matmul"),)
 GROUPED_MATMUL = (("torch_npu", "npu_grouped_matmul"),)
-_DEQUANT = "dequant to bf16/fp32 + NPU matmul"
+_HALF = (torch.bfloat16, torch.float16)
+_E8M0 = F.E8M0_DTYPE
 
-limits.plan("fp8_gemm", {"A2": _DEQUANT + " (no FP8 cube)", "A3": _DEQUANT + " (no FP8 cube)",
-                         "950": "torch_npu.npu_quant_matmul MXFP8"}, [
-    Rule("a_s or b_s not e8m0 (MX needs power-of-two scales)", ("950",), lambda a: not a["e8m0"], _DEQUANT),
-    Rule("K % 32 != 0 or K, N > 65535", ("950",), lambda a: a["k"] % 32 != 0 or max(a["k"], a["n"]) > 65535, _DEQUANT),
-    Rule("out_dtype not bf16/fp16", ("950",), lambda a: a["out"] not in (torch.bfloat16, torch.float16), _DEQUANT),
-    Rule("empty tensor", test=lambda a: a["empty"]),
-])
-limits.plan("fp4_gemm", {"A2": _DEQUANT + " (no FP4 cube)", "A3": _DEQUANT + " (no FP4 cube)",
-                         "950": "torch_npu.npu_quant_matmul MXFP8 (FP4 weight codes re-encoded as FP8)"}, [
-    Rule("a_s not e8m0 (MX needs power-of-two scales)", ("950",), lambda a: not a["e8m0"], _DEQUANT),
-    Rule("K, N > 65535", ("950",), lambda a: max(a["k"], a["n"]) > 65535, _DEQUANT),
-    Rule("out_dtype not bf16/fp16", ("950",), lambda a: a["out"] not in (torch.bfloat16, torch.float16), _DEQUANT),
-    Rule("empty tensor", test=lambda a: a["empty"]),
-])
-limits.plan("grouped_gemm", {c: "torch_npu.npu_grouped_matmul (quantized recipes dequantized first)"
-                             for c in limits.ALL}, [
-    Rule("float recipe with out_dtype != x's dtype", test=lambda a: a["recipe"] == "float" and a["out"] != a["dtype"]),
-    Rule("more than 1024 experts (group_list limit)", test=lambda a: a["e"] > 1024),
-    Rule("K or N >= 65536 (inner-axis limit)", test=lambda a: max(a["k"], a["n"]) >= 65536),
-    Rule("empty tensor", test=lambda a: a["empty"]),
-])
+
+def _empty(a: limits.Args) -> bool:
+    return a["a"].numel() == 0 or a["b"].shape[0] == 0
+
+
+limits.plan("fp8_gemm", {"A2": DEQUANT + " (no FP8 cube)", "A3": DEQUANT + " (no FP8 cube)",
+                         "950": "torch_npu.npu_quant_matmul MXFP8"})
+FP8_GEMM_LIMITS = (
+    fallback_when("a_s or b_s not e8m0 (MX needs power-of-two scales)",
+                  lambda a: a["a_s"].dtype != _E8M0 or a["b_s"].dtype != _E8M0, ("950",), DEQUANT),
+    fallback_when("K % 32 != 0 or K, N > 65535",
+                  lambda a: a["b"].shape[1] % 32 != 0 or max(a["b"].shape) > 65535, ("950",), DEQUANT),
+    fallback_when("out_dtype not bf16/fp16", lambda a: a["out_dtype"] not in _HALF, ("950",), DEQUANT),
+    fallback_when("empty tensor", _empty),
+)
+limits.plan("fp4_gemm", {"A2": DEQUANT + " (no FP4 cube)", "A3": DEQUANT + " (no FP4 cube)",
+                         "950": "torch_npu.npu_quant_matmul MXFP8 (FP4 weight codes re-encoded as FP8)"})
+FP4_GEMM_LIMITS = (
+    fallback_when("a_s not e8m0 (MX needs power-of-two scales)", lambda a: a["a_s"].dtype != _E8M0, ("950",),
+                  DEQUANT),
+    fallback_when("K, N > 65535", lambda a: max(a["a"].shape[-1], a["b"].shape[0]) > 65535, ("950",), DEQUANT),
+    fallback_when("out_dtype not bf16/fp16", lambda a: a["out_dtype"] not in _HALF, ("950",), DEQUANT),
+    fallback_when("empty tensor", _empty),
+)
+limits.plan("grouped_gemm", {c: "torch_npu.npu_grouped_matmul (quantized recipes dequantized first)" for c in ALL})
+GROUPED_GEMM_LIMITS = (
+    fallback_when("float recipe with out_dtype != x's dtype",
+                  lambda a: a["w_scale"] is None and a["out_dtype"] != a["x"].dtype),
+    fallback_when("more than 1024 experts (group_list limit)", lambda a: a["w"].shape[0] > 1024),
+    fallback_when("K or N >= 65536 (inner-axis limit)", lambda a: max(a["x"].shape[1], a["w"].shape[1]) >= 65536),
+    fallback_when("empty tensor", lambda a: a["x"].numel() == 0 or a["w"].shape[1] == 0),
+)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -107,18 +121,18 @@ def mx_matmul(op: binding.Bound, a2: torch.Tensor, a_s32: torch.Tensor, w: torch
               scale_dtype=e8m0, pertoken_scale_dtype=e8m0, output_dtype=out_dtype, group_sizes=[1, 1, 32])
 
 
+@implements("fp8_gemm", "ascend", requires=FP8_GEMM_LIMITS)
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]``, b fp8 ``[N, K]`` + b_s ``[ceil(N/128), ceil(K/128)]``
     -> ``[..., N]`` in out_dtype (fp32 accumulation)."""
     n, k = b.shape
     e8m0 = a_s.dtype == F.E8M0_DTYPE and b_s.dtype == F.E8M0_DTYPE
-    args = {"e8m0": e8m0, "k": k, "n": n, "out": out_dtype, "empty": a.numel() == 0 or n == 0}
     chip = runtime.chip()
-    why = limits.violation("fp8_gemm", chip, args)
-    if why == "empty tensor" or chip is None:
-        return limits.fallback("fp8_gemm", chip, why or "unknown Ascend chip", ref.fp8_gemm, a, a_s, b, b_s,
-                               scale_dtype, out_dtype)
+    found = limits.unmet("fp8_gemm", chip, schema_args("fp8_gemm", (a, a_s, b, b_s, scale_dtype, out_dtype)))
+    if found is not None and found[0] == limits.REFERENCE:
+        return limits.fallback("fp8_gemm", chip, found[1], ref.fp8_gemm, a, a_s, b, b_s, scale_dtype, out_dtype)
+    why = None if found is None else found[1]
     op = binding.lookup(QUANT_MATMUL) if chip == "950" and why is None else None
     lead = a.shape[:-1]
     if op is not None:
@@ -133,18 +147,18 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return torch.matmul(af, bf.t()).to(out_dtype)
 
 
+@implements("fp4_gemm", "ascend", requires=FP4_GEMM_LIMITS)
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]``, b packed e2m1 uint8 ``[N, K/2]`` + e8m0
     ``[N, K/32]`` -> ``[..., N]`` in out_dtype."""
     n, k = b.shape[0], a.shape[-1]
     e8m0 = a_s.dtype == F.E8M0_DTYPE
-    args = {"e8m0": e8m0, "k": k, "n": n, "out": out_dtype, "empty": a.numel() == 0 or n == 0}
     chip = runtime.chip()
-    why = limits.violation("fp4_gemm", chip, args)
-    if why == "empty tensor" or chip is None:
-        return limits.fallback("fp4_gemm", chip, why or "unknown Ascend chip", ref.fp4_gemm, a, a_s, b, b_s,
-                               scale_dtype, out_dtype)
+    found = limits.unmet("fp4_gemm", chip, schema_args("fp4_gemm", (a, a_s, b, b_s, scale_dtype, out_dtype)))
+    if found is not None and found[0] == limits.REFERENCE:
+        return limits.fallback("fp4_gemm", chip, found[1], ref.fp4_gemm, a, a_s, b, b_s, scale_dtype, out_dtype)
+    why = None if found is None else found[1]
     op = binding.lookup(QUANT_MATMUL) if chip == "950" and why is None else None
     lead = a.shape[:-1]
     if op is not None:
@@ -159,21 +173,20 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return torch.matmul(af, bf.t()).to(out_dtype)
 
 
+@implements("grouped_gemm", "ascend", requires=GROUPED_GEMM_LIMITS)
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor, x_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x ``[M, K]`` (float, or fp8 + x_scale ``[M, ceil(K/128)]``), w ``[E, N, K]`` (float / fp8 with
     tile scales / packed FP4 ``[E, N, K/2]`` with e8m0 ``[E, N, K/32]``), group_offsets int64 ``[E+1]``
     -> ``[M, N]`` in out_dtype."""
     recipe = "float" if w_scale is None else ("fp8" if w.dtype == F.FP8_DTYPE else "fp4")
-    m, k = x.shape
-    e, n = w.shape[:2]
-    args = {"recipe": recipe, "out": out_dtype, "dtype": x.dtype, "e": e, "k": k, "n": n,
-            "empty": m == 0 or n == 0 or k == 0}
     chip = runtime.chip()
-    why = limits.violation("grouped_gemm", chip, args)
+    why = limits.violation("grouped_gemm", chip, schema_args("grouped_gemm", (
+        x, w, group_offsets, x_scale, w_scale, out_dtype)))
     op = binding.lookup(GROUPED_MATMUL) if why is None else None
     if op is None:
-        return limits.fallback("grouped_gemm", chip, why or f"CANN op not installed ({binding.describe(GROUPED_MATMUL)})",
+        return limits.fallback("grouped_gemm", chip,
+                               why or f"CANN op not installed ({binding.describe(GROUPED_MATMUL)})",
                                ref.grouped_gemm, x, w, group_offsets, x_scale, w_scale, out_dtype)
     limits.record("grouped_gemm", chip, f"native:{op.tier}.{op.name} ({recipe})")
     if recipe == "float":

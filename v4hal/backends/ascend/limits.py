@@ -1,76 +1,120 @@
-"""Hard limits of the CANN ops as data, the fallback to the reference backend, and its bookkeeping.
+"""The limits of the CANN ops as requirements, the fallback to the reference backend, and its bookkeeping.
 
-Every Ascend implementation checks the call against its op's :class:`Rule` list *before* calling a
-CANN op. When a rule says the call is outside what the op accepts on this chip (head dim, head
-count, top-k, dtype, chip-only op, ...), the reference implementation runs on the same (NPU)
-tensors instead. The same rules produce :func:`fallback_table` for ``v4hal info`` and
-``docs/ascend.md``, so the table and the behaviour cannot drift apart.
+Each Ascend implementation is declared with ``@implements(op, "ascend", requires=...)``: its
+requirements (:class:`v4hal.hal.requirements.Requirement`, written against the op's schema
+arguments) say when a *valid* call is outside what the CANN op accepts on a chip (head dim, head
+count, top-k, dtype, an op the chip lacks). They all carry a fallback: ``"reference"`` (the
+reference implementation runs on the same NPU tensors) or, for the GEMMs on 950, the dequant path
+(:data:`DEQUANT`). The description of an Ascend requirement is the condition under which the call
+falls back, and its ``chips`` are the chips where it applies.
+
+The same requirement objects are
+
+- registered with the implementation (:func:`v4hal.hal.registry.register_declared`), so dispatch
+  and ``v4hal info`` read them from the registry;
+- evaluated by :func:`unmet` in the adapter's routing step, before any CANN op is called;
+- listed per op and chip by :func:`fallback_table` (``docs/ascend.md``, :func:`..info_notes`).
 
 :func:`record` counts which path served each call, per op and chip; tests use it to prove a call
-went native or fell back, and ``v4hal parity`` can print it.
+went native or fell back.
 """
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import declarations
+from v4hal.hal.requirements import Requirement
+
+from . import runtime
 from .runtime import CHIPS
 
 ALL = CHIPS
+REFERENCE = "reference"
+#: The fallback of the FP8/FP4 GEMMs on 950 outside the MX path: A2/A3's exact dequant path.
+DEQUANT = "dequant to bf16/fp32 + NPU matmul"
+UNKNOWN_CHIP = "unknown Ascend chip"
+
+Args = Mapping[str, Any]
+
+
+def _on_chips(chips: Sequence[str], test: Callable[[Args], bool]) -> Callable[[Args], bool]:
+    """``test``, evaluated only on ``chips`` (so ``Implementation.fallback_reasons`` is right on any chip)."""
+    if set(chips) >= set(ALL):
+        return test
+    return lambda args: runtime.chip() in chips and test(args)
+
+
+def fallback_when(condition: str, test: Callable[[Args], bool], chips: Sequence[str] = ALL,
+                  runs: str = REFERENCE) -> Requirement:
+    """A requirement that sends a call to ``runs`` on ``chips`` when ``test(args)`` is True.
+
+    ``condition`` describes the fallback case ("head dim d != 512") and is the recorded reason."""
+    applies_here = _on_chips(chips, test)
+    return R.when(condition, lambda args: condition if applies_here(args) else None, fallback=runs, chips=chips)
+
+
+def always(condition: str, chips: Sequence[str] = ALL) -> Requirement:
+    """A requirement that sends every call on ``chips`` to the reference (no CANN op for it there)."""
+    return fallback_when(condition, lambda _args: True, chips)
 
 
 @dataclass(frozen=True)
-class Rule:
-    """A condition under which a call does not go to the CANN op.
-
-    ``test(args)`` is True when the call falls outside the op's limits; ``None`` means the rule
-    always applies on ``chips`` (the chip has no CANN op for this contract).
-    """
-
-    condition: str
-    chips: tuple[str, ...] = ALL
-    test: Callable[[Mapping[str, Any]], bool] | None = None
-    runs: str = "reference backend on the NPU tensors"
-
-
-@dataclass
 class OpPlan:
-    """How the Ascend backend serves one contract op: native path per chip and the fallback rules."""
+    """The CANN path of one op per chip (chips absent from ``native`` always fall back)."""
 
     op: str
     native: dict[str, str]
-    rules: list[Rule] = field(default_factory=list)
     note: str = ""
 
 
 PLANS: dict[str, OpPlan] = {}
 _LOCK = threading.Lock()
 _STATS: Counter[tuple[str, str, str]] = Counter()
+_REQUIRES: dict[str, tuple[Requirement, ...]] = {}
 
 
-def plan(op: str, native: Mapping[str, str], rules: list[Rule] | None = None, note: str = "") -> OpPlan:
-    """Declare (or replace) the plan of ``op``."""
-    p = OpPlan(op, dict(native), list(rules or []), note)
+def plan(op: str, native: Mapping[str, str], note: str = "") -> OpPlan:
+    """Declare (or replace) the native path per chip of ``op``."""
+    p = OpPlan(op, dict(native), note)
     PLANS[op] = p
     return p
 
 
-def violation(op: str, chip: str | None, args: Mapping[str, Any]) -> str | None:
-    """The condition text of the first rule of ``op`` that this call breaks on ``chip`` (None: native)."""
+def requirements(op: str) -> tuple[Requirement, ...]:
+    """The requirements ``op`` was declared with (``@implements(op, "ascend", requires=...)``)."""
+    reqs = _REQUIRES.get(op)
+    if reqs is None:
+        reqs = _REQUIRES[op] = declarations("ascend")[op].requires
+    return reqs
+
+
+def applies(req: Requirement, chip: str) -> bool:
+    """True when ``req`` is a fallback requirement that applies on ``chip``."""
+    return req.fallback is not None and (not req.chips or chip in req.chips)
+
+
+def unmet(op: str, chip: str | None, args: Args) -> tuple[str, str] | None:
+    """(fallback, reason) of the first requirement of ``op`` this call breaks on ``chip``; None: native."""
     if chip is None:
-        return "unknown Ascend chip"
-    p = PLANS[op]
-    if chip not in p.native:
-        for rule in p.rules:
-            if chip in rule.chips and rule.test is None:
-                return rule.condition
-        return f"no CANN op for {op} on {chip}"
-    for rule in p.rules:
-        if chip in rule.chips and (rule.test is None or rule.test(args)):
-            return rule.condition
+        return REFERENCE, UNKNOWN_CHIP
+    for req in requirements(op):
+        if applies(req, chip):
+            reason = req.reason(args)
+            if reason is not None:
+                return req.fallback or REFERENCE, reason
+    if chip not in PLANS[op].native:
+        return REFERENCE, f"no CANN op for {op} on {chip}"
     return None
+
+
+def violation(op: str, chip: str | None, args: Args) -> str | None:
+    """The reason of :func:`unmet` (None: the call goes native)."""
+    found = unmet(op, chip, args)
+    return None if found is None else found[1]
 
 
 def record(op: str, chip: str | None, path: str) -> None:
@@ -86,6 +130,7 @@ def stats() -> dict[tuple[str, str, str], int]:
 
 
 def reset_stats() -> None:
+    """Forget the counts of :func:`record`."""
     with _LOCK:
         _STATS.clear()
 
@@ -96,24 +141,27 @@ def fallback(op: str, chip: str | None, reason: str, ref: Callable[..., Any], *a
     return ref(*args)
 
 
+def _runs(req: Requirement) -> str:
+    return "reference backend on the NPU tensors" if req.fallback == REFERENCE else str(req.fallback)
+
+
 def fallback_table() -> list[dict[str, str]]:
-    """Every (op, chip, condition, what runs) under which the Ascend backend uses the reference."""
+    """Every (op, chip, condition, what runs) under which the Ascend backend does not call its CANN op."""
     from . import register
 
     register.import_op_modules()
     rows: list[dict[str, str]] = []
     for op in sorted(PLANS):
-        p = PLANS[op]
+        native = PLANS[op].native
         for chip in CHIPS:
-            if chip not in p.native:
-                always = [r for r in p.rules if chip in r.chips and r.test is None]
-                cond = always[0].condition if always else f"no CANN op for {op} on {chip}"
+            reqs = [r for r in requirements(op) if applies(r, chip)]
+            if chip not in native:
+                first = reqs[0] if reqs else None
+                cond = first.description if first else f"no CANN op for {op} on {chip}"
                 rows.append({"op": op, "chip": chip, "condition": "always: " + cond,
-                             "runs": always[0].runs if always else "reference backend on the NPU tensors"})
+                             "runs": _runs(first) if first else "reference backend on the NPU tensors"})
                 continue
-            for rule in p.rules:
-                if chip in rule.chips:
-                    rows.append({"op": op, "chip": chip, "condition": rule.condition, "runs": rule.runs})
+            rows += [{"op": op, "chip": chip, "condition": r.description, "runs": _runs(r)} for r in reqs]
     return rows
 
 
@@ -124,14 +172,3 @@ def native_table() -> list[dict[str, str]]:
     register.import_op_modules()
     return [{"op": op, "chip": chip, "native": PLANS[op].native[chip]}
             for op in sorted(PLANS) for chip in CHIPS if chip in PLANS[op].native]
-
-
-# ------------------------------------------------------------------------------ common tests
-def one_of(key: str, allowed: tuple[Any, ...]) -> Callable[[Mapping[str, Any]], bool]:
-    """Rule test: ``args[key]`` is not in ``allowed``."""
-    return lambda a: a[key] not in allowed
-
-
-def not_in_range(key: str, lo: int, hi: int) -> Callable[[Mapping[str, Any]], bool]:
-    """Rule test: ``args[key]`` outside ``[lo, hi]``."""
-    return lambda a: not (lo <= a[key] <= hi)

@@ -18,37 +18,40 @@ from __future__ import annotations
 import torch
 
 from v4hal.backends.reference import mhc as ref
+from v4hal.hal.registry import implements
 
 from . import limits
 from ._route import always_reference, route
-from .limits import Rule
+from .limits import ALL, always, fallback_when
 
 HC_PRE = (("_C_ascend", "npu_hc_pre_v2"), ("custom", "npu_hc_pre"))
 HC_POST = (("_C_ascend", "npu_hc_post"), ("custom", "npu_hc_post"))
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
-limits.plan("hc_pre", {c: "_C_ascend.npu_hc_pre_v2 / custom.npu_hc_pre" for c in limits.ALL}, [
-    Rule("x not bf16", test=lambda a: a["dtype"] != torch.bfloat16),
-    Rule("hc_mult != 4", test=lambda a: a["hc"] != 4),
-    Rule("dim not 4096 or 7168", test=lambda a: a["d"] not in (4096, 7168)),
-    Rule("empty tensor", test=lambda a: a["numel"] == 0),
-])
-limits.plan("hc_post", {c: "_C_ascend.npu_hc_post / custom.npu_hc_post" for c in limits.ALL}, [
-    Rule("x and residual of different dtypes", test=lambda a: a["dtype"] != a["rdtype"]),
-    Rule("x/residual not bf16/fp16/fp32", test=lambda a: a["dtype"] not in _FLOATS),
-    Rule("empty tensor", test=lambda a: a["numel"] == 0),
-])
-limits.plan("hc_split_sinkhorn", {}, [Rule("no A2/A3 op; torch_npu.npu_mhc_sinkhorn (950) not shown equivalent")])
-limits.plan("hc_head", {}, [Rule("no CANN op (vllm-ascend runs hc_head in plain torch)")])
+limits.plan("hc_pre", {c: "_C_ascend.npu_hc_pre_v2 / custom.npu_hc_pre" for c in ALL})
+HC_PRE_LIMITS = (
+    fallback_when("x not bf16", lambda a: a["x"].dtype != torch.bfloat16),
+    fallback_when("hc_mult != 4", lambda a: a["hc_mult"] != 4 or a["x"].shape[-2] != 4),
+    fallback_when("dim not 4096 or 7168", lambda a: a["x"].shape[-1] not in (4096, 7168)),
+    fallback_when("empty tensor", lambda a: a["x"].numel() == 0),
+)
+limits.plan("hc_post", {c: "_C_ascend.npu_hc_post / custom.npu_hc_post" for c in ALL})
+HC_POST_LIMITS = (
+    fallback_when("x and residual of different dtypes", lambda a: a["x"].dtype != a["residual"].dtype),
+    fallback_when("x/residual not bf16/fp16/fp32", lambda a: a["x"].dtype not in _FLOATS),
+    fallback_when("empty tensor", lambda a: a["residual"].numel() == 0),
+)
+limits.plan("hc_split_sinkhorn", {})
+limits.plan("hc_head", {})
 
 
+@implements("hc_pre", "ascend", requires=HC_PRE_LIMITS)
 def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
            norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20,
            hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x ``[..., hc, D]`` -> (y ``[..., D]`` x's dtype, post fp32 ``[..., hc]``, comb fp32 ``[..., hc, hc]``)."""
-    args = {"dtype": x.dtype, "hc": hc_mult if x.shape[-2] == hc_mult else -1, "d": x.shape[-1],
-            "numel": x.numel()}
-    chip, op, why = route("hc_pre", args, HC_PRE)
+    chip, op, why = route("hc_pre", HC_PRE, x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters,
+                          hc_eps)
     if op is None:
         return limits.fallback("hc_pre", chip, why, ref.hc_pre, x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult,
                                sinkhorn_iters, hc_eps)
@@ -64,11 +67,11 @@ def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
             comb.reshape(*lead, hc_mult, hc_mult).float())
 
 
+@implements("hc_post", "ascend", requires=HC_POST_LIMITS)
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x ``[..., D]``, residual ``[..., hc, D]``, post ``[..., hc]``, comb ``[..., hc, hc]`` ->
     ``[..., hc, D]`` in residual's dtype."""
-    args = {"dtype": x.dtype, "rdtype": residual.dtype, "numel": residual.numel()}
-    chip, op, why = route("hc_post", args, HC_POST)
+    chip, op, why = route("hc_post", HC_POST, x, residual, post, comb)
     if op is None:
         return limits.fallback("hc_post", chip, why, ref.hc_post, x, residual, post, comb)
     hc, d = residual.shape[-2], residual.shape[-1]
@@ -77,6 +80,8 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     return out.reshape(residual.shape)
 
 
+@implements("hc_split_sinkhorn", "ascend", requires=(
+    always("no A2/A3 op; torch_npu.npu_mhc_sinkhorn (950) not shown equivalent"),))
 def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int = 4,
                       sinkhorn_iters: int = 20, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference split + Sinkhorn (no standalone CANN op on A2/A3)."""
@@ -84,6 +89,7 @@ def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torc
                             sinkhorn_iters, eps)
 
 
+@implements("hc_head", "ascend", requires=(always("no CANN op (vllm-ascend runs hc_head in plain torch)"),))
 def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
             norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
     """Reference head collapse (plain torch in vllm-ascend as well)."""

@@ -26,10 +26,11 @@ from v4hal.backends.reference import moe as ref
 from v4hal.backends.reference import moe_experts as ref_experts
 from v4hal.backends.reference import quant as ref_quant
 from v4hal.hal import formats as F
+from v4hal.hal.registry import implements
 
 from . import binding, gemm, limits, runtime
-from ._route import route
-from .limits import Rule
+from ._route import route, schema_args
+from .limits import ALL, fallback_when
 
 GATING = (("torch_npu", "npu_moe_gating_top_k"),)
 GATING_HASH = (("_C_ascend", "moe_gating_top_k_hash"),)
@@ -38,33 +39,35 @@ UNPERMUTE = (("torch_npu", "npu_moe_token_unpermute"),)
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 limits.plan("moe_gate", {c: "fp32 gate GEMM + _C_ascend.moe_gating_top_k_hash (norm_type=2) / "
-                            "torch_npu.npu_moe_gating_top_k (norm_type 0/1)" for c in limits.ALL}, [
-    Rule("more than 2048 experts (gating op limit)", test=lambda a: a["e"] > 2048),
-    Rule("2 or fewer experts (E / group_count must exceed 2)", test=lambda a: a["e"] <= 2),
-    Rule("empty input", test=lambda a: a["t"] == 0),
-])
-limits.plan("moe_dispatch", {c: "torch_npu.npu_moe_init_routing_v2 (row_idx_type=1)" for c in limits.ALL}, [
-    Rule("x not bf16/fp16/fp32", test=lambda a: a["dtype"] not in _FLOATS),
-    Rule("more than 10240 experts", test=lambda a: a["e"] > 10240),
-    Rule("empty input", test=lambda a: a["rows"] == 0),
-])
-limits.plan("moe_combine", {c: "torch_npu.npu_moe_token_unpermute (fp32 tokens and probs)" for c in limits.ALL}, [
-    Rule("empty input", test=lambda a: a["rows"] == 0),
-])
-limits.plan("moe_experts", {c: "init_routing_v2 + npu_grouped_matmul x3 + token_unpermute" for c in limits.ALL}, [
-    Rule("x not bf16/fp16/fp32", test=lambda a: a["dtype"] not in _FLOATS),
-    Rule("more than 1024 experts (grouped matmul group_list limit)", test=lambda a: a["e"] > 1024),
-    Rule("empty input", test=lambda a: a["rows"] == 0),
-])
+                            "torch_npu.npu_moe_gating_top_k (norm_type 0/1)" for c in ALL})
+MOE_GATE_LIMITS = (
+    fallback_when("more than 2048 experts (gating op limit)", lambda a: a["weight"].shape[0] > 2048),
+    fallback_when("2 or fewer experts (E / group_count must exceed 2)", lambda a: a["weight"].shape[0] <= 2),
+    fallback_when("empty input", lambda a: a["x"].shape[0] == 0),
+)
+limits.plan("moe_dispatch", {c: "torch_npu.npu_moe_init_routing_v2 (row_idx_type=1)" for c in ALL})
+MOE_DISPATCH_LIMITS = (
+    fallback_when("x not bf16/fp16/fp32", lambda a: a["x"].dtype not in _FLOATS),
+    fallback_when("more than 10240 experts", lambda a: a["num_experts"] > 10240),
+    fallback_when("empty input", lambda a: a["indices"].numel() * a["x"].shape[1] == 0),
+)
+limits.plan("moe_combine", {c: "torch_npu.npu_moe_token_unpermute (fp32 tokens and probs)" for c in ALL})
+MOE_COMBINE_LIMITS = (fallback_when("empty input", lambda a: a["y"].numel() == 0),)
+limits.plan("moe_experts", {c: "init_routing_v2 + npu_grouped_matmul x3 + token_unpermute" for c in ALL})
+MOE_EXPERTS_LIMITS = (
+    fallback_when("x not bf16/fp16/fp32", lambda a: a["x"].dtype not in _FLOATS),
+    fallback_when("more than 1024 experts (grouped matmul group_list limit)", lambda a: a["w1"].shape[0] > 1024),
+    fallback_when("empty input", lambda a: a["indices"].numel() * a["x"].shape[1] == 0),
+)
 
 
+@implements("moe_gate", "ascend", requires=MOE_GATE_LIMITS)
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0, tid2eid: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[T, D]``, weight ``[E, D]`` -> (weights fp32 ``[T, topk]``, indices int32 ``[T, topk]``)."""
-    args = {"e": weight.shape[0], "t": x.shape[0]}
     cands = GATING_HASH if score_func == "sqrtsoftplus" else GATING
-    chip, op, why = route("moe_gate", args, cands)
+    chip, op, why = route("moe_gate", cands, x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids)
     if op is None:
         return limits.fallback("moe_gate", chip, why, ref.moe_gate, x, weight, topk, bias, score_func, route_scale,
                                tid2eid, input_ids)
@@ -78,13 +81,13 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     return y.float().contiguous(), idx.to(torch.int32).contiguous()
 
 
+@implements("moe_dispatch", "ascend", requires=MOE_DISPATCH_LIMITS)
 def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x ``[T, D]``, indices int32 ``[T, k]`` -> (x_sorted ``[T*k, D]``, group_offsets int64 ``[E+1]``,
     sorted_to_flat int64 ``[T*k]``), the reference's stable order."""
     t, k = indices.shape
-    args = {"dtype": x.dtype, "e": num_experts, "rows": t * k * x.shape[1]}
-    chip, op, why = route("moe_dispatch", args, INIT_ROUTING)
+    chip, op, why = route("moe_dispatch", INIT_ROUTING, x, indices, num_experts)
     if op is None:
         return limits.fallback("moe_dispatch", chip, why, ref.moe_dispatch, x, indices, num_experts)
     expanded_x, expanded_row_idx, counts, _ = op(
@@ -101,10 +104,10 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+@implements("moe_combine", "ascend", requires=MOE_COMBINE_LIMITS)
 def moe_combine(y: torch.Tensor, weights: torch.Tensor, sorted_to_flat: torch.Tensor) -> torch.Tensor:
     """y ``[T*k, D]`` (dispatch order), weights fp32 ``[T, k]`` -> ``[T, D]`` in y's dtype."""
-    args = {"rows": y.numel()}
-    chip, op, why = route("moe_combine", args, UNPERMUTE)
+    chip, op, why = route("moe_combine", UNPERMUTE, y, weights, sorted_to_flat)
     if op is None:
         return limits.fallback("moe_combine", chip, why, ref.moe_combine, y, weights, sorted_to_flat)
     flat_to_sorted = _inverse(sorted_to_flat).to(torch.int32)
@@ -112,6 +115,7 @@ def moe_combine(y: torch.Tensor, weights: torch.Tensor, sorted_to_flat: torch.Te
     return out.to(y.dtype)
 
 
+@implements("moe_experts", "ascend", requires=MOE_EXPERTS_LIMITS)
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 w3: torch.Tensor, w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                 w3_scale: torch.Tensor | None = None, swiglu_limit: float = 0.0) -> torch.Tensor:
@@ -119,9 +123,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     w2 ``[E, D, I(/2)]`` (float, fp8 + tile scales or FP4 + e8m0) -> ``[T, D]`` in x's dtype."""
     e = w1.shape[0]
     t, k = indices.shape
-    args = {"dtype": x.dtype, "e": e, "rows": t * k * x.shape[1]}
     chip = runtime.chip()
-    why = limits.violation("moe_experts", chip, args)
+    why = limits.violation("moe_experts", chip, schema_args("moe_experts", (
+        x, weights, indices, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit)))
     if why is None:
         missing = [c for c in (INIT_ROUTING, gemm.GROUPED_MATMUL, UNPERMUTE) if binding.lookup(c) is None]
         if missing:

@@ -19,33 +19,38 @@ import torch
 
 from v4hal.backends.reference import quant as ref
 from v4hal.hal import formats as F
+from v4hal.hal.registry import implements
 
 from . import limits, runtime
 from ._route import always_reference, route
-from .limits import Rule
+from .limits import always, fallback_when
 
 MX_QUANT = (("torch_npu", "npu_dynamic_mx_quant"),)
 
-limits.plan("fp4_act_quant", {"950": "torch_npu.npu_dynamic_mx_quant (FP4 e2m1, block 32, scale_alg=1)"}, [
-    Rule("no MX quantizer on A2/A3", ("A2", "A3")),
-    Rule("block_size != 32 (MX block)", ("950",), lambda a: a["block"] != 32),
-    Rule("x not bf16/fp16", ("950",), lambda a: a["dtype"] not in (torch.bfloat16, torch.float16)),
-    Rule("empty tensor", ("950",), lambda a: a["numel"] == 0),
-])
-limits.plan("fp4_act_quant_inplace", dict(limits.PLANS["fp4_act_quant"].native), list(limits.PLANS["fp4_act_quant"].rules))
-_NO_FP8_BLOCK = "no CANN op reproduces V4's 1x128 FP8 recipe (amax floor 1e-4, ue8m0 rounding)"
-limits.plan("act_quant", {}, [Rule(_NO_FP8_BLOCK)])
-limits.plan("act_quant_inplace", {}, [Rule(_NO_FP8_BLOCK)])
-for _op in ("dequant_fp8", "dequant_fp4", "quant_weight_fp8", "quant_weight_fp4"):
-    limits.plan(_op, {}, [Rule("load-time helper without a CANN counterpart")])
+FP4_ACT_QUANT_LIMITS = (
+    always("no MX quantizer on A2/A3", ("A2", "A3")),
+    fallback_when("block_size != 32 (MX block)", lambda a: a["block_size"] != 32, ("950",)),
+    fallback_when("x not bf16/fp16", lambda a: a["x"].dtype not in (torch.bfloat16, torch.float16), ("950",)),
+    fallback_when("empty tensor", lambda a: a["x"].numel() == 0, ("950",)),
+)
+_MX_NATIVE = {"950": "torch_npu.npu_dynamic_mx_quant (FP4 e2m1, block 32, scale_alg=1)"}
+limits.plan("fp4_act_quant", _MX_NATIVE)
+limits.plan("fp4_act_quant_inplace", _MX_NATIVE)
+
+NO_FP8_BLOCK = (always("no CANN op reproduces V4's 1x128 FP8 recipe (amax floor 1e-4, ue8m0 rounding)"),)
+LOAD_TIME = (always("load-time helper without a CANN counterpart"),)
+for _op in ("act_quant", "act_quant_inplace", "dequant_fp8", "dequant_fp4", "quant_weight_fp8", "quant_weight_fp4"):
+    limits.plan(_op, {})
 
 
+@implements("act_quant", "ascend", requires=NO_FP8_BLOCK)
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None,
               scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference FP8 block quantization (see the module doc for why no CANN op fits)."""
     return always_reference("act_quant", ref.act_quant, x, block_size, scale_fmt, scale_dtype)
 
 
+@implements("act_quant_inplace", "ascend", requires=NO_FP8_BLOCK)
 def act_quant_inplace(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None) -> None:
     """Reference FP8 round trip in place."""
     return always_reference("act_quant_inplace", ref.act_quant_inplace, x, block_size, scale_fmt)
@@ -61,20 +66,20 @@ def _mx_fp4(op, x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
             s.reshape(*x.shape[:-1], k // block_size).contiguous().view(F.E8M0_DTYPE))
 
 
+@implements("fp4_act_quant", "ascend", requires=FP4_ACT_QUANT_LIMITS)
 def fp4_act_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """x float ``[..., K]`` -> packed e2m1 uint8 ``[..., K/2]`` (low nibble = even element) and e8m0
     ``[..., K/block_size]``."""
-    args = {"block": block_size, "dtype": x.dtype, "numel": x.numel()}
-    chip, op, why = route("fp4_act_quant", args, MX_QUANT)
+    chip, op, why = route("fp4_act_quant", MX_QUANT, x, block_size)
     if op is None:
         return limits.fallback("fp4_act_quant", chip, why, ref.fp4_act_quant, x, block_size)
     return _mx_fp4(op, x, block_size)
 
 
+@implements("fp4_act_quant_inplace", "ascend", requires=FP4_ACT_QUANT_LIMITS)
 def fp4_act_quant_inplace(x: torch.Tensor, block_size: int = 32) -> None:
     """MXFP4 round trip in place (x's dtype)."""
-    args = {"block": block_size, "dtype": x.dtype, "numel": x.numel()}
-    chip, op, why = route("fp4_act_quant_inplace", args, MX_QUANT)
+    chip, op, why = route("fp4_act_quant_inplace", MX_QUANT, x, block_size)
     if op is None:
         return limits.fallback("fp4_act_quant_inplace", chip, why, ref.fp4_act_quant_inplace, x, block_size)
     y, s = _mx_fp4(op, x, block_size)
@@ -83,23 +88,28 @@ def fp4_act_quant_inplace(x: torch.Tensor, block_size: int = 32) -> None:
     return None
 
 
+@implements("dequant_fp8", "ascend", requires=LOAD_TIME)
 def dequant_fp8(y: torch.Tensor, s: torch.Tensor, block_size: int = 128,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference FP8 dequantization."""
     return always_reference("dequant_fp8", ref.dequant_fp8, y, s, block_size, out_dtype)
 
 
+@implements("dequant_fp4", "ascend", requires=LOAD_TIME)
 def dequant_fp4(y: torch.Tensor, s: torch.Tensor, block_size: int = 32,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference FP4 dequantization."""
     return always_reference("dequant_fp4", ref.dequant_fp4, y, s, block_size, out_dtype)
 
 
-def quant_weight_fp8(w: torch.Tensor, block: int = 128, scale_fmt: str | None = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
+@implements("quant_weight_fp8", "ascend", requires=LOAD_TIME)
+def quant_weight_fp8(w: torch.Tensor, block: int = 128,
+                     scale_fmt: str | None = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
     """Reference FP8 weight quantization (load time)."""
     return always_reference("quant_weight_fp8", ref.quant_weight_fp8, w, block, scale_fmt)
 
 
+@implements("quant_weight_fp4", "ascend", requires=LOAD_TIME)
 def quant_weight_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference FP4 weight quantization (load time)."""
     return always_reference("quant_weight_fp4", ref.quant_weight_fp4, w, block)

@@ -1,24 +1,22 @@
-"""Registration of the Ascend implementations, CPU emulation for contract tests, and the tables
-``v4hal info`` prints (fallbacks per op and chip, the Triton-on-NPU allowlist)."""
+"""Registration of the Ascend implementations, the CPU emulation for contract tests, and the
+Triton-on-NPU allowlist.
+
+Each op module declares its implementations next to the adapters with
+``@implements(op, "ascend", requires=...)``; :func:`load` imports them and registers them for ``npu``
+tensors with one more requirement every call needs (a usable NPU)."""
 from __future__ import annotations
 
 import importlib
 from typing import Any, Callable
 
-from v4hal.hal.registry import Requirement, register_impl, unregister_backend
+from v4hal.hal import requirements as R
+from v4hal.hal.devices import npu_reason
+from v4hal.hal.registry import declarations, register_declared, register_impl, unregister_backend
 
 from . import limits, runtime
 
-#: Contract op -> module of this package that implements it (same function name as the op).
-IMPLS: dict[str, str] = {
-    "act_quant": "quant", "act_quant_inplace": "quant", "fp4_act_quant": "quant", "fp4_act_quant_inplace": "quant",
-    "dequant_fp8": "quant", "dequant_fp4": "quant", "quant_weight_fp8": "quant", "quant_weight_fp4": "quant",
-    "fp8_gemm": "gemm", "fp4_gemm": "gemm", "grouped_gemm": "gemm",
-    "sparse_attn": "attention", "index_scores": "attention", "indexer_topk": "attention", "compress_kv": "attention",
-    "moe_gate": "moe", "moe_dispatch": "moe", "moe_combine": "moe", "moe_experts": "moe",
-    "hc_split_sinkhorn": "mhc", "hc_pre": "mhc", "hc_post": "mhc", "hc_head": "mhc",
-    "rms_norm": "small", "rotary_emb": "small", "hadamard_transform": "small",
-}
+#: The modules of this package that declare implementations (one per op family).
+MODULES: tuple[str, ...] = ("quant", "gemm", "attention", "moe", "mhc", "small")
 
 PRIORITY = 20
 
@@ -28,30 +26,27 @@ PRIORITY = 20
 #: only together with the parity record (command, chip, numbers) in docs/ascend.md.
 TRITON_NPU_ALLOWLIST: frozenset[str] = frozenset()
 
+#: What every Ascend implementation needs on ``npu`` tensors (not a fallback: without it, no call).
+USABLE = R.when("torch_npu with CANN and an A2/A3/950 NPU", lambda _args: npu_reason())
+
 
 def import_op_modules() -> None:
-    """Import every implementation module (each declares its limits on import)."""
-    for mod in sorted(set(IMPLS.values())):
+    """Import every implementation module (each declares its implementations and limits on import)."""
+    for mod in MODULES:
         importlib.import_module(f"{__package__}.{mod}")
 
 
 def implementations() -> dict[str, Callable[..., Any]]:
     """Contract op -> the Ascend implementation function."""
-    return {op: getattr(importlib.import_module(f"{__package__}.{mod}"), op) for op, mod in IMPLS.items()}
-
-
-def _usable(_args: Any) -> str | None:
-    return runtime.probe_reason()
-
-
-REQUIRES = (Requirement("torch_npu with CANN and an A2/A3/950 NPU", _usable),)
+    import_op_modules()
+    return {op: decl.fn for op, decl in declarations("ascend").items()}
 
 
 def load() -> None:
     """Register every Ascend implementation for ``npu`` tensors (priority 20) and mirror the
     allowlisted Triton kernels onto ``npu``."""
-    for op, fn in implementations().items():
-        register_impl(op, "ascend", fn, devices=("npu",), priority=PRIORITY, requires=REQUIRES)
+    import_op_modules()
+    register_declared("ascend", devices={"npu": (USABLE,)}, priority=PRIORITY)
     mirror_triton(TRITON_NPU_ALLOWLIST)
 
 
@@ -75,26 +70,16 @@ def mirror_triton(ops: frozenset[str] | set[str], ensure: Callable[[str], str | 
 
 
 def enable_cpu_emulation() -> None:
-    """Register the same functions for ``cpu`` tensors, explicit-only (``auto=False``), so that
+    """Register the same implementations for ``cpu`` tensors, explicit-only, so that
     ``with v4hal.use_backend("ascend"):`` runs the Ascend code path on CPU tensors against the
     test stand-ins of torch_npu / ``_C_ascend`` / ``custom``. Called only by the test fixture."""
     runtime.reset()
     limits.reset_stats()
-    for op, fn in implementations().items():
-        register_impl(op, "ascend", fn, devices=("cpu",), priority=PRIORITY, auto=False)
+    import_op_modules()
+    register_declared("ascend", devices={"cpu": ()}, priority=PRIORITY, explicit_only=("cpu",))
 
 
 def disable_cpu_emulation() -> None:
     """Undo :func:`enable_cpu_emulation`."""
     unregister_backend("ascend", devices=("cpu",))
     runtime.reset()
-
-
-def fallback_table() -> list[dict[str, str]]:
-    """Rows ``{op, chip, condition, runs}``: when the Ascend backend does not call a CANN op."""
-    return limits.fallback_table()
-
-
-def native_table() -> list[dict[str, str]]:
-    """Rows ``{op, chip, native}``: the CANN path used inside the limits."""
-    return limits.native_table()

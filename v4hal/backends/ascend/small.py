@@ -16,37 +16,41 @@ from __future__ import annotations
 import torch
 
 from v4hal.backends.reference import small as ref
+from v4hal.hal.registry import implements
 
 from . import limits
 from ._route import always_reference, route
-from .limits import Rule
+from .limits import ALL, always, fallback_when
 
 RMS_NORM = (("torch_npu", "npu_rms_norm"),)
 ROTARY_MUL = (("torch_npu", "npu_rotary_mul"),)
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
-limits.plan("rms_norm", {c: "torch_npu.npu_rms_norm" for c in limits.ALL}, [
-    Rule("x is not bf16/fp16/fp32, or weight is neither fp32 nor x's dtype",
-         test=lambda a: a["dtype"] not in (torch.bfloat16, torch.float16, torch.float32)
-         or a["wdtype"] not in (torch.float32, a["dtype"])),
-    Rule("x has more than 8 dims", test=lambda a: a["ndim"] > 8),
-    Rule("empty tensor", test=lambda a: a["numel"] == 0),
-], note="950 is not in the npu_rms_norm doc's product table; vllm-ascend calls it on A5 as well.")
+limits.plan("rms_norm", {c: "torch_npu.npu_rms_norm" for c in ALL},
+            note="950 is not in the npu_rms_norm doc's product table; vllm-ascend calls it on A5 as well.")
+RMS_NORM_LIMITS = (
+    fallback_when("x is not bf16/fp16/fp32, or weight is neither fp32 nor x's dtype",
+                  lambda a: a["x"].dtype not in _FLOATS or a["weight"].dtype not in (torch.float32, a["x"].dtype)),
+    fallback_when("x has more than 8 dims", lambda a: a["x"].dim() > 8),
+    fallback_when("empty tensor", lambda a: a["x"].numel() == 0),
+)
 
-limits.plan("rotary_emb", {c: "torch_npu.npu_rotary_mul(rotary_mode='interleave'), TND" for c in limits.ALL}, [
-    Rule("rotary dim >= 896 (npu_rotary_mul interleave: D < 896)", test=lambda a: a["rd"] >= 896),
-    Rule("heads >= 1000 (npu_rotary_mul interleave: N < 1000)", test=lambda a: a["h"] >= 1000),
-    Rule("empty tensor", test=lambda a: a["numel"] == 0),
-])
+limits.plan("rotary_emb", {c: "torch_npu.npu_rotary_mul(rotary_mode='interleave'), TND" for c in ALL})
+ROTARY_LIMITS = (
+    fallback_when("rotary dim >= 896 (npu_rotary_mul interleave: D < 896)", lambda a: a["x"].shape[-1] >= 896),
+    fallback_when("heads >= 1000 (npu_rotary_mul interleave: N < 1000)",
+                  lambda a: a["x"].dim() == 4 and a["x"].shape[2] >= 1000),
+    fallback_when("empty tensor", lambda a: a["x"].numel() == 0),
+)
 
-limits.plan("hadamard_transform", {}, [
-    Rule("no CANN Hadamard op (vllm-ascend uses a torch matmul too)", runs="reference backend on the NPU tensors"),
-])
+limits.plan("hadamard_transform", {})
+NO_HADAMARD = (always("no CANN Hadamard op (vllm-ascend uses a torch matmul too)"),)
 
 
+@implements("rms_norm", "ascend", requires=RMS_NORM_LIMITS)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x ``[..., D]`` float, weight ``[D]`` (fp32 or x's dtype) -> ``[..., D]`` in x's dtype."""
-    args = {"dtype": x.dtype, "wdtype": weight.dtype, "ndim": x.dim(), "numel": x.numel()}
-    chip, op, why = route("rms_norm", args, RMS_NORM)
+    chip, op, why = route("rms_norm", RMS_NORM, x, weight, eps)
     if op is None:
         return limits.fallback("rms_norm", chip, why, ref.rms_norm, x, weight, eps)
     x2 = x.reshape(1, -1) if x.dim() == 1 else x
@@ -54,13 +58,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return y.reshape(x.shape)
 
 
+@implements("rotary_emb", "ascend", requires=ROTARY_LIMITS)
 def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x ``[b, s, rd]`` or ``[b, s, h, rd]``, freqs_cis complex64 ``[s, rd/2]`` or ``[b, s, rd/2]``
     -> x rotated on interleaved pairs (conjugate angles when ``inverse``), x's shape and dtype."""
     b, s, rd = x.shape[0], x.shape[1], x.shape[-1]
     h = x.shape[2] if x.dim() == 4 else 1
-    args = {"rd": rd, "h": h, "numel": x.numel()}
-    chip, op, why = route("rotary_emb", args, ROTARY_MUL)
+    chip, op, why = route("rotary_emb", ROTARY_MUL, x, freqs_cis, inverse)
     if op is None:
         return limits.fallback("rotary_emb", chip, why, ref.rotary_emb, x, freqs_cis, inverse)
     f = freqs_cis if freqs_cis.dim() == 3 else freqs_cis.unsqueeze(0).expand(b, s, rd // 2)
@@ -72,6 +76,7 @@ def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) 
     return y.reshape(x.shape).to(x.dtype)
 
 
+@implements("hadamard_transform", "ascend", requires=NO_HADAMARD)
 def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Reference Walsh-Hadamard (no CANN op): x ``[..., D]`` -> same shape and dtype."""
     return always_reference("hadamard_transform", ref.hadamard_transform, x, scale)

@@ -11,7 +11,7 @@ picks the (1x128, 128x128) recipe from the scale shapes and strides:
   grid's row stride padded to a multiple of 4; with ``ceil(K/128) % 4 == 0`` both rules agree,
   hence the ``K % 512 == 0`` requirement (every V4 projection qualifies).
 
-It is Hopper only (torch raises on other majors: "DeepSeek style (1x128, 128x128) scaling only
+It is Hopper only (torch refuses other majors: "DeepSeek style (1x128, 128x128) scaling only
 supported in CUDA for SM90") and needs cuBLASLt >= 12.9; ``K`` and ``N`` must be multiples of 16.
 The product is ``sum_kb (A_kb . B_kb) * a_s * b_s`` with fp32 accumulation, the contract's formula.
 
@@ -32,8 +32,9 @@ from typing import Any, Mapping
 import torch
 
 from v4hal.hal import formats as F
+from v4hal.hal import requirements as R
 from v4hal.hal.devices import cuda_capability, cuda_reason
-from v4hal.hal.registry import Requirement
+from v4hal.hal.registry import implements
 
 BLOCK = 128
 MIN_CUDA = (12, 9)
@@ -116,36 +117,33 @@ def _platform(args: Mapping[str, Any]) -> str | None:
         return f"cuBLASLt (1x128, 128x128) block scaling is Hopper only (compute capability 9.x), got {got}"
     ver = _cuda_version()
     if ver is None or ver < MIN_CUDA:
-        return f"cuBLASLt block scaling needs CUDA >= {MIN_CUDA[0]}.{MIN_CUDA[1]}, torch is built with {torch.version.cuda}"
+        return (f"cuBLASLt block scaling needs CUDA >= {MIN_CUDA[0]}.{MIN_CUDA[1]}, "
+                f"torch is built with {torch.version.cuda}")
     return None
 
 
-def _shapes(args: Mapping[str, Any]) -> str | None:
-    a, b = args.get("a"), args.get("b")
-    k, n = int(a.shape[-1]), int(b.shape[0])
-    if k % (4 * BLOCK):
-        return f"K must be a multiple of 512 (K/128 scale columns a multiple of 4), got K = {k}"
-    if n % 16:
-        return f"N must be a multiple of 16 for cuBLASLt, got N = {n}"
-    return None
+PLATFORM = R.when("Hopper GPU (compute capability 9.x) and torch built with CUDA >= 12.9", _platform)
+K_BLOCKS = R.divisible("K", 4 * BLOCK, "a.shape[-1]",
+                       why="K/128 scale columns a multiple of 4: the block-scale layout")
+N_ALIGNED = R.divisible("N", 16, "b.shape[0]", why="cuBLASLt operand alignment")
 
 
 def _probe(args: Mapping[str, Any]) -> str | None:
-    if _platform(args) is not None or _shapes(args) is not None:
-        return None          # already reported by PLATFORM / SHAPES; no product is run
+    if any(req.reason(args) is not None for req in (PLATFORM, K_BLOCKS, N_ALIGNED)):
+        return None          # already reported by those requirements; no product is run
     a = args.get("a")
     out_dtype = args.get("out_dtype", torch.bfloat16)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     return probe_reason(index, out_dtype)
 
 
-PLATFORM = Requirement("Hopper GPU (compute capability 9.x) and torch built with CUDA >= 12.9", _platform)
-SHAPES = Requirement("K % 512 == 0 and N % 16 == 0 (cuBLASLt block-scale layout)", _shapes)
-PROBE = Requirement("a probe product of torch._scaled_mm blockwise matches the contract (once per GPU and out dtype)",
-                    _probe)
-REQUIREMENTS = (PLATFORM, SHAPES, PROBE)
+PROBE = R.when("a probe product of torch._scaled_mm blockwise matches the contract (once per GPU and out dtype)",
+               _probe)
+REQUIREMENTS = (PLATFORM, K_BLOCKS, N_ALIGNED, PROBE)
+PRIORITY = 20   # above the Triton kernels (10) and the reference (0) wherever REQUIREMENTS hold
 
 
+@implements("fp8_gemm", "cuda", requires=REQUIREMENTS, devices=("cuda",), priority=PRIORITY)
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C[..., n] = sum_kb (A_kb . B[n]_kb) * a_s[..., kb] * b_s[n // 128, kb]`` on cuBLASLt.
@@ -163,4 +161,4 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return out.reshape(*a.shape[:-1], n)
 
 
-__all__ = ["fp8_gemm", "REQUIREMENTS", "probe_reason"]
+__all__ = ["fp8_gemm", "REQUIREMENTS", "PRIORITY", "probe_reason"]

@@ -1,6 +1,8 @@
 """The reference backend: vectorized PyTorch with fp32 math, for every op on every device.
 
-It is the CPU default and the oracle that every other backend is compared with.
+It is the CPU default and the oracle that every other backend is compared with. Each family
+module declares its implementations with ``@implements(op, "reference")`` next to the code;
+:func:`load` imports the modules and registers what they declared.
 """
 from __future__ import annotations
 
@@ -11,20 +13,9 @@ def probe() -> str | None:
 
 
 def load() -> None:
-    """Register every reference implementation for cpu, cuda and npu tensors (priority 0)."""
-    from v4hal.hal.registry import register_impl
-    from . import attention, gemm, mhc, moe, moe_experts, quant, small
+    """Register every declared reference implementation for cpu, cuda and npu tensors (priority 0)."""
+    from v4hal.hal.registry import register_declared
 
-    table = {
-        quant: ("act_quant", "act_quant_inplace", "fp4_act_quant", "fp4_act_quant_inplace", "dequant_fp8",
-                "dequant_fp4", "quant_weight_fp8", "quant_weight_fp4"),
-        gemm: ("fp8_gemm", "fp4_gemm", "grouped_gemm"),
-        attention: ("sparse_attn", "index_scores", "indexer_topk", "compress_kv"),
-        moe: ("moe_gate", "moe_dispatch", "moe_combine"),
-        moe_experts: ("moe_experts",),
-        mhc: ("hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"),
-        small: ("rms_norm", "rotary_emb", "hadamard_transform"),
-    }
-    for module, ops in table.items():
-        for op in ops:
-            register_impl(op, "reference", getattr(module, op), devices=("cpu", "cuda", "npu"), priority=0)
+    from . import attention, gemm, mhc, moe, moe_experts, quant, small  # noqa: F401  (declare the impls)
+
+    register_declared("reference", devices={"cpu": (), "cuda": (), "npu": ()}, priority=0)

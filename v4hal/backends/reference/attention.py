@@ -11,14 +11,15 @@ Details the spec leaves open were settled by reading the public DeepSeek-V4 infe
 (``inference/kernel.py`` ``sparse_attn_kernel``; ``inference/model.py`` ``Compressor``,
 ``Indexer``, ``Attention``); each function's docstring records what was found there.
 Nothing here loops over tokens or heads: the only Python loops walk over chunks of query
-rows so that the gathered intermediates stay within a fixed memory budget.
+rows so that the gathered intermediates stay within a fixed memory budget. Inputs arrive
+validated by :mod:`v4hal.ops.attention`; nothing here reads tensor data on the host.
 """
 from __future__ import annotations
 
 import torch
 
 from v4hal.hal import formats
-from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.hal.registry import implements
 
 # Largest fp32 intermediate (in elements) one chunk may materialize: 2**24 floats = 64 MiB.
 # Module-level so tests can shrink it to exercise the chunk boundaries.
@@ -30,6 +31,7 @@ def _rows_per_chunk(rows: int, elems_per_row: int) -> int:
     return max(1, min(rows, _CHUNK_ELEMS // max(1, elems_per_row)))
 
 
+@implements("sparse_attn", "reference")
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
                 softmax_scale: float) -> torch.Tensor:
     """Sparse shared-KV attention with a per-head sink.
@@ -61,12 +63,6 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     b, m, h, d = q.shape
     n = kv.shape[1]
     k = topk_idxs.shape[-1]
-    if bool((torch.isnan(attn_sink) | torch.isposinf(attn_sink)).any()):
-        raise RangeError(f"sparse_attn: attn_sink must be finite or -inf, got {attn_sink.tolist()}")
-    if topk_idxs.numel():
-        lo, hi = (int(v) for v in torch.aminmax(topk_idxs))
-        if lo < -1 or hi >= n:
-            raise RangeError(f"sparse_attn: topk_idxs must lie in [-1, {n}), got values in [{lo}, {hi}]")
     if k == 0 or n == 0 or m == 0 or b == 0:
         # nothing to attend to: every row is an all -1 row
         return torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
@@ -97,6 +93,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     return out
 
 
+@implements("index_scores", "reference")
 def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Lightning-indexer logits.
 
@@ -126,6 +123,7 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> tor
     return out
 
 
+@implements("indexer_topk", "reference")
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: int, start_pos: int = 0,
                  ratio: int = 4, offset: int = 0) -> torch.Tensor:
     """Causally masked top-k of the indexer logits.
@@ -150,16 +148,8 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
     rule for both. The public code takes ``min(index_topk, end_pos // ratio)`` picks, which is
     ``min(topk, t)`` when ``k`` holds the entries up to the last query.
     """
-    if topk < 0:
-        raise RangeError(f"indexer_topk: topk must be >= 0, got {topk}")
-    if ratio < 1:
-        raise RangeError(f"indexer_topk: ratio must be >= 1, got {ratio}")
-    if start_pos < 0:
-        raise RangeError(f"indexer_topk: start_pos must be >= 0, got {start_pos}")
-    b, s = q.shape[:2]
+    s = q.shape[1]
     t = k.shape[1]
-    if offset < 0 or offset + t > torch.iinfo(torch.int32).max:
-        raise RangeError(f"indexer_topk: offset must be in [0, 2**31 - 1 - t] with t={t}, got {offset}")
     width = min(topk, t)
     scores = index_scores(q, k, weights)                                            # [b, s, t]
     pos = torch.arange(start_pos, start_pos + s, device=q.device)
@@ -171,6 +161,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
     return out.to(torch.int32)
 
 
+@implements("compress_kv", "reference")
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
     """Gated softmax pooling of every ``ratio`` tokens into one compressed KV entry.
 
@@ -195,19 +186,8 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio:
     block: its first ``r`` candidates are padded with kv = 0 and score = ``-inf``, so entry 0
     is a plain softmax pool of block 0's second half.
     """
-    if ratio < 1:
-        raise RangeError(f"compress_kv: ratio must be >= 1, got {ratio}")
     b, n, cd = kv.shape
-    c = 2 if overlap else 1
-    if n % ratio != 0:
-        raise ShapeError(f"compress_kv: kv length must be a multiple of ratio={ratio}, got n={n}")
-    if cd % c != 0:
-        raise ShapeError(f"compress_kv: kv last dim must be c*d with c={c} (overlap={overlap}), got {cd}")
-    if tuple(score.shape) != (b, n, cd):
-        raise ShapeError(f"compress_kv: score must be [b, n, c*d] = {[b, n, cd]}, got {list(score.shape)}")
-    if tuple(ape.shape) != (ratio, cd):
-        raise ShapeError(f"compress_kv: ape must be [ratio, c*d] = {[ratio, cd]}, got {list(ape.shape)}")
-    d = cd // c
+    d = cd // (2 if overlap else 1)
     nb = n // ratio
     kvf = kv.float().reshape(b, nb, ratio, cd)
     logits = score.float().reshape(b, nb, ratio, cd) + ape.float()

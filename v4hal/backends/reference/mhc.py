@@ -1,6 +1,6 @@
 """Reference (pure PyTorch) mHC: manifold-constrained hyper-connections.
 
-Semantics: ``shared/spec/V4_OPS.md`` section 7 and the public DeepSeek-V4 inference code
+Semantics: ``docs/ops.md`` (mHC) and the public DeepSeek-V4 inference code
 (``model.py`` ``Block.hc_pre`` / ``Block.hc_post`` / ``ParallelHead.hc_head``, ``kernel.py``
 ``hc_split_sinkhorn``). Findings from that code, reproduced here:
 
@@ -29,41 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from v4hal.hal import formats
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.registry import implements
 
 __all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
-
-_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _desc(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
-def _check_fp32(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], shape_txt: str) -> None:
-    if t.dtype != torch.float32:
-        raise DTypeError(f"{op}: {name} must be float32 {shape_txt}, got {_desc(t)}")
-    if tuple(t.shape) != shape:
-        raise ShapeError(f"{op}: {name} must be float32 {shape_txt}, got {_desc(t)}")
-
-
-def _check_hc_x(op: str, x: torch.Tensor, hc_mult: int | None = None) -> None:
-    if x.dtype not in _FLOATS:
-        raise DTypeError(f"{op}: x must be float [..., hc, D], got {_desc(x)}")
-    if x.dim() < 2 or (hc_mult is not None and x.shape[-2] != hc_mult):
-        want = "hc" if hc_mult is None else f"hc={hc_mult}"
-        raise ShapeError(f"{op}: x must be [..., {want}, D], got {_desc(x)}")
-
-
-def _check_split_args(op: str, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int,
-                      sinkhorn_iters: int) -> None:
-    if hc_mult < 1:
-        raise RangeError(f"{op}: hc_mult must be >= 1, got {hc_mult}")
-    if sinkhorn_iters < 1:
-        raise RangeError(f"{op}: sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-    mix = (2 + hc_mult) * hc_mult
-    _check_fp32(op, "hc_scale", hc_scale, (3,), "[3]")
-    _check_fp32(op, "hc_base", hc_base, (mix,), f"[(2+hc)*hc={mix}]")
 
 
 def _split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc: int,
@@ -81,6 +49,7 @@ def _split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.
     return pre, post, comb
 
 
+@implements("hc_split_sinkhorn", "reference")
 def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
                       hc_mult: int = 4, sinkhorn_iters: int = 20,
                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,13 +61,6 @@ def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torc
     comb ``[..., hc, hc]`` (softmax over k + eps, then column/row normalisations with eps in each
     denominator, ending on a column normalisation; approximately doubly stochastic).
     """
-    op = "hc_split_sinkhorn"
-    _check_split_args(op, hc_scale, hc_base, hc_mult, sinkhorn_iters)
-    mix = (2 + hc_mult) * hc_mult
-    if mixes.dtype != torch.float32:
-        raise DTypeError(f"{op}: mixes must be float32 [..., (2+hc)*hc={mix}], got {_desc(mixes)}")
-    if mixes.dim() < 1 or mixes.shape[-1] != mix:
-        raise ShapeError(f"{op}: mixes must be float32 [..., (2+hc)*hc={mix}], got {_desc(mixes)}")
     return _split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps)
 
 
@@ -110,6 +72,7 @@ def _mixes(x: torch.Tensor, hc_fn: torch.Tensor, norm_eps: float) -> tuple[torch
     return xf, F.linear(flat, hc_fn).mul_(rsqrt)
 
 
+@implements("hc_pre", "reference")
 def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
            norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20,
            hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,17 +83,13 @@ def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
     ``pre, post, comb = hc_split_sinkhorn(mixes, ...)``, ``y = sum_j pre[j] * x[j]`` (fp32).
     Returns y ``[..., D]`` in x's dtype, post fp32 ``[..., hc]``, comb fp32 ``[..., hc, hc]``.
     """
-    op = "hc_pre"
-    _check_split_args(op, hc_scale, hc_base, hc_mult, sinkhorn_iters)
-    _check_hc_x(op, x, hc_mult)
-    mix, dim = (2 + hc_mult) * hc_mult, x.shape[-1]
-    _check_fp32(op, "hc_fn", hc_fn, (mix, hc_mult * dim), f"[(2+hc)*hc={mix}, hc*D={hc_mult * dim}]")
     xf, mixes = _mixes(x, hc_fn, norm_eps)
     pre, post, comb = _split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps)
     y = (pre.unsqueeze(-1) * xf).sum(dim=-2)
     return y.to(x.dtype), post, comb
 
 
+@implements("hc_post", "reference")
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """Expand the sub-layer output back to ``hc`` copies and mix the residual.
 
@@ -138,18 +97,7 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     ``[..., hc, hc]``. ``out[k] = post[k] * x + sum_j comb[j, k] * residual[j]`` in fp32 (the sum
     over j first, in order j = 0..hc-1, then the post term added), cast to residual's dtype.
     """
-    op = "hc_post"
-    if residual.dtype not in _FLOATS or residual.dim() < 2:
-        err = DTypeError if residual.dtype not in _FLOATS else ShapeError
-        raise err(f"{op}: residual must be float [..., hc, D], got {_desc(residual)}")
-    lead, hc, dim = tuple(residual.shape[:-2]), residual.shape[-2], residual.shape[-1]
-    if x.dtype not in _FLOATS:
-        raise DTypeError(f"{op}: x must be float [..., D], got {_desc(x)}")
-    if tuple(x.shape) != lead + (dim,):
-        raise ShapeError(f"{op}: x must be [{', '.join(map(str, lead + (dim,)))}] (residual without hc), "
-                         f"got {_desc(x)}")
-    _check_fp32(op, "post", post, lead + (hc,), f"{list(lead + (hc,))}")
-    _check_fp32(op, "comb", comb, lead + (hc, hc), f"{list(lead + (hc, hc))}")
+    hc = residual.shape[-2]
     res = residual.float()
     weight = comb.unsqueeze(-1)                                   # [..., j, k, 1]
     mixed = weight[..., 0, :, :] * res[..., 0:1, :]
@@ -158,6 +106,7 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     return (post.unsqueeze(-1) * x.float().unsqueeze(-2)).add_(mixed).to(residual.dtype)
 
 
+@implements("hc_head", "reference")
 def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
             norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
     """Final collapse of the ``hc`` copies before the output norm (pre weights only, no Sinkhorn).
@@ -166,12 +115,6 @@ def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
     ``pre = sigmoid(mixes * scale + base) + hc_eps`` with the same RMS-scaled mixes as hc_pre;
     returns ``sum_j pre[j] * x[j]`` ``[..., D]`` in x's dtype (fp32 math).
     """
-    op = "hc_head"
-    _check_hc_x(op, x)
-    hc, dim = x.shape[-2], x.shape[-1]
-    _check_fp32(op, "hc_fn", hc_fn, (hc, hc * dim), f"[hc={hc}, hc*D={hc * dim}]")
-    _check_fp32(op, "hc_scale", hc_scale, (1,), "[1]")
-    _check_fp32(op, "hc_base", hc_base, (hc,), f"[hc={hc}]")
     xf, mixes = _mixes(x, hc_fn, norm_eps)
     pre = torch.sigmoid(mixes * hc_scale + hc_base) + hc_eps
     return (pre.unsqueeze(-1) * xf).sum(dim=-2).to(x.dtype)

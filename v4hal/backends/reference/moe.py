@@ -1,6 +1,6 @@
 """Reference (pure PyTorch) MoE routing: gate, dispatch (group tokens by expert), combine.
 
-Semantics: ``shared/spec/V4_OPS.md`` section 8 and the public DeepSeek-V4 ``inference/model.py``
+Semantics: ``docs/ops.md`` (MoE) and the public DeepSeek-V4 ``inference/model.py``
 ``Gate``/``MoE``. What that code does, step by step, and what this module reproduces:
 
 * gate logits are an fp32 GEMM: both ``x`` and the gate weight are upcast to fp32 first;
@@ -16,6 +16,7 @@ Semantics: ``shared/spec/V4_OPS.md`` section 8 and the public DeepSeek-V4 ``infe
 Dispatch/combine have no public counterpart (the public code loops over experts); their
 contract (``docs/op_contract.md``) is ours: dispatch is a stable sort of the ``T*k`` flat
 slots by expert id, combine sums the ``k`` weighted rows per token in fp32 in slot order.
+Inputs arrive validated (ids in range, a permutation for combine) by :mod:`v4hal.ops.moe`.
 """
 from __future__ import annotations
 
@@ -23,57 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from v4hal.hal import formats
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.registry import implements
 
 __all__ = ["moe_gate", "moe_dispatch", "moe_combine", "SCORE_FUNCS"]
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
-_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-_INTS = (torch.int32, torch.int64)
 
 
-def _desc(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
-def _check_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None,
-                score_func: str, tid2eid: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
-    if x.dim() != 2:
-        raise ShapeError(f"moe_gate: x must be float [T, D], got {_desc(x)}")
-    if x.dtype not in _FLOATS:
-        raise DTypeError(f"moe_gate: x must be float [T, D], got {_desc(x)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ShapeError(f"moe_gate: weight must be [E, D={x.shape[1]}], got {_desc(weight)}")
-    if weight.dtype not in _FLOATS:
-        raise DTypeError(f"moe_gate: weight must be float [E, D], got {_desc(weight)}")
-    num_experts = weight.shape[0]
-    if not 1 <= topk <= num_experts:
-        raise RangeError(f"moe_gate: topk must be in [1, E={num_experts}], got {topk}")
-    if score_func not in SCORE_FUNCS:
-        raise RangeError(f"moe_gate: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-    if bias is not None:
-        if bias.dtype != torch.float32:
-            raise DTypeError(f"moe_gate: bias must be float32 [E={num_experts}], got {_desc(bias)}")
-        if tuple(bias.shape) != (num_experts,):
-            raise ShapeError(f"moe_gate: bias must be float32 [E={num_experts}], got {_desc(bias)}")
-    if (tid2eid is None) != (input_ids is None):
-        raise ShapeError("moe_gate: hash routing needs both tid2eid and input_ids, got "
-                         f"tid2eid={'set' if tid2eid is not None else 'None'}, "
-                         f"input_ids={'set' if input_ids is not None else 'None'}")
-    if tid2eid is not None and input_ids is not None:
-        if tid2eid.dtype not in _INTS:
-            raise DTypeError(f"moe_gate: tid2eid must be int32 [vocab, topk={topk}], got {_desc(tid2eid)}")
-        if tid2eid.dim() != 2 or tid2eid.shape[1] != topk:
-            raise ShapeError(f"moe_gate: tid2eid must be int32 [vocab, topk={topk}], got {_desc(tid2eid)}")
-        if input_ids.dtype not in _INTS:
-            raise DTypeError(f"moe_gate: input_ids must be int32/int64 [T={x.shape[0]}], got {_desc(input_ids)}")
-        if tuple(input_ids.shape) != (x.shape[0],):
-            raise ShapeError(f"moe_gate: input_ids must be int [T={x.shape[0]}], got {_desc(input_ids)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= tid2eid.shape[0]):
-            raise RangeError(f"moe_gate: input_ids must lie in [0, vocab={tid2eid.shape[0]}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-
-
+@implements("moe_gate", "reference")
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0,
              tid2eid: torch.Tensor | None = None,
@@ -86,7 +44,6 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     experts by descending ``scores + bias`` (``torch.topk`` order; ties unspecified); hash routing
     keeps the table's order.
     """
-    _check_gate(x, weight, topk, bias, score_func, tid2eid, input_ids)
     logits = F.linear(x.float(), weight.float())                       # [T, E] fp32
     if score_func == "softmax":
         scores = logits.softmax(dim=-1)
@@ -96,9 +53,6 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
         scores = F.softplus(logits).sqrt()
     if tid2eid is not None and input_ids is not None:
         indices = tid2eid.index_select(0, input_ids.long()).long()    # [T, topk]
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
-            raise RangeError(f"moe_gate: tid2eid[input_ids] must lie in [0, E={weight.shape[0]}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
     else:
         choice = scores if bias is None else scores + bias
         indices = choice.topk(topk, dim=-1).indices
@@ -109,6 +63,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     return weights.contiguous(), indices.to(torch.int32).contiguous()
 
 
+@implements("moe_dispatch", "reference")
 def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the ``T*k`` (token, slot) rows by expert.
@@ -118,19 +73,8 @@ def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
     expert e are ``group_offsets[e]:group_offsets[e+1]``, inside an expert in ascending flat index
     ``t*k + j`` (stable); group_offsets int64 ``[E+1]``; sorted_to_flat int64 ``[T*k]``.
     """
-    if x.dim() != 2:
-        raise ShapeError(f"moe_dispatch: x must be [T, D], got {_desc(x)}")
-    if indices.dtype != torch.int32:
-        raise DTypeError(f"moe_dispatch: indices must be int32 [T={x.shape[0]}, k], got {_desc(indices)}")
-    if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
-        raise ShapeError(f"moe_dispatch: indices must be int32 [T={x.shape[0]}, k], got {_desc(indices)}")
-    if num_experts < 1:
-        raise RangeError(f"moe_dispatch: num_experts must be >= 1, got {num_experts}")
     k = indices.shape[1]
     flat = indices.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
-        raise RangeError(f"moe_dispatch: indices must lie in [0, num_experts={num_experts}), got values in "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
     # A stable sort keeps equal expert ids in ascending flat index: exactly the contract order.
     sorted_to_flat = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=num_experts)
@@ -141,6 +85,7 @@ def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
     return x_sorted, group_offsets, sorted_to_flat
 
 
+@implements("moe_combine", "reference")
 def moe_combine(y: torch.Tensor, weights: torch.Tensor, sorted_to_flat: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's ``k`` expert outputs.
 
@@ -149,22 +94,8 @@ def moe_combine(y: torch.Tensor, weights: torch.Tensor, sorted_to_flat: torch.Te
     ``out[t] = sum_j weights[t, j] * y[row of (t, j)]``: fp32 products, accumulated from 0 in slot
     order j = 0..k-1 (one rounding per multiply and per add), one cast at the end.
     """
-    if weights.dtype != torch.float32:
-        raise DTypeError(f"moe_combine: weights must be float32 [T, k], got {_desc(weights)}")
-    if weights.dim() != 2:
-        raise ShapeError(f"moe_combine: weights must be float32 [T, k], got {_desc(weights)}")
     t, k = weights.shape
-    if y.dim() != 2 or y.shape[0] != t * k:
-        raise ShapeError(f"moe_combine: y must be [T*k={t * k}, D], got {_desc(y)}")
-    if y.dtype not in _FLOATS:
-        raise DTypeError(f"moe_combine: y must be float [T*k, D], got {_desc(y)}")
-    if sorted_to_flat.dtype != torch.int64 or tuple(sorted_to_flat.shape) != (t * k,):
-        err = DTypeError if sorted_to_flat.dtype != torch.int64 else ShapeError
-        raise err(f"moe_combine: sorted_to_flat must be int64 [T*k={t * k}], got {_desc(sorted_to_flat)}")
     n = t * k
-    if n and (int(sorted_to_flat.min()) < 0 or int(sorted_to_flat.max()) >= n
-              or not bool((torch.bincount(sorted_to_flat, minlength=n) == 1).all())):
-        raise RangeError(f"moe_combine: sorted_to_flat must be a permutation of [0, T*k={n})")
     flat_to_sorted = torch.empty_like(sorted_to_flat)
     flat_to_sorted[sorted_to_flat] = torch.arange(n, dtype=torch.int64, device=y.device)
     rows = y.index_select(0, flat_to_sorted).view(t, k, y.shape[1])

@@ -1,7 +1,7 @@
 """Reference (pure PyTorch, fp32 math) small ops of DeepSeek-V4: RMSNorm, rotary embedding, Hadamard.
 
 Signatures follow ``docs/op_contract.md`` (schema argument order and names); semantics follow
-``V4_OPS.md`` section 9 and the public ``inference/model.py`` (``RMSNorm``, ``apply_rotary_emb``,
+``docs/ops.md`` (small ops) and the public ``inference/model.py`` (``RMSNorm``, ``apply_rotary_emb``,
 ``rotate_activation``). Every function returns a fresh tensor in the input's dtype.
 """
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from v4hal.hal import formats
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.registry import implements
 
 
+@implements("rms_norm", "reference")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim.
 
@@ -24,14 +25,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         ``[..., D]`` in x's dtype: ``weight * x * rsqrt(mean(x**2) + eps)`` computed in fp32 and cast
         once at the end (as the public ``RMSNorm``, which keeps its weight in fp32).
     """
-    if weight.shape != x.shape[-1:]:
-        raise ShapeError(f"rms_norm: weight must be [D] = [{x.shape[-1]}], got {list(weight.shape)}")
     xf = x.float()
     inv = xf.square().mean(dim=-1, keepdim=True).add_(formats.operand(eps, xf)).rsqrt_()
     # weight * (x * inv): fp32 products (a bf16 weight is widened exactly by the in-place multiply)
     return (xf * inv).mul_(weight).to(x.dtype)
 
 
+@implements("rotary_emb", "reference")
 def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotary embedding on interleaved pairs.
 
@@ -45,21 +45,8 @@ def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) 
         ``x[2i] + 1j*x[2i+1]``, multiplied by ``freqs_cis[..., i]`` (or its conjugate) in
         complex64, written back as (real, imag). Heads share the frequencies of their position.
     """
-    if x.dim() not in (3, 4):
-        raise ShapeError(f"rotary_emb: x must be [b, s, rd] or [b, s, h, rd], got {list(x.shape)}")
-    if freqs_cis.dtype != torch.complex64:
-        raise DTypeError(f"rotary_emb: freqs_cis must be complex64, got {freqs_cis.dtype}")
-    b, s, rd = x.shape[0], x.shape[1], x.shape[-1]
-    if rd % 2:
-        raise ShapeError(f"rotary_emb: rotary dim of x must be even, got {rd}")
-    half = rd // 2
-    if tuple(freqs_cis.shape) == (s, half):
-        f = freqs_cis.unsqueeze(0)                 # [1, s, rd/2]
-    elif tuple(freqs_cis.shape) == (b, s, half):
-        f = freqs_cis
-    else:
-        raise ShapeError(f"rotary_emb: freqs_cis must be [s, rd/2] = {[s, half]} or [b, s, rd/2] = "
-                         f"{[b, s, half]}, got {list(freqs_cis.shape)}")
+    half = x.shape[-1] // 2
+    f = freqs_cis if freqs_cis.dim() == 3 else freqs_cis.unsqueeze(0)     # [b or 1, s, rd/2]
     if inverse:
         f = f.conj()
     if x.dim() == 4:
@@ -69,6 +56,7 @@ def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) 
     return y.to(x.dtype)
 
 
+@implements("hadamard_transform", "reference")
 def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Scaled Walsh-Hadamard transform over the last dim, Sylvester (natural) order.
 
@@ -84,12 +72,8 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Ten
         ``rotate_activation``) computes.
     """
     dd = x.shape[-1]
-    if dd < 1 or dd & (dd - 1):
-        raise ShapeError(f"hadamard_transform: last dim of x must be a power of 2, got {dd}")
     if scale is None:
         scale = dd ** -0.5
-    elif not torch.isfinite(torch.tensor(float(scale))):
-        raise RangeError(f"hadamard_transform: scale must be finite, got {scale}")
     lead = x.shape[:-1]
     y = x.float().reshape(-1, dd)
     h = 1

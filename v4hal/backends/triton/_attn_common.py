@@ -28,7 +28,7 @@ def cdiv(a: int, b: int) -> int:
 def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether kernels must convert 16-bit ``tl.dot`` operands to fp32 before the product.
 
-    Only bf16 under the interpreter: its bf16 ``tl.dot`` is wrong (Triton 3.9). On a GPU the
+    Only bf16 under the interpreter: its bf16 ``tl.dot`` is wrong. On a GPU the
     MMA runs in the operands' own dtype.
     """
     return dtype == torch.bfloat16 and (device.type == "cpu" or triton_interpreter_on())

@@ -2,10 +2,10 @@
 
 On a GPU ``v.to(tl.bfloat16)`` (and ``tl.store`` of an fp32 value into a bf16 pointer) is the
 hardware's round-to-nearest-even conversion (``cvt.rn.bf16.f32``), bit-identical to torch's.
-The Triton interpreter (Triton 3.9) implements the same cast by dropping the low 16 bits, i.e.
-it truncates toward zero: about half of all outputs come out one bf16 ulp too small in
-magnitude, a bias that FP8 activation quantization downstream turns into whole quantization
-steps. Its fp32 -> fp16 cast is numpy's ``astype``, which rounds correctly.
+The Triton interpreter (of the CPU test lane's Triton, see the README) implements the same cast
+by dropping the low 16 bits, i.e. it truncates toward zero: about half of all outputs come out
+one bf16 ulp too small in magnitude, a bias that FP8 activation quantization downstream turns
+into whole quantization steps. Its fp32 -> fp16 cast is numpy's ``astype``, which rounds correctly.
 
 So every kernel stores its float outputs through :func:`cast_out` with a constexpr ``SOFT``
 flag: ``SOFT=True`` (the launcher passes it when the kernel runs under the interpreter)

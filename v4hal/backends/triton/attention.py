@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from v4hal.hal.errors import DTypeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
 from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
 from ._cast import cast_out
@@ -146,25 +147,6 @@ _sparse_attn_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["H", "D", "BM_BU
                                      prune_configs_by={"early_config_prune": _prune_configs})(_sparse_attn_kernel)
 
 
-def _check_inputs(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor) -> None:
-    """What this backend needs beyond the op layer's checks (callable directly, so checked again)."""
-    if q.dim() != 4 or kv.dim() != 3 or topk_idxs.dim() != 3:
-        raise ShapeError(f"sparse_attn: q [b, m, h, d], kv [b, n, d], topk_idxs [b, m, k] expected, got "
-                         f"{list(q.shape)}, {list(kv.shape)}, {list(topk_idxs.shape)}")
-    b, m, h, d = q.shape
-    if kv.shape[0] != b or kv.shape[2] != d or tuple(topk_idxs.shape[:2]) != (b, m):
-        raise ShapeError(f"sparse_attn: kv must be [{b}, n, {d}] and topk_idxs [{b}, {m}, k], got "
-                         f"{list(kv.shape)}, {list(topk_idxs.shape)}")
-    if d > MAX_HEAD_DIM:
-        raise ShapeError(f"sparse_attn (triton): head dim must be <= {MAX_HEAD_DIM}, got q {list(q.shape)}")
-    if kv.dtype != q.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise DTypeError(f"sparse_attn: q and kv must share a float dtype, got {q.dtype} and {kv.dtype}")
-    if topk_idxs.dtype != torch.int32:
-        raise DTypeError(f"sparse_attn: topk_idxs must be int32, got {topk_idxs.dtype}")
-    if attn_sink.shape != (h,):
-        raise ShapeError(f"sparse_attn: attn_sink must be [h] = [{h}], got {list(attn_sink.shape)}")
-
-
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -175,10 +157,6 @@ def sparse_attn_into(out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, attn_
 
     Every element of ``out`` is written, so a poisoned buffer tests full coverage.
     """
-    _check_inputs(q, kv, attn_sink, topk_idxs)
-    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ShapeError(f"sparse_attn: out must be {list(q.shape)} {q.dtype} with a contiguous last dim, "
-                         f"got {list(out.shape)} {out.dtype} strides {out.stride()}")
     b, m, h, d = q.shape
     k = topk_idxs.shape[-1]
     if out.numel() == 0:
@@ -212,6 +190,9 @@ def sparse_attn_into(out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, attn_
     return out
 
 
+@implements("sparse_attn", "triton", requires=(
+    R.at_most("head dim d", MAX_HEAD_DIM, "q.shape[-1]", why="one [BLOCK_N, d] KV tile per step"),
+    R.min_capability(8, 0, tensor="q", only_for=(torch.bfloat16,), why="bf16 tl.dot")))
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
                 softmax_scale: float) -> torch.Tensor:
     """Sparse shared-KV attention with a per-head sink.
@@ -220,6 +201,5 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     topk_idxs int32 ``[b, m, k]`` in ``[-1, n)`` (not range-checked here: the op layer does it).
     Returns ``[b, m, h, d]`` in q's dtype; a row whose indices are all -1 is exactly 0.
     """
-    _check_inputs(q, kv, attn_sink, topk_idxs)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return sparse_attn_into(out, q, kv, attn_sink, topk_idxs, softmax_scale)

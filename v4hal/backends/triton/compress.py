@@ -29,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
 from .quant import cast_out, cdiv, interpreting, next_pow2, tl_dtype
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RATIO = 1024            # the [R_P2, BLOCK_C] window tile is held in registers
 _TILE_ELEMS = 4096          # about this many elements per window tile
 
@@ -83,34 +83,20 @@ def _compress_kernel(kv_ptr, score_ptr, ape_ptr, out_ptr,
     tl.store(out_ptr + b * s_ob + i.to(tl.int64) * s_on + c, cast_out(pooled, OUT, SOFT), mask=cm)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@implements("compress_kv", "triton", requires=(
+    R.at_most("ratio", MAX_RATIO, why="the window of a channel block sits in registers"),))
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
     """Softmax-gated pooling of ``ratio`` rows (``2*ratio`` candidates with overlap) per entry.
 
     kv float ``[b, n, c*d]`` (c = 2 when ``overlap`` else 1, ``n % ratio == 0``), score fp32
     ``[b, n, c*d]``, ape fp32 ``[ratio, c*d]``. Returns ``[b, n/ratio, d]`` in kv's dtype.
     """
-    op = "compress_kv"
-    if kv.dtype not in _FLOATS or kv.dim() != 3:
-        raise DTypeError(f"{op}: kv must be float [b, n, c*d], got {_describe(kv)}")
-    if not 1 <= ratio <= MAX_RATIO:
-        raise RangeError(f"{op}: the Triton kernel takes ratio in [1, {MAX_RATIO}], got {ratio}")
     b, n, cd = kv.shape
     c = 2 if overlap else 1
-    if n % ratio or cd % c:
-        raise ShapeError(f"{op}: kv must be [b, n, c*d] with n % ratio == 0 (ratio={ratio}) and c={c}, "
-                         f"got {_describe(kv)}")
-    if score.dtype != torch.float32 or tuple(score.shape) != (b, n, cd):
-        raise ShapeError(f"{op}: score must be float32 [b, n, c*d] = {[b, n, cd]}, got {_describe(score)}")
-    if ape.dtype != torch.float32 or tuple(ape.shape) != (ratio, cd):
-        raise ShapeError(f"{op}: ape must be float32 [ratio, c*d] = {[ratio, cd]}, got {_describe(ape)}")
     d = cd // c
     n_ent = n // ratio
     out = torch.empty((b, n_ent, d), dtype=kv.dtype, device=kv.device)

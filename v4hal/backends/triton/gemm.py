@@ -48,13 +48,11 @@ import triton
 import triton.language as tl
 
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, ShapeError
+from v4hal.hal.registry import implements
 
 from ._cast import cast_out
-from .quant import cdiv, interpreting, load_scale, next_pow2, on_interpreter, tl_dtype
+from .quant import cdiv, fp8_gpu, interpreting, load_scale, next_pow2, on_interpreter, tl_dtype
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_SCALES = (torch.float32, F.E8M0_DTYPE)
 SCALE_BLOCK = 128            # activation K block / FP8 weight tile
 FP4_BLOCK = 32               # FP4 weight K block
 FP32_PRECISION = "tf32x3"    # tl.dot input precision for fp32 operands on a GPU (about fp32 accurate)
@@ -319,23 +317,7 @@ def launch_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s:
 
 
 # ============================================================================ public functions
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
-def _check_act(op: str, a: torch.Tensor, a_s: torch.Tensor, scale_dtype: torch.dtype) -> int:
-    if a.dtype != F.FP8_DTYPE or a.dim() < 1:
-        raise DTypeError(f"{op}: a must be float8_e4m3fn [..., K], got {_describe(a)}")
-    k = a.shape[-1]
-    if k % SCALE_BLOCK:
-        raise ShapeError(f"{op}: a.shape[-1] (K = {k}) must be divisible by {SCALE_BLOCK}")
-    if a_s.dtype not in _SCALES or a_s.dtype != scale_dtype:
-        raise DTypeError(f"{op}: a_s must be {scale_dtype} (scale_dtype) [..., K/128], got {_describe(a_s)}")
-    if tuple(a_s.shape) != (*a.shape[:-1], k // SCALE_BLOCK):
-        raise ShapeError(f"{op}: a_s must be [..., K/128] = {[*a.shape[:-1], k // SCALE_BLOCK]}, got {_describe(a_s)}")
-    return k
-
-
+@implements("fp8_gemm", "triton", requires=(fp8_gpu("a", "MMA"),))
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C[..., n] = sum_kb (A_kb . B[n]_kb) * a_s[..., kb] * b_s[n // 128, kb]`` with fp32 accumulation.
@@ -343,14 +325,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     a fp8 ``[..., K]`` (K % 128 == 0), a_s ``[..., K/128]`` (``scale_dtype``: float32 or e8m0);
     b fp8 ``[N, K]``, b_s ``[ceil(N/128), K/128]`` (float32 or e8m0). Out ``[..., N]`` in ``out_dtype``.
     """
-    op = "fp8_gemm"
-    k = _check_act(op, a, a_s, scale_dtype)
-    if b.dtype != F.FP8_DTYPE or b.dim() != 2 or b.shape[1] != k:
-        raise ShapeError(f"{op}: b must be float8_e4m3fn [N, K={k}], got {_describe(b)}")
-    n = b.shape[0]
-    if b_s.dtype not in _SCALES or tuple(b_s.shape) != (cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK):
-        raise ShapeError(f"{op}: b_s must be float32/e8m0 [ceil(N/128), K/128] = "
-                         f"{[cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK]}, got {_describe(b_s)}")
+    k, n = a.shape[-1], b.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
     cfg = dense_config(m, n, k, B_FP8, a.device)
@@ -359,17 +334,12 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return out.reshape(*a.shape[:-1], n)
 
 
+@implements("fp4_gemm", "triton", requires=(fp8_gpu("a", "MMA"),))
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C = A @ B^T``: A fp8 ``[..., K]`` + a_s ``[..., K/128]`` (``scale_dtype``), B packed e2m1 uint8
     ``[N, K/2]`` (low nibble = even k) + scales ``[N, K/32]`` (e8m0 or float32). Out ``[..., N]``."""
-    op = "fp4_gemm"
-    k = _check_act(op, a, a_s, scale_dtype)
-    if b.dtype != torch.uint8 or b.dim() != 2 or 2 * b.shape[1] != k:
-        raise ShapeError(f"{op}: b must be uint8 (packed e2m1) [N, K/2={k // 2}], got {_describe(b)}")
-    n = b.shape[0]
-    if b_s.dtype not in _SCALES or tuple(b_s.shape) != (n, k // FP4_BLOCK):
-        raise ShapeError(f"{op}: b_s must be e8m0/float32 [N, K/32] = {[n, k // FP4_BLOCK]}, got {_describe(b_s)}")
+    k, n = a.shape[-1], b.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
     cfg = dense_config(m, n, k, B_FP4, a.device)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import torch
 
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
 from .gemm import B_FLOAT, B_FP4, B_FP8, GemmConfig, launch_gemm, mma_dtype
-from .quant import cdiv, on_interpreter
+from .quant import on_interpreter
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_SCALES = (torch.float32, F.E8M0_DTYPE)
+MAX_EXPERTS = 4096           # every program reads all E+1 offsets as one vector
+EXPERTS_WHY = "every program reads the E+1 group offsets as one vector"
 
 # Under the interpreter: 16-row tiles so that small test groups cross tile and expert edges.
 INTERPRETER_CONFIG_SCALED = GemmConfig(block_m=16, block_n=256, block_k=128, group_m=2, num_warps=4, num_stages=1)
@@ -56,40 +57,17 @@ def grouped_config(m: int, n: int, k: int, e: int, b_kind: int, device: torch.de
     return GemmConfig(64, 128, block_k, group_m=16, num_warps=4, num_stages=3 if b_kind == B_FP8 else 4)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
-def _recipe(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor | None) -> int:
+def _recipe(x: torch.Tensor, w: torch.Tensor) -> int:
     """The weight kind of a valid operand combination (B_FLOAT / B_FP8 / B_FP4)."""
-    op = "grouped_gemm"
-    if x.dim() != 2 or w.dim() != 3:
-        raise ShapeError(f"{op}: x must be [M, K] and w [E, N, K] (FP4: [E, N, K/2]), got x {_describe(x)}, "
-                         f"w {_describe(w)}")
-    m, k = x.shape
-    e, n = w.shape[:2]
-    if x.dtype in _FLOATS:
-        if w.dtype != x.dtype or x_scale is not None or w_scale is not None or w.shape[2] != k:
-            raise DTypeError(f"{op}: a {x.dtype} x takes w {x.dtype} [E, N, K={k}] and no scales, got w {_describe(w)}")
+    if x.dtype != F.FP8_DTYPE:
         return B_FLOAT
-    if x.dtype != F.FP8_DTYPE or x_scale is None or w_scale is None:
-        raise DTypeError(f"{op}: x must be float, or float8_e4m3fn with x_scale and w_scale, got x {_describe(x)}")
-    if k % 128 or x_scale.dtype not in _SCALES or tuple(x_scale.shape) != (m, k // 128):
-        raise ShapeError(f"{op}: fp8 x needs K % 128 == 0 and x_scale float32/e8m0 [M, K/128] = {[m, k // 128]}, "
-                         f"got x {_describe(x)}, x_scale {_describe(x_scale)}")
-    if w.dtype == F.FP8_DTYPE:
-        if w.shape[2] != k or w_scale.dtype not in _SCALES or tuple(w_scale.shape) != (e, cdiv(n, 128), k // 128):
-            raise ShapeError(f"{op}: fp8 w must be [E, N, K={k}] with w_scale [E, ceil(N/128), K/128], "
-                             f"got w {_describe(w)}, w_scale {_describe(w_scale)}")
-        return B_FP8
-    if w.dtype == torch.uint8:
-        if 2 * w.shape[2] != k or w_scale.dtype not in _SCALES or tuple(w_scale.shape) != (e, n, k // 32):
-            raise ShapeError(f"{op}: FP4 w must be uint8 [E, N, K/2={k // 2}] with w_scale [E, N, K/32], "
-                             f"got w {_describe(w)}, w_scale {_describe(w_scale)}")
-        return B_FP4
-    raise DTypeError(f"{op}: w must be float, float8_e4m3fn or uint8 (packed e2m1), got {_describe(w)}")
+    return B_FP8 if w.dtype == F.FP8_DTYPE else B_FP4
 
 
+@implements("grouped_gemm", "triton", requires=(
+    R.at_most("experts E", MAX_EXPERTS, "w.shape[0]", why=EXPERTS_WHY),
+    R.min_capability(8, 9, tensor="x", only_for=(F.FP8_DTYPE,), why="FP8 MMA"),
+    R.min_capability(8, 0, tensor="x", only_for=(torch.bfloat16,), why="bf16 MMA")))
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
                  x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -99,10 +77,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
     w_scale ``[E, ceil(N/128), K/128]``, or packed FP4 uint8 ``[E, N, K/2]`` + w_scale ``[E, N, K/32]``),
     group_offsets int64 ``[E+1]`` (0 first, M last, non-decreasing; read on the device only).
     """
-    b_kind = _recipe(x, w, x_scale, w_scale)
+    b_kind = _recipe(x, w)
     e = w.shape[0]
-    if group_offsets.dtype != torch.int64 or tuple(group_offsets.shape) != (e + 1,):
-        raise RangeError(f"grouped_gemm: group_offsets must be int64 [E+1] = [{e + 1}], got {_describe(group_offsets)}")
     m, k = x.shape
     n = w.shape[1]
     cfg = grouped_config(m, n, k, e, b_kind, x.device)
@@ -111,4 +87,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
                        group_offsets=group_offsets.contiguous(), dot=dot, prec=prec)
 
 
-__all__ = ["grouped_gemm", "grouped_config"]
+__all__ = ["grouped_gemm", "grouped_config", "MAX_EXPERTS"]

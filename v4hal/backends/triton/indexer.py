@@ -25,11 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
 from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_INDEX_HEADS = 128   # all heads of a query sit in one MMA tile
+_REQUIRES = (R.at_most("indexer heads H", MAX_INDEX_HEADS, "q.shape[2]", why="all heads of a query in one MMA tile"),
+             R.min_capability(8, 0, tensor="q", only_for=(torch.bfloat16,), why="bf16 tl.dot"),
+             R.min_capability(8, 0, tensor="k", only_for=(torch.bfloat16,), why="bf16 tl.dot"))
 
 
 @triton.jit
@@ -83,19 +87,6 @@ def _index_scores_kernel(q_ptr, k_ptr, w_ptr, out_ptr,
     tl.store(o_ptrs, score, mask=(offs_s[:, None] < S) & t_ok[None, :])
 
 
-def _check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 3 or weights.dim() != 3:
-        raise ShapeError(f"{op}: q [b, s, H, D], k [b, t, D], weights [b, s, H] expected, got "
-                         f"{list(q.shape)}, {list(k.shape)}, {list(weights.shape)}")
-    b, s, h, d = q.shape
-    if k.shape[0] != b or k.shape[2] != d or tuple(weights.shape) != (b, s, h):
-        raise ShapeError(f"{op}: k must be [{b}, t, {d}] and weights [{b}, {s}, {h}], got "
-                         f"{list(k.shape)}, {list(weights.shape)}")
-    for name, t in (("q", q), ("k", k), ("weights", weights)):
-        if t.dtype not in _FLOATS:
-            raise DTypeError(f"{op}: {name} must be a float tensor (bf16/fp16/fp32), got {t.dtype}")
-
-
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -144,17 +135,12 @@ def _mask_in_torch(out: torch.Tensor, start_pos: int, ratio: int) -> None:
 
 def index_scores_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """:func:`index_scores` writing into fp32 ``out [b, s, t]`` (last dim contiguous); returns it."""
-    _check_inputs("index_scores", q, k, weights)
-    want = (q.shape[0], q.shape[1], k.shape[1])
-    if tuple(out.shape) != want or out.dtype != torch.float32 or (out.numel() and out.stride(-1) != 1):
-        raise ShapeError(f"index_scores: out must be float32 {list(want)} with a contiguous last dim, got "
-                         f"{out.dtype} {list(out.shape)}")
     return _launch(out, q, k, weights, mask=False, start_pos=0, ratio=1)
 
 
+@implements("index_scores", "triton", requires=_REQUIRES)
 def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Indexer logits: q ``[b, s, H, D]``, k ``[b, t, D]``, weights ``[b, s, H]`` (floats) -> fp32 ``[b, s, t]``."""
-    _check_inputs("index_scores", q, k, weights)
     out = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
     return _launch(out, q, k, weights, mask=False, start_pos=0, ratio=1)
 
@@ -162,11 +148,11 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> tor
 def masked_index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, start_pos: int,
                         ratio: int) -> torch.Tensor:
     """:func:`index_scores` with ``-inf`` where ``t >= (start_pos + i + 1) // ratio`` (computed in the kernel)."""
-    _check_inputs("indexer_topk", q, k, weights)
     out = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
     return _launch(out, q, k, weights, mask=True, start_pos=start_pos, ratio=ratio)
 
 
+@implements("indexer_topk", "triton", requires=_REQUIRES)
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: int, start_pos: int = 0,
                  ratio: int = 4, offset: int = 0) -> torch.Tensor:
     """Causally masked top-k of the indexer logits.
@@ -174,15 +160,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
     Returns int32 ``[b, s, min(topk, t)]``: entries in descending score order (ties unordered),
     ``entry + offset`` when ``entry < (start_pos + i + 1) // ratio``, else -1.
     """
-    if topk < 1:
-        raise RangeError(f"indexer_topk: topk must be >= 1, got {topk}")
-    if ratio < 1:
-        raise RangeError(f"indexer_topk: ratio must be >= 1, got {ratio}")
-    if start_pos < 0 or offset < 0:
-        raise RangeError(f"indexer_topk: start_pos and offset must be >= 0, got {start_pos}, {offset}")
     t = k.shape[1]
-    if offset + t > torch.iinfo(torch.int32).max:
-        raise RangeError(f"indexer_topk: offset + t must fit int32, got offset {offset}, t {t}")
     scores = masked_index_scores(q, k, weights, start_pos, ratio)
     width = min(topk, t)
     s = q.shape[1]

@@ -34,12 +34,18 @@ import torch
 import triton
 import triton.language as tl
 
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
 from ._attn_common import FP32_DOT_PRECISION, cdiv, next_pow2, on_interpreter
 from ._cast import cast_out
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HC = 8   # the (2+hc)*hc mixes padded to <= 128 MMA columns; one [hc, hc] Sinkhorn tile
+
+
+def _hc_limit(value: str) -> R.Requirement:
+    return R.at_most("hc", MAX_HC, value,
+                     why="the (2+hc)*hc mixes padded to <= 128 MMA columns; [hc, hc] Sinkhorn tile")
 
 
 @triton.jit
@@ -130,7 +136,8 @@ def _hc_apply_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, x_ptr, y_ptr, post_p
             logits = comb_m * rs[:, None, None] * scale2 + tl.load(base_ptr + cidx, mask=valid, other=0.0)[None, :, :]
             logits = tl.where(valid[None, :, :], logits, float("-inf"))
             comb = _comb_sinkhorn(logits, valid[None, :, :], hc_eps, ITERS)
-            tl.store(comb_ptr + offs_t.to(tl.int64)[:, None, None] * (HC * HC) + (jj[:, None] * HC + kk[None, :])[None, :, :],
+            tl.store(comb_ptr + offs_t.to(tl.int64)[:, None, None] * (HC * HC)
+                     + (jj[:, None] * HC + kk[None, :])[None, :, :],
                      comb, mask=t_ok[:, None, None] & valid[None, :, :])
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -161,7 +168,8 @@ def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, 
     cidx = 2 * HC + jj[:, None] * HC + kk[None, :]
     comb_m = tl.load(rows[:, None, None] + cidx[None, :, :], mask=t_ok[:, None, None] & valid[None, :, :], other=0.0)
     pre = tl.sigmoid(pre_m * tl.load(scale_ptr) + tl.load(base_ptr + jj, mask=j_ok, other=0.0)[None, :]) + eps
-    post = 2.0 * tl.sigmoid(post_m * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + jj, mask=j_ok, other=0.0)[None, :])
+    post = 2.0 * tl.sigmoid(post_m * tl.load(scale_ptr + 1)
+                            + tl.load(base_ptr + HC + jj, mask=j_ok, other=0.0)[None, :])
     logits = comb_m * tl.load(scale_ptr + 2) + tl.load(base_ptr + cidx, mask=valid, other=0.0)[None, :, :]
     logits = tl.where(valid[None, :, :], logits, float("-inf"))
     comb = _comb_sinkhorn(logits, valid[None, :, :], eps, ITERS)
@@ -196,24 +204,6 @@ def _hc_post_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, D, HC, s_xt, s_
 
 # ----------------------------------------------------------------------------------------------
 # launchers
-
-
-def _desc(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
-def _need_fp32(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if t.dtype != torch.float32:
-        raise DTypeError(f"{op}: {name} must be float32 {list(shape)}, got {_desc(t)}")
-    if tuple(t.shape) != shape:
-        raise ShapeError(f"{op}: {name} must be float32 {list(shape)}, got {_desc(t)}")
-
-
-def _check_x(op: str, x: torch.Tensor, hc: int | None) -> None:
-    if x.dtype not in _FLOATS:
-        raise DTypeError(f"{op}: x must be float [..., hc, D], got {_desc(x)}")
-    if x.dim() < 2 or (hc is not None and x.shape[-2] != hc):
-        raise ShapeError(f"{op}: x must be [..., {'hc' if hc is None else f'hc={hc}'}, D], got {_desc(x)}")
 
 
 def _mix_partials(x2: torch.Tensor, hc_fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -279,18 +269,11 @@ def _apply(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
                            BLOCK_T=block_t, HCP=hcp, MIXP=mixp, BLOCK_D=block_d, HEAD=head, SOFT=interp, **kwargs)
 
 
+@implements("hc_split_sinkhorn", "triton", requires=(_hc_limit("hc_mult"),))
 def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int = 4,
                       sinkhorn_iters: int = 20, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mixes fp32 ``[..., (2+hc)*hc]`` -> pre ``[..., hc]``, post ``[..., hc]``, comb ``[..., hc, hc]`` (fp32)."""
-    op = "hc_split_sinkhorn"
-    if hc_mult < 1 or sinkhorn_iters < 1:
-        raise RangeError(f"{op}: hc_mult and sinkhorn_iters must be >= 1, got {hc_mult}, {sinkhorn_iters}")
     hc = hc_mult
-    mix = (2 + hc) * hc
-    if mixes.dtype != torch.float32 or mixes.dim() < 1 or mixes.shape[-1] != mix:
-        raise ShapeError(f"{op}: mixes must be float32 [..., (2+hc)*hc={mix}], got {_desc(mixes)}")
-    _need_fp32(op, "hc_scale", hc_scale, (3,))
-    _need_fp32(op, "hc_base", hc_base, (mix,))
     lead = mixes.shape[:-1]
     pre = torch.empty(*lead, hc, dtype=torch.float32, device=mixes.device)
     post = torch.empty(*lead, hc, dtype=torch.float32, device=mixes.device)
@@ -307,10 +290,6 @@ def hc_split_sinkhorn_into(outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     hc = hc_mult
     mix = (2 + hc) * hc
     t = mixes.numel() // mix
-    for name, o, shape in (("pre", pre, (hc,)), ("post", post, (hc,)), ("comb", comb, (hc, hc))):
-        want = tuple(mixes.shape[:-1]) + shape
-        if tuple(o.shape) != want or o.dtype != torch.float32 or not o.is_contiguous():
-            raise ShapeError(f"hc_split_sinkhorn: {name} must be contiguous float32 {list(want)}, got {_desc(o)}")
     if t == 0:
         return pre, post, comb
     m2 = mixes.reshape(t, mix).contiguous()
@@ -322,19 +301,12 @@ def hc_split_sinkhorn_into(outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return pre, post, comb
 
 
+@implements("hc_pre", "triton", requires=(_hc_limit("hc_mult"),))
 def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
            norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20,
            hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x float ``[..., hc, D]``, hc_fn fp32 ``[(2+hc)*hc, hc*D]`` -> y ``[..., D]`` (x's dtype), post, comb fp32."""
-    op = "hc_pre"
-    if hc_mult < 1 or sinkhorn_iters < 1:
-        raise RangeError(f"{op}: hc_mult and sinkhorn_iters must be >= 1, got {hc_mult}, {sinkhorn_iters}")
-    _check_x(op, x, hc_mult)
     hc, dim = hc_mult, x.shape[-1]
-    mix = (2 + hc) * hc
-    _need_fp32(op, "hc_fn", hc_fn, (mix, hc * dim))
-    _need_fp32(op, "hc_scale", hc_scale, (3,))
-    _need_fp32(op, "hc_base", hc_base, (mix,))
     lead = x.shape[:-2]
     y = torch.empty(*lead, dim, dtype=x.dtype, device=x.device)
     post = torch.empty(*lead, hc, dtype=torch.float32, device=x.device)
@@ -347,49 +319,31 @@ def hc_pre_into(outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.
                 sinkhorn_iters: int = 20, hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`hc_pre` writing into contiguous ``(y, post, comb)``; returns them."""
     y, post, comb = outs
-    lead, hc, dim = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
-    for name, o, shape, dt in (("y", y, (dim,), x.dtype), ("post", post, (hc,), torch.float32),
-                               ("comb", comb, (hc, hc), torch.float32)):
-        if tuple(o.shape) != lead + shape or o.dtype != dt or not o.is_contiguous():
-            raise ShapeError(f"hc_pre: {name} must be contiguous {dt} {list(lead + shape)}, got {_desc(o)}")
     _apply(x, hc_fn, hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps, sinkhorn_iters, False,
            (y, post, comb))
     return y, post, comb
 
 
+@implements("hc_head", "triton", requires=(_hc_limit("x.shape[-2]"),))
 def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
             norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
-    """x float ``[..., hc, D]``, hc_fn fp32 ``[hc, hc*D]``, hc_scale ``[1]``, hc_base ``[hc]`` -> ``[..., D]`` (x's dtype)."""
-    op = "hc_head"
-    _check_x(op, x, None)
-    hc, dim = x.shape[-2], x.shape[-1]
-    _need_fp32(op, "hc_fn", hc_fn, (hc, hc * dim))
-    _need_fp32(op, "hc_scale", hc_scale, (1,))
-    _need_fp32(op, "hc_base", hc_base, (hc,))
-    y = torch.empty(*x.shape[:-2], dim, dtype=x.dtype, device=x.device)
+    """x float ``[..., hc, D]``, hc_fn fp32 ``[hc, hc*D]``, hc_scale ``[1]``, hc_base ``[hc]``
+    -> ``[..., D]`` (x's dtype)."""
+    y = torch.empty(*x.shape[:-2], x.shape[-1], dtype=x.dtype, device=x.device)
     return hc_head_into(y, x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
 
 
 def hc_head_into(y: torch.Tensor, x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
                  hc_base: torch.Tensor, norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
     """:func:`hc_head` writing into contiguous ``y [..., D]`` (x's dtype); returns it."""
-    want = tuple(x.shape[:-2]) + (x.shape[-1],)
-    if tuple(y.shape) != want or y.dtype != x.dtype or not y.is_contiguous():
-        raise ShapeError(f"hc_head: y must be contiguous {x.dtype} {list(want)}, got {_desc(y)}")
     _apply(x, hc_fn, hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps, 1, True, (y, None, None))
     return y
 
 
+@implements("hc_post", "triton", requires=(_hc_limit("residual.shape[-2]"),))
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x ``[..., D]``, residual ``[..., hc, D]``, post fp32 ``[..., hc]``, comb fp32 ``[..., hc, hc]`` ->
     ``[..., hc, D]`` in residual's dtype: ``out[k] = post[k] * x + sum_j comb[j, k] * residual[j]``."""
-    op = "hc_post"
-    _check_x(op, residual, None)
-    lead, hc, dim = tuple(residual.shape[:-2]), residual.shape[-2], residual.shape[-1]
-    if x.dtype not in _FLOATS or tuple(x.shape) != lead + (dim,):
-        raise ShapeError(f"{op}: x must be float {list(lead + (dim,))}, got {_desc(x)}")
-    _need_fp32(op, "post", post, lead + (hc,))
-    _need_fp32(op, "comb", comb, lead + (hc, hc))
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     return hc_post_into(out, x, residual, post, comb)
 
@@ -397,8 +351,6 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
 def hc_post_into(out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
                  comb: torch.Tensor) -> torch.Tensor:
     """:func:`hc_post` writing into contiguous ``out`` (residual's shape and dtype); returns it."""
-    if out.shape != residual.shape or out.dtype != residual.dtype or not out.is_contiguous():
-        raise ShapeError(f"hc_post: out must be contiguous {residual.dtype} {list(residual.shape)}, got {_desc(out)}")
     hc, dim = residual.shape[-2], residual.shape[-1]
     t = out.numel() // max(1, hc * dim) if dim and hc else 0
     if t == 0:

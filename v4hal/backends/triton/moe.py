@@ -51,15 +51,25 @@ import triton
 import triton.language as tl
 
 from v4hal.hal import formats as F
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
-from .grouped import grouped_gemm
+from .grouped import EXPERTS_WHY, MAX_EXPERTS, grouped_gemm
 from .moe_permute import _gather_rows_kernel, _row_tiles, moe_combine, moe_dispatch
-from .quant import (act_quant, bits_view, cast_out, cdiv, clamp_nan, e4m3_bits, interpreting, next_pow2,
-                    pow2_ceil_exp, pow2_recip, tl_dtype)
+from .quant import (
+    act_quant,
+    bits_view,
+    cast_out,
+    cdiv,
+    clamp_nan,
+    e4m3_bits,
+    interpreting,
+    next_pow2,
+    pow2_ceil_exp,
+    pow2_recip,
+    tl_dtype,
+)
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_INTS = (torch.int32, torch.int64)
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 MAX_SOFTMAX_EXPERTS = 1024      # softmax: one program holds a whole [BLOCK_T, E] row block
 SOFTPLUS_THRESHOLD = 20.0       # torch.nn.functional.softplus default: linear above it
@@ -137,36 +147,6 @@ def _route_kernel(scores_ptr, pick_ptr, ids_ptr, table_ptr, w_out_ptr, i_out_ptr
     tl.store(i_out_ptr + rt[:, None] * K + rj[None, :], idx.to(tl.int32), mask=mask)
 
 
-def _describe(t: torch.Tensor | None) -> str:
-    return "None" if t is None else f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
-
-
-def _check_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None, score_func: str,
-                tid2eid: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
-    op = "moe_gate"
-    if x.dim() != 2 or x.dtype not in _FLOATS:
-        raise DTypeError(f"{op}: x must be float [T, D], got {_describe(x)}")
-    if weight.dim() != 2 or weight.dtype not in _FLOATS or weight.shape[1] != x.shape[1]:
-        raise ShapeError(f"{op}: weight must be float [E, D={x.shape[1]}], got {_describe(weight)}")
-    e = weight.shape[0]
-    if not 1 <= topk <= e:
-        raise RangeError(f"{op}: topk must be in [1, E={e}], got {topk}")
-    if score_func not in SCORE_FUNCS:
-        raise RangeError(f"{op}: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-    if score_func == "softmax" and e > MAX_SOFTMAX_EXPERTS:
-        raise RangeError(f"{op}: the Triton softmax gate takes E <= {MAX_SOFTMAX_EXPERTS} experts, got {e}")
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (e,)):
-        raise ShapeError(f"{op}: bias must be float32 [E={e}], got {_describe(bias)}")
-    if (tid2eid is None) != (input_ids is None):
-        raise ShapeError(f"{op}: hash routing needs both tid2eid and input_ids, got tid2eid {_describe(tid2eid)}, "
-                         f"input_ids {_describe(input_ids)}")
-    if tid2eid is not None:
-        if tid2eid.dtype not in _INTS or tid2eid.dim() != 2 or tid2eid.shape[1] != topk:
-            raise ShapeError(f"{op}: tid2eid must be int32 [vocab, topk={topk}], got {_describe(tid2eid)}")
-        if input_ids.dtype not in _INTS or tuple(input_ids.shape) != (x.shape[0],):
-            raise ShapeError(f"{op}: input_ids must be int [T={x.shape[0]}], got {_describe(input_ids)}")
-
-
 def _gate_tiles(t: int, e: int, softmax: bool, interp: bool) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_E, BLOCK_K, num_warps) of the gate kernel."""
     if interp:
@@ -182,6 +162,15 @@ def _gate_tiles(t: int, e: int, softmax: bool, interp: bool) -> tuple[int, int, 
     return block_t, block_e, 64, num_warps
 
 
+def _softmax_experts(args: R.Args) -> int | None:
+    """E when the scores are a softmax (the only score function that needs a whole row), else None."""
+    return args["weight"].shape[0] if args.get("score_func") == "softmax" else None
+
+
+@implements("moe_gate", "triton", requires=(
+    R.at_most("experts E with softmax scores", MAX_SOFTMAX_EXPERTS, _softmax_experts,
+              why="one program holds a whole row of scores"),
+    R.min_capability(8, 0, tensor="x", why="TF32 MMA of the gate GEMM")))
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0, tid2eid: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +181,6 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     ``[T, topk]`` (unbiased chosen scores, normalised for sqrtsoftplus/sigmoid, times route_scale) and
     int32 ids ``[T, topk]`` (descending choice score; hash routing: the table's order).
     """
-    _check_gate(x, weight, topk, bias, score_func, tid2eid, input_ids)
     t, d = x.shape
     e = weight.shape[0]
     device = x.device
@@ -290,47 +278,6 @@ def _swiglu_kernel(gate_ptr, up_ptr, w_ptr, s2f_ptr, h_ptr, hs_ptr, R, I, limit,
         tl.store(h_ptr + offs, h, mask=mask)
 
 
-def _weight_format(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                   scales: tuple[torch.Tensor | None, ...]) -> str:
-    """'float', 'fp8' or 'fp4' (shapes and per-recipe scale layouts are checked by grouped_gemm)."""
-    op = "moe_experts"
-    if not (w1.dtype == w2.dtype == w3.dtype):
-        raise DTypeError(f"{op}: w1, w2, w3 must share one dtype, got {w1.dtype}, {w2.dtype}, {w3.dtype}")
-    if w1.dtype in _FLOATS:
-        if w1.dtype != x.dtype or any(s is not None for s in scales):
-            raise DTypeError(f"{op}: float weights must have x's dtype {x.dtype} and no scales, got w1 {_describe(w1)}, "
-                             f"scales {', '.join(_describe(s) for s in scales)}")
-        return "float"
-    if w1.dtype not in (F.FP8_DTYPE, torch.uint8):
-        raise DTypeError(f"{op}: w1 must be float, float8_e4m3fn or uint8 (packed e2m1), got {_describe(w1)}")
-    if any(s is None for s in scales) or len({s.dtype for s in scales}) != 1 \
-            or scales[0].dtype not in (torch.float32, F.E8M0_DTYPE):
-        raise DTypeError(f"{op}: quantized weights need w1_scale, w2_scale, w3_scale of one dtype (float32 or "
-                         f"float8_e8m0fnu), got {', '.join(_describe(s) for s in scales)}")
-    return "fp8" if w1.dtype == F.FP8_DTYPE else "fp4"
-
-
-def _check_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
-                   w2: torch.Tensor, w3: torch.Tensor, scales: tuple[torch.Tensor | None, ...]) -> str:
-    op = "moe_experts"
-    if x.dtype not in _FLOATS or x.dim() != 2:
-        raise DTypeError(f"{op}: x must be float [T, D], got {_describe(x)}")
-    t, d = x.shape
-    if indices.dim() != 2 or indices.shape[0] != t or indices.dtype not in _INTS:
-        raise ShapeError(f"{op}: indices must be int32 [T={t}, k], got {_describe(indices)}")
-    if weights.dtype != torch.float32 or tuple(weights.shape) != tuple(indices.shape):
-        raise ShapeError(f"{op}: weights must be float32 [T, k] = {list(indices.shape)}, got {_describe(weights)}")
-    fmt = _weight_format(x, w1, w2, w3, scales)
-    if w1.dim() != 3 or w3.shape != w1.shape or w2.dim() != 3 or tuple(w2.shape[:2]) != (w1.shape[0], d):
-        raise ShapeError(f"{op}: w1/w3 must be [E, I, D(/2)] and w2 [E, D={d}, I(/2)], got w1 {_describe(w1)}, "
-                         f"w2 {_describe(w2)}, w3 {_describe(w3)}")
-    inter = w1.shape[1]
-    if fmt != "float" and (d % QUANT_BLOCK or inter % QUANT_BLOCK):
-        raise ShapeError(f"{op}: quantized weights need D ({d}) and I ({inter}) divisible by {QUANT_BLOCK} "
-                         "(activations are act_quant-ed in 128 blocks)")
-    return fmt
-
-
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, sorted_to_flat: torch.Tensor,
             swiglu_limit: float, out_dtype: torch.dtype,
             quant: tuple[bool, bool] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -375,6 +322,10 @@ def _gather_scale_rows(s: torch.Tensor, sorted_to_flat: torch.Tensor, k: int) ->
     return out
 
 
+@implements("moe_experts", "triton", requires=(
+    R.at_most("experts E", MAX_EXPERTS, "w1.shape[0]", why=EXPERTS_WHY),
+    R.min_capability(8, 9, tensor="w1", only_for=(F.FP8_DTYPE, torch.uint8), why="FP8 activations and MMA"),
+    R.min_capability(8, 0, tensor="w1", only_for=(torch.bfloat16,), why="bf16 MMA")))
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                 w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
@@ -387,10 +338,6 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     with e8m0 scales ``[E, N, K/32]``. ``swiglu_limit > 0`` clamps ``W3 x`` to ``[-limit, limit]`` and
     ``W1 x`` to ``<= limit``. Returns ``[T, D]`` in x's dtype.
     """
-    scales = (w1_scale, w2_scale, w3_scale)
-    fmt = _check_experts(x, weights, indices, w1, w2, w3, scales)
-    if swiglu_limit < 0:
-        raise RangeError(f"moe_experts: swiglu_limit must be >= 0 (0 = no clamp), got {swiglu_limit}")
     t, d = x.shape
     k = indices.shape[1]
     e = w1.shape[0]
@@ -399,7 +346,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     idx = indices if indices.dtype == torch.int32 else indices.to(torch.int32)
     route = weights.contiguous().view(-1)
     x = x.contiguous()
-    if fmt == "float":
+    if w1.dtype not in (F.FP8_DTYPE, torch.uint8):
         xs, offsets, s2f = moe_dispatch(x, idx, e)
         gate = grouped_gemm(xs, w1, offsets, out_dtype=x.dtype)
         up = grouped_gemm(xs, w3, offsets, out_dtype=x.dtype)
@@ -419,4 +366,4 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     return moe_combine(y, ones, s2f)
 
 
-__all__ = ["moe_gate", "moe_experts", "SCORE_FUNCS", "MAX_SOFTMAX_EXPERTS"]
+__all__ = ["moe_gate", "moe_experts", "SCORE_FUNCS", "MAX_SOFTMAX_EXPERTS", "MAX_EXPERTS"]

@@ -32,12 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from v4hal.hal.errors import DTypeError, ShapeError
+from v4hal.hal.registry import implements
 
 from ._cast import cast_out
 from .quant import bits_view, cdiv, interpreting, next_pow2, tl_dtype
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _chunk(interp: bool) -> int:
@@ -118,6 +116,7 @@ def _row_tiles(d: int, elem_bytes: int) -> tuple[int, int]:
     return max(1, 8192 // (block_d * elem_bytes)), block_d
 
 
+@implements("moe_dispatch", "triton")
 def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the ``T*k`` (token, slot) rows by expert, stable inside an expert.
@@ -126,11 +125,6 @@ def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
     (not re-checked here: the ops layer validates the range). Returns x_sorted ``[T*k, D]``,
     group_offsets int64 ``[E+1]`` and sorted_to_flat int64 ``[T*k]``.
     """
-    if x.dim() != 2 or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
-        raise ShapeError(f"moe_dispatch: x must be [T, D] and indices [T, k], got {list(x.shape)} and "
-                         f"{list(indices.shape)}")
-    if indices.dtype != torch.int32:
-        raise DTypeError(f"moe_dispatch: indices must be int32 [T, k], got {indices.dtype}")
     t, k = indices.shape
     d = x.shape[1]
     n = t * k
@@ -161,20 +155,14 @@ def moe_dispatch(x: torch.Tensor, indices: torch.Tensor,
     return x_sorted, group_offsets, sorted_to_flat
 
 
+@implements("moe_combine", "triton")
 def moe_combine(y: torch.Tensor, weights: torch.Tensor, sorted_to_flat: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * y[row of (t, j)]`` in fp32 (slot order), cast to y's dtype.
 
     y float ``[T*k, D]`` in dispatch order, weights fp32 ``[T, k]``, sorted_to_flat int64 ``[T*k]``
     (the permutation from :func:`moe_dispatch`; not re-checked here). Returns ``[T, D]``.
     """
-    if weights.dtype != torch.float32 or weights.dim() != 2:
-        raise DTypeError(f"moe_combine: weights must be float32 [T, k], got {weights.dtype} {list(weights.shape)}")
     t, k = weights.shape
-    if y.dim() != 2 or y.shape[0] != t * k or y.dtype not in _FLOATS:
-        raise ShapeError(f"moe_combine: y must be float [T*k={t * k}, D], got {y.dtype} {list(y.shape)}")
-    if sorted_to_flat.dtype != torch.int64 or tuple(sorted_to_flat.shape) != (t * k,):
-        raise ShapeError(f"moe_combine: sorted_to_flat must be int64 [T*k={t * k}], got "
-                         f"{sorted_to_flat.dtype} {list(sorted_to_flat.shape)}")
     d = y.shape[1]
     out = torch.empty((t, d), dtype=y.dtype, device=y.device)
     if t == 0 or d == 0:

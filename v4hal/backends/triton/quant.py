@@ -18,7 +18,7 @@ block`` ~ 4096 elements: 16-byte vector loads, one reduction per row of the tile
 
 Conversions: on a GPU the fp32 -> e4m3 / bf16 casts are the hardware's round-to-nearest-even
 conversions (``cvt.rn.satfinite``), bit-identical to torch's. The Triton interpreter's own float
-down-casts to e4m3 and bf16 do not round correctly (Triton 3.9: no carry into the exponent, bf16
+down-casts to e4m3 and bf16 do not round correctly (no carry into the exponent, bf16
 truncates), so under the interpreter (``SOFT=True``) the kernels round with integer arithmetic
 instead (:func:`e4m3_bits_soft`; bf16 outputs through :func:`._cast.cast_out`). Up-casts are exact in both.
 
@@ -38,14 +38,29 @@ import triton
 import triton.language as tl
 
 from v4hal.hal import formats as F
+from v4hal.hal import requirements as R
 from v4hal.hal.devices import triton_interpreter_on
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal.registry import implements
 
 from ._cast import cast_out  # new kernels import it from ._cast; some still import it from here
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _TILE_ELEMS = 4096          # elements per program in the block quantizers
 _NUM_WARPS = 4
+MAX_QUANT_BLOCK = 8192      # one quantization block per tile row (held in registers)
+MAX_WEIGHT_TILE = 128       # quant_weight_fp8: one block x block tile per program
+
+
+def fp8_gpu(name: str, use: str = "conversions") -> R.Requirement:
+    """FP8 e4m3 conversions and MMA on CUDA tensors need sm_89+ (Ada, Hopper and later)."""
+    return R.min_capability(8, 9, tensor=name, why=f"FP8 e4m3 {use} of {name}")
+
+
+_QUANT_BLOCK = R.at_most("block_size", MAX_QUANT_BLOCK, why="one block per tile row, held in registers")
+
+
+def _fp4_block(name: str) -> tuple[R.Requirement, ...]:
+    why = "nibble pairs split in registers, one block per tile row"
+    return R.power_of_two(name, why=why), R.at_most(name, MAX_QUANT_BLOCK, why=why)
 
 
 # ============================================================================ shared helpers
@@ -212,14 +227,6 @@ def _group_tiling(block_size: int) -> tuple[int, int]:
     return gs_p2, max(1, _TILE_ELEMS // gs_p2)
 
 
-def _check_float_x(op: str, x: torch.Tensor, block_size: int) -> None:
-    if x.dtype not in _FLOATS:
-        raise DTypeError(f"{op}: x must be float32, bfloat16 or float16 [..., K], got {x.dtype} {list(x.shape)}")
-    if x.dim() < 1 or block_size <= 0 or x.shape[-1] % block_size:
-        raise ShapeError(f"{op}: x must be [..., K] with K divisible by block_size ({block_size}), "
-                         f"got {list(x.shape)}")
-
-
 def _launch_fp8_quant(x: torch.Tensor, block_size: int, pow2: bool, e8m0: bool,
                       inplace_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the FP8 block quantizer over contiguous ``x``; returns (y, s) (unused in place)."""
@@ -238,6 +245,7 @@ def _launch_fp8_quant(x: torch.Tensor, block_size: int, pow2: bool, e8m0: bool,
     return y, (s.view(F.E8M0_DTYPE) if e8m0 else s)
 
 
+@implements("act_quant", "triton", requires=(_QUANT_BLOCK, fp8_gpu("x")))
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None,
               scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 quantization per ``block_size`` block of the last dim.
@@ -245,20 +253,13 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     x float ``[..., K]`` -> y fp8 e4m3 ``[..., K]`` and s ``[..., K/block_size]`` in ``scale_dtype``
     (float32 or e8m0; powers of two when ``scale_fmt`` is given or the scales are e8m0).
     """
-    _check_float_x("act_quant", x, block_size)
-    if scale_fmt not in (None, "ue8m0"):
-        raise RangeError(f"act_quant: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
-    if scale_dtype not in (torch.float32, F.E8M0_DTYPE):
-        raise DTypeError(f"act_quant: scale_dtype must be float32 or float8_e8m0fnu, got {scale_dtype}")
     e8m0 = scale_dtype == F.E8M0_DTYPE
     return _launch_fp8_quant(x.contiguous(), block_size, scale_fmt is not None or e8m0, e8m0, None)
 
 
+@implements("act_quant_inplace", "triton", requires=(_QUANT_BLOCK, fp8_gpu("x")))
 def act_quant_inplace(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None) -> None:
     """FP8 round trip in place: ``x <- fp32(y) * s`` in x's dtype ((y, s) as :func:`act_quant`, fp32 scales)."""
-    _check_float_x("act_quant_inplace", x, block_size)
-    if scale_fmt not in (None, "ue8m0"):
-        raise RangeError(f"act_quant_inplace: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     xc = x if x.is_contiguous() else x.contiguous()
     _launch_fp8_quant(xc, block_size, scale_fmt is not None, False, xc)
     if xc is not x:
@@ -296,12 +297,6 @@ def _fp4_quant_kernel(x_ptr, y_ptr, s_ptr, out_ptr, n_groups, amax_floor, max_in
         tl.store(s_ptr + g, e.to(tl.uint8), mask=gmask)
 
 
-def _check_fp4_block(op: str, x: torch.Tensor, block_size: int) -> None:
-    _check_float_x(op, x, block_size)
-    if block_size < 2 or block_size & (block_size - 1):
-        raise RangeError(f"{op}: the Triton kernel takes block_size a power of two >= 2, got {block_size}")
-
-
 def _launch_fp4_quant(x: torch.Tensor, block_size: int,
                       inplace_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     n_groups = x.numel() // block_size
@@ -317,28 +312,26 @@ def _launch_fp4_quant(x: torch.Tensor, block_size: int,
     return y, s.view(F.E8M0_DTYPE)
 
 
+@implements("fp4_act_quant", "triton", requires=_fp4_block("block_size"))
 def fp4_act_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP4 quantization: x float ``[..., K]`` -> packed e2m1 uint8 ``[..., K/2]`` (low nibble =
     even element) and e8m0 scales ``[..., K/block_size]``. block_size: a power of two."""
-    _check_fp4_block("fp4_act_quant", x, block_size)
     return _launch_fp4_quant(x.contiguous(), block_size, None)
 
 
+@implements("fp4_act_quant_inplace", "triton", requires=_fp4_block("block_size"))
 def fp4_act_quant_inplace(x: torch.Tensor, block_size: int = 32) -> None:
     """MXFP4 round trip in place: ``x <- e2m1_value * s`` in x's dtype (signed zeros kept)."""
-    _check_fp4_block("fp4_act_quant_inplace", x, block_size)
     xc = x if x.is_contiguous() else x.contiguous()
     _launch_fp4_quant(xc, block_size, xc)
     if xc is not x:
         x.copy_(xc)
 
 
+@implements("quant_weight_fp4", "triton", requires=_fp4_block("block"))
 def quant_weight_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP4 weight quantization along K: w float ``[..., N, K]`` -> packed uint8 ``[..., N, K/2]``
     and e8m0 ``[..., N, K/block]`` (the :func:`fp4_act_quant` rule on every row)."""
-    if w.dim() < 2:
-        raise ShapeError(f"quant_weight_fp4: w must be [..., N, K], got {list(w.shape)}")
-    _check_fp4_block("quant_weight_fp4", w, block)
     return _launch_fp4_quant(w.contiguous(), block, None)
 
 
@@ -375,6 +368,8 @@ def _fp8_weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, NB, KB, amax_floor, max_
         tl.store(s_ptr + s_off, s)
 
 
+@implements("quant_weight_fp8", "triton", requires=(
+    R.at_most("block", MAX_WEIGHT_TILE, why="one block x block tile per program"), fp8_gpu("w")))
 def quant_weight_fp8(w: torch.Tensor, block: int = 128,
                      scale_fmt: str | None = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 quantization per ``block x block`` tile of the last two dims.
@@ -382,14 +377,6 @@ def quant_weight_fp8(w: torch.Tensor, block: int = 128,
     w float ``[..., N, K]`` -> fp8 ``[..., N, K]`` and s ``[..., ceil(N/block), ceil(K/block)]``
     (e8m0 when ``scale_fmt == "ue8m0"``, else float32).
     """
-    if w.dtype not in _FLOATS:
-        raise DTypeError(f"quant_weight_fp8: w must be float32, bfloat16 or float16, got {w.dtype}")
-    if w.dim() < 2:
-        raise ShapeError(f"quant_weight_fp8: w must be [..., N, K], got {list(w.shape)}")
-    if block <= 0:
-        raise RangeError(f"quant_weight_fp8: block must be > 0, got {block}")
-    if scale_fmt not in (None, "ue8m0"):
-        raise RangeError(f"quant_weight_fp8: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     wc = w.contiguous()
     n, k = w.shape[-2:]
     nb, kb = cdiv(n, block), cdiv(k, block)
@@ -426,36 +413,28 @@ def _dequant_fp8_kernel(y_ptr, s_ptr, out_ptr, R, K, ROWS_PER_B, NB, KB, BS_ROW,
 
 
 def _fp8_layout(y: torch.Tensor, s: torch.Tensor, block_size: int) -> str:
+    """'row' (s ``[..., K/bs]``), else 'block' (s ``[..., ceil(N/bs), ceil(K/bs)]``): the op layer
+    accepted one of the two."""
     k = y.shape[-1]
-    if s.dim() == y.dim() and tuple(s.shape[:-1]) == tuple(y.shape[:-1]) and k % block_size == 0 \
-            and s.shape[-1] == k // block_size:
-        return "row"
-    if y.dim() >= 2 and s.dim() == y.dim() and tuple(s.shape[:-2]) == tuple(y.shape[:-2]) \
-            and s.shape[-2] == cdiv(y.shape[-2], block_size) and s.shape[-1] == cdiv(k, block_size):
-        return "block"
-    raise ShapeError(f"dequant_fp8: s must be [..., K/{block_size}] or [..., ceil(N/{block_size}), "
-                     f"ceil(K/{block_size})] for y {list(y.shape)}, got {list(s.shape)}")
+    row = s.dim() == y.dim() and tuple(s.shape[:-1]) == tuple(y.shape[:-1]) and k % block_size == 0 \
+        and s.shape[-1] == k // block_size
+    return "row" if row else "block"
 
 
-def _scale_arg(s: torch.Tensor, op: str, name: str) -> tuple[torch.Tensor, bool]:
-    """(contiguous fp32 scales or their e8m0 bytes, is_e8m0)."""
+def _scale_arg(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(contiguous fp32 scales or their e8m0 bytes, is_e8m0) of float32 or e8m0 scales ``s``."""
     if s.dtype == F.E8M0_DTYPE:
         return s.contiguous().view(torch.uint8), True
-    if s.dtype == torch.float32:
-        return s.contiguous(), False
-    raise DTypeError(f"{op}: {name} must be float32 or float8_e8m0fnu, got {s.dtype} {list(s.shape)}")
+    return s.contiguous(), False
 
 
+@implements("dequant_fp8", "triton", requires=(fp8_gpu("y"),))
 def dequant_fp8(y: torch.Tensor, s: torch.Tensor, block_size: int = 128,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``fp32(y) * s`` in ``out_dtype``: y fp8 ``[..., K]`` with per-row scales ``[..., K/bs]``, or
     y ``[..., N, K]`` with 2-D tile scales ``[..., ceil(N/bs), ceil(K/bs)]``; s float32 or e8m0."""
-    if y.dtype != F.FP8_DTYPE or y.dim() < 1:
-        raise DTypeError(f"dequant_fp8: y must be float8_e4m3fn [..., K], got {y.dtype} {list(y.shape)}")
-    if out_dtype not in _FLOATS:
-        raise DTypeError(f"dequant_fp8: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     layout = _fp8_layout(y, s, block_size)
-    sc, e8m0 = _scale_arg(s, "dequant_fp8", "s")
+    sc, e8m0 = _scale_arg(s)
     k = y.shape[-1]
     rows = y.numel() // k if k else 0
     out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
@@ -492,20 +471,14 @@ def _dequant_fp4_kernel(y_ptr, s_ptr, out_ptr, R, KH, KS, BS,
     tl.store(out_ptr + rr64[:, None] * (2 * KH) + rk[None, :], cast_out(val, OUT, SOFT), mask=mask)
 
 
+@implements("dequant_fp4", "triton")
 def dequant_fp4(y: torch.Tensor, s: torch.Tensor, block_size: int = 32,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Packed e2m1 uint8 ``[..., K/2]`` with scales ``[..., K/block_size]`` (e8m0 or float32) ->
     ``[..., K]`` in ``out_dtype``."""
-    if y.dtype != torch.uint8 or y.dim() < 1:
-        raise DTypeError(f"dequant_fp4: y must be uint8 (packed e2m1) [..., K/2], got {y.dtype} {list(y.shape)}")
-    if out_dtype not in _FLOATS:
-        raise DTypeError(f"dequant_fp4: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     kh = y.shape[-1]
     k = 2 * kh
-    if block_size <= 0 or k % block_size or tuple(s.shape) != (*y.shape[:-1], k // block_size):
-        raise ShapeError(f"dequant_fp4: s must be [..., K/block_size] = {[*y.shape[:-1], k // max(block_size, 1)]} "
-                         f"for y {list(y.shape)}, got {list(s.shape)}")
-    sc, e8m0 = _scale_arg(s, "dequant_fp4", "s")
+    sc, e8m0 = _scale_arg(s)
     rows = y.numel() // kh if kh else 0
     out = torch.empty((*y.shape[:-1], k), dtype=out_dtype, device=y.device)
     if rows and kh:

@@ -24,24 +24,18 @@ TF32 hi/lo products) and all speeds only on a GPU.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
 
 from ._attn_common import cdiv, dot_upcast, next_pow2, on_interpreter
 from ._cast import cast_out
 
 MAX_HADAMARD_DIM = 16384
 _RMS_BLOCK = 8192
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _desc(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +72,6 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.conste
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """:func:`rms_norm` writing into contiguous ``out`` (x's shape and dtype); returns it."""
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ShapeError(f"rms_norm: out must be contiguous {x.dtype} {list(x.shape)}, got {_desc(out)}")
     d = x.shape[-1]
     rows = x.numel() // d if d else 0
     if rows == 0:
@@ -94,12 +86,9 @@ def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps:
     return out
 
 
+@implements("rms_norm", "triton")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x float ``[..., D]``, weight ``[D]`` (fp32 or x's dtype) -> ``[..., D]`` in x's dtype."""
-    if x.dtype not in _FLOATS or x.dim() < 1:
-        raise DTypeError(f"rms_norm: x must be float [..., D], got {_desc(x)}")
-    if tuple(weight.shape) != (x.shape[-1],) or weight.dtype not in _FLOATS:
-        raise ShapeError(f"rms_norm: weight must be float [D] = [{x.shape[-1]}], got {_desc(weight)}")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return rms_norm_into(out, x, weight, eps)
 
@@ -187,14 +176,9 @@ def _kron_split(d: int) -> tuple[int, int]:
 
 def hadamard_transform_into(out: torch.Tensor, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """:func:`hadamard_transform` writing into contiguous ``out`` (x's shape and dtype); returns it."""
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ShapeError(f"hadamard_transform: out must be contiguous {x.dtype} {list(x.shape)}, got {_desc(out)}")
     d = x.shape[-1]
-    _check_hadamard_dim(d)
     if scale is None:
         scale = d ** -0.5
-    if not math.isfinite(float(scale)):
-        raise RangeError(f"hadamard_transform: scale must be finite, got {scale}")
     rows = x.numel() // d
     if rows == 0:
         return out
@@ -218,17 +202,11 @@ def hadamard_transform_into(out: torch.Tensor, x: torch.Tensor, scale: float | N
     return out
 
 
-def _check_hadamard_dim(d: int) -> None:
-    if d < 1 or d & (d - 1):
-        raise ShapeError(f"hadamard_transform: last dim of x must be a power of 2, got {d}")
-    if d > MAX_HADAMARD_DIM:
-        raise ShapeError(f"hadamard_transform (triton): last dim must be <= {MAX_HADAMARD_DIM}, got {d}")
-
-
+@implements("hadamard_transform", "triton", requires=(
+    R.at_most("Hadamard size D", MAX_HADAMARD_DIM, "x.shape[-1]", why="one row per program in registers"),
+    R.min_capability(8, 0, tensor="x", only_for=(torch.bfloat16,), why="bf16 tl.dot")))
 def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """x float ``[..., D]`` (D a power of two <= 16384) -> ``scale * x @ H_D`` in x's dtype (scale ``D**-0.5``)."""
-    if x.dtype not in _FLOATS or x.dim() < 1:
-        raise DTypeError(f"hadamard_transform: x must be float [..., D], got {_desc(x)}")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return hadamard_transform_into(out, x, scale)
 
@@ -265,9 +243,7 @@ def _rotary_kernel(x_ptr, f_ptr, out_ptr, S, H, HALF, s_xb, s_xs, s_xh, s_fb, s_
 
 def rotary_emb_into(out: torch.Tensor, x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """:func:`rotary_emb` writing into contiguous ``out`` (x's shape and dtype); returns it."""
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ShapeError(f"rotary_emb: out must be contiguous {x.dtype} {list(x.shape)}, got {_desc(out)}")
-    f = _check_rotary(x, freqs_cis)
+    f = freqs_cis if freqs_cis.dim() == 3 else freqs_cis.unsqueeze(0)   # [1 or b, s, rd/2]
     if out.numel() == 0:
         return out
     x4 = x.contiguous()
@@ -286,27 +262,9 @@ def rotary_emb_into(out: torch.Tensor, x: torch.Tensor, freqs_cis: torch.Tensor,
     return out
 
 
-def _check_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Validate and return freqs as ``[1 or b, s, rd/2]`` complex64."""
-    if x.dim() not in (3, 4) or x.dtype not in _FLOATS:
-        raise ShapeError(f"rotary_emb: x must be float [b, s, rd] or [b, s, h, rd], got {_desc(x)}")
-    if freqs_cis.dtype != torch.complex64:
-        raise DTypeError(f"rotary_emb: freqs_cis must be complex64, got {freqs_cis.dtype}")
-    b, s, rd = x.shape[0], x.shape[1], x.shape[-1]
-    if rd % 2:
-        raise ShapeError(f"rotary_emb: rotary dim of x must be even, got {rd}")
-    half = rd // 2
-    if tuple(freqs_cis.shape) == (s, half):
-        return freqs_cis.unsqueeze(0)
-    if tuple(freqs_cis.shape) == (b, s, half):
-        return freqs_cis
-    raise ShapeError(f"rotary_emb: freqs_cis must be [s, rd/2] = {[s, half]} or [b, s, rd/2] = {[b, s, half]}, "
-                     f"got {list(freqs_cis.shape)}")
-
-
+@implements("rotary_emb", "triton")
 def rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x ``[b, s, rd]`` or ``[b, s, h, rd]`` float, freqs_cis complex64 ``[s, rd/2]`` or ``[b, s, rd/2]`` ->
     x's shape and dtype, interleaved pairs rotated (by the conjugate when ``inverse``)."""
-    _check_rotary(x, freqs_cis)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return rotary_emb_into(out, x, freqs_cis, inverse)
