@@ -20,9 +20,19 @@ e8m0 scales ``[N, K/32]``.
 
 Every header is checked against `spec.checkpoint_spec` before any tensor data is read: a
 missing, extra, misshaped or wrongly typed tensor raises a `CheckpointError` naming it with
-what was expected and what was found; an unreadable (e.g. truncated) file raises one naming
-the file. Tensors are then read one at a time (``safe_open``) straight into the model, so a
-file is never held in memory twice, and no model is returned unless every tensor arrived.
+what was expected and what was found; an unreadable (e.g. truncated) file, a path that is not a
+regular file (a FIFO, a device: refused before it is opened) or a malformed ``config.json`` /
+index raises a v4hal error naming the file (and the key). Tensors are then read one at a time
+(``safe_open``) into the model, so a file is never held in memory twice; every FP8/FP4 scale
+is checked finite as it arrives (`CheckpointRangeError` naming the tensor), and no model is
+returned unless every tensor arrived.
+
+Ownership: by default the loaded weights live in memory of their own (a tensor read through
+safetensors' memory map is copied out of it), so the files may be changed or deleted once
+loading returns. ``mmap=True`` (CPU only) leaves weights that need no conversion inside the
+private memory map of the file: far less anonymous memory for huge checkpoints, but the files
+must then stay unchanged while the model lives (truncating one kills the process with SIGBUS on
+the next access; rewriting one changes the weights).
 
 `write_random_checkpoint` writes a seeded random checkpoint in either layout (bf16, FP8, FP4
 experts), with weight scales that keep activations in a sane range.
@@ -34,6 +44,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,13 +56,13 @@ from safetensors.torch import save_file
 import v4hal
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError, V4HalError
 
-from .config import HF_KEY_MAP, ModelConfig
+from .config import HF_KEY_MAP, ModelConfig, file_kind, read_json_file, regular_file
 from .layers import act_scale_format
 from .spec import FP4_X2, TensorSpec, checkpoint_spec
 
-__all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "load_checkpoint",
-           "read_checkpoint", "write_random_checkpoint", "random_tensors", "save_tensors", "hf_rename",
-           "shard_dim"]
+__all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "CheckpointRangeError",
+           "load_checkpoint", "read_checkpoint", "write_random_checkpoint", "random_tensors", "save_tensors",
+           "hf_rename", "shard_dim"]
 
 
 class CheckpointError(V4HalError, ValueError):
@@ -64,6 +75,10 @@ class CheckpointShapeError(CheckpointError, ShapeError):
 
 class CheckpointDTypeError(CheckpointError, DTypeError):
     """A checkpoint tensor has the wrong dtype."""
+
+
+class CheckpointRangeError(CheckpointError, RangeError):
+    """A checkpoint tensor holds values the model cannot take (a NaN or infinite scale, ints out of range)."""
 
 
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -124,31 +139,82 @@ class _Catalog:
     config: ModelConfig
     files: list[Path]
     entries: dict[str, _Entry]
+    config_path: Path
+
+
+def _regular(path: Path) -> Path:
+    """``path`` when it is a regular file (a symlink to one counts); else a `CheckpointError` naming it."""
+    regular_file(path, "checkpoint", CheckpointError)
+    return path
+
+
+def _foreign(e: BaseException) -> bool:
+    """An error of the safetensors extension: its own exception types, or a Rust panic (which PyO3
+    raises as ``PanicException``, a `BaseException`)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def _open(path: Path) -> Any:
+    _regular(path)
     try:
         return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types; name the file
+    except BaseException as e:  # safetensors raises its own error types; name the file
+        if not _foreign(e):
+            raise
         raise CheckpointError(f"checkpoint: cannot read {path} ({type(e).__name__}: {e}); "
                               f"the file is truncated or not a safetensors file") from e
 
 
-def _header(f: Any, key: str) -> tuple[torch.dtype | None, tuple[int, ...]]:
-    sl = f.get_slice(key)
-    dt = _ST_DTYPES.get(sl.get_dtype())
-    shape = tuple(int(x) for x in sl.get_shape())
+def _header(f: Any, key: str, path: Path) -> tuple[torch.dtype | None, tuple[int, ...]]:
+    try:
+        sl = f.get_slice(key)
+        dt = _ST_DTYPES.get(sl.get_dtype())
+        shape = tuple(int(x) for x in sl.get_shape())
+    except BaseException as e:  # safetensors raises its own error types; name the file and the tensor
+        if not _foreign(e):
+            raise
+        raise CheckpointError(f"checkpoint: cannot read the header of tensor {key} in {path} "
+                              f"({type(e).__name__}: {e})") from e
     if dt is not None and dt == FP4_X2 and shape:
-        shape = shape[:-1] + (shape[-1] // 2,)      # F4 headers give the logical [N, K]; torch holds [N, K/2]
+        if shape[-1] % 2:                            # F4 headers give the logical [N, K]; torch holds [N, K/2]
+            raise CheckpointShapeError(f"checkpoint: F4 tensor {key} in {path} has an odd last dim "
+                                       f"{list(shape)} (two FP4 values per byte)")
+        shape = shape[:-1] + (shape[-1] // 2,)
     return dt, shape
 
 
-def _discover(path: Path) -> tuple[str, list[Path], list[int] | None]:
-    """(layout, files, ranks): ranks[i] is the rank of files[i] for per-rank files, else None."""
-    if path.is_file():
-        return "hf", [path], None
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint: {path} is neither a directory nor a .safetensors file")
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name."""
+    data = read_json_file(index, "model.safetensors.index.json")
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise CheckpointError(f"checkpoint: {index} is not a safetensors index (no 'weight_map' object)")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"checkpoint: {index}: 'weight_map' must be an object of tensor name -> "
+                              f"file name, got {type(weight_map).__name__}")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint: {index}: weight_map[{key!r}] must be a file name (string), "
+                                  f"got {type(name).__name__} {name!r:.40}")
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"checkpoint: {index}: weight_map[{key!r}] must name a file inside "
+                                  f"{index.parent}, got {name!r:.80}")
+    return weight_map
+
+
+def _discover(path: Path) -> tuple[str, list[Path], list[int] | None, dict[str, str] | None]:
+    """(layout, files, ranks, index weight map): ranks[i] is the rank of files[i] for per-rank files, else
+    None; the weight map is that of ``model.safetensors.index.json`` when the files come from one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CheckpointError(f"checkpoint: cannot read {path} ({e.strerror or e})") from e
+    if stat.S_ISREG(mode):
+        return "hf", [path], None, None
+    if not stat.S_ISDIR(mode):
+        raise CheckpointError(f"checkpoint: {path} is {file_kind(mode)}, neither a directory nor a "
+                              f".safetensors file")
     rank_files = {}
     worlds = set()
     for p in sorted(path.glob("*.safetensors")):
@@ -166,46 +232,43 @@ def _discover(path: Path) -> tuple[str, list[Path], list[int] | None]:
         if missing or extra:
             raise CheckpointError(f"checkpoint: {path} must hold model0-mp{world} .. model{world - 1}-mp{world}."
                                   f"safetensors; missing {missing}, unexpected {extra}")
-        return "inference", [rank_files[r] for r in range(world)], list(range(world))
+        return "inference", [rank_files[r] for r in range(world)], list(range(world)), None
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint: {index} is not a safetensors index ({e})") from e
+    if os.path.lexists(index):
+        weight_map = _weight_map(index)
         names = sorted(set(weight_map.values()))
-        absent = [n for n in names if not (path / n).exists()]
+        absent = [n for n in names if not os.path.lexists(path / n)]
         if absent:
             raise CheckpointError(f"checkpoint: {index} lists shard files that are missing: {absent}")
-        return "hf", [path / n for n in names], None
+        if not names:
+            raise CheckpointError(f"checkpoint: {index} lists no tensor ('weight_map' is empty)")
+        return "hf", [path / n for n in names], None, weight_map
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"checkpoint: no .safetensors file in {path}")
-    return "hf", files, None
+    return "hf", files, None, None
 
 
 def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib.ExitStack) -> _Catalog:
     root = Path(path)
-    layout, files, ranks = _discover(root)
+    layout, files, ranks, index_map = _discover(root)
     cfg_dir = root if root.is_dir() else root.parent
-    if not (cfg_dir / "config.json").exists():
+    if not os.path.lexists(cfg_dir / "config.json"):
         raise CheckpointError(f"checkpoint: {cfg_dir / 'config.json'} is missing")
     cfg = ModelConfig.from_json(cfg_dir / "config.json")
     entries: dict[str, _Entry] = {}
-    index_map = None
-    if layout == "hf" and (cfg_dir / "model.safetensors.index.json").exists() and root.is_dir():
-        index_map = json.loads((cfg_dir / "model.safetensors.index.json").read_text())["weight_map"]
     for fi, fpath in enumerate(files):
         f = stack.enter_context(_open(fpath))
         handles.append(f)
         for key in f.keys():
-            if index_map is not None and index_map.get(key) != fpath.name:
+            if index_map is not None and (key not in index_map
+                                          or Path(index_map[key]) != fpath.relative_to(root)):
                 raise CheckpointError(f"checkpoint: tensor {key} is in {fpath.name} but the index "
                                       f"lists {index_map.get(key, 'no file')} for it")
             name = hf_rename(key) if layout == "hf" else key
             if name is None:
                 continue
-            dt, shape = _header(f, key)
+            dt, shape = _header(f, key, fpath)
             if ranks is None:
                 if name in entries:
                     raise CheckpointError(f"checkpoint: tensor {name} appears twice "
@@ -242,7 +305,7 @@ def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib
                 raise CheckpointError(f"checkpoint: {e.name} must be in every rank file ({world}), found in {have}")
             if e.dim is None and len(e.parts) > 1:
                 e.parts = e.parts[:1]      # replicated: rank 0's copy
-    return _Catalog(layout, cfg, files, entries)
+    return _Catalog(layout, cfg, files, entries, cfg_dir / "config.json")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -288,14 +351,41 @@ def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
 
 
 # ---------------------------------------------------------------------------- reading
-def _read(cat: _Catalog, handles: list[Any], e: _Entry) -> torch.Tensor:
+def _read(cat: _Catalog, handles: list[Any], e: _Entry) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(tensor, the tensors safetensors returned: on the CPU they lie in the memory map of their file)."""
     try:
         parts = [handles[fi].get_tensor(key) for fi, key in e.parts]
-    except Exception as err:
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=e.dim)
+    except BaseException as err:
+        if not _foreign(err):
+            raise
         names = ", ".join(cat.files[fi].name for fi, _ in e.parts)
         raise CheckpointError(f"checkpoint: cannot read tensor {e.name} from {names} "
                               f"({type(err).__name__}: {err})") from err
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=e.dim)
+    return t, parts
+
+
+def _check_scale(cat: _Catalog, e: _Entry, t: torch.Tensor) -> None:
+    """A `CheckpointRangeError` naming the tensor and its file when a block scale holds a NaN or an inf
+    (e8m0: the NaN byte 0xFF); a weight with such a scale would only fail (or give NaN) at its first GEMM."""
+    if t.numel() == 0:
+        return
+    if t.dtype == torch.float8_e8m0fnu:
+        bad = t.view(torch.uint8) == 255
+    else:
+        bad = ~torch.isfinite(t.float())
+    n = int(bad.sum())
+    if n:
+        first = [int(i) for i in bad.nonzero()[0]]
+        names = ", ".join(cat.files[fi].name for fi, _ in e.parts)
+        raise CheckpointRangeError(f"checkpoint: scale tensor {e.name} ({names}) holds {n} NaN or infinite "
+                                   f"value(s), the first at index {first}; block scales must be finite")
+
+
+def _shares(t: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    """Whether ``t`` lies in the storage of one of the tensors read from the files."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(ptr == p.untyped_storage().data_ptr() for p in parts)
 
 
 def _to_scale(name: str, s: torch.Tensor, want: torch.dtype) -> torch.Tensor:
@@ -325,23 +415,41 @@ def _convert(name: str, s: TensorSpec, t: torch.Tensor, scale_dtype: torch.dtype
     if s.kind == "i32":
         if t.dtype != torch.int32:
             if t.numel() and (int(t.min()) < -2**31 or int(t.max()) >= 2**31):
-                raise RangeError(f"checkpoint: {name} holds values outside int32")
+                raise CheckpointRangeError(f"checkpoint: {name} holds values outside int32")
             t = t.to(torch.int32)
         return t
     raise CheckpointError(f"checkpoint: unknown tensor kind {s.kind} for {name}")
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+def _check_size(cat: _Catalog) -> None:
+    """Refuse a config whose tensor count the files cannot possibly hold before building its spec (a
+    corrupt ``n_layers`` / ``n_routed_experts`` would otherwise enumerate billions of names)."""
+    cfg = cat.config
+    at_least = cfg.n_total_layers * cfg.n_routed_experts * 3          # w1, w2, w3 of every routed expert
+    if at_least > len(cat.entries):
+        raise CheckpointError(f"checkpoint: {cat.config_path} needs at least {at_least} tensors "
+                              f"(n_layers + n_mtp_layers = {cfg.n_total_layers}, n_routed_experts = "
+                              f"{cfg.n_routed_experts}), the files hold {len(cat.entries)}")
+
+
+def read_checkpoint(path: str | os.PathLike[str], *,
+                    mmap: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """Validate a checkpoint and return (config, iterator of (inference name, tensor in the model's dtype)).
 
-    The iterator holds the files open until it is exhausted; tensors come one at a time.
+    The iterator holds the files open until it is exhausted; tensors come one at a time (CPU).
     Raises `CheckpointError` (or its shape/dtype subclasses) before yielding anything when a
-    header does not match the config.
+    header does not match the config, and `CheckpointRangeError` naming a scale tensor that holds
+    a NaN or an inf when that tensor comes.
+
+    ``mmap=False`` (default): every tensor yielded owns its memory. ``mmap=True``: a tensor that
+    needs no conversion is yielded as a view of the file's memory map (no copy); the file must then
+    not change while the tensor lives (truncation: SIGBUS on access; rewriting: other values).
     """
     stack = contextlib.ExitStack()
     handles: list[Any] = []
     try:
         cat = _catalog(path, handles, stack)
+        _check_size(cat)
         spec = checkpoint_spec(cat.config)
         _validate(cat, spec)
     except BaseException:
@@ -353,29 +461,55 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[ModelConfig, Iterator
         with stack:
             for name, s in spec.items():
                 e = cat.entries[name]
-                t = _read(cat, handles, e)
+                t, raw = _read(cat, handles, e)
+                if s.kind in ("fp8_scale", "fp4_scale"):
+                    _check_scale(cat, e, t)
                 if s.kind == "bf16" and t.dtype == torch.float8_e4m3fn:
                     sname = name[:-len("weight")] + "scale"
-                    sc = _read(cat, handles, cat.entries[sname])
+                    sc, _ = _read(cat, handles, cat.entries[sname])
                     want = (math.ceil(s.shape[0] / 128), math.ceil(s.shape[1] / 128))
                     if tuple(t.shape) != s.shape or tuple(sc.shape) != want:
                         raise CheckpointShapeError(f"checkpoint: FP8 {name} must be {list(s.shape)} with scale "
                                                    f"{list(want)}, found {list(t.shape)} / {list(sc.shape)}")
+                    _check_scale(cat, cat.entries[sname], sc)
                     t = v4hal.dequant_fp8(t, sc, 128, out_dtype=torch.bfloat16)
-                yield name, _convert(name, s, t, scale_dtype)
+                out = _convert(name, s, t, scale_dtype)
+                if not mmap and _shares(out, raw):
+                    out = out.clone()
+                yield name, out
 
     return cat.config, gen()
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str | None = None, *,
-                    experts_fp8: bool = False):
+                    experts_fp8: bool = False, mmap: bool = False):
     """Load a V4 checkpoint directory (either layout) into a `V4Model` on ``device`` (default CPU).
 
     ``experts_fp8``: see `V4Model.from_pretrained`.
+
+    ``mmap``: by default (False) the model owns its weights once this returns: nothing of it
+    refers to the files, which may then be changed or deleted. ``mmap=True`` (CPU only) keeps the
+    weights that need no conversion (FP8 / bf16 Linear weights, the embedding, the head) in the
+    private memory map of the file instead of copying them: far less anonymous memory for a huge
+    checkpoint (routed experts are still copied, into their stacked ``[E, ...]`` buffers). Hazard:
+    the files must then not change while the model lives; truncating one kills the process with
+    SIGBUS at the next forward, rewriting one changes the weights silently.
+
+    Raises a `CheckpointError` (see `read_checkpoint`) and never returns a partly loaded model.
     """
     from .model import V4Model
 
-    cfg, tensors = read_checkpoint(path)
+    if not isinstance(mmap, bool):
+        raise RangeError(f"load_checkpoint: mmap must be True or False, got {mmap!r}")
+    try:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError) as e:
+        raise RangeError(f"load_checkpoint: device must be a torch device (cpu, cuda, npu ...), got {device!r}") from e
+    if mmap and not on_cpu:
+        raise RangeError(f"load_checkpoint: mmap=True keeps weights in the file's memory map, which only the CPU "
+                         f"can use; got device={str(device)!r} (leave mmap off: weights are copied to the device)")
+    # off the CPU every tensor is copied to the device by `V4Model.assign`: no CPU copy of the map is needed
+    cfg, tensors = read_checkpoint(path, mmap=mmap or not on_cpu)
     model = V4Model(cfg, experts_fp8=experts_fp8)
     model.assign(tensors, device)
     model.finalize(device)

@@ -146,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", choices=("auto", "checkpoint", "fp8"), default="auto",
                         help="routed expert format: as stored, or FP4 re-encoded to FP8 at load when lossless "
                              "(then one moe_experts call covers routed + shared experts); auto = fp8 on cpu")
+    parser.add_argument("--mmap", action="store_true",
+                        help="CPU only: leave the weights in the checkpoint file's memory map instead of copying "
+                             "them into memory (for checkpoints larger than the free RAM). Hazard: the files must "
+                             "not change while the run lasts (a truncated file kills it with SIGBUS)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--ep", type=int, default=1,
@@ -171,7 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
     set_threads(args.threads, path, args.device)
     t0 = time.perf_counter()
-    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device))
+    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device),
+                                    mmap=getattr(args, "mmap", False))
     load_s = time.perf_counter() - t0
     cfg = model.config
     prompt = make_prompt(args.batch, args.prompt_len, cfg.vocab_size, args.seed, args.device)

@@ -4,7 +4,7 @@
 ``inference/model.py`` ``ModelArgs``), with the same names and the same defaults, so a
 directory written for the public code loads unchanged. `ModelConfig.from_dict` also
 reads the Hugging Face ``config.json`` keys (``hidden_size``, ``rope_scaling``,
-``quantization_config`` ...; mapping in ``shared/spec/CHECKPOINT.md``).
+``quantization_config`` ...; the mapping is ``HF_KEY_MAP`` below).
 
 Defaults: a key missing from a ``config.json`` takes the public ``ModelArgs`` default
 (that is what ``ModelArgs(**json.load(f))`` does in the public code). Keys we do not
@@ -20,12 +20,69 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from v4hal.hal.errors import RangeError, ShapeError
 
-__all__ = ["ModelConfig", "PRESETS", "HF_KEY_MAP"]
+__all__ = ["ModelConfig", "PRESETS", "HF_KEY_MAP", "read_json_file", "regular_file", "file_kind"]
+
+# config.json / model.safetensors.index.json larger than this are refused (real ones are < 16 MiB)
+MAX_JSON_BYTES = 256 << 20
+
+
+def read_json_file(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    """Parse the UTF-8 JSON file ``path`` (``what`` names it in errors, e.g. ``"config.json"``).
+
+    Raises `RangeError` naming the file when it is missing, not a regular file (a FIFO, a device,
+    a directory: refused before it is opened, so nothing blocks), larger than 256 MiB, not UTF-8,
+    not JSON, or nested too deeply to parse.
+    """
+    p = os.fspath(path)
+    st = regular_file(p, what)
+    if st.st_size > MAX_JSON_BYTES:
+        raise RangeError(f"{what}: {p} holds {st.st_size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB "
+                         f"a JSON file of a checkpoint may take")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise RangeError(f"{what}: cannot read {p} ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RangeError(f"{what}: {p} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RangeError(f"{what}: {p} is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise RangeError(f"{what}: {p} is nested too deeply to be a {what}") from e
+
+
+def regular_file(path: str | os.PathLike[str], what: str, error: type[Exception] = RangeError) -> os.stat_result:
+    """``os.stat(path)`` when ``path`` is a regular file (a symlink to one counts), else ``error`` naming it.
+
+    Checked with ``stat`` before anything opens the file: opening a FIFO blocks until a writer comes.
+    """
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise error(f"{what}: cannot read {p} ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what}: {p} is not a regular file ({file_kind(st.st_mode)})")
+    return st
+
+
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode that is not a regular file is, for error messages (``"a FIFO"``, ...)."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 # Hugging Face config.json key -> inference key (plain renames; nested dicts handled apart).
 HF_KEY_MAP: dict[str, str] = {
@@ -117,7 +174,15 @@ class ModelConfig:
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("v4-flash", "v4-pro", "v4-mini")
 
     def __post_init__(self) -> None:
-        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        ratios = self.compress_ratios
+        if not isinstance(ratios, (list, tuple)):
+            raise RangeError(f"ModelConfig: compress_ratios must be a list of ints (one per layer), "
+                             f"got {type(ratios).__name__} {ratios!r:.80}")
+        bad = [r for r in ratios if isinstance(r, bool) or not (
+            isinstance(r, int) or (isinstance(r, float) and r.is_integer()))]
+        if bad:
+            raise RangeError(f"ModelConfig: compress_ratios entries must be ints, got {bad[:4]!r:.80}")
+        self.compress_ratios = [int(r) for r in ratios]
         self.ignored_keys = tuple(self.ignored_keys)
 
     # ------------------------------------------------------------------ derived
@@ -206,6 +271,10 @@ class ModelConfig:
                                if k not in _ROPE_SCALING_MAP and k not in ("type", "rope_type"))
             elif key == "rope_parameters" and isinstance(value, Mapping):
                 main, comp = value.get("main", {}) or {}, value.get("compress", {}) or {}
+                for sub, part in (("main", main), ("compress", comp)):
+                    if not isinstance(part, Mapping):
+                        raise RangeError(f"ModelConfig.from_dict: rope_parameters.{sub} must be a dict, "
+                                         f"got {part!r:.80}")
                 if "rope_theta" in main:
                     put("rope_theta", main["rope_theta"], "rope_parameters.main.rope_theta")
                 if "rope_theta" in comp:
@@ -231,9 +300,10 @@ class ModelConfig:
                 if "scale_dtype" in value:
                     put("scale_dtype", value["scale_dtype"], "quantization_config.scale_dtype")
                 block = value.get("weight_block_size")
-                if block is not None and list(block) != [128, 128]:
+                if block is not None and (not isinstance(block, (list, tuple)) or list(block) != [128, 128]):
                     raise ShapeError(
-                        f"ModelConfig.from_dict: quantization_config.weight_block_size must be [128, 128], got {block!r}")
+                        "ModelConfig.from_dict: quantization_config.weight_block_size must be [128, 128], "
+                        f"got {block!r}")
                 ignored.extend(f"quantization_config.{k}" for k in value if k not in (
                     "fmt", "quant_method", "scale_fmt", "expert_dtype", "scale_dtype", "weight_block_size"))
             elif key == "num_key_value_heads":
@@ -249,16 +319,19 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "ModelConfig":
-        """Read a ``config.json`` file, or ``<dir>/config.json`` when given a directory."""
+        """Read a ``config.json`` file, or ``<dir>/config.json`` when given a directory.
+
+        Every error is a `RangeError` / `ShapeError` whose message starts with the file and names
+        the key (see `read_json_file` for what is refused before parsing).
+        """
         p = os.fspath(path)
         if os.path.isdir(p):
             p = os.path.join(p, "config.json")
-        with open(p, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise RangeError(f"ModelConfig.from_json: {p} is not valid JSON ({e})") from e
-        return cls.from_dict(d)
+        d = read_json_file(p, "config.json")
+        try:
+            return cls.from_dict(d)
+        except (RangeError, ShapeError) as e:
+            raise type(e)(f"{p}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         """The inference ``config.json`` dict (every key, ``ignored_keys`` left out)."""

@@ -154,16 +154,22 @@ class V4Model(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str | None = None, *,
-                        experts_fp8: bool = False) -> "V4Model":
+                        experts_fp8: bool = False, mmap: bool = False) -> "V4Model":
         """Load a checkpoint directory (inference or Hugging Face layout; see `v4hal.model.checkpoint`).
 
         ``experts_fp8``: re-encode FP4 routed experts as FP8 at load when lossless, so the shared
         expert joins them in one ``moe_experts`` call (faster on the reference backend, 2x the
         expert bytes). Results equal the FP4 path up to fp32 summation order.
+
+        ``mmap``: False (default): the model owns its weights; the checkpoint files may change or
+        go once this returns. True (CPU only): weights that need no conversion stay in the file's
+        memory map (little anonymous memory for huge checkpoints); the files must then not change
+        while the model lives: truncating one kills the process (SIGBUS) at the next forward,
+        rewriting one changes the weights silently.
         """
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(path, device=device, experts_fp8=experts_fp8)
+        return load_checkpoint(path, device=device, experts_fp8=experts_fp8, mmap=mmap)
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],

@@ -125,7 +125,7 @@ def _rank_run(rank: int, world: int, opts: dict[str, Any], path: str) -> dict[st
     from v4hal.model.cli import make_prompt
 
     t0 = time.perf_counter()
-    model = V4Model.from_pretrained(path, device="cpu", experts_fp8=opts["experts_fp8"])
+    model = V4Model.from_pretrained(path, device="cpu", experts_fp8=opts["experts_fp8"], mmap=opts["mmap"])
     shard_model_experts(model, fp8_payload=opts["fp8_payload"], timeout=opts["timeout"])
     load_s = time.perf_counter() - t0
     cfg = model.config
@@ -186,7 +186,7 @@ def run_ep(args: argparse.Namespace, ep: int, *, timeout_s: float = 120.0, start
     path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
     opts = {"batch": args.batch, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "backend": args.backend, "fp8_payload": fp8_payload, "timeout": timeout_s,
-            "experts_fp8": getattr(args, "experts", "auto") in ("auto", "fp8")}
+            "experts_fp8": getattr(args, "experts", "auto") in ("auto", "fp8"), "mmap": getattr(args, "mmap", False)}
     threads = getattr(args, "threads", None) or 1
     res = spawn(_rank_run, ep, opts, str(path), timeout_s=timeout_s, start_method=start_method, threads=threads)
     tokens = torch.empty(args.batch, args.max_new_tokens, dtype=torch.long)
