@@ -1,10 +1,20 @@
-"""The ``v4hal`` command: info, parity, run, bench, cost."""
+"""The ``v4hal`` command: info, parity, run, bench, cost.
+
+Bad input (an argument argparse refuses, or any `v4hal.V4HalError` a command raises) ends the command
+with one line on stderr, ``v4hal <command>: error: <message>``, and exit status 2; ``--debug`` (before or
+after the command name) shows the traceback of a `V4HalError` instead. Other exceptions are bugs and keep
+their traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
 import sys
+from typing import NoReturn
+
+from v4hal.cliargs import EXIT_USAGE, choice_list, device_types, error_line, reports_errors, split_list, writable_path
+from v4hal.hal.errors import V4HalError
 
 # subcommand -> (module with add_arguments(parser) and main(args), help)
 SUBCOMMANDS = {
@@ -16,17 +26,31 @@ SUBCOMMANDS = {
 }
 
 
+class CommandLineError(Exception):
+    """argparse refused the command line (unknown flag, bad value); the message is argparse's."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise `CommandLineError` (printed by `cli` as one line) instead of
+    printing the usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(message)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal info``."""
-    parser.add_argument("--json", default=None, help="write the matrix to this JSON file")
-    parser.add_argument("--devices", default=None, help="comma-separated devices (default: those present)")
+    parser.add_argument("--json", default=None, type=writable_path, help="write the matrix to this JSON file")
+    parser.add_argument("--devices", default=None, type=choice_list(device_types, "device type"),
+                        help="comma-separated device types (default: those present)")
 
 
+@reports_errors("info")
 def main(args: argparse.Namespace) -> int:
     """``v4hal info``."""
     from v4hal.hal.info import format_info, info
 
-    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    devices = split_list(args.devices) if args.devices else None
     data = info(devices)
     print(format_info(data))
     if args.json:
@@ -35,23 +59,45 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error instead of one line")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (the others are listed by name)."""
-    parser = argparse.ArgumentParser(prog="v4hal", description="DeepSeek-V4 operators on CUDA/Triton, Ascend and CPU")
+    parser = Parser(prog="v4hal", description="DeepSeek-V4 operators on CUDA/Triton, Ascend and CPU")
+    _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        _add_debug(p, argparse.SUPPRESS)        # also accepted after the command name
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
+def _fail(command: str | None, message: str) -> int:
+    print(error_line(command, message), file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cli(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run ``v4hal`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    known = command if command in SUBCOMMANDS else None
+    try:
+        args = build_parser(known).parse_args(argv)
+    except CommandLineError as e:
+        return _fail(known, str(e))
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except V4HalError as e:
+        if getattr(args, "debug", False):
+            raise
+        return _fail(args.command, str(e))
 
 
 if __name__ == "__main__":

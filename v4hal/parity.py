@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from v4hal import cases, compare
+from v4hal.cliargs import reports_errors
 from v4hal.hal.dispatch import use_backend
 from v4hal.hal.errors import BackendUnavailableError
 
@@ -127,25 +128,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="device whose tensors the ops run on (cpu, cuda, npu)")
-    parser.add_argument("--backends", default=None,
+    """Options of ``v4hal parity`` (op level; with ``--model``, also `v4hal.model.parity`'s)."""
+    from v4hal.cliargs import backend_names, choice_list, device, model_preset, writable_path
+    from v4hal.ops import public_ops
+
+    parser.add_argument("--device", default="cpu", type=device,
+                        help="device whose tensors the ops run on (cpu, cuda, npu)")
+    parser.add_argument("--backends", default=None, type=choice_list(backend_names, "backend"),
                         help="comma-separated backends to compare with the reference (default: all available)")
-    parser.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    parser.add_argument("--ops", default=None, type=choice_list(public_ops, "op"),
+                        help="comma-separated ops (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--json", default=None, type=writable_path, help="write the rows to this JSON file")
+    parser.add_argument("--model", default=None, type=model_preset,
                         help="model-level parity instead (e.g. v4-mini): compare hidden states and logits per backend")
     from v4hal.model.parity import add_model_arguments
     group = parser.add_argument_group("with --model")
     add_model_arguments(group)
 
 
+@reports_errors("parity")
 def main(args: argparse.Namespace) -> int:
+    """``v4hal parity``: 0 when every compared row passes, 1 otherwise, 2 on bad options (one line on stderr)."""
+    from v4hal.cliargs import backends_on, split_list
+
     if args.model:
         from v4hal.model import parity as model_parity
         return model_parity.main(args)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    backends = split_list(args.backends) if args.backends else None
+    ops = split_list(args.ops) if args.ops else None
+    if backends:
+        backends_on(backends, args.device)
     t0 = time.perf_counter()
     rows = run_parity(args.device, backends, ops, args.seed)
     print(format_table(rows))

@@ -96,3 +96,52 @@ def test_value_checks_can_be_switched_off(monkeypatch):
     # with value checks off the range error is not raised by v4hal (the kernel may still fail)
     out = v4hal.moe_gate(x, torch.randn(4, 16), topk=2)
     assert out[1].shape == (3, 2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: v4hal.quant_weight_fp8(torch.randn(4, 128), block=2**31),
+     r"quant_weight_fp8: block must be in \[1, 2\*\*10\]"),
+    (lambda: v4hal.moe_dispatch(torch.randn(3, 16), torch.zeros(3, 2, dtype=torch.int32), 2**62),
+     r"moe_dispatch: num_experts must be in \[1, 2\*\*16\]"),
+    (lambda: v4hal.moe_dispatch(torch.randn(3, 16), torch.zeros(3, 2, dtype=torch.int32), 2**31),
+     r"num_experts must be in \[1, 2\*\*16\], got 2147483648"),
+    (lambda: v4hal.indexer_topk(torch.randn(1, 2, 4, 64), torch.randn(1, 9, 64), torch.randn(1, 2, 4), 4,
+                                start_pos=2**63 - 1), r"indexer_topk: start_pos must be in \[0, 2147483645\]"),
+    (lambda: v4hal.hc_split_sinkhorn(torch.randn(3, 24), torch.ones(3), torch.zeros(24), sinkhorn_iters=2**31),
+     r"hc_split_sinkhorn: sinkhorn_iters must be in \[1, 1000\]"),
+    (lambda: v4hal.rms_norm(torch.randn(2, 8), torch.ones(8), eps=float("inf")), r"rms_norm: eps must be in \(0, 1\)"),
+    (lambda: v4hal.sparse_attn(torch.randn(1, 1, 2, 8), torch.randn(1, 5, 8), torch.zeros(2),
+                               torch.zeros(1, 1, 3, dtype=torch.int32), float("nan")),
+     r"sparse_attn: softmax_scale must be in \[-1e\+06, 1e\+06\], got nan"),
+])
+def test_scalar_out_of_range_is_a_range_error_naming_it(call, match):
+    """Huge or non-finite scalars are refused before any kernel runs (no RuntimeError, no minutes-long loop)."""
+    with pytest.raises(RangeError, match=match):
+        call()
+
+
+def test_moe_experts_swiglu_limit_bounded():
+    x = torch.randn(3, 16)
+    w1, w2 = torch.randn(2, 8, 16), torch.randn(2, 16, 8)
+    idx, wts = torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1)
+    for bad in (1e300, float("inf"), float("nan"), -1.0):
+        with pytest.raises(RangeError, match=r"moe_experts: swiglu_limit must be in \[0, 1e\+06\] \(0 = no clamp\)"):
+            v4hal.moe_experts(x, wts, idx, w1, w2, w1, swiglu_limit=bad)
+
+
+def test_float64_expert_weights_are_a_dtype_error_naming_the_argument():
+    x = torch.randn(4, 128)
+    with pytest.raises(DTypeError, match=r"grouped_gemm: w must be float32 or bfloat16 or float16 or float8_e4m3fn "
+                                         r"or uint8, got float64"):
+        v4hal.grouped_gemm(x, torch.randn(2, 8, 128, dtype=torch.float64), torch.tensor([0, 2, 4]))
+    w = torch.randn(2, 8, 128, dtype=torch.float64)
+    with pytest.raises(DTypeError, match="moe_experts: w1 must be float32 or bfloat16 .* got float64"):
+        v4hal.moe_experts(x, torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.int32), w,
+                          torch.randn(2, 128, 8, dtype=torch.float64), w)
+
+
+def test_grouped_gemm_names_x_scale():
+    x = torch.randn(6, 128).to(FP8)
+    w, w_s = v4hal.quant_weight_fp8(torch.randn(2, 128, 128))
+    with pytest.raises(ShapeError, match=r"grouped_gemm: x_scale must be \[\.\.\., K/128\]"):
+        v4hal.grouped_gemm(x, w, torch.tensor([0, 3, 6]), x_scale=torch.ones(6, 2), w_scale=w_s)

@@ -152,6 +152,88 @@ def rank_errors(rank: int, world: int) -> dict[str, str]:
     return res
 
 
+#: ranks that disagree on one argument of a call: case -> (rank 0's overrides, rank 1's overrides)
+DISAGREE = {
+    "dtype": ({}, {"dtype": torch.float16}),
+    "dtype_same_bytes": ({}, {"dtype": torch.float32, "d": D // 2}),     # bf16 D=256 and fp32 D=128: 512 B rows
+    "dim": ({}, {"d": 2 * D}),
+    "topk": ({}, {"k": 2}),
+    "num_experts": ({}, {"e": 2 * E}),
+    "fp8": ({}, {"fp8": True}),
+    "scale_fmt": ({"fp8": True}, {"fp8": True, "scale_fmt": "ue8m0"}),
+    "transport": ({"transport": "recorder"}, {"transport": "all_to_all"}),
+    "combine_dtype": ({}, {"y_dtype": torch.float16}),
+    "combine_partial_sums": ({}, {"partial_sums": True}),
+    "call_order": ({}, {"dispatch_twice": True}),
+    "refused": ({}, {"bad_indices": True}),
+}
+
+
+class Recorder:
+    """A transport that records its calls and moves nothing (stands for DeepEP / Ascend MC2, which cannot run
+    here): shows that the agreement runs before any transport, and what `ep_dispatch` hands it."""
+
+    name = "recorder"
+    device_type = None
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def unavailable(self, device: torch.device, group: Any) -> str | None:
+        return None
+
+    def dispatch(self, x, weights, indices, group, *, num_experts, fp8, scale_fmt, timeout, max_tokens=None):
+        self.calls.append({"op": "dispatch", "max_tokens": max_tokens})
+        raise RuntimeError("recorder: moves nothing")
+
+    def combine(self, y, handle, *, out_dtype, partial_sums):
+        self.calls.append({"op": "combine"})
+        raise RuntimeError("recorder: moves nothing")
+
+
+def rank_disagree(rank: int, world: int) -> dict[str, Any]:
+    """Every `DISAGREE` case in turn on one live group, then agreeing calls on the same group; returns per case
+    'Type: message', the seconds it took and whether any transport was called."""
+    from v4hal.parallel import transport as tr
+
+    rec = Recorder()
+    tr._REGISTRY[rec.name] = rec                          # this forked rank only
+    tr.TRANSPORTS = (*tr.TRANSPORTS, rec.name)
+    res: dict[str, Any] = {}
+    for case, per_rank in DISAGREE.items():
+        o = per_rank[rank]
+        d, k, e = o.get("d", D), o.get("k", K), o.get("e", E)
+        g = torch.Generator().manual_seed(17 + rank)
+        x = torch.randn(4 + rank, d, generator=g).to(o.get("dtype", torch.bfloat16))
+        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(x.shape[0])]).to(torch.int32)
+        w = torch.rand(x.shape[0], k, generator=g) + 0.1
+        if o.get("bad_indices"):
+            idx = idx + e
+        t0 = time.monotonic()
+        try:
+            xl, _, h = ep_dispatch(x, w, idx, num_experts=e, fp8=o.get("fp8", False), scale_fmt=o.get("scale_fmt"),
+                                   transport=o.get("transport"), timeout=20)
+            if o.get("dispatch_twice"):
+                ep_dispatch(x, w, idx, num_experts=e, timeout=20)
+            else:
+                ep_combine(xl.to(o.get("y_dtype", xl.dtype)), h, partial_sums=o.get("partial_sums", False))
+            res[case] = "no error"
+        except Exception as exc:            # the test checks the type and the message
+            res[case] = f"{type(exc).__name__}: {exc}"
+        res[f"{case}/seconds"] = time.monotonic() - t0
+        res[f"{case}/transport_calls"] = len(rec.calls)
+    # the group still works; agreeing ranks: the recorder gets the largest T, all_to_all round trips
+    x, w, idx = make_tokens(rank, world, "all")
+    try:
+        ep_dispatch(x, w, idx, num_experts=E, transport="recorder", timeout=20)
+    except RuntimeError as exc:
+        res["recorder"] = str(exc)
+    res["recorder/calls"] = list(rec.calls)
+    xl, _, h = ep_dispatch(x, torch.ones_like(w), idx, num_experts=E, timeout=20)
+    res["identity"] = ep_combine(xl, h, out_dtype=torch.float32 if rank else None)   # out_dtype: per rank
+    return res
+
+
 def rank_dies(rank: int, world: int, timeout: float) -> dict[str, Any]:
     """Rank ``world-1`` exits (os._exit) before the exchange; the others time their failure."""
     w1, w2, w3, _ = local(make_weights("bf16"), rank, world)

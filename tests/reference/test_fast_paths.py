@@ -108,7 +108,10 @@ def plain_act_quant(x: torch.Tensor, bs: int, pow2: bool) -> tuple[torch.Tensor,
     xb = x.float().unflatten(-1, (-1, bs))
     s = torch.maximum(xb.abs().amax(-1), torch.tensor(F.FP8_AMAX_FLOOR)) * torch.tensor(F.FP8_MAX_INV)
     s = F.pow2_ceil(s) if pow2 else s
-    return (xb / s.unsqueeze(-1)).clamp(-448.0, 448.0).to(FP8).flatten(-2), s
+    bad = ~torch.isfinite(xb).all(-1)                     # docs/ops.md: NaN scale and payload for inf/NaN blocks
+    s = torch.where(bad, torch.tensor(float("nan")), s)
+    y = torch.where(bad.unsqueeze(-1), torch.tensor(float("nan")), (xb / s.unsqueeze(-1)).clamp(-448.0, 448.0))
+    return y.to(FP8).flatten(-2), s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import v4hal
 from v4hal.backends.reference import quant as Q
+from v4hal.hal import formats as F
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 
 FP8 = torch.float8_e4m3fn
@@ -430,6 +431,149 @@ def test_errors() -> None:
         v4hal.quant_weight_fp4(torch.randn(4, 48), 32)
     with pytest.raises(DTypeError):
         v4hal.dequant_fp8(torch.randn(2, 128), torch.ones(2, 1), 128)
+
+
+# ------------------------------------------------------------------ non-finite input, top of the range
+NONFINITE = (float("inf"), float("-inf"), float("nan"), -float("nan"))
+
+
+def _with_bad(dtype: torch.dtype, bad: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [3, 256] and w [2, 256, 256] holding one ``bad`` element each."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 256, generator=g).to(dtype)
+    x[1, 5] = bad
+    w = torch.randn(2, 256, 256, generator=g).to(dtype)
+    w[1, 7, 140] = bad
+    return x, w
+
+
+QUANTIZER_CALLS = {   # public call on (x, w) -> (op, input argument)
+    "act_quant": (lambda x, w: v4hal.act_quant(x), "act_quant", "x"),
+    "act_quant e8m0": (lambda x, w: v4hal.act_quant(x, 128, "ue8m0", E8M0), "act_quant", "x"),
+    "act_quant inplace": (lambda x, w: v4hal.act_quant(x.clone(), inplace=True), "act_quant", "x"),
+    "fp4_act_quant": (lambda x, w: v4hal.fp4_act_quant(x), "fp4_act_quant", "x"),
+    "fp4_act_quant inplace": (lambda x, w: v4hal.fp4_act_quant(x.clone(), inplace=True), "fp4_act_quant", "x"),
+    "quant_weight_fp8": (lambda x, w: v4hal.quant_weight_fp8(w), "quant_weight_fp8", "w"),
+    "quant_weight_fp8 fp32": (lambda x, w: v4hal.quant_weight_fp8(w, 128, None), "quant_weight_fp8", "w"),
+    "quant_weight_fp4": (lambda x, w: v4hal.quant_weight_fp4(w), "quant_weight_fp4", "w"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(QUANTIZER_CALLS))
+def test_nonfinite_input_is_refused_naming_the_input(name: str, dtype: torch.dtype, monkeypatch) -> None:
+    """Value checks on (forced; the CPU default): a RangeError naming the op and its input."""
+    monkeypatch.setenv("V4HAL_CHECK_VALUES", "1")
+    v4hal.hal.dispatch.refresh()
+    call, op, arg = QUANTIZER_CALLS[name]
+    for bad in NONFINITE:
+        x, w = _with_bad(dtype, bad)
+        t = x if arg == "x" else w
+        want = f"{op}: {arg} must be finite, got a NaN or Inf in {str(dtype)[6:]} {list(t.shape)} on cpu"
+        with pytest.raises(RangeError) as err:
+            call(x, w)
+        assert str(err.value) == want
+
+
+def _blocks_marked(y: torch.Tensor, s: torch.Tensor, bad: torch.Tensor, nan_byte: int) -> None:
+    """Scales NaN (fp32 NaN / e8m0 0xFF) exactly where ``bad`` (per block), payload bytes ``nan_byte``."""
+    sf = F.scale_to_float(s)
+    assert torch.equal(sf.isnan(), bad), "NaN scales exactly on the blocks holding inf/NaN"
+    yb = y.view(torch.uint8)
+    per = yb.shape[-1] // bad.shape[-1]
+    blocks = yb.unflatten(-1, (bad.shape[-1], per))
+    assert bool((blocks[bad] == nan_byte).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_nonfinite_blocks_with_value_checks_off(dtype: torch.dtype, bad: float) -> None:
+    """The documented value: NaN scale, NaN payload (e4m3 0x7F, e2m1 code 7) for a block holding inf or
+    NaN; every other block exactly what it is without the bad element."""
+    x, w = _with_bad(dtype, bad)
+    clean = x.clone()
+    clean[1, 5] = 0.0
+    bad_blocks = {bs: torch.zeros(3, 256 // bs, dtype=torch.bool) for bs in (128, 32)}
+    for bs in bad_blocks:
+        bad_blocks[bs][1, 5 // bs] = True
+    for fmt, sd in ((None, torch.float32), ("ue8m0", torch.float32), ("ue8m0", E8M0)):
+        y, s = Q.act_quant(x, 128, fmt, sd)
+        _blocks_marked(y, s, bad_blocks[128], F.FP8_NAN_BYTE)
+        y0, s0 = Q.act_quant(clean, 128, fmt, sd)
+        keep = ~bad_blocks[128]
+        assert torch.equal(F.scale_to_float(s)[keep], F.scale_to_float(s0)[keep])
+        assert torch.equal(y.view(torch.uint8)[0], y0.view(torch.uint8)[0])
+    y, s = Q.fp4_act_quant(x, 32)
+    _blocks_marked(y, s, bad_blocks[32], F.FP4_NAN_CODE * 0x11)
+    y0, s0 = Q.fp4_act_quant(clean, 32)
+    assert torch.equal(y[0], y0[0]) and torch.equal(y[2], y0[2])
+    for fn, bs in ((Q.act_quant_inplace, 128), (Q.fp4_act_quant_inplace, 32)):
+        xi = x.clone()
+        fn(xi, bs)
+        assert torch.equal(xi.isnan(), bad_blocks[bs].repeat_interleave(bs, dim=1))
+    tiles = torch.zeros(2, 2, 2, dtype=torch.bool)
+    tiles[1, 0, 1] = True
+    for fmt in ("ue8m0", None):
+        y, s = Q.quant_weight_fp8(w, 128, fmt)
+        assert torch.equal(F.scale_to_float(s).isnan(), tiles)
+        assert bool((y[1, :128, 128:].view(torch.uint8) == F.FP8_NAN_BYTE).all())
+        assert not bool(y[0].float().isnan().any()) and not bool(y[1, 128:].float().isnan().any())
+    y, s = Q.quant_weight_fp4(w, 32)
+    assert int(F.scale_to_float(s).isnan().sum()) == 1 and bool((y[1, 7, 64:80] == 0x77).all())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+def test_moe_experts_nonfinite_x(kind: str, monkeypatch) -> None:
+    """Quantized moe_experts: inf/NaN x is refused naming x (value checks on); off, the token's output
+    row is NaN and the other rows are what they are without it."""
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(2, 256, 128, generator=g) * 0.05, torch.randn(2, 128, 256, generator=g) * 0.05,
+          torch.randn(2, 256, 128, generator=g) * 0.05]
+    q = [v4hal.quant_weight_fp8(t) if kind == "fp8" else v4hal.quant_weight_fp4(t) for t in ws]
+    x = torch.randn(4, 128, generator=g).to(torch.bfloat16)
+    x[2, 3] = float("inf")
+    idx = torch.tensor([[0, 1]] * 4, dtype=torch.int32)
+    wts = torch.full((4, 2), 0.5)
+
+    def run(xx: torch.Tensor) -> torch.Tensor:
+        return v4hal.moe_experts(xx, wts, idx, q[0][0], q[1][0], q[2][0], w_scales=tuple(t[1] for t in q))
+
+    monkeypatch.setenv("V4HAL_CHECK_VALUES", "1")
+    v4hal.hal.dispatch.refresh()
+    with pytest.raises(RangeError, match=r"^moe_experts: x must be finite"):
+        run(x)
+    monkeypatch.setenv("V4HAL_CHECK_VALUES", "0")
+    v4hal.hal.dispatch.refresh()
+    x0 = x.clone()
+    x0[2] = 0
+    out, clean = run(x), run(x0)
+    assert bool(out[2].isnan().all()) and torch.equal(out[[0, 1, 3]], clean[[0, 1, 3]])
+
+
+def test_top_of_the_range_round_trips_overflow_as_documented() -> None:
+    """Inputs within one rounding step of the fp32 maximum: exact codes and scales, the products
+    overflow to inf (FP8 pow2: |x| >= 248 * 2**120; FP4: |x| >= 3.5 * 2**126); fp32 FP8 scales stay finite."""
+    fp8_edge, fp4_edge = 248 * 2.0 ** 120, 3.5 * 2.0 ** 126
+    below8, below4 = float(torch.tensor(fp8_edge).nextafter(torch.tensor(0.0))), 3.0 * 2.0 ** 126
+    x = torch.tensor([[fp8_edge, -fp8_edge, below8, 1.0] * 32])
+    y, s = Q.act_quant(x, 128, "ue8m0", E8M0)
+    assert F.e8m0_to_float(s).item() == 2.0 ** 120
+    d = Q.dequant_fp8(y, s, 128)
+    assert d[0, :3].tolist() == [math.inf, -math.inf, 240 * 2.0 ** 120]
+    xi = x.clone()
+    Q.act_quant_inplace(xi, 128, "ue8m0")
+    assert torch.equal(xi, d)
+    y, s = Q.act_quant(torch.full((1, 128), torch.finfo(torch.float32).max), 128, None, torch.float32)
+    assert bool(torch.isfinite(Q.dequant_fp8(y, s, 128)).all())
+    x4 = torch.tensor([[fp4_edge, -fp4_edge, below4, 1.0] * 8])
+    y, s = Q.fp4_act_quant(x4, 32)
+    assert F.e8m0_to_float(s).item() == 2.0 ** 126
+    assert Q.dequant_fp4(y, s, 32)[0, :3].tolist() == [math.inf, -math.inf, below4]
+    top = torch.full((1, 1), 254, dtype=torch.uint8).view(E8M0)          # 2**127
+    assert Q.dequant_fp8(torch.tensor([[1.0, 1.5, 2.0, -448.0]]).to(FP8), top, 4)[0].tolist() == \
+        [2.0 ** 127, 1.5 * 2.0 ** 127, math.inf, -math.inf]
+    for packed, want in ((0x32, [2.0 ** 127, 1.5 * 2.0 ** 127]), (0xC4, [math.inf, -math.inf])):
+        assert Q.dequant_fp4(torch.tensor([[packed]], dtype=torch.uint8), top, 2)[0].tolist() == want
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -49,6 +49,62 @@ def test_rms_norm_eps_and_zero_rows() -> None:
     assert_close(ref.rms_norm(x, torch.ones(4), 1e-2), torch.full((1, 4), 1e-3 / math.sqrt(1e-6 + 1e-2)))
 
 
+def _rms_norm_plain(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The formula as it reads, fp32 without rescaling (the squares overflow above ~1.8e19)."""
+    xf = x.float()
+    inv = xf.square().mean(dim=-1, keepdim=True).add_(torch.tensor(eps, dtype=torch.float32)).rsqrt_()
+    return (xf * inv).mul_(weight).to(x.dtype)
+
+
+LARGE = (1e19, 1e20, 1e25, 1e30, 1e38)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_large_rows_do_not_overflow(dtype) -> None:
+    """Every magnitude from 1e19 to the dtype max: a constant row gives +-1; random rows match float64."""
+    big = torch.finfo(dtype).max
+    mags = [*LARGE, big, -big, 2.0 ** 32, 2.0 ** 64, 2.0 ** 127]
+    x = torch.stack([torch.full((256,), m, dtype=torch.float64).to(dtype) for m in mags])
+    out = ref.rms_norm(x, torch.ones(256), 1e-6)
+    want = torch.tensor([math.copysign(1.0, m) for m in mags]).unsqueeze(1).expand(-1, 256)
+    assert torch.equal(out.float(), want), out[:, 0]
+    assert not bool(torch.equal(_rms_norm_plain(x[:1], torch.ones(256), 1e-6).float(), want[:1]))  # the overflow
+    g = torch.Generator().manual_seed(3)
+    for mag in (*LARGE, big / 4):
+        xr = (torch.rand(4, 512, generator=g, dtype=torch.float64) * 2 - 1).mul(mag).to(dtype)
+        w = torch.randn(512, generator=g)
+        x64 = xr.double()
+        expected = w.double() * x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + 1e-6)
+        assert_close(ref.rms_norm(xr, w, 1e-6), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_bits_unchanged_where_the_plain_formula_holds(dtype) -> None:
+    """Rows below 2**32 are the plain formula bit for bit; rescaled rows (>= 2**32) that the plain
+    formula does not overflow give its bits too (the factor is a power of two)."""
+    g = torch.Generator().manual_seed(4)
+    mags = [1e-30, 1e-8, 1e-3, 1.0, 3.0, 1e4, 6e4] + ([2.0 ** 32, 1e12, 2.0 ** 50] if dtype != torch.float16 else [])
+    for mag in mags:
+        for d in (1, 64, 4096):
+            big = torch.finfo(dtype).max
+            x = (torch.randn(8, d, generator=g, dtype=torch.float64) * mag).clamp(-big, big).to(dtype)
+            w = torch.randn(d, generator=g)
+            for eps in (1e-6, 1e-2):
+                want = _rms_norm_plain(x, w, eps)
+                assert bool(torch.isfinite(want).all()) and torch.equal(ref.rms_norm(x, w, eps), want), (mag, d, eps)
+
+
+def test_rms_norm_nonfinite_rows() -> None:
+    """An inf row gives NaN at the inf and 0 elsewhere (as the plain formula); a NaN row is NaN throughout."""
+    x = torch.ones(3, 8)
+    x[0, 2] = float("inf")
+    x[1, 5] = float("nan")
+    out = ref.rms_norm(x, torch.ones(8), 1e-6)
+    assert bool(out[0, 2].isnan()) and bool((out[0, [0, 1, 3, 4, 5, 6, 7]] == 0).all())
+    assert bool(out[1].isnan().all()) and torch.allclose(out[2], torch.ones(8))
+    assert torch.equal(out.isnan(), _rms_norm_plain(x, torch.ones(8), 1e-6).isnan())
+
+
 def test_rms_norm_rejects_bad_weight() -> None:
     with pytest.raises(ShapeError, match="weight"):
         v4hal.rms_norm(torch.randn(2, 8), torch.ones(4))

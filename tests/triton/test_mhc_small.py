@@ -125,6 +125,32 @@ def test_rms_norm(shape, dtype) -> None:
         check(out, ref_small.rms_norm(x, weight, 1e-6), ref_small.rms_norm(x.float(), weight.float(), 1e-6), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [256, 3000])
+def test_rms_norm_large_rows(d, dtype) -> None:
+    """Magnitudes 1e19 .. the dtype max (one-block and multi-block rows): the squares do not overflow,
+    a constant row gives +-1, random rows match the reference; inf / NaN rows as the reference."""
+    big = torch.finfo(dtype).max
+    mags = [1e19, 1e25, 1e30, 1e38, big, -big, 2.0 ** 32, 2.0 ** 127]
+    x = torch.stack([torch.full((d,), m, dtype=torch.float64).to(dtype) for m in mags])
+    out = poison_like(x)
+    small.rms_norm_into(out, x, torch.ones(d), 1e-6)
+    want = torch.tensor([1.0 if m > 0 else -1.0 for m in mags]).unsqueeze(1).expand(-1, d)
+    assert bool(((out.float() - want).abs() <= 1e-6).all()), out[:, 0]       # fp32: a few ulps; bf16: exact
+    g = _gen(d)
+    xr = ((torch.rand(len(mags), d, generator=g, dtype=torch.float64) * 2 - 1)
+          * torch.tensor(mags, dtype=torch.float64).abs().unsqueeze(1)).to(dtype)
+    xr[-2, 7] = float("inf")
+    xr[-1, 9] = float("nan")
+    w = torch.randn(d, generator=g)
+    out = poison_like(xr)
+    small.rms_norm_into(out, xr, w, 1e-6)
+    expected = ref_small.rms_norm(xr, w, 1e-6)
+    assert torch.equal(out.isnan(), expected.isnan()) and bool(out[-1].isnan().all())
+    check(out[:-2], expected[:-2], ref_small.rms_norm(xr[:-2].float(), w, 1e-6), dtype)
+    assert torch.equal(out[-2].nan_to_num(), expected[-2].nan_to_num())
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("d", [1, 2, 16, 128, 256, 1024, 8192])
 def test_hadamard_transform(d, dtype) -> None:

@@ -152,17 +152,108 @@ def test_fp4_rounding_ties():
         assert_bitwise(xa, xb, "fp4 round trip (signed zeros kept)")
 
 
-def test_infinite_elements_follow_the_reference():
-    """An inf makes its block's scale inf: finite elements quantize to 0, the inf to NaN (fp32 scales)."""
-    x = rand((2, 256), torch.float32, seed=5)
-    x[0, 3] = float("inf")
-    x[1, 200] = -float("inf")
-    for fmt in (None, "ue8m0"):
-        y, s = tri_quant.act_quant(x, 128, fmt, torch.float32)
-        y_ref, s_ref = ref_quant.act_quant(x, 128, fmt, torch.float32)
-        assert_bitwise(y, y_ref, f"act_quant y with inf {fmt}")
-        assert_bitwise(s, s_ref, f"act_quant s with inf {fmt}")
-        assert bool(torch.isinf(s[0, 0])) and bool(y[0, :128].float().isnan().sum() == 1)
+NONFINITE = (float("inf"), -float("inf"), float("nan"), -float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_blocks_follow_the_reference(dtype):
+    """Value checks off: a block holding inf or NaN gets a NaN scale (fp32 NaN / e8m0 0xFF) and a NaN
+    payload (e4m3 0x7F, e2m1 code 7), the same bits as the reference; in-place round trips write NaN."""
+    x = rand((3, 256), dtype, seed=5)
+    w = rand((2, 200, 260), dtype, seed=6)
+    for i, bad in enumerate(NONFINITE):
+        x[i % 3, 37 * i] = bad
+        w[i % 2, 50 * i + 3, 70 * i + 1] = bad
+    for fmt, sd in FP8_MODES:
+        for bs in (32, 128):
+            y, s = tri_quant.act_quant(x, bs, fmt, sd)
+            y_ref, s_ref = ref_quant.act_quant(x, bs, fmt, sd)
+            assert_bitwise(y, y_ref, f"act_quant y {fmt} {sd} {bs}")
+            assert_bitwise(s, s_ref, f"act_quant s {fmt} {sd} {bs}")
+            assert int(F.scale_to_float(s).isnan().sum()) >= 3
+    for bs in (32, 64):
+        y, s = tri_quant.fp4_act_quant(x, bs)
+        y_ref, s_ref = ref_quant.fp4_act_quant(x, bs)
+        assert_bitwise(y, y_ref, f"fp4_act_quant y {bs}")
+        assert_bitwise(s, s_ref, f"fp4_act_quant s {bs}")
+    for fmt in ("ue8m0", None):
+        y, s = tri_quant.quant_weight_fp8(w, 128, fmt)
+        y_ref, s_ref = ref_quant.quant_weight_fp8(w, 128, fmt)
+        assert_bitwise(y, y_ref, f"quant_weight_fp8 y {fmt}")
+        assert_bitwise(s, s_ref, f"quant_weight_fp8 s {fmt}")
+    y, s = tri_quant.quant_weight_fp4(w[..., :256], 32)
+    y_ref, s_ref = ref_quant.quant_weight_fp4(w[..., :256], 32)
+    assert_bitwise(y, y_ref, "quant_weight_fp4 y")
+    assert_bitwise(s, s_ref, "quant_weight_fp4 s")
+    for tri_fn, ref_fn, args in ((tri_quant.act_quant_inplace, ref_quant.act_quant_inplace, (128, None)),
+                                 (tri_quant.act_quant_inplace, ref_quant.act_quant_inplace, (128, "ue8m0")),
+                                 (tri_quant.fp4_act_quant_inplace, ref_quant.fp4_act_quant_inplace, (32,))):
+        xa, xb = x.clone(), x.clone()
+        tri_fn(xa, *args)
+        ref_fn(xb, *args)
+        assert torch.equal(xa.isnan(), xb.isnan()) and torch.equal(xa[~xa.isnan()], xb[~xb.isnan()])
+        bs = args[0]
+        bad_blocks = (~torch.isfinite(x.float())).unflatten(-1, (-1, bs)).any(-1)
+        assert torch.equal(xa.isnan(), bad_blocks.repeat_interleave(bs, dim=-1)), "NaN over every bad block"
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+def test_moe_experts_nonfinite_activations_follow_the_reference(kind, monkeypatch):
+    """Value checks off: a token holding inf/NaN, and a finite token whose h overflows, give NaN output
+    rows on both backends (the x and h quantizations mark their blocks); other rows agree."""
+    monkeypatch.setenv("V4HAL_CHECK_VALUES", "0")
+    v4hal.hal.dispatch.refresh()
+    g = torch.Generator().manual_seed(9)
+    ws = [torch.randn(2, 256, 128, generator=g) * 0.05, torch.randn(2, 128, 256, generator=g) * 0.05,
+          torch.randn(2, 256, 128, generator=g) * 0.05]
+    q = [v4hal.quant_weight_fp8(t) if kind == "fp8" else v4hal.quant_weight_fp4(t) for t in ws]
+    x = torch.randn(5, 128, generator=g)
+    x[1, 3], x[2, 100], x[3] = float("inf"), float("nan"), x[3] * 1e30      # h of token 3 overflows
+    idx = torch.tensor([[0, 1]] * 5, dtype=torch.int32)
+    wts = torch.full((5, 2), 0.5)
+    outs = []
+    for backend in ("reference", "triton"):
+        with v4hal.use_backend(backend):
+            outs.append(v4hal.moe_experts(x, wts, idx, q[0][0], q[1][0], q[2][0], w_scales=tuple(t[1] for t in q)))
+    ref, tri = outs
+    assert torch.equal(tri.isnan().all(1), torch.tensor([False, True, True, True, False]))
+    assert torch.equal(tri.isnan(), ref.isnan())
+    assert_close(tri[[0, 4]], ref[[0, 4]], torch.float32, atol=1e-5)
+
+
+def test_top_of_the_range_follows_the_reference():
+    """Products beyond the fp32 range are inf on both backends (no saturation): e8m0 scales 2**127
+    with every e4m3 / e2m1 code, and quantizer round trips of values next to the fp32 maximum."""
+    codes8 = torch.arange(256, dtype=torch.uint8).view(F.FP8_DTYPE).reshape(2, 128)
+    top = torch.full((2, 1), 254, dtype=torch.uint8).view(E8M0)
+    for od in FLOATS:       # NaN codes give NaN (bits: see _cast.cast_out), every other code the same bits
+        d, d_ref = tri_quant.dequant_fp8(codes8, top, 128, od), ref_quant.dequant_fp8(codes8, top, 128, od)
+        assert torch.equal(d.isnan(), d_ref.isnan()) and int(d.isnan().sum()) == 2
+        assert_bitwise(d[~d.isnan()], d_ref[~d_ref.isnan()], f"dequant_fp8 2**127 {od}")
+    packed = torch.arange(256, dtype=torch.uint8).reshape(8, 32)
+    top4 = torch.full((8, 2), 254, dtype=torch.uint8).view(E8M0)
+    d4 = tri_quant.dequant_fp4(packed, top4, 32)
+    assert_bitwise(d4, ref_quant.dequant_fp4(packed, top4, 32), "dequant_fp4 2**127")
+    assert bool(d4.isinf().any()) and bool(torch.isfinite(d4).any())
+    big = torch.finfo(torch.float32).max
+    edge = torch.tensor([big, -big, 248 * 2.0 ** 120, 3.5 * 2.0 ** 126, 3.0 * 2.0 ** 126, 1.0, 0.0, -3e38])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = edge.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).repeat(1, 16).to(dtype)
+        for fmt, sd in FP8_MODES:
+            y, s = tri_quant.act_quant(x, 128, fmt, sd)
+            d, d_ref = tri_quant.dequant_fp8(y, s, 128), ref_quant.dequant_fp8(*ref_quant.act_quant(x, 128, fmt, sd))
+            assert_bitwise(d, d_ref, f"fp8 round trip {dtype} {fmt} {sd}")
+            assert bool(d.isinf().any()) == (sd == E8M0 or fmt is not None)
+        y, s = tri_quant.fp4_act_quant(x, 32)
+        d = tri_quant.dequant_fp4(y, s, 32)
+        assert_bitwise(d, ref_quant.dequant_fp4(*ref_quant.fp4_act_quant(x, 32)), f"fp4 round trip {dtype}")
+        assert bool(d.isinf().any())
+        for tri_fn, ref_fn, args in ((tri_quant.act_quant_inplace, ref_quant.act_quant_inplace, (128, "ue8m0")),
+                                     (tri_quant.fp4_act_quant_inplace, ref_quant.fp4_act_quant_inplace, (32,))):
+            xa, xb = x.clone(), x.clone()
+            tri_fn(xa, *args)
+            ref_fn(xb, *args)
+            assert_bitwise(xa, xb, f"in-place round trip at the top {dtype} {args}")
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from v4hal.cliargs import reports_errors
 from v4hal.hal.errors import RangeError
 
 from . import cases as casemod
@@ -34,68 +35,81 @@ def _default_device() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal bench``."""
+    from v4hal import cliargs as ca
+    from v4hal.cases import MODES, PRESETS
+
     parser.add_argument("--overhead", action="store_true",
                         help="what the op layer adds per call, every op on its tiny case (us; CPU by default)")
     parser.add_argument("--quick", action="store_true",
                         help="every public op with a case once, at small (v4-mini) shapes; about a minute on a CPU")
-    parser.add_argument("--preset", default=None,
+    parser.add_argument("--preset", default=None, type=ca.choice_list(PRESETS, "preset"),
                         help="comma-separated presets (default v4-flash,v4-pro; ignored with --quick)")
-    parser.add_argument("--mode", default="decode,prefill", help="decode, prefill or both (default: %(default)s)")
-    parser.add_argument("--shapes", metavar="FILE.yaml",
+    parser.add_argument("--mode", default="decode,prefill", type=ca.choice_list(MODES, "mode"),
+                        help="decode, prefill or both (default: %(default)s)")
+    parser.add_argument("--shapes", metavar="FILE.yaml", type=ca.readable_file,
                         help="custom cases: a YAML list of {op: <name>, <param>: <value>, ...} (replaces the presets)")
     parser.add_argument("--ops", default=None, help="comma-separated op names to keep (default: all)")
-    parser.add_argument("--backends", default=None,
+    parser.add_argument("--backends", default=None, type=ca.choice_list(ca.backend_names, "backend"),
                         help="comma-separated backends (default: every backend available on the device)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or npu (default: the accelerator if present)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 20 GPU, 7 CPU)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default: %(default)s)")
-    parser.add_argument("--max-case-seconds", type=float, default=2.0,
+    parser.add_argument("--device", default=None, type=ca.device,
+                        help="cpu, cuda or npu (default: the accelerator if present)")
+    parser.add_argument("--repeats", type=ca.positive_int, default=None,
+                        help="timed calls per case (default 20 GPU, 7 CPU; with --overhead: calls per op, "
+                             "default 2000)")
+    parser.add_argument("--warmup", type=ca.non_negative_int, default=3,
+                        help="untimed calls before timing (default: %(default)s)")
+    parser.add_argument("--max-case-seconds", type=ca.non_negative_float, default=2.0,
                         help="stop timing a case after this many seconds (at least 3 calls are kept)")
     parser.add_argument("--no-peers", action="store_true", help="do not time the peers")
-    parser.add_argument("--json", metavar="PATH", help="write every row, the ceilings and the environment as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (% of ceiling, speedup over peers)")
+    parser.add_argument("--json", metavar="PATH", type=ca.writable_path,
+                        help="write every row, the ceilings and the environment as JSON")
+    parser.add_argument("--plot", metavar="PATH", type=ca.writable_path,
+                        help="write a PNG chart (%% of ceiling, speedup over peers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def select_cases(args: argparse.Namespace) -> list[casemod.Case]:
     """The case list the options ask for."""
     if args.shapes:
-        cases = casemod.cases_from_yaml(args.shapes)
+        import yaml
+
+        try:
+            cases = casemod.cases_from_yaml(args.shapes)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RangeError(f"--shapes: cannot read {args.shapes} as YAML: {type(e).__name__}: {e}") from e
     elif args.quick:
         cases = casemod.quick_cases()
     else:
         presets = [p.strip() for p in (args.preset or "v4-flash,v4-pro").split(",") if p.strip()]
         modes = [m.strip() for m in args.mode.split(",") if m.strip()]
         cases = [c for p in presets for m in modes for c in casemod.preset_cases(p, m)]
-    if args.ops:
+    if args.ops is not None:
         keep = {o.strip() for o in args.ops.split(",") if o.strip()}
+        if not keep:
+            raise RangeError(f"--ops: expected a comma-separated list of ops, got {args.ops!r}")
         known = casemod.known_ops()
         unknown = keep - set(known)
         if unknown:
-            raise RangeError(f"v4hal bench: --ops names ops without a case {sorted(unknown)}; known: {sorted(known)}")
+            raise RangeError(f"--ops names ops without a case {sorted(unknown)}; known: {sorted(known)}")
         cases = [c for c in cases if c.op in keep]
     return cases
 
 
+@reports_errors("bench")
 def main(args: argparse.Namespace) -> int:
-    """Run ``v4hal bench``; exit code 1 when any backend failed its check against the reference."""
+    """Run ``v4hal bench``; exit code 1 when any backend failed its check against the reference. 2 on bad options
+    (one line on stderr, before anything is timed)."""
+    from v4hal.cliargs import backends_on, split_list
+
     if getattr(args, "overhead", False):
         from .overhead import main as overhead_main
 
         return overhead_main(args)
     device = args.device or _default_device()
-    try:
-        cases = select_cases(args)
-    except (RangeError, OSError) as e:
-        print(f"v4hal bench: {e}", file=sys.stderr)
-        return 2
+    cases = select_cases(args)
     available = default_backends(device)
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else available
-    missing = [b for b in backends if b not in available]
-    if missing:
-        print(f"v4hal bench: backends {missing} are not available on {device} here (available: {available})",
-              file=sys.stderr)
-        return 2
+    backends = split_list(args.backends) if args.backends else available
+    backends_on(backends, device)
     if device == "cpu" and not (args.quick or args.shapes):
         print("v4hal bench: note: full V4 shapes on the CPU take long; --quick runs the small set", file=sys.stderr)
     repeats = args.repeats or (20 if device != "cpu" else 7)
@@ -121,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "check-failed" for r in rows) else 0
 
 
-if __name__ == "__main__":  # python -m v4hal.bench.cli
-    _p = argparse.ArgumentParser(prog="v4hal bench", description=__doc__.splitlines()[0])
-    add_arguments(_p)
-    sys.exit(main(_p.parse_args()))
+if __name__ == "__main__":  # python -m v4hal.bench.cli: the same as ``v4hal bench``
+    from v4hal.cli import cli
+
+    sys.exit(cli(["bench", *sys.argv[1:]]))

@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Any, Sequence
 
+from v4hal.cliargs import reports_errors
 from v4hal.hal.errors import RangeError
 
 from . import cost as costmod
@@ -35,21 +36,25 @@ def parse_length(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal cost``."""
+    from v4hal.cliargs import positive_int, writable_path
+
     parser.add_argument("--context", nargs="+", type=parse_length,
                         default=[4096, 32768, 131072, costmod.ONE_M],
                         help="context lengths (tokens; 128K / 1M suffixes accepted)")
     parser.add_argument("--models", default=",".join(costmod.MODELS),
                         help="comma-separated models among v3.2, v4-flash, v4-pro, v4-mini (default: %(default)s)")
     parser.add_argument("--breakdown", action="store_true", help="also print the FLOPs and bytes per component")
-    parser.add_argument("--json", metavar="PATH", help="write the table, breakdowns and ratios as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG of FLOPs/token and KV bytes vs context (log axes)")
+    parser.add_argument("--json", metavar="PATH", type=writable_path,
+                        help="write the table, breakdowns and ratios as JSON")
+    parser.add_argument("--plot", metavar="PATH", type=writable_path,
+                        help="write a PNG of FLOPs/token and KV bytes vs context (log axes)")
     parser.add_argument("--measure", action="store_true",
                         help="also time one v4-mini decode step at growing contexts (hybrid vs dense attention)")
     parser.add_argument("--measure-contexts", nargs="+", type=parse_length, default=None,
-                        help="contexts for --measure (default: 256 2K 16K 128K)")
+                        help="contexts for --measure (default: 256 2K 16K 128K; each at least 2)")
     parser.add_argument("--measure-weights", choices=("bf16", "fp8"), default="bf16",
                         help="v4-mini weights for --measure: bf16 (default) or the preset's FP8 / FP4 experts")
-    parser.add_argument("--repeats", type=int, default=3, help="timed decode steps per context for --measure")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed decode steps per context for --measure")
     parser.add_argument("--seed", type=int, default=0, help="seed of the v4-mini weights for --measure")
 
 
@@ -162,15 +167,21 @@ def plot_curves(path: str, models: Sequence[str], marks: Sequence[int] = (), poi
     plt.close(fig)
 
 
+@reports_errors("cost")
 def main(args: argparse.Namespace) -> int:
-    """Run ``v4hal cost``; returns the exit code (1 when a ratio at 1M misses the report by > 25%)."""
+    """Run ``v4hal cost``; returns the exit code (1 when a ratio at 1M misses the report by > 25%). 2 on bad options
+    (one line on stderr, before anything is computed)."""
     models = [m.strip() for m in str(args.models).split(",") if m.strip()]
-    try:
-        for m in models:
+    if not models:
+        raise RangeError(f"--models: expected a comma-separated list of models, got {args.models!r}")
+    for m in models:
+        try:
             costmod.model_cost(m, 1)
-    except RangeError as e:
-        print(f"v4hal cost: {e}", file=sys.stderr)
-        return 2
+        except RangeError as e:
+            raise RangeError(f"--models: {e}") from e
+    bad = [c for c in (args.measure_contexts or []) if c < 2]
+    if bad:
+        raise RangeError(f"--measure-contexts: each context must be >= 2 tokens, got {bad}")
     if "v3.2" not in models:
         models = ["v3.2", *models]
     report = build_report(list(args.context), models)
@@ -193,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(v["ok"] for v in report["at_1m"]["check"].values()) else 1
 
 
-if __name__ == "__main__":  # python -m v4hal.bench.cost_cli
-    _p = argparse.ArgumentParser(prog="v4hal cost", description=__doc__.splitlines()[0])
-    add_arguments(_p)
-    sys.exit(main(_p.parse_args()))
+if __name__ == "__main__":  # python -m v4hal.bench.cost_cli: the same as ``v4hal cost``
+    from v4hal.cli import cli
+
+    sys.exit(cli(["cost", *sys.argv[1:]]))

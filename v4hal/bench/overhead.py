@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from v4hal.cliargs import reports_errors
 from v4hal.hal.errors import RangeError
 
 __all__ = ["OverheadRow", "measure_overhead", "torch_ops_floor_us", "render_overhead", "main"]
@@ -206,19 +207,21 @@ def render_overhead(rows: list[OverheadRow], floor_us: float, device: str) -> st
     return "\n".join(lines)
 
 
+@reports_errors("bench")
 def main(args: argparse.Namespace) -> int:
-    """``v4hal bench --overhead`` (uses ``--ops``, ``--device``, ``--repeats``, ``--json``)."""
+    """``v4hal bench --overhead`` (uses ``--ops``, ``--device``, ``--repeats``, ``--json``); 2 on an unknown op
+    (one line on stderr)."""
     from v4hal.cases import case_ops
 
     device = args.device or "cpu"
     ops = None
-    if args.ops:
+    if args.ops is not None:
         ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        if not ops:
+            raise RangeError(f"--ops: expected a comma-separated list of ops, got {args.ops!r}")
         unknown = sorted(set(ops) - set(case_ops()))
         if unknown:
-            print(f"v4hal bench --overhead: --ops names ops without a case {unknown}; known: {case_ops()}",
-                  file=sys.stderr)
-            return 2
+            raise RangeError(f"--ops names ops without a case {unknown}; known: {case_ops()}")
     max_calls = args.repeats or 2000
     rows = measure_overhead(ops, device, max_calls=max_calls)
     floor = torch_ops_floor_us(device)

@@ -18,7 +18,9 @@ Block-scale rule of the public DeepSeek-V4 ``inference/kernel.py`` (``act_quant_
 (a multiply by the fp32 reciprocal, not a division: for non power-of-two fp32 scales the two
 differ by up to one ulp), then for power-of-two formats ``s = 2**ceil(log2(s))`` taken from the
 fp32 bits (``fast_round_scale``). :func:`fp8_block_scale` and :func:`fp4_block_scale` are that
-rule; backends must produce the same bits.
+rule; backends must produce the same bits. A block holding an inf or a NaN (its amax is not
+finite) gets a NaN scale (fp32 NaN, e8m0 byte 0xFF) and a NaN payload (e4m3 ``0x7F`` for every
+element; e2m1 code 7, as e2m1 has no NaN): :func:`nonfinite_blocks`, :func:`mark_nonfinite_blocks`.
 
 CPU speed without new numerics: e4m3 / e8m0 / e2m1 decoding on the CPU indexes small tables
 holding exactly what the direct formulas (or torch's own cast) give, and :func:`operand` passes
@@ -51,6 +53,8 @@ FP4_MAX: float = 6.0
 FP4_MAX_INV: float = _f32(1.0 / 6.0)
 FP4_AMAX_FLOOR: float = 6.0 * 2.0 ** -126   # exact in fp32; gives the smallest scale 2**-126
 FP8_BLOCK: int = 128                        # activation / weight block of the FP8 recipes
+FP8_NAN_BYTE: int = 0x7F                    # e4m3 payload of a block holding inf or NaN (positive NaN)
+FP4_NAN_CODE: int = 7                       # e2m1 code of such a block (e2m1 has no NaN; its scale is NaN)
 FP4_BLOCK: int = 32                         # K block of the MXFP4 recipes
 
 #: e2m1 magnitudes by code 0..7; codes 8..15 are the same values negated (8 is -0.0).
@@ -291,17 +295,36 @@ def fp4_block_scale(amax: torch.Tensor) -> torch.Tensor:
     return _pow2_ceil_normal(s)
 
 
-def block_scale_to_e8m0(s: torch.Tensor) -> torch.Tensor:
+def block_scale_to_e8m0(s: torch.Tensor, *, nan: bool = False) -> torch.Tensor:
     """Power-of-two block scales from :func:`fp8_block_scale` / :func:`fp4_block_scale` -> e8m0.
 
-    Those are normal powers of two, whose e8m0 byte is the biased fp32 exponent (bits 23..30);
-    ``inf`` / NaN scales go to :func:`float_to_e8m0`, which refuses them with its error.
+    Those are normal powers of two, whose e8m0 byte is the biased fp32 exponent (bits 23..30).
+    Non-finite scales (a block holding inf or NaN): with ``nan=True`` they become the e8m0 NaN
+    byte 0xFF (what the quantizers return for such blocks, see :func:`mark_nonfinite_blocks`);
+    otherwise they go to :func:`float_to_e8m0`, which refuses them with its error (a host sync).
     """
     bits = s.view(torch.int32)
     biased = bits.bitwise_right_shift(operand(23, bits))
+    if nan:
+        return biased.bitwise_and_(operand(0xFF, bits)).to(torch.uint8).view(E8M0_DTYPE)
     if s.numel() and bool(biased.ge(operand(255, bits)).any()):
         return float_to_e8m0(s)
     return biased.to(torch.uint8).view(E8M0_DTYPE)
+
+
+def nonfinite_blocks(amax: torch.Tensor) -> torch.Tensor:
+    """bool ``[...]``: the blocks whose fp32 amax ``[...]`` is inf or NaN (they hold an inf or a NaN)."""
+    return torch.isfinite(amax).logical_not_()
+
+
+def mark_nonfinite_blocks(s: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """The quantizers' result for blocks holding inf or NaN: fp32 block scales ``s [...]`` set to
+    NaN where ``bad [...]`` (from :func:`nonfinite_blocks`), in place; returns ``s``.
+
+    The payload of such a block is NaN too: e4m3 ``0x7F`` (:data:`FP8_NAN_BYTE`) for FP8, code 7
+    (e2m1 has no NaN; the scale makes the dequantized values NaN) for FP4.
+    """
+    return s.masked_fill_(bad, float("nan"))
 
 
 def fp8_round(v: torch.Tensor) -> torch.Tensor:
@@ -320,4 +343,5 @@ __all__ = [
     "FP4_MAX", "FP4_MAX_INV", "FP4_AMAX_FLOOR", "FP8_BLOCK", "FP4_BLOCK", "E2M1_VALUES",
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "e8m0_to_float", "fp8_to_float", "scale_to_float",
     "pow2_ceil", "float_to_e8m0", "fp8_block_scale", "fp4_block_scale", "block_scale_to_e8m0", "fp8_round",
+    "FP8_NAN_BYTE", "FP4_NAN_CODE", "nonfinite_blocks", "mark_nonfinite_blocks",
 ]

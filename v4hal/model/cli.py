@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from v4hal.cliargs import reports_errors
+
 __all__ = ["add_arguments", "main", "run", "cache_dir", "resolve_checkpoint", "make_prompt", "prepare_backend",
-           "set_threads"]
+           "set_threads", "check_args"]
 
 DEFAULT_WEIGHT_SEED = 0
 MAX_RANDOM_BYTES = 4 << 30
@@ -132,15 +134,19 @@ def set_threads(threads: int | None, checkpoint: Path, device: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal run``."""
-    parser.add_argument("--model", default="v4-mini", help="preset whose random checkpoint to run (default v4-mini)")
+    from v4hal.cliargs import backend_names, choice, device, model_preset, positive_int, writable_path
+
+    parser.add_argument("--model", default="v4-mini", type=model_preset,
+                        help="preset whose random checkpoint to run (default v4-mini)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory to run instead of a preset")
-    parser.add_argument("--backend", default=None, help="force every op onto this backend (default: automatic)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, npu ...)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (default 64)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    parser.add_argument("--batch", type=int, default=1, help="prompt rows (default 1)")
+    parser.add_argument("--backend", default=None, type=choice(backend_names, "backend"),
+                        help="force every op onto this backend (default: automatic)")
+    parser.add_argument("--device", default="cpu", type=device, help="torch device (cpu, cuda, npu ...)")
+    parser.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens per row (default 64)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="prompt rows (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: 1 for models with dim <= 1024, whose tiny GEMMs only "
                              "lose to thread synchronization, else torch's choice)")
     parser.add_argument("--experts", choices=("auto", "checkpoint", "fp8"), default="auto",
@@ -150,11 +156,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU only: leave the weights in the checkpoint file's memory map instead of copying "
                              "them into memory (for checkpoints larger than the free RAM). Hazard: the files must "
                              "not change while the run lasts (a truncated file kills it with SIGBUS)")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--json", default=None, type=writable_path, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--ep", type=int, default=1,
-                        help="expert-parallel ranks: N local gloo processes, each holding E/N routed experts")
+    parser.add_argument("--ep", type=positive_int, default=1,
+                        help="expert-parallel ranks: N local gloo processes, each holding E/N routed experts "
+                             "(N must divide the model's routed expert count)")
     parser.add_argument("--fp8-payload", action="store_true", help="with --ep: FP8 dispatch payload (act_quant)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks of ``v4hal run`` that involve several options or the model's config (read from the checkpoint,
+    or the preset's), before any work: no checkpoint is written, no rank started. Raises `v4hal.RangeError`."""
+    from v4hal.cliargs import backends_on
+    from v4hal.hal.errors import RangeError
+
+    from .config import ModelConfig
+
+    if args.checkpoint:
+        path = resolve_checkpoint(None, args.checkpoint)
+        cfg = ModelConfig.from_json(path if path.is_dir() else path.parent)
+        source = str(args.checkpoint)
+    else:
+        cfg = ModelConfig.preset(args.model)
+        source = f"--model {args.model}"
+    positions = args.prompt_len + args.max_new_tokens - 1
+    if positions > cfg.max_seq_len:
+        raise RangeError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} - 1 = {positions} "
+                         f"positions exceed the max_seq_len {cfg.max_seq_len} of {source}")
+    if getattr(args, "mmap", False) and torch.device(args.device).type != "cpu":
+        raise RangeError(f"--mmap keeps weights mapped on the CPU only; got --device {args.device}")
+    if args.ep > 1:
+        if torch.device(args.device).type != "cpu":
+            raise RangeError(f"--ep runs local gloo ranks on the CPU; got --device {args.device}")
+        n = cfg.n_routed_experts
+        if n % args.ep:
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            raise RangeError(f"--ep {args.ep}: the {n} routed experts of {source} do not split evenly over "
+                             f"{args.ep} ranks; --ep must divide {n} (one of {divisors})")
+    if args.backend:
+        prepare_backend(args.backend, args.device)
+        backends_on([args.backend], args.device, "--backend")
 
 
 def _experts_fp8(choice: str, device: str) -> bool:
@@ -228,19 +269,16 @@ def _synchronizer(device: str):
     return lambda: None
 
 
+@reports_errors("run")
 def main(args: argparse.Namespace) -> int:
-    """``v4hal run``: 0 on success, 1 when the logits are not finite, 2 on a usage or checkpoint error."""
-    from v4hal.hal.errors import V4HalError
-
-    try:
-        if args.ep > 1:
-            from v4hal.parallel import run_ep
-            res = run_ep(args, args.ep, fp8_payload=args.fp8_payload)
-        else:
-            res = run(args)
-    except V4HalError as e:
-        print(f"v4hal run: error: {e}", file=sys.stderr)
-        return 2
+    """``v4hal run``: 0 on success, 1 when the logits are not finite, 2 on bad options or a bad checkpoint (one
+    line on stderr; `check_args` refuses what it can before anything is loaded)."""
+    check_args(args)
+    if args.ep > 1:
+        from v4hal.parallel import run_ep
+        res = run_ep(args, args.ep, fp8_payload=args.fp8_payload)
+    else:
+        res = run(args)
     for row, toks in enumerate(res["tokens"]):
         print(f"tokens[{row}]: {' '.join(map(str, toks))}")
     dec = f"{res['decode_tok_s']:.2f} tok/s" if res["decode_tok_s"] is not None else "n/a (one token)"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from v4hal import compare as numerics
+from v4hal.cliargs import reports_errors
 from v4hal.compare import calc_diff
 
 __all__ = ["add_arguments", "main", "collect", "compare", "calc_diff", "BackendRun", "run_backend"]
@@ -131,25 +132,31 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal parity --model`` (``v4hal parity`` defines --device/--backends/--seed/--json/--model)."""
-    parser.add_argument("--model", default="v4-mini", help="preset whose random checkpoint to compare")
-    parser.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
-    parser.add_argument("--device", default="cpu")
+    from v4hal.cliargs import backend_names, choice_list, device, model_preset, writable_path
+
+    parser.add_argument("--model", default="v4-mini", type=model_preset,
+                        help="preset whose random checkpoint to compare")
+    parser.add_argument("--backends", default=None, type=choice_list(backend_names, "backend"),
+                        help="comma-separated backends (default: all available)")
+    parser.add_argument("--device", default="cpu", type=device)
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--json", default=None, type=writable_path, help="write the rows to this JSON file")
     add_model_arguments(parser)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options only model-level parity has (for ``v4hal parity`` to add to its parser)."""
+    from v4hal.cliargs import non_negative_float, non_negative_int, positive_int
+
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory instead of the preset's")
-    parser.add_argument("--prompt-len", type=int, default=24, help="prompt tokens (default 24)")
-    parser.add_argument("--decode-steps", type=int, default=3, help="decode steps compared (default 3)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=positive_int, default=24, help="prompt tokens (default 24)")
+    parser.add_argument("--decode-steps", type=non_negative_int, default=3, help="decode steps compared (default 3)")
+    parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--experts", choices=("checkpoint", "fp8"), default="checkpoint",
                         help="routed expert format (see v4hal run --experts)")
-    parser.add_argument("--tol-hidden", type=float, default=DEFAULT_TOL_HIDDEN,
+    parser.add_argument("--tol-hidden", type=non_negative_float, default=DEFAULT_TOL_HIDDEN,
                         help=f"max calc_diff of a layer's output stream (default {DEFAULT_TOL_HIDDEN:g})")
-    parser.add_argument("--tol-logits", type=float, default=DEFAULT_TOL_LOGITS,
+    parser.add_argument("--tol-logits", type=non_negative_float, default=DEFAULT_TOL_LOGITS,
                         help=f"max calc_diff of the logits (default {DEFAULT_TOL_LOGITS:g})")
 
 
@@ -158,26 +165,32 @@ def _opt(args: argparse.Namespace, name: str, default: Any) -> Any:
     return default if v is None else v
 
 
+@reports_errors("parity")
 def main(args: argparse.Namespace) -> int:
-    """``v4hal parity --model``: returns 0 when every row passes, 1 otherwise."""
+    """``v4hal parity --model``: returns 0 when every row passes, 1 otherwise, 2 on bad options or a bad
+    checkpoint (one line on stderr, before any backend runs)."""
     import v4hal
+    from v4hal.cliargs import backends_on, split_list
 
     from .cli import make_prompt, prepare_backend, resolve_checkpoint, set_threads
     from .config import ModelConfig
 
     device = _opt(args, "device", "cpu")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if getattr(args, "backends", None) \
-        else None
+    backends = split_list(args.backends) if getattr(args, "backends", None) else None
     for b in backends or []:
         prepare_backend(b, device)
     if backends is None:
         backends = v4hal.available_backends(device)
+    backends_on(backends, device)
     others = [b for b in backends if b != "reference"]
-    path = resolve_checkpoint(_opt(args, "model", "v4-mini") if not getattr(args, "checkpoint", None) else None,
-                              getattr(args, "checkpoint", None))
+    checkpoint = getattr(args, "checkpoint", None)
+    path = resolve_checkpoint(_opt(args, "model", "v4-mini") if not checkpoint else None, checkpoint)
     set_threads(None, path, device)
     cfg = ModelConfig.from_json(path)
     prompt_len, steps = _opt(args, "prompt_len", 24), _opt(args, "decode_steps", 3)
+    if prompt_len + steps > cfg.max_seq_len:
+        raise v4hal.RangeError(f"--prompt-len {prompt_len} + --decode-steps {steps} = {prompt_len + steps} positions "
+                               f"exceed the max_seq_len {cfg.max_seq_len} of {path}")
     prompt = make_prompt(_opt(args, "batch", 1), prompt_len, cfg.vocab_size, _opt(args, "seed", 0), device)
     experts_fp8 = _opt(args, "experts", "checkpoint") == "fp8"
     tol_h, tol_l = _opt(args, "tol_hidden", DEFAULT_TOL_HIDDEN), _opt(args, "tol_logits", DEFAULT_TOL_LOGITS)

@@ -2,7 +2,6 @@
 the op, the argument, what was expected and what came."""
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch
@@ -58,6 +57,76 @@ def divisible(op: str, name: str, value: int, by: int, what: str) -> None:
 def positive(op: str, name: str, value: int | float) -> None:
     if not value > 0:
         raise RangeError(f"{op}: {name} must be > 0, got {value}")
+
+
+# ---- bounds of scalar arguments: far outside what a V4 call uses, inside what every kernel handles ----
+
+#: Largest int32: positions and picks that an op computes or returns as int32 stay at or below it.
+INT32_MAX = 2**31 - 1
+#: Quantization block sizes (``block_size``, ``block``); V4 uses 128 (FP8) and 32 (FP4).
+MAX_QUANT_BLOCK = 2**13
+#: Side of the square weight tiles of ``quant_weight_fp8`` (``block``); V4 uses 128.
+MAX_WEIGHT_BLOCK = 2**10
+#: Routed experts (``num_experts``); V4 has 256 (Flash) and 384 (Pro).
+MAX_EXPERTS = 2**16
+#: Picks per query (``topk`` of ``indexer_topk``); V4 picks 512 or 1024.
+MAX_TOPK = 2**16
+#: KV compression ratio (``ratio``); V4 uses 4 and 128.
+MAX_RATIO = 2**16
+#: mHC residual copies (``hc_mult``); V4 uses 4.
+MAX_HC_MULT = 2**8
+#: Sinkhorn normalisations (``sinkhorn_iters``); V4 uses 20.
+MAX_SINKHORN_ITERS = 1000
+#: Epsilons (``eps``, ``norm_eps``, ``hc_eps``) lie in (0, MAX_EPS); V4 uses 1e-6.
+MAX_EPS = 1.0
+#: Magnitude of float multipliers and limits (``softmax_scale``, ``route_scale``, ``swiglu_limit``,
+#: ``scale``); V4 uses values below 100. Every kernel takes them as fp32.
+MAX_FLOAT_ARG = 1e6
+
+
+def show(value: int | float) -> str:
+    """A bound as messages and docs print it: ``2**16``, ``2**31 - 1``, ``1e+06``, ``0``."""
+    if isinstance(value, int) and value >= 1024:
+        if value & (value - 1) == 0:
+            return f"2**{value.bit_length() - 1}"
+        if (value + 1) & value == 0:
+            return f"2**{value.bit_length()} - 1"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def interval(lo: int | float, hi: int | float, *, open_low: bool = False, open_high: bool = False) -> str:
+    """``[1, 2**13]``, ``(0, 1)``."""
+    return f"{'(' if open_low else '['}{show(lo)}, {show(hi)}{')' if open_high else ']'}"
+
+
+def in_range(op: str, name: str, value: int | float, lo: int | float, hi: int | float, *,
+             open_low: bool = False, open_high: bool = False, note: str = "") -> None:
+    """A scalar argument within ``[lo, hi]`` (ends excluded with ``open_low`` / ``open_high``); NaN is
+    outside every range. ``note`` follows the interval in the message (what a shape-dependent end is)."""
+    ok = (lo < value if open_low else lo <= value) and (value < hi if open_high else value <= hi)
+    if not ok:
+        raise RangeError(f"{op}: {name} must be in {interval(lo, hi, open_low=open_low, open_high=open_high)}"
+                         f"{note}, got {value}")
+
+
+def ranges_doc(**ranges: str) -> str:
+    """The contract line of an op's scalar ranges: ``ranges_doc(block=interval(1, MAX_WEIGHT_BLOCK))``."""
+    return "Scalar arguments: " + ", ".join(f"`{name}` in {r}" for name, r in ranges.items()) + \
+        "; a value outside its range raises `RangeError`."
+
+
+EPS_RANGE = interval(0.0, MAX_EPS, open_low=True, open_high=True)
+FLOAT_ARG_RANGE = interval(-MAX_FLOAT_ARG, MAX_FLOAT_ARG)
+
+
+def eps_arg(op: str, name: str, value: float) -> None:
+    """An epsilon: in ``(0, MAX_EPS)``."""
+    in_range(op, name, value, 0.0, MAX_EPS, open_low=True, open_high=True)
+
+
+def float_arg(op: str, name: str, value: float, lo: float = -MAX_FLOAT_ARG) -> None:
+    """A float multiplier or limit: finite, in ``[lo, MAX_FLOAT_ARG]``."""
+    in_range(op, name, value, lo, MAX_FLOAT_ARG)
 
 
 def dtype_arg(op: str, name: str, value: torch.dtype, allowed: Iterable[torch.dtype]) -> None:
@@ -136,7 +205,3 @@ def permutation(op: str, name: str, t: torch.Tensor) -> None:
         raise RangeError(f"{op}: {name} must be a permutation of [0, {n}), got min {lo}, max {hi}"
                          + ("" if lo < 0 or hi >= n else " with a repeated value"))
 
-
-def finite_scalar(op: str, name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise RangeError(f"{op}: {name} must be finite, got {value}")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._checks import FLOATS
+from ._checks import FLOATS, INT32_MAX
 from ._define import call, define_op
-
-INT32_MAX = 2**31 - 1
 
 
 def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
@@ -26,7 +24,7 @@ def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
     C.rank(op, "topk_idxs", topk_idxs, (3,), "[b, m, k]")
     if tuple(topk_idxs.shape[:2]) != (b, m):
         raise C.ShapeError(f"{op}: topk_idxs must be [b, m, k] = [{b}, {m}, k], got {C.describe(topk_idxs)}")
-    C.finite_scalar(op, "softmax_scale", softmax_scale)
+    C.float_arg(op, "softmax_scale", softmax_scale)
     C.same_device(op, q=q, kv=kv, attn_sink=attn_sink, topk_idxs=topk_idxs)
 
 
@@ -37,7 +35,8 @@ def _values_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
 
 
 define_op("sparse_attn", "(Tensor q, Tensor kv, Tensor attn_sink, Tensor topk_idxs, float softmax_scale) -> Tensor",
-          check=_check_sparse_attn, fake=lambda q, *a: torch.empty_like(q), value_check=_values_sparse_attn)
+          check=_check_sparse_attn, fake=lambda q, *a: torch.empty_like(q), value_check=_values_sparse_attn,
+          doc=C.ranges_doc(softmax_scale=C.FLOAT_ARG_RANGE))
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
@@ -73,18 +72,19 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> tor
 def _check_indexer_topk(q, k, weights, topk, start_pos, ratio, offset):
     op = "indexer_topk"
     _check_indexer_inputs(op, q, k, weights)
-    C.positive(op, "topk", topk)
-    C.positive(op, "ratio", ratio)
-    if start_pos < 0:
-        raise C.RangeError(f"{op}: start_pos must be >= 0, got {start_pos}")
-    t = k.shape[1]
-    if offset < 0 or offset + t > INT32_MAX:
-        raise C.RangeError(f"{op}: offset must be in [0, 2**31 - 1 - t] with t = {t} (picks are int32), got {offset}")
+    C.in_range(op, "topk", topk, 1, C.MAX_TOPK)
+    C.in_range(op, "ratio", ratio, 1, C.MAX_RATIO)
+    s, t = q.shape[1], k.shape[1]
+    C.in_range(op, "start_pos", start_pos, 0, INT32_MAX - s,
+               note=f" (2**31 - 1 - s with s = {s}: positions start_pos + i are int32)")
+    C.in_range(op, "offset", offset, 0, INT32_MAX - t, note=f" (2**31 - 1 - t with t = {t}: picks are int32)")
 
 
 define_op("indexer_topk",
           "(Tensor q, Tensor k, Tensor weights, int topk, int start_pos=0, int ratio=4, int offset=0) -> Tensor",
           check=_check_indexer_topk,
+          doc=C.ranges_doc(topk=C.interval(1, C.MAX_TOPK), ratio=C.interval(1, C.MAX_RATIO),
+                           start_pos="[0, 2**31 - 1 - s]", offset="[0, 2**31 - 1 - t]"),
           fake=lambda q, k, w, topk, *a: q.new_empty((q.shape[0], q.shape[1], min(topk, k.shape[1])),
                                                       dtype=torch.int32))
 
@@ -100,7 +100,7 @@ def _check_compress_kv(kv, score, ape, ratio, overlap):
     op = "compress_kv"
     C.dtype(op, "kv", kv, FLOATS)
     C.rank(op, "kv", kv, (3,), "[b, n, c*d]")
-    C.positive(op, "ratio", ratio)
+    C.in_range(op, "ratio", ratio, 1, C.MAX_RATIO)
     b, n, cd = kv.shape
     c = 2 if overlap else 1
     if n % ratio:
@@ -114,7 +114,7 @@ def _check_compress_kv(kv, score, ape, ratio, overlap):
 
 
 define_op("compress_kv", "(Tensor kv, Tensor score, Tensor ape, int ratio, bool overlap) -> Tensor",
-          check=_check_compress_kv,
+          check=_check_compress_kv, doc=C.ranges_doc(ratio=C.interval(1, C.MAX_RATIO)),
           fake=lambda kv, score, ape, ratio, overlap: kv.new_empty(
               (kv.shape[0], kv.shape[1] // ratio, kv.shape[2] // (2 if overlap else 1))))
 

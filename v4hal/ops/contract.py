@@ -52,7 +52,7 @@ _FLOW = """\
 v4hal.<op>(...)                    public function (v4hal/ops/<family>.py), Python signature below
   -> torch.ops.v4hal.<op>(...)     torch.library op (schema below), one kernel for each of {keys}
      -> structural checks          dtypes, shapes, devices, options; the fake (meta) kernel runs them too
-     -> value checks               index ranges, finite scales: they read tensor data (see "Value checks")
+     -> value checks               index ranges, finite scales and inputs: they read tensor data (see "Value checks")
      -> hal.dispatch.select(...)   the implementation: use_backend() > V4HAL_OP_BACKENDS > V4HAL_BACKEND > priority
         -> impl(*schema_args)      a backend function, arguments in schema order
 ```
@@ -127,8 +127,8 @@ _VALUE_CHECKS = """\
 ## Value checks
 
 Structural checks read only shapes, dtypes, devices and Python arguments. Value checks read tensor
-data (index ranges, finite scales), which on an accelerator costs a host synchronisation and rules
-out CUDA-graph capture. By default they run for CPU tensors and not for accelerator tensors;
+data (index ranges, finite scales, finite quantizer inputs), which on an accelerator costs a host
+synchronisation and rules out CUDA-graph capture. By default they run for CPU tensors and not for accelerator tensors;
 `V4HAL_CHECK_VALUES=1` or `0` turns them on or off everywhere (the environment is read once;
 `v4hal.hal.dispatch.refresh()` reads it again). Without them an out-of-range index or a NaN scale is
 not detected, and what the backend then computes is unspecified. The ops with value checks:

@@ -10,15 +10,19 @@ from ._define import call, define_op
 
 BLOCK = 128   # FP8 block along K (activations) and N x K (weights)
 FP4_BLOCK = 32
+#: expert weights: float, FP8, or packed e2m1 (two FP4 values a byte)
+WEIGHT_DTYPES = (*FLOATS, FP8, torch.uint8)
 
 
-def _check_act_operand(op: str, a: torch.Tensor, a_s: torch.Tensor, name: str = "a") -> int:
+def _check_act_operand(op: str, a: torch.Tensor, a_s: torch.Tensor, name: str = "a",
+                        scale_name: str = "a_s") -> int:
+    """An fp8 activation ``name`` [..., K] and its scales ``scale_name`` [..., K/128]; returns K."""
     C.dtype(op, name, a, (FP8,))
     C.min_rank(op, name, a, 1, "[..., K]")
     k = a.shape[-1]
     C.divisible(op, f"{name}.shape[-1] (K)", k, BLOCK, "the FP8 block")
-    C.dtype(op, f"{name}_s", a_s, SCALE_DTYPES)
-    C.shape(op, f"{name}_s", a_s, (*a.shape[:-1], k // BLOCK), "[..., K/128]")
+    C.dtype(op, scale_name, a_s, SCALE_DTYPES)
+    C.shape(op, scale_name, a_s, (*a.shape[:-1], k // BLOCK), "[..., K/128]")
     return k
 
 
@@ -95,6 +99,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 def weight_kind(op: str, name: str, w: torch.Tensor, scale: torch.Tensor | None, k: int,
                 scale_name: str) -> str:
     """Classify an expert weight stack ``[E, N, K]``: 'float', 'fp8' or 'fp4'; checks its scales."""
+    C.dtype(op, name, w, WEIGHT_DTYPES)
     C.rank(op, name, w, (3,), "[E, N, K] (FP4: [E, N, K/2])")
     e, n = w.shape[0], w.shape[1]
     if w.dtype in FLOATS:
@@ -113,20 +118,20 @@ def weight_kind(op: str, name: str, w: torch.Tensor, scale: torch.Tensor | None,
         C.dtype(op, scale_name, scale, SCALE_DTYPES)
         C.shape(op, scale_name, scale, (e, ceil_div(n, BLOCK), k // BLOCK), "[E, ceil(N/128), K/128]")
         return "fp8"
-    if w.dtype == torch.uint8:
-        if 2 * w.shape[2] != k:
-            raise C.ShapeError(f"{op}: {name} must be packed [E, N, K/2] with K = {k}, got {C.describe(w)}")
-        C.divisible(op, f"{name} K", k, FP4_BLOCK, "the FP4 block")
-        C.dtype(op, scale_name, scale, SCALE_DTYPES)
-        C.shape(op, scale_name, scale, (e, n, k // FP4_BLOCK), "[E, N, K/32]")
-        return "fp4"
-    raise C.DTypeError(f"{op}: {name} must be bfloat16/float16/float32, float8_e4m3fn or uint8 (packed e2m1), "
-                       f"got {C.describe(w)}")
+    # packed e2m1 (uint8)
+    if 2 * w.shape[2] != k:
+        raise C.ShapeError(f"{op}: {name} must be packed [E, N, K/2] with K = {k}, got {C.describe(w)}")
+    C.divisible(op, f"{name}.shape[-1] (K/2) times 2", k, FP4_BLOCK, "the FP4 block")
+    C.dtype(op, scale_name, scale, SCALE_DTYPES)
+    C.shape(op, scale_name, scale, (e, n, k // FP4_BLOCK), "[E, N, K/32]")
+    return "fp4"
 
 
 def _check_grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype):
     op = "grouped_gemm"
+    C.dtype(op, "x", x, (*FLOATS, FP8))
     C.rank(op, "x", x, (2,), "[M, K]")
+    C.dtype(op, "w", w, WEIGHT_DTYPES)
     m, k = x.shape
     if x.dtype in FLOATS:
         if x_scale is not None:
@@ -135,17 +140,15 @@ def _check_grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype):
         kind = weight_kind(op, "w", w, w_scale, k, "w_scale")
         if kind != "float" or w.dtype != x.dtype:
             raise C.DTypeError(f"{op}: a {x.dtype} x takes w of the same dtype, got {C.describe(w)}")
-    elif x.dtype == FP8:
+    else:
         if x_scale is None or w_scale is None:
             raise C.DTypeError(f"{op}: an fp8 x needs x_scale and w_scale, got "
                                f"x_scale {'None' if x_scale is None else C.describe(x_scale)}, "
                                f"w_scale {'None' if w_scale is None else C.describe(w_scale)}")
-        _check_act_operand(op, x, x_scale, "x")
+        _check_act_operand(op, x, x_scale, "x", "x_scale")
         kind = weight_kind(op, "w", w, w_scale, k, "w_scale")
         if kind == "float":
             raise C.DTypeError(f"{op}: an fp8 x takes fp8 or packed-FP4 w, got {C.describe(w)}")
-    else:
-        raise C.DTypeError(f"{op}: x must be bfloat16/float16/float32 or float8_e4m3fn, got {C.describe(x)}")
     C.dtype(op, "group_offsets", group_offsets, (torch.int64,))
     C.shape(op, "group_offsets", group_offsets, (w.shape[0] + 1,), "[E+1]")
     C.one_of(op, "out_dtype", out_dtype, FLOATS)

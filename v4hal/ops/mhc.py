@@ -10,7 +10,7 @@ from ._define import call, define_op
 
 
 def _check_hc_params(op, hc_scale, hc_base, hc_mult, n_scale):
-    C.positive(op, "hc_mult", hc_mult)
+    """hc_scale fp32 ``[n_scale]`` and hc_base fp32 ``[(2+hc)*hc]`` (``n_scale`` 3) or ``[hc]`` (1)."""
     C.dtype(op, "hc_scale", hc_scale, (torch.float32,))
     C.shape(op, "hc_scale", hc_scale, (n_scale,), f"[{n_scale}]")
     width = (2 + hc_mult) * hc_mult if n_scale == 3 else hc_mult
@@ -20,13 +20,14 @@ def _check_hc_params(op, hc_scale, hc_base, hc_mult, n_scale):
 
 def _check_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps):
     op = "hc_split_sinkhorn"
+    C.in_range(op, "hc_mult", hc_mult, 1, C.MAX_HC_MULT)
+    C.in_range(op, "sinkhorn_iters", sinkhorn_iters, 1, C.MAX_SINKHORN_ITERS)
+    C.eps_arg(op, "eps", eps)
     _check_hc_params(op, hc_scale, hc_base, hc_mult, 3)
     C.dtype(op, "mixes", mixes, (torch.float32,))
     C.min_rank(op, "mixes", mixes, 1, "[..., (2+hc)*hc]")
     if mixes.shape[-1] != (2 + hc_mult) * hc_mult:
         raise C.ShapeError(f"{op}: mixes must be [..., (2+hc)*hc = {(2 + hc_mult) * hc_mult}], got {C.describe(mixes)}")
-    C.positive(op, "sinkhorn_iters", sinkhorn_iters)
-    C.positive(op, "eps", eps)
     C.same_device(op, mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
 
 
@@ -38,7 +39,9 @@ def _fake_split(lead, like, hc):
 define_op("hc_split_sinkhorn",
           "(Tensor mixes, Tensor hc_scale, Tensor hc_base, int hc_mult=4, int sinkhorn_iters=20, float eps=1e-6)"
           " -> (Tensor, Tensor, Tensor)",
-          check=_check_sinkhorn, fake=lambda m, s, b, hc, it, eps: _fake_split(m.shape[:-1], m, hc))
+          check=_check_sinkhorn, fake=lambda m, s, b, hc, it, eps: _fake_split(m.shape[:-1], m, hc),
+          doc=C.ranges_doc(hc_mult=C.interval(1, C.MAX_HC_MULT), sinkhorn_iters=C.interval(1, C.MAX_SINKHORN_ITERS),
+                           eps=C.EPS_RANGE))
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int = 4,
@@ -60,11 +63,12 @@ def _check_hc_x(op, x, hc_fn, hc_mult, rows):
 
 def _check_hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps):
     op = "hc_pre"
+    C.in_range(op, "hc_mult", hc_mult, 1, C.MAX_HC_MULT)
+    C.in_range(op, "sinkhorn_iters", sinkhorn_iters, 1, C.MAX_SINKHORN_ITERS)
+    C.eps_arg(op, "norm_eps", norm_eps)
+    C.eps_arg(op, "hc_eps", hc_eps)
     _check_hc_params(op, hc_scale, hc_base, hc_mult, 3)
     _check_hc_x(op, x, hc_fn, hc_mult, (2 + hc_mult) * hc_mult)
-    C.positive(op, "sinkhorn_iters", sinkhorn_iters)
-    C.positive(op, "norm_eps", norm_eps)
-    C.positive(op, "hc_eps", hc_eps)
     C.same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
 
 
@@ -76,7 +80,9 @@ def _fake_hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, iters, hc_eps):
 define_op("hc_pre",
           "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps=1e-6, int hc_mult=4, "
           "int sinkhorn_iters=20, float hc_eps=1e-6) -> (Tensor, Tensor, Tensor)",
-          check=_check_hc_pre, fake=_fake_hc_pre)
+          check=_check_hc_pre, fake=_fake_hc_pre,
+          doc=C.ranges_doc(norm_eps=C.EPS_RANGE, hc_mult=C.interval(1, C.MAX_HC_MULT),
+                           sinkhorn_iters=C.interval(1, C.MAX_SINKHORN_ITERS), hc_eps=C.EPS_RANGE))
 
 
 def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,
@@ -114,17 +120,20 @@ def _check_hc_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps):
     op = "hc_head"
     C.dtype(op, "x", x, FLOATS)
     C.min_rank(op, "x", x, 2, "[..., hc, D]")
+    C.eps_arg(op, "norm_eps", norm_eps)
+    C.eps_arg(op, "hc_eps", hc_eps)
     hc = x.shape[-2]
+    if hc < 1:
+        raise C.ShapeError(f"{op}: x must be [..., hc, D] with hc >= 1, got {C.describe(x)}")
     _check_hc_params(op, hc_scale, hc_base, hc, 1)
     _check_hc_x(op, x, hc_fn, hc, hc)
-    C.positive(op, "norm_eps", norm_eps)
-    C.positive(op, "hc_eps", hc_eps)
     C.same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
 
 
 define_op("hc_head",
           "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps=1e-6, float hc_eps=1e-6) -> Tensor",
-          check=_check_hc_head, fake=lambda x, *a: x.new_empty((*x.shape[:-2], x.shape[-1])))
+          check=_check_hc_head, fake=lambda x, *a: x.new_empty((*x.shape[:-2], x.shape[-1])),
+          doc=C.ranges_doc(norm_eps=C.EPS_RANGE, hc_eps=C.EPS_RANGE))
 
 
 def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,

@@ -9,7 +9,7 @@ import torch
 from . import _checks as C
 from ._checks import FLOATS, FP8
 from ._define import call, define_op
-from .gemm import BLOCK, weight_kind
+from .gemm import BLOCK, WEIGHT_DTYPES, weight_kind
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 
@@ -23,13 +23,12 @@ def _check_moe_gate(x, weight, topk, bias, score_func, route_scale, tid2eid, inp
     if weight.shape[1] != x.shape[1]:
         raise C.ShapeError(f"{op}: weight must be [E, D] with D = {x.shape[1]}, got {C.describe(weight)}")
     e = weight.shape[0]
-    if not 0 < topk <= e:
-        raise C.RangeError(f"{op}: topk must be in [1, E={e}], got {topk}")
+    C.in_range(op, "topk", topk, 1, e, note=" (E = weight.shape[0])")
     if bias is not None:
         C.dtype(op, "bias", bias, (torch.float32,))
         C.shape(op, "bias", bias, (e,), "[E]")
     C.one_of(op, "score_func", score_func, SCORE_FUNCS)
-    C.finite_scalar(op, "route_scale", route_scale)
+    C.float_arg(op, "route_scale", route_scale)
     if (tid2eid is None) != (input_ids is None):
         raise C.ShapeError(f"{op}: hash routing needs both tid2eid and input_ids, got only "
                            f"{'tid2eid' if input_ids is None else 'input_ids'}")
@@ -57,7 +56,8 @@ def _fake_moe_gate(x, weight, topk, *rest):
 define_op("moe_gate",
           "(Tensor x, Tensor weight, int topk, Tensor? bias=None, str score_func=\"sqrtsoftplus\", "
           "float route_scale=1.0, Tensor? tid2eid=None, Tensor? input_ids=None) -> (Tensor, Tensor)",
-          check=_check_moe_gate, fake=_fake_moe_gate, value_check=_values_moe_gate)
+          check=_check_moe_gate, fake=_fake_moe_gate, value_check=_values_moe_gate,
+          doc=C.ranges_doc(topk="[1, E]", route_scale=C.FLOAT_ARG_RANGE))
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None,
@@ -88,7 +88,7 @@ def _check_moe_dispatch(x, indices, num_experts):
     C.rank(op, "indices", indices, (2,), "[T, k]")
     if indices.shape[0] != x.shape[0]:
         raise C.ShapeError(f"{op}: indices must be [T={x.shape[0]}, k], got {C.describe(indices)}")
-    C.positive(op, "num_experts", num_experts)
+    C.in_range(op, "num_experts", num_experts, 1, C.MAX_EXPERTS)
     C.same_device(op, x=x, indices=indices)
 
 
@@ -100,6 +100,7 @@ def _fake_moe_dispatch(x, indices, num_experts):
 
 define_op("moe_dispatch", "(Tensor x, Tensor indices, int num_experts) -> (Tensor, Tensor, Tensor)",
           check=_check_moe_dispatch, fake=_fake_moe_dispatch,
+          doc=C.ranges_doc(num_experts=C.interval(1, C.MAX_EXPERTS)),
           value_check=lambda x, idx, e: C.index_range("moe_dispatch", "indices", idx, 0, e))
 
 
@@ -149,6 +150,8 @@ def _check_moe_experts(x, weights, indices, w1, w2, w3, w1_scale, w2_scale, w3_s
         raise C.ShapeError(f"{op}: indices must be [T={t}, k], got {C.describe(indices)}")
     C.dtype(op, "weights", weights, (torch.float32,))
     C.shape(op, "weights", weights, tuple(indices.shape), "[T, k] like indices")
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        C.dtype(op, name, w, WEIGHT_DTYPES)
     if not w1.dtype == w2.dtype == w3.dtype:
         raise C.DTypeError(f"{op}: w1, w2, w3 must share one dtype, got {w1.dtype}, {w2.dtype}, {w3.dtype}")
     C.rank(op, "w1", w1, (3,), "[E, I, D] (FP4: [E, I, D/2])")
@@ -175,14 +178,15 @@ def _check_moe_experts(x, weights, indices, w1, w2, w3, w1_scale, w2_scale, w3_s
     weight_kind(op, "w2", w2, w2_scale, inter, "w2_scale")
     if w2.shape[0] != e or w2.shape[1] != d:
         raise C.ShapeError(f"{op}: w2 must be [E={e}, D={d}, I={inter}], got {C.describe(w2)}")
-    if swiglu_limit < 0:
-        raise C.RangeError(f"{op}: swiglu_limit must be >= 0 (0 = no clamp), got {swiglu_limit}")
+    C.in_range(op, "swiglu_limit", swiglu_limit, 0.0, C.MAX_FLOAT_ARG, note=" (0 = no clamp)")
     C.same_device(op, x=x, weights=weights, indices=indices, w1=w1, w2=w2, w3=w3,
                   w1_scale=w1_scale, w2_scale=w2_scale, w3_scale=w3_scale)
 
 
 def _values_moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, swiglu_limit):
     C.index_range("moe_experts", "indices", indices, 0, w1.shape[0])
+    if w1.dtype not in FLOATS:      # quantized weights: x goes through act_quant
+        C.finite("moe_experts", "x", x)
     for name, s in (("w1_scale", s1), ("w2_scale", s2), ("w3_scale", s3)):
         C.finite("moe_experts", name, s)
 
@@ -190,7 +194,8 @@ def _values_moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, swiglu_limi
 define_op("moe_experts",
           "(Tensor x, Tensor weights, Tensor indices, Tensor w1, Tensor w2, Tensor w3, Tensor? w1_scale=None, "
           "Tensor? w2_scale=None, Tensor? w3_scale=None, float swiglu_limit=0.0) -> Tensor",
-          check=_check_moe_experts, fake=lambda x, *a: torch.empty_like(x), value_check=_values_moe_experts)
+          check=_check_moe_experts, fake=lambda x, *a: torch.empty_like(x), value_check=_values_moe_experts,
+          doc=C.ranges_doc(swiglu_limit=C.interval(0.0, C.MAX_FLOAT_ARG) + " (0: no clamp)"))
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,

@@ -4,6 +4,8 @@ FP4 values are packed two per uint8 byte, the low nibble holding the even-indexe
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import _checks as C
@@ -18,7 +20,7 @@ def _check_act_quant(x, block_size, scale_fmt, scale_dtype):
     op = "act_quant"
     C.dtype(op, "x", x, FLOATS)
     C.min_rank(op, "x", x, 1, "[..., K]")
-    C.positive(op, "block_size", block_size)
+    C.in_range(op, "block_size", block_size, 1, C.MAX_QUANT_BLOCK)
     C.divisible(op, "x.shape[-1]", x.shape[-1], block_size, "block_size")
     C.one_of(op, "scale_fmt", scale_fmt, SCALE_FMTS)
     C.dtype_arg(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
@@ -29,9 +31,17 @@ def _fake_act_quant(x, block_size, scale_fmt, scale_dtype):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty(s_shape, dtype=scale_dtype)
 
 
+def _finite_input(op: str, name: str) -> Callable[..., None]:
+    """Value check of a quantizer: its input (the first argument) holds no inf or NaN."""
+    def value_check(t: torch.Tensor, *_rest: object) -> None:
+        C.finite(op, name, t)
+    return value_check
+
+
 define_op("act_quant",
           "(Tensor x, int block_size=128, str? scale_fmt=None, ScalarType scale_dtype=float32) -> (Tensor, Tensor)",
-          check=_check_act_quant, fake=_fake_act_quant)
+          check=_check_act_quant, fake=_fake_act_quant,
+          doc=C.ranges_doc(block_size=C.interval(1, C.MAX_QUANT_BLOCK)), value_check=_finite_input("act_quant", "x"))
 
 
 def _check_act_quant_inplace(x, block_size, scale_fmt):
@@ -39,7 +49,8 @@ def _check_act_quant_inplace(x, block_size, scale_fmt):
 
 
 define_op("act_quant_inplace", "(Tensor(a!) x, int block_size=128, str? scale_fmt=None) -> ()",
-          check=_check_act_quant_inplace, fake=lambda *a: None, variant_of="act_quant")
+          check=_check_act_quant_inplace, fake=lambda *a: None, variant_of="act_quant",
+          value_check=_finite_input("act_quant", "x"))
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None,
@@ -67,7 +78,7 @@ def _check_fp4_act_quant(x, block_size):
     op = "fp4_act_quant"
     C.dtype(op, "x", x, FLOATS)
     C.min_rank(op, "x", x, 1, "[..., K]")
-    C.positive(op, "block_size", block_size)
+    C.in_range(op, "block_size", block_size, 1, C.MAX_QUANT_BLOCK)
     _even_block(op, "block_size", block_size)
     C.divisible(op, "x.shape[-1]", x.shape[-1], block_size, "block_size")
 
@@ -79,9 +90,12 @@ def _fake_fp4_act_quant(x, block_size):
 
 
 define_op("fp4_act_quant", "(Tensor x, int block_size=32) -> (Tensor, Tensor)",
-          check=_check_fp4_act_quant, fake=_fake_fp4_act_quant)
+          check=_check_fp4_act_quant, fake=_fake_fp4_act_quant,
+          doc=C.ranges_doc(block_size=C.interval(1, C.MAX_QUANT_BLOCK) + " and even (an odd one: `ShapeError`)"),
+          value_check=_finite_input("fp4_act_quant", "x"))
 define_op("fp4_act_quant_inplace", "(Tensor(a!) x, int block_size=32) -> ()",
-          check=_check_fp4_act_quant, fake=lambda *a: None, variant_of="fp4_act_quant")
+          check=_check_fp4_act_quant, fake=lambda *a: None, variant_of="fp4_act_quant",
+          value_check=_finite_input("fp4_act_quant", "x"))
 
 
 def fp4_act_quant(x: torch.Tensor, block_size: int = 32, inplace: bool = False):
@@ -116,7 +130,7 @@ def _check_dequant_fp8(y, s, block_size, out_dtype):
     C.dtype(op, "y", y, (FP8,))
     C.dtype(op, "s", s, SCALE_DTYPES)
     C.min_rank(op, "y", y, 1, "[..., K]")
-    C.positive(op, "block_size", block_size)
+    C.in_range(op, "block_size", block_size, 1, C.MAX_QUANT_BLOCK)
     C.same_device(op, y=y, s=s)
     C.one_of(op, "out_dtype", out_dtype, FLOATS)
     fp8_scale_layout(op, y, s, block_size)
@@ -124,6 +138,7 @@ def _check_dequant_fp8(y, s, block_size, out_dtype):
 
 define_op("dequant_fp8", "(Tensor y, Tensor s, int block_size=128, ScalarType out_dtype=float32) -> Tensor",
           check=_check_dequant_fp8, fake=lambda y, s, bs, od: y.new_empty(y.shape, dtype=od),
+          doc=C.ranges_doc(block_size=C.interval(1, C.MAX_QUANT_BLOCK)),
           value_check=lambda y, s, bs, od: C.finite("dequant_fp8", "s", s))
 
 
@@ -138,7 +153,7 @@ def _check_dequant_fp4(y, s, block_size, out_dtype):
     C.dtype(op, "y", y, (torch.uint8,))
     C.dtype(op, "s", s, SCALE_DTYPES)
     C.min_rank(op, "y", y, 1, "[..., K/2]")
-    C.positive(op, "block_size", block_size)
+    C.in_range(op, "block_size", block_size, 1, C.MAX_QUANT_BLOCK)
     C.same_device(op, y=y, s=s)
     C.one_of(op, "out_dtype", out_dtype, FLOATS)
     k = 2 * y.shape[-1]
@@ -147,7 +162,7 @@ def _check_dequant_fp4(y, s, block_size, out_dtype):
 
 
 define_op("dequant_fp4", "(Tensor y, Tensor s, int block_size=32, ScalarType out_dtype=float32) -> Tensor",
-          check=_check_dequant_fp4,
+          check=_check_dequant_fp4, doc=C.ranges_doc(block_size=C.interval(1, C.MAX_QUANT_BLOCK)),
           fake=lambda y, s, bs, od: y.new_empty((*y.shape[:-1], 2 * y.shape[-1]), dtype=od),
           value_check=lambda y, s, bs, od: C.finite("dequant_fp4", "s", s))
 
@@ -163,7 +178,7 @@ def _check_quant_weight_fp8(w, block, scale_fmt):
     op = "quant_weight_fp8"
     C.dtype(op, "w", w, FLOATS)
     C.min_rank(op, "w", w, 2, "[..., N, K]")
-    C.positive(op, "block", block)
+    C.in_range(op, "block", block, 1, C.MAX_WEIGHT_BLOCK)
     C.one_of(op, "scale_fmt", scale_fmt, SCALE_FMTS)
 
 
@@ -174,7 +189,9 @@ def _fake_quant_weight_fp8(w, block, scale_fmt):
 
 
 define_op("quant_weight_fp8", "(Tensor w, int block=128, str? scale_fmt=\"ue8m0\") -> (Tensor, Tensor)",
-          check=_check_quant_weight_fp8, fake=_fake_quant_weight_fp8)
+          check=_check_quant_weight_fp8, fake=_fake_quant_weight_fp8,
+          doc=C.ranges_doc(block=C.interval(1, C.MAX_WEIGHT_BLOCK)),
+          value_check=_finite_input("quant_weight_fp8", "w"))
 
 
 def quant_weight_fp8(w: torch.Tensor, block: int = 128, scale_fmt: str | None = "ue8m0"):
@@ -187,13 +204,15 @@ def _check_quant_weight_fp4(w, block):
     op = "quant_weight_fp4"
     C.dtype(op, "w", w, FLOATS)
     C.min_rank(op, "w", w, 2, "[..., N, K]")
-    C.positive(op, "block", block)
+    C.in_range(op, "block", block, 1, C.MAX_QUANT_BLOCK)
     _even_block(op, "block", block)
     C.divisible(op, "w.shape[-1]", w.shape[-1], block, "block")
 
 
 define_op("quant_weight_fp4", "(Tensor w, int block=32) -> (Tensor, Tensor)",
-          check=_check_quant_weight_fp4, fake=lambda w, block: _fake_fp4_act_quant(w, block))
+          check=_check_quant_weight_fp4, fake=lambda w, block: _fake_fp4_act_quant(w, block),
+          doc=C.ranges_doc(block=C.interval(1, C.MAX_QUANT_BLOCK) + " and even (an odd one: `ShapeError`)"),
+          value_check=_finite_input("quant_weight_fp4", "w"))
 
 
 def quant_weight_fp4(w: torch.Tensor, block: int = 32):

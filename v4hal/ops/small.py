@@ -14,12 +14,12 @@ def _check_rms_norm(x, weight, eps):
     C.min_rank(op, "x", x, 1, "[..., D]")
     C.dtype(op, "weight", weight, FLOATS)
     C.shape(op, "weight", weight, (x.shape[-1],), "[D]")
-    C.positive(op, "eps", eps)
+    C.eps_arg(op, "eps", eps)
     C.same_device(op, x=x, weight=weight)
 
 
 define_op("rms_norm", "(Tensor x, Tensor weight, float eps=1e-6) -> Tensor",
-          check=_check_rms_norm, fake=lambda x, w, eps: torch.empty_like(x))
+          check=_check_rms_norm, fake=lambda x, w, eps: torch.empty_like(x), doc=C.ranges_doc(eps=C.EPS_RANGE))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,11 +57,12 @@ def _check_hadamard(x, scale):
     C.min_rank(op, "x", x, 1, "[..., D]")
     C.power_of_two(op, "x.shape[-1]", x.shape[-1])
     if scale is not None:
-        C.finite_scalar(op, "scale", scale)
+        C.float_arg(op, "scale", scale)
 
 
 define_op("hadamard_transform", "(Tensor x, float? scale=None) -> Tensor",
-          check=_check_hadamard, fake=lambda x, scale: torch.empty_like(x))
+          check=_check_hadamard, fake=lambda x, scale: torch.empty_like(x),
+          doc=C.ranges_doc(scale=C.FLOAT_ARG_RANGE + " or None"))
 
 
 def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -4,8 +4,9 @@ Dispatch, on each rank with ``x [T, D]``, ``weights fp32 [T, k]``, ``indices [T,
 
 1. Each token is sent **once per destination rank** (not once per chosen expert), with its k slots
    marked for that rank: local expert id (-1 for slots owned by other ranks) and gate weight.
-2. Counts first: one ``all_to_all_single`` of ``[W, 4]`` int64 (rows for each rank, and the row
-   size / E / k, checked to agree across ranks so a mismatch is an error, not garbage).
+2. Counts first: one ``all_to_all_single`` of ``[W, 1]`` int64 (rows for each rank). That the ranks
+   agree on the row format (dtype, D, k, E, FP8 payload and scale format) `ep_dispatch` has checked
+   before calling the transport, so a mismatch is an error, not garbage.
 3. Payload: one uneven ``all_to_all_single`` of uint8 rows packing the token (bf16 bytes, or with
    ``fp8=True`` the ``act_quant`` fp8 bytes + block-128 scales), the k local ids (int32) and the k
    weights (fp32). gloo in torch 2.13 supports uneven ``all_to_all_single`` (checked), but not
@@ -26,8 +27,9 @@ per (token, rank), DeepEP's format: fewer bytes, one more rounding.
 Bytes per token (bf16): dispatch ``h * (2D + 8k)`` where ``h`` is the number of ranks a token hits
 (``h <= min(k, W)``), FP8 ``h * (D + 4D/128 + 8k)`` (fp32 scales) or ``h * (D + D/128 + 8k)``
 (ue8m0); combine ``k * 2D`` (``h * 2D`` with partial sums). ``handle.stats`` records what this
-rank actually sent. Counts: ``W * 32`` bytes per rank and call. Every exchange is bounded by
-``timeout`` (`comm.wait`): a dead or absent peer raises `EPTimeoutError`.
+rank actually sent. Counts: ``W * 8`` bytes per rank and call (plus ``W * 88`` bytes for the agreement
+of `ep_dispatch` / `ep_combine`). Every exchange is bounded by ``timeout`` (`comm.wait`): a dead or absent
+peer raises `EPTimeoutError`.
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ import torch
 import torch.distributed as dist
 
 import v4hal
-from v4hal.hal.errors import ShapeError
 
 from . import comm
 from .layout import FP8_BLOCK, EPHandle, expand_rows
@@ -93,7 +94,8 @@ class AllToAll:
         return None
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, group: dist.ProcessGroup, *,
-                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None
+                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None,
+                 max_tokens: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, EPHandle]:
         """See the module docstring; returns (x_local ``[N, D]``, weights fp32 ``[N]``, handle)."""
         op = "ep_dispatch"
@@ -128,18 +130,10 @@ class AllToAll:
         send = torch.cat([*parts, _bytes(lids), _bytes(wts)], dim=1) if pair_tok.numel() else \
             torch.empty(0, row_bytes, dtype=torch.uint8, device=dev)
 
-        # counts (and the row format, checked across ranks)
-        meta = torch.tensor([row_bytes, num_experts, k], dtype=torch.int64, device=dev)
-        counts_in = torch.cat([send_rows.unsqueeze(1), meta.expand(world, 3)], dim=1).contiguous()
+        # counts (the row format is the same on every rank: ep_dispatch checked it)
+        counts_in = send_rows.to(torch.int64).unsqueeze(1).contiguous()
         counts_out = torch.empty_like(counts_in)
         comm.all_to_all(counts_out, counts_in, None, None, group, f"{op} (counts)", timeout)
-        bad = torch.nonzero((counts_out[:, 1:] != meta).any(dim=1)).squeeze(1).tolist()
-        if bad:
-            s = bad[0]
-            raise ShapeError(f"{op}: rank {s} dispatches rows of {int(counts_out[s, 1])} bytes with "
-                             f"E={int(counts_out[s, 2])}, k={int(counts_out[s, 3])}; "
-                             f"rank {rank} has {row_bytes} bytes, E={num_experts}, k={k}: "
-                             "x's D and dtype, k, num_experts and the fp8 payload setting must agree across the group")
         recv_rows = counts_out[:, 0]
         in_splits, out_splits = send_rows.tolist(), recv_rows.tolist()
         recv = torch.empty(sum(out_splits), row_bytes, dtype=torch.uint8, device=dev)

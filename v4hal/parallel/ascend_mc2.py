@@ -56,7 +56,8 @@ class AscendMC2:
     (``weights_at_combine``): the experts run unweighted, i.e. the weight is applied after w2 instead
     of before (equal up to rounding); ``partial_sums`` has no meaning here. The FP8 payload has no MC2
     equivalent (its ``quant_mode=2`` is int8 per token): ``fp8=True`` is refused. ``timeout`` bounds
-    the max-T exchange; the MC2 ops themselves are bounded by HCCL (``HCCL_EXEC_TIMEOUT``).
+    the max-T exchange (none when `ep_dispatch` hands over ``max_tokens`` from its agreement); the MC2 ops
+    themselves are bounded by HCCL (``HCCL_EXEC_TIMEOUT``).
     """
 
     name = "ascend"
@@ -75,7 +76,8 @@ class AscendMC2:
         return f"torch_npu lacks {', '.join(missing)}" if missing else None
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, group: dist.ProcessGroup, *,
-                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None
+                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None,
+                 max_tokens: int | None = None
                  ) -> tuple[torch.Tensor, None, EPHandle]:
         """bf16/fp16 x ``[T, D]`` -> (expand_x ``[N, D]``, None: the weights travel to the combine, handle)."""
         if fp8:
@@ -88,11 +90,13 @@ class AscendMC2:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         lo, hi = expert_range(num_experts, world, rank, "ep_dispatch")
         name = hccl_comm_name(group, rank)
-        t = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-        comm.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), "ep_dispatch (max T)",
-                  group, timeout)
+        if max_tokens is None:
+            t = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+            comm.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), "ep_dispatch (max T)",
+                      group, timeout)
+            max_tokens = int(t)
         common: dict[str, Any] = dict(group_ep=name, ep_world_size=world, ep_rank_id=rank, moe_expert_num=num_experts,
-                                      expert_shard_type=0, shared_expert_rank_num=0, global_bs=int(t) * world)
+                                      expert_shard_type=0, shared_expert_rank_num=0, global_bs=max_tokens * world)
         if chip == "A3":
             common.update(group_tp=name, tp_world_size=1, tp_rank_id=0)
         ids = indices.to(torch.int32)

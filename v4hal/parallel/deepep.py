@@ -85,7 +85,8 @@ class DeepEP:
         return buf
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, group: dist.ProcessGroup, *,
-                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None
+                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None,
+                 max_tokens: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, EPHandle]:
         """bf16 x ``[T, D]`` -> (x_local ``[N, D]``, weights fp32 ``[N]``, handle); `DTypeError` for other dtypes."""
         if x.dtype != torch.bfloat16:

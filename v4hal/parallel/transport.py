@@ -39,7 +39,8 @@ class Transport(Protocol):
 
     ``name`` is the key of `get_transport` and the ``EPHandle.transport`` of its handles;
     ``device_type`` the device type it is chosen for automatically (None: only on request or as the
-    default). `ep_dispatch` / `ep_combine` check the arguments before calling a transport.
+    default). `ep_dispatch` / `ep_combine` check the arguments, and that every rank of the group makes the
+    same call (payload dtype, D, k, E, payload format, transport), before calling a transport.
     """
 
     name: str
@@ -50,10 +51,13 @@ class Transport(Protocol):
         ...
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, group: dist.ProcessGroup, *,
-                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None
+                 num_experts: int, fp8: bool, scale_fmt: str | None, timeout: float | None,
+                 max_tokens: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, EPHandle]:
         """x ``[T, D]``, weights fp32 ``[T, k]``, indices ``[T, k]`` -> (x_local ``[N, D]`` grouped by local
-        expert, their gate weights fp32 ``[N]`` or None when the combine applies them, the handle)."""
+        expert, their gate weights fp32 ``[N]`` or None when the combine applies them, the handle).
+        ``max_tokens``: the largest T over the group when the caller knows it (`ep_dispatch` does, from its
+        agreement), None to let a transport that needs it find it."""
         ...
 
     def combine(self, y: torch.Tensor, handle: EPHandle, *, out_dtype: torch.dtype | None,

@@ -10,6 +10,9 @@ The rounding recipe is the public DeepSeek-V4 ``inference/kernel.py`` (``act_qua
 * FP4: ``amax = max(|x_block|, 6*2**-126)``; ``s = pow2_ceil(amax * fp32(1/6))`` (e8m0);
   ``y = e2m1(clamp(x / s, -6, 6))`` (exact division, RNE on the e2m1 grid).
 * In-place variants write ``fp32(y) * s`` back in x's dtype (one rounding).
+* A block holding an inf or a NaN (reached only with value checks off: the op layer refuses
+  non-finite input otherwise) gets a NaN scale (fp32 NaN, e8m0 byte 0xFF) and a NaN payload:
+  e4m3 ``0x7F`` for every element, e2m1 code 7 (e2m1 has no NaN); the round trips write NaN.
 
 Signatures follow ``docs/op_contract.md`` (schema names and order). Inputs arrive validated by
 the op declarations in :mod:`v4hal.ops.quant`.
@@ -29,17 +32,23 @@ def _ceil_div(a: int, b: int) -> int:
 def _fp8_quant_rows(x: torch.Tensor, block_size: int, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x float ``[..., K]`` -> (fp8 ``[..., K]``, fp32 scales ``[..., K/bs]``)."""
     xb = x.float().unflatten(-1, (-1, block_size))                        # [..., K/bs, bs]
-    s = F.fp8_block_scale(xb.abs().amax(dim=-1), pow2)                     # [..., K/bs]
+    amax = xb.abs().amax(dim=-1)                                           # [..., K/bs]
+    bad = F.nonfinite_blocks(amax)
+    s = F.mark_nonfinite_blocks(F.fp8_block_scale(amax, pow2), bad)
     q = (xb / s.unsqueeze(-1)).clamp_(-F.FP8_MAX, F.FP8_MAX)               # F.fp8_round, in place
-    return q.to(F.FP8_DTYPE).flatten(-2), s
+    y = q.to(F.FP8_DTYPE)
+    y.view(torch.uint8).masked_fill_(bad.unsqueeze(-1), F.FP8_NAN_BYTE)    # one NaN for the whole block
+    return y.flatten(-2), s
 
 
 def _fp4_quant_rows(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x float ``[..., K]`` -> (e2m1 codes uint8 ``[..., K]``, fp32 power-of-two scales ``[..., K/bs]``)."""
     xb = x.float().unflatten(-1, (-1, block_size))
-    s = F.fp4_block_scale(xb.abs().amax(dim=-1))
-    codes = F.e2m1_encode((xb / s.unsqueeze(-1)).clamp_(-F.FP4_MAX, F.FP4_MAX)).flatten(-2)
-    return codes, s
+    amax = xb.abs().amax(dim=-1)
+    bad = F.nonfinite_blocks(amax)
+    s = F.mark_nonfinite_blocks(F.fp4_block_scale(amax), bad)
+    codes = F.e2m1_encode((xb / s.unsqueeze(-1)).clamp_(-F.FP4_MAX, F.FP4_MAX))
+    return codes.masked_fill_(bad.unsqueeze(-1), F.FP4_NAN_CODE).flatten(-2), s
 
 
 @implements("act_quant", "reference")
@@ -53,7 +62,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
     """
     pow2 = scale_fmt is not None or scale_dtype == F.E8M0_DTYPE
     y, s = _fp8_quant_rows(x, block_size, pow2)
-    return y, (F.block_scale_to_e8m0(s) if scale_dtype == F.E8M0_DTYPE else s)
+    return y, (F.block_scale_to_e8m0(s, nan=True) if scale_dtype == F.E8M0_DTYPE else s)
 
 
 @implements("act_quant_inplace", "reference")
@@ -73,7 +82,7 @@ def fp4_act_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, 
     e8m0 scales ``[..., K/block_size]``.
     """
     codes, s = _fp4_quant_rows(x, block_size)
-    return F.pack_fp4(codes), F.block_scale_to_e8m0(s)
+    return F.pack_fp4(codes), F.block_scale_to_e8m0(s, nan=True)
 
 
 @implements("fp4_act_quant_inplace", "reference")
@@ -133,9 +142,13 @@ def quant_weight_fp8(w: torch.Tensor, block: int = 128,
     nb, kb = _ceil_div(n, block), _ceil_div(k, block)
     wf = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))   # zero padding never lifts amax
     tiles = wf.unflatten(-1, (kb, block)).unflatten(-3, (nb, block))              # [..., nb, bs, kb, bs]
-    s = F.fp8_block_scale(tiles.abs().amax(dim=(-3, -1)), scale_fmt is not None)  # [..., nb, kb]
-    y = F.fp8_round(tiles / s[..., :, None, :, None]).flatten(-4, -3).flatten(-2)[..., :n, :k]
-    return y.contiguous(), (F.block_scale_to_e8m0(s) if scale_fmt == "ue8m0" else s)
+    amax = tiles.abs().amax(dim=(-3, -1))                                         # [..., nb, kb]
+    bad = F.nonfinite_blocks(amax)
+    s = F.mark_nonfinite_blocks(F.fp8_block_scale(amax, scale_fmt is not None), bad)
+    y = F.fp8_round(tiles / s[..., :, None, :, None])
+    y.view(torch.uint8).masked_fill_(bad[..., :, None, :, None], F.FP8_NAN_BYTE)
+    y = y.flatten(-4, -3).flatten(-2)[..., :n, :k]
+    return y.contiguous(), (F.block_scale_to_e8m0(s, nan=True) if scale_fmt == "ue8m0" else s)
 
 
 @implements("quant_weight_fp4", "reference")
@@ -143,4 +156,4 @@ def quant_weight_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, to
     """MXFP4 weight quantization along K: w float ``[..., N, K]`` -> packed uint8 ``[..., N, K/2]``
     and e8m0 ``[..., N, K/block]``; the rule of :func:`fp4_act_quant` applied to every row."""
     codes, s = _fp4_quant_rows(w, block)
-    return F.pack_fp4(codes), F.block_scale_to_e8m0(s)
+    return F.pack_fp4(codes), F.block_scale_to_e8m0(s, nan=True)

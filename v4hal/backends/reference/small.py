@@ -23,12 +23,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
     Returns:
         ``[..., D]`` in x's dtype: ``weight * x * rsqrt(mean(x**2) + eps)`` computed in fp32 and cast
-        once at the end (as the public ``RMSNorm``, which keeps its weight in fp32).
+        once at the end (as the public ``RMSNorm``, which keeps its weight in fp32). Rows whose
+        max-abs reaches ``2**32`` are first divided by a power of two (:func:`rms_scale`), so the
+        squares cannot overflow; other rows are computed exactly as the formula reads (both forms give
+        the same bits on such rows; CPU tensors take the plain form unless a square overflowed, other
+        devices the rescaled form, which needs no host sync).
     """
+    if x.shape[-1] == 0:
+        return x.new_empty(x.shape)
     xf = x.float()
-    inv = xf.square().mean(dim=-1, keepdim=True).add_(formats.operand(eps, xf)).rsqrt_()
-    # weight * (x * inv): fp32 products (a bf16 weight is widened exactly by the in-place multiply)
-    return (xf * inv).mul_(weight).to(x.dtype)
+    if xf.device.type == "cpu":
+        # on the CPU a look at the result is free: the plain formula unless a square overflowed
+        ms = xf.square().mean(dim=-1, keepdim=True)
+        if bool(torch.isfinite(ms).all()):
+            inv = ms.add_(formats.operand(eps, xf)).rsqrt_()
+            return (xf * inv).mul_(weight).to(x.dtype)
+    m_inv = rms_scale(xf.abs().amax(dim=-1, keepdim=True))                    # [..., 1]: 1 or 2**-k
+    u = xf * m_inv                                                            # exact (power of two)
+    ms = u.square().mean(dim=-1, keepdim=True)
+    inv = ms.add_(m_inv.square().mul_(formats.operand(eps, xf))).rsqrt_()     # rsqrt(mean(u^2) + eps/m^2)
+    # weight * (u * inv): fp32 products (a bf16 weight is widened exactly by the in-place multiply)
+    return (u * inv).mul_(weight).to(x.dtype)
+
+
+RMS_SCALE_MIN_EXP = 32      # rows with max-abs >= 2**32 are rescaled before squaring
+RMS_SCALE_MAX_EXP = 126     # largest k of the 2**-k factor (2**-126 is the smallest normal fp32)
+
+
+def rms_scale(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 row max-abs ``[..., 1]`` -> fp32 ``2**-k`` ``[..., 1]``: 1 below ``2**32``, else ``k`` =
+    min(exponent of amax, 126), so ``|x| * 2**-k < 4`` and the squares of ``x * 2**-k`` cannot overflow.
+
+    Multiplying by a power of two is exact, and ``rsqrt(m^2 * z) = rsqrt(z) / m`` for ``m = 2**k``,
+    so a rescaled row gives the bits the unscaled formula gives wherever that one does not overflow
+    (up to subnormal rounding of the tiniest squares). inf and NaN rows take ``k = 126`` and stay
+    non-finite.
+    """
+    bits = amax.view(torch.int32)
+    e = bits.bitwise_right_shift(formats.operand(23, bits)).bitwise_and_(formats.operand(0xFF, bits))  # biased
+    k = (e - 127).clamp_(max=RMS_SCALE_MAX_EXP)
+    k = torch.where(k >= RMS_SCALE_MIN_EXP, k, torch.zeros_like(k))
+    return (127 - k).bitwise_left_shift_(formats.operand(23, bits)).view(torch.float32)
 
 
 @implements("rotary_emb", "reference")

@@ -10,15 +10,25 @@ compress) declares its public entry points next to the kernels with
 above the tile, a GPU without the MMA a dtype needs). :func:`load` registers them all: on CUDA
 tensors automatic candidates at priority 10 (above the reference's 0), on CPU tensors only when
 asked for and only under the interpreter.
+
+The Triton interpreter is not thread-safe (it patches ``triton.language`` while a kernel runs), so
+every implementation registered for interpreted tensors (the CPU; CUDA too when
+``TRITON_INTERPRET=1``) runs under one process-wide lock, :data:`INTERPRETER_LOCK`: concurrent
+calls from several threads are served one at a time. Compiled launches take no lock.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+import threading
+from typing import Any, Callable, Mapping
 
 from v4hal.hal import requirements as R
 from v4hal.hal.devices import cuda_reason, package_reason, triton_interpreter_on
 
 PRIORITY = 10   # above the reference (0), below the CUDA-only paths (20)
+
+#: Serializes interpreted Triton calls (re-entrant: an implementation may call another one).
+INTERPRETER_LOCK = threading.RLock()
 
 
 def _interpreter(_args: Mapping[str, Any]) -> str | None:
@@ -46,10 +56,30 @@ def device_reason(device: str) -> str | None:
 
 def load() -> None:
     """Register every Triton kernel declared in the family modules (cuda: automatic; cpu: explicit,
-    interpreter only)."""
-    from v4hal.hal.registry import register_declared
+    interpreter only); the implementations for interpreted tensors are :func:`serialized`."""
+    from v4hal.hal.registry import implementations, register_declared, register_impl
 
     from . import attention, compress, gemm, grouped, indexer, mhc, moe, moe_permute, quant, small  # noqa: F401
 
-    register_declared("triton", devices={"cuda": (), "cpu": (INTERPRETER,)}, priority=PRIORITY,
-                      explicit_only=("cpu",), interpreted=("cpu",))
+    ops = register_declared("triton", devices={"cuda": (), "cpu": (INTERPRETER,)}, priority=PRIORITY,
+                            explicit_only=("cpu",), interpreted=("cpu",))
+    for device in ("cpu", "cuda") if triton_interpreter_on() else ("cpu",):
+        for op in ops:
+            for impl in implementations(op, device):
+                if impl.backend == "triton":
+                    register_impl(op, "triton", serialized(impl.fn), devices=(device,), priority=impl.priority,
+                                  requires=impl.requires, auto=impl.auto)
+
+
+def serialized(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run under :data:`INTERPRETER_LOCK` (``__wrapped__`` is ``fn``)."""
+    if getattr(fn, "_v4hal_serialized", False):
+        return fn
+
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+
+    locked._v4hal_serialized = True  # type: ignore[attr-defined]
+    return locked

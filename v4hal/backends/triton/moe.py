@@ -59,11 +59,13 @@ from .moe_permute import _gather_rows_kernel, _row_tiles, moe_combine, moe_dispa
 from .quant import (
     act_quant,
     bits_view,
+    block_nonfinite,
     cast_out,
     cdiv,
     clamp_nan,
     e4m3_bits,
     interpreting,
+    nan_where,
     next_pow2,
     pow2_ceil_exp,
     pow2_recip,
@@ -260,15 +262,17 @@ def _swiglu_kernel(gate_ptr, up_ptr, w_ptr, s2f_ptr, h_ptr, hs_ptr, R, I, limit,
     h = cast_out(wr[:, None] * (silu * u), OUT, SOFT)
     if QUANT:
         hf = h.to(tl.float32)
+        bad = block_nonfinite(hf, 1)            # act_quant's rule: NaN scale and payload for inf/NaN blocks
         amax = tl.maximum(tl.max(tl.abs(hf), axis=1), amax_floor)
         s = amax * max_inv
         if POW2:
-            e = pow2_ceil_exp(s)
+            e = tl.where(bad, 255, pow2_ceil_exp(s))
             s = (e << 23).to(tl.float32, bitcast=True)
             q = hf * pow2_recip(e)[:, None]
         else:
             q = tl.math.div_rn(hf, s[:, None])
-        tl.store(h_ptr + offs, e4m3_bits(clamp_nan(q, 448.0), SOFT), mask=mask)
+        s = nan_where(bad, s)
+        tl.store(h_ptr + offs, e4m3_bits(nan_where(bad[:, None], clamp_nan(q, 448.0)), SOFT), mask=mask)
         s_offs = rr * tl.num_programs(1) + tl.program_id(1)
         if S_E8M0:
             tl.store(hs_ptr + s_offs, e.to(tl.uint8), mask=rmask)

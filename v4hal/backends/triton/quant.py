@@ -22,9 +22,10 @@ down-casts to e4m3 and bf16 do not round correctly (no carry into the exponent, 
 truncates), so under the interpreter (``SOFT=True``) the kernels round with integer arithmetic
 instead (:func:`e4m3_bits_soft`; bf16 outputs through :func:`._cast.cast_out`). Up-casts are exact in both.
 
-Non-finite inputs: an infinite element gives the reference's result on the fp32-scale paths
-(its block scale is inf, ``x / inf`` = 0, ``inf / inf`` = NaN). NaN inputs are unspecified (a
-GPU's max reduction drops NaN where torch's ``amax`` propagates it).
+Non-finite inputs (reached only with value checks off): a block holding an inf or a NaN gets
+the reference's result, a NaN scale (fp32 NaN, e8m0 byte 0xFF) and a NaN payload (e4m3 ``0x7F``
+for every element, e2m1 code 7). The kernels flag such blocks with a compare per element
+(:func:`block_nonfinite`), not from the amax: a GPU's max reduction drops NaN.
 
 Verified where: every kernel here runs under the interpreter in ``tests/triton`` and matches the
 reference bit for bit (fp32 / bf16 / fp16 inputs, fp32 and e8m0 scales). The hardware-cast path
@@ -168,6 +169,24 @@ def pow2_recip(e):
 
 
 @triton.jit
+def nonfinite(x):
+    """fp32 ``x`` -> True where ``x`` is inf or NaN."""
+    return (x != x) | (tl.abs(x) > 3.4028234663852886e38)
+
+
+@triton.jit
+def block_nonfinite(x, axis: tl.constexpr):
+    """fp32 ``x`` -> True for the rows along ``axis`` holding an inf or a NaN."""
+    return tl.max(nonfinite(x).to(tl.int32), axis=axis) > 0
+
+
+@triton.jit
+def nan_where(bad, v):
+    """``v`` (fp32) with the positive canonical NaN (0x7FC00000) where ``bad``."""
+    return tl.where(bad, 0x7FC00000, v.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def e2m1_value(mag):
     """e2m1 magnitude codes 0..7 (int32) -> fp32 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}."""
     m = mag.to(tl.float32)
@@ -201,15 +220,17 @@ def _fp8_quant_kernel(x_ptr, y_ptr, s_ptr, out_ptr, n_groups,
     mask = gmask[:, None] & (c[None, :] < GS)
     offs = g[:, None] * GS + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 1)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
     s = amax * max_inv
     if POW2:
-        e = pow2_ceil_exp(s)
+        e = tl.where(bad, 255, pow2_ceil_exp(s))
         s = (e << 23).to(tl.float32, bitcast=True)
         q = x * pow2_recip(e)[:, None]
     else:
         q = tl.math.div_rn(x, s[:, None])
-    q = clamp_nan(q, 448.0)
+    s = nan_where(bad, s)
+    q = nan_where(bad[:, None], clamp_nan(q, 448.0))
     yb = e4m3_bits(q, SOFT)
     if INPLACE:
         yv = yb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
@@ -280,12 +301,13 @@ def _fp4_quant_kernel(x_ptr, y_ptr, s_ptr, out_ptr, n_groups, amax_floor, max_in
     mask = gmask[:, None] & (c[None, :] < GS)
     offs = g[:, None] * GS + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 1)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
-    e = pow2_ceil_exp(amax * max_inv)
+    e = tl.where(bad, 255, pow2_ceil_exp(amax * max_inv))
     v = clamp_nan(x * pow2_recip(e)[:, None], 6.0)
-    codes = e2m1_codes(v)
+    codes = tl.where(bad[:, None], 7, e2m1_codes(v))
     if INPLACE:
-        s = (e << 23).to(tl.float32, bitcast=True)
+        s = nan_where(bad, (e << 23).to(tl.float32, bitcast=True))
         val = e2m1_value(codes & 7)
         val = tl.where((codes & 8) != 0, -val, val) * s[:, None]
         tl.store(out_ptr + offs, cast_out(val, OUT, SOFT), mask=mask)
@@ -351,15 +373,17 @@ def _fp8_weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, NB, KB, amax_floor, max_
     mask = ((rn < N) & (tl.arange(0, BS_P2) < BS))[:, None] & ((rk < K) & (tl.arange(0, BS_P2) < BS))[None, :]
     offs = b * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bad = tl.max(tl.max(nonfinite(x).to(tl.int32), axis=1), axis=0) > 0
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), amax_floor)
     s = amax * max_inv
     if POW2:
-        e = pow2_ceil_exp(s)
+        e = tl.where(bad, 255, pow2_ceil_exp(s))
         s = (e << 23).to(tl.float32, bitcast=True)
         q = x * pow2_recip(e)
     else:
         q = tl.math.div_rn(x, s)
-    q = clamp_nan(q, 448.0)
+    s = nan_where(bad, s)
+    q = nan_where(bad, clamp_nan(q, 448.0))
     tl.store(y_ptr + offs, e4m3_bits(q, SOFT), mask=mask)
     s_off = pid_bn.to(tl.int64) * KB + kb
     if S_E8M0:
@@ -408,7 +432,11 @@ def _dequant_fp8_kernel(y_ptr, s_ptr, out_ptr, R, K, ROWS_PER_B, NB, KB, BS_ROW,
     soffs = srow[:, None] * KB + (rk // BS_COL)[None, :]
     s = load_scale(s_ptr, soffs, mask, S_E8M0)
     offs = rr64[:, None] * K + rk[None, :]
-    y = tl.load(y_ptr + offs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    yb = tl.load(y_ptr + offs, mask=mask, other=0)
+    y = yb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if SOFT:    # the interpreter widens the e4m3 NaN codes 0x7F / 0xFF to inf: torch's NaN bits instead
+        nan_bits = 0x7FF00000 | ((yb.to(tl.int32) & 0x80) << 24)
+        y = tl.where((yb & 0x7F) == 0x7F, nan_bits, y.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
     tl.store(out_ptr + offs, cast_out(y * s, OUT, SOFT), mask=mask)
 
 

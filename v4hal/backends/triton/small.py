@@ -1,7 +1,9 @@
 """Triton small ops: RMSNorm, normalized Walsh-Hadamard transform, rotary embedding.
 
 - ``rms_norm``: one program per row; rows up to ``_RMS_BLOCK`` wide stay in registers, wider
-  rows take a second pass over the row (fp32 math, weight read as fp32, one cast at the end).
+  rows take two more passes over the row (fp32 math, weight read as fp32, one cast at the end).
+  A row whose max-abs reaches ``2**32`` is multiplied by ``2**-k`` before squaring (exact; the
+  reference's rule), so the mean of squares cannot overflow; other rows are computed unscaled.
 - ``hadamard_transform``: ``y = scale * x @ H_D`` (Sylvester order, ``H[i, j] = (-1)^popcount(i & j)``,
   generated in the kernel). ``D <= 128``: one MMA per block of rows with the ``[D, D]`` matrix
   (``D`` < 16 is zero-padded to 16: the top-left block of ``H_16`` is ``H_D``). ``D >= 256``: the
@@ -43,9 +45,19 @@ _RMS_BLOCK = 8192
 
 
 @triton.jit
+def _rms_scale(amax):
+    """fp32 row max-abs -> ``2**-k``: 1 below ``2**32``, else k = min(exponent of amax, 126) (the
+    reference's ``rms_scale``: the squares of ``x * 2**-k`` cannot overflow; power of two, exact)."""
+    k = tl.minimum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, 126)
+    k = tl.where(k >= 32, k, 0)
+    return ((127 - k) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                      SOFT: tl.constexpr):
-    """out[r] = w * x[r] * rsqrt(mean(x[r]^2) + eps), fp32 math."""
+    """out[r] = w * u * rsqrt(mean(u^2) + eps * m^2) with u = x[r] * m, m = 1 or 2**-k (:func:`_rms_scale`),
+    fp32 math: ``w * x[r] * rsqrt(mean(x[r]^2) + eps)`` without overflow of the squares."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     x_row = x_ptr + row * s_x
@@ -53,21 +65,29 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, s_x, s_o, BLOCK_D: tl.conste
     if SINGLE:
         ok = offs < D
         x = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+        m = _rms_scale(tl.max(tl.abs(x), 0))
+        u = x * m
+        inv = tl.rsqrt(tl.sum(u * u, 0) / D + eps * (m * m))
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(o_row + offs, cast_out(w * (x * inv), out_ptr.dtype.element_ty, SOFT), mask=ok)
+        tl.store(o_row + offs, cast_out(w * (u * inv), out_ptr.dtype.element_ty, SOFT), mask=ok)
     else:
+        amax = tl.zeros([BLOCK_D], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ok = d0 + offs < D
+            x = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        m = _rms_scale(tl.max(amax, 0))
         acc = tl.zeros([BLOCK_D], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ok = d0 + offs < D
-            x = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32)
-            acc += x * x
-        inv = tl.rsqrt(tl.sum(acc, 0) / D + eps)
+            u = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32) * m
+            acc += u * u
+        inv = tl.rsqrt(tl.sum(acc, 0) / D + eps * (m * m))
         for d0 in range(0, D, BLOCK_D):
             ok = d0 + offs < D
-            x = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(x_row + d0 + offs, mask=ok, other=0.0).to(tl.float32) * m
             w = tl.load(w_ptr + d0 + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(o_row + d0 + offs, cast_out(w * (x * inv), out_ptr.dtype.element_ty, SOFT), mask=ok)
+            tl.store(o_row + d0 + offs, cast_out(w * (u * inv), out_ptr.dtype.element_ty, SOFT), mask=ok)
 
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
