@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 from v4hal.hal.errors import RangeError, V4HalError
 
@@ -71,36 +71,23 @@ def _float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _at_least(parse: Callable[[str], Any], least: float, strict: bool, kind: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``parse(text)``, which must be > ``least`` (``strict``) or >= ``least``."""
+    bound = f"{'>' if strict else '>='} {least:g}"
+
+    def check(text: str) -> Any:
+        value = parse(text)
+        if value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}")
+        return value
+    check.__doc__ = f"{kind[0].upper()}{kind[1:]} {bound}."
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+positive_int = _at_least(_int, 1, False, "an integer")
+non_negative_int = _at_least(_int, 0, False, "an integer")
+positive_float = _at_least(_float, 0, True, "a number")
+non_negative_float = _at_least(_float, 0, False, "a number")
 
 
 def writable_path(text: str) -> str:
