@@ -75,6 +75,8 @@ def test_the_guard_catches_v4hal_callers(no_host_sync):
 
 @pytest.mark.parametrize("op,shape", tiny_cases(), ids=lambda v: v if isinstance(v, str) else describe_shape(v))
 def test_op_does_not_sync(no_host_sync, op, shape):
+    if not any(impl.backend == "triton" for impl in registry.implementations(op, "cpu")):
+        pytest.skip(f"the Triton backend has no implementation of {op} (the accelerator path is the reference)")
     args = make_case(op, shape)
     call = getattr(torch.ops.v4hal, op)
     with no_host_sync():

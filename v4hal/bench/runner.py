@@ -114,7 +114,8 @@ def verify(case: Case, out: Any, ref: Any, args: Sequence[Any],
     """``out`` against the reference's ``ref`` for ``case`` (the numerics table, or one ``rule`` for every
     output): (passed, metrics: max_abs_err, calc_diff, mismatches)."""
     results = compare.compare_outputs(case.op, out, ref, args, rule=rule)
-    metrics = {"max_abs_err": max(r.max_abs for r in results), "calc_diff": max(r.diff for r in results),
+    metrics = {"max_abs_err": max((r.max_abs for r in results), default=0.0),
+               "calc_diff": max((r.diff for r in results), default=0.0),
                "mismatches": float(sum(max(r.mismatches, 0) for r in results))}
     return compare.passed(results), metrics
 

@@ -16,7 +16,7 @@ from v4hal.hal.registry import declarations, register_declared, register_impl, u
 from . import limits, runtime
 
 #: The modules of this package that declare implementations (one per op family).
-MODULES: tuple[str, ...] = ("quant", "gemm", "attention", "moe", "mhc", "small")
+MODULES: tuple[str, ...] = ("quant", "gemm", "attention", "moe", "mhc", "small", "paged")
 
 PRIORITY = 20
 

@@ -16,6 +16,6 @@ def load() -> None:
     """Register every declared reference implementation for cpu, cuda and npu tensors (priority 0)."""
     from v4hal.hal.registry import register_declared
 
-    from . import attention, gemm, mhc, moe, moe_experts, quant, small  # noqa: F401  (declare the impls)
+    from . import attention, gemm, mhc, moe, moe_experts, paged, quant, small  # noqa: F401  (declare the impls)
 
     register_declared("reference", devices={"cpu": (), "cuda": (), "npu": ()}, priority=0)

@@ -1,0 +1,62 @@
+"""Cases of the paged caches: writing entries into a cache of each layout, and reading them back."""
+from __future__ import annotations
+
+import torch
+
+from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
+
+from ._core import REQUIRED, Gen, OpCase, Shape, reference, register_case, tokens
+
+_PARAMS = {"layout": REQUIRED, "blocks": REQUIRED, "block_size": REQUIRED, "t": REQUIRED}
+
+# model1_fp8 pages of a multiple of 72 tokens need no padding, so a copy of the cache keeps its strides
+_TINY = [
+    {"layout": "model1_fp8", "blocks": 2, "block_size": 72, "t": 5},
+    {"layout": "bf16", "blocks": 2, "block_size": 3, "t": 4},
+    {"layout": "indexer_fp4", "blocks": 3, "block_size": 4, "t": 7},
+    {"layout": "indexer_fp8", "blocks": 2, "block_size": 3, "t": 4},
+]
+
+
+def _slots(g: Gen, s: Shape, holes: bool) -> torch.Tensor:
+    """int32 ``[t]``: distinct slots of the cache, the second one -1 when ``holes`` (and t > 1)."""
+    slots = g.distinct(1, s["blocks"] * s["block_size"], s["t"])[0].contiguous()
+    if holes and s["t"] > 1:
+        slots[1] = -1
+    return slots
+
+
+def _filled_cache(g: Gen, s: Shape) -> torch.Tensor:
+    """A cache of the shape's layout with entries written at ``t`` random slots."""
+    layout = s["layout"]
+    cache = new_paged_cache(s["blocks"], s["block_size"], layout, device=g.device)
+    x = g.randn(s["t"], PAGED_LAYOUTS[layout].dim, dtype="bf16")
+    reference("paged_cache_write", cache, x, _slots(g, s, holes=False), layout)
+    return cache
+
+
+def _write(g: Gen, s: Shape) -> list:
+    cache = _filled_cache(g, s)
+    x = g.randn(s["t"], PAGED_LAYOUTS[s["layout"]].dim, dtype="bf16")
+    return [cache, x, _slots(g, s, holes=True), s["layout"]]
+
+
+def _read(g: Gen, s: Shape) -> list:
+    cache = _filled_cache(g, s)
+    n = s["blocks"] * s["block_size"]
+    slots = g.randint(n, (s["t"],), dtype=torch.int64)      # repeats allowed when reading
+    if s["t"] > 1:
+        slots[0] = -1
+    return [cache, slots, s["layout"]]
+
+
+def _v4_shapes(cfg: object, mode: str) -> list[tuple[str, Shape]]:
+    """A step's tokens written into (read from) a 64K-token window cache and its FP4 indexer cache
+    (pages of 72 tokens: no padding)."""
+    blocks = 64 * 1024 // 72 + 1
+    return [(layout, {"layout": layout, "blocks": blocks, "block_size": 72, "t": tokens(mode)})
+            for layout in ("model1_fp8", "indexer_fp4")]
+
+
+register_case(OpCase("paged_cache_write", _write, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes))
+register_case(OpCase("paged_cache_read", _read, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes))
