@@ -240,6 +240,11 @@ def rank_dies(rank: int, world: int, timeout: float) -> dict[str, Any]:
     moe = ExpertParallelMoE.from_weights(w1, w2, w3, num_experts=E, timeout=timeout)
     if rank == world - 1:
         os._exit(3)
+    return _timed_moe_call(moe, rank, world)
+
+
+def _timed_moe_call(moe: ExpertParallelMoE, rank: int, world: int) -> dict[str, Any]:
+    """One EP MoE call on this rank's tokens: its time, and the EPTimeoutError it ended with (if any)."""
     x, w, idx = make_tokens(rank, world, "all")
     t0 = time.monotonic()
     try:
@@ -257,13 +262,7 @@ def rank_never_joins(rank: int, world: int, timeout: float, sleep: float) -> dic
     if rank == world - 1:
         time.sleep(sleep)
         return {"error": None, "slept": sleep}
-    x, w, idx = make_tokens(rank, world, "all")
-    t0 = time.monotonic()
-    try:
-        moe(x, w, idx)
-        return {"error": None, "elapsed": time.monotonic() - t0}
-    except EPTimeoutError as exc:
-        return {"error": type(exc).__name__, "elapsed": time.monotonic() - t0, "message": str(exc)}
+    return _timed_moe_call(moe, rank, world)
 
 
 def rank_raises(rank: int, world: int) -> int:
