@@ -4,8 +4,8 @@ One rules table, keyed by (op, output dtype), is read by ``v4hal parity``, the v
 ``v4hal bench``, model-level parity and the tests' assert helpers:
 
 - ``DTYPE_RULES``: the default per output dtype (floats: elementwise ``atol + rtol * |expected|``
-  and a bound on the cosine-style distance ``calc_diff``; fp8 / uint8 (packed FP4) / e8m0: bit for
-  bit; integers: exactly);
+  and a bound on the cosine-style distance ``calc_diff``, an infinity equal only to the same infinity;
+  fp8 / uint8 (packed FP4) / e8m0: bit for bit; integers: exactly);
 - ``OP_RULES``: per-op overrides, keyed by ``(op, dtype)`` or ``(op, None)`` for every floating
   output of the op (FP8/FP4 GEMMs by cosine distance, indexer top-k as a set per row, ...);
 - ``SLOT_ORDER_FREE``: ops whose output slots have no specified order (``moe_gate``'s top-k slots),
@@ -92,11 +92,22 @@ OP_RULES: dict[tuple[str, torch.dtype | None], Rule] = {
     ("moe_experts", None): Rule("cosine", max_diff=1e-3),
     # a permutation copies rows: bit for bit
     ("moe_dispatch", None): BITWISE,
+    # paged caches: the written bytes (a bf16 cache too) and the dequantized entries are fully specified
+    ("paged_cache_write", None): BITWISE,
+    ("paged_cache_read", None): BITWISE,
     # top-k order is unspecified: the same set per row (ties may pick either entry)
     ("indexer_topk", torch.int32): Rule("set_per_row", rtol=1e-5),
+    ("indexer_topk_paged", torch.int32): Rule("set_per_row", rtol=1e-5),
     (MODEL_HIDDEN, torch.float32): Rule("cosine", max_diff=2e-2),
     (MODEL_LOGITS, torch.float32): Rule("cosine", max_diff=2e-2),
+    # sparse_attn_paged: out by the bf16 default (as sparse_attn); lse (fp32, +inf for a query with no pick:
+    # equal only to +inf) elementwise, a little looser in atol for lse near 0
+    ("sparse_attn_paged", torch.float32): Rule("close", 2e-5, 1e-5, 1e-7),
 }
+
+#: ops whose float outputs hold infinities by contract (logits past a context are -inf; the lse of a
+#: query with no pick is +inf); any other infinity in a reference output marks a broken case
+INFINITE_OUTPUTS: frozenset[str] = frozenset({"indexer_logits_paged", "sparse_attn_paged"})
 
 #: a peer (another library's algorithm for the same function, e.g. bf16 matmul on dequantized
 #: operands, gather + SDPA) agrees in direction, not element by element
@@ -126,9 +137,23 @@ def _indexer_scores(args: Sequence[Any]) -> tuple[torch.Tensor, int]:
         return torch.ops.v4hal.index_scores(q, k, weights).float().cpu(), offset
 
 
+def _paged_indexer_scores(args: Sequence[Any]) -> tuple[torch.Tensor, int]:
+    """indexer_topk_paged's logits ``[b, next_n, max_blocks * block size]`` (the reference's) and its offset."""
+    from v4hal.hal.dispatch import use_backend
+
+    q, kv_cache, weights, context_lens, block_table = args[:5]
+    layout = args[6] if len(args) > 6 else "indexer_fp4"
+    offset = int(args[7]) if len(args) > 7 else 0
+    width = block_table.shape[1] * kv_cache.shape[1]
+    with use_backend("reference"):
+        logits = torch.ops.v4hal.indexer_logits_paged(q, kv_cache, weights, context_lens, block_table, width, layout)
+    return logits.view(q.shape[0], q.shape[1], width).float().cpu(), offset
+
+
 #: op -> what a "set_per_row" rule needs to recognise ties: (scores [..., t], index offset)
 TIE_SCORES: dict[str, Callable[[Sequence[Any]], tuple[torch.Tensor, int]]] = {
     "indexer_topk": _indexer_scores,
+    "indexer_topk_paged": _paged_indexer_scores,
 }
 
 
@@ -207,6 +232,11 @@ def compare_tensor(actual: torch.Tensor, expected: torch.Tensor, rule: Rule,
         diff = calc_diff(a, e)
         return Comparison(float(err.max()) if err.numel() else 0.0, diff, nan_mismatch,
                           nan_mismatch == 0 and diff <= rule.max_diff, rule.describe())
+    if a.is_floating_point():  # "close": the same infinity on both sides (masked logits) is equal
+        same_inf = a.isinf() & (a == e)
+        if bool(same_inf.any()):
+            af, ef = af.masked_fill(same_inf, 0.0), ef.masked_fill(same_inf, 0.0)
+            err = (af - ef).abs()
     diff = calc_diff(af, ef)
     bad = int((err > rule.atol + rule.rtol * ef.abs()).sum()) + nan_mismatch
     return Comparison(float(err.max()) if err.numel() else 0.0, diff, bad,

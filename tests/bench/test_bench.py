@@ -68,8 +68,8 @@ def test_preset_cases_build_for_both_models() -> None:
         for mode in ("decode", "prefill"):
             cs = casemod.preset_cases(preset, mode)
             assert {"fp8_gemm", "sparse_attn", "indexer_topk", "moe_experts", "hc_pre"} <= {c.op for c in cs}
-    flash = {c.name: c for c in casemod.preset_cases("v4-flash", "decode")}
-    attn = flash["v4-flash/decode/csa"]
+    flash = {(c.op, c.name): c for c in casemod.preset_cases("v4-flash", "decode")}   # names are per op
+    attn = flash["sparse_attn", "v4-flash/decode/csa"]
     assert attn.params["b"] == 64 and attn.params["h"] == 64 and attn.params["topk"] == 640
     with pytest.raises(RangeError, match="mode"):
         casemod.preset_cases("v4-flash", "train")

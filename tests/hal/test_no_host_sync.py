@@ -5,12 +5,14 @@ decode steps (about 40 s under the interpreter), all under ``use_backend("triton
 default backend on CUDA; here on CPU tensors through the Triton interpreter) with
 ``V4HAL_CHECK_VALUES=0``: the op layer (bind, structural checks, selection), the Triton wrappers
 and the model code. ``Tensor.item``, ``.tolist``, ``__bool__``, ``__int__``, ``__index__`` and
-``__float__`` raise when called from a v4hal frame; calls from torch's or Triton's own frames
-(the interpreter copies tensors to NumPy) are allowed.
+``__float__`` raise when called from a v4hal frame, and so do the torch ops whose output size
+depends on the data (``nonzero``, ``unique``, ``masked_select``: the host waits for the device to
+size them); calls from torch's or Triton's own frames (the interpreter copies tensors to NumPy) are
+allowed.
 
-Not covered: host syncs inside a torch op (``torch.nonzero``, boolean-mask indexing, ``.cpu()``)
-are invisible to this patching, and the reference backend, which is the CPU oracle and is not
-the accelerator path, may sync.
+Not covered: other host syncs inside a torch op (boolean-mask indexing, ``.cpu()``) are invisible
+to this patching, and the reference backend, which is the CPU oracle and is not the accelerator
+path, may sync.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from v4hal.hal import dispatch, registry
 
 V4HAL_DIR = str(Path(v4hal.__file__).resolve().parent)
 SYNCING = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
+DATA_SIZED = ("nonzero", "unique", "masked_select")      # torch.<name> and Tensor.<name>
 
 
 class HostSync(AssertionError):
@@ -42,27 +45,31 @@ def no_host_sync(monkeypatch):
     if registry.ensure_device_backends("cpu").get("triton") is not None:
         pytest.skip("the Triton backend does not serve CPU tensors here (needs triton and TRITON_INTERPRET=1)")
 
-    def guarded(name):
-        original = getattr(torch.Tensor, name)
+    def guarded(owner, name):
+        original = getattr(owner, name)
 
-        def method(self, *args, **kwargs):
+        def method(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
             if caller.startswith(V4HAL_DIR):
-                raise HostSync(f"Tensor.{name} called from {caller}:{sys._getframe(1).f_lineno}")
-            return original(self, *args, **kwargs)
+                raise HostSync(f"{owner.__name__}.{name} called from {caller}:{sys._getframe(1).f_lineno}")
+            return original(*args, **kwargs)
         return method
 
     @contextlib.contextmanager
     def guard():
         with pytest.MonkeyPatch.context() as patch, v4hal.use_backend("triton"):
             for name in SYNCING:
-                patch.setattr(torch.Tensor, name, guarded(name))
+                patch.setattr(torch.Tensor, name, guarded(torch.Tensor, name))
+            for name in DATA_SIZED:
+                patch.setattr(torch, name, guarded(torch, name))
+                patch.setattr(torch.Tensor, name, guarded(torch.Tensor, name))
             yield
     return guard
 
 
 def test_the_guard_catches_v4hal_callers(no_host_sync):
     """The patching itself: a v4hal frame that reads a value is caught, this test's own frame is not."""
+    from v4hal.backends.reference.paged import _split
     from v4hal.ops import _checks
 
     t = torch.tensor([1, 2])
@@ -70,6 +77,8 @@ def test_the_guard_catches_v4hal_callers(no_host_sync):
         assert t.tolist() == [1, 2] and int(t[0]) == 1
         with pytest.raises(HostSync, match="_checks.py"):
             _checks.index_range("op", "t", t, 0, 4)
+        with pytest.raises(HostSync, match="nonzero called from .*reference/paged.py"):   # a data-sized op
+            _split(torch.zeros(1, 4), torch.tensor([0, -1]))
     _checks.index_range("op", "t", t, 0, 4)
 
 

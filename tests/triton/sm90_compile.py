@@ -1,4 +1,4 @@
-"""Compile the attention / indexer / mHC / small-op Triton kernels for sm_90 without a GPU.
+"""Compile the attention / indexer / mHC / small-op / paged-cache Triton kernels for sm_90 without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects; this script
 sends the same kernels, with the launch configurations the launchers use, through the real
@@ -114,7 +114,49 @@ def _small_cases() -> list[Case]:
     return cases
 
 
-GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases}
+def _paged_cases() -> list[Case]:
+    write = {"cache_ptr": "*u8", "x_ptr": "*bf16", "slots_ptr": "*i32", "amax_floor": "fp32", "max_inv": "fp32"}
+    read = {"cache_ptr": "*u8", "out_ptr": "*bf16", "slots_ptr": "*i32"}
+    copy = {"dst_ptr": "*i16", "src_ptr": "*i16", "slots_ptr": "*i64"}
+    cases = [Case(f"paged_cache_write {name}", f"paged_cache:_write_{k}_kernel", write, {}, ("x_ptr", "s_xt"), w)
+             for name, k, w in (("model1_fp8", "model1", 4), ("indexer_fp4", "fp4", 1), ("indexer_fp8", "fp8", 1))]
+    cases += [Case(f"paged_cache_read {name}", f"paged_cache:_read_{k}_kernel", read, {}, ("out_ptr",), w)
+              for name, k, w in (("model1_fp8", "model1", 4), ("indexer_fp4", "fp4", 1), ("indexer_fp8", "fp8", 1))]
+    cases += [Case(f"paged_cache bf16 {'write' if wr else 'read'}", "paged_cache:_copy_bf16_kernel", copy,
+                   dict(WRITE=wr)) for wr in (True, False)]
+    return cases
+
+
+def _paged_indexer_cases() -> list[Case]:
+    types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "w_ptr": "*fp32", "ctx_ptr": "*i32", "bt_ptr": "*i32",
+             "out_ptr": "*fp32"}
+    aligned = ("q_ptr", "cache_ptr", "w_ptr", "out_ptr", "s_qb", "s_qn", "s_qh", "s_page", "s_o")
+    return [Case(f"indexer_logits_paged {lay} H=64 (64 keys, bf16 MMA)", "paged_indexer:_indexer_logits_paged_kernel",
+                 types, dict(CTX_2D=False, FP8=lay == "indexer_fp8", HP=64, BLOCK_T=64, TO_F32=False, PREC="tf32"),
+                 aligned) for lay in ("indexer_fp4", "indexer_fp8")]
+
+
+def _paged_attention_cases() -> list[Case]:
+    aligned = ("q_ptr", "sink_ptr", "out_ptr", "lse_ptr", "kv_ptr", "idx_ptr", "xkv_ptr", "xidx_ptr", "s_qb", "s_qm",
+               "s_qh", "s_ib", "s_im", "s_xb", "s_xm", "s_ob", "s_om", "s_oh", "s_lb", "s_lh")
+    cases = []
+    for fp8 in (True, False):
+        kv = "*u8" if fp8 else "*bf16"
+        types = {"q_ptr": "*bf16", "sink_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "kv_ptr": kv,
+                 "idx_ptr": "*i32", "len_ptr": "*i32", "xkv_ptr": kv, "xidx_ptr": "*i32", "xlen_ptr": "*i32",
+                 "qk_scale": "fp32"}
+        tiles = ((16, 4, 3),) if fp8 else ((16, 4, 3), (32, 8, 2))     # the launcher's (BLOCK_H, warps, stages)
+        for bh, warps, stages in tiles:
+            cases.append(Case(f"sparse_attn_paged {'model1_fp8' if fp8 else 'bf16'} BH={bh} BN=16 w={warps}",
+                              "paged_attention:_paged_attn_kernel", types,
+                              dict(BLOCK_H=bh, BLOCK_N=16, FP8=fp8, HAS_LEN=True, HAS_EXTRA=True, HAS_XLEN=True,
+                                   UPCAST=False, PREC="tf32"), aligned, warps, stages))
+    return cases
+
+
+GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases,
+          "paged": _paged_cases, "paged_indexer": _paged_indexer_cases,
+          "paged_attention": _paged_attention_cases}
 
 
 def _ptxas() -> str:

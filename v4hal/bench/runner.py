@@ -3,7 +3,8 @@
 For each case: build rotating input sets (enough that their total size exceeds the caches,
 so a timed call does not find its operands in the cache), compute the reference output,
 then per backend: call once and compare with the reference by the numerics table's rules
-(`v4hal.compare`; a backend that fails the check is reported and not timed), then time with
+(`v4hal.compare`; an op that writes into an argument is compared by what it wrote, `outputs_of`; a
+backend that fails the check is reported and not timed), then time with
 value checks off (they read tensors back to the host). Peers are verified (by ``PEER_RULE``)
 and timed the same way.
 """
@@ -26,7 +27,7 @@ from .cases import Case
 from .ceilings import Ceilings
 from .timing import time_fn, value_checks_off
 
-__all__ = ["Row", "run_cases", "rotation_count", "default_backends", "verify", "ROTATE_BYTES"]
+__all__ = ["Row", "run_cases", "rotation_count", "default_backends", "verify", "outputs_of", "ROTATE_BYTES"]
 
 # total bytes the rotating input sets should span, and the most memory they may take
 ROTATE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20, "npu": 512 << 20}
@@ -118,6 +119,26 @@ def verify(case: Case, out: Any, ref: Any, args: Sequence[Any],
                "calc_diff": max((r.diff for r in results), default=0.0),
                "mismatches": float(sum(max(r.mismatches, 0) for r in results))}
     return compare.passed(results), metrics
+
+
+def _copy_in_place(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` over a copy of its whole storage: the same strides and offset (a paged cache's
+    padded pages stay padded), every byte the same."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage().clone(), t.storage_offset(), t.size(), t.stride())
+
+
+def outputs_of(case: Case, args: Sequence[Any]) -> list[Any]:
+    """One call of ``case`` (the backend in force) and what it produced: the returned tensors, then the
+    arguments the op writes into (``Tensor(a!)``, e.g. ``paged_cache_write``'s cache), so an in-place op is
+    verified by the bytes it wrote. Those arguments are copied first: ``args`` stays as built."""
+    from v4hal import cases as catalogue
+
+    written = catalogue.written_args(case.op)
+    call_args = [_copy_in_place(a) if i in written else a for i, a in enumerate(args)]
+    out = case.run(call_args)
+    returned = [] if out is None else [out] if isinstance(out, torch.Tensor) else list(out)
+    return returned + [call_args[i] for i in written]
 
 
 def _bound_and_pct(case: Case, seconds: float, ceilings: Ceilings | None) -> tuple[str, float | None]:
@@ -215,7 +236,7 @@ def _run_wanted(case: Case, wanted: Sequence[str], device: str, dev: torch.devic
                             int(ROTATE_BUDGET.get(device, 1 << 30) // held)))
         inputs += [case.make(dev, 1000 + s) for s in range(1, n_sets)]
         with v4hal.use_backend("reference"):
-            ref = case.run(inputs[0])
+            ref = outputs_of(case, inputs[0])
     except Exception as exc:  # a case that cannot be built here is reported, not fatal
         for b in wanted:
             emit(new_row(b, status="error", note=f"building inputs / reference failed: {type(exc).__name__}: {exc}"))
@@ -226,7 +247,7 @@ def _run_wanted(case: Case, wanted: Sequence[str], device: str, dev: torch.devic
         row = new_row(backend, rotation_sets=n_sets)
         try:
             with v4hal.use_backend(backend):
-                out = case.run(inputs[0])
+                out = outputs_of(case, inputs[0])
         except BackendUnavailableError as exc:
             row.status, row.note = "unavailable", str(exc)
             emit(row)
@@ -273,12 +294,14 @@ def _run_wanted(case: Case, wanted: Sequence[str], device: str, dev: torch.devic
 
 
 def _self_check(case: Case, out: Any, ref: Any, inputs: list[Any]) -> tuple[bool, dict[str, float]]:
-    """The reference against itself on a second call: within its own pass rule, and finite."""
+    """The reference against itself on a second call: within its own pass rule, and finite (no NaN; an
+    infinity only in the ops whose outputs hold them by contract, ``compare.INFINITE_OUTPUTS``)."""
     ok, metrics = verify(case, out, ref, inputs)
     finite = True
+    inf_ok = case.op in compare.INFINITE_OUTPUTS
     for t in _flat(out):
         if t.is_floating_point() and t.dtype.itemsize >= 2:
-            finite = finite and bool(torch.isfinite(t).all())
+            finite = finite and not bool((t.isnan() if inf_ok else ~torch.isfinite(t)).any())
     metrics["finite"] = float(finite)
     return ok and finite, metrics
 

@@ -39,7 +39,7 @@ from ._core import (
 )
 
 # Importing the case modules registers the cases, in this order.
-from . import quant, gemm, attention, moe, mhc, small, paged  # noqa: F401  # isort: skip
+from . import quant, gemm, attention, moe, mhc, small, paged, paged_attention, paged_indexer, ragged_compress  # noqa: F401  # isort: skip
 
 __all__ = ["OpCase", "Gen", "Shape", "REQUIRED", "CASES", "SHAPE_SETS", "PRESETS", "MODES", "DTYPES",
            "make_case", "tiny_cases", "register_case", "unregister_case", "get_case", "case_ops", "describe_shape",

@@ -58,5 +58,14 @@ def _v4_shapes(cfg: object, mode: str) -> list[tuple[str, Shape]]:
             for layout in ("model1_fp8", "indexer_fp4")]
 
 
-register_case(OpCase("paged_cache_write", _write, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes))
-register_case(OpCase("paged_cache_read", _read, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes))
+def _bytes(s: Shape) -> float:
+    """Least traffic of a write or a read of ``t`` entries: the entries' cache bytes, the bf16 rows and the
+    slots (not the whole cache)."""
+    lay = PAGED_LAYOUTS[s["layout"]]
+    return s["t"] * (lay.token_bytes + 2 * lay.dim + 8)
+
+
+register_case(OpCase("paged_cache_write", _write, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes,
+                     bytes=_bytes))
+register_case(OpCase("paged_cache_read", _read, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes,
+                     bytes=_bytes))

@@ -3,7 +3,7 @@ defines every ``torch.ops.v4hal.<op>``; ``OPS`` is the op table everything else 
 from ._define import OPS, OpDef, public_ops  # noqa: F401
 
 # Importing the op modules defines the ops; their order is the declaration order of OPS and PUBLIC_OPS.
-from . import quant, gemm, attention, moe, mhc, small, paged  # noqa: F401  # isort: skip
+from . import quant, gemm, attention, moe, mhc, small, paged, paged_attention, paged_indexer, ragged_compress  # noqa: F401  # isort: skip
 
 #: The public ops declared by v4hal itself, in declaration order (``public_ops()`` also lists ops
 #: declared later, e.g. by a plugin).

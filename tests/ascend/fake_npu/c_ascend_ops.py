@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from . import attention_ops as A
+from . import compressor_ops
 from . import other_ops as O
 from .contract import MAX_TOKENS, called, chips, require
 
@@ -158,3 +159,4 @@ def moe_gating_top_k_hash(x, k, bias=None, input_ids=None, tid2eid=None, k_group
 
 OPS = {name: fn for name, fn in list(globals().items())
        if (name.startswith("npu_") or name == "moe_gating_top_k_hash") and callable(fn)}
+OPS.update(compressor_ops.OPS)

@@ -16,7 +16,8 @@ from v4hal.hal.registry import declarations, register_declared, register_impl, u
 from . import limits, runtime
 
 #: The modules of this package that declare implementations (one per op family).
-MODULES: tuple[str, ...] = ("quant", "gemm", "attention", "moe", "mhc", "small", "paged")
+MODULES: tuple[str, ...] = ("quant", "gemm", "attention", "moe", "mhc", "small", "paged", "paged_attention",
+                            "paged_indexer", "ragged_compress")
 
 PRIORITY = 20
 

@@ -16,6 +16,18 @@ def load() -> None:
     """Register every declared reference implementation for cpu, cuda and npu tensors (priority 0)."""
     from v4hal.hal.registry import register_declared
 
-    from . import attention, gemm, mhc, moe, moe_experts, paged, quant, small  # noqa: F401  (declare the impls)
+    from . import (  # noqa: F401  (declare the impls)
+        attention,
+        gemm,
+        mhc,
+        moe,
+        moe_experts,
+        paged,
+        paged_attention,
+        paged_indexer,
+        quant,
+        ragged_compress,
+        small,
+    )
 
     register_declared("reference", devices={"cpu": (), "cuda": (), "npu": ()}, priority=0)

@@ -59,7 +59,21 @@ def load() -> None:
     interpreter only); the implementations for interpreted tensors are :func:`serialized`."""
     from v4hal.hal.registry import implementations, register_declared, register_impl
 
-    from . import attention, compress, gemm, grouped, indexer, mhc, moe, moe_permute, quant, small  # noqa: F401
+    from . import (  # noqa: F401
+        attention,
+        compress,
+        gemm,
+        grouped,
+        indexer,
+        mhc,
+        moe,
+        moe_permute,
+        paged_attention,
+        paged_cache,
+        paged_indexer,
+        quant,
+        small,
+    )
 
     ops = register_declared("triton", devices={"cuda": (), "cpu": (INTERPRETER,)}, priority=PRIORITY,
                             explicit_only=("cpu",), interpreted=("cpu",))

@@ -1,0 +1,197 @@
+"""sparse_attn_paged (reference): equal to sparse_attn over the same entries laid out contiguously, bit for
+bit, over random block tables, -1 holes, uneven topk_length, an all-invalid row and both caches; lse against
+a direct float64 computation; the edge cases and the argument checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import v4hal
+from v4hal import cases
+from v4hal.backends.reference import attention as ref_attention
+from v4hal.backends.reference.paged import paged_cache_read
+from v4hal.backends.reference.paged_attention import effective_indices
+from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.ops.paged import new_paged_cache
+
+TINY = [s for _, s in cases.tiny_cases("sparse_attn_paged")]
+OP = torch.ops.v4hal.sparse_attn_paged
+
+
+def _ref(*args):
+    with v4hal.use_backend("reference"):
+        return OP(*args)
+
+
+def contiguous_equivalent(args: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kv ``[b, n1 + n2, 512]``, topk_idxs ``[b, s, k1 + k2]``, valid): every entry of both caches
+    dequantized by paged_cache_read (the same rows for every batch), and the picks as row numbers
+    (-1 for holes and for picks past topk_length)."""
+    q, cache, idx, _, _, lengths, extra_cache, extra_idx, extra_lengths, layout = args
+    b = q.shape[0]
+    rows, picks, offset = [], [], 0
+    for c, i, n in ((cache, idx, lengths), (extra_cache, extra_idx, extra_lengths)):
+        if c is None:
+            continue
+        slots = c.shape[0] * c.shape[1]
+        rows.append(paged_cache_read(c, torch.arange(slots), layout))
+        e = effective_indices(i, n)
+        picks.append(torch.where(e >= 0, e + offset, -1))
+        offset += slots
+    kv = torch.cat(rows).unsqueeze(0).expand(b, -1, -1).contiguous()
+    topk = torch.cat(picks, dim=-1).to(torch.int32)
+    return kv, topk, topk >= 0
+
+
+@pytest.mark.parametrize("shape", TINY, ids=[cases.describe_shape(s) for s in TINY])
+def test_equals_sparse_attn_on_the_same_entries_bit_for_bit(shape):
+    args = cases.make_case("sparse_attn_paged", shape, seed=3)
+    out, lse = _ref(*args)
+    kv, topk, valid = contiguous_equivalent(args)
+    assert bool((~valid).any()) or not (shape.get("holes") or shape.get("uneven"))
+    expected = ref_attention.sparse_attn(args[0], kv, args[3], topk, args[4])
+    assert out.dtype == torch.bfloat16 and out.shape == args[0].shape
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+    # lse: natural log-sum-exp of the scaled scores of the valid picks, sink excluded; +inf for none
+    b, s, h, d = args[0].shape
+    rows = kv.double()[torch.arange(b).view(b, 1, 1), topk.long().clamp_min(0)]          # [b, s, k, d]
+    z = torch.einsum("bshd,bskd->bhsk", args[0].double(), rows) * args[4]
+    z = z.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    direct = torch.logsumexp(z, dim=-1)
+    none = ~valid.any(-1)                                                                 # [b, s]
+    assert lse.dtype == torch.float32 and lse.shape == (b, h, s)
+    assert bool(torch.isposinf(lse[none.unsqueeze(1).expand(b, h, s)]).all())
+    finite = ~none.unsqueeze(1).expand(b, h, s)
+    torch.testing.assert_close(lse[finite].double(), direct[finite], atol=1e-5, rtol=1e-5)
+
+    # FlashMLA's formulation: softmax over the picks, then scaled by exp(lse) / (exp(lse) + exp(sink))
+    p = torch.softmax(z, dim=-1).nan_to_num(0.0)
+    o = torch.einsum("bhsk,bskd->bshd", p, rows)
+    sink = args[3].double().view(1, 1, h, 1)
+    o = o / (1 + torch.exp(sink - direct.transpose(1, 2).unsqueeze(-1)))
+    o = o.masked_fill(none.view(b, s, 1, 1), 0.0)
+    torch.testing.assert_close(out.double(), o, atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_all_invalid_rows_give_zero_and_plus_inf():
+    shape = TINY[2]      # model1_fp8, both caches: query (0, 0) has holes only in both caches
+    args = cases.make_case("sparse_attn_paged", shape, seed=3)
+    args[2][0, 0] = -1
+    args[7][0, 0] = -1
+    for sink in (torch.randn(shape["h"]), torch.full((shape["h"],), float("-inf"))):
+        args[3] = sink
+        out, lse = _ref(*args)
+        assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+        assert bool(torch.isposinf(lse[0, :, 0]).all())
+        assert bool(torch.isfinite(lse[0, :, 1]).all()) and bool(out[0, 1].abs().amax() > 0)
+    # lengths of 0 in both caches: the whole batch picks nothing
+    args[5] = torch.tensor([0, 3], dtype=torch.int32)
+    args[8] = torch.tensor([0, 3], dtype=torch.int32)
+    out, lse = _ref(*args)
+    assert not bool(out[0].any()) and bool(torch.isposinf(lse[0]).all()) and bool(torch.isfinite(lse[1]).all())
+
+
+def test_topk_length_limits_each_batch_to_its_first_picks():
+    args = cases.make_case("sparse_attn_paged", TINY[3], seed=5)
+    k = args[2].shape[-1]
+    full, _ = _ref(*args)
+    args[5] = torch.tensor([k], dtype=torch.int32)
+    same, _ = _ref(*args)
+    assert torch.equal(full, same)
+    args[5] = torch.tensor([5], dtype=torch.int32)
+    cut, cut_lse = _ref(*args)
+    args[5] = None
+    args[2] = args[2].clone()
+    args[2][..., 5:] = -1
+    masked, masked_lse = _ref(*args)
+    assert torch.equal(cut, masked) and torch.equal(cut_lse, masked_lse) and not torch.equal(cut, full)
+
+
+def test_chunked_equals_unchunked(monkeypatch):
+    args = cases.make_case("sparse_attn_paged", TINY[3], seed=7)
+    whole = _ref(*args)
+    monkeypatch.setattr(ref_attention, "_CHUNK_ELEMS", 1)     # one query row per chunk
+    chunked = _ref(*args)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+def test_the_block_table_is_followed():
+    """An entry moved to another page and its slot updated gives the same result; the old slot then
+    points at a different entry and changes it."""
+    args = cases.make_case("sparse_attn_paged", TINY[0], seed=2)
+    cache, idx = args[1], args[2]
+    out, lse = _ref(*args)
+    n = cache.shape[0] * cache.shape[1]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    moved = cache.clone()
+    moved.view(n, 512)[perm] = cache.view(n, 512)
+    args[1], args[2] = moved, torch.where(idx >= 0, perm[idx.long().clamp_min(0)], -1).to(torch.int32)
+    out2, lse2 = _ref(*args)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    args[2] = idx
+    assert not torch.equal(_ref(*args)[0], out)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _valid(layout: str = "bf16", extra: bool = True) -> dict:
+    q = torch.randn(2, 1, 4, 512).bfloat16()
+    cache = new_paged_cache(3, 4, layout)
+    kw = dict(topk_length=torch.tensor([2, 3], dtype=torch.int32))
+    if extra:
+        kw.update(extra_kv_cache=new_paged_cache(2, 4, layout), extra_indices=torch.zeros(2, 1, 5, dtype=torch.int32),
+                  extra_topk_length=torch.tensor([5, 0], dtype=torch.int32))
+    return dict(q=q, kv_cache=cache, indices=torch.full((2, 1, 3), 11, dtype=torch.int32),
+                attn_sink=torch.zeros(4), softmax_scale=0.1, layout=layout, **kw)
+
+
+def _call(**kw):
+    args = dict(kw)
+    return v4hal.sparse_attn_paged(args.pop("q"), args.pop("kv_cache"), args.pop("indices"), args.pop("attn_sink"),
+                                   args.pop("softmax_scale"), **args)
+
+
+BAD = [
+    (dict(layout="bogus"), RangeError, r"sparse_attn_paged: layout must be one of"),
+    (dict(layout="indexer_fp4"), RangeError, r"layout must be one of \['model1_fp8', 'bf16'\]"),
+    (dict(layout="model1_fp8"), DTypeError, r"sparse_attn_paged: kv_cache must be uint8 or float8_e4m3fn"),
+    (dict(kv_cache=torch.zeros(3, 4, 1, 513, dtype=torch.bfloat16)), ShapeError, r"kv_cache must be \[blocks"),
+    (dict(kv_cache=torch.zeros(3, 8, 1, 512, dtype=torch.bfloat16)[:, :4]), ShapeError, r"kv_cache strides"),
+    (dict(extra_kv_cache=torch.zeros(2, 4, 1, 512)), DTypeError, r"extra_kv_cache must be bfloat16"),
+    (dict(indices=torch.full((2, 1, 3), 12, dtype=torch.int32)), RangeError, r"indices values must be in \[-1, 12\)"),
+    (dict(indices=torch.full((2, 1, 3), -2, dtype=torch.int32)), RangeError, r"indices values"),
+    (dict(extra_indices=torch.full((2, 1, 5), 8, dtype=torch.int32)), RangeError,
+     r"extra_indices values must be in \[-1, 8\)"),
+    (dict(indices=torch.zeros(2, 2, 3, dtype=torch.int32)), ShapeError, r"indices must be \[b, s, k\]"),
+    (dict(indices=torch.zeros(2, 1, 3, dtype=torch.int64)), DTypeError, r"indices must be int32"),
+    (dict(topk_length=torch.tensor([4, 0], dtype=torch.int32)), RangeError, r"topk_length values must be in \[0, 4\)"),
+    (dict(topk_length=torch.tensor([-1, 0], dtype=torch.int32)), RangeError, r"topk_length values"),
+    (dict(topk_length=torch.tensor([1], dtype=torch.int32)), ShapeError, r"topk_length must be \[b\]"),
+    (dict(extra_topk_length=torch.tensor([6, 0], dtype=torch.int32)), RangeError, r"extra_topk_length values"),
+    (dict(extra_kv_cache=None), ShapeError, r"extra_kv_cache and extra_indices come together: extra_indices"),
+    (dict(extra_indices=None), ShapeError, r"come together: extra_kv_cache was given without extra_indices"),
+    (dict(extra_kv_cache=None, extra_indices=None), ShapeError, r"extra_topk_length needs extra_kv_cache"),
+    (dict(q=torch.randn(2, 1, 4, 512)), DTypeError, r"q must be bfloat16"),
+    (dict(q=torch.randn(2, 1, 4, 256).bfloat16()), ShapeError, r"q must be \[b, s, h, 512\]"),
+    (dict(attn_sink=torch.zeros(3)), ShapeError, r"attn_sink must be \[h\]"),
+    (dict(attn_sink=torch.tensor([0.0, float("nan"), 0.0, 0.0])), RangeError, r"attn_sink must be finite or -inf"),
+    (dict(softmax_scale=float("inf")), RangeError, r"softmax_scale must be in"),
+]
+
+
+@pytest.mark.parametrize("change,error,pattern", BAD, ids=[p for _, _, p in BAD])
+def test_bad_arguments_name_the_argument(change, error, pattern):
+    kw = _valid()
+    kw.update(change)
+    if kw.get("layout") == "model1_fp8" and "kv_cache" not in change:
+        kw["extra_kv_cache"] = new_paged_cache(2, 4, "model1_fp8")
+    with pytest.raises(error, match=pattern):
+        _call(**kw)
+
+
+def test_valid_call_and_model1_layout_pass_the_checks():
+    out, lse = _call(**_valid())
+    assert out.shape == (2, 1, 4, 512) and lse.shape == (2, 4, 1)
+    kw = _valid("model1_fp8")
+    out, lse = _call(**kw)
+    assert not bool(out.any())       # zeroed caches: every entry is 0, so the output is 0

@@ -1,0 +1,158 @@
+"""CachePool: cache tensors and byte accounting, plan / advance / release, window release while decoding,
+all-or-nothing errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.model.config import ModelConfig
+from v4hal.ops.paged import PAGED_LAYOUTS
+from v4hal.serve import CachePool, PoolExhaustedError, alloc_cache, first_needed_position, memory_table
+
+from .helpers import small_cfg, snapshot
+
+
+def test_alloc_cache_widths() -> None:
+    c = alloc_cache(3, 8, "indexer_fp4", 128, None)
+    assert c.shape == (3, 8, 1, 68) and c.dtype == torch.uint8
+    with pytest.raises(ShapeError, match="layout 'bf16' holds 512-wide entries, got dim 128"):
+        alloc_cache(3, 8, "bf16", 128, None)
+    with pytest.raises(RangeError, match="layout must be one of"):
+        alloc_cache(3, 8, "fp16", 512, None)
+
+
+def test_v4_mini_builds_allocators_only() -> None:
+    cfg = ModelConfig.preset("v4-mini")
+    with pytest.raises(ShapeError, match=r"CachePool \(layer 0 window cache\): layout 'bf16' holds 512-wide "
+                                         "entries, got dim 128"):
+        CachePool(cfg, attn_layout="bf16")
+    pool = CachePool(cfg, attn_layout="bf16", allocate=False, block_size=16)
+    assert pool.kinds == ("token", "c4", "c128") and pool.layers[1].window is None
+    assert pool.allocators["c128"].capacity == cfg.max_batch_size * 2      # 4096 // 128 = 32 entries: 2 pages
+    with pytest.raises(ShapeError, match="CachePool.page_bytes"):
+        pool.bytes_in_use()
+    assert pool.stats()["bytes_in_use"] is None
+    no128 = cfg.replace(compress_ratios=[0, 4, 0, 4, 0])
+    assert CachePool(no128, allocate=False).kinds == ("token", "c4")
+    with pytest.raises(RangeError, match=r"blocks has kinds \['c128'\]"):
+        CachePool(no128, allocate=False, blocks={"c128": 4})
+
+
+@pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")])
+def test_page_bytes_match_the_tensors(layouts: tuple[str, str]) -> None:
+    cfg = small_cfg()
+    blocks = {"token": 5, "c4": 3, "c128": 2}
+    pool = CachePool(cfg, blocks=blocks, block_size=8, attn_layout=layouts[0], indexer_layout=layouts[1])
+    per_kind = dict.fromkeys(pool.kinds, 0)
+    for s in pool.specs:
+        t = getattr(pool.layers[s.layer], s.name)
+        assert t.shape[:2] == (blocks[s.kind], 8)
+        per_kind[s.kind] += t.untyped_storage().nbytes() // blocks[s.kind]
+    assert pool.page_bytes() == per_kind
+    state = pool.layers[1].state
+    assert state.dtype == torch.float32 and state.shape == (5, 8, 2 * 2 * 512)
+    assert pool.layers[1].index_state.shape == (5, 8, 2 * 2 * 128)
+    assert pool.layers[2].state.shape == (5, 8, 2 * 512) and pool.layers[2].indexer is None
+    assert pool.layers[0].compressed is None and pool.layers[0].state is None
+    pool.add_request("a", list(range(20)))
+    pool.plan("a", 20)                      # 3 token pages, 5 entries -> 1 c4 page, no c128 page
+    assert pool.pages_in_use() == {"token": 3, "c4": 1, "c128": 0}
+    assert pool.bytes_in_use() == 3 * per_kind["token"] + per_kind["c4"]
+
+
+def test_kv_bytes_per_token_of_v4_flash() -> None:
+    cfg = ModelConfig.preset("v4-flash").replace(max_seq_len=1 << 20)
+    pool = CachePool(cfg, allocate=False)
+    fp8, fp4 = PAGED_LAYOUTS["model1_fp8"].page_bytes(64), PAGED_LAYOUTS["indexer_fp4"].page_bytes(64)
+    n4, n128 = cfg.compress_ratios.count(4), cfg.compress_ratios.count(128)
+    t = 1 << 20
+    got = pool.request_bytes(t)
+    assert got["c4"] == n4 * (fp8 + fp4) * (t // 4 // 64)
+    assert got["c128"] == n128 * fp8 * (t // 128 // 64)
+    assert got["token"] == 2 * (len(cfg.compress_ratios) * fp8 + 4 * 64 * (n4 * (4 * 512 + 4 * 128) + n128 * 2 * 512))
+    assert pool.kv_bytes_per_token(t) == pytest.approx(sum(got.values()) / t)
+    assert 3400 < pool.kv_bytes_per_token(t) < 3600      # about 1/4 of 584 B per ratio-4 layer and 1/128 per HCA
+
+
+def test_memory_table_rows() -> None:
+    rows = memory_table(tokens=1 << 16)
+    assert [(r["config"], r["attn_layout"]) for r in rows] == [
+        ("v4-flash", "model1_fp8"), ("v4-flash", "bf16"), ("v4-pro", "model1_fp8"), ("v4-pro", "bf16")]
+    for r in rows:
+        assert r["total_bytes"] == sum(r["bytes_by_kind"].values())
+        assert r["kv_bytes_per_token"] == r["total_bytes"] / (1 << 16)
+    assert rows[0]["kv_bytes_per_token"] < rows[1]["kv_bytes_per_token"] < rows[3]["kv_bytes_per_token"]
+
+
+@pytest.mark.parametrize("ratios", [[0, 4, 128, 4, 0], [0, 4, 0, 4, 0], [0, 0, 0, 0, 0]])
+def test_decoding_far_past_the_window_keeps_token_pages_bounded(ratios: list[int]) -> None:
+    cfg = ModelConfig.preset("v4-mini").replace(compress_ratios=ratios)
+    bs = 4
+    pool = CachePool(cfg, allocate=False, block_size=bs)
+    span = 128 if 128 in ratios else cfg.window_size      # positions a step may read behind it
+    pool.add_request("r", list(range(40)))
+    pool.plan("r", 40)
+    pool.advance("r", 40)
+    st = pool.requests["r"]
+    for p in range(40, 700):
+        pool.append_tokens("r", [p % cfg.vocab_size])
+        pool.plan("r", 1)
+        pool.advance("r", 1)
+        held = [b for b in st.tables["token"] if b >= 0]
+        assert pool.allocators["token"].in_use == len(held) <= span // bs + 2
+        lo = first_needed_position(cfg, p + 1)
+        assert st.tables["token"][:lo // bs] == [-1] * (lo // bs) and -1 not in st.tables["token"][lo // bs:]
+    for k in pool.kinds[1:]:
+        r = {"c4": 4, "c128": 128}[k]
+        assert pool.allocators[k].in_use == -(-(700 // r) // bs)
+    pool.release("r")
+    assert pool.pages_in_use() == dict.fromkeys(pool.kinds, 0)
+
+
+def test_plan_rolls_back_when_one_kind_runs_out() -> None:
+    cfg = small_cfg()
+    pool = CachePool(cfg, blocks={"token": 40, "c4": 2, "c128": 2}, block_size=8, allocate=False)
+    pool.add_request("a", list(range(100)))
+    pool.add_request("b", list(range(100)))
+    pool.plan("a", 40)                    # 10 entries: 2 c4 pages
+    before = snapshot(pool)
+    with pytest.raises(PoolExhaustedError, match="c4: 1 needed, 0 free of 2"):
+        pool.plan("b", 8)                 # 1 token page (free), 2 entries: 1 c4 page (none free)
+    assert snapshot(pool) == before
+    with pytest.raises(PoolExhaustedError):
+        pool.schedule([("b", 3), ("a", 70)])   # b alone fits; a (at 0) needs a third c4 page
+    assert snapshot(pool) == before
+
+
+def test_request_errors_change_nothing() -> None:
+    cfg = small_cfg(max_seq_len=64)
+    pool = CachePool(cfg, block_size=8, allocate=False)
+    pool.add_request("a", [1, 2, 3])
+    before = snapshot(pool)
+    cases = [
+        (lambda: pool.add_request("a", [1]), "already active"),
+        (lambda: pool.add_request("b", []), "at least one token"),
+        (lambda: pool.add_request("b", [1, 1000]), r"\[0, vocab_size = 1000\), got \[1000\]"),
+        (lambda: pool.add_request("b", list(range(65))), "at most max_seq_len = 64"),
+        (lambda: pool.add_request(["x"], [1]), "hashable"),
+        (lambda: pool.plan("a", 0), "n_tokens must be an int >= 1"),
+        (lambda: pool.plan("a", 65), "past max_seq_len = 64"),
+        (lambda: pool.plan("zz", 1), "'zz' is not active"),
+        (lambda: pool.advance("a", 1), "not planned"),
+        (lambda: pool.append_tokens("a", [5, -1]), "got \\[-1\\]"),
+        (lambda: pool.release("zz"), "not active"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(RangeError, match=msg):
+            call()
+        assert snapshot(pool) == before
+    pool.plan("a", 5)
+    before = snapshot(pool)
+    with pytest.raises(RangeError, match="need tokens not known yet"):
+        pool.advance("a", 4)
+    assert snapshot(pool) == before
+    pool.release("a")
+    with pytest.raises(RangeError, match="already released"):
+        pool.release("a")
+    assert pool.pages_in_use() == dict.fromkeys(pool.kinds, 0)

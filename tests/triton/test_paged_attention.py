@@ -1,0 +1,80 @@
+"""Triton sparse_attn_paged under the interpreter vs the reference: the tiny cases, raw model1_fp8 bytes
+(every e4m3 and e8m0 pattern the layout can hold, subnormals included), no sink, all-invalid rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import v4hal
+from v4hal import cases
+from v4hal.compare import compare_outputs, passed
+from v4hal.ops.paged import new_paged_cache
+
+OP = torch.ops.v4hal.sparse_attn_paged
+
+
+def _both(args):
+    with v4hal.use_backend("reference"):
+        ref = OP(*args)
+    with v4hal.use_backend("triton"):
+        out = OP(*args)
+    return out, ref
+
+
+def _check(args):
+    out, ref = _both(args)
+    results = compare_outputs("sparse_attn_paged", out, ref, args)
+    assert passed(results), results
+    assert torch.equal(torch.isposinf(out[1]), torch.isposinf(ref[1]))
+    return out, ref
+
+
+@pytest.mark.parametrize("shape", [s for _, s in cases.tiny_cases("sparse_attn_paged")],
+                         ids=cases.describe_shape)
+def test_tiny_cases_match_the_reference(shape):
+    _check(cases.make_case("sparse_attn_paged", shape, seed=11))
+
+
+def test_raw_model1_bytes_decode_like_the_reference():
+    """Random page bytes: e4m3 codes of every kind (subnormals included, no NaN code), e8m0 scales around
+    2**0 plus 2**-127 (an fp32 subnormal) and 2**13, bf16 rope values; slots over the pages of both caches."""
+    g = torch.Generator().manual_seed(0)
+    caches = []
+    for blocks in (3, 2):
+        cache = new_paged_cache(blocks, 72, "model1_fp8")
+        u8 = cache.view(torch.uint8)
+        page = u8.as_strided((blocks, 72 * 584), (u8.stride(0), 1))
+        page.copy_(torch.randint(0, 256, page.shape, generator=g, dtype=torch.uint8))
+        data = page[:, :72 * 576].reshape(blocks, 72, 576)
+        nope = data[..., :448]
+        nope[(nope & 0x7F) == 0x7F] = 0x11                      # no e4m3 NaN code
+        rope = data[..., 448:].contiguous().view(torch.bfloat16)
+        data[..., 448:] = torch.randn(rope.shape, generator=g).bfloat16().view(torch.uint8).view(blocks, 72, 128)
+        scales = page[:, 72 * 576:].reshape(blocks, 72, 8)
+        e = torch.randint(117, 131, scales.shape, generator=g, dtype=torch.uint8)
+        e[0, 0, :] = 0                                          # 2**-127, subnormal in fp32
+        e[0, 1, :] = 140                                        # 2**13: values up to 448 * 2**13
+        scales.copy_(e)
+        caches.append(cache)
+    q = (torch.randn(1, 2, 3, 512, generator=g) * 0.05).bfloat16()
+    idx = torch.randint(0, 3 * 72, (1, 2, 20), generator=g, dtype=torch.int32)
+    idx[0, 0, :2] = torch.tensor([0, 1], dtype=torch.int32)    # the extreme-scale entries
+    idx[0, 1, 0] = 1
+    idx[0, 1, 3] = -1
+    xidx = torch.randint(0, 2 * 72, (1, 2, 7), generator=g, dtype=torch.int32)
+    args = [q, caches[0], idx, torch.randn(3), 0.04, None, caches[1], xidx, None, "model1_fp8"]
+    _check(args)
+
+
+def test_no_sink_and_all_invalid_rows():
+    shape = cases.tiny_cases("sparse_attn_paged")[2][1]
+    args = cases.make_case("sparse_attn_paged", shape, seed=4)
+    args[3] = torch.full_like(args[3], float("-inf"))
+    args[2][1, 1] = -1
+    args[7][1, 1] = -1
+    out, ref = _check(args)
+    assert not bool(out[0][1, 1].any()) and bool(torch.isposinf(out[1][1, :, 1]).all())
+    args[5] = torch.tensor([0, 0], dtype=torch.int32)
+    args[8] = torch.tensor([0, 0], dtype=torch.int32)
+    out, _ = _check(args)
+    assert not bool(out[0].any()) and bool(torch.isposinf(out[1]).all())

@@ -1,0 +1,101 @@
+"""Reference sparse attention over paged caches (FlashMLA's V4 sparse decode semantics), fp32 math.
+
+The picked entries are read and dequantized by slot exactly as :func:`.paged.paged_cache_read` does
+(the same byte regions and the same rounding, without its host-syncing row selection), the picks of
+both caches are concatenated (window cache first), and the math is that of the reference
+:func:`.attention.sparse_attn` over them, operation for operation, plus the log-sum-exp. So this
+op over a cache equals ``sparse_attn`` over the same entries laid out contiguously, bit for bit.
+
+Conventions read from FlashMLA's interface docstring and its tests' torch reference of sparse decode
+(``tests/ref.py``, ``ref_sparse_attn_decode``): ``topk_length`` is per batch (``[b]``) and masks the
+picks at positions ``>= topk_length[b]`` of every query of that batch; the returned lse is the natural
+log-sum-exp of the scaled scores of the valid picks, without the sink (the sink only scales the output
+by ``exp(lse) / (exp(lse) + exp(sink))``); a query with no valid pick returns 0 and lse ``+inf``.
+Inputs arrive validated by :mod:`v4hal.ops.paged_attention`.
+"""
+from __future__ import annotations
+
+import torch
+
+from v4hal.hal import formats
+from v4hal.hal.registry import implements
+
+from . import attention as ref_attention
+from .paged import NOPE, NOPE_BLOCK, ROPE, _e8m0, _region
+
+
+def read_entries(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
+    """bf16 ``[*slots.shape, 512]``: the entries at int ``slots`` dequantized (zeros for -1), the values
+    :func:`.paged.paged_cache_read` gives, read without any host sync."""
+    flat = slots.reshape(-1).long()
+    invalid = flat < 0
+    s = flat.clamp_min(0)
+    bs = cache.shape[1]
+    blk, off = s // bs, s % bs
+    if layout == "bf16":
+        vals = cache[blk, off, 0]
+    else:  # model1_fp8
+        data = _region(cache, layout, 0, NOPE + 2 * ROPE)[blk, off]
+        sc = _e8m0(_region(cache, layout, NOPE + 2 * ROPE, 8)[blk, off, :NOPE // NOPE_BLOCK])
+        y = formats.fp8_to_float(data[:, :NOPE].contiguous().view(formats.FP8_DTYPE))
+        nope = (y.unflatten(-1, (-1, NOPE_BLOCK)) * sc.unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+        vals = torch.cat([nope, data[:, NOPE:].contiguous().view(torch.bfloat16)], dim=-1)
+    vals = vals.masked_fill(invalid.unsqueeze(-1), 0)
+    return vals.view(*slots.shape, vals.shape[-1])
+
+
+def effective_indices(indices: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """int64 ``[b, s_q, k]``: ``indices`` with the picks at positions ``>= lengths[b]`` set to -1."""
+    idx = indices.long()
+    if lengths is None:
+        return idx
+    k = idx.shape[-1]
+    beyond = torch.arange(k, device=idx.device).view(1, 1, k) >= lengths.to(idx.device).long().view(-1, 1, 1)
+    return idx.masked_fill(beyond, -1)
+
+
+@implements("sparse_attn_paged", "reference")
+def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                      softmax_scale: float, topk_length: torch.Tensor | None = None,
+                      extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
+                      extra_topk_length: torch.Tensor | None = None,
+                      layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
+    """q bf16 ``[b, s_q, h, 512]``, caches of ``layout``, int32 slots ``[b, s_q, k]`` (-1 = none) ->
+    (out bf16 ``[b, s_q, h, 512]``, lse fp32 ``[b, h, s_q]``).
+
+    ``out = sum_j exp(z_j) v_j / (sum_j exp(z_j) + exp(sink))`` and ``lse = log(sum_j exp(z_j))`` over
+    the valid picks ``j`` of both caches, ``z_j = softmax_scale * q . v_j``; no valid pick: 0 and +inf.
+    Memory: the picked entries are dequantized in fp32 for chunks of query positions sized like the
+    reference ``sparse_attn``'s, never for all ``s_q`` at once.
+    """
+    b, m, h, d = q.shape
+    scopes = [(kv_cache, effective_indices(indices, topk_length))]
+    if extra_kv_cache is not None and extra_indices is not None:
+        scopes.append((extra_kv_cache, effective_indices(extra_indices, extra_topk_length)))
+    k = sum(idx.shape[-1] for _, idx in scopes)
+    out = torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((b, h, m), float("inf"), dtype=torch.float32, device=q.device)
+    if k == 0 or out.numel() == 0:
+        return out, lse
+    sink = attn_sink.to(device=q.device, dtype=torch.float32)                       # [h]
+    step = ref_attention._rows_per_chunk(m, b * k * d)
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        idx = torch.cat([i[:, lo:hi] for _, i in scopes], dim=-1)                    # [b, c, k]
+        invalid = idx == -1
+        rows = torch.cat([read_entries(cache, i[:, lo:hi], layout) for cache, i in scopes], dim=2).float()
+        rows.masked_fill_(invalid.unsqueeze(-1), 0.0)                                # [b, c, k, d]
+        qf = q[:, lo:hi].float()                                                     # [b, c, h, d]
+        scores = torch.matmul(qf, rows.transpose(-1, -2))                            # [b, c, h, k]
+        scores.mul_(formats.operand(softmax_scale, scores))
+        scores.masked_fill_(invalid.unsqueeze(2), float("-inf"))
+        top = torch.maximum(scores.amax(dim=-1), sink)                               # [b, c, h]
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        p = torch.exp(scores - top.unsqueeze(-1))
+        denom = p.sum(dim=-1) + torch.exp(sink - top)
+        o = torch.matmul(p, rows) / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        out[:, lo:hi] = o.to(q.dtype)
+        chunk_lse = torch.logsumexp(scores, dim=-1)                                  # -inf: no valid pick
+        chunk_lse = torch.where(chunk_lse == float("-inf"), torch.full_like(chunk_lse, float("inf")), chunk_lse)
+        lse[:, :, lo:hi] = chunk_lse.transpose(1, 2)
+    return out, lse

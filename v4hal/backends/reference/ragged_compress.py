@@ -1,0 +1,136 @@
+"""Reference of the ragged KV compressor (``compressor_ragged``): the CPU oracle, also what runs on NPU
+tensors outside the CANN op's limits.
+
+Every step is the computation of V4's ``Compressor`` (prefill and decode give the same entries):
+
+1. projections ``kv = x @ wkv^T``, ``score = x @ wgate^T`` in fp32 (:func:`project`);
+2. the gated pooling of :func:`.attention.compress_kv`, fed from this call's tokens and from the state
+   rows of the earlier tokens of the same entries;
+3. the pooled entry cast to x's dtype, :func:`.small.rms_norm`, :func:`.small.rotary_emb` on its last
+   ``rope_head_dim`` dims at position ``j * ratio``.
+
+The projection runs over tiles of :data:`TILE` token rows (zero padded): a CPU GEMM may round a row
+differently depending on how many rows share the call (a few-row GEMM takes another kernel), and a
+ragged batch must not change a request's entries. No host sync: request and entry indices are built
+on the device (``searchsorted`` over ``cu_seqlens`` and the per-request entry counts); tokens whose
+state block is 0 write their row's old value back instead of being filtered out.
+"""
+from __future__ import annotations
+
+import torch
+
+from v4hal.hal.registry import implements
+from v4hal.ops.ragged_compress import coff_of, max_entries
+
+from . import small
+
+#: Token rows per projection tile (see the module doc).
+TILE = 16
+
+
+def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ wkv^T, x @ wgate^T)``, fp32 ``[T, coff*D]`` each, from x float ``[T, H]`` and fp32/bf16 weights
+    ``[coff*D, H]`` (bf16 widened exactly); one GEMM over tiles of ``TILE`` rows, so the bits of a row do not
+    depend on ``T``."""
+    t, h = x.shape
+    cd = wkv.shape[0]
+    w = torch.cat([wkv, wgate], dim=0).float()                             # [2cd, H]
+    tiles = -(-t // TILE)
+    xp = x.new_zeros(tiles * TILE, h, dtype=torch.float32)
+    xp[:t] = x
+    xp = xp.view(tiles, TILE, h)
+    y = torch.bmm(xp, w.unsqueeze(0).expand(tiles, -1, -1).transpose(1, 2)).reshape(tiles * TILE, 2 * cd)[:t]
+    return y[:, :cd], y[:, cd:]
+
+
+def entry_rows(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, ratio: int,
+               n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries one call completes, as output rows: ``(valid bool [n], request int64 [n], entry int64 [n])``.
+
+    Request i completes entries ``start_pos[i] // ratio .. (start_pos[i] + len_i) // ratio - 1``; rows list
+    them request after request, then ``valid`` is False (request and entry are 0 there)."""
+    dev = start_pos.device
+    b = start_pos.shape[0]
+    cu = cu_seqlens.long()
+    sp = start_pos.long()
+    end = sp + (cu[1:] - cu[:-1])
+    first = sp // ratio
+    counts = (end // ratio - first).clamp_min(0)
+    incl = torch.cumsum(counts, 0)
+    rows = torch.arange(n, device=dev)
+    req = torch.searchsorted(incl, rows, right=True)
+    valid = req < b
+    req = torch.where(valid, req, torch.zeros_like(req))
+    entry = first[req] + rows - (incl - counts)[req]
+    return valid, req, torch.where(valid, entry, torch.zeros_like(entry))
+
+
+@implements("compressor_ragged", "reference")
+def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
+                      norm_weight: torch.Tensor, freqs_cis: torch.Tensor, state_cache: torch.Tensor,
+                      state_block_table: torch.Tensor, cu_seqlens: torch.Tensor, start_pos: torch.Tensor,
+                      ratio: int, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See :func:`v4hal.ops.ragged_compress.compressor_ragged`; state_cache is updated in place."""
+    t = x.shape[0]
+    b = start_pos.shape[0]
+    d = norm_weight.shape[0]
+    coff = coff_of(ratio)
+    cd = coff * d
+    blk = state_cache.shape[1]
+    n = max_entries(t, ratio, b)
+    dev = x.device
+    entries = x.new_zeros(n, d)
+    none = torch.full((n,), -1, dtype=torch.int32, device=dev)
+    if t == 0 or b == 0:
+        return entries, none, none.clone()
+    cu = cu_seqlens.long()
+    sp = start_pos.long()
+    table = state_block_table.long()
+    cols = table.shape[1]
+
+    # this call's tokens: request, position, projections, logits (score + ape, as compress_kv adds them)
+    tok = torch.arange(t, device=dev)
+    tok_req = torch.searchsorted(cu[1:], tok, right=True).clamp_max(b - 1)
+    tok_pos = sp[tok_req] + tok - cu[tok_req]
+    kv_t, score_t = project(x, wkv, wgate)
+    lg_t = score_t + ape[tok_pos % ratio]
+
+    # the completed entries and the candidate positions of each: block j-1 (overlap) then block j
+    valid, req, entry = entry_rows(cu_seqlens, start_pos, ratio, n)
+    span = coff * ratio
+    pos = (entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)     # [n, span]
+    start = sp[req].unsqueeze(1)
+    in_call = pos >= start
+    src_tok = (cu[req].unsqueeze(1) + pos - start).clamp(0, t - 1)
+    col = (pos.clamp_min(0) // blk).clamp_max(cols - 1)
+    blocks = table[req.unsqueeze(1).expand_as(pos), col]
+    cached = state_cache[blocks, pos.clamp_min(0) % blk]                                          # [n, span, 2cd]
+    mask = in_call.unsqueeze(-1)
+    kv_c = torch.where(mask, kv_t[src_tok], cached[..., :cd])
+    lg_c = torch.where(mask, lg_t[src_tok], cached[..., cd:])
+    if coff == 2:
+        # candidates: the first d channels of block j-1, then the last d of block j; block -1 is padding
+        before = (pos[:, :ratio] < 0).unsqueeze(-1)
+        prev_kv = kv_c[:, :ratio, :d].masked_fill(before, 0.0)
+        prev_lg = lg_c[:, :ratio, :d].masked_fill(before, float("-inf"))
+        kv_c = torch.cat([prev_kv, kv_c[:, ratio:, d:]], dim=1)                                   # [n, 2r, d]
+        lg_c = torch.cat([prev_lg, lg_c[:, ratio:, d:]], dim=1)
+    pooled = (kv_c * torch.softmax(lg_c, dim=1)).sum(dim=1)                                      # fp32 [n, d]
+
+    # norm and rope as the model's Compressor: in x's dtype, rope at the entry's first position
+    normed = small.rms_norm(pooled.to(x.dtype), norm_weight, norm_eps)
+    rd = 2 * freqs_cis.shape[1]
+    f = freqs_cis[(entry * ratio).clamp_max(freqs_cis.shape[0] - 1)].unsqueeze(1)                # [n, 1, rd/2]
+    tail = small.rotary_emb(normed[:, -rd:].unsqueeze(1), f).squeeze(1)
+    out = torch.cat([normed[:, :-rd], tail], dim=-1)
+    entries = torch.where(valid.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=dev))
+    entry_req = torch.where(valid, req, -1).to(torch.int32)
+    entry_pos = torch.where(valid, entry, -1).to(torch.int32)
+
+    # state rows of this call's tokens (after the reads above); block 0 keeps its old value
+    tok_block = table[tok_req, tok_pos // blk]
+    tok_off = tok_pos % blk
+    rows = torch.cat([kv_t, lg_t], dim=-1)
+    old = state_cache[tok_block, tok_off]
+    state_cache[tok_block, tok_off] = torch.where((tok_block != 0).unsqueeze(1), rows, old)
+    return entries, entry_req, entry_pos

@@ -1,0 +1,226 @@
+"""Triton sparse decode attention over paged caches (``sparse_attn_paged``), dequantizing in the kernel.
+
+One program owns one query row ``(b, m)`` and a block of ``BLOCK_H`` heads (heads on the M side of
+both MMAs, so every gathered entry tile is read once per head block). It walks the picks of the
+window cache, then those of the extra (compressed) cache, in tiles of ``BLOCK_N`` slots, with one
+online softmax across both (exp2 domain, fp32 running max / sum / accumulator):
+
+    for each cache, for each tile of its first topk_length[b] slots:
+        entry tile [BLOCK_N, 512] read by slot (block = slot // block_size, offset = slot % block_size)
+        s = q @ tile^T * scale    (-1 -> -inf);   online softmax;   acc = acc * alpha + p @ tile
+    out = acc * exp(m - M) / (l * exp(m - M) + exp(sink - M)),  M = max(m, sink)
+    lse = ln(l) + m (natural log, sink excluded);  no valid pick: out 0, lse +inf
+
+Entries, per layout (byte offsets inside the page of ``block``, ``page = block * page_bytes``):
+
+- ``model1_fp8``: 448 e4m3 bytes at ``page + offset * 576``, each multiplied by ``2**(e - 127)`` with
+  ``e`` the ue8m0 byte ``page + block_size * 576 + offset * 8 + i // 64``; then 64 bf16 values at
+  ``page + offset * 576 + 448``. The e4m3, e8m0 and bf16 bit patterns are decoded with integer
+  arithmetic (the same code runs compiled and under the interpreter); the products are exact in fp32.
+- ``bf16``: 512 bf16 values at ``block * stride(0) + offset * stride(1)``.
+
+Operands of ``tl.dot``: bf16 on a GPU (a dequantized e4m3 value times a power of two fits bf16
+exactly), fp32 under the interpreter (its bf16 ``tl.dot`` is wrong). The bf16 output is stored through
+:func:`._cast.cast_out` (round to nearest even under the interpreter too).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from v4hal.hal.registry import implements
+from v4hal.ops.paged import PAGED_LAYOUTS
+
+from ._attn_common import cdiv, dot_precision, dot_upcast, on_interpreter
+from ._cast import cast_out
+
+_LOG2E = 1.4426950408889634
+TOKEN_DATA = 576      # model1_fp8: data bytes per token (448 e4m3 + 64 bf16)
+
+
+@triton.jit
+def _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8: tl.constexpr,
+                BITS: tl.constexpr):
+    """``[BLOCK_N, 512]`` (bf16, fp32 when ``BITS``): the entries at ``slot`` (0 rows where not ``valid``)."""
+    blk = slot // BS
+    off = slot % BS
+    d2 = offs_d[None, :]
+    if FP8:
+        # [BLOCK_N, 8, 64]: groups 0..6 are the e4m3 values (one scale each), group 7 the bf16 rope values
+        g = tl.arange(0, 8)[None, :, None]
+        j = tl.arange(0, 64)[None, None, :]
+        base = (blk * s_blk + off * 576)[:, None, None]                      # int64 byte offsets
+        ok = valid[:, None, None]
+        is_nope = g < 7
+        raw = tl.load(kv_ptr + base + g * 64 + j, mask=ok & is_nope, other=0)
+        if BITS:   # the interpreter: decode the e4m3 bits with integer arithmetic
+            r = raw.to(tl.int32)
+            ex = (r >> 3) & 15
+            man = r & 7
+            normal = ((r & 128) << 24) | ((ex + 120) << 23) | (man << 20)   # e4m3 -> fp32 bits (bias 7 -> 127)
+            y = normal.to(tl.float32, bitcast=True)
+            sub = man.to(tl.float32) * 0.001953125                         # subnormal: man * 2**-9
+            y = tl.where(ex == 0, tl.where((r & 128) != 0, -sub, sub), y)
+            y = tl.where((ex == 15) & (man == 7), float("nan"), y)
+        else:      # the hardware conversion; bf16 holds every e4m3 value times a power of two exactly
+            y = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        g2 = tl.arange(0, 8)[None, :]
+        e = tl.load(kv_ptr + (blk * s_blk + SCALE_OFF + off * 8)[:, None] + g2, mask=valid[:, None] & (g2 < 7),
+                    other=127).to(tl.int32)
+        sbits = tl.where(e == 0, 0x00400000, e << 23)
+        sbits = tl.where(e == 255, 0x7FC00000, sbits)
+        nope = y * sbits.to(tl.float32, bitcast=True).to(y.dtype)[:, :, None]
+        rmask = ok & (g == 7)
+        rb = base + 448 + 2 * j
+        lo = tl.load(kv_ptr + rb, mask=rmask, other=0).to(tl.int32)
+        hi = tl.load(kv_ptr + rb + 1, mask=rmask, other=0).to(tl.int32)
+        if BITS:
+            rope = ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)
+        else:
+            rope = (lo | (hi << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        tile = tl.reshape(tl.where(is_nope, nope, rope), (slot.shape[0], 512))
+    else:
+        tile = tl.load(kv_ptr + (blk * s_blk + off * s_off)[:, None] + d2, mask=valid[:, None], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend(q, m_i, l_i, acc, kv_ptr, idx_row, n_picks, s_blk, s_off, BS, SCALE_OFF, qk_scale, offs_d,
+            BLOCK_N: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, UPCAST: tl.constexpr,
+            PREC: tl.constexpr):
+    """The online softmax over the first ``n_picks`` slots of ``idx_row`` in one cache."""
+    for start in range(0, n_picks, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        idx = tl.load(idx_row + offs_n, mask=offs_n < n_picks, other=-1)
+        valid = idx >= 0
+        slot = tl.where(valid, idx, 0).to(tl.int64)
+        kv = _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8, BITS)
+        if UPCAST:
+            kv = kv.to(tl.float32)
+        else:
+            kv = kv.to(q.dtype)
+        s = tl.dot(q, tl.trans(kv), input_precision=PREC) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _paged_attn_kernel(q_ptr, sink_ptr, out_ptr, lse_ptr,
+                       kv_ptr, idx_ptr, len_ptr, s_blk, s_off, BS, SCALE_OFF, K,
+                       xkv_ptr, xidx_ptr, xlen_ptr, xs_blk, xs_off, XBS, XSCALE_OFF, XK,
+                       M, H, qk_scale,
+                       s_qb, s_qm, s_qh, s_ib, s_im, s_xb, s_xm, s_ob, s_om, s_oh, s_lb, s_lh,
+                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, HAS_LEN: tl.constexpr,
+                       HAS_EXTRA: tl.constexpr, HAS_XLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                       SOFT: tl.constexpr):
+    """One program: query row (b, m) = divmod(program_id(0), M), heads [pid1 * BLOCK_H, +BLOCK_H).
+
+    ``qk_scale`` = softmax_scale * log2(e). Strides of the caches in their elements (bytes for
+    model1_fp8); ``SCALE_OFF``: byte offset of the scales in a page (model1_fp8)."""
+    pid_bm = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = (pid_bm // M).to(tl.int64)
+    m = (pid_bm % M).to(tl.int64)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, 512)
+    h_ok = offs_h < H
+    q = tl.load(q_ptr + b * s_qb + m * s_qm + offs_h[:, None] * s_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, 512], tl.float32)
+    n = K
+    if HAS_LEN:
+        n = tl.minimum(tl.load(len_ptr + b), K)
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, kv_ptr, idx_ptr + b * s_ib + m * s_im, n, s_blk, s_off, BS,
+                            SCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC)
+    if HAS_EXTRA:
+        xn = XK
+        if HAS_XLEN:
+            xn = tl.minimum(tl.load(xlen_ptr + b), XK)
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, xkv_ptr, xidx_ptr + b * s_xb + m * s_xm, xn, xs_blk, xs_off, XBS,
+                                XSCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC)
+
+    sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf")) * 1.4426950408889634
+    m_fin = tl.maximum(m_i, sink)
+    m_fin = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+    keep = tl.exp2(m_i - m_fin)
+    denom = l_i * keep + tl.exp2(sink - m_fin)
+    factor = tl.where(denom > 0.0, keep / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    o = acc * factor[:, None]
+    tl.store(out_ptr + b * s_ob + m * s_om + offs_h[:, None] * s_oh + offs_d[None, :],
+             cast_out(o, out_ptr.dtype.element_ty, SOFT), mask=h_ok[:, None])
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(lse_ptr + b * s_lb + offs_h * s_lh + m, lse, mask=h_ok)
+
+
+def _cache_args(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, int, int, int, int]:
+    """(pointer tensor, stride of a block, stride of a token, block size, scales' byte offset in a page)."""
+    bs = cache.shape[1]
+    if layout == "bf16":
+        return cache, cache.stride(0), cache.stride(1), bs, 0
+    u8 = cache if cache.dtype == torch.uint8 else cache.view(torch.uint8)
+    return u8, PAGED_LAYOUTS[layout].page_bytes(bs), TOKEN_DATA, bs, bs * TOKEN_DATA
+
+
+def _launch_config(h: int, fp8: bool, interpreted: bool) -> dict[str, int]:
+    """Tiles that compile without register spills for sm_90 (``tests/triton/sm90_compile.py``): the
+    model1_fp8 dequantization needs the small 16-head tile; bf16 entries take 32 heads per program."""
+    if interpreted:
+        return dict(BLOCK_H=16, BLOCK_N=16)
+    if fp8 or h <= 16:
+        return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=3)
+    return dict(BLOCK_H=32, BLOCK_N=16, num_warps=8, num_stages=2)
+
+
+@implements("sparse_attn_paged", "triton")
+def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                      softmax_scale: float, topk_length: torch.Tensor | None = None,
+                      extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
+                      extra_topk_length: torch.Tensor | None = None,
+                      layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
+    """q bf16 ``[b, s_q, h, 512]``, caches of ``layout``, int32 slots ``[b, s_q, k]`` (-1 = none; not
+    range-checked here), optional int32 ``[b]`` lengths -> (out bf16 ``[b, s_q, h, 512]``, lse fp32
+    ``[b, h, s_q]``); a query with no valid pick gives 0 and +inf."""
+    b, m, h, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    idx = indices.contiguous()
+    kv, s_blk, s_off, bs, scale_off = _cache_args(kv_cache, layout)
+    has_extra = extra_kv_cache is not None and extra_indices is not None
+    if has_extra:
+        xidx = extra_indices.contiguous()
+        xkv, xs_blk, xs_off, xbs, xscale_off = _cache_args(extra_kv_cache, layout)
+    else:
+        xidx, xkv, xs_blk, xs_off, xbs, xscale_off = idx, kv, s_blk, s_off, bs, scale_off
+    lengths = topk_length.contiguous() if topk_length is not None else idx
+    xlengths = extra_topk_length.contiguous() if (has_extra and extra_topk_length is not None) else idx
+    sink = attn_sink.to(device=q.device, dtype=torch.float32).contiguous()
+    interpreted = on_interpreter(q)
+    upcast = dot_upcast(q.dtype, q.device)
+    cfg = _launch_config(h, layout == "model1_fp8", interpreted)
+    grid = (b * m, cdiv(h, cfg["BLOCK_H"]))
+    _paged_attn_kernel[grid](
+        q, sink, out, lse,
+        kv, idx, lengths, s_blk, s_off, bs, scale_off, idx.shape[-1],
+        xkv, xidx, xlengths, xs_blk, xs_off, xbs, xscale_off, xidx.shape[-1],
+        m, h, float(softmax_scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), idx.stride(0), idx.stride(1), xidx.stride(0), xidx.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        FP8=layout == "model1_fp8", HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra,
+        HAS_XLEN=has_extra and extra_topk_length is not None, UPCAST=upcast,
+        PREC=dot_precision(torch.float32 if upcast else q.dtype), SOFT=interpreted, **cfg)
+    return out, lse

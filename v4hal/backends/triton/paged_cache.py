@@ -1,0 +1,294 @@
+"""Triton paged caches: writing bf16 rows into a cache of each layout of :mod:`v4hal.ops.paged`, and
+reading entries back dequantized to bf16. The cache bytes written are the reference's, bit for bit.
+
+One program per token (a row of ``x`` or of the output). The program turns its slot into a page (``slot //
+block_size``) and an offset in the page, then addresses the page as bytes (the layouts' regions, as
+``v4hal/backends/reference/paged.py`` does): a ``-1`` slot masks every store of a write and reads zeros.
+
+* ``model1_fp8``: the 448 first values quantized as :func:`.quant.act_quant` with block 64 and
+  power-of-two scales (the e8m0 byte is the exponent), stored as e4m3 bytes, the 64 last values copied
+  as bf16 bits; then 8 scale bytes per token (7 e8m0 scales, a zero pad byte).
+* ``indexer_fp4``: :func:`.quant.fp4_act_quant` with block 32: 64 bytes of packed e2m1 (low nibble =
+  even element), then 4 e8m0 bytes per token.
+* ``indexer_fp8``: :func:`.quant.act_quant` with block 128 and an fp32 scale: 128 e4m3 bytes, then the
+  scale's 4 bytes.
+* ``bf16``: the row's bits copied.
+
+The scale and code arithmetic is the jit helpers of :mod:`.quant` (the same rule, so the same bits; a
+block holding an inf or a NaN gets a NaN scale and a NaN payload there too). Reads decode e4m3 with
+integer arithmetic (exact for every code, any GPU) and round the fp32 products to bf16 through
+:func:`._cast.cast_out`. The wrappers read no tensor back to the host.
+
+Verified where: under the interpreter (``tests/triton/test_paged_cache.py``: cache bytes equal to the
+reference's, pad bytes and untouched slots included; reads equal bit for bit); compiled for sm_90a by
+``tests/triton/sm90_compile.py``. Speed only on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+from v4hal.hal import formats as F
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
+from v4hal.ops.paged import PAGED_LAYOUTS
+
+from ._cast import cast_out
+from .quant import (
+    block_nonfinite,
+    clamp_nan,
+    e2m1_codes,
+    e2m1_value,
+    e4m3_bits,
+    e8m0_to_f32,
+    fp8_gpu,
+    interpreting,
+    nan_where,
+    pow2_ceil_exp,
+    pow2_recip,
+)
+
+_FP8_LAYOUTS = ("model1_fp8", "indexer_fp8")
+_FP8_CAP = fp8_gpu("x", "conversions of the model1_fp8 / indexer_fp8 layouts")
+
+
+def _fp8_layout_reason(args: Mapping[str, Any]) -> str | None:
+    return _FP8_CAP.reason(args) if args.get("layout") in _FP8_LAYOUTS else None
+
+
+#: writing e4m3 codes (model1_fp8, indexer_fp8) uses the hardware's FP8 conversion: sm_89+
+_WRITE_FP8 = R.when("compute capability >= 8.9 for layouts model1_fp8 / indexer_fp8 (FP8 e4m3 conversions)",
+                    _fp8_layout_reason)
+
+
+# ============================================================================ shared helpers
+@triton.jit
+def _slot_page(slots_ptr, t, s_slot, block_size, page_bytes):
+    """Slot of token ``t`` -> (the slot, offset of its page, offset in the page); -1 gives page 0."""
+    slot = tl.load(slots_ptr + t * s_slot).to(tl.int64)
+    s = tl.maximum(slot, 0)
+    blk = s // block_size
+    return slot, blk * page_bytes, s - blk * block_size
+
+
+@triton.jit
+def _valid(idx, slot):
+    """A mask shaped like the index tensor ``idx``: True where ``slot >= 0``. (Built from a tensor: the
+    interpreter rejects masks that combine a tensor with a scalar comparison.)"""
+    return (idx * 0 + slot) >= 0
+
+
+@triton.jit
+def _f32_bytes(v, k):
+    """Byte ``k`` (little-endian; ``k`` an int tensor 0..3) of fp32 scalar ``v``'s bits, as uint8."""
+    return ((v.to(tl.int32, bitcast=True) >> (k * 8)) & 0xFF).to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_to_f32(b):
+    """e4m3 bytes -> fp32, exactly, by integer arithmetic: normal codes rebuild the fp32 bits, subnormal
+    codes are ``mantissa * 2**-9``; 0x7F / 0xFF give NaN (sign kept)."""
+    bi = b.to(tl.int32)
+    sign = (bi & 0x80) << 24
+    ex = (bi >> 3) & 0xF
+    man = bi & 7
+    normal = ((ex + 120) << 23) | (man << 20)
+    sub = (man.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)
+    bits = tl.where(ex == 0, sub, normal)
+    bits = tl.where((bi & 0x7F) == 0x7F, 0x7FC00000, bits)
+    return (bits | sign).to(tl.float32, bitcast=True)
+
+
+# ============================================================================ writes
+@triton.jit
+def _write_model1_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, amax_floor, max_inv,
+                         SOFT: tl.constexpr):
+    """x bf16 ``[T, 512]`` -> model1_fp8 records: 448 e4m3 bytes (7 blocks of 64, pow2 scales) and 64
+    bf16 values at ``off * 576`` of the page, 7 e8m0 bytes and a zero at ``block_size * 576 + off * 8``."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    r = tl.arange(0, 8)                          # 7 quantization blocks (row 7 is padding)
+    c = tl.arange(0, 64)
+    rc = r[:, None] * 64 + c[None, :]
+    mask = (r < 7)[:, None] & _valid(rc, slot)
+    xrow = x_ptr + t * s_xt
+    x = tl.load(xrow + rc, mask=mask, other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 1)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
+    e = tl.where(bad, 255, pow2_ceil_exp(amax * max_inv))
+    q = nan_where(bad[:, None], clamp_nan(x * pow2_recip(e)[:, None], 448.0))
+    rec = cache_ptr + page + off * 576
+    tl.store(rec + rc, e4m3_bits(q, SOFT), mask=mask)
+    rope = tl.load(xrow.to(tl.pointer_type(tl.int16)) + 448 + c, mask=_valid(c, slot), other=0)
+    tl.store((rec + 448).to(tl.pointer_type(tl.int16)) + c, rope, mask=_valid(c, slot))
+    sc = cache_ptr + page + block_size * 576 + off * 8
+    tl.store(sc + r, tl.where(r < 7, e, 0).to(tl.uint8), mask=_valid(r, slot))
+
+
+@triton.jit
+def _write_fp4_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, amax_floor, max_inv):
+    """x bf16 ``[T, 128]`` -> indexer_fp4 records: 64 packed e2m1 bytes at ``off * 64`` of the page, 4
+    e8m0 bytes at ``block_size * 64 + off * 4``."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    r = tl.arange(0, 4)
+    c = tl.arange(0, 32)
+    rc = r[:, None] * 32 + c[None, :]
+    x = tl.load(x_ptr + t * s_xt + rc, mask=_valid(rc, slot), other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 1)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
+    e = tl.where(bad, 255, pow2_ceil_exp(amax * max_inv))
+    v = clamp_nan(x * pow2_recip(e)[:, None], 6.0)
+    codes = tl.where(bad[:, None], 7, e2m1_codes(v))
+    lo, hi = tl.split(tl.reshape(codes, (4, 16, 2)))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    rh = r[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(cache_ptr + page + off * 64 + rh, packed, mask=_valid(rh, slot))
+    tl.store(cache_ptr + page + block_size * 64 + off * 4 + r, e.to(tl.uint8), mask=_valid(r, slot))
+
+
+@triton.jit
+def _write_fp8_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, amax_floor, max_inv,
+                      SOFT: tl.constexpr):
+    """x bf16 ``[T, 128]`` -> indexer_fp8 records: 128 e4m3 bytes at ``off * 128`` of the page, the fp32
+    scale at ``block_size * 128 + off * 4``."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    c = tl.arange(0, 128)
+    valid = _valid(c, slot)
+    x = tl.load(x_ptr + t * s_xt + c, mask=valid, other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 0)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0), amax_floor) * max_inv
+    q = nan_where(bad, clamp_nan(tl.math.div_rn(x, s), 448.0))
+    tl.store(cache_ptr + page + off * 128 + c, e4m3_bits(q, SOFT), mask=valid)
+    k = tl.arange(0, 4)        # the scale's 4 bytes, little-endian (a masked store needs a tensor)
+    tl.store(cache_ptr + page + block_size * 128 + off * 4 + k, _f32_bytes(nan_where(bad, s), k),
+             mask=_valid(k, slot))
+
+
+@triton.jit
+def _copy_bf16_kernel(dst_ptr, src_ptr, slots_ptr, s_src, s_dst, s_slot, block_size, page_elems,
+                      WRITE: tl.constexpr):
+    """bf16 rows of 512 as int16 bits. ``WRITE``: src ``[T, 512]`` -> the cache at the slots (-1
+    skipped); else the cache at the slots -> dst ``[T, 512]`` (zeros for -1)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_elems)
+    c = tl.arange(0, 512)
+    valid = _valid(c, slot)
+    if WRITE:
+        v = tl.load(src_ptr + t * s_src + c, mask=valid, other=0)
+        tl.store(dst_ptr + page + off * 512 + c, v, mask=valid)
+    else:
+        v = tl.load(src_ptr + page + off * 512 + c, mask=valid, other=0)
+        tl.store(dst_ptr + t * s_dst + c, v)
+
+
+# ============================================================================ reads
+@triton.jit
+def _read_model1_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, SOFT: tl.constexpr):
+    """model1_fp8 records at the slots -> out bf16 ``[T, 512]`` (contiguous): e4m3 * e8m0 scale for the
+    448 first values, the stored bf16 bits for the last 64; zeros for -1."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    r = tl.arange(0, 8)
+    c = tl.arange(0, 64)
+    rc = r[:, None] * 64 + c[None, :]
+    rmask = r < 7
+    rec = cache_ptr + page + off * 576
+    yb = tl.load(rec + rc, mask=rmask[:, None] & _valid(rc, slot), other=0)
+    sb = tl.load(cache_ptr + page + block_size * 576 + off * 8 + r, mask=rmask & _valid(r, slot), other=127)
+    val = _e4m3_to_f32(yb) * e8m0_to_f32(sb)[:, None]
+    orow = out_ptr + t * 512
+    tl.store(orow + rc, cast_out(val, tl.bfloat16, SOFT), mask=rmask[:, None])
+    rope = tl.load((rec + 448).to(tl.pointer_type(tl.int16)) + c, mask=_valid(c, slot), other=0)
+    tl.store(orow.to(tl.pointer_type(tl.int16)) + 448 + c, rope)
+
+
+@triton.jit
+def _read_fp4_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, SOFT: tl.constexpr):
+    """indexer_fp4 records at the slots -> out bf16 ``[T, 128]``: e2m1 value * e8m0 scale; zeros for -1."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    r = tl.arange(0, 4)
+    rh = r[:, None] * 16 + tl.arange(0, 16)[None, :]
+    packed = tl.load(cache_ptr + page + off * 64 + rh, mask=_valid(rh, slot), other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (4, 32))
+    sb = tl.load(cache_ptr + page + block_size * 64 + off * 4 + r, mask=_valid(r, slot), other=127)
+    mag = e2m1_value(codes & 7)
+    val = tl.where((codes & 8) != 0, -mag, mag) * e8m0_to_f32(sb)[:, None]
+    c = tl.arange(0, 32)
+    tl.store(out_ptr + t * 128 + r[:, None] * 32 + c[None, :], cast_out(val, tl.bfloat16, SOFT))
+
+
+@triton.jit
+def _read_fp8_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, SOFT: tl.constexpr):
+    """indexer_fp8 records at the slots -> out bf16 ``[T, 128]``: e4m3 value * fp32 scale; zeros for -1."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    c = tl.arange(0, 128)
+    yb = tl.load(cache_ptr + page + off * 128 + c, mask=_valid(c, slot), other=0)
+    # a -1 slot reads page 0's scale (memory that exists), then replaced: zeros times 1.0
+    s = tl.load((cache_ptr + page + block_size * 128 + off * 4).to(tl.pointer_type(tl.float32)))
+    s = tl.where(slot >= 0, s, 1.0)
+    tl.store(out_ptr + t * 128 + c, cast_out(_e4m3_to_f32(yb) * s, tl.bfloat16, SOFT))
+
+
+# ============================================================================ wrappers
+def _bytes(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as uint8 (a view: the same storage, strides and offset)."""
+    return cache if cache.dtype == torch.uint8 else cache.view(torch.uint8)
+
+
+@implements("paged_cache_write", "triton", requires=(_WRITE_FP8,))
+def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, layout: str) -> None:
+    """Quantize bf16 ``x [T, D]`` by ``layout`` into ``cache [blocks, block size, 1, W]`` at ``slots``
+    (int32/int64 ``[T]``; -1 skipped), in place; the bytes of the reference's write."""
+    t = x.shape[0]
+    if t == 0:
+        return
+    xc = x if x.stride(-1) == 1 else x.contiguous()
+    bs = cache.shape[1]
+    page = PAGED_LAYOUTS[layout].page_bytes(bs)
+    soft = interpreting(cache)
+    if layout == "bf16":
+        _copy_bf16_kernel[(t,)](cache.view(torch.int16), xc.view(torch.int16), slots, xc.stride(0), 0,
+                                slots.stride(0), bs, page // 2, WRITE=True, num_warps=4)
+    elif layout == "model1_fp8":
+        _write_model1_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page,
+                                   F.FP8_AMAX_FLOOR, F.FP8_MAX_INV, SOFT=soft, num_warps=4)
+    elif layout == "indexer_fp4":
+        _write_fp4_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page,
+                                F.FP4_AMAX_FLOOR, F.FP4_MAX_INV, num_warps=1)
+    else:  # indexer_fp8
+        _write_fp8_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page,
+                                F.FP8_AMAX_FLOOR, F.FP8_MAX_INV, SOFT=soft, num_warps=1)
+
+
+@implements("paged_cache_read", "triton")
+def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
+    """The entries at ``slots`` (int32/int64 ``[T]``) of ``cache`` dequantized by ``layout``: bf16
+    ``[T, D]``, zeros for -1; the reference's values bit for bit."""
+    t = slots.shape[0]
+    dim = PAGED_LAYOUTS[layout].dim
+    out = torch.empty(t, dim, dtype=torch.bfloat16, device=cache.device)
+    if t == 0:
+        return out
+    bs = cache.shape[1]
+    page = PAGED_LAYOUTS[layout].page_bytes(bs)
+    soft = interpreting(cache)
+    if layout == "bf16":
+        _copy_bf16_kernel[(t,)](out.view(torch.int16), cache.view(torch.int16), slots, 0, dim, slots.stride(0),
+                                bs, page // 2, WRITE=False, num_warps=4)
+    elif layout == "model1_fp8":
+        _read_model1_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, SOFT=soft, num_warps=4)
+    elif layout == "indexer_fp4":
+        _read_fp4_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, SOFT=soft, num_warps=1)
+    else:  # indexer_fp8
+        _read_fp8_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, SOFT=soft, num_warps=1)
+    return out
+
+
+__all__ = ["paged_cache_write", "paged_cache_read"]

@@ -1,0 +1,185 @@
+"""Triton lightning indexer over paged key caches: logits read straight from the FP4 / FP8 cache bytes.
+
+``_indexer_logits_paged_kernel``: a program owns one query row (request ``b``, draft row ``i``) and
+``BLOCK_T`` logical key positions. It looks each position's block up in the request's block-table row,
+loads the key bytes from the page (``indexer_fp4``: 64 packed e2m1 bytes, low nibble = even element,
+and 4 ue8m0 scales after the page's ``block_size * 64`` data bytes; ``indexer_fp8``: 128 e4m3 bytes and
+one fp32 scale after ``block_size * 128``), decodes them with integer arithmetic (no device fp4/fp8
+conversion), and multiplies the row's ``[HP, 128]`` query heads with the ``[BLOCK_T, 128]`` keys as two
+K=64 products, one over the even and one over the odd dims (the two nibbles of a byte). ReLU, the head
+weights and the sum over heads run on the fp32 accumulator; positions at or past the row's limit get
+``-inf``, and a tile wholly past it skips the product.
+
+Precision: an FP4 key (e2m1 value times a power of two) is exact in bf16, so on a GPU the FP4 product
+is a bf16 MMA whose products are exact and whose sum is fp32; an FP8 key's e4m3 value is exact in bf16
+too, and its fp32 scale multiplies the fp32 dot afterwards (as DeepGEMM does). Under the interpreter
+(whose bf16 ``tl.dot`` is wrong) both operands are fp32.
+
+:func:`indexer_topk_paged` is these logits plus ``torch.topk``; :func:`paged_slots` is plain torch.
+
+Verified where: under the Triton interpreter against the reference (tests/triton); compiled for sm_90a
+without spills (tests/triton/sm90_compile.py). GPU numerics and speed are checked only on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from v4hal.backends.reference import paged_indexer as ref
+from v4hal.hal import requirements as R
+from v4hal.hal.registry import implements
+
+from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
+
+MAX_INDEX_HEADS = 128   # all heads of a query row in one MMA tile
+_REQUIRES = (R.at_most("indexer heads H", MAX_INDEX_HEADS, "q.shape[2]", why="all heads of a row in one MMA tile"),
+             R.min_capability(8, 0, tensor="q", only_for=(torch.bfloat16,), why="bf16 tl.dot"))
+
+
+@triton.jit
+def _e8m0_to_f32(s):
+    """uint8-valued int32 ue8m0 bytes -> fp32 ``2**(s - 127)`` (0: the subnormal 2**-127, 255: NaN)."""
+    bits = tl.where(s == 0, 0x400000, s << 23)
+    bits = tl.where(s == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_to_f32(c):
+    """int32 e2m1 codes (4 bits: sign, 2 exponent bits, 1 mantissa bit) -> fp32."""
+    e = (c >> 1) & 3
+    m = (c & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0)))
+    return tl.where((c & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _e4m3_to_f32(c):
+    """int32 e4m3 bytes -> fp32 (0x7F / 0xFF: NaN)."""
+    e = (c >> 3) & 15
+    m = (c & 7).to(tl.float32)
+    pow2 = ((tl.maximum(e, 1) + 120) << 23).to(tl.float32, bitcast=True)       # 2**(max(e, 1) - 7)
+    mag = tl.where(e == 0, m * 0.125, 1.0 + m * 0.125) * pow2
+    mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_ptr,
+                                 NEXT_N, H, BS, MB, NB, L,
+                                 s_qb, s_qn, s_qh, s_w, s_bt, s_page, s_o,
+                                 CTX_2D: tl.constexpr, FP8: tl.constexpr, HP: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr):
+    """program_id(0) = query row ``b * NEXT_N + i``, program_id(1) = tile of BLOCK_T positions."""
+    row = tl.program_id(0)
+    b = row // NEXT_N
+    i = row % NEXT_N
+    t0 = tl.program_id(1) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    if CTX_2D:
+        limit = tl.load(ctx_ptr + row)
+    else:
+        limit = tl.load(ctx_ptr + b) - NEXT_N + 1 + i
+    limit = tl.minimum(limit, MB * BS)
+    if t0 < limit:
+        t_ok = offs_t < limit
+        col = offs_t // BS
+        blk = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
+        blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)
+        tok = (offs_t % BS).to(tl.int64)
+        page = cache_ptr + blk * s_page                                          # [BLOCK_T] page starts
+        offs_j = tl.arange(0, 64)
+        heads = tl.arange(0, HP)
+        h_ok = heads < H
+        q_row = q_ptr + b.to(tl.int64) * s_qb + i * s_qn + heads * s_qh
+        q_even = tl.load(q_row[:, None] + 2 * offs_j[None, :], mask=h_ok[:, None], other=0.0)
+        q_odd = tl.load(q_row[:, None] + 2 * offs_j[None, :] + 1, mask=h_ok[:, None], other=0.0)
+        km = t_ok[:, None]
+        if FP8:
+            data = page[:, None] + tok[:, None] * 128 + 2 * offs_j[None, :]
+            k_even = _e4m3_to_f32(tl.load(data, mask=km, other=0).to(tl.int32))
+            k_odd = _e4m3_to_f32(tl.load(data + 1, mask=km, other=0).to(tl.int32))
+            sb = tl.load(page[:, None] + BS * 128 + tok[:, None] * 4 + tl.arange(0, 4)[None, :], mask=km, other=0)
+            bits = tl.sum(sb.to(tl.uint32) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, :], axis=1)
+            k_scale = bits.to(tl.float32, bitcast=True)                           # [BLOCK_T]
+        else:
+            packed = tl.load(page[:, None] + tok[:, None] * 64 + offs_j[None, :], mask=km, other=0).to(tl.int32)
+            sc = tl.load(page[:, None] + BS * 64 + tok[:, None] * 4 + offs_j[None, :] // 16, mask=km, other=127)
+            scale = _e8m0_to_f32(sc.to(tl.int32))                                 # [BLOCK_T, 64]
+            k_even = _e2m1_to_f32(packed & 15) * scale
+            k_odd = _e2m1_to_f32(packed >> 4) * scale
+        if TO_F32:
+            q_even = q_even.to(tl.float32)
+            q_odd = q_odd.to(tl.float32)
+        else:
+            k_even = k_even.to(tl.bfloat16)
+            k_odd = k_odd.to(tl.bfloat16)
+        acc = tl.dot(q_even, tl.trans(k_even), input_precision=PREC)             # [HP, BLOCK_T] fp32
+        acc = tl.dot(q_odd, tl.trans(k_odd), acc, input_precision=PREC)
+        if FP8:
+            acc = acc * k_scale[None, :]
+        w = tl.load(w_ptr + row.to(tl.int64) * s_w + heads, mask=h_ok, other=0.0)
+        score = tl.sum(tl.maximum(acc, 0.0) * w[:, None], axis=0)               # [BLOCK_T]
+        score = tl.where(t_ok, score, float("-inf"))
+    else:
+        score = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * s_o + offs_t, score, mask=offs_t < L)
+
+
+def logits_into(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                context_lens: torch.Tensor, block_table: torch.Tensor, layout: str) -> torch.Tensor:
+    """The paged indexer logits written into fp32 ``out [b * next_n, L]`` (last dim contiguous)."""
+    b, n, h, d = q.shape
+    if out.numel() == 0:
+        return out
+    if h == 0:       # no heads: every visible logit is 0 (no kernel launch)
+        lim = ref.row_limits(context_lens, n).reshape(-1, 1)
+        pos = torch.arange(out.shape[1], device=out.device).view(1, -1)
+        out.copy_(torch.where(pos < lim, 0.0, float("-inf")))
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+    context_lens = context_lens.contiguous()
+    block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    interp = on_interpreter(q)
+    to_f32 = dot_upcast(q.dtype, q.device)
+    hp = max(16, next_pow2(h))
+    block_t = 32 if interp else 64
+    cache = kv_cache if kv_cache.dtype == torch.uint8 else kv_cache.view(torch.uint8)
+    nb, bs = cache.shape[0], cache.shape[1]
+    s_page = cache.stride(0) if nb > 1 else 0
+    grid = (b * n, cdiv(out.shape[1], block_t))
+    kwargs = {} if interp else {"num_warps": 4, "num_stages": 2}
+    _indexer_logits_paged_kernel[grid](
+        q, cache, weights, context_lens, block_table, out, n, h, bs, block_table.shape[1], nb, out.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), s_page, out.stride(0),
+        CTX_2D=context_lens.dim() == 2, FP8=layout == "indexer_fp8", HP=hp, BLOCK_T=block_t, TO_F32=to_f32,
+        PREC=dot_precision(torch.float32 if to_f32 else q.dtype), **kwargs)
+    return out
+
+
+@implements("indexer_logits_paged", "triton", requires=_REQUIRES)
+def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                         block_table: torch.Tensor, max_context_len: int,
+                         layout: str = "indexer_fp4") -> torch.Tensor:
+    """fp32 ``[b * next_n, max_context_len]`` paged indexer logits (-inf past each row's limit)."""
+    out = torch.empty(q.shape[0] * q.shape[1], max_context_len, dtype=torch.float32, device=q.device)
+    return logits_into(out, q, kv_cache, weights, context_lens, block_table, layout)
+
+
+@implements("indexer_topk_paged", "triton", requires=_REQUIRES)
+def indexer_topk_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                       block_table: torch.Tensor, topk: int, layout: str = "indexer_fp4",
+                       offset: int = 0) -> torch.Tensor:
+    """int32 ``[b, next_n, topk]``: the Triton logits over the block table's positions, then ``torch.topk``."""
+    width = block_table.shape[1] * kv_cache.shape[1]
+    out = torch.empty(q.shape[0] * q.shape[1], width, dtype=torch.float32, device=q.device)
+    logits = logits_into(out, q, kv_cache, weights, context_lens, block_table, layout)
+    return ref.topk_from_logits(logits, ref.row_limits(context_lens, q.shape[1]), topk, offset)
+
+
+@implements("paged_slots", "triton")
+def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 slots like ``positions`` (plain torch ops: one gather, no kernel)."""
+    return ref.paged_slots(positions, block_table, block_size)

@@ -1,0 +1,263 @@
+"""One forward step over many requests: their new tokens flattened, their positions, and the page tables
+and slots the paged caches are addressed with.
+
+Page kinds (`KINDS`) and what one entry of each is:
+
+- ``"token"``: one token position ``p`` (page ``p // block_size``): the sliding-window KV of every layer
+  and the compressors' fp32 state (the projections of each recent token).
+- ``"c4"``: one compressed entry ``j = p // 4`` of the ratio-4 layers (KV and indexer keys).
+- ``"c128"``: one compressed entry ``j = p // 128`` of the ratio-128 layers.
+
+A slot is ``block * block_size + offset``; ``-1`` means "no slot".
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from v4hal.hal.errors import DTypeError, RangeError, ShapeError
+from v4hal.model.config import ModelConfig
+
+__all__ = ["KINDS", "RATIO", "ForwardBatch", "build_batch", "kinds_of", "first_needed_position", "pages_needed",
+           "written_pages"]
+
+#: The page kinds, and the token positions one entry of each covers.
+KINDS: tuple[str, ...] = ("token", "c4", "c128")
+RATIO: dict[str, int] = {"token": 1, "c4": 4, "c128": 128}
+
+
+def kinds_of(cfg: ModelConfig) -> tuple[str, ...]:
+    """The page kinds ``cfg``'s layers use (main and MTP): always ``"token"``, then ``"c4"`` / ``"c128"``
+    when some layer has compress ratio 4 / 128."""
+    return tuple(k for k in KINDS if k == "token" or RATIO[k] in cfg.compress_ratios)
+
+
+def first_needed_position(cfg: ModelConfig, p: int) -> int:
+    """The first token position whose window KV or compressor state a step at position ``p`` (or later)
+    still reads: ``p - window + 1``, the start of the unfinished ratio-128 block, and for ratio 4 the
+    start of the block before the unfinished one (overlapping pooling); clamped at 0."""
+    lo = p - cfg.window_size + 1
+    if 128 in cfg.compress_ratios:
+        lo = min(lo, p // 128 * 128)
+    if 4 in cfg.compress_ratios:
+        lo = min(lo, p // 4 * 4 - 4)
+    return max(lo, 0)
+
+
+def pages_needed(kind: str, end: int, block_size: int) -> int:
+    """Pages of ``kind`` that positions ``0 .. end-1`` fill: ``ceil(end / bs)`` token pages, or the pages of
+    the ``end // ratio`` compressed entries completed by then."""
+    n = end if kind == "token" else end // RATIO[kind]
+    return -(-n // block_size)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """The new tokens of ``B`` requests, ``T`` in all, flattened request after request.
+
+    Tensors (one device): ``input_ids [T]`` int64; ``positions [T]`` int32; ``req_index [T]`` int32 (row
+    of the token's request in this batch); ``cu_seqlens [B+1]`` int32 (request ``b``'s tokens are rows
+    ``cu_seqlens[b] .. cu_seqlens[b+1]-1``); ``start_pos [B]`` int32 (first new position); ``seq_lens [B]``
+    int32 (positions computed after this step); ``block_tables[kind] [B, max_pages]`` int32, ``-1`` padded
+    (and ``-1`` for pages released behind the window); ``token_slots [T]`` int32, the token-kind slot each
+    token's window KV and compressor state go to; ``entry_slots[kind] [T]`` int32 for ``"c4"``/``"c128"``:
+    the slot of the compressed entry the token completes (``(p + 1) % ratio == 0``), else -1;
+    ``last_token_index [B]`` int64, the row of each request's last token (for logits).
+
+    Host copies: ``req_ids``, ``query_lens`` and ``start_positions`` (Python ints, no device sync).
+    """
+
+    req_ids: tuple[Hashable, ...]
+    block_size: int
+    query_lens: tuple[int, ...]
+    start_positions: tuple[int, ...]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    req_index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    start_pos: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: dict[str, torch.Tensor]
+    token_slots: torch.Tensor
+    entry_slots: dict[str, torch.Tensor]
+    last_token_index: torch.Tensor
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.req_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_context_len(self) -> int:
+        """Largest ``seq_lens`` entry."""
+        return max(s + n for s, n in zip(self.start_positions, self.query_lens))
+
+    @classmethod
+    def from_block_tables(cls, cfg: ModelConfig, *, req_ids: Sequence[Hashable], input_ids: torch.Tensor,
+                          cu_seqlens: torch.Tensor, start_pos: torch.Tensor, block_tables: dict[str, torch.Tensor],
+                          block_size: int, num_blocks: dict[str, int] | None = None) -> "ForwardBatch":
+        """A batch over a runtime's own page tables (no `CachePool`).
+
+        ``input_ids [T]`` int64, ``cu_seqlens [B+1]`` int32, ``start_pos [B]`` int32, ``block_tables`` int32
+        ``[B, pages]`` for every kind of ``cfg`` (`kinds_of`), ``num_blocks`` per kind to bound the block ids.
+        Checked (reading the tensors, one host sync): dtypes, shapes and devices agree; each request has
+        >= 1 token and ends at or before ``cfg.max_seq_len``; each table holds a block (not -1) for every page
+        the step reads or writes (window and compressor-state positions from `first_needed_position`, every
+        compressed entry up to the step's end); no block id past ``num_blocks``; no slot written by two
+        requests (or twice by one). Raises `ShapeError` / `DTypeError` / `RangeError`.
+        """
+        op = "ForwardBatch.from_block_tables"
+        tensors = {"input_ids": input_ids, "cu_seqlens": cu_seqlens, "start_pos": start_pos}
+        tensors.update({f"block_tables[{k!r}]": t for k, t in block_tables.items()}
+                       if isinstance(block_tables, dict) else {})
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise DTypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if not isinstance(block_tables, dict):
+            raise DTypeError(f"{op}: block_tables must be a dict of kind -> tensor, got {type(block_tables).__name__}")
+        devices = {t.device for t in tensors.values()}
+        if len(devices) > 1:
+            raise RangeError(f"{op}: every tensor must be on one device, got {sorted(map(str, devices))}")
+        want = {"input_ids": torch.int64, "cu_seqlens": torch.int32, "start_pos": torch.int32}
+        for name, t in tensors.items():
+            dt = want.get(name, torch.int32)
+            if t.dtype != dt:
+                raise DTypeError(f"{op}: {name} must be {str(dt)[6:]}, got {str(t.dtype)[6:]}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise RangeError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
+        ids = list(req_ids)
+        b = len(ids)
+        if b == 0:
+            raise ShapeError(f"{op}: req_ids must name at least one request, got none")
+        if len(set(ids)) != b:
+            raise RangeError(f"{op}: req_ids must be distinct, got {ids}")
+        if input_ids.dim() != 1 or input_ids.shape[0] < 1:
+            raise ShapeError(f"{op}: input_ids must be [T] with T >= 1, got {list(input_ids.shape)}")
+        if list(cu_seqlens.shape) != [b + 1]:
+            raise ShapeError(f"{op}: cu_seqlens must be [B+1] = [{b + 1}], got {list(cu_seqlens.shape)}")
+        if list(start_pos.shape) != [b]:
+            raise ShapeError(f"{op}: start_pos must be [B] = [{b}], got {list(start_pos.shape)}")
+        kinds = kinds_of(cfg)
+        if sorted(block_tables) != sorted(kinds):
+            raise RangeError(f"{op}: block_tables must have exactly the kinds {list(kinds)}, got {list(block_tables)}")
+        for k, t in block_tables.items():
+            if t.dim() != 2 or t.shape[0] != b:
+                raise ShapeError(f"{op}: block_tables[{k!r}] must be [B, pages] = [{b}, pages], got {list(t.shape)}")
+        cu, starts = cu_seqlens.tolist(), start_pos.tolist()
+        t_total = input_ids.shape[0]
+        if cu[0] != 0 or cu[-1] != t_total:
+            raise RangeError(f"{op}: cu_seqlens must start at 0 and end at T = {t_total}, got {cu}")
+        lens = [cu[i + 1] - cu[i] for i in range(b)]
+        for i in range(b):
+            if lens[i] < 1:
+                raise RangeError(f"{op}: request {ids[i]!r} must have at least one token, got cu_seqlens {cu}")
+            if starts[i] < 0 or starts[i] + lens[i] > cfg.max_seq_len:
+                raise RangeError(f"{op}: request {ids[i]!r} positions {starts[i]} .. {starts[i] + lens[i] - 1} "
+                                 f"must lie in [0, max_seq_len = {cfg.max_seq_len})")
+        tokens = input_ids.tolist()
+        bad_ids = [x for x in tokens if not 0 <= x < cfg.vocab_size]
+        if bad_ids:
+            raise RangeError(f"{op}: input_ids must lie in [0, vocab_size = {cfg.vocab_size}), got {bad_ids[:4]}")
+        tables = {k: t.tolist() for k, t in block_tables.items()}
+        for k, rows in tables.items():
+            cap = None if num_blocks is None else num_blocks.get(k)
+            for i, row in enumerate(rows):
+                bad = [x for x in row if x < -1 or (cap is not None and x >= cap)]
+                if bad:
+                    bound = f"[-1, {cap})" if cap is not None else ">= -1"
+                    raise RangeError(f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) holds block ids "
+                                     f"outside {bound}: {bad[:4]}")
+        _check_coverage(op, cfg, ids, starts, lens, tables, block_size)
+        return build_batch(cfg, ids, tokens, starts, lens, tables, block_size, input_ids.device)
+
+
+def written_pages(kind: str, start: int, end: int, block_size: int) -> range:
+    """Page indices of ``kind`` that positions ``start .. end-1`` write."""
+    if kind == "token":
+        return range(start // block_size, (end - 1) // block_size + 1)
+    r = RATIO[kind]
+    lo, hi = start // r, end // r      # entries completed by this step
+    return range(lo // block_size, -(-hi // block_size)) if hi > lo else range(0)
+
+
+def _check_coverage(op: str, cfg: ModelConfig, ids: list, starts: list[int], lens: list[int],
+                    tables: dict[str, list[list[int]]], block_size: int) -> None:
+    """Each request's table holds every page its step reads or writes; no written slot is shared."""
+    for k, rows in tables.items():
+        writers: dict[int, Hashable] = {}
+        for i, row in enumerate(rows):
+            start, end = starts[i], starts[i] + lens[i]
+            if k == "token":
+                need = range(first_needed_position(cfg, start) // block_size, pages_needed(k, end, block_size))
+            else:
+                need = range(pages_needed(k, end, block_size))
+            missing = [p for p in need if p >= len(row) or row[p] < 0]
+            if missing:
+                raise RangeError(f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}, positions {start} .. "
+                                 f"{end - 1}) must hold a block for pages {need.start} .. {need.stop - 1}; "
+                                 f"page {missing[0]} is " + ("past the table's end" if missing[0] >= len(row)
+                                                             else "-1"))
+            for p in written_pages(k, start, end, block_size):
+                blk = row[p]
+                if blk in writers:
+                    raise RangeError(f"{op}: block_tables[{k!r}]: block {blk} is written by request {ids[i]!r} and "
+                                     f"by request {writers[blk]!r} (a slot used by two requests)"
+                                     if writers[blk] != ids[i] else
+                                     f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) writes block {blk} "
+                                     f"at two pages")
+                writers[blk] = ids[i]
+
+
+def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[int], starts: Sequence[int],
+                lens: Sequence[int], tables: dict[str, Sequence[Sequence[int]]], block_size: int,
+                device: torch.device | str | None) -> ForwardBatch:
+    """Assemble a `ForwardBatch` from host lists the caller has validated (``tokens``: the ``sum(lens)``
+    new token ids in request order; ``tables[kind][b]``: request ``b``'s block ids)."""
+    b = len(req_ids)
+    n = torch.tensor(list(lens), dtype=torch.int64)
+    s = torch.tensor(list(starts), dtype=torch.int64)
+    cu = torch.zeros(b + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(n, 0)
+    t = int(cu[-1])
+    req_index = torch.repeat_interleave(torch.arange(b), n)
+    positions = s[req_index] + torch.arange(t) - cu[:-1][req_index]
+    block_tables: dict[str, torch.Tensor] = {}
+    for k, rows in tables.items():
+        width = max([1] + [len(r) for r in rows])
+        bt = torch.full((b, width), -1, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            bt[i, :len(r)] = torch.tensor(list(r), dtype=torch.int64)
+        block_tables[k] = bt
+
+    def slot_of(kind: str, idx: torch.Tensor) -> torch.Tensor:
+        return block_tables[kind][req_index, idx // block_size] * block_size + idx % block_size
+
+    token_slots = slot_of("token", positions)
+    entry_slots = {}
+    for k in tables:
+        if k != "token":
+            r = RATIO[k]
+            done = (positions + 1) % r == 0
+            entry = torch.where(done, positions // r, 0)
+            entry_slots[k] = torch.where(done, slot_of(k, entry), -1)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+
+    def i32(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=dev, dtype=torch.int32)
+
+    return ForwardBatch(
+        req_ids=tuple(req_ids), block_size=block_size, query_lens=tuple(int(x) for x in lens),
+        start_positions=tuple(int(x) for x in starts),
+        input_ids=torch.tensor(list(tokens), dtype=torch.int64, device=dev), positions=i32(positions),
+        req_index=i32(req_index), cu_seqlens=i32(cu), start_pos=i32(s), seq_lens=i32(s + n),
+        block_tables={k: i32(v) for k, v in block_tables.items()}, token_slots=i32(token_slots),
+        entry_slots={k: i32(v) for k, v in entry_slots.items()}, last_token_index=(cu[1:] - 1).to(dev))

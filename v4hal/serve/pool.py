@@ -1,0 +1,487 @@
+"""The cache pool: every layer's paged caches, one page allocator per page kind, the requests' block
+tables, and registered prefixes.
+
+Per layer (main and MTP), by compress ratio ``r``:
+
+- window cache (``"token"`` pages, attention layout, ``head_dim`` wide), every layer;
+- compressed cache (``"c4"`` / ``"c128"`` pages, attention layout), ``r > 0``;
+- indexer cache (``"c4"`` pages, indexer layout, ``index_head_dim`` wide), ``r == 4``;
+- compressor state, fp32 ``[blocks, block_size, 2 * coff * D]`` (``"token"`` pages: the ``kv | score``
+  projections of each token, ``coff = 2`` for ratio 4 else 1), ``D = head_dim`` for the layer's compressor
+  (``r > 0``) and ``index_head_dim`` for the indexer's (``r == 4``).
+
+A request's pages are reserved by `CachePool.plan` before a step, marked computed by `CachePool.advance`
+(which frees token pages no later position reads) and freed by `CachePool.release`. Every method checks
+its input before it changes anything: after an error the pool is as it was.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.model.config import ModelConfig
+from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
+
+from .batch import RATIO, ForwardBatch, build_batch, first_needed_position, kinds_of, pages_needed, written_pages
+from .pages import PageAllocator, PoolExhaustedError
+from .prefix import PrefixCache, PrefixEntry
+
+__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "memory_table"]
+
+
+def alloc_cache(num_blocks: int, block_size: int, layout: str, dim: int,
+                device: str | torch.device | None = None) -> torch.Tensor:
+    """A zeroed paged cache of ``layout`` for ``dim``-wide entries: ``[num_blocks, block_size, 1, W]``.
+    Raises `ShapeError` when ``dim`` is not the layout's entry width."""
+    if layout not in PAGED_LAYOUTS:
+        raise RangeError(f"alloc_cache: layout must be one of {list(PAGED_LAYOUTS)}, got {layout!r}")
+    _check_width(layout, dim)
+    return new_paged_cache(num_blocks, block_size, layout, device=device)
+
+
+def _check_width(layout: str, dim: int, where: str = "alloc_cache") -> None:
+    if dim != PAGED_LAYOUTS[layout].dim:
+        raise ShapeError(f"{where}: layout {layout!r} holds {PAGED_LAYOUTS[layout].dim}-wide entries, "
+                         f"got dim {dim}")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor of one layer: its field in `LayerCaches`, page kind, layout (None: fp32 state)
+    and entry width."""
+
+    layer: int
+    name: str
+    kind: str
+    layout: str | None
+    dim: int
+
+
+
+@dataclass
+class LayerCaches:
+    """The cache tensors of one layer (None where the layer has no such cache)."""
+
+    ratio: int
+    window: torch.Tensor | None = None
+    compressed: torch.Tensor | None = None
+    indexer: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    index_state: torch.Tensor | None = None
+
+
+@dataclass
+class RequestState:
+    """One request: ``tokens`` known so far (prompt, then appended outputs), positions ``0 .. computed-1``
+    done, pages reserved for positions ``< reserved``, ``tables[kind]`` its block ids by page index (-1 for
+    pages released), ``shared[kind]`` how many leading pages came shared from a prefix (never written),
+    ``prefix_len`` tokens reused from a registered prefix."""
+
+    req_id: Hashable
+    tokens: list[int]
+    computed: int = 0
+    reserved: int = 0
+    tables: dict[str, list[int]] = field(default_factory=dict)
+    shared: dict[str, int] = field(default_factory=dict)
+    prefix_len: int = 0
+
+
+def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
+    """The cache tensors of every layer of ``cfg`` (main then MTP)."""
+    out: list[CacheSpec] = []
+    for i, r in enumerate(cfg.compress_ratios):
+        out.append(CacheSpec(i, "window", "token", attn_layout, cfg.head_dim))
+        if r:
+            kind = "c4" if r == 4 else "c128"
+            coff = 2 if r == 4 else 1
+            out.append(CacheSpec(i, "compressed", kind, attn_layout, cfg.head_dim))
+            out.append(CacheSpec(i, "state", "token", None, 2 * coff * cfg.head_dim))
+        if r == 4:
+            out.append(CacheSpec(i, "indexer", "c4", indexer_layout, cfg.index_head_dim))
+            out.append(CacheSpec(i, "index_state", "token", None, 2 * 2 * cfg.index_head_dim))
+    return out
+
+
+class CachePool:
+    """Paged caches of every layer of ``cfg``, with per-kind allocators, requests and prefix reuse.
+
+    ``blocks[kind]``: pages of each kind (default: ``max_batch_size`` sequences of ``max_seq_len``);
+    ``block_size``: entries per page (tokens for ``"token"``, compressed entries for ``"c4"``/``"c128"``);
+    ``attn_layout`` / ``indexer_layout``: `v4hal.ops.paged.PAGED_LAYOUTS` names; ``allocate=False`` builds
+    the allocators and byte accounting only (no tensors), e.g. to size a 1M-token cache.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, blocks: dict[str, int] | None = None, block_size: int = 64,
+                 device: str | torch.device | None = None, attn_layout: str = "model1_fp8",
+                 indexer_layout: str = "indexer_fp4", allocate: bool = True) -> None:
+        op = "CachePool"
+        if not isinstance(cfg, ModelConfig):
+            raise RangeError(f"{op}: cfg must be a ModelConfig, got {type(cfg).__name__}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise RangeError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
+        for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):
+            if lay not in PAGED_LAYOUTS:
+                raise RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {lay!r}")
+        self.cfg, self.block_size = cfg, block_size
+        self.attn_layout, self.indexer_layout = attn_layout, indexer_layout
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.kinds = kinds_of(cfg)
+        blocks = {} if blocks is None else dict(blocks)
+        unknown = [k for k in blocks if k not in self.kinds]
+        if unknown:
+            raise RangeError(f"{op}: blocks has kinds {unknown} this config does not use; kinds: {list(self.kinds)}")
+        counts = {k: blocks.get(k, max(1, cfg.max_batch_size * pages_needed(k, cfg.max_seq_len, block_size)))
+                  for k in self.kinds}
+        for k, n in counts.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise RangeError(f"{op}: blocks[{k!r}] must be an int >= 1, got {n!r}")
+        self.specs = layer_specs(cfg, attn_layout, indexer_layout)
+        if allocate:
+            for s in self.specs:
+                if s.layout is not None:
+                    _check_width(s.layout, s.dim, f"{op} (layer {s.layer} {s.name} cache)")
+        self.allocators = {k: PageAllocator(counts[k], k) for k in self.kinds}
+        self.layers = [LayerCaches(r) for r in cfg.compress_ratios]
+        if allocate:
+            for s in self.specs:
+                n = counts[s.kind]
+                t = (torch.zeros(n, block_size, s.dim, dtype=torch.float32, device=self.device) if s.layout is None
+                     else alloc_cache(n, block_size, s.layout, s.dim, self.device))
+                setattr(self.layers[s.layer], s.name, t)
+        self.allocated = allocate
+        self.requests: dict[Hashable, RequestState] = {}
+        self.prefix = PrefixCache(block_size)
+
+    # ------------------------------------------------------------------ bytes
+    def page_bytes(self) -> dict[str, int]:
+        """Bytes of one page of each kind, summed over every layer's tensors of that kind. Raises
+        `ShapeError` when a layout does not hold the config's entry width."""
+        out = dict.fromkeys(self.kinds, 0)
+        for s in self.specs:
+            if s.layout is not None:
+                _check_width(s.layout, s.dim, f"CachePool.page_bytes (layer {s.layer} {s.name} cache)")
+            out[s.kind] += (4 * s.dim * self.block_size if s.layout is None
+                            else PAGED_LAYOUTS[s.layout].page_bytes(self.block_size))
+        return out
+
+    def pages_in_use(self) -> dict[str, int]:
+        """Allocated pages per kind (held by requests or registered prefixes)."""
+        return {k: a.in_use for k, a in self.allocators.items()}
+
+    def bytes_in_use(self) -> int:
+        """Bytes of every allocated page."""
+        pb = self.page_bytes()
+        return sum(pb[k] * a.in_use for k, a in self.allocators.items())
+
+    def request_bytes(self, tokens: int) -> dict[str, int]:
+        """Bytes per kind one request holds once ``tokens`` positions are computed (token pages behind
+        `first_needed_position` released)."""
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise RangeError(f"CachePool.request_bytes: tokens must be an int >= 1, got {tokens!r}")
+        bs, pb = self.block_size, self.page_bytes()
+        held = {k: pages_needed(k, tokens, bs) for k in self.kinds}
+        held["token"] -= first_needed_position(self.cfg, tokens) // bs
+        return {k: held[k] * pb[k] for k in self.kinds}
+
+    def kv_bytes_per_token(self, tokens: int) -> float:
+        """Cache bytes per token of one request of ``tokens`` positions (`request_bytes` / ``tokens``)."""
+        return sum(self.request_bytes(tokens).values()) / tokens
+
+    def stats(self) -> dict[str, object]:
+        """Pages in use and free per kind, bytes in use (None when a layout does not hold the config's
+        widths), requests, prefix entries, lookups, hits and tokens saved."""
+        try:
+            used: int | None = self.bytes_in_use()
+        except ShapeError:
+            used = None
+        return {"pages_in_use": self.pages_in_use(),
+                "pages_free": {k: a.num_free for k, a in self.allocators.items()},
+                "bytes_in_use": used, "requests": len(self.requests),
+                "prefixes": len(self.prefix), "prefix_lookups": self.prefix.lookups,
+                "prefix_hits": self.prefix.hits, "prefix_tokens_saved": self.prefix.tokens_saved}
+
+    # ------------------------------------------------------------------ requests
+    def _state(self, op: str, req_id: Hashable) -> RequestState:
+        st = self.requests.get(req_id) if isinstance(req_id, Hashable) else None
+        if st is None:
+            raise RangeError(f"CachePool.{op}: request {req_id!r} is not active (never added or already released)")
+        return st
+
+    def _check_tokens(self, op: str, tokens: object, have: int) -> list[int]:
+        if isinstance(tokens, torch.Tensor) or not isinstance(tokens, Sequence):
+            raise RangeError(f"CachePool.{op}: tokens must be a list of ints, got {type(tokens).__name__}")
+        out = list(tokens)
+        bad = [t for t in out if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RangeError(f"CachePool.{op}: token ids must be ints in [0, vocab_size = {self.cfg.vocab_size}), "
+                             f"got {bad[:4]}")
+        if have + len(out) > self.cfg.max_seq_len:
+            raise RangeError(f"CachePool.{op}: a request holds at most max_seq_len = {self.cfg.max_seq_len} "
+                             f"tokens, got {have + len(out)}")
+        return out
+
+    def add_request(self, req_id: Hashable, prompt_tokens: Sequence[int]) -> RequestState:
+        """Start request ``req_id`` with its prompt. When a registered prefix of the prompt (leaving >= 1
+        token to compute) is found, the request starts at ``computed = P`` on that prefix's pages: full
+        pages shared, a compressed kind's partly filled last page copied into a fresh page."""
+        if not isinstance(req_id, Hashable) or req_id in self.requests:
+            raise RangeError(f"CachePool.add_request: req_id must be a new hashable id, got {req_id!r}"
+                             + (" (already active)" if isinstance(req_id, Hashable) else ""))
+        tokens = self._check_tokens("add_request", prompt_tokens, 0)
+        if not tokens:
+            raise RangeError("CachePool.add_request: prompt_tokens must hold at least one token, got none")
+        st = RequestState(req_id, tokens, tables={k: [] for k in self.kinds}, shared=dict.fromkeys(self.kinds, 0))
+        entry = self.prefix.lookup(tokens, len(tokens) - 1)
+        if entry is not None:
+            try:
+                self._reuse(st, entry)
+            except PoolExhaustedError:
+                pass          # no room for the copied pages: compute the whole prompt instead
+        self.requests[req_id] = st
+        return st
+
+    def _reuse(self, st: RequestState, entry: PrefixEntry) -> None:
+        copies = self._reserve({k: 1 for k, part in entry.partial.items() if part}, protect=entry)
+        for k in self.kinds:
+            pages = entry.pages[k]
+            full = pages[:-1] if entry.partial[k] else pages
+            self.allocators[k].share([b for b in full if b >= 0])
+            st.tables[k] = list(full)
+            st.shared[k] = len(full)
+            if entry.partial[k]:
+                dst = copies[k][0]
+                self._copy_page(k, pages[-1], dst)
+                st.tables[k].append(dst)
+        st.computed = st.reserved = st.prefix_len = entry.length
+        self.prefix.record_hit(entry)
+
+    def append_tokens(self, req_id: Hashable, tokens: Sequence[int]) -> None:
+        """Append known tokens (e.g. the sampled output) to request ``req_id``."""
+        st = self._state("append_tokens", req_id)
+        st.tokens.extend(self._check_tokens("append_tokens", tokens, len(st.tokens)))
+
+    def plan(self, req_id: Hashable, n_tokens: int) -> None:
+        """Reserve the pages of every kind that positions ``computed .. computed+n_tokens-1`` write
+        (all or nothing: `PoolExhaustedError` after evicting what prefixes it can, pool unchanged)."""
+        self._plan([(req_id, n_tokens)])
+
+    def _check_items(self, op: str, items: Iterable[tuple[Hashable, int]], *, planned: bool,
+                     known: bool) -> list[tuple[RequestState, int]]:
+        items = list(items)
+        if not items:
+            raise RangeError(f"CachePool.{op}: items must name at least one (req_id, n_tokens), got none")
+        for it in items:
+            if not isinstance(it, tuple) or len(it) != 2:
+                raise RangeError(f"CachePool.{op}: each item must be a (req_id, n_tokens) pair, got {it!r}")
+        twice = [rid for rid, k in Counter(self._state(op, rid).req_id for rid, _ in items).items() if k > 1]
+        if twice:
+            raise RangeError(f"CachePool.{op}: request {twice[0]!r} appears twice in one batch")
+        out = []
+        for rid, n in items:
+            st = self._state(op, rid)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise RangeError(f"CachePool.{op}: request {rid!r}: n_tokens must be an int >= 1, got {n!r}")
+            end = st.computed + n
+            if end > self.cfg.max_seq_len:
+                raise RangeError(f"CachePool.{op}: request {rid!r}: positions {st.computed} .. {end - 1} go past "
+                                 f"max_seq_len = {self.cfg.max_seq_len}")
+            if known and end > len(st.tokens):
+                raise RangeError(f"CachePool.{op}: request {rid!r}: positions {st.computed} .. {end - 1} need "
+                                 f"tokens not known yet (it has {len(st.tokens)})")
+            if planned and end > st.reserved:
+                raise RangeError(f"CachePool.{op}: request {rid!r}: positions {st.computed} .. {end - 1} are not "
+                                 f"planned (pages reserved up to position {st.reserved - 1}); call plan first")
+            out.append((st, n))
+        return out
+
+    def _plan(self, items: Iterable[tuple[Hashable, int]]) -> None:
+        checked = self._check_items("plan", items, planned=False, known=False)
+        grow = [(st, n, {k: max(0, pages_needed(k, st.computed + n, self.block_size) - len(st.tables[k]))
+                         for k in self.kinds}) for st, n in checked]
+        need = Counter()
+        for _, _, g in grow:
+            need.update(g)
+        got = self._reserve(dict(need))
+        for st, n, g in grow:
+            for k, m in g.items():
+                st.tables[k].extend(got[k][:m])
+                del got[k][:m]
+            st.reserved = max(st.reserved, st.computed + n)
+
+    def advance(self, req_id: Hashable, n_tokens: int) -> None:
+        """Mark positions ``computed .. computed+n_tokens-1`` computed and free the token pages entirely
+        before `first_needed_position` of the next position."""
+        ((st, n),) = self._check_items("advance", [(req_id, n_tokens)], planned=True, known=True)
+        self._advance(st, n)
+
+    def advance_batch(self, batch: ForwardBatch) -> None:
+        """`advance` every request of ``batch`` by its token count (checked for all first; each request must
+        still be at the batch's start position)."""
+        checked = self._check_items("advance_batch", zip(batch.req_ids, batch.query_lens), planned=True, known=True)
+        for (st, _), start in zip(checked, batch.start_positions):
+            if st.computed != start:
+                raise RangeError(f"CachePool.advance_batch: request {st.req_id!r} is at position {st.computed}, "
+                                 f"the batch starts it at {start}")
+        for st, n in checked:
+            self._advance(st, n)
+
+    def _advance(self, st: RequestState, n: int) -> None:
+        st.computed += n
+        table = st.tables["token"]
+        stop = min(first_needed_position(self.cfg, st.computed) // self.block_size, len(table))
+        behind = [b for b in table[:stop] if b >= 0]
+        self.allocators["token"].free(behind)
+        table[:stop] = [-1] * stop
+
+    def release(self, req_id: Hashable) -> None:
+        """Free every page of request ``req_id`` and forget it (error if not active; nothing changes)."""
+        st = self._state("release", req_id)
+        for k in self.kinds:
+            self.allocators[k].free([b for b in st.tables[k] if b >= 0])
+        del self.requests[req_id]
+
+    # ------------------------------------------------------------------ batches
+    def build_batch(self, items: Sequence[tuple[Hashable, int]],
+                    device: str | torch.device | None = None) -> ForwardBatch:
+        """The `ForwardBatch` of ``items`` = ``[(req_id, n_tokens), ...]`` (each request's next ``n_tokens``
+        positions, already planned) on ``device`` (default: the pool's)."""
+        checked = self._check_items("build_batch", items, planned=True, known=True)
+        bs = self.block_size
+        for st, n in checked:
+            for k in self.kinds:
+                pages = written_pages(k, st.computed, st.computed + n, bs)
+                if pages and pages.start < st.shared[k]:
+                    raise RangeError(f"CachePool.build_batch: request {st.req_id!r} would write {k} page "
+                                     f"{pages.start}, which it shares with a registered prefix")
+        tokens = [t for st, n in checked for t in st.tokens[st.computed:st.computed + n]]
+        return build_batch(self.cfg, [st.req_id for st, _ in checked], tokens, [st.computed for st, _ in checked],
+                           [n for _, n in checked], {k: [st.tables[k] for st, _ in checked] for k in self.kinds},
+                           bs, self.device if device is None else device)
+
+    def schedule(self, items: Sequence[tuple[Hashable, int]],
+                 device: str | torch.device | None = None) -> ForwardBatch:
+        """`plan` every item (all or nothing) then `build_batch`."""
+        items = list(items)
+        self._check_items("schedule", items, planned=False, known=True)
+        self._plan(items)
+        return self.build_batch(items, device)
+
+    # ------------------------------------------------------------------ prefixes
+    def register_prefix(self, req_id: Hashable, length: int | None = None) -> PrefixEntry | None:
+        """Register the first ``length`` tokens of request ``req_id`` (a multiple of ``block_size``, at most
+        ``computed``) as a reusable prefix; the entry shares the token pages a continuation at ``length``
+        reads and the compressed pages of entries ``< length // ratio``. ``length=None``: the longest
+        such prefix whose token pages are still held (None when there is none). Registering a prefix
+        already registered returns that entry."""
+        op = "CachePool.register_prefix"
+        st = self._state("register_prefix", req_id)
+        bs = self.block_size
+        if length is None:
+            length = next((p for p in range(st.computed // bs * bs, 0, -bs) if self._prefix_pages_held(st, p)), None)
+            if length is None:
+                return None
+        elif not isinstance(length, int) or isinstance(length, bool) or length < bs or length % bs \
+                or length > st.computed:
+            raise RangeError(f"{op}: length must be a multiple of block_size = {bs} in [{bs}, computed = "
+                             f"{st.computed}], got {length!r}")
+        elif not self._prefix_pages_held(st, length):
+            raise RangeError(f"{op}: request {req_id!r} no longer holds the token pages a continuation at "
+                             f"{length} reads (positions from {first_needed_position(self.cfg, length)})")
+        found = self.prefix.find(st.tokens[:length])
+        if found is not None:
+            self.prefix.touch(found)
+            return found
+        lo_page = first_needed_position(self.cfg, length) // bs
+        pages = {"token": [-1] * lo_page + st.tables["token"][lo_page:length // bs]}
+        partial = {"token": False}
+        for k in self.kinds:
+            if k != "token":
+                entries = length // RATIO[k]
+                pages[k] = st.tables[k][:pages_needed(k, length, bs)]
+                partial[k] = entries % bs != 0
+        for k in self.kinds:
+            self.allocators[k].share([b for b in pages[k] if b >= 0])
+        entry = PrefixEntry(tuple(st.tokens[:length]), pages, partial)
+        self.prefix.insert(entry)
+        return entry
+
+    def _prefix_pages_held(self, st: RequestState, length: int) -> bool:
+        lo_page = first_needed_position(self.cfg, length) // self.block_size
+        return all(b >= 0 for b in st.tables["token"][lo_page:length // self.block_size])
+
+    def evict_prefix(self, entry: PrefixEntry) -> None:
+        """Forget a registered prefix and free the page references it holds (`RangeError` when it is not
+        registered)."""
+        if not self.prefix.holds(entry):
+            raise RangeError("CachePool.evict_prefix: the entry is not registered (evicted already?)")
+        self.prefix.remove(entry)
+        for k, pages in entry.pages.items():
+            self.allocators[k].free([b for b in pages if b >= 0])
+
+    # ------------------------------------------------------------------ pages
+    def _reserve(self, need: dict[str, int], protect: PrefixEntry | None = None) -> dict[str, list[int]]:
+        """Allocate ``need[kind]`` pages of each kind, evicting least recently used prefixes (not ``protect``)
+        when a kind is short; `PoolExhaustedError` with nothing changed when even that is not enough."""
+        short = {k: n - self.allocators[k].num_free for k, n in need.items() if n > self.allocators[k].num_free}
+        if short:
+            for e in self._eviction_plan(short, protect):
+                self.evict_prefix(e)
+        return {k: self.allocators[k].alloc(need.get(k, 0)) for k in self.kinds}
+
+    def _eviction_plan(self, short: dict[str, int], protect: PrefixEntry | None) -> list[PrefixEntry]:
+        drops: Counter = Counter()
+        freed: Counter = Counter()
+        chosen: list[PrefixEntry] = []
+        for e in self.prefix.lru_order():
+            if e is protect:
+                continue
+            chosen.append(e)
+            for k, pages in e.pages.items():
+                for b in pages:
+                    if b >= 0:
+                        drops[(k, b)] += 1
+                        if drops[(k, b)] == self.allocators[k].refcount(b):
+                            freed[k] += 1
+            if all(freed[k] >= n for k, n in short.items()):
+                return chosen
+        what = ", ".join(f"{k}: {n + self.allocators[k].num_free} needed, {self.allocators[k].num_free} free of "
+                         f"{self.allocators[k].capacity}" for k, n in short.items())
+        raise PoolExhaustedError(f"CachePool: out of pages ({what}; evicting every registered prefix would free "
+                                 f"{dict(freed) or 0})")
+
+    def _copy_page(self, kind: str, src: int, dst: int) -> None:
+        """Copy page ``src`` to ``dst`` in every layer's tensor of ``kind`` (all the page's bytes)."""
+        if not self.allocated:
+            return
+        for s in self.specs:
+            if s.kind == kind:
+                t = getattr(self.layers[s.layer], s.name)
+                if s.layout is None:
+                    pages = t.view(t.shape[0], -1)
+                else:
+                    n = PAGED_LAYOUTS[s.layout].page_bytes(self.block_size) // t.element_size()
+                    pages = t.as_strided((t.shape[0], n), (n, 1), t.storage_offset())
+                pages[dst].copy_(pages[src])
+
+
+def memory_table(presets: Sequence[str] = ("v4-flash", "v4-pro"), tokens: int = 1 << 20, *,
+                 layouts: Sequence[tuple[str, str]] = (("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")),
+                 block_size: int = 64) -> list[dict[str, object]]:
+    """Cache bytes of one ``tokens``-long request per preset and (attention, indexer) layout pair, from a pool
+    built with ``allocate=False``. Rows: ``config``, ``attn_layout``, ``indexer_layout``, ``tokens``,
+    ``kv_bytes_per_token``, ``total_bytes`` and ``bytes_by_kind``."""
+    rows = []
+    for name in presets:
+        cfg = ModelConfig.preset(name)
+        cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, tokens), max_batch_size=1)
+        for attn, idx in layouts:
+            pool = CachePool(cfg, block_size=block_size, attn_layout=attn, indexer_layout=idx, allocate=False)
+            by_kind = pool.request_bytes(tokens)
+            total = sum(by_kind.values())
+            rows.append({"config": name, "attn_layout": attn, "indexer_layout": idx, "tokens": tokens,
+                         "kv_bytes_per_token": total / tokens, "total_bytes": total, "bytes_by_kind": by_kind})
+    return rows
