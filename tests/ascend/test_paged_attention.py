@@ -14,7 +14,7 @@ from .conftest import paths
 TINY = [s for _, s in cases.tiny_cases("sparse_attn_paged")]
 
 
-@pytest.mark.parametrize("shape", [TINY[1], TINY[2]], ids=["bf16", "model1_fp8"])
+@pytest.mark.parametrize("shape", [TINY[1], TINY[2], TINY[4]], ids=["bf16", "model1_fp8", "model1_fp8 D=128"])
 def test_paged_attention_falls_back_to_the_reference_with_its_reason(npu, shape):
     args = cases.make_case("sparse_attn_paged", shape, seed=6)
     with v4hal.use_backend("reference"):

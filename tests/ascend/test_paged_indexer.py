@@ -16,17 +16,18 @@ from .conftest import paths
 BS = 16
 
 
-def inputs(layout: str = "indexer_fp4", b: int = 3, n: int = 1, h: int = 8, mb: int = 3, lens=None, seed: int = 0):
+def inputs(layout: str = "indexer_fp4", b: int = 3, n: int = 1, h: int = 8, mb: int = 3, lens=None, seed: int = 0,
+           d: int = 128):
     g = torch.Generator().manual_seed(seed)
     nb = b * mb + 1
-    cache = new_paged_cache(nb, BS, layout)
-    x = torch.randn(nb * BS, 128, generator=g).bfloat16()
+    cache = new_paged_cache(nb, BS, layout, dim=d)
+    x = torch.randn(nb * BS, d, generator=g).bfloat16()
     ref_paged.paged_cache_write(cache, x, torch.arange(nb * BS, dtype=torch.int32), layout)
     lens = torch.tensor(lens if lens is not None else [mb * BS, 21, 2][:b], dtype=torch.int32)
     need = (lens.view(b, -1).amax(1) + BS - 1) // BS
     bt = torch.randperm(nb, generator=g)[:b * mb].view(b, mb).to(torch.int32)
     bt = torch.where(torch.arange(mb).view(1, mb) < need.view(b, 1), bt, torch.full_like(bt, -1))
-    q = torch.randn(b, n, h, 128, generator=g).bfloat16()
+    q = torch.randn(b, n, h, d, generator=g).bfloat16()
     w = torch.randn(b * n, h, generator=g) / 16
     return q, cache, w, lens, bt
 
@@ -78,6 +79,7 @@ def test_topk_wider_than_the_block_table_pads(npu_a2):
     ("rows2d", "context_lens per query row"),
     ("empty_row", "a query row sees no key"),
     ("heads", "more than 64 indexer heads"),
+    ("d64", "indexer head dim D != 128"),
 ])
 def test_inexpressible_calls_run_the_reference(npu_a2, case, reason):
     kw: dict = {}
@@ -87,6 +89,8 @@ def test_inexpressible_calls_run_the_reference(npu_a2, case, reason):
         kw = dict(lens=[48, 0, 2])
     elif case == "heads":
         kw = dict(h=72)
+    elif case == "d64":
+        kw = dict(d=64)             # a V4-shaped config's 64-wide FP4 keys: the CANN indexer takes 128
     q, cache, w, lens, bt = inputs(n=2 if case == "rows2d" else 1, **kw)
     if case == "rows2d":
         lens = torch.stack([lens - 1, lens], dim=1).clamp_min(0).to(torch.int32)

@@ -216,6 +216,54 @@ def test_gpu_check_without_gpu_and_target_logic() -> None:
     assert "[FAIL]" in text and "[not measured]" in text
 
 
+def test_gpu_check_paged_decode_targets() -> None:
+    """The paged targets take the exact (op, case) row of the backend asked for, in % of copy on the case's bytes."""
+    ceil = Ceilings("cuda", "H200", 4.0e12, {"bf16": 8e14})
+
+    def row(op, case, nbytes, time_s, backend="triton"):
+        return runner.Row(op, case, backend, "cuda", "x", "", {}, time_s=time_s, bytes=nbytes)
+
+    def by_op(rows):
+        return {t["target"].split(" ")[0]: t for t in gpu_check.evaluate_targets(rows, ceil)}
+
+    empty = by_op([])
+    for op, case, _, _ in gpu_check.PAGED_TARGETS:
+        assert empty[op]["status"] == "not measured" and empty[op]["note"] == f"no timed {op} row for {case}"
+    rows = [
+        row("sparse_attn_paged", "v4-flash/decode/csa", 32e6, 10e-6),      # 32 MB in 10 us: 80% of 4 TB/s
+        row("sparse_attn_paged", "v4-flash/decode/hca", 1e6, 1e-3),        # another case: not counted
+        row("sparse_attn_paged", "v4-flash/decode/csa", 1e6, 1e-3, "reference"),
+        row("indexer_logits_paged", "v4-flash/decode/fp4", 76e6, 1e-3),   # 1.9%
+        row("indexer_logits_paged", "v4-flash/decode/fp4 mtp", 1e9, 1e-3),
+        row("indexer_topk_paged", "v4-flash/decode/fp4", 1e9, 1e-3),      # same case name, other op
+        row("paged_cache_write", "v4-flash/decode/model1_fp8", 206848, 4e-6),   # 1.29%
+        row("paged_cache_write", "v4-flash/decode/indexer_fp4", 1.0, 1.0),
+        runner.Row("paged_cache_write", "v4-pro/decode/model1_fp8", "triton", "cuda", "x", "", {}, status="error"),
+    ]
+    res = by_op(rows)
+    attn, logits, write = res["sparse_attn_paged"], res["indexer_logits_paged"], res["paged_cache_write"]
+    assert attn["status"] == "pass" and attn["worst"] == pytest.approx(80.0) and attn["threshold"] == 50.0
+    assert list(attn["values"]) == ["v4-flash/decode/csa"] and attn["unit"] == "% of copy"
+    assert logits["status"] == "FAIL" and logits["worst"] == pytest.approx(1.9)
+    assert list(logits["values"]) == ["v4-flash/decode/fp4"]
+    assert write["status"] == "pass" and write["worst"] == pytest.approx(100 * 206848 / 4e-6 / 4e12)
+    assert list(write["values"]) == ["v4-flash/decode/model1_fp8"]
+    assert by_op(rows[:1])["sparse_attn"]["status"] == "not measured"   # sparse_attn keeps its own rows
+    text = gpu_check.render_targets(gpu_check.evaluate_targets(rows, ceil))
+    assert "[pass] sparse_attn_paged" in text and "[FAIL] indexer_logits_paged" in text
+
+
+def test_gpu_check_lists_its_cases_without_a_gpu(capsys) -> None:
+    ops = "sparse_attn_paged,indexer_logits_paged,paged_cache_write"
+    assert gpu_check.main(["--list", "--presets", "v4-flash", "--ops", ops]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {tuple(line.split()[:2]) for line in lines[:-1]}
+    for op, case, _, _ in gpu_check.PAGED_TARGETS:
+        assert (op, case) in listed
+    assert {line.split()[0] for line in lines[:-1]} == set(ops.split(","))
+    assert lines[-1] == f"{len(lines) - 1} cases"
+
+
 def test_render_table_marks_interpreter_rows() -> None:
     r = runner.Row("rms_norm", "quick/x", "triton", "cpu", "bf16", "t=4", {}, time_s=2e-3, interpreter=True)
     text = report.render_table([r])
@@ -230,5 +278,5 @@ def test_gpu_check_flow_dry_run_on_cpu(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "targets" in text and "[not measured]" in text
     doc = json.loads(out.read_text())
-    assert {r["op"] for r in doc["rows"]} == {"rms_norm", "fp8_gemm"} and len(doc["targets"]) == 5
+    assert {r["op"] for r in doc["rows"]} == {"rms_norm", "fp8_gemm"} and len(doc["targets"]) == 8
     assert gpu_check.main(["--device", "cpu", "--quick", "--backends", "ascend"]) == 2

@@ -20,23 +20,26 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def paged(layout: str, nb: int, g: torch.Generator) -> torch.Tensor:
-    cache = new_paged_cache(nb, BS, layout)
-    x = torch.randn(nb * BS, 128, generator=g).bfloat16()
+def paged(layout: str, nb: int, g: torch.Generator, dim: int = 128) -> torch.Tensor:
+    cache = new_paged_cache(nb, BS, layout, dim=dim)
+    x = torch.randn(nb * BS, dim, generator=g).bfloat16()
     v4hal.paged_cache_write(cache, x, torch.arange(nb * BS, dtype=torch.int32), layout)
     return cache
 
 
 def key_by_hand(cache: torch.Tensor, layout: str, slot: int) -> torch.Tensor:
-    """fp32 ``[128]``: the key at ``slot`` decoded from the byte offsets of the layout."""
+    """fp32 ``[D]``: the key at ``slot`` decoded from the byte offsets of the layout (D = 128 or 64)."""
     blk, off = divmod(slot, BS)
-    page = cache.view(torch.uint8).reshape(-1)[blk * PAGED_LAYOUTS[layout].page_bytes(BS):]
-    if layout == "indexer_fp4":
-        codes = F.unpack_fp4(page[off * 64:off * 64 + 64].clone())
-        scales = F.e8m0_to_float(page[BS * 64 + off * 4:BS * 64 + off * 4 + 4].clone())
+    w = cache.shape[-1]
+    d = {"indexer_fp4": {68: 128, 36: 64}, "indexer_fp8": {132: 128, 68: 64}}[layout][w]
+    page = cache.view(torch.uint8).reshape(-1)[blk * PAGED_LAYOUTS[layout].page_bytes(d, BS):]
+    if layout == "indexer_fp4":             # D / 2 packed bytes, then 4 scale bytes (D / 32 used)
+        h = d // 2
+        codes = F.unpack_fp4(page[off * h:off * h + h].clone())
+        scales = F.e8m0_to_float(page[BS * h + off * 4:BS * h + off * 4 + d // 32].clone())
         return F.e2m1_decode(codes) * scales.repeat_interleave(32)
-    y = page[off * 128:off * 128 + 128].clone().view(F.FP8_DTYPE).float()
-    return y * page[BS * 128 + off * 4:BS * 128 + off * 4 + 4].clone().view(torch.float32)
+    y = page[off * d:off * d + d].clone().view(F.FP8_DTYPE).float()
+    return y * page[BS * d + off * 4:BS * d + off * 4 + 4].clone().view(torch.float32)
 
 
 def table(b: int, mb: int, nb: int, lens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -59,16 +62,16 @@ def logits_by_hand(q, cache, w, lens, bt, width, layout):
 
 
 @pytest.mark.parametrize("layout", ["indexer_fp4", "indexer_fp8"])
-@pytest.mark.parametrize("two_d", [False, True])
-def test_logits_match_the_per_position_formula(layout, two_d, monkeypatch):
+@pytest.mark.parametrize("two_d,d", [(False, 128), (True, 128), (False, 64)])
+def test_logits_match_the_per_position_formula(layout, two_d, d, monkeypatch):
     g = gen(1)
     b, n, h, mb, nb = 3, 2, 5, 3, 11
-    cache = paged(layout, nb, g)
+    cache = paged(layout, nb, g, d)
     lens = torch.tensor([12, 7, 1], dtype=torch.int32)
     if two_d:
         lens = torch.tensor([[9, 12], [0, 7], [1, 1]], dtype=torch.int32)
     bt = table(b, mb, nb, lens, g)
-    q = torch.randn(b, n, h, 128, generator=g).bfloat16()
+    q = torch.randn(b, n, h, d, generator=g).bfloat16()
     w = torch.randn(b * n, h, generator=g)
     width = mb * BS + 3                                    # columns past the block table stay -inf
     want = logits_by_hand(q, cache, w, lens, bt, width, layout)
@@ -84,36 +87,37 @@ def test_logits_match_the_per_position_formula(layout, two_d, monkeypatch):
     assert not compare.passed(compare.compare_outputs("indexer_logits_paged", one_sided, want))
 
 
-def test_fp4_keys_are_paged_cache_read_exactly():
-    cache = paged("indexer_fp4", 5, gen(2))
+@pytest.mark.parametrize("d", [128, 64])
+def test_fp4_keys_are_paged_cache_read_exactly(d):
+    cache = paged("indexer_fp4", 5, gen(2), d)
     blocks = torch.tensor([[3, 0]])
-    keys = ref.dequant_pages(cache, "indexer_fp4", blocks).reshape(-1, 128)
+    keys = ref.dequant_pages(cache, "indexer_fp4", blocks).reshape(-1, d)
     slots = (blocks.view(-1, 1) * BS + torch.arange(BS)).reshape(-1).to(torch.int32)
     assert torch.equal(keys, v4hal.paged_cache_read(cache, slots, "indexer_fp4").float())
 
 
-@pytest.mark.parametrize("layout", ["indexer_fp4", "indexer_fp8"])
-def test_topk_equals_indexer_topk_on_contiguous_keys(layout):
+@pytest.mark.parametrize("layout,d", [("indexer_fp4", 128), ("indexer_fp8", 128), ("indexer_fp4", 64)])
+def test_topk_equals_indexer_topk_on_contiguous_keys(layout, d):
     """V4 ratio 4: a decode step at position p sees (p + 1) // 4 compressed entries; MTP rows at p - 1, p
     take per-row lengths. The picks are today's indexer_topk over the same keys laid out contiguously."""
     g = gen(3)
     h, topk, ratio, offset, nb, mb = 4, 5, 4, 128, 17, 4
     positions = [57, 30, 9, 2]
     b = len(positions)
-    cache = paged(layout, nb, g)
+    cache = paged(layout, nb, g, d)
     for n in (1, 2):
         rows = torch.tensor([[p - n + 1 + i for i in range(n)] for p in positions])
         lens2d = ((rows + 1) // ratio).to(torch.int32)
         lens = lens2d[:, -1].contiguous() if n == 1 else lens2d
         bt = table(b, mb, nb, lens2d, g)
-        q = torch.randn(b, n, h, 128, generator=g).bfloat16()
+        q = torch.randn(b, n, h, d, generator=g).bfloat16()
         w = torch.randn(b * n, h, generator=g) / 16
         got = v4hal.indexer_topk_paged(q, cache, w, lens, bt, topk, layout=layout, offset=offset)
         assert got.shape == (b, n, topk) and got.dtype == torch.int32
         for r, p in enumerate(positions):
             t = int(lens2d[r, -1])
             slots = (bt[r, torch.arange(t) // BS].long() * BS + torch.arange(t) % BS).tolist()
-            k = torch.stack([key_by_hand(cache, layout, s) for s in slots]) if t else torch.zeros(0, 128)
+            k = torch.stack([key_by_hand(cache, layout, s) for s in slots]) if t else torch.zeros(0, d)
             want = v4hal.indexer_topk(q[r:r + 1], k[None], w.view(b, n, h)[r:r + 1], topk, start_pos=p - n + 1,
                                       ratio=ratio, offset=offset)[0]
             width = want.shape[-1]
@@ -165,8 +169,11 @@ def test_bad_inputs_name_the_argument():
     assert call(q, cache, w, lens, bt, 8).shape == (2, 8)
     with pytest.raises(RangeError, match="layout must be one of"):
         call(q, cache, w, lens, bt, 8, layout="model1_fp8")
-    with pytest.raises(ShapeError, match="kv_cache must be"):
-        call(q, new_paged_cache(4, BS, "indexer_fp8"), w, lens, bt, 8)
+    with pytest.raises(ShapeError, match=r"kv_cache must be .*W a width of layout 'indexer_fp4'.*a W no D gives"):
+        call(q, new_paged_cache(4, BS, "indexer_fp8"), w, lens, bt, 8)     # W = 132: no FP4 key width gives it
+    with pytest.raises(ShapeError, match=r"q must be \[b, N, H, 64\], 64 the key width D of kv_cache uint8 "
+                                         r"\[4, 4, 1, 36\]"):
+        call(q, new_paged_cache(4, BS, "indexer_fp4", dim=64), w, lens, bt, 8)
     with pytest.raises(RangeError, match="block_table rows are shorter than a context needs"):
         call(q, cache, w, torch.tensor([9, 2], dtype=torch.int32), bt, 9)
     with pytest.raises(RangeError, match="max_context_len must be >= every context length"):

@@ -16,23 +16,45 @@ from .helpers import small_cfg, snapshot
 def test_alloc_cache_widths() -> None:
     c = alloc_cache(3, 8, "indexer_fp4", 128, None)
     assert c.shape == (3, 8, 1, 68) and c.dtype == torch.uint8
-    with pytest.raises(ShapeError, match="layout 'bf16' holds 512-wide entries, got dim 128"):
-        alloc_cache(3, 8, "bf16", 128, None)
+    assert alloc_cache(3, 8, "bf16", 128, None).shape == (3, 8, 1, 128)
+    assert alloc_cache(3, 8, "indexer_fp4", 64, None).shape == (3, 8, 1, 36)
+    with pytest.raises(ShapeError, match=r"alloc_cache: layout 'model1_fp8' takes entry widths D = nope \+ 64 with "
+                                         "nope a positive multiple of 64, got 96"):
+        alloc_cache(3, 8, "model1_fp8", 96, None)
     with pytest.raises(RangeError, match="layout must be one of"):
         alloc_cache(3, 8, "fp16", 512, None)
 
 
 def test_v4_mini_builds_allocators_only() -> None:
     cfg = ModelConfig.preset("v4-mini")
-    with pytest.raises(ShapeError, match=r"CachePool \(layer 0 window cache\): layout 'bf16' holds 512-wide "
-                                         "entries, got dim 128"):
-        CachePool(cfg, attn_layout="bf16")
     pool = CachePool(cfg, attn_layout="bf16", allocate=False, block_size=16)
     assert pool.kinds == ("token", "c4", "c128") and pool.layers[1].window is None
     assert pool.allocators["c128"].capacity == cfg.max_batch_size * 2      # 4096 // 128 = 32 entries: 2 pages
+    odd = cfg.replace(head_dim=160, rope_head_dim=32)                      # D - 64 = 96: no model1_fp8 width
+    with pytest.raises(ShapeError, match=r"CachePool \(layer 0 window cache\): layout 'model1_fp8' takes entry "
+                                         "widths D = nope"):
+        CachePool(odd, blocks={"token": 2, "c4": 2, "c128": 2})
+    pool = CachePool(odd, allocate=False, block_size=16)
     with pytest.raises(ShapeError, match="CachePool.page_bytes"):
         pool.bytes_in_use()
     assert pool.stats()["bytes_in_use"] is None
+
+
+@pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")])
+def test_v4_mini_caches_take_its_widths(layouts: tuple[str, str]) -> None:
+    """v4-mini (head_dim 128, index_head_dim 64) stores its caches in the layouts at its own widths."""
+    cfg = ModelConfig.preset("v4-mini")
+    blocks = {"token": 3, "c4": 2, "c128": 2}
+    pool = CachePool(cfg, blocks=blocks, block_size=8, attn_layout=layouts[0], indexer_layout=layouts[1])
+    attn, idx = PAGED_LAYOUTS[layouts[0]], PAGED_LAYOUTS[layouts[1]]
+    assert pool.layers[0].window.shape[1:] == (8, 1, attn.width(128))
+    assert pool.layers[1].indexer.shape[1:] == (8, 1, idx.width(64))
+    per_kind = dict.fromkeys(pool.kinds, 0)
+    for s in pool.specs:
+        t = getattr(pool.layers[s.layer], s.name)
+        per_kind[s.kind] += t.untyped_storage().nbytes() // t.shape[0]
+    assert pool.page_bytes() == per_kind
+    assert per_kind["c4"] == 2 * (attn.page_bytes(128, 8) + idx.page_bytes(64, 8))
     no128 = cfg.replace(compress_ratios=[0, 4, 0, 4, 0])
     assert CachePool(no128, allocate=False).kinds == ("token", "c4")
     with pytest.raises(RangeError, match=r"blocks has kinds \['c128'\]"):
@@ -47,13 +69,15 @@ def test_page_bytes_match_the_tensors(layouts: tuple[str, str]) -> None:
     per_kind = dict.fromkeys(pool.kinds, 0)
     for s in pool.specs:
         t = getattr(pool.layers[s.layer], s.name)
-        assert t.shape[:2] == (blocks[s.kind], 8)
-        per_kind[s.kind] += t.untyped_storage().nbytes() // blocks[s.kind]
+        n = blocks[s.kind] + (s.kind == "token")          # token block 0 is reserved
+        assert t.shape[:2] == (n, 8)
+        per_kind[s.kind] += t.untyped_storage().nbytes() // n
+    assert pool.allocators["token"].capacity == blocks["token"]
     assert pool.page_bytes() == per_kind
     state = pool.layers[1].state
-    assert state.dtype == torch.float32 and state.shape == (5, 8, 2 * 2 * 512)
-    assert pool.layers[1].index_state.shape == (5, 8, 2 * 2 * 128)
-    assert pool.layers[2].state.shape == (5, 8, 2 * 512) and pool.layers[2].indexer is None
+    assert state.dtype == torch.float32 and state.shape == (6, 8, 2 * 2 * 512)   # + the reserved block 0
+    assert pool.layers[1].index_state.shape == (6, 8, 2 * 2 * 128)
+    assert pool.layers[2].state.shape == (6, 8, 2 * 512) and pool.layers[2].indexer is None
     assert pool.layers[0].compressed is None and pool.layers[0].state is None
     pool.add_request("a", list(range(20)))
     pool.plan("a", 20)                      # 3 token pages, 5 entries -> 1 c4 page, no c128 page
@@ -64,7 +88,7 @@ def test_page_bytes_match_the_tensors(layouts: tuple[str, str]) -> None:
 def test_kv_bytes_per_token_of_v4_flash() -> None:
     cfg = ModelConfig.preset("v4-flash").replace(max_seq_len=1 << 20)
     pool = CachePool(cfg, allocate=False)
-    fp8, fp4 = PAGED_LAYOUTS["model1_fp8"].page_bytes(64), PAGED_LAYOUTS["indexer_fp4"].page_bytes(64)
+    fp8, fp4 = PAGED_LAYOUTS["model1_fp8"].page_bytes(512, 64), PAGED_LAYOUTS["indexer_fp4"].page_bytes(128, 64)
     n4, n128 = cfg.compress_ratios.count(4), cfg.compress_ratios.count(128)
     t = 1 << 20
     got = pool.request_bytes(t)

@@ -23,7 +23,8 @@ def _run(pool: CachePool, rid: str, prompt: list[int], chunks: list[int]) -> Non
 def _page(pool: CachePool, t: torch.Tensor, spec_layout: str | None, block: int) -> torch.Tensor:
     """The bytes of page ``block`` of cache tensor ``t``."""
     from v4hal.ops.paged import PAGED_LAYOUTS
-    pb = 4 * t.shape[-1] * BS if spec_layout is None else PAGED_LAYOUTS[spec_layout].page_bytes(BS)
+    pb = 4 * t.shape[-1] * BS if spec_layout is None else PAGED_LAYOUTS[spec_layout].page_bytes(
+        PAGED_LAYOUTS[spec_layout].dim_of_width(t.shape[-1]), BS)
     raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
     return raw[block * pb:(block + 1) * pb].clone()
 

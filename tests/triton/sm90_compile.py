@@ -118,12 +118,16 @@ def _paged_cases() -> list[Case]:
     write = {"cache_ptr": "*u8", "x_ptr": "*bf16", "slots_ptr": "*i32", "amax_floor": "fp32", "max_inv": "fp32"}
     read = {"cache_ptr": "*u8", "out_ptr": "*bf16", "slots_ptr": "*i32"}
     copy = {"dst_ptr": "*i16", "src_ptr": "*i16", "slots_ptr": "*i64"}
-    cases = [Case(f"paged_cache_write {name}", f"paged_cache:_write_{k}_kernel", write, {}, ("x_ptr", "s_xt"), w)
-             for name, k, w in (("model1_fp8", "model1", 4), ("indexer_fp4", "fp4", 1), ("indexer_fp8", "fp8", 1))]
-    cases += [Case(f"paged_cache_read {name}", f"paged_cache:_read_{k}_kernel", read, {}, ("out_ptr",), w)
-              for name, k, w in (("model1_fp8", "model1", 4), ("indexer_fp4", "fp4", 1), ("indexer_fp8", "fp8", 1))]
-    cases += [Case(f"paged_cache bf16 {'write' if wr else 'read'}", "paged_cache:_copy_bf16_kernel", copy,
-                   dict(WRITE=wr)) for wr in (True, False)]
+    # the launchers' tile sizes at V4's entry widths (512 / 128) and at v4-mini's (128 / 64)
+    sizes = [("model1_fp8", "model1", 4, dict(NB=7, SB=8, R=8)), ("indexer_fp4", "fp4", 1, dict(NB=4, SB=4, R=4)),
+             ("indexer_fp8", "fp8", 1, dict(D=128, DP=128)), ("model1_fp8 D=128", "model1", 4, dict(NB=1, SB=8, R=8)),
+             ("indexer_fp4 D=64", "fp4", 1, dict(NB=2, SB=4, R=4)), ("indexer_fp8 D=64", "fp8", 1, dict(D=64, DP=64))]
+    cases = [Case(f"paged_cache_write {name}", f"paged_cache:_write_{k}_kernel", write, c, ("x_ptr", "s_xt"), w)
+             for name, k, w, c in sizes]
+    cases += [Case(f"paged_cache_read {name}", f"paged_cache:_read_{k}_kernel", read, c, ("out_ptr",), w)
+              for name, k, w, c in sizes]
+    cases += [Case(f"paged_cache bf16 D={d} {'write' if wr else 'read'}", "paged_cache:_copy_bf16_kernel", copy,
+                   dict(WRITE=wr, D=d, DP=d)) for wr in (True, False) for d in (512, 128)]
     return cases
 
 
@@ -131,9 +135,11 @@ def _paged_indexer_cases() -> list[Case]:
     types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "w_ptr": "*fp32", "ctx_ptr": "*i32", "bt_ptr": "*i32",
              "out_ptr": "*fp32"}
     aligned = ("q_ptr", "cache_ptr", "w_ptr", "out_ptr", "s_qb", "s_qn", "s_qh", "s_page", "s_o")
-    return [Case(f"indexer_logits_paged {lay} H=64 (64 keys, bf16 MMA)", "paged_indexer:_indexer_logits_paged_kernel",
-                 types, dict(CTX_2D=False, FP8=lay == "indexer_fp8", HP=64, BLOCK_T=64, TO_F32=False, PREC="tf32"),
-                 aligned) for lay in ("indexer_fp4", "indexer_fp8")]
+    return [Case(f"indexer_logits_paged {lay} D={d} H=64 (64 keys, bf16 MMA)",
+                 "paged_indexer:_indexer_logits_paged_kernel", types,
+                 dict(CTX_2D=False, FP8=lay == "indexer_fp8", HP=64, BLOCK_T=64, TO_F32=False, PREC="tf32", D=d,
+                      JP=max(16, d // 2), SB=4 if lay == "indexer_fp4" else 0), aligned)
+            for lay in ("indexer_fp4", "indexer_fp8") for d in (128, 64)]
 
 
 def _paged_attention_cases() -> list[Case]:
@@ -146,11 +152,13 @@ def _paged_attention_cases() -> list[Case]:
                  "idx_ptr": "*i32", "len_ptr": "*i32", "xkv_ptr": kv, "xidx_ptr": "*i32", "xlen_ptr": "*i32",
                  "qk_scale": "fp32"}
         tiles = ((16, 4, 3),) if fp8 else ((16, 4, 3), (32, 8, 2))     # the launcher's (BLOCK_H, warps, stages)
-        for bh, warps, stages in tiles:
-            cases.append(Case(f"sparse_attn_paged {'model1_fp8' if fp8 else 'bf16'} BH={bh} BN=16 w={warps}",
-                              "paged_attention:_paged_attn_kernel", types,
-                              dict(BLOCK_H=bh, BLOCK_N=16, FP8=fp8, HAS_LEN=True, HAS_EXTRA=True, HAS_XLEN=True,
-                                   UPCAST=False, PREC="tf32"), aligned, warps, stages))
+        for d in (512, 128):                                           # V4's and v4-mini's entry widths
+            sizes = dict(D=d, DP=d, NB=(d - 64) // 64, SB=8) if fp8 else dict(D=d, DP=d, NB=0, SB=0)
+            for bh, warps, stages in tiles:
+                cases.append(Case(f"sparse_attn_paged {'model1_fp8' if fp8 else 'bf16'} D={d} BH={bh} BN=16 "
+                                  f"w={warps}", "paged_attention:_paged_attn_kernel", types,
+                                  dict(BLOCK_H=bh, BLOCK_N=16, FP8=fp8, HAS_LEN=True, HAS_EXTRA=True, HAS_XLEN=True,
+                                       UPCAST=False, PREC="tf32", **sizes), aligned, warps, stages))
     return cases
 
 

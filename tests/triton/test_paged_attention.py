@@ -78,3 +78,25 @@ def test_no_sink_and_all_invalid_rows():
     args[8] = torch.tensor([0, 0], dtype=torch.int32)
     out, _ = _check(args)
     assert not bool(out[0].any()) and bool(torch.isposinf(out[1]).all())
+
+
+@pytest.mark.parametrize("layout,d,bs", [("model1_fp8", 192, 3), ("bf16", 96, 4), ("bf16", 8, 5)])
+def test_entry_widths_short_of_a_power_of_two(layout, d, bs):
+    """Widths whose tile pads (192 -> 256 with an empty 64-value group, 96 -> 128, 8 -> 16): the padded
+    columns read nothing and are not stored."""
+    shape = {"layout": layout, "d": d, "b": 2, "s": 1, "h": 3, "block_size": bs, "ctx": 10, "topk": 6,
+             "extra_ctx": 7, "extra_topk": 4, "holes": 0.2, "uneven": True}
+    out, _ = _check(cases.make_case("sparse_attn_paged", shape, seed=2))
+    assert out[0].shape == (2, 1, 3, d)
+
+
+def test_entries_wider_than_512_run_on_the_reference():
+    from v4hal.hal import dispatch
+    shape = {"layout": "bf16", "d": 576, "b": 1, "s": 1, "h": 2, "block_size": 4, "ctx": 8, "topk": 4}
+    args = cases.make_case("sparse_attn_paged", shape, seed=1)
+    names = ["q", "kv_cache", "indices", "attn_sink", "softmax_scale", "topk_length", "extra_kv_cache",
+             "extra_indices", "extra_topk_length", "layout"]
+    assert dispatch.select("sparse_attn_paged", "cpu", dict(zip(names, args))).backend != "triton"
+    row = next(r for r in dispatch.explain("sparse_attn_paged", "cpu", dict(zip(names, args)))
+               if r["backend"] == "triton")
+    assert row["status"] == "no" and "head dim D must be <= 512, got 576" in row["reason"]

@@ -5,7 +5,8 @@
   model1_fp8 pad byte and page padding, and every slot not written (-1 holes skipped). Every layout,
   block sizes that pad the model1_fp8 page (3, 64) and that do not (72), int32 and int64 slots, e4m3
   caches, rows of many magnitudes (e4m3 subnormals, all-zero blocks, signed zeros), non-finite rows with
-  value checks off, strided ``x`` and ``slots``.
+  value checks off, strided ``x`` and ``slots``; entry widths other than V4's (a V4-shaped config's 128 / 64,
+  and widths whose tiles pad: nope groups, scale bytes or values short of a power of two).
 * Reads: bit for bit the reference's bf16 values (repeated slots, -1 reading zeros) into a poisoned
   output buffer, so an element the kernel never writes fails.
 """
@@ -46,9 +47,10 @@ def _rows(t: int, dim: int, seed: int) -> torch.Tensor:
     """bf16 ``[t, dim]``: every 32 values at their own magnitude (2**-24 .. 2**12), one all-zero block
     and a -0.0."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, dim, generator=g)
-    mag = 2.0 ** torch.randint(-24, 13, (t, dim // 32, 1), generator=g).float()
-    x = (x.view(t, dim // 32, 32) * mag).view(t, dim)
+    n = -(-dim // 32)
+    x = torch.randn(t, n * 32, generator=g)
+    mag = 2.0 ** torch.randint(-24, 13, (t, n, 1), generator=g).float()
+    x = (x.view(t, n, 32) * mag).view(t, n * 32)[:, :dim].contiguous()
     x[0, :64] = 0.0
     x[-1, 5] = -0.0
     return x.to(torch.bfloat16)
@@ -64,11 +66,12 @@ def _slots(n: int, t: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return s
 
 
-def _cache_pair(blocks: int, block_size: int, layout: str, fill: bool, fp8: bool) -> list[torch.Tensor]:
+def _cache_pair(blocks: int, block_size: int, layout: str, fill: bool, fp8: bool,
+                dim: int | None = None) -> list[torch.Tensor]:
     """Two caches of the same bytes: zeroed, or random bytes when ``fill``; e4m3 dtype when ``fp8``."""
     out = []
     for _ in range(2):
-        c = new_paged_cache(blocks, block_size, layout)
+        c = new_paged_cache(blocks, block_size, layout, dim=dim)
         if fill:
             flat = _flat(c)
             flat.copy_(torch.randint(0, 256, flat.shape, generator=torch.Generator().manual_seed(7),
@@ -79,7 +82,7 @@ def _cache_pair(blocks: int, block_size: int, layout: str, fill: bool, fp8: bool
 
 def _write_both(layout: str, block_size: int, x: torch.Tensor, slots: torch.Tensor, blocks: int = 3,
                 fill: bool = False, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    ref, tri = _cache_pair(blocks, block_size, layout, fill, fp8)
+    ref, tri = _cache_pair(blocks, block_size, layout, fill, fp8, dim=x.shape[1])
     with v4hal.use_backend("reference"):
         v4hal.paged_cache_write(ref, x, slots, layout)
     with v4hal.use_backend("triton"):
@@ -112,6 +115,39 @@ def test_write_bytes_and_read_match_reference(layout: str, block_size: int) -> N
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert not got[read_slots == -1].view(torch.int16).any()      # -1 reads +0.0
+
+
+NARROW = [("model1_fp8", 3, 128), ("model1_fp8", 24, 192), ("model1_fp8", 2, 640), ("indexer_fp4", 3, 64),
+          ("indexer_fp4", 2, 160), ("indexer_fp8", 3, 64), ("indexer_fp8", 3, 7), ("bf16", 3, 128), ("bf16", 2, 96)]
+
+
+@pytest.mark.parametrize("layout,block_size,dim", NARROW)
+def test_other_entry_widths_write_the_reference_bytes(layout: str, block_size: int, dim: int) -> None:
+    """Widths other than V4's over a cache of random bytes: the same bytes as the reference (scale pad
+    bytes, page padding, other slots), and reads bit for bit."""
+    x = _rows(4, dim, seed=dim)
+    slots = _slots(2 * block_size, 4, seed=dim, dtype=torch.int32)
+    ref, tri = _write_both(layout, block_size, x, slots, blocks=2, fill=True)
+    _assert_same_bytes(ref, tri)
+    read_slots = torch.cat([slots, slots[:1]])          # the written slots (the others hold random bytes), -1s
+    with v4hal.use_backend("reference"):
+        want = v4hal.paged_cache_read(ref, read_slots, layout)
+    with v4hal.use_backend("triton"):
+        got = v4hal.paged_cache_read(ref, read_slots, layout)
+    assert got.shape == (5, dim) and torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert not got[read_slots == -1].view(torch.int16).any()
+
+
+def test_entries_wider_than_a_tile_fall_back() -> None:
+    """The Triton cache ops hold one entry per program: wider entries are not theirs to serve."""
+    from v4hal.backends.triton import paged_cache as tri_paged
+    from v4hal.hal.errors import BackendUnavailableError
+
+    wide = tri_paged.MAX_ENTRY + 1
+    cache = new_paged_cache(1, 1, "indexer_fp8", dim=wide)
+    expected = f"entry width D must be <= {tri_paged.MAX_ENTRY}, got {wide}"
+    with v4hal.use_backend("triton"), pytest.raises(BackendUnavailableError, match=expected):
+        v4hal.paged_cache_read(cache, torch.zeros(1, dtype=torch.int32), "indexer_fp8")
 
 
 @pytest.mark.parametrize("layout,block_size", [("model1_fp8", 3), ("indexer_fp4", 4), ("indexer_fp8", 3),

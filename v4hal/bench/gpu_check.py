@@ -16,6 +16,16 @@ shapes (M in {128, 4096}); FP4-weight GEMM faster than bf16 matmul on dequantize
 M <= 128; ``sparse_attn`` decode (b=64, h=64, d=512, 640 keys per query) >= 60% of the copy
 bandwidth on the bytes it must read; ``act_quant`` >= 80% of the copy bandwidth; grouped FP8
 GEMM >= 50% of the measured FP8 ceiling at >= 512 rows per expert.
+
+Goals for the paged decode kernels, at V4-Flash decode shapes, as a share of the copy bandwidth on the
+bytes the case says each call must move (not yet measured on any GPU): ``sparse_attn_paged``
+(``v4-flash/decode/csa``: 64 requests, 64 heads, 128 window + 512 compressed picks from ``model1_fp8``
+caches) >= 50%; ``indexer_logits_paged`` (``v4-flash/decode/fp4``: 64 requests, 64 heads, 16K FP4 keys
+each) >= 50%; ``paged_cache_write`` (``v4-flash/decode/model1_fp8``: 128 tokens, 207 KB a call) >= 1%:
+so few bytes make that figure a measure of the call's fixed cost (launch and op layer), and 1% of a
+4 TB/s copy is about 5 us a call.
+
+``--list`` prints the cases the script would check and time (op, case, shape), without a GPU.
 Exit code: 0 when every checked kernel matched the reference, 1 otherwise, 2 without a GPU.
 """
 from __future__ import annotations
@@ -60,6 +70,30 @@ def _rows(rows: Sequence[Row], op: str, prefix: str = "", backend: str | None = 
             and (backend is None or r.backend == backend)]
 
 
+def _named(rows: Sequence[Row], op: str, case: str, backend: str | None = None) -> list[Row]:
+    """Timed rows of ``op`` whose case is exactly ``case`` (case names repeat across ops)."""
+    return [r for r in _rows(rows, op, case, backend) if r.case == case]
+
+
+def _pct_of_copy(r: Row, bw: float) -> float:
+    """The case's bytes (what one call must move) over the row's time, in % of the copy bandwidth ``bw``."""
+    return 100 * r.bytes / r.time_s / bw
+
+
+#: (op, case, threshold in % of copy, target text) of the paged decode kernels
+PAGED_TARGETS = (
+    ("sparse_attn_paged", "v4-flash/decode/csa", 50.0,
+     "sparse_attn_paged decode (V4-Flash csa: b=64, h=64, 128 window + 512 compressed model1_fp8 picks) "
+     ">= 50% of copy bandwidth on the bytes it moves (goal)"),
+    ("indexer_logits_paged", "v4-flash/decode/fp4", 50.0,
+     "indexer_logits_paged decode (V4-Flash fp4: b=64, 64 heads, 16K FP4 keys per request) "
+     ">= 50% of copy bandwidth on the bytes it moves (goal)"),
+    ("paged_cache_write", "v4-flash/decode/model1_fp8", 1.0,
+     "paged_cache_write decode (V4-Flash model1_fp8: 128 tokens, 207 KB a call, bound by the call's fixed cost) "
+     ">= 1% of copy bandwidth on the bytes it moves (goal)"),
+)
+
+
 def _attn_read_bytes(p: dict[str, Any]) -> float:
     """Bytes a sparse_attn call must read: q (bf16), the gathered KV rows (bf16) and their int32 indices, the sink."""
     rows = p["b"] * p["m"]
@@ -95,6 +129,9 @@ def evaluate_targets(rows: Sequence[Row], ceilings: Ceilings, backend: str = "tr
             for r in _rows(rows, "sparse_attn", "v4-flash/decode/csa", backend)]
     add("sparse_attn decode (b=64, h=64, d=512, 640 keys) >= 60% of copy bandwidth on the bytes it reads", vals,
         60.0, "% of copy", "no timed sparse_attn decode row")
+    for op, case, threshold, text in PAGED_TARGETS:
+        vals = [(r.case, _pct_of_copy(r, bw)) for r in _named(rows, op, case, backend)]
+        add(text, vals, threshold, "% of copy", f"no timed {op} row for {case}")
     vals = [(r.case, 100 * r.gbps * 1e9 / bw) for r in _rows(rows, "act_quant", "target/", backend)]
     add("act_quant >= 80% of copy bandwidth (16384 x 7168)", vals, 80.0, "% of copy", "no timed act_quant row")
     fp8 = ceilings.matmul_flops_per_s.get("fp8")
@@ -103,6 +140,14 @@ def evaluate_targets(rows: Sequence[Row], ceilings: Ceilings, backend: str = "tr
     add("grouped FP8 GEMM >= 50% of the FP8 ceiling (>= 512 rows per expert)", vals, 50.0, "% of FP8 matmul",
         "no FP8 ceiling (torch._scaled_mm unsupported) or no timed grouped_gemm row")
     return out
+
+
+def render_case_list(cases: Sequence[casemod.Case]) -> str:
+    """One line per case, in run order: op, case name, shape; then the count."""
+    w_op = max((len(c.op) for c in cases), default=0)
+    w_name = max((len(c.name) for c in cases), default=0)
+    lines = [f"{c.op:<{w_op}}  {c.name:<{w_name}}  {c.shape}" for c in cases]
+    return "\n".join(lines + [f"{len(cases)} cases"])
 
 
 def render_targets(targets: Sequence[dict[str, Any]]) -> str:
@@ -114,6 +159,16 @@ def render_targets(targets: Sequence[dict[str, Any]]) -> str:
             lines.append(f"  [{t['status']}] {t['target']}: {t['worst']:.3g} {t['unit']} (threshold "
                          f"{t['threshold']:g}; worst at {t['worst_case']})")
     return "\n".join(lines)
+
+
+def _selected_cases(args: argparse.Namespace) -> list[casemod.Case]:
+    """The cases of ``--quick`` / ``--presets``, kept to ``--ops`` when given."""
+    cases = casemod.quick_cases() if args.quick else all_cases([p.strip() for p in args.presets.split(",")
+                                                                if p.strip()])
+    if args.ops:
+        keep = {o.strip() for o in args.ops.split(",")}
+        cases = [c for c in cases if c.op in keep]
+    return cases
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); 'cpu' with --quick is a dry run of the script's flow (no GPU figures)")
     parser.add_argument("--quick", action="store_true", help="the small case set instead of the V4 shapes")
+    parser.add_argument("--list", action="store_true",
+                        help="print the cases that would be checked and timed (op, case, shape), then exit")
     args = parser.parse_args(argv)
+    if args.list:
+        print(render_case_list(_selected_cases(args)))
+        return 0
     device = args.device
     if device == "cuda" and (torch.version.cuda is None or not torch.cuda.is_available()):
         print("gpu_check: no CUDA GPU here (torch.version.cuda=%s); nothing to do" % torch.version.cuda,
@@ -146,11 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ceilings = measure_ceilings(device, quick=args.quick)
     print(render_ceilings(ceilings), flush=True)
-    cases = casemod.quick_cases() if args.quick else all_cases([p.strip() for p in args.presets.split(",")
-                                                                if p.strip()])
-    if args.ops:
-        keep = {o.strip() for o in args.ops.split(",")}
-        cases = [c for c in cases if c.op in keep]
+    cases = _selected_cases(args)
     print(f"{len(cases)} cases, backends {backends} (reference = oracle), budget {args.budget:.0f} s", flush=True)
     rows = run_cases(cases, backends, device, ceilings=ceilings, repeats=args.repeats, warmup=3,
                      max_case_s=1.0, deadline=deadline)

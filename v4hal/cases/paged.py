@@ -1,4 +1,5 @@
-"""Cases of the paged caches: writing entries into a cache of each layout, and reading them back."""
+"""Cases of the paged caches: writing entries into a cache of each layout, and reading them back, at V4's
+entry widths (``d`` None) and at the narrower ones of a V4-shaped config."""
 from __future__ import annotations
 
 import torch
@@ -7,15 +8,25 @@ from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from ._core import REQUIRED, Gen, OpCase, Shape, reference, register_case, tokens
 
-_PARAMS = {"layout": REQUIRED, "blocks": REQUIRED, "block_size": REQUIRED, "t": REQUIRED}
+_PARAMS = {"layout": REQUIRED, "blocks": REQUIRED, "block_size": REQUIRED, "t": REQUIRED, "d": None}
 
-# model1_fp8 pages of a multiple of 72 tokens need no padding, so a copy of the cache keeps its strides
+# model1_fp8 pages of a multiple of 72 tokens (24 at d = 128) need no padding, so a copy of the cache keeps
+# its strides
 _TINY = [
     {"layout": "model1_fp8", "blocks": 2, "block_size": 72, "t": 5},
     {"layout": "bf16", "blocks": 2, "block_size": 3, "t": 4},
     {"layout": "indexer_fp4", "blocks": 3, "block_size": 4, "t": 7},
     {"layout": "indexer_fp8", "blocks": 2, "block_size": 3, "t": 4},
+    {"layout": "model1_fp8", "d": 128, "blocks": 2, "block_size": 24, "t": 5},
+    {"layout": "bf16", "d": 128, "blocks": 2, "block_size": 3, "t": 4},
+    {"layout": "indexer_fp4", "d": 64, "blocks": 3, "block_size": 4, "t": 7},
+    {"layout": "indexer_fp8", "d": 64, "blocks": 2, "block_size": 3, "t": 4},
 ]
+
+
+def _dim(s: Shape) -> int:
+    """The shape's entry width (None: the layout's V4 width)."""
+    return PAGED_LAYOUTS[s["layout"]].dim if s["d"] is None else s["d"]
 
 
 def _slots(g: Gen, s: Shape, holes: bool) -> torch.Tensor:
@@ -29,15 +40,15 @@ def _slots(g: Gen, s: Shape, holes: bool) -> torch.Tensor:
 def _filled_cache(g: Gen, s: Shape) -> torch.Tensor:
     """A cache of the shape's layout with entries written at ``t`` random slots."""
     layout = s["layout"]
-    cache = new_paged_cache(s["blocks"], s["block_size"], layout, device=g.device)
-    x = g.randn(s["t"], PAGED_LAYOUTS[layout].dim, dtype="bf16")
+    cache = new_paged_cache(s["blocks"], s["block_size"], layout, device=g.device, dim=_dim(s))
+    x = g.randn(s["t"], _dim(s), dtype="bf16")
     reference("paged_cache_write", cache, x, _slots(g, s, holes=False), layout)
     return cache
 
 
 def _write(g: Gen, s: Shape) -> list:
     cache = _filled_cache(g, s)
-    x = g.randn(s["t"], PAGED_LAYOUTS[s["layout"]].dim, dtype="bf16")
+    x = g.randn(s["t"], _dim(s), dtype="bf16")
     return [cache, x, _slots(g, s, holes=True), s["layout"]]
 
 
@@ -50,19 +61,19 @@ def _read(g: Gen, s: Shape) -> list:
     return [cache, slots, s["layout"]]
 
 
-def _v4_shapes(cfg: object, mode: str) -> list[tuple[str, Shape]]:
-    """A step's tokens written into (read from) a 64K-token window cache and its FP4 indexer cache
-    (pages of 72 tokens: no padding)."""
+def _v4_shapes(cfg, mode: str) -> list[tuple[str, Shape]]:
+    """A step's tokens written into (read from) a 64K-token window cache (``head_dim``-wide entries) and its
+    FP4 indexer cache (``index_head_dim``-wide keys), pages of 72 tokens (no padding)."""
     blocks = 64 * 1024 // 72 + 1
-    return [(layout, {"layout": layout, "blocks": blocks, "block_size": 72, "t": tokens(mode)})
-            for layout in ("model1_fp8", "indexer_fp4")]
+    return [(layout, {"layout": layout, "blocks": blocks, "block_size": 72, "t": tokens(mode), "d": d})
+            for layout, d in (("model1_fp8", cfg.head_dim), ("indexer_fp4", cfg.index_head_dim))]
 
 
 def _bytes(s: Shape) -> float:
     """Least traffic of a write or a read of ``t`` entries: the entries' cache bytes, the bf16 rows and the
     slots (not the whole cache)."""
     lay = PAGED_LAYOUTS[s["layout"]]
-    return s["t"] * (lay.token_bytes + 2 * lay.dim + 8)
+    return s["t"] * (lay.token_bytes(_dim(s)) + 2 * _dim(s) + 8)
 
 
 register_case(OpCase("paged_cache_write", _write, dict(_PARAMS), tiny=[dict(s) for s in _TINY], shapes=_v4_shapes,

@@ -239,6 +239,7 @@ class Attention(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
         lin = linear_kind(cfg)
+        self.layer_id = layer_id
         self.n_heads, self.head_dim, self.rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
         self.window, self.eps = cfg.window_size, cfg.norm_eps

@@ -22,7 +22,7 @@ every cache), a call with ``start_pos > 0`` decodes exactly one token at positio
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,13 @@ from .attention import Attention, check_positions
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
 from .moe import MoE
+from .paged_step import PagedStep, attention_step
 from .spec import linear_kind
 
-__all__ = ["Block", "MTPBlock", "V4Model", "ForwardResult"]
+if TYPE_CHECKING:
+    from v4hal.serve import CachePool, ForwardBatch
+
+__all__ = ["Block", "MTPBlock", "V4Model", "ForwardResult", "BatchOutput"]
 
 META = torch.device("meta")
 _SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
@@ -71,9 +75,14 @@ class Block(nn.Module):
     def reset(self, bsz: int) -> None:
         self.attn.reset(bsz)
 
-    def forward(self, h: torch.Tensor, start_pos: int, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, start_pos: int | PagedStep, input_ids: torch.Tensor) -> torch.Tensor:
+        """``h [b, s, hc, dim]`` at positions ``start_pos ..`` (contiguous caches), or the tokens of a
+        `PagedStep` (``b = 1``, paged caches) -> the same shape."""
         x, post, comb = v4hal.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, **self._hc_args)
-        x = self.attn(self.attn_norm(x), start_pos)
+        if isinstance(start_pos, PagedStep):
+            x = attention_step(self.attn, self.attn_norm(x), start_pos)
+        else:
+            x = self.attn(self.attn_norm(x), start_pos)
         h = v4hal.hc_post(x, h, post, comb)
         x, post, comb = v4hal.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **self._hc_args)
         x = self.ffn(self.ffn_norm(x), input_ids)
@@ -128,6 +137,16 @@ class ForwardResult:
 
     def __init__(self, logits: torch.Tensor, hidden: list[torch.Tensor], final: torch.Tensor) -> None:
         self.logits, self.hidden, self.final = logits, hidden, final
+
+
+class BatchOutput:
+    """Output of `V4Model.forward_batch`: logits ``[B, vocab]`` (fp32, each request's last new token), the
+    final stream ``[1, T, hc, dim]`` and the `PagedStep` (read by `V4Model.mtp_forward_batch`)."""
+
+    __slots__ = ("logits", "final", "step")
+
+    def __init__(self, logits: torch.Tensor, final: torch.Tensor, step: PagedStep) -> None:
+        self.logits, self.final, self.step = logits, final, step
 
 
 class V4Model(nn.Module):
@@ -294,6 +313,61 @@ class V4Model(nn.Module):
         h = block(h, start_pos, next_ids)
         self._mtp_next_pos[j] = start_pos + next_ids.shape[1]
         return self._head_logits(h, block, block.norm)
+
+    # ------------------------------------------------------------------ paged, ragged batches
+    def _check_step(self, op: str, batch: object, pool: object) -> None:
+        from v4hal.serve import CachePool, ForwardBatch
+
+        if not isinstance(batch, ForwardBatch):
+            raise ShapeError(f"V4Model.{op}: batch must be a v4hal.serve.ForwardBatch, got {type(batch).__name__}")
+        if not isinstance(pool, CachePool) or not pool.allocated:
+            raise ShapeError(f"V4Model.{op}: pool must be a v4hal.serve.CachePool with allocated caches, "
+                             f"got {type(pool).__name__}")
+        if pool.cfg != self.config:
+            raise ShapeError(f"V4Model.{op}: pool was built for another config than the model's")
+        if batch.block_size != pool.block_size:
+            raise ShapeError(f"V4Model.{op}: batch block_size {batch.block_size} != pool block_size "
+                             f"{pool.block_size}")
+        if batch.input_ids.device != self.device or pool.device != self.device:
+            raise ShapeError(f"V4Model.{op}: batch ({batch.input_ids.device}) and pool ({pool.device}) must be on "
+                             f"the model's device {self.device}")
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: "ForwardBatch", pool: "CachePool") -> BatchOutput:
+        """One step of many requests on paged caches: ``batch`` (from ``pool.schedule`` / ``build_batch``,
+        or a runtime's own tables via ``ForwardBatch.from_block_tables``) holds each request's new tokens at
+        its own positions (a prefill chunk of any length or one decode token); ``pool`` owns the caches.
+
+        Returns `BatchOutput`: fp32 logits ``[B, vocab]`` of each request's last new token, the final
+        stream ``[1, T, hc, dim]`` (what `mtp_forward_batch` reads) and the step. The caller advances the pool
+        (``pool.advance_batch(batch)``) once the step is done.
+        """
+        self._check_step("forward_batch", batch, pool)
+        step = PagedStep.build(self.config, batch, pool)
+        ids = batch.input_ids.unsqueeze(0)                                    # [1, T]
+        h = self.embed(ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
+        for block in self.layers:
+            h = block(h, step, ids)
+        logits = self._head_logits(h[0, batch.last_token_index].unsqueeze(1), self, self.norm)
+        return BatchOutput(logits, h, step)
+
+    @torch.inference_mode()
+    def mtp_forward_batch(self, out: BatchOutput, next_ids: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """MTP block ``j`` on the step of ``out`` (a `forward_batch` result): ``next_ids [T]`` int64 is the
+        token after each of the step's tokens (for a request's last new token: the token just chosen) ->
+        fp32 logits ``[B, vocab]`` at each request's last new token (drafts of the token after ``next_ids``)."""
+        if not 0 <= j < len(self.mtp):
+            raise RangeError(f"V4Model.mtp_forward_batch: j must be in [0, {len(self.mtp)}), got {j}")
+        t = out.final.shape[1]
+        if not isinstance(next_ids, torch.Tensor) or next_ids.dtype != torch.int64 or tuple(next_ids.shape) != (t,):
+            raise ShapeError(f"V4Model.mtp_forward_batch: next_ids must be int64 [T] = [{t}], got "
+                             f"{getattr(next_ids, 'dtype', type(next_ids).__name__)} "
+                             f"{list(getattr(next_ids, 'shape', []))}")
+        block = self.mtp[j]
+        ids = next_ids.to(self.device).unsqueeze(0)
+        h = block.mix_inputs(self.embed(ids), out.final)
+        h = block(h, out.step, ids)
+        return self._head_logits(h[0, out.step.batch.last_token_index].unsqueeze(1), block, block.norm)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

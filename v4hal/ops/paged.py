@@ -1,24 +1,32 @@
 """Paged KV caches: cache layouts byte-compatible with the vendor kernels, and writing / reading entries by slot.
 
 A cache is a tensor ``[num_blocks, block_size, 1, W]`` whose pages (one per block) hold ``block_size``
-token entries; a *slot* is ``block * block_size + offset`` and ``-1`` means "no entry". Layouts
-(``PAGED_LAYOUTS``; bytes exact, see ``docs/ops.md``):
+token entries of ``D`` values; a *slot* is ``block * block_size + offset`` and ``-1`` means "no entry".
+Each layout (``PAGED_LAYOUTS``; bytes exact, see ``docs/ops.md``) is a family over the entry width
+``D``: ``W`` is a strictly increasing function of ``D``, so the cache's last dim tells ``D``
+(:meth:`PagedLayout.dim_of_width`). At V4's widths (512 for attention, 128 for the indexer) the bytes
+are the vendor kernels':
 
-- ``"model1_fp8"``: 512-wide attention entries, uint8 (or e4m3) ``W = 584``. A page holds first
-  ``block_size x 576`` bytes, per token 448 e4m3 values then 64 bf16 values (128 bytes), then
-  ``block_size x 8`` bytes, per token 7 ue8m0 scales (one per 64 e4m3 values) and a pad byte; the page
-  is padded to a multiple of 576 bytes, so ``stride(0)`` is the padded page size.
-- ``"bf16"``: 512-wide entries, bf16 ``W = 512``, one row per token.
-- ``"indexer_fp4"``: 128-wide indexer keys, uint8 ``W = 68``: a page holds ``block_size x 64`` bytes of
-  packed e2m1 (low nibble = even element), then ``block_size x 4`` ue8m0 scales (one per 32 values).
-- ``"indexer_fp8"``: 128-wide indexer keys, uint8 (or e4m3) ``W = 132``: a page holds
-  ``block_size x 128`` e4m3 bytes, then ``block_size x 4`` bytes of one fp32 scale per token.
+- ``"model1_fp8"``: ``D = nope + 64``, ``nope`` a positive multiple of 64; uint8 (or e4m3). A page holds
+  first ``block_size x (nope + 128)`` bytes, per token ``nope`` e4m3 values then 64 bf16 values (128
+  bytes), then ``block_size x 8 * ceil(nope / 512)`` bytes, per token ``nope / 64`` ue8m0 scales (one per
+  64 e4m3 values) zero padded to a multiple of 8 bytes; the page is padded to a multiple of ``nope + 128``
+  bytes, so ``stride(0)`` is the padded page size. ``W = nope + 128 + 8 * ceil(nope / 512)``; D = 512:
+  448 + 128 + 8 = 584, pages padded to 576.
+- ``"bf16"``: any ``D >= 1``, bf16 ``W = D``, one row per token.
+- ``"indexer_fp4"``: ``D`` a positive multiple of 32, uint8 ``W = D / 2 + 4 * ceil(D / 128)``: a page
+  holds ``block_size x D / 2`` bytes of packed e2m1 (low nibble = even element), then per token ``D / 32``
+  ue8m0 scales (one per 32 values) zero padded to a multiple of 4 bytes (one 32-bit word per 128
+  values); D = 128: 64 + 4 = 68.
+- ``"indexer_fp8"``: any ``D >= 1``, uint8 (or e4m3) ``W = D + 4``: a page holds ``block_size x D`` e4m3
+  bytes, then per token one fp32 scale (4 bytes) over all ``D`` values; D = 128: 132.
 
 ``new_paged_cache`` is a plain function, not a torch op (a torch.library op needs a tensor argument,
 and allocating a tensor needs none): it allocates the zeroed cache with the layout's strides.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,30 +35,158 @@ from . import _checks as C
 from ._checks import FP8, INTS
 from ._define import call, define_op
 
+ROPE = 64           # model1_fp8: trailing bf16 values per entry
+NOPE_BLOCK = 64     # model1_fp8: e4m3 values per ue8m0 scale
+FP4_BLOCK = 32      # indexer_fp4: values per ue8m0 scale
+
 
 @dataclass(frozen=True)
 class PagedLayout:
-    """One cache layout: entry width ``dim`` (bf16 values), ``width`` (the cache's last dim, in its
-    elements), the cache dtypes accepted, and the page size in bytes for a block size."""
+    """One cache layout family over the entry width ``D``: ``dim`` (V4's width), the cache dtypes
+    accepted (the first is the one allocated), ``rule`` (the widths allowed, in words) and
+    ``formula`` (``W`` in terms of ``D``). Widths are counted in the cache dtype's elements (bytes,
+    or bf16 values for ``"bf16"``).
+
+    The ``k``-th allowed width ``D_k`` (``k = 1, 2, ...``) is :meth:`dim_at`; :meth:`width` is
+    strictly increasing in ``k`` and at least ``k``."""
 
     name: str
     dim: int
-    width: int
     dtypes: tuple[torch.dtype, ...]
-    token_bytes: int
-    page_align: int = 1
+    rule: str
+    formula: str
+    step: int = 1        # allowed D: multiples of ``step``, at least ``first``
+    first: int = 1
 
-    def page_bytes(self, block_size: int) -> int:
-        """Bytes of one page of ``block_size`` tokens (padded to ``page_align``)."""
-        return C.ceil_div(block_size * self.token_bytes, self.page_align) * self.page_align
+    def dim_at(self, k: int) -> int:
+        """The ``k``-th allowed entry width (``k >= 1``)."""
+        return self.first + (k - 1) * self.step
+
+    def dim_problem(self, dim: object) -> str | None:
+        """None when ``dim`` is an entry width of this layout, else what is wrong with it."""
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < self.first or dim % self.step:
+            return f"layout {self.name!r} takes entry widths D = {self.rule}, got {dim!r}"
+        return None
+
+    def _dim(self, dim: int | None) -> int:
+        d = self.dim if dim is None else dim
+        why = self.dim_problem(d)
+        if why is not None:
+            raise C.ShapeError(f"{self.name}: {why}")
+        return d
+
+    def _width(self, d: int) -> int:
+        raise NotImplementedError(self.name)
+
+    def _page_align(self, d: int) -> int:
+        return 1
+
+    def width(self, dim: int | None = None) -> int:
+        """``W``, the cache's last dim, for ``dim``-wide entries (None: V4's ``dim``)."""
+        return self._width(self._dim(dim))
+
+    def token_bytes(self, dim: int | None = None) -> int:
+        """Bytes of one token's entry (its values and scales), ``W`` times the element size."""
+        return self.width(dim) * self.dtypes[0].itemsize
+
+    def page_bytes(self, dim: int | None, block_size: int) -> int:
+        """Bytes of one page of ``block_size`` tokens of ``dim``-wide entries (None: V4's ``dim``), padded
+        to the layout's page alignment."""
+        d = self._dim(dim)
+        align = self._page_align(d)
+        return C.ceil_div(block_size * self.token_bytes(d), align) * align
+
+    def dim_of_width(self, width: int) -> int:
+        """The entry width ``D`` whose ``W`` is ``width``; ``ShapeError`` when no ``D`` gives it."""
+        d = _dim_of_width(self, width)
+        if d is None:
+            raise C.ShapeError(f"{self.name}: no entry width gives W = {width!r} ({self.formula}, "
+                               f"D = {self.rule}; D = {self.dim} gives W = {self.width()})")
+        return d
+
+
+@dataclass(frozen=True)
+class Model1Layout(PagedLayout):
+    """``model1_fp8``: ``nope = D - 64`` e4m3 values and 64 bf16 values per token, then the scales."""
+
+    def nope(self, dim: int | None = None) -> int:
+        """e4m3 values per entry: ``D - 64``."""
+        return self._dim(dim) - ROPE
+
+    def data_bytes(self, dim: int | None = None) -> int:
+        """Bytes of a token's record in the data region: ``nope + 128``."""
+        return self.nope(dim) + 2 * ROPE
+
+    def scale_bytes(self, dim: int | None = None) -> int:
+        """Bytes of a token's scales: ``nope / 64`` ue8m0 bytes zero padded to a multiple of 8."""
+        return 8 * C.ceil_div(self.nope(dim) // NOPE_BLOCK, 8)
+
+    def _width(self, d: int) -> int:
+        return self.data_bytes(d) + self.scale_bytes(d)
+
+    def _page_align(self, d: int) -> int:
+        return self.data_bytes(d)
+
+
+@dataclass(frozen=True)
+class Fp4Layout(PagedLayout):
+    """``indexer_fp4``: ``D / 2`` packed bytes, then ``D / 32`` ue8m0 scales padded to 4 bytes."""
+
+    def scale_bytes(self, dim: int | None = None) -> int:
+        """Bytes of a token's scales: ``D / 32`` ue8m0 bytes zero padded to a multiple of 4."""
+        return 4 * C.ceil_div(self._dim(dim) // FP4_BLOCK, 4)
+
+    def _width(self, d: int) -> int:
+        return d // 2 + self.scale_bytes(d)
+
+
+@dataclass(frozen=True)
+class Fp8Layout(PagedLayout):
+    """``indexer_fp8``: ``D`` e4m3 bytes, then one fp32 scale."""
+
+    def _width(self, d: int) -> int:
+        return d + 4
+
+
+@dataclass(frozen=True)
+class Bf16Layout(PagedLayout):
+    """``bf16``: the ``D`` bf16 values."""
+
+    def _width(self, d: int) -> int:
+        return d
+
+
+def _dim_of_width(lay: PagedLayout, width: object) -> int | None:
+    """The ``D`` whose width is ``width`` (an int, or a symbolic size: specialized), None when none."""
+    if isinstance(width, torch.SymInt):
+        width = int(width)
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        return None
+    return _search_dim(lay, width)
+
+
+@functools.lru_cache(maxsize=256)
+def _search_dim(lay: PagedLayout, width: int) -> int | None:
+    """Binary search over ``k`` (the width of ``D_k`` is strictly increasing and at least ``k``)."""
+    lo, hi = 1, width
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lay._width(lay.dim_at(mid)) < width:
+            lo = mid + 1
+        else:
+            hi = mid
+    d = lay.dim_at(lo)
+    return d if lay._width(d) == width else None
 
 
 #: The cache layouts by name.
 PAGED_LAYOUTS: dict[str, PagedLayout] = {
-    "model1_fp8": PagedLayout("model1_fp8", 512, 584, (torch.uint8, FP8), 584, page_align=576),
-    "bf16": PagedLayout("bf16", 512, 512, (torch.bfloat16,), 1024),
-    "indexer_fp4": PagedLayout("indexer_fp4", 128, 68, (torch.uint8,), 68),
-    "indexer_fp8": PagedLayout("indexer_fp8", 128, 132, (torch.uint8, FP8), 132),
+    "model1_fp8": Model1Layout("model1_fp8", 512, (torch.uint8, FP8), "nope + 64 with nope a positive multiple of 64",
+                               "W = nope + 128 + 8 * ceil(nope / 512)", step=64, first=128),
+    "bf16": Bf16Layout("bf16", 512, (torch.bfloat16,), "any D >= 1", "W = D"),
+    "indexer_fp4": Fp4Layout("indexer_fp4", 128, (torch.uint8,), "a positive multiple of 32",
+                             "W = D / 2 + 4 * ceil(D / 128)", step=32, first=32),
+    "indexer_fp8": Fp8Layout("indexer_fp8", 128, (torch.uint8, FP8), "any D >= 1", "W = D + 4"),
 }
 
 #: Largest ``num_blocks * block_size`` of a cache: slots are int32 values.
@@ -63,23 +199,37 @@ def _layout(op: str, layout: object) -> PagedLayout:
     return PAGED_LAYOUTS[layout]
 
 
-def _check_cache(op: str, cache: torch.Tensor, lay: PagedLayout) -> None:
-    """``cache`` has the layout's dtype, shape ``[blocks, block size, 1, W]`` and strides."""
+def cache_dim(cache: torch.Tensor, layout: str) -> int:
+    """The entry width ``D`` of a (valid) cache of ``layout``, from its last dim."""
+    return PAGED_LAYOUTS[layout].dim_of_width(cache.shape[-1])
+
+
+def _check_cache(op: str, cache: torch.Tensor, lay: PagedLayout) -> int:
+    """``cache`` has the layout's dtype, shape ``[blocks, block size, 1, W]`` with ``W`` a width the
+    layout gives, and the layout's strides; returns its entry width ``D``."""
     C.dtype(op, "cache", cache, lay.dtypes)
-    what = f"[blocks, block size, 1, {lay.width}] for layout {lay.name!r}"
-    if cache.dim() != 4 or cache.shape[2] != 1 or cache.shape[3] != lay.width:
-        raise C.ShapeError(f"{op}: cache must be {what}, got {C.describe(cache)}")
+    if cache.dim() != 4 or cache.shape[2] != 1:
+        raise C.ShapeError(f"{op}: cache must be [blocks, block size, 1, W] for layout {lay.name!r}, "
+                           f"got {C.describe(cache)}")
+    dim = _dim_of_width(lay, cache.shape[3])
+    if dim is None:
+        raise C.ShapeError(f"{op}: cache must be [blocks, block size, 1, W] with W a width of layout {lay.name!r} "
+                           f"({lay.formula}, D = {lay.rule}: {lay.width()} for D = {lay.dim}), "
+                           f"got {C.describe(cache)}, a W no D gives")
     nb, bs = cache.shape[0], cache.shape[1]
     if bs < 1:
         raise C.ShapeError(f"{op}: cache must hold at least one token per block, got {C.describe(cache)}")
     if nb * bs > MAX_SLOTS:
         raise C.ShapeError(f"{op}: cache must hold at most {C.show(MAX_SLOTS)} slots, got {C.describe(cache)}")
-    page = lay.page_bytes(bs) // cache.element_size()
-    expected = (page, lay.width, 1)
+    width = cache.shape[3]
+    page = lay.page_bytes(dim, bs) // cache.element_size()
+    expected = (page, width, 1)
     got = (cache.stride(0), cache.stride(1), cache.stride(3))
     if (nb > 1 and got[0] != expected[0]) or (bs > 1 and got[1] != expected[1]) or got[2] != 1:
         raise C.ShapeError(f"{op}: cache strides (dims 0, 1, 3) must be {list(expected)} for layout {lay.name!r} "
-                           f"({lay.page_bytes(bs)}-byte pages), got {list(got)} for {C.describe(cache)}")
+                           f"({lay.page_bytes(dim, bs)}-byte pages of {dim}-wide entries), got {list(got)} "
+                           f"for {C.describe(cache)}")
+    return dim
 
 
 def _check_slots(op: str, slots: torch.Tensor, t: int | None) -> None:
@@ -104,10 +254,14 @@ def _slot_values(op: str, cache: torch.Tensor, slots: torch.Tensor, unique: bool
 def _check_write(cache, x, slots, layout):
     op = "paged_cache_write"
     lay = _layout(op, layout)
-    _check_cache(op, cache, lay)
+    dim = _check_cache(op, cache, lay)
     C.dtype(op, "x", x, (torch.bfloat16,))
-    if x.dim() != 2 or x.shape[1] != lay.dim:
-        raise C.ShapeError(f"{op}: x must be [T, {lay.dim}] for layout {lay.name!r}, got {C.describe(x)}")
+    if x.dim() != 2 or x.shape[1] != dim:
+        hint = ""
+        if x.dim() == 2 and lay.dim_problem(x.shape[1]) is None:
+            hint = f"; {x.shape[1]}-wide rows need a cache of last dim {lay.width(x.shape[1])}"
+        raise C.ShapeError(f"{op}: x must be [T, {dim}], the entry width D of cache {C.describe(cache)} "
+                           f"(layout {lay.name!r}, {lay.formula}){hint}, got {C.describe(x)}")
     _check_slots(op, slots, x.shape[0])
     C.same_device(op, cache=cache, x=x, slots=slots)
 
@@ -127,7 +281,8 @@ define_op("paged_cache_write", "(Tensor(a!) cache, Tensor x, Tensor slots, str l
 
 def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, layout: str) -> None:
     """Quantize bf16 rows ``x [T, D]`` by ``layout`` into ``cache`` at ``slots`` (int ``[T]``, ``-1`` skipped),
-    in place. D is 512 (``model1_fp8``, ``bf16``) or 128 (``indexer_fp4``, ``indexer_fp8``)."""
+    in place. ``D`` is the cache's entry width (its last dim ``W`` tells it: 512 for V4's ``model1_fp8`` /
+    ``bf16`` caches, 128 for its ``indexer_fp4`` / ``indexer_fp8`` caches)."""
     call.paged_cache_write(cache, x, slots, layout)
 
 
@@ -141,7 +296,7 @@ def _check_read(cache, slots, layout):
 
 
 def _fake_read(cache, slots, layout):
-    return cache.new_empty((slots.shape[0], PAGED_LAYOUTS[layout].dim), dtype=torch.bfloat16)
+    return cache.new_empty((slots.shape[0], cache_dim(cache, layout)), dtype=torch.bfloat16)
 
 
 define_op("paged_cache_read", "(Tensor cache, Tensor slots, str layout) -> Tensor",
@@ -151,16 +306,17 @@ define_op("paged_cache_read", "(Tensor cache, Tensor slots, str layout) -> Tenso
 
 
 def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
-    """The entries at ``slots`` (int ``[T]``) of ``cache``, dequantized by ``layout``: bf16 ``[T, D]``;
-    a ``-1`` slot reads zeros."""
+    """The entries at ``slots`` (int ``[T]``) of ``cache``, dequantized by ``layout``: bf16 ``[T, D]`` with
+    ``D`` the cache's entry width; a ``-1`` slot reads zeros."""
     return call.paged_cache_read(cache, slots, layout)
 
 
 # ---------------------------------------------------------------- new_paged_cache (not an op)
 def new_paged_cache(num_blocks: int, block_size: int, layout: str,
-                    device: str | torch.device | None = None) -> torch.Tensor:
-    """A zeroed cache of ``layout``: ``[num_blocks, block_size, 1, W]`` (uint8, or bf16 for ``"bf16"``)
-    viewing one flat buffer of ``num_blocks`` pages of the layout's (padded) page size."""
+                    device: str | torch.device | None = None, *, dim: int | None = None) -> torch.Tensor:
+    """A zeroed cache of ``layout`` for ``dim``-wide entries (None: V4's width, 512 or 128):
+    ``[num_blocks, block_size, 1, W]`` (uint8, or bf16 for ``"bf16"``) viewing one flat buffer of
+    ``num_blocks`` pages of the layout's (padded) page size."""
     op = "new_paged_cache"
     lay = _layout(op, layout)
     for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
@@ -171,7 +327,10 @@ def new_paged_cache(num_blocks: int, block_size: int, layout: str,
     if num_blocks * block_size > MAX_SLOTS:
         raise C.RangeError(f"{op}: num_blocks * block_size must be at most {C.show(MAX_SLOTS)}, "
                            f"got {num_blocks} * {block_size}")
+    if dim is not None and lay.dim_problem(dim) is not None:
+        raise C.ShapeError(f"{op}: dim must be an entry width of layout {layout!r} (D = {lay.rule}), got {dim!r}")
     dtype = lay.dtypes[0]
-    page = lay.page_bytes(block_size) // dtype.itemsize
+    width = lay.width(dim)
+    page = lay.page_bytes(dim, block_size) // dtype.itemsize
     flat = torch.zeros(num_blocks * page, dtype=dtype, device=device)
-    return flat.as_strided((num_blocks, block_size, 1, lay.width), (page, lay.width, lay.width, 1))
+    return flat.as_strided((num_blocks, block_size, 1, width), (page, width, width, 1))

@@ -4,7 +4,8 @@
 ``indices``, ``attn_sink``, ``extra_k_cache``, ``topk_length``): the picks of the window cache
 (``kv_cache``, ``indices``) and of the compressed cache (``extra_kv_cache``, ``extra_indices``) form one
 softmax with the sink in its denominator; it also returns the log-sum-exp of the scores (without the
-sink). The caches are the 512-wide layouts of :mod:`v4hal.ops.paged` (``model1_fp8`` or ``bf16``).
+sink). The caches are attention layouts of :mod:`v4hal.ops.paged` (``model1_fp8`` or ``bf16``) of any
+entry width ``D`` the layout allows (V4: 512); ``q``'s last dim must be the caches' ``D``.
 """
 from __future__ import annotations
 
@@ -17,15 +18,14 @@ from ._define import call, define_op
 from .paged import PAGED_LAYOUTS, _check_cache, _layout
 
 OP = "sparse_attn_paged"
-HEAD_DIM = 512
-#: the layouts whose entries are 512-wide attention rows
-ATTN_LAYOUTS = tuple(name for name, lay in PAGED_LAYOUTS.items() if lay.dim == HEAD_DIM)
+#: the layouts holding attention entries (keys = values); V4's width is 512
+ATTN_LAYOUTS = ("model1_fp8", "bf16")
 
 
-def _cache(name: str, cache: torch.Tensor, layout: str) -> None:
-    """The cache checks of :mod:`v4hal.ops.paged`, with the messages naming ``name``."""
+def _cache(name: str, cache: torch.Tensor, layout: str) -> int:
+    """The cache checks of :mod:`v4hal.ops.paged`, with the messages naming ``name``; returns the entry width."""
     try:
-        _check_cache(OP, cache, PAGED_LAYOUTS[layout])
+        return _check_cache(OP, cache, PAGED_LAYOUTS[layout])
     except V4HalError as e:
         msg = str(e)
         prefix = f"{OP}: cache"
@@ -50,14 +50,15 @@ def _check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, ext
            extra_indices=None, extra_topk_length=None, layout="model1_fp8"):
     lay = _layout(OP, layout)
     if lay.name not in ATTN_LAYOUTS:
-        raise C.RangeError(f"{OP}: layout must be one of {list(ATTN_LAYOUTS)} (512-wide attention entries), "
+        raise C.RangeError(f"{OP}: layout must be one of {list(ATTN_LAYOUTS)} (attention entries), "
                            f"got {layout!r}")
     C.dtype(OP, "q", q, (torch.bfloat16,))
-    C.rank(OP, "q", q, (4,), f"[b, s, h, {HEAD_DIM}]")
+    C.rank(OP, "q", q, (4,), "[b, s, h, D]")
+    dim = _cache("kv_cache", kv_cache, layout)
     b, s, h, d = q.shape
-    if d != HEAD_DIM:
-        raise C.ShapeError(f"{OP}: q must be [b, s, h, {HEAD_DIM}], got {C.describe(q)}")
-    _cache("kv_cache", kv_cache, layout)
+    if d != dim:
+        raise C.ShapeError(f"{OP}: q must be [b, s, h, {dim}], {dim} the entry width D of kv_cache "
+                           f"{C.describe(kv_cache)} (layout {layout!r}, {lay.formula}), got {C.describe(q)}")
     _indices("indices", indices, b, s)
     C.dtype(OP, "attn_sink", attn_sink, (torch.float32,))
     C.shape(OP, "attn_sink", attn_sink, (h,), "[h]")
@@ -71,7 +72,11 @@ def _check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, ext
     if extra_topk_length is not None and extra_indices is None:
         raise C.ShapeError(f"{OP}: extra_topk_length needs extra_kv_cache and extra_indices, got neither")
     if extra_kv_cache is not None:
-        _cache("extra_kv_cache", extra_kv_cache, layout)
+        xdim = _cache("extra_kv_cache", extra_kv_cache, layout)
+        if xdim != dim:
+            raise C.ShapeError(f"{OP}: extra_kv_cache must hold {dim}-wide entries like kv_cache "
+                               f"({C.describe(kv_cache)}), got {C.describe(extra_kv_cache)} holding "
+                               f"{xdim}-wide entries (layout {layout!r}, {lay.formula})")
         _indices("extra_indices", extra_indices, b, s)
         _lengths("extra_topk_length", extra_topk_length, b)
     C.same_device(OP, q=q, kv_cache=kv_cache, indices=indices, attn_sink=attn_sink, topk_length=topk_length,
@@ -117,16 +122,17 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
                       extra_topk_length: torch.Tensor | None = None,
                       layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse decode attention of ``q`` (bf16 ``[b, s_q, h, 512]``) over cache entries picked by slot.
+    """Sparse decode attention of ``q`` (bf16 ``[b, s_q, h, D]``) over cache entries picked by slot.
 
-    ``kv_cache`` / ``extra_kv_cache``: paged caches of ``layout`` (``"model1_fp8"`` or ``"bf16"``);
+    ``kv_cache`` / ``extra_kv_cache``: paged caches of ``layout`` (``"model1_fp8"`` or ``"bf16"``) holding
+    ``D``-wide entries (``D`` = q's last dim; V4: 512);
     ``indices`` / ``extra_indices``: int32 ``[b, s_q, topk]`` / ``[b, s_q, extra_topk]`` slots
     (``block * block_size + offset``; -1 = no entry); ``topk_length`` / ``extra_topk_length``: int32
     ``[b]``, batch ``i`` uses only its first ``topk_length[i]`` picks; ``attn_sink``: fp32 ``[h]``
     (``-inf`` = no sink). Key = value = the dequantized entry. The picks of both caches form one
     softmax with ``exp(attn_sink)`` in the denominator.
 
-    Returns ``(out, lse)``: out bf16 ``[b, s_q, h, 512]``, lse fp32 ``[b, h, s_q]`` (natural-log
+    Returns ``(out, lse)``: out bf16 ``[b, s_q, h, D]``, lse fp32 ``[b, h, s_q]`` (natural-log
     log-sum-exp of the scaled scores of the valid picks, sink excluded); a query with no valid pick
     gives out 0 and lse ``+inf``.
     """

@@ -10,8 +10,9 @@ keys through its own row of a block table; logical position ``t`` of request ``b
   whole context, each earlier row one position less: the causal rule of ``next_n`` draft tokens);
 - ``context_lens`` int32 ``[b, next_n]``: ``limit = context_lens[b, i]`` (one length per row).
 
-Entries at or past a row's limit are ``-inf``. The keys are the 128-wide indexer entries of the
-``indexer_fp4`` or ``indexer_fp8`` layout of :mod:`v4hal.ops.paged`, dequantized in fp32.
+Entries at or past a row's limit are ``-inf``. The keys are the indexer entries of the ``indexer_fp4`` or
+``indexer_fp8`` layout of :mod:`v4hal.ops.paged`, dequantized in fp32, of the width ``D`` the cache's last
+dim tells (V4: 128); ``q``'s last dim must be that ``D``.
 
 Error messages write ``N`` for ``next_n`` and ``M`` for the block table's width (``max_blocks``).
 """
@@ -26,8 +27,8 @@ from ._checks import INT32_MAX, INTS
 from ._define import call, define_op
 from .paged import PAGED_LAYOUTS, PagedLayout, _check_cache, _layout
 
-#: the layouts holding 128-wide indexer keys
-INDEXER_LAYOUTS = tuple(name for name, lay in PAGED_LAYOUTS.items() if name.startswith("indexer_"))
+#: the layouts holding indexer keys: the quantized ones, and bf16 (keys stored as the rounded values)
+INDEXER_LAYOUTS = tuple(name for name in PAGED_LAYOUTS if name.startswith("indexer_")) + ("bf16",)
 
 
 def _indexer_layout(op: str, layout: object) -> PagedLayout:
@@ -38,10 +39,10 @@ def _indexer_layout(op: str, layout: object) -> PagedLayout:
     return lay
 
 
-def _kv_cache(op: str, kv_cache: torch.Tensor, lay: PagedLayout) -> None:
-    """The cache checks of :mod:`v4hal.ops.paged`, with the messages naming ``kv_cache``."""
+def _kv_cache(op: str, kv_cache: torch.Tensor, lay: PagedLayout) -> int:
+    """The cache checks of :mod:`v4hal.ops.paged`, with the messages naming ``kv_cache``; returns the key width."""
     try:
-        _check_cache(op, kv_cache, lay)
+        return _check_cache(op, kv_cache, lay)
     except V4HalError as e:
         msg, prefix = str(e), f"{op}: cache"
         if msg.startswith(prefix):
@@ -51,12 +52,13 @@ def _kv_cache(op: str, kv_cache: torch.Tensor, lay: PagedLayout) -> None:
 
 def _check_inputs(op: str, q, kv_cache, weights, context_lens, block_table, layout) -> PagedLayout:
     lay = _indexer_layout(op, layout)
-    _kv_cache(op, kv_cache, lay)
+    dim = _kv_cache(op, kv_cache, lay)
     C.dtype(op, "q", q, (torch.bfloat16,))
-    C.rank(op, "q", q, (4,), f"[b, N, H, {lay.dim}]")
+    C.rank(op, "q", q, (4,), f"[b, N, H, {dim}]")
     b, n, h, d = q.shape
-    if d != lay.dim:
-        raise C.ShapeError(f"{op}: q must be [b, N, H, {lay.dim}] for layout {lay.name!r}, got {C.describe(q)}")
+    if d != dim:
+        raise C.ShapeError(f"{op}: q must be [b, N, H, {dim}], {dim} the key width D of kv_cache "
+                           f"{C.describe(kv_cache)} (layout {lay.name!r}, {lay.formula}), got {C.describe(q)}")
     if n < 1:
         raise C.ShapeError(f"{op}: q must hold at least one query row per request (N >= 1), got {C.describe(q)}")
     C.dtype(op, "weights", weights, (torch.float32,))
@@ -138,10 +140,11 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     block_size + t % block_size`` of ``kv_cache``), dequantized in fp32; ``-inf`` where ``t`` is at or
     past the row's limit (see the module docstring).
 
-    q: bf16 ``[b, next_n, H, 128]``, used as given (the V4 model passes its indexer queries through
-    ``fp4_act_quant`` and back before this call). kv_cache: a cache of ``layout`` (``"indexer_fp4"`` or
-    ``"indexer_fp8"``). weights: fp32 ``[b * next_n, H]``. context_lens: int32 ``[b]`` or ``[b, next_n]``.
-    block_table: int32 ``[b, max_blocks]`` of block ids (``-1``: none). max_context_len: the logits' width.
+    q: bf16 ``[b, next_n, H, D]`` with ``D`` the cache's key width (V4: 128), used as given (the V4 model
+    passes its indexer queries through ``fp4_act_quant`` and back before this call). kv_cache: a cache of
+    ``layout`` (``"indexer_fp4"``, ``"indexer_fp8"`` or ``"bf16"``). weights: fp32 ``[b * next_n, H]``. context_lens:
+    int32 ``[b]`` or ``[b, next_n]``. block_table: int32 ``[b, max_blocks]`` of block ids (``-1``: none).
+    max_context_len: the logits' width.
     """
     return call.indexer_logits_paged(q, kv_cache, weights, context_lens, block_table, int(max_context_len), layout)
 

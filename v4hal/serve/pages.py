@@ -19,19 +19,24 @@ class PoolExhaustedError(RangeError):
 
 
 class PageAllocator:
-    """Block ids ``0 .. num_blocks-1`` of one page kind, each free or held with a refcount >= 1."""
+    """Block ids ``first .. num_blocks-1`` of one page kind, each free or held with a refcount >= 1; ids
+    below ``first`` are reserved (never handed out, e.g. block 0 of the compressor state, "not kept")."""
 
-    def __init__(self, num_blocks: int, name: str = "pages") -> None:
-        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
-            raise RangeError(f"PageAllocator: num_blocks must be an int >= 1, got {num_blocks!r}")
+    def __init__(self, num_blocks: int, name: str = "pages", first: int = 0) -> None:
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise RangeError(f"PageAllocator: first must be an int >= 0, got {first!r}")
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < first + 1:
+            raise RangeError(f"PageAllocator: num_blocks must be an int >= first + 1 = {first + 1}, "
+                             f"got {num_blocks!r}")
         self.name = name
+        self.first = first
         self._refs = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))    # a stack: block 0 is handed out first
+        self._free = list(range(num_blocks - 1, first - 1, -1))    # a stack: block `first` is handed out first
 
     @property
     def capacity(self) -> int:
-        """Number of blocks."""
-        return len(self._refs)
+        """Number of blocks that can be handed out (reserved ids not counted)."""
+        return len(self._refs) - self.first
 
     @property
     def num_free(self) -> int:
@@ -41,7 +46,7 @@ class PageAllocator:
     @property
     def in_use(self) -> int:
         """Blocks held by at least one owner."""
-        return len(self._refs) - len(self._free)
+        return self.capacity - len(self._free)
 
     def refcount(self, block: int) -> int:
         """Owners of ``block`` (0 when free)."""
@@ -89,6 +94,6 @@ class PageAllocator:
 
     def _check_ids(self, what: str, blocks: list[int]) -> None:
         for b in blocks:
-            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < len(self._refs):
+            if not isinstance(b, int) or isinstance(b, bool) or not self.first <= b < len(self._refs):
                 raise RangeError(f"PageAllocator.{what} ({self.name}): block ids must be ints in "
-                                 f"[0, {len(self._refs)}), got {b!r}")
+                                 f"[{self.first}, {len(self._refs)}), got {b!r}")

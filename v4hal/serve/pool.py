@@ -36,17 +36,17 @@ __all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache
 def alloc_cache(num_blocks: int, block_size: int, layout: str, dim: int,
                 device: str | torch.device | None = None) -> torch.Tensor:
     """A zeroed paged cache of ``layout`` for ``dim``-wide entries: ``[num_blocks, block_size, 1, W]``.
-    Raises `ShapeError` when ``dim`` is not the layout's entry width."""
+    Raises `ShapeError` when the layout holds no ``dim``-wide entries (see `v4hal.ops.paged.PAGED_LAYOUTS`)."""
     if layout not in PAGED_LAYOUTS:
         raise RangeError(f"alloc_cache: layout must be one of {list(PAGED_LAYOUTS)}, got {layout!r}")
     _check_width(layout, dim)
-    return new_paged_cache(num_blocks, block_size, layout, device=device)
+    return new_paged_cache(num_blocks, block_size, layout, device=device, dim=dim)
 
 
 def _check_width(layout: str, dim: int, where: str = "alloc_cache") -> None:
-    if dim != PAGED_LAYOUTS[layout].dim:
-        raise ShapeError(f"{where}: layout {layout!r} holds {PAGED_LAYOUTS[layout].dim}-wide entries, "
-                         f"got dim {dim}")
+    why = PAGED_LAYOUTS[layout].dim_problem(dim)
+    if why is not None:
+        raise ShapeError(f"{where}: {why}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class RequestState:
     """One request: ``tokens`` known so far (prompt, then appended outputs), positions ``0 .. computed-1``
     done, pages reserved for positions ``< reserved``, ``tables[kind]`` its block ids by page index (-1 for
     pages released), ``shared[kind]`` how many leading pages came shared from a prefix (never written),
-    ``prefix_len`` tokens reused from a registered prefix."""
+    ``prefix_len`` tokens reused from a registered prefix, ``prompt_len`` the prompt's tokens."""
 
     req_id: Hashable
     tokens: list[int]
@@ -88,6 +88,9 @@ class RequestState:
     tables: dict[str, list[int]] = field(default_factory=dict)
     shared: dict[str, int] = field(default_factory=dict)
     prefix_len: int = 0
+    prompt_len: int = 0
+    source: tuple[int, ...] | None = None     # the tokens as one tuple, shared by the prefixes registered from it
+    chain: list[int] = field(default_factory=list)   # chained page hashes of ``source`` computed so far
 
 
 def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
@@ -144,11 +147,14 @@ class CachePool:
             for s in self.specs:
                 if s.layout is not None:
                     _check_width(s.layout, s.dim, f"{op} (layer {s.layer} {s.name} cache)")
-        self.allocators = {k: PageAllocator(counts[k], k) for k in self.kinds}
+        # token block 0 is never handed out: the compressor reads a state table entry 0 as "not kept"
+        # (released pages are passed to it as block 0), so no live position may live there
+        self.allocators = {k: PageAllocator(counts[k] + (k == "token"), k, first=int(k == "token"))
+                           for k in self.kinds}
         self.layers = [LayerCaches(r) for r in cfg.compress_ratios]
         if allocate:
             for s in self.specs:
-                n = counts[s.kind]
+                n = counts[s.kind] + (s.kind == "token")
                 t = (torch.zeros(n, block_size, s.dim, dtype=torch.float32, device=self.device) if s.layout is None
                      else alloc_cache(n, block_size, s.layout, s.dim, self.device))
                 setattr(self.layers[s.layer], s.name, t)
@@ -159,13 +165,13 @@ class CachePool:
     # ------------------------------------------------------------------ bytes
     def page_bytes(self) -> dict[str, int]:
         """Bytes of one page of each kind, summed over every layer's tensors of that kind. Raises
-        `ShapeError` when a layout does not hold the config's entry width."""
+        `ShapeError` when a layout holds no entries of the config's width."""
         out = dict.fromkeys(self.kinds, 0)
         for s in self.specs:
             if s.layout is not None:
                 _check_width(s.layout, s.dim, f"CachePool.page_bytes (layer {s.layer} {s.name} cache)")
             out[s.kind] += (4 * s.dim * self.block_size if s.layout is None
-                            else PAGED_LAYOUTS[s.layout].page_bytes(self.block_size))
+                            else PAGED_LAYOUTS[s.layout].page_bytes(s.dim, self.block_size))
         return out
 
     def pages_in_use(self) -> dict[str, int]:
@@ -234,7 +240,8 @@ class CachePool:
         tokens = self._check_tokens("add_request", prompt_tokens, 0)
         if not tokens:
             raise RangeError("CachePool.add_request: prompt_tokens must hold at least one token, got none")
-        st = RequestState(req_id, tokens, tables={k: [] for k in self.kinds}, shared=dict.fromkeys(self.kinds, 0))
+        st = RequestState(req_id, tokens, tables={k: [] for k in self.kinds}, shared=dict.fromkeys(self.kinds, 0),
+                          prompt_len=len(tokens))
         entry = self.prefix.lookup(tokens, len(tokens) - 1)
         if entry is not None:
             try:
@@ -318,19 +325,26 @@ class CachePool:
         ((st, n),) = self._check_items("advance", [(req_id, n_tokens)], planned=True, known=True)
         self._advance(st, n)
 
-    def advance_batch(self, batch: ForwardBatch) -> None:
+    def advance_batch(self, batch: ForwardBatch, *, register_prefixes: bool = False) -> None:
         """`advance` every request of ``batch`` by its token count (checked for all first; each request must
-        still be at the batch's start position)."""
+        still be at the batch's start position). ``register_prefixes``: before pages are released, register
+        every page-aligned prefix of the prompt this step completed (the engine's automatic prefix caching;
+        registered prefixes are evicted LRU when pages run short)."""
         checked = self._check_items("advance_batch", zip(batch.req_ids, batch.query_lens), planned=True, known=True)
         for (st, _), start in zip(checked, batch.start_positions):
             if st.computed != start:
                 raise RangeError(f"CachePool.advance_batch: request {st.req_id!r} is at position {st.computed}, "
                                  f"the batch starts it at {start}")
         for st, n in checked:
-            self._advance(st, n)
+            self._advance(st, n, register_prefixes)
 
-    def _advance(self, st: RequestState, n: int) -> None:
+    def _advance(self, st: RequestState, n: int, register_prefixes: bool = False) -> None:
+        start = st.computed
         st.computed += n
+        if register_prefixes:
+            bs = self.block_size
+            for length in range((start // bs + 1) * bs, min(st.computed, st.prompt_len) + 1, bs):
+                self.register_prefix(st.req_id, length)
         table = st.tables["token"]
         stop = min(first_needed_position(self.cfg, st.computed) // self.block_size, len(table))
         behind = [b for b in table[:stop] if b >= 0]
@@ -391,7 +405,10 @@ class CachePool:
         elif not self._prefix_pages_held(st, length):
             raise RangeError(f"{op}: request {req_id!r} no longer holds the token pages a continuation at "
                              f"{length} reads (positions from {first_needed_position(self.cfg, length)})")
-        found = self.prefix.find(st.tokens[:length])
+        if st.source is None or len(st.source) < length:
+            st.source = tuple(st.tokens)
+        h = self.prefix.chain(st.source, length // bs, st.chain)[length // bs - 1]
+        found = self.prefix.find(st.source[:length], h)
         if found is not None:
             self.prefix.touch(found)
             return found
@@ -405,8 +422,8 @@ class CachePool:
                 partial[k] = entries % bs != 0
         for k in self.kinds:
             self.allocators[k].share([b for b in pages[k] if b >= 0])
-        entry = PrefixEntry(tuple(st.tokens[:length]), pages, partial)
-        self.prefix.insert(entry)
+        entry = PrefixEntry(st.source, length, pages, partial)
+        self.prefix.insert(entry, h)
         return entry
 
     def _prefix_pages_held(self, st: RequestState, length: int) -> bool:
@@ -463,7 +480,7 @@ class CachePool:
                 if s.layout is None:
                     pages = t.view(t.shape[0], -1)
                 else:
-                    n = PAGED_LAYOUTS[s.layout].page_bytes(self.block_size) // t.element_size()
+                    n = PAGED_LAYOUTS[s.layout].page_bytes(s.dim, self.block_size) // t.element_size()
                     pages = t.as_strided((t.shape[0], n), (n, 1), t.storage_offset())
                 pages[dst].copy_(pages[src])
 

@@ -29,14 +29,21 @@ class PrefixEntry:
     ``partial[kind]``: True when the last page of a compressed kind also has room for entries past
     ``length // ratio`` (it is copied, not shared, on reuse)."""
 
-    tokens: tuple[int, ...]
+    source: tuple[int, ...]
+    length: int
     pages: dict[str, list[int]]
     partial: dict[str, bool]
     key: tuple[int, int] = (0, 0)     # set by `PrefixCache.insert`
 
     @property
-    def length(self) -> int:
-        return len(self.tokens)
+    def tokens(self) -> tuple[int, ...]:
+        """The prefix's token ids (``source`` is the registering prompt, shared by all its entries, so
+        registering every page of a long prompt stores its tokens once)."""
+        return self.source[:self.length]
+
+    def matches(self, tokens: Sequence[int]) -> bool:
+        """Whether the prefix's token ids equal ``tokens``."""
+        return len(tokens) == self.length and tuple(tokens) == self.source[:self.length]
 
 
 class PrefixCache:
@@ -52,21 +59,24 @@ class PrefixCache:
     def __len__(self) -> int:
         return sum(len(v) for v in self._entries.values())
 
-    def _chain(self, tokens: Sequence[int], n_pages: int) -> list[int]:
-        bs, h, out = self.block_size, 0, []
-        for k in range(n_pages):
-            h = page_hash(h, tokens[k * bs:(k + 1) * bs])
-            out.append(h)
+    def chain(self, tokens: Sequence[int], n_pages: int, done: list[int] | None = None) -> list[int]:
+        """Chained hashes of the first ``n_pages`` pages of ``tokens``; ``done``: hashes of a leading part
+        already computed (extended in place and returned, so a caller hashing a growing prompt page by
+        page pays each page once)."""
+        out = [] if done is None else done
+        bs = self.block_size
+        for k in range(len(out), n_pages):
+            out.append(page_hash(out[-1] if out else 0, tokens[k * bs:(k + 1) * bs]))
         return out
 
-    def find(self, tokens: Sequence[int]) -> PrefixEntry | None:
-        """The registered entry whose tokens equal ``tokens`` exactly (no LRU update)."""
+    def find(self, tokens: Sequence[int], chain_hash: int | None = None) -> PrefixEntry | None:
+        """The registered entry whose tokens equal ``tokens`` exactly (no LRU update); ``chain_hash``: the
+        chained hash of ``tokens``' last page when the caller has it."""
         n = len(tokens) // self.block_size
         if n == 0 or n * self.block_size != len(tokens):
             return None
-        key = (len(tokens), self._chain(tokens, n)[-1])
-        t = tuple(tokens)
-        return next((e for e in self._entries.get(key, ()) if e.tokens == t), None)
+        key = (len(tokens), self.chain(tokens, n)[-1] if chain_hash is None else chain_hash)
+        return next((e for e in self._entries.get(key, ()) if e.matches(tokens)), None)
 
     def lookup(self, prompt: Sequence[int], max_length: int) -> PrefixEntry | None:
         """The longest entry that is a prefix of ``prompt`` and at most ``max_length`` long; counts the
@@ -74,12 +84,12 @@ class PrefixCache:
         self.lookups += 1
         n = min(len(prompt), max_length) // self.block_size
         best = None
-        for k, h in enumerate(self._chain(prompt, n), start=1):
+        for k, h in enumerate(self.chain(prompt, n), start=1):
             length = k * self.block_size
             bucket = self._entries.get((length, h))
             if bucket:
-                t = tuple(prompt[:length])
-                best = next((e for e in bucket if e.tokens == t), best)
+                head = prompt[:length]
+                best = next((e for e in bucket if e.matches(head)), best)
         if best is not None:
             self._entries.move_to_end(best.key)
         return best
@@ -89,9 +99,11 @@ class PrefixCache:
         self.hits += 1
         self.tokens_saved += entry.length
 
-    def insert(self, entry: PrefixEntry) -> None:
-        """Register ``entry`` (most recently used). The caller has checked it is not registered yet."""
-        entry.key = (entry.length, self._chain(entry.tokens, entry.length // self.block_size)[-1])
+    def insert(self, entry: PrefixEntry, chain_hash: int | None = None) -> None:
+        """Register ``entry`` (most recently used; ``chain_hash`` as in `find`). The caller has checked it is
+        not registered yet."""
+        h = self.chain(entry.source, entry.length // self.block_size)[-1] if chain_hash is None else chain_hash
+        entry.key = (entry.length, h)
         self._entries.setdefault(entry.key, []).append(entry)
         self._entries.move_to_end(entry.key)
 

@@ -21,9 +21,10 @@ Contract ops (registered):
   staircase of a ratio-4 prefill (``t < (pos+1)//4``) is neither: reference.
 - ``index_scores``: the CANN indexers return top-k indices, never the score matrix: reference.
 - ``compress_kv``: our op is pooling only. The CANN ``compressor`` fuses the two projections
-  (``x @ wkv``, ``x @ wgate``), the pooling, RMSNorm, rope and its own state cache (with an
-  undocumented ``cache_mode``) into one call, so it cannot serve a pooling-only op; we do not bind
-  it (no graph-level entry either: its state layout and A2 support are unverified). Reference.
+  (``x @ wkv``, ``x @ wgate``), the pooling, RMSNorm, rope and its own paged state cache into one
+  call, so it cannot serve a pooling-only op: reference. The fused computation is the contract op
+  ``compressor_ragged``, which binds ``_C_ascend.compressor`` on A3 and 950
+  (:mod:`.ragged_compress`).
 
 Ascend-only entry points (not contract ops; contract-tested against reference decompositions):
 

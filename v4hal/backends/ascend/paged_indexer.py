@@ -1,17 +1,19 @@
 """The paged lightning indexer on Ascend.
 
-- ``indexer_topk_paged`` -> ``npu_lightning_indexer`` on A2/A3 for ``indexer_fp4`` caches. The FP4 keys
-  of the pages a request's block-table row names are dequantized to bf16 (exact: an e2m1 value times a
-  power of two is a bf16 value) and laid out as PA_BSND pages of 128 keys with an identity block table;
-  q goes in as TND ``[b * next_n, H, 128]`` (bf16, as given), weights as fp32 ``[b * next_n, H]``, the
+- ``indexer_topk_paged`` -> ``npu_lightning_indexer`` on A2/A3 for ``indexer_fp4`` and ``bf16`` caches. The
+  keys of the pages a request's block-table row names are read as bf16 (FP4 keys dequantized: exact, an e2m1
+  value times a power of two is a bf16 value) and laid out as PA_BSND pages of 128 keys with an identity block
+  table; q goes in as TND ``[b * next_n, H, 128]`` (bf16, as given), weights as fp32 ``[b * next_n, H]``, the
   key length of request ``b`` is ``context_lens[b]``. One query row per request is ``sparse_mode=0``;
-  ``next_n`` rows are ``sparse_mode=3`` (right-down causal: row ``i`` sees ``t <= context_lens[b] -
-  next_n + i``, exactly our rule for ``[b]`` lengths). Falls back to the reference on the NPU tensors:
+  ``next_n`` rows are ``sparse_mode=3`` (right-down causal: row ``i`` sees ``t <= context_lens[b] - next_n +
+  i``, exactly our rule for ``[b]`` lengths). Falls back to the reference on the NPU tensors:
 
   * ``indexer_fp8``: its keys (e4m3 value times an fp32 scale) are not exact in the bf16/fp16 keys
     ``npu_lightning_indexer`` takes, and ``npu_vllm_quant_lightning_indexer``, which reads e4m3 keys
     with fp32 per-key scales (950), also requires FP8/int8 queries with per-head scales: quantizing our
     bf16 queries would change the logits;
+  * keys of a width other than 128 (the cache's entry width, e.g. a V4-shaped config's 64): the CANN
+    indexers take head dim 128 only;
   * 950: its ``npu_lightning_indexer`` takes no fp32 weights, and rounding them changes the logits;
   * ``[b, next_n]`` context lengths with ``next_n > 1`` (the op takes one key length per request), a
     query row that sees no key, more heads than the chip takes, ``topk > 8192``, empty inputs.
@@ -41,12 +43,12 @@ def _no_key_row(a: limits.Args) -> bool:
     return int(lens.min()) < (n if lens.dim() == 1 else 1)
 
 
-limits.plan("indexer_topk_paged", {c: "npu_lightning_indexer (TND q, indexer_fp4 keys dequantized to bf16 "
-                                      "PA_BSND pages)" for c in ("A2", "A3")})
+limits.plan("indexer_topk_paged", {c: "npu_lightning_indexer (TND q, bf16 keys, or indexer_fp4 keys "
+                                      "dequantized to bf16, as PA_BSND pages)" for c in ("A2", "A3")})
 INDEXER_TOPK_PAGED_LIMITS = (
     always("fp32 weights (950's npu_lightning_indexer takes none; rounding them changes the logits)", ("950",)),
     fallback_when("indexer_fp8 cache (e4m3 x fp32-scale keys are not exact in bf16; the quantized indexer "
-                  "needs quantized queries, ours are bf16)", lambda a: a["layout"] != "indexer_fp4"),
+                  "needs quantized queries, ours are bf16)", lambda a: a["layout"] == "indexer_fp8"),
     fallback_when("indexer head dim D != 128", lambda a: a["q"].shape[-1] != INDEXER_D),
     fallback_when("more than 64 indexer heads", lambda a: a["q"].shape[2] > 64, ("A2", "A3")),
     fallback_when("empty input", lambda a: a["q"].shape[0] * a["q"].shape[1] * a["q"].shape[2] == 0),

@@ -33,7 +33,7 @@ from v4hal.ops.ragged_compress import coff_of, max_entries
 
 from . import limits
 from ._route import route
-from .limits import fallback_when
+from .limits import always, fallback_when
 
 COMPRESSOR = (("_C_ascend", "compressor"),)
 #: (D, coff, ratio) of the op's three modes: C4A, C4Li, C128A
@@ -57,6 +57,7 @@ def _block_ok(blk: int) -> bool:
 limits.plan("compressor_ragged", {c: "_C_ascend.compressor (TH x, cache_mode=1, rotary_mode=2)" for c in ("A3", "950")},
             note="A2: not supported by the CANN compressor (its README)")
 COMPRESSOR_LIMITS = (
+    always("the CANN compressor does not support A2", ("A2",)),
     fallback_when("not one of the modes C4A (D=512, ratio 4), C4Li (D=128, ratio 4), C128A (D=512, ratio 128)",
                   lambda a: _mode(a) not in MODES),
     fallback_when("rope_head_dim != 64", lambda a: 2 * a["freqs_cis"].shape[1] != ROPE_DIM),

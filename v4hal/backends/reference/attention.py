@@ -16,9 +16,10 @@ validated by :mod:`v4hal.ops.attention`; nothing here reads tensor data on the h
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
-from v4hal.hal import formats
 from v4hal.hal.registry import implements
 
 # Largest fp32 intermediate (in elements) one chunk may materialize: 2**24 floats = 64 MiB.
@@ -29,6 +30,14 @@ _CHUNK_ELEMS: int = 1 << 24
 def _rows_per_chunk(rows: int, elems_per_row: int) -> int:
     """How many of ``rows`` query rows fit in one chunk of at most ``_CHUNK_ELEMS`` elements (>= 1)."""
     return max(1, min(rows, _CHUNK_ELEMS // max(1, elems_per_row)))
+
+
+def top_entries(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 indices of the ``width`` highest ``scores`` along the last dim, in descending score order, equal
+    scores in ascending index order (a stable sort). FP4-rounded queries and keys give exact ties often; one
+    tie rule makes every path (contiguous or paged cache, any chunking, any backend that uses it) pick the
+    same entries."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :width]
 
 
 @implements("sparse_attn", "reference")
@@ -55,10 +64,10 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     the softmax). This reference does the same. The public kernel's row of all -1 would
     divide ``0 / (0 + exp(sink + inf))``; the contract instead fixes that row to exactly 0,
     which this implementation guarantees (also for ``attn_sink = -inf``). The softmax runs in
-    fp32 here end to end; the public kernel additionally rounds the probabilities to bf16
-    before the value product, a kernel detail this oracle does not copy.
-    Memory: the gathered rows are materialized in fp32 for chunks of query positions sized to
-    ``_CHUNK_ELEMS`` elements, never for all ``m`` at once.
+    float64 here end to end (`attend`), rounded once to q's dtype; the public kernel additionally
+    rounds the probabilities to bf16 before the value product, a kernel detail this oracle does not
+    copy. Memory: the gathered rows are materialized in float64 for chunks of query positions sized
+    to half of ``_CHUNK_ELEMS`` elements, never for all ``m`` at once.
     """
     b, m, h, d = q.shape
     n = kv.shape[1]
@@ -67,30 +76,44 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
         # nothing to attend to: every row is an all -1 row
         return torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
 
-    sink = attn_sink.to(device=q.device, dtype=torch.float32)  # [h]
     batch = torch.arange(b, device=q.device).view(b, 1, 1)
-    step = _rows_per_chunk(m, b * k * d)
+    step = _rows_per_chunk(m, 2 * b * k * d)
     out = torch.empty(b, m, h, d, dtype=q.dtype, device=q.device) if step < m else None
     for lo in range(0, m, step):
         hi = min(m, lo + step)
         idx = topk_idxs[:, lo:hi].long()                                   # [b, c, k]
         invalid = idx == -1
-        rows = kv[batch, idx.clamp_min(0)].float()                         # [b, c, k, d]
-        rows.masked_fill_(invalid.unsqueeze(-1), 0.0)                      # -1 loads a zero row
-        qf = q[:, lo:hi].float()                                           # [b, c, h, d]
-        scores = torch.matmul(qf, rows.transpose(-1, -2))                  # [b, c, h, k]
-        scores.mul_(formats.operand(softmax_scale, scores))               # the fp32 scale, as a tensor operand
-        scores.masked_fill_(invalid.unsqueeze(2), float("-inf"))
-        # Subtract max(scores, sink): same softmax, and neither a huge sink nor an empty row overflows.
-        top = torch.maximum(scores.amax(dim=-1), sink)                     # [b, c, h]
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        p = torch.exp(scores - top.unsqueeze(-1))                          # masked -> exactly 0
-        denom = p.sum(dim=-1) + torch.exp(sink - top)                      # >= 1 unless all terms vanish
-        o = torch.matmul(p, rows) / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        rows = kv[batch, idx.clamp_min(0)]                                 # [b, c, k, d]
+        o, _ = attend(q[:, lo:hi], rows, invalid, attn_sink, softmax_scale)
         if out is None:         # one chunk holds every query row
             return o.to(q.dtype)
         out[:, lo:hi] = o.to(q.dtype)
     return out
+
+
+def attend(q: torch.Tensor, rows: torch.Tensor, invalid: torch.Tensor, attn_sink: torch.Tensor,
+           softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The math of the sparse attention references, in float64: ``q [b, c, h, d]``, gathered key/value
+    ``rows [b, c, k, d]`` (any values where ``invalid [b, c, k]``), sink fp32 ``[h]`` -> (out float64
+    ``[b, c, h, d]``, log-sum-exp of the valid scaled scores float64 ``[b, c, h]``, -inf without one).
+
+    float64 makes the result independent of the order and the number of the picks (trailing -1s, a
+    window listed by ring slot or by position, picks split over two caches): every path that attends
+    to the same entries rounds to the same bf16 output. The scale is the fp32 value of
+    ``softmax_scale`` (what the kernels multiply by).
+    """
+    rows = rows.double().masked_fill(invalid.unsqueeze(-1), 0.0)               # -1 loads a zero row
+    scores = torch.matmul(q.double(), rows.transpose(-1, -2))                   # [b, c, h, k]
+    scores.mul_(struct.unpack("f", struct.pack("f", softmax_scale))[0])      # the fp32 value of the scale
+    scores.masked_fill_(invalid.unsqueeze(2), float("-inf"))
+    sink = attn_sink.to(device=q.device, dtype=torch.float64)                   # [h]
+    # Subtract max(scores, sink): same softmax, and neither a huge sink nor an empty row overflows.
+    top = torch.maximum(scores.amax(dim=-1), sink)                              # [b, c, h]
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(scores - top.unsqueeze(-1))                                   # masked -> exactly 0
+    denom = p.sum(dim=-1) + torch.exp(sink - top)                               # >= 1 unless all terms vanish
+    o = torch.matmul(p, rows) / denom.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-1)
+    return o, torch.logsumexp(scores, dim=-1)
 
 
 @implements("index_scores", "reference")
@@ -106,20 +129,24 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> tor
         fp32 ``[b, s, t]``: ``I[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h] . k[b, t])``.
 
     The public ``Indexer.forward`` forms ``einsum('bshd,btd->bsht')``, applies ``relu`` and
-    then sums the weighted heads; it does that in bf16, this oracle in fp32. The ``[b, s, H, t]``
-    intermediate is built for chunks of query rows sized to ``_CHUNK_ELEMS``.
+    then sums the weighted heads; it does that in bf16, this oracle in float64, rounded to fp32 once.
+    With V4's FP4-rounded queries and keys (and bf16 weights) every product and every per-head dot
+    product is exact in float64, so the result does not depend on the summation order, the shapes or
+    the chunking: the same fp32 logits (and top-k picks) whether the keys are read from a contiguous
+    or a paged cache, one query or many at a time. The ``[b, s, H, t]`` intermediate is built for
+    chunks of query rows sized to ``_CHUNK_ELEMS``.
     """
     b, s, nh, dd = q.shape
     t = k.shape[1]
     out = torch.empty(b, s, t, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    kf = k.float()
+    kf = k.double()
     step = _rows_per_chunk(s, b * nh * t)
     for lo in range(0, s, step):
         hi = min(s, lo + step)
-        logits = torch.einsum("bshd,btd->bsht", q[:, lo:hi].float(), kf).relu_()  # [b, c, H, t]
-        out[:, lo:hi] = torch.einsum("bsht,bsh->bst", logits, weights[:, lo:hi].float())
+        logits = torch.einsum("bshd,btd->bsht", q[:, lo:hi].double(), kf).relu_()  # [b, c, H, t]
+        out[:, lo:hi] = torch.einsum("bsht,bsh->bst", logits, weights[:, lo:hi].double())
     return out
 
 
@@ -137,7 +164,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
 
     Returns:
         int32 ``[b, s, min(topk, t)]``: the highest-scoring entries in descending score order
-        (tie order unspecified), ``entry + offset`` when valid, -1 when masked. Masked picks
+        (equal scores: the lower entry first), ``entry + offset`` when valid, -1 when masked. Masked picks
         score ``-inf`` and therefore come last.
 
     Mask (public ``Indexer.forward``): entry ``j`` is visible to query ``i`` when its whole
@@ -156,7 +183,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
     limit = ((pos + 1) // ratio).view(1, s, 1)                                      # visible entries
     visible = torch.arange(t, device=q.device).view(1, 1, t) < limit
     scores.masked_fill_(~visible, float("-inf"))
-    picks = scores.topk(width, dim=-1, largest=True, sorted=True).indices          # [b, s, width]
+    picks = top_entries(scores, width)                                              # [b, s, width]
     out = torch.where(picks < limit, picks + offset, torch.full_like(picks, -1))
     return out.to(torch.int32)
 

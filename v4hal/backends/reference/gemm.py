@@ -24,6 +24,8 @@ import torch
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
 
+from ._rows import row_matmul
+
 _BLOCK = F.FP8_BLOCK                 # activation K block / FP8 weight tile
 _FP4_BLOCK = F.FP4_BLOCK             # FP4 weight K block
 _CHUNK_ELEMS = 1 << 25               # fp32 elements per bmm operand before a bucket is split
@@ -63,7 +65,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        acc += (a2[:, sl] @ bf[:, sl].T) * scales[..., kb]
+        acc += row_matmul(a2[:, sl], bf[:, sl].T) * scales[..., kb]
     return acc.to(out_dtype).reshape(*a.shape[:-1], n)
 
 
@@ -80,7 +82,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        acc += (a2[:, sl] @ bf[:, sl].T) * sa[:, kb:kb + 1]
+        acc += row_matmul(a2[:, sl], bf[:, sl].T) * sa[:, kb:kb + 1]
     return acc.to(out_dtype).reshape(*a.shape[:-1], n)
 
 
@@ -162,13 +164,13 @@ def _bucket_product(xp: torch.Tensor, xs: torch.Tensor | None, wf: torch.Tensor,
     ``[c, N, KB]`` weight scales (None when folded into wf): one bmm per K block, scaled, summed.
     """
     if xs is None:
-        return torch.bmm(xp, wf.transpose(1, 2))
+        return row_matmul(xp, wf.transpose(1, 2))
     k = xp.shape[2]
     scales = xs.unsqueeze(2) if ws is None else xs.unsqueeze(2) * ws.unsqueeze(1)       # [c, R, 1 or N, KB]
     o = torch.zeros(xp.shape[0], xp.shape[1], wf.shape[1], dtype=torch.float32, device=xp.device)
     for kb in range(k_blocks):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        o += torch.bmm(xp[:, :, sl], wf[:, :, sl].transpose(1, 2)) * scales[..., kb]
+        o += row_matmul(xp[:, :, sl], wf[:, :, sl].transpose(1, 2)) * scales[..., kb]
     return o
 
 

@@ -26,10 +26,11 @@ the GEMM in HF32, so it matches this oracle only to HF32 precision.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from v4hal.hal import formats
 from v4hal.hal.registry import implements
+
+from ._rows import row_matmul
 
 __all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
 
@@ -69,7 +70,7 @@ def _mixes(x: torch.Tensor, hc_fn: torch.Tensor, norm_eps: float) -> tuple[torch
     xf = x.float()
     flat = xf.flatten(-2)
     rsqrt = flat.square().mean(dim=-1, keepdim=True).add_(formats.operand(norm_eps, flat)).rsqrt_()
-    return xf, F.linear(flat, hc_fn).mul_(rsqrt)
+    return xf, row_matmul(flat, hc_fn.float().T).mul_(rsqrt)
 
 
 @implements("hc_pre", "reference")

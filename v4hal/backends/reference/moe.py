@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from v4hal.hal import formats
 from v4hal.hal.registry import implements
 
+from ._rows import row_matmul
+
 __all__ = ["moe_gate", "moe_dispatch", "moe_combine", "SCORE_FUNCS"]
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
@@ -44,7 +46,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     experts by descending ``scores + bias`` (``torch.topk`` order; ties unspecified); hash routing
     keeps the table's order.
     """
-    logits = F.linear(x.float(), weight.float())                       # [T, E] fp32
+    logits = row_matmul(x.float(), weight.float().T)                   # [T, E] fp32
     if score_func == "softmax":
         scores = logits.softmax(dim=-1)
     elif score_func == "sigmoid":

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from v4hal.hal import formats
 from v4hal.hal.registry import implements
+from v4hal.ops.paged import cache_dim
 
 from . import attention as ref_attention
-from .paged import NOPE, NOPE_BLOCK, ROPE, _e8m0, _region
+from .paged import _region, model1_decode, model1_parts
 
 
 def read_entries(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
-    """bf16 ``[*slots.shape, 512]``: the entries at int ``slots`` dequantized (zeros for -1), the values
+    """bf16 ``[*slots.shape, D]``: the entries at int ``slots`` dequantized (zeros for -1), the values
     :func:`.paged.paged_cache_read` gives, read without any host sync."""
     flat = slots.reshape(-1).long()
     invalid = flat < 0
@@ -35,11 +35,9 @@ def read_entries(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch
     if layout == "bf16":
         vals = cache[blk, off, 0]
     else:  # model1_fp8
-        data = _region(cache, layout, 0, NOPE + 2 * ROPE)[blk, off]
-        sc = _e8m0(_region(cache, layout, NOPE + 2 * ROPE, 8)[blk, off, :NOPE // NOPE_BLOCK])
-        y = formats.fp8_to_float(data[:, :NOPE].contiguous().view(formats.FP8_DTYPE))
-        nope = (y.unflatten(-1, (-1, NOPE_BLOCK)) * sc.unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
-        vals = torch.cat([nope, data[:, NOPE:].contiguous().view(torch.bfloat16)], dim=-1)
+        nope, data_bytes, scale_bytes = model1_parts(cache_dim(cache, layout))
+        vals = model1_decode(_region(cache, layout, 0, data_bytes)[blk, off],
+                             _region(cache, layout, data_bytes, scale_bytes)[blk, off], nope)
     vals = vals.masked_fill(invalid.unsqueeze(-1), 0)
     return vals.view(*slots.shape, vals.shape[-1])
 
@@ -60,13 +58,14 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
                       extra_topk_length: torch.Tensor | None = None,
                       layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
-    """q bf16 ``[b, s_q, h, 512]``, caches of ``layout``, int32 slots ``[b, s_q, k]`` (-1 = none) ->
-    (out bf16 ``[b, s_q, h, 512]``, lse fp32 ``[b, h, s_q]``).
+    """q bf16 ``[b, s_q, h, D]``, caches of ``layout`` of ``D``-wide entries, int32 slots ``[b, s_q, k]``
+    (-1 = none) -> (out bf16 ``[b, s_q, h, D]``, lse fp32 ``[b, h, s_q]``).
 
     ``out = sum_j exp(z_j) v_j / (sum_j exp(z_j) + exp(sink))`` and ``lse = log(sum_j exp(z_j))`` over
     the valid picks ``j`` of both caches, ``z_j = softmax_scale * q . v_j``; no valid pick: 0 and +inf.
-    Memory: the picked entries are dequantized in fp32 for chunks of query positions sized like the
-    reference ``sparse_attn``'s, never for all ``s_q`` at once.
+    The math is the reference ``sparse_attn``'s (float64, `attend`), so the output equals it bit for bit on
+    the same entries. Memory: the picked entries are dequantized for chunks of query positions sized like
+    the reference ``sparse_attn``'s, never for all ``s_q`` at once.
     """
     b, m, h, d = q.shape
     scopes = [(kv_cache, effective_indices(indices, topk_length))]
@@ -77,25 +76,13 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     lse = torch.full((b, h, m), float("inf"), dtype=torch.float32, device=q.device)
     if k == 0 or out.numel() == 0:
         return out, lse
-    sink = attn_sink.to(device=q.device, dtype=torch.float32)                       # [h]
-    step = ref_attention._rows_per_chunk(m, b * k * d)
+    step = ref_attention._rows_per_chunk(m, 2 * b * k * d)
     for lo in range(0, m, step):
         hi = min(m, lo + step)
         idx = torch.cat([i[:, lo:hi] for _, i in scopes], dim=-1)                    # [b, c, k]
-        invalid = idx == -1
-        rows = torch.cat([read_entries(cache, i[:, lo:hi], layout) for cache, i in scopes], dim=2).float()
-        rows.masked_fill_(invalid.unsqueeze(-1), 0.0)                                # [b, c, k, d]
-        qf = q[:, lo:hi].float()                                                     # [b, c, h, d]
-        scores = torch.matmul(qf, rows.transpose(-1, -2))                            # [b, c, h, k]
-        scores.mul_(formats.operand(softmax_scale, scores))
-        scores.masked_fill_(invalid.unsqueeze(2), float("-inf"))
-        top = torch.maximum(scores.amax(dim=-1), sink)                               # [b, c, h]
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        p = torch.exp(scores - top.unsqueeze(-1))
-        denom = p.sum(dim=-1) + torch.exp(sink - top)
-        o = torch.matmul(p, rows) / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        rows = torch.cat([read_entries(cache, i[:, lo:hi], layout) for cache, i in scopes], dim=2)
+        o, chunk_lse = ref_attention.attend(q[:, lo:hi], rows, idx == -1, attn_sink, softmax_scale)
         out[:, lo:hi] = o.to(q.dtype)
-        chunk_lse = torch.logsumexp(scores, dim=-1)                                  # -inf: no valid pick
         chunk_lse = torch.where(chunk_lse == float("-inf"), torch.full_like(chunk_lse, float("inf")), chunk_lse)
-        lse[:, :, lo:hi] = chunk_lse.transpose(1, 2)
+        lse[:, :, lo:hi] = chunk_lse.transpose(1, 2).float()
     return out, lse

@@ -1,10 +1,11 @@
 """Reference lightning indexer over paged key caches (fp32 math): logits, top-k, position -> slot.
 
 The keys are gathered page by page through the block table and dequantized in fp32 from the bytes of
-the ``indexer_fp4`` / ``indexer_fp8`` layouts (the regions :mod:`.paged` reads): e2m1 codes times their
-ue8m0 scale (one per 32 values), or e4m3 values times their fp32 scale (one per key). For
-``indexer_fp4`` these fp32 keys equal ``paged_cache_read``'s bf16 ones exactly (an e2m1 value times a
-power of two is a bf16 value); for ``indexer_fp8`` ``paged_cache_read`` rounds them to bf16, this does not.
+the ``indexer_fp4`` / ``indexer_fp8`` layouts (the regions :mod:`.paged` reads; the key width ``D`` from the
+cache's last dim): e2m1 codes times their ue8m0 scale (one per 32 values), or e4m3 values times their fp32
+scale (one per key). For ``indexer_fp4`` these fp32 keys equal ``paged_cache_read``'s bf16 ones exactly
+(an e2m1 value times a power of two is a bf16 value); for ``indexer_fp8`` ``paged_cache_read`` rounds them
+to bf16, this does not.
 
 The work walks chunks of requests and of block-table columns sized to ``_CHUNK_ELEMS`` fp32 elements,
 over every column of the block table (no host read of ``context_lens``): at V4-Flash decode (64
@@ -17,8 +18,10 @@ import torch
 
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
+from v4hal.ops.paged import PAGED_LAYOUTS, cache_dim
 
-from .paged import _region
+from .attention import top_entries
+from .paged import _region, fp4_dequant
 
 # Largest fp32 intermediate (elements) of one chunk: 2**24 = 64 MiB. Tests shrink it to cross chunk edges.
 _CHUNK_ELEMS: int = 1 << 24
@@ -37,14 +40,16 @@ def row_limits(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
 
 
 def dequant_pages(kv_cache: torch.Tensor, layout: str, blocks: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[..., block_size, 128]``: every key of the pages ``blocks`` (int64 ``[...]``, valid ids)."""
+    """fp32 ``[..., block_size, D]``: every key of the pages ``blocks`` (int64 ``[...]``, valid ids)."""
+    d = cache_dim(kv_cache, layout)
+    if layout == "bf16":
+        return kv_cache[blocks, :, 0].float()
     if layout == "indexer_fp4":
-        codes = F.unpack_fp4(_region(kv_cache, layout, 0, 64)[blocks])              # [..., bs, 128]
-        scales = F.e8m0_to_float(_region(kv_cache, layout, 64, 4)[blocks].contiguous())  # [..., bs, 4]
-        vals = F.e2m1_decode(codes).unflatten(-1, (4, 32)) * scales.unsqueeze(-1)
-        return vals.flatten(-2)
-    y = F.fp8_to_float(_region(kv_cache, layout, 0, 128)[blocks].contiguous().view(F.FP8_DTYPE))
-    s = _region(kv_cache, layout, 128, 4)[blocks].contiguous().view(torch.float32)   # [..., bs, 1]
+        scale_bytes = PAGED_LAYOUTS[layout].scale_bytes(d)
+        return fp4_dequant(_region(kv_cache, layout, 0, d // 2)[blocks],
+                           _region(kv_cache, layout, d // 2, scale_bytes)[blocks])
+    y = F.fp8_to_float(_region(kv_cache, layout, 0, d)[blocks].contiguous().view(F.FP8_DTYPE))
+    s = _region(kv_cache, layout, d, 4)[blocks].contiguous().view(torch.float32)     # [..., bs, 1]
     return y * s
 
 
@@ -61,9 +66,11 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     if out.numel() == 0 or width == 0:
         return out
     limits = row_limits(context_lens, n)                                           # [b, n]
-    qf = q.float().reshape(b, n * h, d)
-    w = weights.float().view(b, n, 1, h)
-    per_req = max(n * h, d)                       # fp32 elements per request and key of the largest intermediate
+    # float64 math rounded to fp32 once, like the reference index_scores: with FP4 keys (and FP4-rounded
+    # queries) the logits then do not depend on shapes or chunking, so the picks equal the contiguous path's
+    qf = q.double().reshape(b, n * h, d)
+    w = weights.double().view(b, n, 1, h)
+    per_req = 2 * max(n * h, d)                   # fp32-sized elements per request and key of the largest intermediate
     cols = max(1, _CHUNK_ELEMS // (per_req * bs))
     reqs = max(1, min(b, _CHUNK_ELEMS // (per_req * bs * min(cols, mb))))
     for r0 in range(0, b, reqs):
@@ -71,13 +78,13 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         for c0 in range(0, -(-width // bs), cols):
             c1 = min(mb, c0 + cols, -(-width // bs))
             blocks = block_table[r0:r1, c0:c1].long().clamp(0, nb - 1)             # unused entries: any block
-            keys = dequant_pages(kv_cache, layout, blocks).flatten(1, 2)            # [c, T, d]
+            keys = dequant_pages(kv_cache, layout, blocks).flatten(1, 2).double()   # [c, T, d]
             scores = torch.matmul(qf[r0:r1], keys.transpose(1, 2)).relu_()         # [c, n*h, T]
             logits = torch.matmul(w[r0:r1], scores.view(r1 - r0, n, h, -1)).squeeze(2)  # [c, n, T]
             pos = torch.arange(c0 * bs, c1 * bs, device=q.device)
             logits.masked_fill_(pos.view(1, 1, -1) >= limits[r0:r1].unsqueeze(-1), float("-inf"))
             t1 = min(c1 * bs, width)
-            out.view(b, n, max_context_len)[r0:r1, :, c0 * bs:t1] = logits[..., :t1 - c0 * bs]
+            out.view(b, n, max_context_len)[r0:r1, :, c0 * bs:t1] = logits[..., :t1 - c0 * bs].float()
     return out
 
 
@@ -86,7 +93,7 @@ def topk_from_logits(logits: torch.Tensor, limits: torch.Tensor, topk: int, offs
     best positions (descending), ``+ offset`` when below the row's limit, else -1 (also past ``W``)."""
     b, n = limits.shape
     width = min(topk, logits.shape[1])
-    picks = logits.view(b, n, -1).topk(width, dim=-1, largest=True, sorted=True).indices     # [b, n, width]
+    picks = top_entries(logits.view(b, n, -1), width)                                       # [b, n, width]
     out = torch.where(picks < limits.unsqueeze(-1), picks + offset, torch.full_like(picks, -1))
     if width < topk:
         out = torch.cat([out, out.new_full((b, n, topk - width), -1)], dim=-1)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from v4hal.backends.reference.attention import top_entries as ref_top_entries
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 
@@ -157,13 +158,13 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: 
                  ratio: int = 4, offset: int = 0) -> torch.Tensor:
     """Causally masked top-k of the indexer logits.
 
-    Returns int32 ``[b, s, min(topk, t)]``: entries in descending score order (ties unordered),
+    Returns int32 ``[b, s, min(topk, t)]``: entries in descending score order (equal scores: the lower entry first),
     ``entry + offset`` when ``entry < (start_pos + i + 1) // ratio``, else -1.
     """
     t = k.shape[1]
     scores = masked_index_scores(q, k, weights, start_pos, ratio)
     width = min(topk, t)
     s = q.shape[1]
-    picks = scores.topk(width, dim=-1, largest=True, sorted=True).indices          # [b, s, width]
+    picks = ref_top_entries(scores, width)                                          # [b, s, width]
     limit = ((torch.arange(start_pos, start_pos + s, device=q.device) + 1) // ratio).view(1, s, 1)
     return torch.where(picks < limit, picks + offset, torch.full_like(picks, -1)).to(torch.int32)

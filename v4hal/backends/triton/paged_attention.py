@@ -6,18 +6,23 @@ window cache, then those of the extra (compressed) cache, in tiles of ``BLOCK_N`
 online softmax across both (exp2 domain, fp32 running max / sum / accumulator):
 
     for each cache, for each tile of its first topk_length[b] slots:
-        entry tile [BLOCK_N, 512] read by slot (block = slot // block_size, offset = slot % block_size)
+        entry tile [BLOCK_N, D] read by slot (block = slot // block_size, offset = slot % block_size)
         s = q @ tile^T * scale    (-1 -> -inf);   online softmax;   acc = acc * alpha + p @ tile
     out = acc * exp(m - M) / (l * exp(m - M) + exp(sink - M)),  M = max(m, sink)
     lse = ln(l) + m (natural log, sink excluded);  no valid pick: out 0, lse +inf
 
-Entries, per layout (byte offsets inside the page of ``block``, ``page = block * page_bytes``):
+The entry width ``D`` is q's last dim (the caches' width, checked by the op); the tiles are ``DP`` wide,
+the next power of two (at least 16), with the columns from ``D`` on masked (V4: D = DP = 512). Entries
+wider than 512 run on the reference (a requirement: one ``[BLOCK_N, DP]`` tile and a ``[BLOCK_H, DP]``
+fp32 accumulator per program). Entries, per layout (byte offsets inside the page of ``block``,
+``page = block * page_bytes``, ``nope = D - 64``, ``rec = nope + 128`` data bytes per token):
 
-- ``model1_fp8``: 448 e4m3 bytes at ``page + offset * 576``, each multiplied by ``2**(e - 127)`` with
-  ``e`` the ue8m0 byte ``page + block_size * 576 + offset * 8 + i // 64``; then 64 bf16 values at
-  ``page + offset * 576 + 448``. The e4m3, e8m0 and bf16 bit patterns are decoded with integer
-  arithmetic (the same code runs compiled and under the interpreter); the products are exact in fp32.
-- ``bf16``: 512 bf16 values at ``block * stride(0) + offset * stride(1)``.
+- ``model1_fp8``: ``nope`` e4m3 bytes at ``page + offset * rec``, each multiplied by ``2**(e - 127)``
+  with ``e`` the ue8m0 byte ``page + block_size * rec + offset * 8 * ceil(nope / 512) + i // 64``; then 64
+  bf16 values at ``page + offset * rec + nope`` (V4: rec = 576, nope = 448, 8 scale bytes). The e4m3,
+  e8m0 and bf16 bit patterns are decoded with integer arithmetic (the same code runs compiled and under
+  the interpreter); the products are exact in fp32.
+- ``bf16``: ``D`` bf16 values at ``block * stride(0) + offset * stride(1)``.
 
 Operands of ``tl.dot``: bf16 on a GPU (a dequantized e4m3 value times a power of two fits bf16
 exactly), fp32 under the interpreter (its bf16 ``tl.dot`` is wrong). The bf16 output is stored through
@@ -29,30 +34,33 @@ import torch
 import triton
 import triton.language as tl
 
+from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
-from v4hal.ops.paged import PAGED_LAYOUTS
+from v4hal.ops.paged import NOPE_BLOCK, PAGED_LAYOUTS
 
-from ._attn_common import cdiv, dot_precision, dot_upcast, on_interpreter
+from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
 from ._cast import cast_out
 
 _LOG2E = 1.4426950408889634
-TOKEN_DATA = 576      # model1_fp8: data bytes per token (448 e4m3 + 64 bf16)
 
 
 @triton.jit
 def _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8: tl.constexpr,
-                BITS: tl.constexpr):
-    """``[BLOCK_N, 512]`` (bf16, fp32 when ``BITS``): the entries at ``slot`` (0 rows where not ``valid``)."""
+                BITS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, SB: tl.constexpr):
+    """``[BLOCK_N, DP]`` (bf16, fp32 when ``BITS``): the ``D``-wide entries at ``slot`` (0 rows where not
+    ``valid``, 0 columns from ``D`` on). model1_fp8: ``NB`` scale groups of 64 e4m3 values, ``SB`` scale
+    bytes per token (V4: D = DP = 512, NB = 7, SB = 8)."""
     blk = slot // BS
     off = slot % BS
     d2 = offs_d[None, :]
     if FP8:
-        # [BLOCK_N, 8, 64]: groups 0..6 are the e4m3 values (one scale each), group 7 the bf16 rope values
-        g = tl.arange(0, 8)[None, :, None]
+        # [BLOCK_N, DP / 64, 64]: groups 0..NB-1 are the e4m3 values (one scale each), group NB the bf16
+        # rope values, the groups after it (when D < DP) zeros
+        g = tl.arange(0, DP // 64)[None, :, None]
         j = tl.arange(0, 64)[None, None, :]
-        base = (blk * s_blk + off * 576)[:, None, None]                      # int64 byte offsets
+        base = (blk * s_blk + off * (NB * 64 + 128))[:, None, None]          # int64 byte offsets
         ok = valid[:, None, None]
-        is_nope = g < 7
+        is_nope = g < NB
         raw = tl.load(kv_ptr + base + g * 64 + j, mask=ok & is_nope, other=0)
         if BITS:   # the interpreter: decode the e4m3 bits with integer arithmetic
             r = raw.to(tl.int32)
@@ -65,37 +73,41 @@ def _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8: t
             y = tl.where((ex == 15) & (man == 7), float("nan"), y)
         else:      # the hardware conversion; bf16 holds every e4m3 value times a power of two exactly
             y = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        g2 = tl.arange(0, 8)[None, :]
-        e = tl.load(kv_ptr + (blk * s_blk + SCALE_OFF + off * 8)[:, None] + g2, mask=valid[:, None] & (g2 < 7),
+        g2 = tl.arange(0, DP // 64)[None, :]
+        e = tl.load(kv_ptr + (blk * s_blk + SCALE_OFF + off * SB)[:, None] + g2, mask=valid[:, None] & (g2 < NB),
                     other=127).to(tl.int32)
         sbits = tl.where(e == 0, 0x00400000, e << 23)
         sbits = tl.where(e == 255, 0x7FC00000, sbits)
         nope = y * sbits.to(tl.float32, bitcast=True).to(y.dtype)[:, :, None]
-        rmask = ok & (g == 7)
-        rb = base + 448 + 2 * j
+        rmask = ok & (g == NB)
+        rb = base + NB * 64 + 2 * j
         lo = tl.load(kv_ptr + rb, mask=rmask, other=0).to(tl.int32)
         hi = tl.load(kv_ptr + rb + 1, mask=rmask, other=0).to(tl.int32)
         if BITS:
             rope = ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)
         else:
             rope = (lo | (hi << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        tile = tl.reshape(tl.where(is_nope, nope, rope), (slot.shape[0], 512))
+        tile = tl.reshape(tl.where(is_nope, nope, rope), (slot.shape[0], DP))
     else:
-        tile = tl.load(kv_ptr + (blk * s_blk + off * s_off)[:, None] + d2, mask=valid[:, None], other=0.0)
+        if D < DP:
+            tile = tl.load(kv_ptr + (blk * s_blk + off * s_off)[:, None] + d2, mask=valid[:, None] & (d2 < D),
+                           other=0.0)
+        else:
+            tile = tl.load(kv_ptr + (blk * s_blk + off * s_off)[:, None] + d2, mask=valid[:, None], other=0.0)
     return tile
 
 
 @triton.jit
 def _attend(q, m_i, l_i, acc, kv_ptr, idx_row, n_picks, s_blk, s_off, BS, SCALE_OFF, qk_scale, offs_d,
             BLOCK_N: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, SB: tl.constexpr):
     """The online softmax over the first ``n_picks`` slots of ``idx_row`` in one cache."""
     for start in range(0, n_picks, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_row + offs_n, mask=offs_n < n_picks, other=-1)
         valid = idx >= 0
         slot = tl.where(valid, idx, 0).to(tl.int64)
-        kv = _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8, BITS)
+        kv = _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8, BITS, D, DP, NB, SB)
         if UPCAST:
             kv = kv.to(tl.float32)
         else:
@@ -120,36 +132,42 @@ def _paged_attn_kernel(q_ptr, sink_ptr, out_ptr, lse_ptr,
                        s_qb, s_qm, s_qh, s_ib, s_im, s_xb, s_xm, s_ob, s_om, s_oh, s_lb, s_lh,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, HAS_LEN: tl.constexpr,
                        HAS_EXTRA: tl.constexpr, HAS_XLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                       SOFT: tl.constexpr):
+                       SOFT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, SB: tl.constexpr):
     """One program: query row (b, m) = divmod(program_id(0), M), heads [pid1 * BLOCK_H, +BLOCK_H).
 
     ``qk_scale`` = softmax_scale * log2(e). Strides of the caches in their elements (bytes for
-    model1_fp8); ``SCALE_OFF``: byte offset of the scales in a page (model1_fp8)."""
+    model1_fp8); ``SCALE_OFF``: byte offset of the scales in a page (model1_fp8). ``D``: the entry
+    width, ``DP``: the tile width (a power of two >= max(D, 16)); model1_fp8: ``NB`` e4m3 groups of 64,
+    ``SB`` scale bytes per token."""
     pid_bm = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = (pid_bm // M).to(tl.int64)
     m = (pid_bm % M).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, 512)
+    offs_d = tl.arange(0, DP)
     h_ok = offs_h < H
-    q = tl.load(q_ptr + b * s_qb + m * s_qm + offs_h[:, None] * s_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    if D < DP:
+        qd_ok = h_ok[:, None] & (offs_d < D)[None, :]
+    else:
+        qd_ok = h_ok[:, None]
+    q = tl.load(q_ptr + b * s_qb + m * s_qm + offs_h[:, None] * s_qh + offs_d[None, :], mask=qd_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, 512], tl.float32)
+    acc = tl.zeros([BLOCK_H, DP], tl.float32)
     n = K
     if HAS_LEN:
         n = tl.minimum(tl.load(len_ptr + b), K)
     m_i, l_i, acc = _attend(q, m_i, l_i, acc, kv_ptr, idx_ptr + b * s_ib + m * s_im, n, s_blk, s_off, BS,
-                            SCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC)
+                            SCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC, D, DP, NB, SB)
     if HAS_EXTRA:
         xn = XK
         if HAS_XLEN:
             xn = tl.minimum(tl.load(xlen_ptr + b), XK)
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, xkv_ptr, xidx_ptr + b * s_xb + m * s_xm, xn, xs_blk, xs_off, XBS,
-                                XSCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC)
+                                XSCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC, D, DP, NB, SB)
 
     sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf")) * 1.4426950408889634
     m_fin = tl.maximum(m_i, sink)
@@ -159,18 +177,30 @@ def _paged_attn_kernel(q_ptr, sink_ptr, out_ptr, lse_ptr,
     factor = tl.where(denom > 0.0, keep / tl.where(denom > 0.0, denom, 1.0), 0.0)
     o = acc * factor[:, None]
     tl.store(out_ptr + b * s_ob + m * s_om + offs_h[:, None] * s_oh + offs_d[None, :],
-             cast_out(o, out_ptr.dtype.element_ty, SOFT), mask=h_ok[:, None])
+             cast_out(o, out_ptr.dtype.element_ty, SOFT), mask=qd_ok)
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453, float("inf"))
     tl.store(lse_ptr + b * s_lb + offs_h * s_lh + m, lse, mask=h_ok)
 
 
-def _cache_args(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, int, int, int, int]:
-    """(pointer tensor, stride of a block, stride of a token, block size, scales' byte offset in a page)."""
+def _cache_args(cache: torch.Tensor, layout: str, dim: int) -> tuple[torch.Tensor, int, int, int, int]:
+    """(pointer tensor, stride of a block, stride of a token, block size, scales' byte offset in a page)
+    for a cache of ``dim``-wide entries."""
     bs = cache.shape[1]
     if layout == "bf16":
         return cache, cache.stride(0), cache.stride(1), bs, 0
     u8 = cache if cache.dtype == torch.uint8 else cache.view(torch.uint8)
-    return u8, PAGED_LAYOUTS[layout].page_bytes(bs), TOKEN_DATA, bs, bs * TOKEN_DATA
+    lay = PAGED_LAYOUTS[layout]
+    data = lay.data_bytes(dim)
+    return u8, lay.page_bytes(dim, bs), data, bs, bs * data
+
+
+def _shape_constexprs(layout: str, dim: int) -> dict[str, int]:
+    """``D``, ``DP`` (tile width), and for model1_fp8 ``NB`` (e4m3 groups) and ``SB`` (scale bytes per
+    token); V4: D = DP = 512, NB = 7, SB = 8."""
+    if layout == "model1_fp8":
+        lay = PAGED_LAYOUTS[layout]
+        return dict(D=dim, DP=next_pow2(dim), NB=lay.nope(dim) // NOPE_BLOCK, SB=lay.scale_bytes(dim))
+    return dict(D=dim, DP=max(16, next_pow2(dim)), NB=0, SB=0)
 
 
 def _launch_config(h: int, fp8: bool, interpreted: bool) -> dict[str, int]:
@@ -183,27 +213,32 @@ def _launch_config(h: int, fp8: bool, interpreted: bool) -> dict[str, int]:
     return dict(BLOCK_H=32, BLOCK_N=16, num_warps=8, num_stages=2)
 
 
-@implements("sparse_attn_paged", "triton")
+#: the whole entry is one tile row: ``[BLOCK_N, DP]`` entries and a ``[BLOCK_H, DP]`` fp32 accumulator
+MAX_HEAD_DIM = 512
+_REQUIRES = (R.at_most("head dim D", MAX_HEAD_DIM, "q.shape[-1]", why="one [BLOCK_N, D] entry tile per step"),)
+
+
+@implements("sparse_attn_paged", "triton", requires=_REQUIRES)
 def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                       softmax_scale: float, topk_length: torch.Tensor | None = None,
                       extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
                       extra_topk_length: torch.Tensor | None = None,
                       layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
-    """q bf16 ``[b, s_q, h, 512]``, caches of ``layout``, int32 slots ``[b, s_q, k]`` (-1 = none; not
-    range-checked here), optional int32 ``[b]`` lengths -> (out bf16 ``[b, s_q, h, 512]``, lse fp32
-    ``[b, h, s_q]``); a query with no valid pick gives 0 and +inf."""
-    b, m, h, _ = q.shape
+    """q bf16 ``[b, s_q, h, D]``, caches of ``layout`` of ``D``-wide entries, int32 slots ``[b, s_q, k]``
+    (-1 = none; not range-checked here), optional int32 ``[b]`` lengths -> (out bf16 ``[b, s_q, h, D]``,
+    lse fp32 ``[b, h, s_q]``); a query with no valid pick gives 0 and +inf."""
+    b, m, h, dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     q = q if q.stride(-1) == 1 else q.contiguous()
     idx = indices.contiguous()
-    kv, s_blk, s_off, bs, scale_off = _cache_args(kv_cache, layout)
+    kv, s_blk, s_off, bs, scale_off = _cache_args(kv_cache, layout, dim)
     has_extra = extra_kv_cache is not None and extra_indices is not None
     if has_extra:
         xidx = extra_indices.contiguous()
-        xkv, xs_blk, xs_off, xbs, xscale_off = _cache_args(extra_kv_cache, layout)
+        xkv, xs_blk, xs_off, xbs, xscale_off = _cache_args(extra_kv_cache, layout, dim)
     else:
         xidx, xkv, xs_blk, xs_off, xbs, xscale_off = idx, kv, s_blk, s_off, bs, scale_off
     lengths = topk_length.contiguous() if topk_length is not None else idx
@@ -222,5 +257,6 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         FP8=layout == "model1_fp8", HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra,
         HAS_XLEN=has_extra and extra_topk_length is not None, UPCAST=upcast,
-        PREC=dot_precision(torch.float32 if upcast else q.dtype), SOFT=interpreted, **cfg)
+        PREC=dot_precision(torch.float32 if upcast else q.dtype), SOFT=interpreted, **cfg,
+        **_shape_constexprs(layout, dim))
     return out, lse

@@ -2,13 +2,15 @@
 
 ``_indexer_logits_paged_kernel``: a program owns one query row (request ``b``, draft row ``i``) and
 ``BLOCK_T`` logical key positions. It looks each position's block up in the request's block-table row,
-loads the key bytes from the page (``indexer_fp4``: 64 packed e2m1 bytes, low nibble = even element,
-and 4 ue8m0 scales after the page's ``block_size * 64`` data bytes; ``indexer_fp8``: 128 e4m3 bytes and
-one fp32 scale after ``block_size * 128``), decodes them with integer arithmetic (no device fp4/fp8
-conversion), and multiplies the row's ``[HP, 128]`` query heads with the ``[BLOCK_T, 128]`` keys as two
-K=64 products, one over the even and one over the odd dims (the two nibbles of a byte). ReLU, the head
-weights and the sum over heads run on the fp32 accumulator; positions at or past the row's limit get
-``-inf``, and a tile wholly past it skips the product.
+loads the key bytes from the page (``D`` the key width, q's last dim: ``indexer_fp4``: ``D / 2`` packed
+e2m1 bytes, low nibble = even element, and ``D / 32`` ue8m0 scales, padded to a multiple of 4 bytes per
+key, after the page's ``block_size * D / 2`` data bytes; ``indexer_fp8``: ``D`` e4m3 bytes and one fp32
+scale after ``block_size * D``), decodes them with integer arithmetic (no device fp4/fp8 conversion),
+and multiplies the row's ``[HP, D]`` query heads with the ``[BLOCK_T, D]`` keys as two products of
+``K = JP >= D / 2`` (columns past ``D`` masked to 0), one over the even and one over the odd dims (the two
+nibbles of a byte). ReLU, the head weights and the sum over heads run on the fp32 accumulator; positions
+at or past the row's limit get ``-inf``, and a tile wholly past it skips the product. V4's ``D = 128``
+gives ``JP = 64``; keys wider than 128 run on the reference (a requirement: they spill registers).
 
 Precision: an FP4 key (e2m1 value times a power of two) is exact in bf16, so on a GPU the FP4 product
 is a bf16 MMA whose products are exact and whose sum is fp32; an FP8 key's e4m3 value is exact in bf16
@@ -29,11 +31,16 @@ import triton.language as tl
 from v4hal.backends.reference import paged_indexer as ref
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
+from v4hal.ops.paged import PAGED_LAYOUTS
 
 from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
 
 MAX_INDEX_HEADS = 128   # all heads of a query row in one MMA tile
-_REQUIRES = (R.at_most("indexer heads H", MAX_INDEX_HEADS, "q.shape[2]", why="all heads of a row in one MMA tile"),
+MAX_INDEX_DIM = 128     # the key width V4 uses; wider keys spill registers on sm_90 (tests/triton/sm90_compile.py)
+_REQUIRES = (R.one_of("layout", ("indexer_fp4", "indexer_fp8"), why="the kernel decodes the quantized key bytes"),
+             R.at_most("indexer heads H", MAX_INDEX_HEADS, "q.shape[2]", why="all heads of a row in one MMA tile"),
+             R.at_most("indexer key width D", MAX_INDEX_DIM, "q.shape[-1]",
+                       why="the query heads and a key tile, each in two halves of D / 2, in registers"),
              R.min_capability(8, 0, tensor="q", only_for=(torch.bfloat16,), why="bf16 tl.dot"))
 
 
@@ -70,8 +77,11 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
                                  NEXT_N, H, BS, MB, NB, L,
                                  s_qb, s_qn, s_qh, s_w, s_bt, s_page, s_o,
                                  CTX_2D: tl.constexpr, FP8: tl.constexpr, HP: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr):
-    """program_id(0) = query row ``b * NEXT_N + i``, program_id(1) = tile of BLOCK_T positions."""
+                                 BLOCK_T: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
+                                 D: tl.constexpr, JP: tl.constexpr, SB: tl.constexpr):
+    """program_id(0) = query row ``b * NEXT_N + i``, program_id(1) = tile of BLOCK_T positions. ``D``: the
+    key width; ``JP``: the even / odd halves' tile width (a power of two >= max(ceil(D / 2), 16)); ``SB``:
+    indexer_fp4 scale bytes per key (V4: D = 128, JP = 64, SB = 4)."""
     row = tl.program_id(0)
     b = row // NEXT_N
     i = row % NEXT_N
@@ -89,23 +99,35 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
         blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)
         tok = (offs_t % BS).to(tl.int64)
         page = cache_ptr + blk * s_page                                          # [BLOCK_T] page starts
-        offs_j = tl.arange(0, 64)
+        offs_j = tl.arange(0, JP)
         heads = tl.arange(0, HP)
         h_ok = heads < H
-        q_row = q_ptr + b.to(tl.int64) * s_qb + i * s_qn + heads * s_qh
-        q_even = tl.load(q_row[:, None] + 2 * offs_j[None, :], mask=h_ok[:, None], other=0.0)
-        q_odd = tl.load(q_row[:, None] + 2 * offs_j[None, :] + 1, mask=h_ok[:, None], other=0.0)
         km = t_ok[:, None]
+        if D < 2 * JP:       # masks for the even / odd dims past D
+            qm_even = h_ok[:, None] & (2 * offs_j < D)[None, :]
+            qm_odd = h_ok[:, None] & (2 * offs_j + 1 < D)[None, :]
+            km_even = km & (2 * offs_j < D)[None, :]
+            km_odd = km & (2 * offs_j + 1 < D)[None, :]
+        else:
+            qm_even = h_ok[:, None]
+            qm_odd = h_ok[:, None]
+            km_even = km
+            km_odd = km
+        q_row = q_ptr + b.to(tl.int64) * s_qb + i * s_qn + heads * s_qh
+        q_even = tl.load(q_row[:, None] + 2 * offs_j[None, :], mask=qm_even, other=0.0)
+        q_odd = tl.load(q_row[:, None] + 2 * offs_j[None, :] + 1, mask=qm_odd, other=0.0)
         if FP8:
-            data = page[:, None] + tok[:, None] * 128 + 2 * offs_j[None, :]
-            k_even = _e4m3_to_f32(tl.load(data, mask=km, other=0).to(tl.int32))
-            k_odd = _e4m3_to_f32(tl.load(data + 1, mask=km, other=0).to(tl.int32))
-            sb = tl.load(page[:, None] + BS * 128 + tok[:, None] * 4 + tl.arange(0, 4)[None, :], mask=km, other=0)
+            data = page[:, None] + tok[:, None] * D + 2 * offs_j[None, :]
+            k_even = _e4m3_to_f32(tl.load(data, mask=km_even, other=0).to(tl.int32))
+            k_odd = _e4m3_to_f32(tl.load(data + 1, mask=km_odd, other=0).to(tl.int32))
+            sb = tl.load(page[:, None] + BS * D + tok[:, None] * 4 + tl.arange(0, 4)[None, :], mask=km, other=0)
             bits = tl.sum(sb.to(tl.uint32) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, :], axis=1)
             k_scale = bits.to(tl.float32, bitcast=True)                           # [BLOCK_T]
-        else:
-            packed = tl.load(page[:, None] + tok[:, None] * 64 + offs_j[None, :], mask=km, other=0).to(tl.int32)
-            sc = tl.load(page[:, None] + BS * 64 + tok[:, None] * 4 + offs_j[None, :] // 16, mask=km, other=127)
+        else:       # byte j holds dims 2j (low nibble) and 2j + 1; D even, so one mask serves both
+            packed = tl.load(page[:, None] + tok[:, None] * (D // 2) + offs_j[None, :], mask=km_even,
+                             other=0).to(tl.int32)
+            sc = tl.load(page[:, None] + BS * (D // 2) + tok[:, None] * SB + offs_j[None, :] // 16, mask=km_even,
+                         other=127)
             scale = _e8m0_to_f32(sc.to(tl.int32))                                 # [BLOCK_T, 64]
             k_even = _e2m1_to_f32(packed & 15) * scale
             k_odd = _e2m1_to_f32(packed >> 4) * scale
@@ -155,7 +177,8 @@ def logits_into(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, weig
         q, cache, weights, context_lens, block_table, out, n, h, bs, block_table.shape[1], nb, out.shape[1],
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), s_page, out.stride(0),
         CTX_2D=context_lens.dim() == 2, FP8=layout == "indexer_fp8", HP=hp, BLOCK_T=block_t, TO_F32=to_f32,
-        PREC=dot_precision(torch.float32 if to_f32 else q.dtype), **kwargs)
+        PREC=dot_precision(torch.float32 if to_f32 else q.dtype), D=d, JP=max(16, next_pow2(-(-d // 2))),
+        SB=PAGED_LAYOUTS["indexer_fp4"].scale_bytes(d) if layout == "indexer_fp4" else 0, **kwargs)
     return out
 
 
