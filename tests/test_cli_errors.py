@@ -78,6 +78,21 @@ CASES: list[tuple[list[str], str]] = [
     (["cost", "--models", "bogus"], "--models: cost: model must be one of"),
     (["cost", "--context", "0"], "argument --context"),
     (["cost", "--measure", "--measure-contexts", "1"], "--measure-contexts: each context must be >= 2"),
+    (["run", "--requests", "0"], "argument --requests: expected an integer >= 1, got '0'"),
+    (["run", "--requests", "4", "--chunk", "0"], "argument --chunk: expected an integer >= 1"),
+    (["run", "--requests", "4", "--arrival", "-1"], "argument --arrival: expected an integer >= 0"),
+    (["run", "--requests", "4", "--block-size", "0"], "argument --block-size: expected an integer >= 1"),
+    (["run", "--requests", "4", "--layout", "fp8"], "argument --layout: unknown layout 'fp8'"),
+    (["run", "--requests", "4", "--shared-prefix", "-1"], "argument --shared-prefix: expected an integer >= 0"),
+    (["run", "--chunk", "8"], "--chunk only applies to a continuous-batching run; add --requests N"),
+    (["run", "--arrival", "1", "--layout", "bf16"], "--arrival, --layout only apply to a continuous-batching run"),
+    (["run", "--requests", "4", "--ep", "2"], "--requests runs the engine in one process; --ep 2 cannot be combined"),
+    (["run", "--requests", "4", "--batch", "2"], "--batch 2 sets the rows of a single-sequence run"),
+    (["run", "--requests", "4", "--prompt-len", "2048"], "the longest prompt (--shared-prefix 0 + 2 x --prompt-len "
+                                                         "2048 = 4096) + --max-new-tokens 32 - 1 exceeds"),
+    (["run", "--requests", "4", "--shared-prefix", "4000"], "exceeds the max_seq_len 4096"),
+    (["run", "--requests", "4", "--checkpoint", "{null}"], "compress_ratios"),
+    (["cost", "--pool", "--json", "{no}/c.json"], "argument --json: cannot write"),
 ]
 
 

@@ -171,3 +171,43 @@ def test_requests_never_see_each_others_pages(model_fp8: V4Model) -> None:
         runs.append(engine.finished[1].logits)
     for x, y in zip(*runs):
         assert torch.equal(x, y)
+
+
+def test_forward_batch_refuses_a_foreign_batch_or_pool(model_fp8: V4Model) -> None:
+    """Clear errors before any kernel: not a ForwardBatch, a pool of another config or without tensors, a batch
+    of another page size; the pool is unchanged after each."""
+    from v4hal.hal.errors import ShapeError
+
+    cfg = model_fp8.config
+    pool = CachePool(cfg, block_size=16)
+    pool.add_request("r", [1, 2, 3])
+    batch = pool.schedule([("r", 3)])
+    snapshot = (pool.pages_in_use(), pool.requests["r"].computed)
+    other = CachePool(cfg.replace(window_size=32), block_size=16)
+    cases = [("batch must be a v4hal.serve.ForwardBatch", lambda: model_fp8.forward_batch("r", pool)),
+             ("another config", lambda: model_fp8.forward_batch(batch, other)),
+             ("with allocated caches", lambda: model_fp8.forward_batch(batch, CachePool(cfg, allocate=False))),
+             ("block_size 16 != pool block_size 64", lambda: model_fp8.forward_batch(batch, CachePool(cfg)))]
+    for match, call in cases:
+        with pytest.raises(ShapeError, match=match):
+            call()
+        assert (pool.pages_in_use(), pool.requests["r"].computed) == snapshot
+    out = model_fp8.forward_batch(batch, pool)          # the same batch still runs
+    assert out.logits.shape == (1, cfg.vocab_size) and bool(torch.isfinite(out.logits).all())
+
+
+def test_two_requests_reuse_one_prefix_in_the_same_step(model_fp8: V4Model) -> None:
+    """Two requests that reuse one registered prefix read its shared compressor-state rows in one step."""
+    cfg = model_fp8.config
+    shared = _prompts([64], cfg.vocab_size, seed=31)[0]
+    pool = CachePool(cfg, block_size=16)
+    engine = Engine(model_fp8, pool, chunk=64, keep_logits=True)
+    engine.add("a", shared + [1, 2, 3], 1)
+    engine.step()
+    engine.add("b", shared + [4, 5, 8, 9, 10], 2)
+    engine.add("c", shared + [6, 7, 11, 12, 13], 2)
+    engine.run()
+    assert engine.finished["b"].prefix_len == engine.finished["c"].prefix_len == 64
+    for rid, prompt in (("b", shared + [4, 5, 8, 9, 10]), ("c", shared + [6, 7, 11, 12, 13])):
+        want = model_fp8.forward(torch.tensor([prompt]), 0)[0]
+        assert calc_diff(engine.finished[rid].logits[0], want) <= MAX_DIFF

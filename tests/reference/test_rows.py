@@ -41,7 +41,7 @@ def test_ops_give_a_row_the_same_bits_alone_and_in_a_batch() -> None:
         full = [v4hal.fp8_gemm(a, a_s, w, w_s, scale_dtype=a_s.dtype), v4hal.moe_gate(x, gate_w, topk=2)[0],
                 v4hal.hc_pre(h, hc_fn, hc_scale, hc_base)[0]]
         for m in SIZES:
-            part = [v4hal.fp8_gemm(a[:m], a_s[:m], w, w_s, scale_dtype=a_s.dtype), v4hal.moe_gate(x[:m], gate_w, topk=2)[0],
-                    v4hal.hc_pre(h[:m], hc_fn, hc_scale, hc_base)[0]]
+            part = [v4hal.fp8_gemm(a[:m], a_s[:m], w, w_s, scale_dtype=a_s.dtype),
+                    v4hal.moe_gate(x[:m], gate_w, topk=2)[0], v4hal.hc_pre(h[:m], hc_fn, hc_scale, hc_base)[0]]
             for p, f in zip(part, full):
                 assert torch.equal(p, f[:m]), m

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="v4-mini weights for --measure: bf16 (default) or the preset's FP8 / FP4 experts")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed decode steps per context for --measure")
     parser.add_argument("--seed", type=int, default=0, help="seed of the v4-mini weights for --measure")
+    parser.add_argument("--pool", action="store_true",
+                        help="also print the paged cache pool's KV bytes per token at the largest --context for "
+                             "V4-Flash and V4-Pro (page tables only, no tensors) and v4-mini (an allocated pool), "
+                             "per layout pair, next to this cost model, FlashMLA's 584 B entries and the contiguous "
+                             "bf16 caches")
 
 
 def _fmt_si(x: float, unit: str = "") -> str:
@@ -186,6 +191,12 @@ def main(args: argparse.Namespace) -> int:
         models = ["v3.2", *models]
     report = build_report(list(args.context), models)
     print(render(report, breakdown=getattr(args, "breakdown", False)))
+    if getattr(args, "pool", False):
+        from v4hal.serve.driver import format_memory_table, memory_rows
+        report["pool"] = memory_rows(max(args.context))
+        print(f"\nKV bytes per token of one request on the paged cache pool, at {max(args.context)} tokens "
+              f"(v4-mini at most its max_seq_len):")
+        print(format_memory_table(report["pool"]))
     measured = None
     if getattr(args, "measure", False):
         from .measure import measure, render_measure

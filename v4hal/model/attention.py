@@ -210,6 +210,14 @@ class Indexer(nn.Module):
         self.kv_cache = torch.zeros(bsz, self.max_entries, self.head_dim, dtype=torch.bfloat16, device=device)
         self.compressor.reset(bsz, self.kv_cache)
 
+    def queries(self, qr: torch.Tensor, freqs: torch.Tensor, q_proj: torch.Tensor | None = None) -> torch.Tensor:
+        """Indexer queries ``[b, s, H, D]`` bf16 of the q latent ``qr [b, s, q_lora_rank]`` with rope rows
+        ``freqs [s, rd/2]``: projection (``q_proj`` when the caller fused it), rope, Hadamard, FP4 round trip."""
+        q = (self.wq_b(qr) if q_proj is None else q_proj).unflatten(-1, (self.n_heads, self.head_dim))
+        q = v4hal.hadamard_transform(_rope_tail(q, freqs, self.rd))
+        v4hal.fp4_act_quant(q, 32, inplace=True)
+        return q
+
     def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, offset: int,
                 freqs_cis: torch.Tensor, proj: tuple[torch.Tensor, torch.Tensor] | None = None,
                 q_proj: torch.Tensor | None = None, w_proj: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,10 +228,7 @@ class Indexer(nn.Module):
         ``w_proj = weights_proj(x)``."""
         bsz, seqlen, _ = x.shape
         end_pos = start_pos + seqlen
-        q = (self.wq_b(qr) if q_proj is None else q_proj).unflatten(-1, (self.n_heads, self.head_dim))
-        q = _rope_tail(q, freqs_cis[start_pos:end_pos], self.rd)
-        q = v4hal.hadamard_transform(q)
-        v4hal.fp4_act_quant(q, 32, inplace=True)
+        q = self.queries(qr, freqs_cis[start_pos:end_pos], q_proj)
         self.compressor(x, start_pos, freqs_cis, proj)
         weights = (self.weights_proj(x) if w_proj is None else w_proj) * self.weight_scale
         n = end_pos // self.ratio
@@ -311,11 +316,12 @@ class Attention(nn.Module):
         y = v4hal.grouped_gemm(x, w, offsets, out_dtype=o.dtype)          # [g*t, r]
         return y.view(self.groups, t, self.o_rank).transpose(0, 1).reshape(bsz, seqlen, -1)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """x ``[b, s, dim]`` bf16 (already normed) -> ``[b, s, dim]`` bf16."""
-        bsz, seqlen, _ = x.shape
-        win, rd, ratio = self.window, self.rd, self.ratio
-        freqs = self.freqs_cis[start_pos:start_pos + seqlen]
+    def project(self, x: torch.Tensor, freqs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x ``[b, s, dim]`` (normed) with rope rows ``freqs [s, rd/2]`` (each position's) -> the q latent
+        ``qr`` (normed), the indexer's q projection when fused (else None), ``q [b, s, h, d]`` (head-normed,
+        roped) and ``kv [b, s, d]`` (normed, roped, V4's FP8 round trip on the no-rope dims)."""
+        rd = self.rd
         if self.qkv_a is not None:
             qa, kva = self.qkv_a(x)
         else:
@@ -332,6 +338,14 @@ class Attention(nn.Module):
         tails = v4hal.rotary_emb(torch.cat([q[..., -rd:], kv[..., -rd:].unsqueeze(2)], dim=2), freqs)
         q = torch.cat([q[..., :-rd], tails[:, :, :-1]], dim=-1)
         kv = _fp8_kv_roundtrip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1), rd, self.scale_fmt)
+        return qr, iq, q, kv
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """x ``[b, s, dim]`` bf16 (already normed) -> ``[b, s, dim]`` bf16."""
+        bsz, seqlen, _ = x.shape
+        win, rd, ratio = self.window, self.rd, self.ratio
+        freqs = self.freqs_cis[start_pos:start_pos + seqlen]
+        qr, iq, q, kv = self.project(x, freqs)
 
         comp = main_proj = idx_proj = iw = None
         if self.comp_proj is not None:

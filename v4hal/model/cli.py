@@ -8,6 +8,11 @@ runs it; ``--checkpoint DIR`` runs a real checkpoint (inference or Hugging Face 
 The prompt is ``--batch`` rows of ``--prompt-len`` random token ids (``--seed``). Prefill time
 covers the forward pass over the prompt (which yields the first new token); decode time covers
 the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes the figures.
+
+``--requests N`` runs N requests through the continuous-batching engine on paged caches instead
+(`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
+``--shared-prefix``) and prints its throughput, pages and cache bytes next to one request timed on the
+contiguous path.
 """
 from __future__ import annotations
 
@@ -25,11 +30,16 @@ import torch
 
 from v4hal.cliargs import reports_errors
 
-__all__ = ["add_arguments", "main", "run", "cache_dir", "resolve_checkpoint", "make_prompt", "prepare_backend",
-           "set_threads", "check_args"]
+__all__ = ["add_arguments", "main", "run", "run_serving", "serve_options", "cache_dir", "resolve_checkpoint",
+           "make_prompt", "prepare_backend", "set_threads", "check_args"]
 
 DEFAULT_WEIGHT_SEED = 0
 MAX_RANDOM_BYTES = 4 << 30
+
+#: ``--layout`` names (`v4hal.serve.driver.LAYOUT_PAIRS`), listed here so parsing imports no serving code
+LAYOUT_NAMES = ("quantized", "bf16")
+#: the ``--requests`` options and their defaults (None in the parser: given or not)
+SERVE_DEFAULTS = {"chunk": 64, "arrival": None, "block_size": None, "layout": None, "shared_prefix": 0}
 
 _KIND_BYTES = {"f32": 4, "bf16": 2, "fp8": 1, "fp8_scale": 1, "fp4": 1, "fp4_scale": 1, "i32": 4}
 
@@ -134,7 +144,7 @@ def set_threads(threads: int | None, checkpoint: Path, device: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal run``."""
-    from v4hal.cliargs import backend_names, choice, device, model_preset, positive_int, writable_path
+    from v4hal.cliargs import backend_names, choice, device, model_preset, non_negative_int, positive_int, writable_path
 
     parser.add_argument("--model", default="v4-mini", type=model_preset,
                         help="preset whose random checkpoint to run (default v4-mini)")
@@ -162,6 +172,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expert-parallel ranks: N local gloo processes, each holding E/N routed experts "
                              "(N must divide the model's routed expert count)")
     parser.add_argument("--fp8-payload", action="store_true", help="with --ep: FP8 dispatch payload (act_quant)")
+    serve = parser.add_argument_group("continuous batching (--requests N; figures defined in v4hal.serve.driver)")
+    serve.add_argument("--requests", type=positive_int, default=None,
+                       help="run N requests through the continuous-batching engine on paged caches instead: prompt "
+                            "lengths drawn around --prompt-len (uniform in [prompt_len/4, 2*prompt_len]), "
+                            "--max-new-tokens each; also times one request on the contiguous path for comparison")
+    serve.add_argument("--chunk", type=positive_int, default=None,
+                       help="with --requests: tokens per step (decode tokens first, then prefill chunks; default 64)")
+    serve.add_argument("--arrival", type=non_negative_int, default=None,
+                       help="with --requests: one new request every K steps (0: all at once; default: a seeded "
+                            "schedule with gaps of 0-3 steps)")
+    serve.add_argument("--block-size", type=positive_int, default=None,
+                       help="with --requests: entries per cache page (default 64, or 16 for models whose window "
+                            "is under 64 tokens, such as v4-mini)")
+    serve.add_argument("--layout", type=choice(LAYOUT_NAMES, "layout"), default=None,
+                       help="with --requests: cache layouts, quantized (model1_fp8 + indexer_fp4) or bf16 (bf16 "
+                            "attention and indexer caches); default: the device's (quantized on cpu and cuda, bf16 "
+                            "on npu)")
+    serve.add_argument("--shared-prefix", type=non_negative_int, default=None,
+                       help="with --requests: tokens every prompt starts with (reused from the first request that "
+                            "computed them, at page boundaries; default 0)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -193,9 +223,61 @@ def check_args(args: argparse.Namespace) -> None:
             divisors = [d for d in range(1, n + 1) if n % d == 0]
             raise RangeError(f"--ep {args.ep}: the {n} routed experts of {source} do not split evenly over "
                              f"{args.ep} ranks; --ep must divide {n} (one of {divisors})")
+    if getattr(args, "requests", None) is None:
+        given = [f"--{k.replace('_', '-')}" for k in SERVE_DEFAULTS if getattr(args, k, None) is not None]
+        if given:
+            raise RangeError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to a "
+                             f"continuous-batching run; add --requests N")
+    else:
+        serve_options(args, cfg)
     if args.backend:
         prepare_backend(args.backend, args.device)
         backends_on([args.backend], args.device, "--backend")
+
+
+def serve_options(args: argparse.Namespace, cfg) -> dict[str, Any]:
+    """The keyword arguments of `v4hal.serve.driver.run_requests` for ``v4hal run --requests`` (defaults filled
+    in), checked against ``cfg``: raises `v4hal.RangeError` for options the engine cannot run."""
+    from v4hal.hal.errors import RangeError
+    from v4hal.serve.driver import check_workload, default_block_size, default_layout
+
+    if args.ep > 1:
+        raise RangeError(f"--requests runs the engine in one process; --ep {args.ep} cannot be combined with it "
+                         f"(leave --ep at 1)")
+    if args.batch != 1:
+        raise RangeError(f"--batch {args.batch} sets the rows of a single-sequence run; with --requests the engine "
+                         f"forms the batches (leave --batch at 1)")
+    opts = {k: (v if (v := getattr(args, k, None)) is not None else d) for k, d in SERVE_DEFAULTS.items()}
+    if opts["block_size"] is None:
+        opts["block_size"] = default_block_size(cfg)
+    if opts["layout"] is None:
+        opts["layout"] = default_layout(args.device)
+    opts.update(requests=args.requests, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens)
+    check_workload(cfg, **opts)
+    return {**opts, "seed": args.seed}
+
+
+def run_serving(args: argparse.Namespace) -> dict[str, Any]:
+    """``v4hal run --requests N``: load the model, run `v4hal.serve.driver.run_requests`; its result dict plus the
+    run's setup (model, checkpoint, backend, load time, experts)."""
+    import v4hal
+    from v4hal.serve.driver import run_requests
+
+    from .config import ModelConfig
+    from .model import V4Model
+
+    prepare_backend(args.backend, args.device)
+    path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
+    set_threads(args.threads, path, args.device)
+    opts = serve_options(args, ModelConfig.from_json(path if path.is_dir() else path.parent))
+    t0 = time.perf_counter()
+    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device),
+                                    mmap=getattr(args, "mmap", False))
+    load_s = time.perf_counter() - t0
+    with v4hal.use_backend(args.backend) if args.backend else _null():
+        res = run_requests(model, **opts, progress=not args.no_progress)
+    return {"model": args.model if not args.checkpoint else None, "checkpoint": str(path),
+            "backend": args.backend or "auto", "load_s": load_s, "experts": model.layers[0].ffn.experts.kind, **res}
 
 
 def _experts_fp8(choice: str, device: str) -> bool:
@@ -274,6 +356,16 @@ def main(args: argparse.Namespace) -> int:
     """``v4hal run``: 0 on success, 1 when the logits are not finite, 2 on bad options or a bad checkpoint (one
     line on stderr; `check_args` refuses what it can before anything is loaded)."""
     check_args(args)
+    if getattr(args, "requests", None) is not None:
+        from v4hal.serve.driver import format_report
+
+        res = run_serving(args)
+        print(format_report(res))
+        print(f"({res['checkpoint']}, backend {res['backend']}, experts {res['experts']})")
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(res, f, indent=1)
+        return 0 if res["all_finished"] and res["logits_finite"] else 1
     if args.ep > 1:
         from v4hal.parallel import run_ep
         res = run_ep(args, args.ep, fp8_payload=args.fp8_payload)

@@ -18,6 +18,12 @@ Glue in plain torch: the embedding lookup (``F.embedding``), the copy of the emb
 Positions follow the public code: a call with ``start_pos == 0`` prefills (any length, resets
 every cache), a call with ``start_pos > 0`` decodes exactly one token at position
 ``start_pos``, which must be the next position of the running sequence.
+
+Serving: `V4Model.forward_batch` runs many requests in one call, each at its own position (a prefill
+chunk of any length or a decode token), on the paged caches of a `v4hal.serve.CachePool`
+(attention in `paged_step`); `V4Model.mtp_forward_batch` runs the MTP block on the same step. A
+request's logits there equal its logits through ``forward`` alone (the reference backend's products
+do not depend on the batch: see `v4hal.backends.reference._rows`).
 """
 from __future__ import annotations
 

@@ -124,19 +124,8 @@ def attention_step(attn: Attention, x: torch.Tensor, step: PagedStep) -> torch.T
     bs = step.batch.block_size
     t = x.shape[1]
     rd, ratio = attn.rd, attn.ratio
-    freqs = attn.freqs_cis[step.positions]                                 # [T, rd/2]
-    qa, kva = attn.qkv_a(x) if attn.qkv_a is not None else (attn.wq_a(x), attn.wkv(x))
-    qr = attn.q_norm(qa)
-    iq = None
-    if attn.q_b is not None:
-        qb, iq = attn.q_b(qr)
-    else:
-        qb = attn.wq_b(qr)
-    q = attn._head_norm(qb.unflatten(-1, (attn.n_heads, attn.head_dim)))
-    kv = attn.kv_norm(kva)
-    tails = v4hal.rotary_emb(torch.cat([q[..., -rd:], kv[..., -rd:].unsqueeze(2)], dim=2), freqs)
-    q = torch.cat([q[..., :-rd], tails[:, :, :-1]], dim=-1)
-    kv = _fp8_kv_roundtrip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1), rd, attn.scale_fmt)
+    freqs = attn.freqs_cis[step.positions]                                 # [T, rd/2]: each token's position
+    qr, iq, q, kv = attn.project(x, freqs)
     v4hal.paged_cache_write(caches.window, kv[0].contiguous(), step.token_slots, step.attn_layout)
 
     extra = extra_idx = None
@@ -152,10 +141,7 @@ def attention_step(attn: Attention, x: torch.Tensor, step: PagedStep) -> torch.T
                                               attn.freqs_cis)
             _write_entries(caches.indexer, step.indexer_layout, ientries, ireq, iepos,
                            step.batch.block_tables["c4"], bs)
-            iq = (ind.wq_b(qr) if iq is None else iq).unflatten(-1, (ind.n_heads, ind.head_dim))
-            iq = _rope_tail(iq, freqs, ind.rd)
-            iq = v4hal.hadamard_transform(iq)
-            v4hal.fp4_act_quant(iq, 32, inplace=True)
+            iq = ind.queries(qr, freqs, iq)
             weights = (_index_weights(attn, x) * ind.weight_scale).float()
             picks = v4hal.indexer_topk_paged(iq.view(t, 1, ind.n_heads, ind.head_dim), caches.indexer,
                                              weights.view(t, ind.n_heads), step.c4_context, step.tables["c4"],

@@ -145,11 +145,14 @@ def _value_check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_
         k = int((ids[:n_reads] == 0).nonzero()[0, 0])
         raise C.RangeError(f"{op}: state_block_table maps position {int(all_pos[k])} of request {int(all_req[k])}, "
                            f"whose state this call reads, to block 0 (block 0 is never written)")
-    kept = ids != 0
-    slots = ids[kept] * blk + all_pos[kept] % blk
-    if slots.numel() != torch.unique(slots).numel():
-        raise C.RangeError(f"{op}: state_block_table must give every position this call touches its own state row "
-                           f"(two positions share a block row)")
+    slots = ids * blk + all_pos % blk
+    read, written = slots[:n_reads], slots[n_reads:][ids[n_reads:] != 0]
+    if written.numel() != torch.unique(written).numel():
+        raise C.RangeError(f"{op}: state_block_table must give every position this call writes its own state row "
+                           f"(two tokens share a block row)")
+    if n_reads and bool(torch.isin(read, written).any()):
+        raise C.RangeError(f"{op}: state_block_table maps a position this call reads and another it writes to one "
+                           f"state row")
 
 
 def _fake(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_block_table, cu_seqlens, start_pos,
@@ -168,8 +171,9 @@ define_op("compressor_ragged",
           doc=C.ranges_doc(ratio="{4, 128}", norm_eps=C.EPS_RANGE) +
           " Checked values: `cu_seqlens` non-decreasing from 0 to T; `start_pos` >= 0; `freqs_cis` covers the "
           "first position of every completed entry; every `state_block_table` row covers the positions its "
-          "request touches, with ids in `[0, blocks)`, no position this call reads in block 0, and no two "
-          "touched positions sharing a state row.")
+          "request touches, with ids in `[0, blocks)`, no position this call reads in block 0, no two "
+          "written positions sharing a state row, and no row both read and written (requests may read the "
+          "same rows: a shared prefix).")
 
 
 def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,

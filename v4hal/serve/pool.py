@@ -30,7 +30,21 @@ from .batch import RATIO, ForwardBatch, build_batch, first_needed_position, kind
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
 
-__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "memory_table"]
+__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "cache_layouts",
+           "memory_table"]
+
+
+#: rope dims the ``model1_fp8`` layout keeps in bf16
+MODEL1_ROPE = 64
+
+
+def cache_layouts(device: str | torch.device | None) -> tuple[str, str]:
+    """The (attention, indexer) cache layouts a pool on ``device`` uses by default: the quantized ones
+    (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
+    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16
+    paged caches (A2/A3)."""
+    kind = torch.device("cpu" if device is None else device).type
+    return ("bf16", "bf16") if kind == "npu" else ("model1_fp8", "indexer_fp4")
 
 
 def alloc_cache(num_blocks: int, block_size: int, layout: str, dim: int,
@@ -114,16 +128,23 @@ class CachePool:
 
     ``blocks[kind]``: pages of each kind (default: ``max_batch_size`` sequences of ``max_seq_len``);
     ``block_size``: entries per page (tokens for ``"token"``, compressed entries for ``"c4"``/``"c128"``);
-    ``attn_layout`` / ``indexer_layout``: `v4hal.ops.paged.PAGED_LAYOUTS` names; ``allocate=False`` builds
+    ``attn_layout`` / ``indexer_layout``: `v4hal.ops.paged.PAGED_LAYOUTS` names (default: `cache_layouts` of
+    the device; ``model1_fp8`` needs ``rope_head_dim == 64``); ``allocate=False`` builds
     the allocators and byte accounting only (no tensors), e.g. to size a 1M-token cache.
     """
 
     def __init__(self, cfg: ModelConfig, *, blocks: dict[str, int] | None = None, block_size: int = 64,
-                 device: str | torch.device | None = None, attn_layout: str = "model1_fp8",
-                 indexer_layout: str = "indexer_fp4", allocate: bool = True) -> None:
+                 device: str | torch.device | None = None, attn_layout: str | None = None,
+                 indexer_layout: str | None = None, allocate: bool = True) -> None:
         op = "CachePool"
         if not isinstance(cfg, ModelConfig):
             raise RangeError(f"{op}: cfg must be a ModelConfig, got {type(cfg).__name__}")
+        default_attn, default_index = cache_layouts(device)
+        attn_layout = default_attn if attn_layout is None else attn_layout
+        indexer_layout = default_index if indexer_layout is None else indexer_layout
+        if attn_layout == "model1_fp8" and cfg.rope_head_dim != MODEL1_ROPE:
+            raise ShapeError(f"{op}: attn_layout 'model1_fp8' stores the last {MODEL1_ROPE} values of an entry as "
+                             f"bf16 (the rope dims), got rope_head_dim {cfg.rope_head_dim}; use attn_layout='bf16'")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise RangeError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
         for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):

@@ -1,0 +1,137 @@
+"""The continuous-batching driver (`v4hal.serve.driver`) and ``v4hal run --requests`` / ``v4hal cost --pool`` on
+v4-mini: every request finishes, the token and page counts add up, prefix reuse saves the shared tokens, and the
+memory table agrees with the pool's own accounting."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from v4hal.cli import cli
+from v4hal.hal.errors import RangeError
+from v4hal.model import ModelConfig, V4Model, write_random_checkpoint
+from v4hal.ops.paged import PAGED_LAYOUTS
+from v4hal.serve import CachePool
+from v4hal.serve import driver as D
+
+MINI = ModelConfig.preset("v4-mini")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[V4Model]:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = write_random_checkpoint(MINI, tmp_path_factory.mktemp("mini"), seed=0)
+    yield V4Model.from_pretrained(path, experts_fp8=True)
+    torch.set_num_threads(prev)
+
+
+def test_schedule_and_lengths() -> None:
+    assert D.arrival_steps(4, 3, seed=0) == [0, 3, 6, 9]
+    assert D.arrival_steps(3, 0, seed=0) == [0, 0, 0]
+    seeded = D.arrival_steps(16, None, seed=5)
+    assert seeded == D.arrival_steps(16, None, seed=5) and seeded[0] == 0
+    assert all(0 <= b - a <= 3 for a, b in zip(seeded, seeded[1:]))
+    lengths = D.request_lengths(200, 64, seed=1)
+    assert min(lengths) >= 16 and max(lengths) <= 128 and len(set(lengths)) > 20
+    assert D.default_block_size(MINI) == 16 and D.default_block_size(ModelConfig.preset("v4-flash")) == 64
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"layout": "fp8"}, "layout must be one of"),
+    ({"chunk": 0}, "chunk must be an int >= 1"),
+    ({"arrival": -1}, "arrival must be an int >= 0"),
+    ({"prompt_len": 2048}, "exceeds the max_seq_len 4096"),
+])
+def test_check_workload(kw: dict, message: str) -> None:
+    args = dict(requests=2, prompt_len=8, max_new_tokens=2, chunk=8, arrival=None, block_size=16,
+                layout="quantized", flag="")
+    with pytest.raises(RangeError, match=message):
+        D.check_workload(MINI, **{**args, **kw})
+    small = MINI.replace(dtype="bf16", head_dim=96)      # model1_fp8 needs head_dim - 64 a multiple of 64
+    with pytest.raises(RangeError, match="attention caches"):
+        D.check_workload(small, **args)
+
+
+@pytest.mark.parametrize("layout", list(D.LAYOUT_PAIRS))
+def test_run_requests(model: V4Model, layout: str) -> None:
+    """Four requests arriving one step apart, chunks of 16: all finish with every token, the counts add up,
+    every page comes back."""
+    new = 3
+    res = D.run_requests(model, requests=4, prompt_len=8, max_new_tokens=new, chunk=16, arrival=1, layout=layout,
+                       progress=False)
+    assert res["all_finished"] and res["finished"] == 4 and res["logits_finite"]
+    assert (res["attn_layout"], res["indexer_layout"]) == D.LAYOUT_PAIRS[layout]
+    assert res["prefill_tokens"] == sum(res["prompt_lengths"])            # no shared prefix: nothing reused
+    assert res["decode_tokens"] == 4 * (new - 1)
+    assert res["tokens_computed"] == res["prefill_tokens"] + res["decode_tokens"]
+    assert res["prefix_hits"] == 0 and res["prefix_tokens_saved"] == 0
+    assert res["steps"] >= max(res["prompt_lengths"]) // 16 + new - 1
+    assert res["max_requests_in_step"] >= 2                                # arrivals overlap
+    for key in ("prefill_tok_s", "decode_tok_s", "requests_s", "speedup"):
+        assert res[key] is not None and res[key] > 0, key
+    assert res["single"]["decode_tokens"] == new - 1 and res["single"]["decode_tok_s"] > 0
+    assert res["pages_after_evict"] == dict.fromkeys(res["peak_pages"], 0)
+    assert all(res["peak_pages"][k] >= res["final_pages"][k] for k in res["peak_pages"])
+    assert all(res["peak_pages"][k] <= res["pool_pages"][k] for k in res["peak_pages"])
+    assert 0 < res["live_bytes_peak"] <= res["pool_bytes_peak"]
+    assert res["kv_bytes_per_token_peak"] == res["live_bytes_peak"] / res["live_tokens_at_peak"]
+    attn, idx = D.LAYOUT_PAIRS[layout]
+    pool = CachePool(MINI, block_size=16, attn_layout=attn, indexer_layout=idx, allocate=False)
+    assert res["kv_bytes_per_token_request"] == pool.kv_bytes_per_token(res["request_tokens"])
+    text = D.format_report(res)
+    assert "4 / 4 finished" in text and "batched / single" in text
+    json.dumps(res)
+
+
+def test_shared_prefix_is_computed_once(model: V4Model) -> None:
+    """Three prompts starting with the same 16 tokens (one page), arriving 3 steps apart: the later two reuse
+    the first's page and compute only their suffixes."""
+    res = D.run_requests(model, requests=3, prompt_len=8, max_new_tokens=2, chunk=64, arrival=3, shared_prefix=16,
+                       baseline=False, progress=False)
+    assert res["all_finished"] and res["single"] is None and res["speedup"] is None
+    assert res["prefix_hits"] == 2 and res["prefix_tokens_saved"] == 32
+    assert res["prefill_tokens"] == sum(res["prompt_lengths"]) - 32
+    assert res["pages_after_evict"] == dict.fromkeys(res["peak_pages"], 0)
+
+
+def test_memory_rows() -> None:
+    rows = {(r["config"], r["layout"]): r for r in D.memory_rows(1 << 20)}
+    assert set(rows) == {(c, lay) for c in ("v4-flash", "v4-pro", "v4-mini") for lay in D.LAYOUT_PAIRS}
+    for name in ("v4-flash", "v4-pro"):
+        q, b = rows[name, "quantized"], rows[name, "bf16"]
+        assert q["tokens"] == 1 << 20 and q["attn_entry_bytes"] == 584 and q["indexer_entry_bytes"] == 68
+        assert q["measured"] is None and q["flashmla"] == b["flashmla"]
+        # the pool stores what the cost model counts, plus the MTP layer, per-token compressor state and pages
+        assert q["cost"] < q["pool"] < 1.02 * q["cost"]
+        assert abs(q["flashmla"] - q["cost"]) < 0.01 * q["cost"]
+        assert 1.9 * q["pool"] < b["pool"] and abs(b["pool"] - b["contiguous"]) < 0.01 * b["contiguous"]
+        cfg = ModelConfig.preset(name).replace(max_seq_len=1 << 20, max_batch_size=1)
+        assert q["contiguous"] == D.contiguous_bytes(cfg, 1 << 20) / (1 << 20)
+    for layout, (attn, idx) in D.LAYOUT_PAIRS.items():
+        r = rows["v4-mini", layout]
+        assert r["tokens"] == MINI.max_seq_len and r["flashmla"] is None
+        assert r["measured"] == r["pool"]          # an allocated pool's tensors hold what the accounting says
+        assert r["attn_entry_bytes"] == PAGED_LAYOUTS[attn].token_bytes(MINI.head_dim)
+    text = D.format_memory_table(list(rows.values()))
+    assert len(text.splitlines()) == 2 + 6 and "FlashMLA 584" in text
+
+
+def test_cli_run_requests_and_cost_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("V4HAL_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "r.json"
+    argv = ["run", "--requests", "3", "--prompt-len", "6", "--max-new-tokens", "2", "--chunk", "8", "--arrival", "1",
+            "--no-progress", "--threads", "1", "--json", str(out)]
+    assert cli(argv) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["finished"] == 3 and res["chunk"] == 8 and res["block_size"] == 16 and res["layout"] == "quantized"
+    assert "3 / 3 finished" in text and "KV bytes/token" in text
+    assert cli(["cost", "--pool", "--context", "65536", "--json", str(tmp_path / "c.json")]) == 0
+    text = capsys.readouterr().out
+    pool = json.loads((tmp_path / "c.json").read_text())["pool"]
+    assert [r["tokens"] for r in pool] == [65536] * 4 + [4096] * 2 and "pool B/tok" in text

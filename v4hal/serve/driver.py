@@ -1,0 +1,428 @@
+"""A continuous-batching driver: requests of mixed prompt lengths arrive over time and run through the
+`Engine` on a `CachePool`; the figures of the run (throughput, pages, cache bytes, prefix reuse).
+
+`run_requests` is the Python side of ``v4hal run --requests N``; `memory_rows` / `format_memory_table` are
+the cache-bytes comparison that ``v4hal cost --pool`` prints.
+
+Definitions of the figures:
+
+- A step's wall time is split between its prefill and decode tokens in proportion to their counts;
+  ``prefill_tok_s`` / ``decode_tok_s`` are each kind's tokens over its share of the time of all steps.
+  ``decode_only_tok_s`` counts only the steps that hold decode tokens alone (None when there are none;
+  ``decode_only_mean_batch``: their mean number of requests).
+  A request's first new token comes from its last prefill chunk, so it decodes ``max_new_tokens - 1``
+  tokens, as the single-request path does.
+- ``single``: the contiguous path (``V4Model.forward``, batch 1, the same ``prompt_len``, ``max_new_tokens``),
+  timed like ``v4hal run`` (the median of 3 runs): ``decode_tok_s`` = ``max_new_tokens - 1`` one-token
+  steps over their time.
+  ``speedup`` = batched ``decode_tok_s`` / single ``decode_tok_s`` (``speedup_decode_only`` likewise).
+- ``requests_s``: requests over the wall time from the first step to the last.
+- Pages: ``peak_pages`` per kind (each kind's own maximum over the steps) and ``final_pages`` after the
+  last request left (what registered prefixes still hold); ``pages_after_evict`` once those are evicted
+  too (all zero unless pages leaked).
+- Bytes: ``kv_bytes_per_token_peak`` = bytes of the pages the live requests reference (shared pages once)
+  / the positions they have computed, at the step where those bytes peak; ``pool_bytes_peak`` counts every
+  page in use (registered prefixes too); ``kv_bytes_per_token_request`` = ``pool.kv_bytes_per_token`` of
+  one request of the mean final length.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+
+from v4hal.hal.errors import RangeError
+from v4hal.model.config import ModelConfig
+from v4hal.ops.paged import PAGED_LAYOUTS
+
+from .batch import kinds_of, pages_needed
+from .engine import Engine
+from .pool import CachePool, cache_layouts
+
+__all__ = ["LAYOUT_PAIRS", "FLASHMLA_ENTRY_BYTES", "default_block_size", "default_layout", "request_lengths",
+           "make_prompts", "arrival_steps", "check_workload", "pool_blocks", "single_request_decode", "run_requests",
+           "format_report", "contiguous_bytes", "memory_rows", "format_memory_table"]
+
+#: cache layout pairs (attention caches, indexer key caches) by the name ``--layout`` takes. ``bf16`` stores
+#: the indexer keys as bf16 too: they are FP4-rounded values, which bf16 holds exactly (``indexer_fp8`` would
+#: round them again with one scale per token), so both pairs give the same logits.
+LAYOUT_PAIRS: dict[str, tuple[str, str]] = {"quantized": ("model1_fp8", "indexer_fp4"), "bf16": ("bf16", "bf16")}
+
+#: bytes of one FlashMLA sparse-decode cache entry at V4's width (448 e4m3 + 64 bf16 + 7 ue8m0 + 1 pad)
+FLASHMLA_ENTRY_BYTES = 584
+
+
+def default_block_size(cfg: ModelConfig) -> int:
+    """Entries per page: 64 (FlashMLA's page size) when the window spans at least that many tokens, else 16
+    (v4-mini's 16-token window fits one page, and prefixes are reused at 16-token steps)."""
+    return 64 if cfg.window_size >= 64 else 16
+
+
+def default_layout(device: str | torch.device | None) -> str:
+    """The `LAYOUT_PAIRS` name of the pair a pool on ``device`` uses by default (`cache_layouts`)."""
+    pair = cache_layouts(device)
+    return next(name for name, p in LAYOUT_PAIRS.items() if p == pair)
+
+
+def request_lengths(n: int, prompt_len: int, seed: int) -> list[int]:
+    """``n`` prompt lengths drawn uniformly from ``[max(1, prompt_len // 4), 2 * prompt_len]`` (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    lo = max(1, prompt_len // 4)
+    return torch.randint(lo, 2 * prompt_len + 1, (n,), generator=g).tolist()
+
+
+def make_prompts(lengths: Sequence[int], vocab: int, seed: int, shared_prefix: int = 0) -> list[list[int]]:
+    """One prompt per length: ``shared_prefix`` tokens common to all, then that many random token ids."""
+    g = torch.Generator().manual_seed(seed + 1)
+    prefix = torch.randint(0, vocab, (shared_prefix,), generator=g).tolist()
+    return [prefix + torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def arrival_steps(n: int, arrival: int | None, seed: int) -> list[int]:
+    """The step at which each request joins: ``arrival = k`` one request every ``k`` steps (0: all at once);
+    None: a seeded schedule, request 0 at step 0 and gaps drawn uniformly from ``{0, 1, 2, 3}`` steps."""
+    if arrival is not None:
+        return [i * arrival for i in range(n)]
+    g = torch.Generator().manual_seed(seed + 2)
+    gaps = torch.randint(0, 4, (n,), generator=g).tolist()
+    steps, at = [], 0
+    for i, gap in enumerate(gaps):
+        at += gap if i else 0
+        steps.append(at)
+    return steps
+
+
+def _int_at_least(name: str, value: object, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise RangeError(f"{name} must be an int >= {least}, got {value!r}")
+    return value
+
+
+def check_workload(cfg: ModelConfig, *, requests: int, prompt_len: int, max_new_tokens: int, chunk: int,
+                   arrival: int | None, block_size: int, layout: str, shared_prefix: int = 0,
+                   flag: str = "--") -> None:
+    """Refuse a workload `run_requests` cannot run on ``cfg`` (`RangeError` / `ShapeError` naming the option,
+    ``flag`` its prefix: ``"--"`` for the command line), before anything is allocated or loaded."""
+    def name(opt: str) -> str:
+        return f"{flag}{opt.replace('_', '-')}" if flag == "--" else opt
+
+    for opt, v, least in (("requests", requests, 1), ("prompt_len", prompt_len, 1),
+                          ("max_new_tokens", max_new_tokens, 1), ("chunk", chunk, 1), ("block_size", block_size, 1),
+                          ("shared_prefix", shared_prefix, 0)):
+        _int_at_least(name(opt), v, least)
+    if arrival is not None:
+        _int_at_least(name("arrival"), arrival, 0)
+    if layout not in LAYOUT_PAIRS:
+        raise RangeError(f"{name('layout')} must be one of {list(LAYOUT_PAIRS)}, got {layout!r}")
+    longest = shared_prefix + 2 * prompt_len
+    if longest + max_new_tokens - 1 > cfg.max_seq_len:
+        raise RangeError(f"the longest prompt ({name('shared_prefix')} {shared_prefix} + 2 x {name('prompt_len')} "
+                         f"{prompt_len} = {longest}) + {name('max_new_tokens')} {max_new_tokens} - 1 exceeds the "
+                         f"max_seq_len {cfg.max_seq_len} of the model")
+    attn, idx = LAYOUT_PAIRS[layout]
+    for lay, dim, what in ((attn, cfg.head_dim, "attention caches (head_dim)"),
+                           (idx, cfg.index_head_dim, "indexer caches (index_head_dim)")):
+        why = PAGED_LAYOUTS[lay].dim_problem(dim)
+        if why is not None:
+            raise RangeError(f"{name('layout')} {layout}: {what}: {why}")
+
+
+def pool_blocks(cfg: ModelConfig, lengths: Sequence[int], max_new_tokens: int, block_size: int) -> dict[str, int]:
+    """Pages per kind that hold every request at once at its full length (no page released): enough for any
+    schedule of these requests, prefix reuse included (a reused page is one fewer to allocate)."""
+    return {k: max(1, sum(pages_needed(k, n + max_new_tokens - 1, block_size) for n in lengths))
+            for k in kinds_of(cfg)}
+
+
+def _sync(device: torch.device) -> None:
+    mod = getattr(torch, device.type, None)
+    if device.type != "cpu" and mod is not None and hasattr(mod, "synchronize"):
+        mod.synchronize()
+
+
+@torch.inference_mode()
+def single_request_decode(model: torch.nn.Module, prompt_len: int, max_new_tokens: int, seed: int = 0,
+                          repeats: int = 3) -> dict:
+    """One request through the contiguous path (``model(prompt, 0)`` then one-token steps, greedy), timed as
+    ``v4hal run`` times it, ``repeats`` times. Returns the run with the median decode time: ``prefill_s``,
+    ``prefill_tok_s``, ``decode_s``, ``decode_tokens``, ``decode_tok_s`` (None with a single new token), and
+    ``decode_tok_s_runs`` (every run's)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = model.device
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(dev)
+    steps = max_new_tokens - 1
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tok = model(prompt, 0).argmax(dim=-1, keepdim=True)
+        _sync(dev)
+        prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for i in range(1, max_new_tokens):
+            tok = model(tok, prompt_len + i - 1).argmax(dim=-1, keepdim=True)
+        _sync(dev)
+        decode_s = time.perf_counter() - t1
+        runs.append({"prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "prefill_s": prefill_s,
+                     "prefill_tok_s": prompt_len / prefill_s, "decode_s": decode_s, "decode_tokens": steps,
+                     "decode_tok_s": steps / decode_s if steps and decode_s > 0 else None})
+    best = sorted(runs, key=lambda r: r["decode_s"])[len(runs) // 2]
+    return {**best, "decode_tok_s_runs": [r["decode_tok_s"] for r in runs]}
+
+
+def _live_pages(pool: CachePool) -> tuple[int, int]:
+    """Bytes of the distinct pages the active requests reference, and the positions they have computed."""
+    pb = pool.page_bytes()
+    total = 0
+    for k in pool.kinds:
+        ids = {b for st in pool.requests.values() for b in st.tables[k] if b >= 0}
+        total += len(ids) * pb[k]
+    return total, sum(st.computed for st in pool.requests.values())
+
+
+def run_requests(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 64, max_new_tokens: int = 32,
+                 chunk: int = 64, arrival: int | None = None, block_size: int | None = None,
+                 layout: str | None = None, shared_prefix: int = 0, seed: int = 0, reuse_prefixes: bool = True,
+                 baseline: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Run ``requests`` greedy requests through an `Engine` on ``model`` (a `V4Model`) and measure the run.
+
+    Prompts: `request_lengths` around ``prompt_len`` (after ``shared_prefix`` common tokens), random ids from
+    ``seed``; each generates ``max_new_tokens``. Arrivals: `arrival_steps`. ``chunk``: the engine's token
+    budget per step; ``block_size``: pool page size (None: `default_block_size`); ``layout``: a
+    `LAYOUT_PAIRS` name (None: `default_layout` of the model's device). The pool holds `pool_blocks` pages
+    per kind on the model's device. ``baseline``: also time one request on the contiguous path
+    (`single_request_decode`). ``progress``: a tqdm bar of finished requests on stderr. Returns the figures
+    defined in the module docstring (a JSON-ready dict).
+    """
+    cfg = model.config
+    block_size = default_block_size(cfg) if block_size is None else block_size
+    layout = default_layout(model.device) if layout is None else layout
+    check_workload(cfg, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens, chunk=chunk,
+                   arrival=arrival, block_size=block_size, layout=layout, shared_prefix=shared_prefix, flag="")
+    from tqdm import tqdm
+
+    lengths = request_lengths(requests, prompt_len, seed)
+    prompts = make_prompts(lengths, cfg.vocab_size, seed, shared_prefix)
+    arrive = arrival_steps(requests, arrival, seed)
+    attn, idx = LAYOUT_PAIRS[layout]
+    blocks = pool_blocks(cfg, [len(p) for p in prompts], max_new_tokens, block_size)
+    pool = CachePool(cfg, blocks=blocks, block_size=block_size, device=model.device, attn_layout=attn,
+                     indexer_layout=idx)
+    finite = [True]
+
+    def choose(_rid: Hashable, logits: torch.Tensor) -> int:
+        if not bool(torch.isfinite(logits).all()):
+            finite[0] = False
+        return int(logits.argmax())
+
+    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes)
+    page_bytes = pool.page_bytes()
+    peak_pages = dict.fromkeys(pool.kinds, 0)
+    pool_bytes_peak, live_peak = 0, (0, 0)
+    order = sorted(range(requests), key=lambda i: arrive[i])
+    nxt, step_no = 0, 0
+    with tqdm(total=requests, desc="requests", unit="req", disable=not progress, file=sys.stderr) as bar:
+        t0 = time.perf_counter()
+        while nxt < requests or not engine.idle:
+            if engine.idle and arrive[order[nxt]] > step_no:
+                step_no = arrive[order[nxt]]          # nothing runs until the next arrival: skip ahead
+            while nxt < requests and arrive[order[nxt]] <= step_no:
+                i = order[nxt]
+                engine.add(i, prompts[i], max_new_tokens)
+                nxt += 1
+            stats = engine.step()
+            step_no += 1
+            if stats is None:
+                continue
+            for k, n in stats.pages_in_use.items():
+                peak_pages[k] = max(peak_pages[k], n)
+            pool_bytes_peak = max(pool_bytes_peak, sum(page_bytes[k] * n for k, n in stats.pages_in_use.items()))
+            live = _live_pages(pool)
+            if live[0] > live_peak[0]:
+                live_peak = live
+            bar.update(len(engine.finished) - bar.n)
+        wall_s = time.perf_counter() - t0
+    final_pages = pool.pages_in_use()
+    prefix_stats = pool.stats()
+    for entry in list(pool.prefix.lru_order()):
+        pool.evict_prefix(entry)
+
+    steps = engine.steps
+    prefill_tokens = sum(s.prefill_tokens for s in steps)
+    decode_tokens = sum(s.decode_tokens for s in steps)
+    prefill_s = sum(s.seconds * s.prefill_tokens / (s.prefill_tokens + s.decode_tokens) for s in steps)
+    decode_s = sum(s.seconds * s.decode_tokens / (s.prefill_tokens + s.decode_tokens) for s in steps)
+    only = [s for s in steps if s.prefill_tokens == 0]
+    only_s, only_tokens = sum(s.seconds for s in only), sum(s.decode_tokens for s in only)
+    final_len = round(sum(len(p) + max_new_tokens - 1 for p in prompts) / requests)
+
+    def rate(n: int, s: float) -> float | None:
+        return n / s if n and s > 0 else None
+
+    res: dict[str, Any] = {
+        "requests": requests, "finished": len(engine.finished),
+        "all_finished": len(engine.finished) == requests and all(
+            len(r.output) == max_new_tokens for r in engine.finished.values()),
+        "logits_finite": finite[0], "prompt_len": prompt_len, "prompt_lengths": [len(p) for p in prompts],
+        "shared_prefix": shared_prefix, "max_new_tokens": max_new_tokens, "chunk": chunk, "arrival": arrival,
+        "arrival_steps": arrive, "block_size": block_size, "layout": layout, "attn_layout": attn,
+        "indexer_layout": idx, "device": str(model.device), "threads": torch.get_num_threads(),
+        "steps": len(steps), "decode_only_steps": len(only), "max_requests_in_step": max(s.requests for s in steps),
+        "wall_s": wall_s, "step_s": prefill_s + decode_s,
+        "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens,
+        "tokens_computed": engine.tokens_computed,
+        "prefill_s": prefill_s, "decode_s": decode_s,
+        "prefill_tok_s": rate(prefill_tokens, prefill_s), "decode_tok_s": rate(decode_tokens, decode_s),
+        "decode_only_tok_s": rate(only_tokens, only_s), "decode_only_mean_batch": only_tokens / len(only) if only
+        else None, "requests_s": requests / wall_s,
+        "pool_pages": {k: a.capacity for k, a in pool.allocators.items()}, "page_bytes": page_bytes,
+        "peak_pages": peak_pages, "final_pages": final_pages, "pages_after_evict": pool.pages_in_use(),
+        "pool_bytes_peak": pool_bytes_peak, "live_bytes_peak": live_peak[0], "live_tokens_at_peak": live_peak[1],
+        "kv_bytes_per_token_peak": live_peak[0] / live_peak[1] if live_peak[1] else None,
+        "request_tokens": final_len, "kv_bytes_per_token_request": pool.kv_bytes_per_token(final_len),
+        "prefix_lookups": prefix_stats["prefix_lookups"], "prefix_hits": prefix_stats["prefix_hits"],
+        "prefix_tokens_saved": prefix_stats["prefix_tokens_saved"],
+        "prefixes_registered_at_end": prefix_stats["prefixes"],
+    }
+    res["single"] = single = single_request_decode(model, prompt_len, max_new_tokens, seed) if baseline else None
+    for key, src in (("speedup", "decode_tok_s"), ("speedup_decode_only", "decode_only_tok_s")):
+        ok = single is not None and single["decode_tok_s"] and res[src]
+        res[key] = res[src] / single["decode_tok_s"] if ok else None
+    return res
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``left`` left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if j >= left else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+    return "\n".join(out)
+
+
+def format_report(res: dict[str, Any]) -> str:
+    """The screen table of a `run_requests` result."""
+    single = res.get("single") or {}
+    kinds = list(res["peak_pages"])
+    arrival = "seeded gaps of 0-3 steps" if res["arrival"] is None else f"one every {res['arrival']} steps"
+    rows = [
+        ["requests", f"{res['finished']} / {res['requests']} finished in {res['steps']} steps "
+                     f"({res['decode_only_steps']} decode-only), arrivals: {arrival}"],
+        ["prompts", f"{min(res['prompt_lengths'])} .. {max(res['prompt_lengths'])} tokens "
+                    f"(shared prefix {res['shared_prefix']}), {res['max_new_tokens']} new tokens each"],
+        ["prefill", f"{res['prefill_tokens']} tokens, {_fmt(res['prefill_tok_s'])} tok/s"],
+        ["decode", f"{res['decode_tokens']} tokens, {_fmt(res['decode_tok_s'])} tok/s "
+                   f"(decode-only steps: {_fmt(res['decode_only_tok_s'])} tok/s, "
+                   f"{_fmt(res['decode_only_mean_batch'])} requests per step on average)"],
+        ["single request", f"decode {_fmt(single.get('decode_tok_s'))} tok/s (contiguous path, batch 1, prompt "
+                           f"{res['prompt_len']}, median of {len(single['decode_tok_s_runs'])} runs)"
+         if single else "not measured"],
+        ["batched / single", f"{_fmt(res['speedup'], '.2f')}x (decode-only steps: "
+                             f"{_fmt(res['speedup_decode_only'], '.2f')}x)"],
+        ["requests/s", f"{res['requests_s']:.2f} ({res['wall_s']:.2f} s)"],
+        ["pages (" + "/".join(kinds) + ")", "peak " + "/".join(str(res["peak_pages"][k]) for k in kinds)
+         + ", final " + "/".join(str(res["final_pages"][k]) for k in kinds)
+         + f" ({res['prefixes_registered_at_end']} prefixes registered), after evicting them "
+         + "/".join(str(res["pages_after_evict"][k]) for k in kinds)
+         + ", of " + "/".join(str(res["pool_pages"][k]) for k in kinds)],
+        ["KV bytes/token", f"{_fmt(res['kv_bytes_per_token_peak'])} at peak ({res['live_bytes_peak']} B for "
+                           f"{res['live_tokens_at_peak']} positions); one {res['request_tokens']}-token request: "
+                           f"{res['kv_bytes_per_token_request']:.1f}; pool peak {res['pool_bytes_peak']} B"],
+        ["prefix reuse", f"{res['prefix_hits']} hits of {res['prefix_lookups']} lookups, "
+                         f"{res['prefix_tokens_saved']} tokens saved"],
+        ["setup", f"chunk {res['chunk']}, block size {res['block_size']}, layout {res['layout']} "
+                  f"({res['attn_layout']} + {res['indexer_layout']}), {res['device']}, {res['threads']} threads"],
+    ]
+    return _table(["", "value"], rows, left=2)
+
+
+# ---------------------------------------------------------------------- memory
+def contiguous_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """Cache bytes of one sequence of ``tokens`` on the contiguous path (`V4Model.forward`, caches sized for
+    ``max_seq_len = tokens``), every layer (main and MTP): a bf16 ``head_dim`` row per window slot and per
+    compressed entry, a bf16 ``index_head_dim`` row per indexer key (ratio 4), and the compressors' fp32
+    state of the unfinished block (``kv`` and ``score``, and the previous block's for ratio 4)."""
+    total = 0
+    for r in cfg.compress_ratios:
+        total += 2 * cfg.head_dim * (cfg.window_size + (tokens // r if r else 0))
+        if r:
+            coff = 2 if r == 4 else 1
+            parts = 4 if r == 4 else 2                      # cur kv, score (+ prev kv, score), fp32
+            total += parts * 4 * r * coff * cfg.head_dim
+        if r == 4:                                          # the indexer's keys and its compressor's state
+            total += 2 * cfg.index_head_dim * (tokens // 4)
+            total += 4 * 4 * 4 * 2 * cfg.index_head_dim
+    return total
+
+
+def _measured_pool_bytes(cfg: ModelConfig, tokens: int, attn: str, idx: str, block_size: int) -> int:
+    """Bytes one ``tokens``-long request holds in an allocated pool, counted from the tensors: each cache's
+    ``nbytes`` per page times the pages the request's tables hold once its positions are computed."""
+    pool = CachePool(cfg.replace(max_batch_size=1), block_size=block_size, attn_layout=attn, indexer_layout=idx)
+    pool.add_request("m", [0] * tokens)
+    pool.plan("m", tokens)
+    pool.advance("m", tokens)
+    held = {k: sum(b >= 0 for b in pool.requests["m"].tables[k]) for k in pool.kinds}
+    total = 0
+    for s in pool.specs:
+        t = getattr(pool.layers[s.layer], s.name)
+        total += t.untyped_storage().nbytes() // t.shape[0] * held[s.kind]
+    return total
+
+
+def memory_rows(tokens: int = 1 << 20, presets: Sequence[str] = ("v4-flash", "v4-pro"), *,
+                mini: bool = True, block_size: int | None = None) -> list[dict[str, Any]]:
+    """Cache bytes per token of one request, per preset and `LAYOUT_PAIRS` entry: ``pool`` from a `CachePool`
+    built without tensors (page-granular: window pages, compressor state per token, compressed and indexer
+    entries), ``cost`` from `v4hal.bench.cost` (main layers, what the caches store), ``flashmla`` every
+    attention entry at FlashMLA's 584 B (window and compressed, indexer keys at the layout's bytes), and
+    ``contiguous`` from `contiguous_bytes`. ``mini``: add v4-mini rows at ``min(tokens, max_seq_len)``
+    whose ``measured`` figure comes from an allocated pool's tensors. Block size: `default_block_size`."""
+    from v4hal.bench.cost import v4_cost
+
+    rows = []
+    names = list(presets) + (["v4-mini"] if mini else [])
+    for name in names:
+        cfg = ModelConfig.preset(name)
+        n = min(tokens, cfg.max_seq_len) if name == "v4-mini" else tokens
+        cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, n), max_batch_size=1)
+        bs = default_block_size(cfg) if block_size is None else block_size
+        cost = v4_cost(cfg, n, name)
+        for layout, (attn, idx) in LAYOUT_PAIRS.items():
+            pool = CachePool(cfg, block_size=bs, attn_layout=attn, indexer_layout=idx, allocate=False)
+            by_kind = pool.request_bytes(n)
+            flashmla = None
+            if PAGED_LAYOUTS["model1_fp8"].token_bytes(cfg.head_dim) == FLASHMLA_ENTRY_BYTES:
+                entries = sum(min(cfg.window_size, n) + (n // r if r else 0) for r in cfg.compress_ratios)
+                keys = sum(n // 4 for r in cfg.compress_ratios if r == 4)
+                flashmla = (FLASHMLA_ENTRY_BYTES * entries
+                            + PAGED_LAYOUTS["indexer_fp4"].token_bytes(cfg.index_head_dim) * keys) / n
+            row = {"config": name, "layout": layout, "attn_layout": attn, "indexer_layout": idx, "tokens": n,
+                   "block_size": bs, "attn_entry_bytes": PAGED_LAYOUTS[attn].token_bytes(cfg.head_dim),
+                   "indexer_entry_bytes": PAGED_LAYOUTS[idx].token_bytes(cfg.index_head_dim),
+                   "pool": sum(by_kind.values()) / n, "pool_by_kind": by_kind,
+                   "cost": cost.kv_bytes_per_token, "flashmla": flashmla,
+                   "contiguous": contiguous_bytes(cfg, n) / n, "measured": None}
+            if name == "v4-mini":
+                row["measured"] = _measured_pool_bytes(cfg, n, attn, idx, bs) / n
+            rows.append(row)
+    return rows
+
+
+def format_memory_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The screen table of `memory_rows` (bytes per token of one request)."""
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    body = [[r["config"], r["layout"], f"{r['attn_layout']}+{r['indexer_layout']}", str(r["tokens"]),
+             f"{r['attn_entry_bytes']}/{r['indexer_entry_bytes']}", f(r["pool"]), f(r["measured"]), f(r["cost"]),
+             f(r["flashmla"]), f(r["contiguous"])] for r in rows]
+    return _table(["config", "layout", "caches", "tokens", "entry B (attn/idx)", "pool B/tok", "measured",
+                   "v4hal cost", "FlashMLA 584", "contiguous bf16"], body, left=3)
+
