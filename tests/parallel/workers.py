@@ -360,3 +360,52 @@ def rank_sleeps(rank: int, world: int, seconds: float) -> int:
     """A rank that hangs outside any collective (only ``join_timeout_s`` can end it)."""
     time.sleep(seconds)
     return rank
+
+
+# --------------------------------------------------------------------------- serving (forward_batch on paged caches)
+def serve_requests(model: Any, plan: dict[int, list[tuple[int, list[int], int]]], chunk: int, mtp: bool,
+                   step_fn: Any = None) -> dict[int, Any]:
+    """One rank's requests through an `Engine` on its own `CachePool` (block size 16): ``plan`` maps a step
+    index to the ``(req_id, prompt, max_new_tokens)`` arriving before it. ``step_fn(engine, plan)`` runs the
+    steps (default: one process, no peers). Returns the finished requests by id, each with its logits rows
+    (``keep_logits``) and, with ``mtp``, its MTP logits."""
+    from v4hal.serve import CachePool
+    from v4hal.serve.engine import Engine
+
+    pool = CachePool(model.config, block_size=16)
+    engine = Engine(model, pool, chunk=chunk, keep_logits=True, mtp=mtp, reuse_prefixes=False)
+    if step_fn is not None:
+        return step_fn(engine, plan)
+    step, last = 0, max(plan, default=-1)
+    while step <= last or not engine.idle:
+        for req in plan.get(step, ()):
+            engine.add(*req)
+        engine.step()
+        step += 1
+    return engine.finished
+
+
+def rank_forward_batch(rank: int, world: int, path: str, plans: list[dict], chunk: int, experts_fp8: bool,
+                       mtp: list[bool]) -> dict[str, Any]:
+    """v4-mini with sharded experts serving ``plans[rank]`` (its own pool and requests; MTP when ``mtp[rank]``)
+    in lockstep with the other ranks (`run_engine_ep`). Returns per request its output tokens, logits rows
+    and MTP logits; per step the tokens this rank ran (0: an idle step) and the rows its experts computed
+    in the last main layer (its own tokens' copies and the ones other ranks sent)."""
+    from v4hal.model import V4Model
+    from v4hal.parallel.model import run_engine_ep, shard_model_experts
+
+    model = V4Model.from_pretrained(path, experts_fp8=experts_fp8)
+    shard_model_experts(model, timeout=60)
+    steps: list[int] = []
+    received: list[int] = []
+    last = model.layers[-1].ffn.experts
+
+    def on_step(stats: Any) -> None:
+        steps.append(0 if stats is None else stats.prefill_tokens + stats.decode_tokens)
+        received.append(int(last.ep.last_handle.group_offsets[-1]))
+
+    fin = serve_requests(model, plans[rank], chunk, mtp[rank], lambda eng, plan: run_engine_ep(
+        eng, arrivals=plan, timeout=60, on_step=on_step))
+    return {"requests": {rid: {"output": r.output, "logits": r.logits, "drafts": r.draft_logits}
+                         for rid, r in fin.items()},
+            "steps": steps, "received": received, "fused": bool(model.layers[1].ffn.fused)}

@@ -12,6 +12,13 @@ The model loader reads every expert before sharding; for ``v4-mini`` that costs 
 that reads only the rank's experts can hand its stacks over as they are: `shard_model_experts`
 accepts stacks of E or of E/W experts.
 
+Serving (`V4Model.forward_batch` on paged caches): each rank owns its `CachePool` and its requests
+(attention is data-parallel: requests never move) while the MoE layers move tokens between the ranks.
+Every exchange needs every rank, so the ranks step together: `run_engine_ep` steps one `Engine` per rank
+until all are done, and a rank with nothing to run in a step runs `idle_step` (the step's expert
+exchanges with zero tokens: it still computes the tokens the other ranks send to its experts);
+`step_engine_ep` is one such step, for a driver with its own loop.
+
 `run_ep(args, ep)` runs ``v4hal run``'s job on ``ep`` local gloo ranks (`spawn`): each rank loads the
 checkpoint, shards the experts, and runs prefill + greedy decode on its rows of the prompt (rows
 split in contiguous chunks when ``batch >= ep``, data-parallel attention; otherwise every rank runs
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +43,7 @@ from .ep import expert_range
 from .launch import spawn
 from .moe import ExpertParallelMoE
 
-__all__ = ["EPExperts", "shard_model_experts", "run_ep"]
+__all__ = ["EPExperts", "shard_model_experts", "idle_step", "step_engine_ep", "run_engine_ep", "run_ep"]
 
 
 class EPExperts(nn.Module):
@@ -116,6 +124,83 @@ def shard_model_experts(model: nn.Module, group: dist.ProcessGroup | None = None
                                              transport=transport, timeout=timeout)
         ffn.experts = EPExperts(moe, e, getattr(ex, "kind", str(w[0].dtype)), shared, float(ex.swiglu_limit))
     return model
+
+
+# --------------------------------------------------------------------------- serving: step-aligned ranks
+def idle_step(model: nn.Module, *, mtp: bool = False) -> None:
+    """What a rank with no token to run does while the others run `V4Model.forward_batch` (and, with
+    ``mtp``, `V4Model.mtp_forward_batch` with MTP block 0): every sharded MoE layer's dispatch and combine
+    in layer order with zero tokens of its own, computing the tokens other ranks send to its experts.
+
+    Collective: the other ranks of the group must be in a step of the same kind (``mtp`` alike). Raises
+    `RangeError` when the model's experts are not sharded (`shard_model_experts`).
+    """
+    blocks = [*model.layers, *(list(model.mtp)[:1] if mtp else [])]
+    ffns = [b.ffn for b in blocks if hasattr(getattr(b, "ffn", None), "experts")]
+    if not ffns or not all(isinstance(f.experts, EPExperts) for f in ffns):
+        raise RangeError("idle_step: the model's experts must be sharded first (shard_model_experts)")
+    dev, dtype = model.device, model.embed.weight.dtype
+    for ffn in ffns:
+        k = int(ffn.gate.topk)
+        ffn.experts.ep(torch.empty(0, int(ffn.dim), dtype=dtype, device=dev),
+                       torch.empty(0, k, dtype=torch.float32, device=dev),
+                       torch.empty(0, k, dtype=torch.int32, device=dev))
+
+
+def step_engine_ep(engine: Any, *, pending: bool = False, group: dist.ProcessGroup | None = None,
+                   timeout: float | None = None) -> tuple[bool, Any]:
+    """One lockstep step of ``engine`` (a `v4hal.serve.Engine` over a model sharded by `shard_model_experts`)
+    with the engines of the other ranks of ``group``. Collective.
+
+    The ranks first exchange whether each has work (requests queued or running, or ``pending``: more will
+    be added later) and whether its engine runs MTP (one bounded exchange of two ints). When no rank has
+    work, nothing runs: returns ``(False, None)``. Otherwise a rank with requests runs `Engine.step` and a
+    rank without runs `idle_step`: returns ``(True, stats)`` (the engine's `StepStats`, None for an idle
+    step). Raises `RangeError` on every rank when the engines disagree on MTP (their exchanges would differ).
+    """
+    op = "step_engine_ep"
+    grp = comm.resolve_group(group, op)
+    busy = int(not engine.idle or bool(pending))
+    rows = comm.gather_ints([busy, int(bool(engine.mtp))], grp, op, timeout,
+                            comm.exchange_device(grp, engine.model.device))
+    if len({row[1] for row in rows}) > 1:
+        on = [r for r, row in enumerate(rows) if row[1]]
+        raise RangeError(f"{op}: the ranks' engines disagree on mtp (ranks {on} run the MTP block, the others "
+                         "do not): every rank's Engine must be built with the same mtp")
+    if not any(row[0] for row in rows):
+        return False, None
+    stats = engine.step() if not engine.idle else None
+    if stats is None:
+        idle_step(engine.model, mtp=engine.mtp)
+    return True, stats
+
+
+def run_engine_ep(engine: Any, *, arrivals: Mapping[int, Sequence[tuple[Hashable, Sequence[int], int]]] | None = None,
+                  group: dist.ProcessGroup | None = None, timeout: float | None = None,
+                  on_step: Callable[[Any], None] | None = None) -> dict[Hashable, Any]:
+    """Step ``engine`` with `step_engine_ep` until every rank of ``group`` is done; returns this rank's
+    finished requests by id (as `Engine.run`). Collective.
+
+    ``arrivals``: step index -> the ``(req_id, prompt, max_new_tokens)`` this rank receives before that step
+    (`Engine.add`); the steps are counted alike on every rank. ``on_step(stats)`` after each step: the
+    engine's `StepStats`, or None for an idle step.
+    """
+    op = "run_engine_ep"
+    arrivals = dict(arrivals or {})
+    bad = [s for s in arrivals if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    if bad:
+        raise RangeError(f"{op}: arrivals must be keyed by step indices (ints >= 0), got {bad[0]!r}")
+    last = max(arrivals, default=-1)
+    step = 0
+    while True:
+        for req_id, prompt, new in arrivals.get(step, ()):
+            engine.add(req_id, prompt, new)
+        ran, stats = step_engine_ep(engine, pending=step < last, group=group, timeout=timeout)
+        if not ran:
+            return engine.finished
+        if on_step is not None:
+            on_step(stats)
+        step += 1
 
 
 # --------------------------------------------------------------------------- v4hal run --ep N
