@@ -86,7 +86,8 @@ CASES: list[tuple[list[str], str]] = [
     (["run", "--requests", "4", "--shared-prefix", "-1"], "argument --shared-prefix: expected an integer >= 0"),
     (["run", "--chunk", "8"], "--chunk only applies to a continuous-batching run; add --requests N"),
     (["run", "--arrival", "1", "--layout", "bf16"], "--arrival, --layout only apply to a continuous-batching run"),
-    (["run", "--requests", "4", "--ep", "2"], "--requests runs the engine in one process; --ep 2 cannot be combined"),
+    (["run", "--requests", "4", "--ep", "3"], "--ep 3: the 8 routed experts of --model v4-mini do not split evenly"),
+    (["run", "--requests", "4", "--ep", "2", "--batch", "2"], "--batch 2 sets the rows of a single-sequence run"),
     (["run", "--requests", "4", "--batch", "2"], "--batch 2 sets the rows of a single-sequence run"),
     (["run", "--requests", "4", "--prompt-len", "2048"], "the longest prompt (--shared-prefix 0 + 2 x --prompt-len "
                                                          "2048 = 4096) + --max-new-tokens 32 - 1 exceeds"),

@@ -4,6 +4,7 @@ memory table agrees with the pool's own accounting."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +136,60 @@ def test_cli_run_requests_and_cost_pool(tmp_path: Path, monkeypatch: pytest.Monk
     text = capsys.readouterr().out
     pool = json.loads((tmp_path / "c.json").read_text())["pool"]
     assert [r["tokens"] for r in pool] == [65536] * 4 + [4096] * 2 and "pool B/tok" in text
+
+
+def test_engine_defers_prefill_when_the_pool_is_short(tmp_path) -> None:
+    """A pool too small for every prompt at once: prefill chunks wait, decode tokens run, every request
+    finishes with the tokens it gets alone."""
+    import torch
+
+    from v4hal.model import ModelConfig, V4Model, write_random_checkpoint
+    from v4hal.serve import CachePool, Engine
+
+    cfg = ModelConfig.preset("v4-mini")
+    model = V4Model.from_pretrained(write_random_checkpoint(cfg, tmp_path / "m", seed=3))
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (40, 50, 30)]
+    small = Engine(model, CachePool(cfg, block_size=16, blocks={"token": 4, "c4": 3, "c128": 3}), chunk=64,
+                   reuse_prefixes=False)
+    big = Engine(model, CachePool(cfg, block_size=16), chunk=64, reuse_prefixes=False)
+    for e in (small, big):
+        for i, p in enumerate(prompts):
+            e.add(i, p, 3)
+        e.run()
+    assert {i: r.output for i, r in small.finished.items()} == {i: r.output for i, r in big.finished.items()}
+    assert len(small.steps) > len(big.steps)
+
+
+def test_cli_run_requests_ep2_matches_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``v4hal run --requests 5 --ep 2``: rank 0 serves requests 0, 2, 4 and rank 1 requests 1, 3, stepping
+    together; every request finishes with the tokens of the one-process run (greedy, same seeds), and the
+    merged counts are the one-process run's. Ranks are forked here (a spawned interpreter re-imports torch)."""
+    monkeypatch.setenv("V4HAL_CACHE_DIR", str(tmp_path / "cache"))
+    real = D.run_requests_ep
+    monkeypatch.setattr(D, "run_requests_ep", lambda *a, **k: real(*a, **k, start_method="fork", timeout_s=60))
+    argv = ["run", "--requests", "5", "--prompt-len", "12", "--max-new-tokens", "4", "--chunk", "16",
+            "--no-progress", "--threads", "1", "--json"]
+    assert cli([*argv, str(tmp_path / "one.json")]) == 0
+    assert cli([*argv, str(tmp_path / "ep.json"), "--ep", "2"]) == 0
+    text = capsys.readouterr().out
+    one, ep = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ep"))
+    assert ep["all_finished"] and ep["logits_finite"] and ep["finished"] == 5
+    assert ep["tokens"] == one["tokens"] and all(len(t) == 4 for t in ep["tokens"])
+    assert ep["ep"] == 2 and ep["rank_requests"] == [3, 2]
+    assert re.search(r"expert parallel +2 ranks", text)
+    for key in ("prompt_lengths", "arrival_steps", "prefill_tokens", "decode_tokens", "tokens_computed"):
+        assert ep[key] == one[key], key
+    assert ep["prefill_tokens"] == sum(ep["prompt_lengths"]) and ep["decode_tokens"] == 5 * 3
+    # each rank's pool is sized for its own requests; the merged figures sum them
+    assert sum(ep["pool_pages"].values()) >= sum(one["pool_pages"].values())
+    assert ep["pages_after_evict"] == dict.fromkeys(ep["peak_pages"], 0)
+    assert ep["peak_pages"]["token"] > 0 and all(ep["peak_pages"][k] <= ep["pool_pages"][k] for k in ep["peak_pages"])
+    assert ep["single"]["decode_tokens"] == 3 and ep["speedup"] > 0
+
+
+def test_merge_ranks_needs_every_rank() -> None:
+    rec = {"rank": 1, "world": 2, "trace": []}
+    with pytest.raises(RangeError, match=r"expected the records of ranks 0..0, got ranks \[1\]"):
+        D.merge_ranks([rec])

@@ -12,7 +12,8 @@ the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes t
 ``--requests N`` runs N requests through the continuous-batching engine on paged caches instead
 (`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
 ``--shared-prefix``) and prints its throughput, pages and cache bytes next to one request timed on the
-contiguous path.
+contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel ranks (request i to rank
+i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
 """
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--ep", type=positive_int, default=1,
                         help="expert-parallel ranks: N local gloo processes, each holding E/N routed experts "
-                             "(N must divide the model's routed expert count)")
+                             "(N must divide the model's routed expert count); with --requests, request i is "
+                             "served by rank i %% N")
     parser.add_argument("--fp8-payload", action="store_true", help="with --ep: FP8 dispatch payload (act_quant)")
     serve = parser.add_argument_group("continuous batching (--requests N; figures defined in v4hal.serve.driver)")
     serve.add_argument("--requests", type=positive_int, default=None,
@@ -241,9 +243,6 @@ def serve_options(args: argparse.Namespace, cfg) -> dict[str, Any]:
     from v4hal.hal.errors import RangeError
     from v4hal.serve.driver import check_workload, default_block_size, default_layout
 
-    if args.ep > 1:
-        raise RangeError(f"--requests runs the engine in one process; --ep {args.ep} cannot be combined with it "
-                         f"(leave --ep at 1)")
     if args.batch != 1:
         raise RangeError(f"--batch {args.batch} sets the rows of a single-sequence run; with --requests the engine "
                          f"forms the batches (leave --batch at 1)")
@@ -258,8 +257,9 @@ def serve_options(args: argparse.Namespace, cfg) -> dict[str, Any]:
 
 
 def run_serving(args: argparse.Namespace) -> dict[str, Any]:
-    """``v4hal run --requests N``: load the model, run `v4hal.serve.driver.run_requests`; its result dict plus the
-    run's setup (model, checkpoint, backend, load time, experts)."""
+    """``v4hal run --requests N``: load the model, run `v4hal.serve.driver.run_requests` (with ``--ep K``:
+    `v4hal.serve.driver.run_requests_ep` on K local gloo ranks, each serving every K-th request); its result
+    dict plus the run's setup (model, checkpoint, backend, load time, experts)."""
     import v4hal
     from v4hal.serve.driver import run_requests
 
@@ -270,14 +270,22 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
     set_threads(args.threads, path, args.device)
     opts = serve_options(args, ModelConfig.from_json(path if path.is_dir() else path.parent))
+    setup = {"model": args.model if not args.checkpoint else None, "checkpoint": str(path),
+             "backend": args.backend or "auto"}
+    if args.ep > 1:
+        from v4hal.serve.driver import run_requests_ep
+
+        res = run_requests_ep(str(path), args.ep, experts_fp8=_experts_fp8(args.experts, args.device),
+                              backend=args.backend, fp8_payload=args.fp8_payload, mmap=getattr(args, "mmap", False),
+                              threads=args.threads or 1, progress=not args.no_progress, **opts)
+        return {**setup, **res}
     t0 = time.perf_counter()
     model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device),
                                     mmap=getattr(args, "mmap", False))
     load_s = time.perf_counter() - t0
     with v4hal.use_backend(args.backend) if args.backend else _null():
         res = run_requests(model, **opts, progress=not args.no_progress)
-    return {"model": args.model if not args.checkpoint else None, "checkpoint": str(path),
-            "backend": args.backend or "auto", "load_s": load_s, "experts": model.layers[0].ffn.experts.kind, **res}
+    return {**setup, "load_s": load_s, "experts": model.layers[0].ffn.experts.kind, **res}
 
 
 def _experts_fp8(choice: str, device: str) -> bool:

@@ -44,7 +44,8 @@ from .pool import CachePool, cache_layouts
 
 __all__ = ["LAYOUT_PAIRS", "FLASHMLA_ENTRY_BYTES", "default_block_size", "default_layout", "request_lengths",
            "make_prompts", "arrival_steps", "check_workload", "pool_blocks", "single_request_decode", "run_requests",
-           "format_report", "contiguous_bytes", "memory_rows", "format_memory_table"]
+           "serve_rank", "merge_ranks", "run_requests_ep", "format_report",
+           "contiguous_bytes", "memory_rows", "format_memory_table"]
 
 #: cache layout pairs (attention caches, indexer key caches) by the name ``--layout`` takes. ``bf16`` stores
 #: the indexer keys as bf16 too: they are FP4-rounded values, which bf16 holds exactly (``indexer_fp8`` would
@@ -182,6 +183,212 @@ def _live_pages(pool: CachePool) -> tuple[int, int]:
     return total, sum(st.computed for st in pool.requests.values())
 
 
+def _experts_of(model: torch.nn.Module) -> Any:
+    """The first MoE layer's experts module (None for a model without one)."""
+    blocks = [*getattr(model, "layers", []), *getattr(model, "mtp", [])]
+    return next((b.ffn.experts for b in blocks if hasattr(getattr(b, "ffn", None), "experts")), None)
+
+
+def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 64, max_new_tokens: int = 32,
+               chunk: int = 64, arrival: int | None = None, block_size: int | None = None, layout: str | None = None,
+               shared_prefix: int = 0, seed: int = 0, reuse_prefixes: bool = True, baseline: bool = True,
+               progress: bool = True, expert_parallel: bool = False, group: Any = None,
+               timeout: float | None = None) -> dict[str, Any]:
+    """Serve one process's share of the `run_requests` workload and record the run; `merge_ranks` turns the
+    records of every rank into the figures.
+
+    One process (``expert_parallel=False``): every request, steps of `Engine.step`; when nothing runs until the
+    next arrival, the step counter skips ahead. Expert parallel (a model sharded by
+    `v4hal.parallel.shard_model_experts` over ``group``, None: the default group): this rank serves the
+    requests ``i % world == rank`` on its own pool and steps with `v4hal.parallel.step_engine_ep` (collective,
+    ``timeout`` seconds per exchange) until every rank is done; a step where no rank runs a token stands for
+    the one-process skip. Prompts and arrival steps are those of the whole workload, so each request gets the
+    tokens it gets in one process (greedy). ``baseline`` (collective with expert parallelism): time one
+    request on the contiguous path (`single_request_decode`).
+
+    Returns a JSON-ready dict: ``rank``, ``world``, ``mine`` (request indices), ``outputs`` (index -> tokens),
+    ``trace`` (per step: ``seconds``, ``prefill``, ``decode``, ``requests``, ``pages`` per kind, live page
+    ``live_bytes`` / ``live_tokens`` as in `run_requests`), ``setup`` (the workload), the pool's figures
+    (``pool_pages``, ``page_bytes``, ``final_pages``, ``pages_after_evict``, ``prefix``), ``wall_s``,
+    ``tokens_computed``, ``finite``, ``experts``, ``transport`` and ``single``.
+    """
+    cfg = model.config
+    block_size = default_block_size(cfg) if block_size is None else block_size
+    layout = default_layout(model.device) if layout is None else layout
+    check_workload(cfg, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens, chunk=chunk,
+                   arrival=arrival, block_size=block_size, layout=layout, shared_prefix=shared_prefix, flag="")
+    from tqdm import tqdm
+
+    rank, world = 0, 1
+    if expert_parallel:
+        import torch.distributed as dist
+
+        from v4hal.parallel.model import step_engine_ep
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    lengths = request_lengths(requests, prompt_len, seed)
+    prompts = make_prompts(lengths, cfg.vocab_size, seed, shared_prefix)
+    arrive = arrival_steps(requests, arrival, seed)
+    mine = [i for i in range(requests) if i % world == rank]
+    attn, idx = LAYOUT_PAIRS[layout]
+    blocks = pool_blocks(cfg, [len(prompts[i]) for i in mine] or [1], max_new_tokens, block_size)
+    pool = CachePool(cfg, blocks=blocks, block_size=block_size, device=model.device, attn_layout=attn,
+                     indexer_layout=idx)
+    finite = [True]
+
+    def choose(_rid: Hashable, logits: torch.Tensor) -> int:
+        if not bool(torch.isfinite(logits).all()):
+            finite[0] = False
+        return int(logits.argmax())
+
+    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes)
+    trace: list[dict[str, Any]] = []
+    order = sorted(mine, key=lambda i: arrive[i])
+    nxt, step_no = 0, 0
+    desc = "requests" if world == 1 else f"rank 0 requests (of {requests})"
+    with tqdm(total=len(mine), desc=desc, unit="req", disable=not progress or rank != 0, file=sys.stderr) as bar:
+        if expert_parallel:
+            dist.barrier(group=group)
+        t0 = time.perf_counter()
+        while True:
+            if not expert_parallel:
+                if nxt >= len(order) and engine.idle:
+                    break
+                if engine.idle and arrive[order[nxt]] > step_no:
+                    step_no = arrive[order[nxt]]          # nothing runs until the next arrival: skip ahead
+            while nxt < len(order) and arrive[order[nxt]] <= step_no:
+                i = order[nxt]
+                engine.add(i, prompts[i], max_new_tokens)
+                nxt += 1
+            if expert_parallel:
+                ts = time.perf_counter()
+                ran, stats = step_engine_ep(engine, pending=nxt < len(order), group=group, timeout=timeout)
+                if not ran:
+                    break
+                seconds = time.perf_counter() - ts                  # the exchanges of an idle step too
+            else:
+                stats = engine.step()
+                seconds = stats.seconds if stats is not None else 0.0
+            step_no += 1
+            if stats is None and not expert_parallel:
+                continue
+            live = _live_pages(pool)
+            trace.append({"seconds": seconds, "prefill": stats.prefill_tokens if stats else 0,
+                          "decode": stats.decode_tokens if stats else 0, "requests": stats.requests if stats else 0,
+                          "pages": stats.pages_in_use if stats else pool.pages_in_use(),
+                          "live_bytes": live[0], "live_tokens": live[1]})
+            bar.update(len(engine.finished) - bar.n)
+        wall_s = time.perf_counter() - t0
+    final_pages = pool.pages_in_use()
+    prefix = pool.stats()
+    for entry in list(pool.prefix.lru_order()):
+        pool.evict_prefix(entry)
+    final_len = round(sum(len(p) + max_new_tokens - 1 for p in prompts) / requests)
+    experts = _experts_of(model)
+    single = single_request_decode(model, prompt_len, max_new_tokens, seed) if baseline else None
+    return {
+        "rank": rank, "world": world, "mine": mine,
+        "outputs": {i: list(r.output) for i, r in engine.finished.items()},
+        "trace": trace, "wall_s": wall_s, "tokens_computed": engine.tokens_computed, "finite": finite[0],
+        "setup": {"requests": requests, "prompt_len": prompt_len, "prompt_lengths": [len(p) for p in prompts],
+                  "shared_prefix": shared_prefix, "max_new_tokens": max_new_tokens, "chunk": chunk,
+                  "arrival": arrival, "arrival_steps": arrive, "block_size": block_size, "layout": layout,
+                  "attn_layout": attn, "indexer_layout": idx, "device": str(model.device),
+                  "threads": torch.get_num_threads()},
+        "pool_pages": {k: a.capacity for k, a in pool.allocators.items()}, "page_bytes": pool.page_bytes(),
+        "final_pages": final_pages, "pages_after_evict": pool.pages_in_use(), "prefix": prefix,
+        "request_tokens": final_len, "kv_bytes_per_token_request": pool.kv_bytes_per_token(final_len),
+        "experts": getattr(experts, "kind", None), "transport": getattr(experts, "transport", None),
+        "single": single,
+    }
+
+
+def merge_ranks(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of a run (the module docstring defines them) from the `serve_rank` records of its ranks
+    (one record: the one-process run).
+
+    Ranks step together, so their traces align step by step: a step's tokens, requests and pages are the sums
+    over the ranks, its time the slowest rank's; steps in which no rank ran a token are left out (the
+    one-process run skips them). Pool figures (capacity, final pages, prefix reuse) are summed over the
+    ranks' pools; ``wall_s`` and ``single`` are the slowest rank's. With several ranks also: ``ep`` (ranks),
+    ``rank_requests`` (requests per rank), ``rank_idle_steps`` (steps each rank joined without a token of its
+    own), ``transport``.
+    """
+    recs = sorted(records, key=lambda r: r["rank"])
+    if [r["rank"] for r in recs] != list(range(len(recs))) or any(r["world"] != len(recs) for r in recs):
+        raise RangeError(f"merge_ranks: expected the records of ranks 0..{len(recs) - 1}, got ranks "
+                         f"{[r['rank'] for r in recs]} of worlds {sorted({r['world'] for r in recs})}")
+    if len({len(r["trace"]) for r in recs}) > 1:
+        raise RangeError(f"merge_ranks: the ranks took different numbers of steps {[len(r['trace']) for r in recs]}")
+    setup = recs[0]["setup"]
+    requests, max_new_tokens = setup["requests"], setup["max_new_tokens"]
+    kinds = list(recs[0]["page_bytes"])
+    page_bytes = recs[0]["page_bytes"]
+    steps = []
+    for rows in zip(*(r["trace"] for r in recs)):
+        steps.append({"seconds": max(s["seconds"] for s in rows), "prefill": sum(s["prefill"] for s in rows),
+                      "decode": sum(s["decode"] for s in rows), "requests": sum(s["requests"] for s in rows),
+                      "pages": {k: sum(s["pages"][k] for s in rows) for k in kinds},
+                      "live_bytes": sum(s["live_bytes"] for s in rows),
+                      "live_tokens": sum(s["live_tokens"] for s in rows)})
+    idle = [sum(1 for s, all_ in zip(r["trace"], steps) if s["prefill"] + s["decode"] == 0
+                and all_["prefill"] + all_["decode"] > 0) for r in recs]
+    steps = [s for s in steps if s["prefill"] + s["decode"] > 0]
+    peak_pages = {k: max((s["pages"][k] for s in steps), default=0) for k in kinds}
+    pool_bytes_peak = max((sum(page_bytes[k] * n for k, n in s["pages"].items()) for s in steps), default=0)
+    live = max(steps, key=lambda s: s["live_bytes"], default={"live_bytes": 0, "live_tokens": 0})
+    prefill_tokens = sum(s["prefill"] for s in steps)
+    decode_tokens = sum(s["decode"] for s in steps)
+    prefill_s = sum(s["seconds"] * s["prefill"] / (s["prefill"] + s["decode"]) for s in steps)
+    decode_s = sum(s["seconds"] * s["decode"] / (s["prefill"] + s["decode"]) for s in steps)
+    only = [s for s in steps if s["prefill"] == 0]
+    only_s, only_tokens = sum(s["seconds"] for s in only), sum(s["decode"] for s in only)
+    outputs = {i: out for r in recs for i, out in r["outputs"].items()}
+    wall_s = max(r["wall_s"] for r in recs)
+
+    def rate(n: int, s: float) -> float | None:
+        return n / s if n and s > 0 else None
+
+    def total(key: str) -> dict[str, int]:
+        return {k: sum(r[key][k] for r in recs) for k in kinds}
+
+    res: dict[str, Any] = {
+        "requests": requests, "finished": len(outputs),
+        "all_finished": len(outputs) == requests and all(len(o) == max_new_tokens for o in outputs.values()),
+        "logits_finite": all(r["finite"] for r in recs), **{k: v for k, v in setup.items() if k != "requests"},
+        "steps": len(steps), "decode_only_steps": len(only),
+        "max_requests_in_step": max((s["requests"] for s in steps), default=0),
+        "wall_s": wall_s, "step_s": prefill_s + decode_s,
+        "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens,
+        "tokens_computed": sum(r["tokens_computed"] for r in recs),
+        "prefill_s": prefill_s, "decode_s": decode_s,
+        "prefill_tok_s": rate(prefill_tokens, prefill_s), "decode_tok_s": rate(decode_tokens, decode_s),
+        "decode_only_tok_s": rate(only_tokens, only_s), "decode_only_mean_batch": only_tokens / len(only) if only
+        else None, "requests_s": requests / wall_s if wall_s > 0 else None,
+        "pool_pages": total("pool_pages"), "page_bytes": page_bytes,
+        "peak_pages": peak_pages, "final_pages": total("final_pages"), "pages_after_evict": total("pages_after_evict"),
+        "pool_bytes_peak": pool_bytes_peak, "live_bytes_peak": live["live_bytes"],
+        "live_tokens_at_peak": live["live_tokens"],
+        "kv_bytes_per_token_peak": live["live_bytes"] / live["live_tokens"] if live["live_tokens"] else None,
+        "request_tokens": recs[0]["request_tokens"],
+        "kv_bytes_per_token_request": recs[0]["kv_bytes_per_token_request"],
+        "prefix_lookups": sum(r["prefix"]["prefix_lookups"] for r in recs),
+        "prefix_hits": sum(r["prefix"]["prefix_hits"] for r in recs),
+        "prefix_tokens_saved": sum(r["prefix"]["prefix_tokens_saved"] for r in recs),
+        "prefixes_registered_at_end": sum(r["prefix"]["prefixes"] for r in recs),
+        "tokens": [outputs.get(i) for i in range(requests)],
+    }
+    if len(recs) > 1:
+        res.update(ep=len(recs), rank_requests=[len(r["mine"]) for r in recs], rank_idle_steps=idle,
+                   transport=recs[0]["transport"])
+    singles = [r["single"] for r in recs if r["single"] is not None]
+    res["single"] = single = max(singles, key=lambda s: s["decode_s"]) if singles else None
+    for key, src in (("speedup", "decode_tok_s"), ("speedup_decode_only", "decode_only_tok_s")):
+        ok = single is not None and single["decode_tok_s"] and res[src]
+        res[key] = res[src] / single["decode_tok_s"] if ok else None
+    return res
+
+
 def run_requests(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 64, max_new_tokens: int = 32,
                  chunk: int = 64, arrival: int | None = None, block_size: int | None = None,
                  layout: str | None = None, shared_prefix: int = 0, seed: int = 0, reuse_prefixes: bool = True,
@@ -194,103 +401,63 @@ def run_requests(model: torch.nn.Module, *, requests: int = 16, prompt_len: int 
     `LAYOUT_PAIRS` name (None: `default_layout` of the model's device). The pool holds `pool_blocks` pages
     per kind on the model's device. ``baseline``: also time one request on the contiguous path
     (`single_request_decode`). ``progress``: a tqdm bar of finished requests on stderr. Returns the figures
-    defined in the module docstring (a JSON-ready dict).
+    defined in the module docstring (a JSON-ready dict; ``tokens``: each request's generated tokens, in
+    request order). `run_requests_ep` runs the same workload on expert-parallel ranks.
     """
-    cfg = model.config
-    block_size = default_block_size(cfg) if block_size is None else block_size
-    layout = default_layout(model.device) if layout is None else layout
-    check_workload(cfg, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens, chunk=chunk,
-                   arrival=arrival, block_size=block_size, layout=layout, shared_prefix=shared_prefix, flag="")
-    from tqdm import tqdm
+    return merge_ranks([serve_rank(model, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                   chunk=chunk, arrival=arrival, block_size=block_size, layout=layout,
+                                   shared_prefix=shared_prefix, seed=seed, reuse_prefixes=reuse_prefixes,
+                                   baseline=baseline, progress=progress)])
 
-    lengths = request_lengths(requests, prompt_len, seed)
-    prompts = make_prompts(lengths, cfg.vocab_size, seed, shared_prefix)
-    arrive = arrival_steps(requests, arrival, seed)
-    attn, idx = LAYOUT_PAIRS[layout]
-    blocks = pool_blocks(cfg, [len(p) for p in prompts], max_new_tokens, block_size)
-    pool = CachePool(cfg, blocks=blocks, block_size=block_size, device=model.device, attn_layout=attn,
-                     indexer_layout=idx)
-    finite = [True]
 
-    def choose(_rid: Hashable, logits: torch.Tensor) -> int:
-        if not bool(torch.isfinite(logits).all()):
-            finite[0] = False
-        return int(logits.argmax())
+def _rank_requests(rank: int, world: int, path: str, load: dict[str, Any], workload: dict[str, Any]) -> dict:
+    """One rank of `run_requests_ep`: load the checkpoint, shard the experts, `serve_rank` in lockstep."""
+    import v4hal
+    from v4hal.model import V4Model
+    from v4hal.parallel.model import shard_model_experts
 
-    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes)
-    page_bytes = pool.page_bytes()
-    peak_pages = dict.fromkeys(pool.kinds, 0)
-    pool_bytes_peak, live_peak = 0, (0, 0)
-    order = sorted(range(requests), key=lambda i: arrive[i])
-    nxt, step_no = 0, 0
-    with tqdm(total=requests, desc="requests", unit="req", disable=not progress, file=sys.stderr) as bar:
-        t0 = time.perf_counter()
-        while nxt < requests or not engine.idle:
-            if engine.idle and arrive[order[nxt]] > step_no:
-                step_no = arrive[order[nxt]]          # nothing runs until the next arrival: skip ahead
-            while nxt < requests and arrive[order[nxt]] <= step_no:
-                i = order[nxt]
-                engine.add(i, prompts[i], max_new_tokens)
-                nxt += 1
-            stats = engine.step()
-            step_no += 1
-            if stats is None:
-                continue
-            for k, n in stats.pages_in_use.items():
-                peak_pages[k] = max(peak_pages[k], n)
-            pool_bytes_peak = max(pool_bytes_peak, sum(page_bytes[k] * n for k, n in stats.pages_in_use.items()))
-            live = _live_pages(pool)
-            if live[0] > live_peak[0]:
-                live_peak = live
-            bar.update(len(engine.finished) - bar.n)
-        wall_s = time.perf_counter() - t0
-    final_pages = pool.pages_in_use()
-    prefix_stats = pool.stats()
-    for entry in list(pool.prefix.lru_order()):
-        pool.evict_prefix(entry)
+    t0 = time.perf_counter()
+    model = V4Model.from_pretrained(path, device="cpu", experts_fp8=load["experts_fp8"], mmap=load["mmap"])
+    shard_model_experts(model, fp8_payload=load["fp8_payload"], timeout=load["timeout"])
+    load_s = time.perf_counter() - t0
+    backend = load["backend"]
+    with v4hal.use_backend(backend) if backend else _Null():
+        rec = serve_rank(model, **workload, expert_parallel=True, timeout=load["timeout"],
+                         progress=load["progress"] and rank == 0)
+    return {**rec, "load_s": load_s}
 
-    steps = engine.steps
-    prefill_tokens = sum(s.prefill_tokens for s in steps)
-    decode_tokens = sum(s.decode_tokens for s in steps)
-    prefill_s = sum(s.seconds * s.prefill_tokens / (s.prefill_tokens + s.decode_tokens) for s in steps)
-    decode_s = sum(s.seconds * s.decode_tokens / (s.prefill_tokens + s.decode_tokens) for s in steps)
-    only = [s for s in steps if s.prefill_tokens == 0]
-    only_s, only_tokens = sum(s.seconds for s in only), sum(s.decode_tokens for s in only)
-    final_len = round(sum(len(p) + max_new_tokens - 1 for p in prompts) / requests)
 
-    def rate(n: int, s: float) -> float | None:
-        return n / s if n and s > 0 else None
+class _Null:
+    def __enter__(self) -> None:
+        return None
 
-    res: dict[str, Any] = {
-        "requests": requests, "finished": len(engine.finished),
-        "all_finished": len(engine.finished) == requests and all(
-            len(r.output) == max_new_tokens for r in engine.finished.values()),
-        "logits_finite": finite[0], "prompt_len": prompt_len, "prompt_lengths": [len(p) for p in prompts],
-        "shared_prefix": shared_prefix, "max_new_tokens": max_new_tokens, "chunk": chunk, "arrival": arrival,
-        "arrival_steps": arrive, "block_size": block_size, "layout": layout, "attn_layout": attn,
-        "indexer_layout": idx, "device": str(model.device), "threads": torch.get_num_threads(),
-        "steps": len(steps), "decode_only_steps": len(only), "max_requests_in_step": max(s.requests for s in steps),
-        "wall_s": wall_s, "step_s": prefill_s + decode_s,
-        "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens,
-        "tokens_computed": engine.tokens_computed,
-        "prefill_s": prefill_s, "decode_s": decode_s,
-        "prefill_tok_s": rate(prefill_tokens, prefill_s), "decode_tok_s": rate(decode_tokens, decode_s),
-        "decode_only_tok_s": rate(only_tokens, only_s), "decode_only_mean_batch": only_tokens / len(only) if only
-        else None, "requests_s": requests / wall_s,
-        "pool_pages": {k: a.capacity for k, a in pool.allocators.items()}, "page_bytes": page_bytes,
-        "peak_pages": peak_pages, "final_pages": final_pages, "pages_after_evict": pool.pages_in_use(),
-        "pool_bytes_peak": pool_bytes_peak, "live_bytes_peak": live_peak[0], "live_tokens_at_peak": live_peak[1],
-        "kv_bytes_per_token_peak": live_peak[0] / live_peak[1] if live_peak[1] else None,
-        "request_tokens": final_len, "kv_bytes_per_token_request": pool.kv_bytes_per_token(final_len),
-        "prefix_lookups": prefix_stats["prefix_lookups"], "prefix_hits": prefix_stats["prefix_hits"],
-        "prefix_tokens_saved": prefix_stats["prefix_tokens_saved"],
-        "prefixes_registered_at_end": prefix_stats["prefixes"],
-    }
-    res["single"] = single = single_request_decode(model, prompt_len, max_new_tokens, seed) if baseline else None
-    for key, src in (("speedup", "decode_tok_s"), ("speedup_decode_only", "decode_only_tok_s")):
-        ok = single is not None and single["decode_tok_s"] and res[src]
-        res[key] = res[src] / single["decode_tok_s"] if ok else None
-    return res
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def run_requests_ep(path: str, ep: int, *, experts_fp8: bool = True, backend: str | None = None,
+                    fp8_payload: bool = False, mmap: bool = False, threads: int = 1, timeout_s: float = 120.0,
+                    start_method: str = "spawn", progress: bool = True, **workload: Any) -> dict[str, Any]:
+    """`run_requests`'s workload on ``ep`` local gloo ranks (CPU) of the checkpoint at ``path``: each rank
+    loads it, keeps ``E / ep`` routed experts (`v4hal.parallel.shard_model_experts`; ``fp8_payload``: FP8
+    dispatch), serves the requests ``i % ep == rank`` from its own pool (`serve_rank`), and the ranks step
+    together until all are done. ``workload``: `run_requests`'s keywords (requests, prompt_len,
+    max_new_tokens, chunk, arrival, block_size, layout, shared_prefix, seed, reuse_prefixes, baseline).
+    ``threads``: torch threads per rank; ``timeout_s``: bound on every exchange (a dead rank ends the run with
+    `v4hal.parallel.EPRankError`). The progress bar is rank 0's.
+
+    Returns `merge_ranks` of the ranks' records plus ``load_s`` (the slowest rank's) and ``experts``.
+    """
+    from v4hal.parallel.launch import spawn
+
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise RangeError(f"run_requests_ep: ep must be an int >= 1, got {ep!r}")
+    load = {"experts_fp8": experts_fp8, "backend": backend, "fp8_payload": fp8_payload, "mmap": mmap,
+            "timeout": timeout_s, "progress": progress}
+    recs = spawn(_rank_requests, ep, str(path), load, workload, timeout_s=timeout_s, start_method=start_method,
+                 threads=threads)
+    res = merge_ranks(recs)
+    return {**res, "load_s": max(r["load_s"] for r in recs), "experts": recs[0]["experts"]}
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
@@ -339,6 +506,11 @@ def format_report(res: dict[str, Any]) -> str:
         ["setup", f"chunk {res['chunk']}, block size {res['block_size']}, layout {res['layout']} "
                   f"({res['attn_layout']} + {res['indexer_layout']}), {res['device']}, {res['threads']} threads"],
     ]
+    if res.get("ep"):
+        rows.append(["expert parallel", f"{res['ep']} ranks ({res['transport']}), requests per rank "
+                     + "/".join(map(str, res["rank_requests"])) + ", steps joined without a token of their own "
+                     + "/".join(map(str, res["rank_idle_steps"])) + "; step times are the slowest rank's, the "
+                     "single request runs on every rank"])
     return _table(["", "value"], rows, left=2)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from v4hal.hal.errors import RangeError
 
+from .pages import PoolExhaustedError
 from .pool import CachePool
 
 __all__ = ["Engine", "EngineRequest", "StepStats"]
@@ -129,6 +130,19 @@ class Engine:
             budget -= n
         return items
 
+    def _schedule(self, items: list[tuple[Hashable, int]]):
+        """The step's batch and its items; when the pool cannot hold every item's pages, prefill chunks wait
+        (the newest first) so that the rest still runs. `PoolExhaustedError` when nothing fits."""
+        while True:
+            try:
+                return self.pool.schedule(items, device=self.model.device), items
+            except PoolExhaustedError:
+                prefill = [i for i, (rid, _) in enumerate(items)
+                           if self.pool.requests[rid].computed < len(self.running[rid].prompt)]
+                if not prefill or len(items) == 1:
+                    raise
+                del items[prefill[-1]]
+
     def step(self) -> StepStats | None:
         """Run one step (None when nothing is left to do)."""
         self._admit()
@@ -136,7 +150,7 @@ class Engine:
         if not items:
             return None
         t0 = time.perf_counter()
-        batch = self.pool.schedule(items, device=self.model.device)
+        batch, items = self._schedule(items)
         out = self.model.forward_batch(batch, self.pool)
         logits = out.logits.float().cpu()
         prefill = decode = 0
