@@ -27,6 +27,7 @@ and allocating a tensor needs none): it allocates the zeroed cache with the layo
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ FP4_BLOCK = 32      # indexer_fp4: values per ue8m0 scale
 
 
 @dataclass(frozen=True)
-class PagedLayout:
+class PagedLayout(ABC):
     """One cache layout family over the entry width ``D``: ``dim`` (V4's width), the cache dtypes
     accepted (the first is the one allocated), ``rule`` (the widths allowed, in words) and
     ``formula`` (``W`` in terms of ``D``). Widths are counted in the cache dtype's elements (bytes,
@@ -75,8 +76,9 @@ class PagedLayout:
             raise C.ShapeError(f"{self.name}: {why}")
         return d
 
+    @abstractmethod
     def _width(self, d: int) -> int:
-        raise NotImplementedError(self.name)
+        """``W`` for a valid entry width ``d`` (each layout's formula)."""
 
     def _page_align(self, d: int) -> int:
         return 1

@@ -1,11 +1,14 @@
 """Helpers shared by the attention / indexer / mHC / small-op Triton kernels of this backend.
 
-Nothing here launches a kernel. The interpreter switch is read when a kernel is launched
-(``TRITON_INTERPRET=1`` must be set before ``triton`` is imported, which the test suite does).
+Nothing here launches a kernel (`softmax_tile` is a ``@triton.jit`` function the attention kernels
+call). The interpreter switch is read when a kernel is launched (``TRITON_INTERPRET=1`` must be set
+before ``triton`` is imported, which the test suite does).
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from v4hal.hal.devices import triton_interpreter_on
 
@@ -42,3 +45,19 @@ def dot_precision(dtype: torch.dtype) -> str:
 def on_interpreter(t: torch.Tensor) -> bool:
     """True when a kernel launched on ``t`` runs under the Triton CPU interpreter."""
     return t.device.type == "cpu" or triton_interpreter_on()
+
+
+@triton.jit
+def softmax_tile(q, kv, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """One key tile of the online softmax in base 2: scores ``q [BH, D] . kv [BN, D]`` times ``qk_scale``
+    (log2(e) folded in), ``-inf`` where ``valid [BN]`` is False; running max ``m_i [BH]``, sum ``l_i [BH]``
+    and weighted value sum ``acc [BH, D]`` (keys = values) -> their updates (fp32)."""
+    s = tl.dot(q, tl.trans(kv), input_precision=PREC) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PREC)
+    return m_new, l_i, acc

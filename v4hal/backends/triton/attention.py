@@ -47,7 +47,7 @@ import triton.language as tl
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 
-from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
+from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_tile
 from ._cast import cast_out
 
 MAX_HEAD_DIM = 512
@@ -99,15 +99,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr,
         kv = tl.load(kv_base + idx.to(tl.int64)[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             kv = kv.to(tl.float32)
-        s = tl.dot(q, tl.trans(kv), input_precision=PREC) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile(q, kv, valid, m_i, l_i, acc, qk_scale, PREC)
 
     sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf")) * 1.4426950408889634
     m_fin = tl.maximum(m_i, sink)

@@ -38,7 +38,7 @@ from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 from v4hal.ops.paged import NOPE_BLOCK, PAGED_LAYOUTS
 
-from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter
+from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_tile
 from ._cast import cast_out
 
 _LOG2E = 1.4426950408889634
@@ -112,15 +112,7 @@ def _attend(q, m_i, l_i, acc, kv_ptr, idx_row, n_picks, s_blk, s_off, BS, SCALE_
             kv = kv.to(tl.float32)
         else:
             kv = kv.to(q.dtype)
-        s = tl.dot(q, tl.trans(kv), input_precision=PREC) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile(q, kv, valid, m_i, l_i, acc, qk_scale, PREC)
     return m_i, l_i, acc
 
 
