@@ -24,7 +24,7 @@ import torch
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
 
-from ._rows import row_matmul
+from ._rows import pad_rows, row_matmul
 
 _BLOCK = F.FP8_BLOCK                 # activation K block / FP8 weight tile
 _FP4_BLOCK = F.FP4_BLOCK             # FP4 weight K block
@@ -57,16 +57,17 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     """
     n, k = b.shape
     kb_count = _ceil_div(k, _BLOCK)
-    a2 = F.fp8_to_float(a.reshape(-1, k))
-    sa = F.scale_to_float(a_s).reshape(-1, kb_count)
+    m = a.numel() // k if k else 0
+    a2 = pad_rows(F.fp8_to_float(a.reshape(-1, k)))                     # rows padded once: row-invariant bits
+    sa = pad_rows(F.scale_to_float(a_s).reshape(-1, kb_count))
     sb = _fp8_weight_scales(b_s, n)                                    # [N, KB]
     bf = F.fp8_to_float(b)
     scales = sa.unsqueeze(1) * sb                                      # [M, N, KB]: a_s[kb] * b_s[n // 128, kb]
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        acc += row_matmul(a2[:, sl], bf[:, sl].T) * scales[..., kb]
-    return acc.to(out_dtype).reshape(*a.shape[:-1], n)
+        acc += (a2[:, sl] @ bf[:, sl].T) * scales[..., kb]
+    return acc[:m].to(out_dtype).reshape(*a.shape[:-1], n)
 
 
 @implements("fp4_gemm", "reference")
@@ -76,14 +77,15 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     packed e2m1 uint8 ``[N, K/2]`` + e8m0 scales ``[N, K/32]``; fp32 accumulation, out ``[..., N]``."""
     k, n = a.shape[-1], b.shape[0]
     kb_count = _ceil_div(k, _BLOCK)
-    a2 = F.fp8_to_float(a.reshape(-1, k))
-    sa = F.scale_to_float(a_s).reshape(-1, kb_count)
+    m = a.numel() // k if k else 0
+    a2 = pad_rows(F.fp8_to_float(a.reshape(-1, k)))                     # rows padded once: row-invariant bits
+    sa = pad_rows(F.scale_to_float(a_s).reshape(-1, kb_count))
     bf = _fp4_weight_to_float(b, b_s)
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        acc += row_matmul(a2[:, sl], bf[:, sl].T) * sa[:, kb:kb + 1]
-    return acc.to(out_dtype).reshape(*a.shape[:-1], n)
+        acc += (a2[:, sl] @ bf[:, sl].T) * sa[:, kb:kb + 1]
+    return acc[:m].to(out_dtype).reshape(*a.shape[:-1], n)
 
 
 # ------------------------------------------------------------------------------- grouped GEMM
@@ -165,13 +167,15 @@ def _bucket_product(xp: torch.Tensor, xs: torch.Tensor | None, wf: torch.Tensor,
     """
     if xs is None:
         return row_matmul(xp, wf.transpose(1, 2))
+    r = xp.shape[1]
+    xp, xs = pad_rows(xp), pad_rows(xs)                                  # rows padded once: row-invariant bits
     k = xp.shape[2]
     scales = xs.unsqueeze(2) if ws is None else xs.unsqueeze(2) * ws.unsqueeze(1)       # [c, R, 1 or N, KB]
     o = torch.zeros(xp.shape[0], xp.shape[1], wf.shape[1], dtype=torch.float32, device=xp.device)
     for kb in range(k_blocks):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
-        o += row_matmul(xp[:, :, sl], wf[:, :, sl].transpose(1, 2)) * scales[..., kb]
-    return o
+        o += torch.bmm(xp[:, :, sl], wf[:, :, sl].transpose(1, 2)) * scales[..., kb]
+    return o[:, :r]
 
 
 def _grouped_matmul(plan: GroupPlan, n: int, x_rows: torch.Tensor, x_row_scales: torch.Tensor | None,
