@@ -72,7 +72,8 @@ def test_continuous_batch_equals_each_request_alone(model_fp8: V4Model, chunk: i
     lengths, new = [150, 9, 37], 3
     prompts = _prompts(lengths, model_fp8.config.vocab_size, seed=chunk)
     alone = [_alone(model_fp8, p, new) for p in prompts]
-    got = _batched(model_fp8, prompts, new, chunk, [a[0] for a in alone], arrive=[0, 0, 3])
+    got = _batched(model_fp8, prompts, new, chunk, [a[0] for a in alone], arrive=[0, 0, 3],
+                   state_block_size={7: 16, 64: 32, 1000: 48}[chunk])     # state pages of their own size
     for i, (_, want, drafts) in enumerate(alone):
         r = got[i]
         assert len(r.logits) == new and len(r.draft_logits) == new
@@ -114,7 +115,7 @@ def test_prefix_reuse_computes_only_the_suffix(model_fp8: V4Model) -> None:
     cfg = model_fp8.config
     prefix = _prompts([256], cfg.vocab_size, seed=9)[0]
     a, b = prefix + _prompts([20], cfg.vocab_size, seed=10)[0], prefix + _prompts([30], cfg.vocab_size, seed=12)[0]
-    pool = CachePool(cfg, block_size=16)
+    pool = CachePool(cfg, block_size=16, state_block_size=48)     # 256 = 5 * 48 + 16: state pages copied
     engine = Engine(model_fp8, pool, chunk=64, keep_logits=True)
     engine.add("a", a, 2)
     engine.run()
@@ -187,7 +188,9 @@ def test_forward_batch_refuses_a_foreign_batch_or_pool(model_fp8: V4Model) -> No
     cases = [("batch must be a v4hal.serve.ForwardBatch", lambda: model_fp8.forward_batch("r", pool)),
              ("another config", lambda: model_fp8.forward_batch(batch, other)),
              ("with allocated caches", lambda: model_fp8.forward_batch(batch, CachePool(cfg, allocate=False))),
-             ("block_size 16 != pool block_size 64", lambda: model_fp8.forward_batch(batch, CachePool(cfg)))]
+             ("block_size 16 != pool block_size 64", lambda: model_fp8.forward_batch(batch, CachePool(cfg))),
+             ("page sizes per kind", lambda: model_fp8.forward_batch(
+                 batch, CachePool(cfg, block_size=16, state_block_size=32)))]
     for match, call in cases:
         with pytest.raises(ShapeError, match=match):
             call()

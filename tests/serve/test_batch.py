@@ -136,3 +136,25 @@ def test_runtime_table_errors() -> None:
         _from(batch, req_ids=("a", "a"))
     with pytest.raises(RangeError, match="input_ids must lie in"):
         _from(batch, input_ids=batch.input_ids + 1000)
+
+
+def test_state_tables_use_their_own_page_size_and_rule() -> None:
+    batch = _pool().schedule([("b", 10), ("a", 1)])
+    assert batch.block_sizes == {"token": BS, "c4": BS, "c128": BS, "state4": 16, "state128": 16}
+    t = _tables(batch)
+    assert all(x == -1 or x >= 1 for k in ("state4", "state128") for x in t[k].flatten().tolist())   # 0: reserved
+    # a at 30 reads ratio-4 state from 24 (page 1 of 16 positions), ratio-128 state from 0 (page 0)
+    released = {**t, "state4": t["state4"].clone()}
+    released["state4"][1, 0] = -1
+    assert _from(batch, block_tables=released).block_tables["state4"][1, 0] == -1
+    for kind, page in (("state4", 1), ("state128", 0)):
+        short = {**t, kind: t[kind].clone()}
+        short[kind][1, page] = -1
+        with pytest.raises(RangeError, match=rf"block_tables\['{kind}'\] row 1 \(request 'a', positions 30 .. 30\) "
+                                             rf"must hold a block for pages {page} .. 1; page {page} is -1"):
+            _from(batch, block_tables=short)
+    with pytest.raises(RangeError, match=r"block_tables\['state4'\] row 0 \(request 'b', positions 0 .. 9\) must "
+                                         r"hold a block for pages 0 .. 1; page 1 is -1"):   # pages of 8 now
+        _from(batch, state_block_size=BS)
+    with pytest.raises(RangeError, match="state_block_size must be an int >= 1, got 0"):
+        _from(batch, state_block_size=0)

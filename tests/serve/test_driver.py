@@ -106,8 +106,9 @@ def test_memory_rows() -> None:
         q, b = rows[name, "quantized"], rows[name, "bf16"]
         assert q["tokens"] == 1 << 20 and q["attn_entry_bytes"] == 584 and q["indexer_entry_bytes"] == 68
         assert q["measured"] is None and q["flashmla"] == b["flashmla"]
-        # the pool stores what the cost model counts, plus the MTP layer, per-token compressor state and pages
-        assert q["cost"] < q["pool"] < 1.02 * q["cost"]
+        # the pool stores what the cost model counts, plus the MTP layer and pages, less the compressor state of
+        # the finished ratio-128 block (released at a multiple of 128, where the cost model keeps a whole block)
+        assert 0.99 * q["cost"] < q["pool"] < 1.02 * q["cost"]
         assert abs(q["flashmla"] - q["cost"]) < 0.01 * q["cost"]
         assert 1.9 * q["pool"] < b["pool"] and abs(b["pool"] - b["contiguous"]) < 0.01 * b["contiguous"]
         cfg = ModelConfig.preset(name).replace(max_seq_len=1 << 20, max_batch_size=1)

@@ -28,7 +28,7 @@ def test_alloc_cache_widths() -> None:
 def test_v4_mini_builds_allocators_only() -> None:
     cfg = ModelConfig.preset("v4-mini")
     pool = CachePool(cfg, attn_layout="bf16", allocate=False, block_size=16)
-    assert pool.kinds == ("token", "c4", "c128") and pool.layers[1].window is None
+    assert pool.kinds == ("token", "c4", "c128", "state4", "state128") and pool.layers[1].window is None
     assert pool.allocators["c128"].capacity == cfg.max_batch_size * 2      # 4096 // 128 = 32 entries: 2 pages
     odd = cfg.replace(head_dim=160, rope_head_dim=32)        # model1_fp8 keeps 64 rope dims in bf16, not 32
     with pytest.raises(ShapeError, match="attn_layout 'model1_fp8' stores the last 64 values .* rope_head_dim 32"):
@@ -53,7 +53,7 @@ def test_v4_mini_caches_take_its_widths(layouts: tuple[str, str]) -> None:
     assert pool.page_bytes() == per_kind
     assert per_kind["c4"] == 2 * (attn.page_bytes(128, 8) + idx.page_bytes(64, 8))
     no128 = cfg.replace(compress_ratios=[0, 4, 0, 4, 0])
-    assert CachePool(no128, allocate=False).kinds == ("token", "c4")
+    assert CachePool(no128, allocate=False).kinds == ("token", "c4", "state4")
     with pytest.raises(RangeError, match=r"blocks has kinds \['c128'\]"):
         CachePool(no128, allocate=False, blocks={"c128": 4})
 
@@ -61,25 +61,29 @@ def test_v4_mini_caches_take_its_widths(layouts: tuple[str, str]) -> None:
 @pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")])
 def test_page_bytes_match_the_tensors(layouts: tuple[str, str]) -> None:
     cfg = small_cfg()
-    blocks = {"token": 5, "c4": 3, "c128": 2}
-    pool = CachePool(cfg, blocks=blocks, block_size=8, attn_layout=layouts[0], indexer_layout=layouts[1])
+    blocks = {"token": 5, "c4": 3, "c128": 2, "state4": 5, "state128": 5}
+    pool = CachePool(cfg, blocks=blocks, block_size=8, state_block_size=16, attn_layout=layouts[0],
+                     indexer_layout=layouts[1])
     per_kind = dict.fromkeys(pool.kinds, 0)
     for s in pool.specs:
         t = getattr(pool.layers[s.layer], s.name)
-        n = blocks[s.kind] + (s.kind == "token")          # token block 0 is reserved
-        assert t.shape[:2] == (n, 8)
+        state = s.kind.startswith("state")
+        n = blocks[s.kind] + state          # state block 0 is reserved
+        assert t.shape[:2] == (n, 16 if state else 8)
         per_kind[s.kind] += t.untyped_storage().nbytes() // n
     assert pool.allocators["token"].capacity == blocks["token"]
     assert pool.page_bytes() == per_kind
     state = pool.layers[1].state
-    assert state.dtype == torch.float32 and state.shape == (6, 8, 2 * 2 * 512)   # + the reserved block 0
-    assert pool.layers[1].index_state.shape == (6, 8, 2 * 2 * 128)
-    assert pool.layers[2].state.shape == (6, 8, 2 * 512) and pool.layers[2].indexer is None
+    assert state.dtype == torch.float32 and state.shape == (6, 16, 2 * 2 * 512)   # + the reserved block 0
+    assert pool.layers[1].index_state.shape == (6, 16, 2 * 2 * 128)
+    assert pool.layers[2].state.shape == (6, 16, 2 * 512) and pool.layers[2].indexer is None
+    assert pool.allocators["state4"].capacity == blocks["state4"]
     assert pool.layers[0].compressed is None and pool.layers[0].state is None
     pool.add_request("a", list(range(20)))
-    pool.plan("a", 20)                      # 3 token pages, 5 entries -> 1 c4 page, no c128 page
-    assert pool.pages_in_use() == {"token": 3, "c4": 1, "c128": 0}
-    assert pool.bytes_in_use() == 3 * per_kind["token"] + per_kind["c4"]
+    pool.plan("a", 20)          # 3 token pages, 5 entries -> 1 c4 page, no c128 page, 2 pages of each state kind
+    assert pool.pages_in_use() == {"token": 3, "c4": 1, "c128": 0, "state4": 2, "state128": 2}
+    assert pool.bytes_in_use() == 3 * per_kind["token"] + per_kind["c4"] + 2 * (per_kind["state4"]
+                                                                                 + per_kind["state128"])
 
 
 def test_kv_bytes_per_token_of_v4_flash() -> None:
@@ -91,7 +95,9 @@ def test_kv_bytes_per_token_of_v4_flash() -> None:
     got = pool.request_bytes(t)
     assert got["c4"] == n4 * (fp8 + fp4) * (t // 4 // 64)
     assert got["c128"] == n128 * fp8 * (t // 128 // 64)
-    assert got["token"] == 2 * (len(cfg.compress_ratios) * fp8 + 4 * 64 * (n4 * (4 * 512 + 4 * 128) + n128 * 2 * 512))
+    assert got["token"] == 2 * len(cfg.compress_ratios) * fp8            # positions from t - 127: 2 pages
+    assert got["state4"] == 4 * 16 * n4 * (4 * 512 + 4 * 128)           # positions from t - 4: 1 page of 16
+    assert got["state128"] == 0                                          # no unfinished ratio-128 block
     assert pool.kv_bytes_per_token(t) == pytest.approx(sum(got.values()) / t)
     assert 3400 < pool.kv_bytes_per_token(t) < 3600      # about 1/4 of 584 B per ratio-4 layer and 1/128 per HCA
 
@@ -124,9 +130,15 @@ def test_decoding_far_past_the_window_keeps_token_pages_bounded(ratios: list[int
         assert pool.allocators["token"].in_use == len(held) <= span // bs + 2
         lo = first_needed_position(cfg, p + 1)
         assert st.tables["token"][:lo // bs] == [-1] * (lo // bs) and -1 not in st.tables["token"][lo // bs:]
-    for k in pool.kinds[1:]:
-        r = {"c4": 4, "c128": 128}[k]
-        assert pool.allocators[k].in_use == -(-(700 // r) // bs)
+        for k in ("state4", "state128"):
+            if k in pool.kinds:         # held from the start of the block before / of the unfinished block
+                sbs, lo = pool.block_sizes[k], first_needed_position(cfg, p + 1, k)
+                assert st.tables[k][:lo // sbs] == [-1] * (lo // sbs) and -1 not in st.tables[k][lo // sbs:]
+                assert pool.allocators[k].in_use <= (8 if k == "state4" else 128) // sbs + 2
+    for k in pool.kinds:
+        if k in ("c4", "c128"):
+            r = {"c4": 4, "c128": 128}[k]
+            assert pool.allocators[k].in_use == -(-(700 // r) // bs)
     pool.release("r")
     assert pool.pages_in_use() == dict.fromkeys(pool.kinds, 0)
 

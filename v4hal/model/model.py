@@ -334,6 +334,9 @@ class V4Model(nn.Module):
         if batch.block_size != pool.block_size:
             raise ShapeError(f"V4Model.{op}: batch block_size {batch.block_size} != pool block_size "
                              f"{pool.block_size}")
+        if batch.block_sizes != pool.block_sizes:
+            raise ShapeError(f"V4Model.{op}: batch page sizes per kind {batch.block_sizes} != the pool's "
+                             f"{pool.block_sizes}")
         if batch.input_ids.device != self.device or pool.device != self.device:
             raise ShapeError(f"V4Model.{op}: batch ({batch.input_ids.device}) and pool ({pool.device}) must be on "
                              f"the model's device {self.device}")

@@ -6,9 +6,10 @@ so the blocks run on ``[1, T, ...]`` as they do on one sequence. Attention per l
 
 1. q, kv as in `Attention.forward` with rope at each token's own position; kv gets V4's FP8 round trip
    and is written to the window cache at the token's slot (``paged_cache_write``);
-2. the compressor (``compressor_ragged``: projections, state kept per token position in the pool's token
-   pages, pooling, norm, rope) emits the entries this step completes; they get V4's round trip (FP8, or
-   Hadamard + FP4 for indexer keys) and are written to the compressed / indexer caches;
+2. the compressor (``compressor_ragged``: projections, state kept per token position in the pool's
+   ``"state4"`` / ``"state128"`` pages, pooling, norm, rope) emits the entries this step completes; they
+   get V4's round trip (FP8, or Hadamard + FP4 for indexer keys) and are written to the compressed /
+   indexer caches;
 3. picks per token: the window (its last ``window`` positions), and for ratio 4 the indexer's top-k
    (``indexer_topk_paged`` over the FP4 keys of the entries visible at that position), for ratio 128
    every visible entry; logical positions become slots with ``paged_slots``;
@@ -39,8 +40,9 @@ class PagedStep:
 
     ``positions`` / ``req_index`` int64 ``[T]``; ``token_slots`` int32 ``[T]``; ``window_slots`` int32
     ``[T, 1, window]`` (-1 before position 0 and past the token); ``tables[kind]`` int32 ``[T, pages]`` (the
-    token's request row); ``state_table`` int32 ``[B, pages]`` (token pages, released pages as block 0,
-    which the compressor never writes); ``c4_context`` int32 ``[T]`` (entries visible to each token);
+    token's request row); ``state_tables[ratio]`` int32 ``[B, pages]`` (the ``"state4"`` / ``"state128"``
+    pages of the ratio-4 / ratio-128 compressors, released pages as block 0, which the pool never hands
+    out); ``c4_context`` int32 ``[T]`` (entries visible to each token);
     ``c128_slots`` int32 ``[T, 1, n]`` (every visible ratio-128 entry, -1 past) or None when no token sees one.
     """
 
@@ -53,7 +55,7 @@ class PagedStep:
     token_slots: torch.Tensor
     window_slots: torch.Tensor
     tables: dict[str, torch.Tensor]
-    state_table: torch.Tensor
+    state_tables: dict[int, torch.Tensor]
     c4_context: torch.Tensor | None
     c128_slots: torch.Tensor | None
 
@@ -79,7 +81,8 @@ class PagedStep:
         return cls(batch=batch, caches=pool.layers, attn_layout=pool.attn_layout,
                    indexer_layout=pool.indexer_layout, positions=pos, req_index=req,
                    token_slots=batch.token_slots, window_slots=window_slots, tables=tables,
-                   state_table=batch.block_tables["token"].clamp_min(0), c4_context=c4_context,
+                   state_tables={r: batch.block_tables[f"state{r}"].clamp_min(0) for r in (4, 128)
+                                 if f"state{r}" in batch.block_tables}, c4_context=c4_context,
                    c128_slots=c128_slots)
 
 
@@ -89,8 +92,8 @@ def _compress(comp, x2: torch.Tensor, step: PagedStep, state: torch.Tensor, eps:
     with their request rows and entry indices (-1 for unused rows)."""
     b = step.batch
     entries, req, epos = v4hal.compressor_ragged(
-        x2, comp.wkv.weight, comp.wgate.weight, comp.ape, comp.norm.weight, freqs_cis, state, step.state_table,
-        b.cu_seqlens, b.start_pos, comp.ratio, eps)
+        x2, comp.wkv.weight, comp.wgate.weight, comp.ape, comp.norm.weight, freqs_cis, state,
+        step.state_tables[comp.ratio], b.cu_seqlens, b.start_pos, comp.ratio, eps)
     if comp.rotate:
         entries = v4hal.hadamard_transform(entries)
         v4hal.fp4_act_quant(entries, 32, inplace=True)

@@ -3,12 +3,17 @@ and slots the paged caches are addressed with.
 
 Page kinds (`KINDS`) and what one entry of each is:
 
-- ``"token"``: one token position ``p`` (page ``p // block_size``): the sliding-window KV of every layer
-  and the compressors' fp32 state (the projections of each recent token).
+- ``"token"``: one token position ``p`` (page ``p // block_size``): the sliding-window KV of every layer.
 - ``"c4"``: one compressed entry ``j = p // 4`` of the ratio-4 layers (KV and indexer keys).
 - ``"c128"``: one compressed entry ``j = p // 128`` of the ratio-128 layers.
+- ``"state4"`` / ``"state128"``: one token position ``p`` (page ``p // state_block_size``): the fp32 state
+  (the ``kv | score`` projections of the position) of the ratio-4 layers' compressors (main and indexer) /
+  of the ratio-128 layers' compressor. Block 0 of a state kind is never handed out: the compressor reads a
+  table entry 0 as "not kept", and released pages are passed to it as 0.
 
-A slot is ``block * block_size + offset``; ``-1`` means "no slot".
+The position kinds (`POSITION_KINDS`) release their pages behind `first_needed_position` as a request
+advances; compressed pages stay until the request ends. A slot is ``block * block_size + offset``; ``-1``
+means "no slot".
 """
 from __future__ import annotations
 
@@ -20,37 +25,54 @@ import torch
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 from v4hal.model.config import ModelConfig
 
-__all__ = ["KINDS", "RATIO", "ForwardBatch", "build_batch", "kinds_of", "first_needed_position", "pages_needed",
-           "written_pages"]
+__all__ = ["KINDS", "RATIO", "POSITION_KINDS", "STATE_KINDS", "STATE_BLOCK_SIZE", "ForwardBatch", "block_sizes_of",
+           "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages"]
 
 #: The page kinds, and the token positions one entry of each covers.
-KINDS: tuple[str, ...] = ("token", "c4", "c128")
-RATIO: dict[str, int] = {"token": 1, "c4": 4, "c128": 128}
+KINDS: tuple[str, ...] = ("token", "c4", "c128", "state4", "state128")
+RATIO: dict[str, int] = {"token": 1, "c4": 4, "c128": 128, "state4": 1, "state128": 1}
+#: kinds whose entries are token positions (pages released behind `first_needed_position`)
+POSITION_KINDS: tuple[str, ...] = ("token", "state4", "state128")
+#: compressor-state kinds: their own page size, block 0 reserved
+STATE_KINDS: tuple[str, ...] = ("state4", "state128")
+#: default page size of the state kinds (positions per page)
+STATE_BLOCK_SIZE = 16
+#: the compress ratio whose layers use each kind (0: every layer)
+_LAYERS = {"token": 0, "c4": 4, "c128": 128, "state4": 4, "state128": 128}
 
 
 def kinds_of(cfg: ModelConfig) -> tuple[str, ...]:
     """The page kinds ``cfg``'s layers use (main and MTP): always ``"token"``, then ``"c4"`` / ``"c128"``
-    when some layer has compress ratio 4 / 128."""
-    return tuple(k for k in KINDS if k == "token" or RATIO[k] in cfg.compress_ratios)
+    and ``"state4"`` / ``"state128"`` when some layer has compress ratio 4 / 128."""
+    return tuple(k for k in KINDS if _LAYERS[k] == 0 or _LAYERS[k] in cfg.compress_ratios)
 
 
-def first_needed_position(cfg: ModelConfig, p: int) -> int:
-    """The first token position whose window KV or compressor state a step at position ``p`` (or later)
-    still reads: ``p - window + 1``, the start of the unfinished ratio-128 block, and for ratio 4 the
-    start of the block before the unfinished one (overlapping pooling); clamped at 0."""
-    lo = p - cfg.window_size + 1
-    if 128 in cfg.compress_ratios:
-        lo = min(lo, p // 128 * 128)
-    if 4 in cfg.compress_ratios:
-        lo = min(lo, p // 4 * 4 - 4)
+def first_needed_position(cfg: ModelConfig, p: int, kind: str = "token") -> int:
+    """The first position of a position kind a step at position ``p`` (or later) still reads, clamped at
+    0: ``"token"`` (window KV) ``p - window + 1``; ``"state4"`` (ratio-4 compressor state) the start of the
+    block before the unfinished one, ``p // 4 * 4 - 4`` (overlapping pooling); ``"state128"`` the start of
+    the unfinished block, ``p // 128 * 128``."""
+    if kind == "token":
+        lo = p - cfg.window_size + 1
+    elif kind == "state4":
+        lo = p // 4 * 4 - 4
+    elif kind == "state128":
+        lo = p // 128 * 128
+    else:
+        raise RangeError(f"first_needed_position: kind must be one of {list(POSITION_KINDS)}, got {kind!r}")
     return max(lo, 0)
 
 
 def pages_needed(kind: str, end: int, block_size: int) -> int:
-    """Pages of ``kind`` that positions ``0 .. end-1`` fill: ``ceil(end / bs)`` token pages, or the pages of
-    the ``end // ratio`` compressed entries completed by then."""
-    n = end if kind == "token" else end // RATIO[kind]
+    """Pages of ``kind`` (of ``block_size`` entries) that positions ``0 .. end-1`` fill: ``ceil(end / bs)``
+    for a position kind, or the pages of the ``end // ratio`` compressed entries completed by then."""
+    n = end // RATIO[kind]
     return -(-n // block_size)
+
+
+def block_sizes_of(kinds: Sequence[str], block_size: int, state_block_size: int) -> dict[str, int]:
+    """Page size of each kind: ``state_block_size`` for the state kinds, ``block_size`` for the others."""
+    return {k: state_block_size if k in STATE_KINDS else block_size for k in kinds}
 
 
 @dataclass(frozen=True)
@@ -61,9 +83,11 @@ class ForwardBatch:
     of the token's request in this batch); ``cu_seqlens [B+1]`` int32 (request ``b``'s tokens are rows
     ``cu_seqlens[b] .. cu_seqlens[b+1]-1``); ``start_pos [B]`` int32 (first new position); ``seq_lens [B]``
     int32 (positions computed after this step); ``block_tables[kind] [B, max_pages]`` int32, ``-1`` padded
-    (and ``-1`` for pages released behind the window); ``token_slots [T]`` int32, the token-kind slot each
-    token's window KV and compressor state go to; ``entry_slots[kind] [T]`` int32 for ``"c4"``/``"c128"``:
-    the slot of the compressed entry the token completes (``(p + 1) % ratio == 0``), else -1;
+    (and ``-1`` for pages released behind `first_needed_position`), pages of ``block_sizes[kind]`` entries
+    (``block_size`` for ``"token"`` / ``"c4"`` / ``"c128"``, the state page size for ``"state4"`` /
+    ``"state128"``); ``token_slots [T]`` int32, the token-kind slot each token's window KV goes to;
+    ``entry_slots[kind] [T]`` int32 for ``"c4"``/``"c128"``: the slot of the compressed entry the token
+    completes (``(p + 1) % ratio == 0``), else -1;
     ``last_token_index [B]`` int64, the row of each request's last token (for logits).
 
     Host copies: ``req_ids``, ``query_lens`` and ``start_positions`` (Python ints, no device sync).
@@ -80,6 +104,7 @@ class ForwardBatch:
     start_pos: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: dict[str, torch.Tensor]
+    block_sizes: dict[str, int]
     token_slots: torch.Tensor
     entry_slots: dict[str, torch.Tensor]
     last_token_index: torch.Tensor
@@ -104,14 +129,16 @@ class ForwardBatch:
     @classmethod
     def from_block_tables(cls, cfg: ModelConfig, *, req_ids: Sequence[Hashable], input_ids: torch.Tensor,
                           cu_seqlens: torch.Tensor, start_pos: torch.Tensor, block_tables: dict[str, torch.Tensor],
-                          block_size: int, num_blocks: dict[str, int] | None = None) -> "ForwardBatch":
+                          block_size: int, num_blocks: dict[str, int] | None = None,
+                          state_block_size: int = STATE_BLOCK_SIZE) -> "ForwardBatch":
         """A batch over a runtime's own page tables (no `CachePool`).
 
         ``input_ids [T]`` int64, ``cu_seqlens [B+1]`` int32, ``start_pos [B]`` int32, ``block_tables`` int32
-        ``[B, pages]`` for every kind of ``cfg`` (`kinds_of`), ``num_blocks`` per kind to bound the block ids.
+        ``[B, pages]`` for every kind of ``cfg`` (`kinds_of`), pages of ``block_size`` entries (of
+        ``state_block_size`` for the state kinds), ``num_blocks`` per kind to bound the block ids.
         Checked (reading the tensors, one host sync): dtypes, shapes and devices agree; each request has
         >= 1 token and ends at or before ``cfg.max_seq_len``; each table holds a block (not -1) for every page
-        the step reads or writes (window and compressor-state positions from `first_needed_position`, every
+        the step reads or writes (each position kind's positions from its `first_needed_position`, every
         compressed entry up to the step's end); no block id past ``num_blocks``; no slot written by two
         requests (or twice by one). Raises `ShapeError` / `DTypeError` / `RangeError`.
         """
@@ -132,8 +159,9 @@ class ForwardBatch:
             dt = want.get(name, torch.int32)
             if t.dtype != dt:
                 raise DTypeError(f"{op}: {name} must be {str(dt)[6:]}, got {str(t.dtype)[6:]}")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise RangeError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
+        for name, v in (("block_size", block_size), ("state_block_size", state_block_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RangeError(f"{op}: {name} must be an int >= 1, got {v!r}")
         ids = list(req_ids)
         b = len(ids)
         if b == 0:
@@ -176,13 +204,15 @@ class ForwardBatch:
                     bound = f"[-1, {cap})" if cap is not None else ">= -1"
                     raise RangeError(f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) holds block ids "
                                      f"outside {bound}: {bad[:4]}")
-        _check_coverage(op, cfg, ids, starts, lens, tables, block_size)
-        return build_batch(cfg, ids, tokens, starts, lens, tables, block_size, input_ids.device)
+        sizes = block_sizes_of(kinds, block_size, state_block_size)
+        _check_coverage(op, cfg, ids, starts, lens, tables, sizes)
+        return build_batch(cfg, ids, tokens, starts, lens, tables, block_size, input_ids.device,
+                           state_block_size=state_block_size)
 
 
 def written_pages(kind: str, start: int, end: int, block_size: int) -> range:
-    """Page indices of ``kind`` that positions ``start .. end-1`` write."""
-    if kind == "token":
+    """Page indices of ``kind`` (pages of ``block_size`` entries) that positions ``start .. end-1`` write."""
+    if kind in POSITION_KINDS:
         return range(start // block_size, (end - 1) // block_size + 1)
     r = RATIO[kind]
     lo, hi = start // r, end // r      # entries completed by this step
@@ -190,14 +220,16 @@ def written_pages(kind: str, start: int, end: int, block_size: int) -> range:
 
 
 def _check_coverage(op: str, cfg: ModelConfig, ids: list, starts: list[int], lens: list[int],
-                    tables: dict[str, list[list[int]]], block_size: int) -> None:
-    """Each request's table holds every page its step reads or writes; no written slot is shared."""
+                    tables: dict[str, list[list[int]]], block_sizes: dict[str, int]) -> None:
+    """Each request's table holds every page its step reads or writes (position kinds from their own
+    `first_needed_position`); no written slot is shared."""
     for k, rows in tables.items():
+        block_size = block_sizes[k]
         writers: dict[int, Hashable] = {}
         for i, row in enumerate(rows):
             start, end = starts[i], starts[i] + lens[i]
-            if k == "token":
-                need = range(first_needed_position(cfg, start) // block_size, pages_needed(k, end, block_size))
+            if k in POSITION_KINDS:
+                need = range(first_needed_position(cfg, start, k) // block_size, pages_needed(k, end, block_size))
             else:
                 need = range(pages_needed(k, end, block_size))
             missing = [p for p in need if p >= len(row) or row[p] < 0]
@@ -219,9 +251,10 @@ def _check_coverage(op: str, cfg: ModelConfig, ids: list, starts: list[int], len
 
 def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[int], starts: Sequence[int],
                 lens: Sequence[int], tables: dict[str, Sequence[Sequence[int]]], block_size: int,
-                device: torch.device | str | None) -> ForwardBatch:
+                device: torch.device | str | None, *, state_block_size: int = STATE_BLOCK_SIZE) -> ForwardBatch:
     """Assemble a `ForwardBatch` from host lists the caller has validated (``tokens``: the ``sum(lens)``
-    new token ids in request order; ``tables[kind][b]``: request ``b``'s block ids)."""
+    new token ids in request order; ``tables[kind][b]``: request ``b``'s block ids, pages of ``block_size``
+    entries, ``state_block_size`` for the state kinds)."""
     b = len(req_ids)
     n = torch.tensor(list(lens), dtype=torch.int64)
     s = torch.tensor(list(starts), dtype=torch.int64)
@@ -244,7 +277,7 @@ def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[
     token_slots = slot_of("token", positions)
     entry_slots = {}
     for k in tables:
-        if k != "token":
+        if k not in POSITION_KINDS:
             r = RATIO[k]
             done = (positions + 1) % r == 0
             entry = torch.where(done, positions // r, 0)
@@ -259,5 +292,6 @@ def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[
         start_positions=tuple(int(x) for x in starts),
         input_ids=torch.tensor(list(tokens), dtype=torch.int64, device=dev), positions=i32(positions),
         req_index=i32(req_index), cu_seqlens=i32(cu), start_pos=i32(s), seq_lens=i32(s + n),
-        block_tables={k: i32(v) for k, v in block_tables.items()}, token_slots=i32(token_slots),
+        block_tables={k: i32(v) for k, v in block_tables.items()},
+        block_sizes=block_sizes_of(tuple(tables), block_size, state_block_size), token_slots=i32(token_slots),
         entry_slots={k: i32(v) for k, v in entry_slots.items()}, last_token_index=(cu[1:] - 1).to(dev))

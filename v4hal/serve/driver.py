@@ -38,7 +38,7 @@ from v4hal.hal.errors import RangeError
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
 
-from .batch import kinds_of, pages_needed
+from .batch import STATE_BLOCK_SIZE, block_sizes_of, kinds_of, pages_needed
 from .engine import Engine
 from .pool import CachePool, cache_layouts
 
@@ -131,11 +131,13 @@ def check_workload(cfg: ModelConfig, *, requests: int, prompt_len: int, max_new_
             raise RangeError(f"{name('layout')} {layout}: {what}: {why}")
 
 
-def pool_blocks(cfg: ModelConfig, lengths: Sequence[int], max_new_tokens: int, block_size: int) -> dict[str, int]:
-    """Pages per kind that hold every request at once at its full length (no page released): enough for any
-    schedule of these requests, prefix reuse included (a reused page is one fewer to allocate)."""
-    return {k: max(1, sum(pages_needed(k, n + max_new_tokens - 1, block_size) for n in lengths))
-            for k in kinds_of(cfg)}
+def pool_blocks(cfg: ModelConfig, lengths: Sequence[int], max_new_tokens: int, block_size: int,
+                state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
+    """Pages per kind (of ``block_size`` entries, ``state_block_size`` for the state kinds) that hold every
+    request at once at its full length (no page released): enough for any schedule of these requests,
+    prefix reuse included (a reused page is one fewer to allocate)."""
+    sizes = block_sizes_of(kinds_of(cfg), block_size, state_block_size)
+    return {k: max(1, sum(pages_needed(k, n + max_new_tokens - 1, bs) for n in lengths)) for k, bs in sizes.items()}
 
 
 def _sync(device: torch.device) -> None:

@@ -6,13 +6,13 @@ Per layer (main and MTP), by compress ratio ``r``:
 - window cache (``"token"`` pages, attention layout, ``head_dim`` wide), every layer;
 - compressed cache (``"c4"`` / ``"c128"`` pages, attention layout), ``r > 0``;
 - indexer cache (``"c4"`` pages, indexer layout, ``index_head_dim`` wide), ``r == 4``;
-- compressor state, fp32 ``[blocks, block_size, 2 * coff * D]`` (``"token"`` pages: the ``kv | score``
-  projections of each token, ``coff = 2`` for ratio 4 else 1), ``D = head_dim`` for the layer's compressor
-  (``r > 0``) and ``index_head_dim`` for the indexer's (``r == 4``).
+- compressor state, fp32 ``[blocks, state_block_size, 2 * coff * D]`` (``"state4"`` / ``"state128"`` pages:
+  the ``kv | score`` projections of each position, ``coff = 2`` for ratio 4 else 1), ``D = head_dim`` for
+  the layer's compressor (``r > 0``) and ``index_head_dim`` for the indexer's (``r == 4``).
 
 A request's pages are reserved by `CachePool.plan` before a step, marked computed by `CachePool.advance`
-(which frees token pages no later position reads) and freed by `CachePool.release`. Every method checks
-its input before it changes anything: after an error the pool is as it was.
+(which frees the pages of each position kind that no later position reads) and freed by
+`CachePool.release`. Every method checks its input before it changes anything: after an error the pool is as it was.
 """
 from __future__ import annotations
 
@@ -26,7 +26,19 @@ from v4hal.hal.errors import RangeError, ShapeError
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
-from .batch import RATIO, ForwardBatch, build_batch, first_needed_position, kinds_of, pages_needed, written_pages
+from .batch import (
+    POSITION_KINDS,
+    RATIO,
+    STATE_BLOCK_SIZE,
+    STATE_KINDS,
+    ForwardBatch,
+    block_sizes_of,
+    build_batch,
+    first_needed_position,
+    kinds_of,
+    pages_needed,
+    written_pages,
+)
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
 
@@ -116,10 +128,10 @@ def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list
             kind = "c4" if r == 4 else "c128"
             coff = 2 if r == 4 else 1
             out.append(CacheSpec(i, "compressed", kind, attn_layout, cfg.head_dim))
-            out.append(CacheSpec(i, "state", "token", None, 2 * coff * cfg.head_dim))
+            out.append(CacheSpec(i, "state", f"state{r}", None, 2 * coff * cfg.head_dim))
         if r == 4:
             out.append(CacheSpec(i, "indexer", "c4", indexer_layout, cfg.index_head_dim))
-            out.append(CacheSpec(i, "index_state", "token", None, 2 * 2 * cfg.index_head_dim))
+            out.append(CacheSpec(i, "index_state", "state4", None, 2 * 2 * cfg.index_head_dim))
     return out
 
 
@@ -128,14 +140,16 @@ class CachePool:
 
     ``blocks[kind]``: pages of each kind (default: ``max_batch_size`` sequences of ``max_seq_len``);
     ``block_size``: entries per page (tokens for ``"token"``, compressed entries for ``"c4"``/``"c128"``);
+    ``state_block_size``: positions per page of the compressor-state kinds ``"state4"`` / ``"state128"``
+    (whose block 0 is reserved: ``blocks`` counts the pages handed out);
     ``attn_layout`` / ``indexer_layout``: `v4hal.ops.paged.PAGED_LAYOUTS` names (default: `cache_layouts` of
     the device; ``model1_fp8`` needs ``rope_head_dim == 64``); ``allocate=False`` builds
     the allocators and byte accounting only (no tensors), e.g. to size a 1M-token cache.
     """
 
     def __init__(self, cfg: ModelConfig, *, blocks: dict[str, int] | None = None, block_size: int = 64,
-                 device: str | torch.device | None = None, attn_layout: str | None = None,
-                 indexer_layout: str | None = None, allocate: bool = True) -> None:
+                 state_block_size: int = STATE_BLOCK_SIZE, device: str | torch.device | None = None,
+                 attn_layout: str | None = None, indexer_layout: str | None = None, allocate: bool = True) -> None:
         op = "CachePool"
         if not isinstance(cfg, ModelConfig):
             raise RangeError(f"{op}: cfg must be a ModelConfig, got {type(cfg).__name__}")
@@ -145,20 +159,23 @@ class CachePool:
         if attn_layout == "model1_fp8" and cfg.rope_head_dim != MODEL1_ROPE:
             raise ShapeError(f"{op}: attn_layout 'model1_fp8' stores the last {MODEL1_ROPE} values of an entry as "
                              f"bf16 (the rope dims), got rope_head_dim {cfg.rope_head_dim}; use attn_layout='bf16'")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise RangeError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
+        for name, v in (("block_size", block_size), ("state_block_size", state_block_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RangeError(f"{op}: {name} must be an int >= 1, got {v!r}")
         for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):
             if lay not in PAGED_LAYOUTS:
                 raise RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {lay!r}")
-        self.cfg, self.block_size = cfg, block_size
+        self.cfg, self.block_size, self.state_block_size = cfg, block_size, state_block_size
         self.attn_layout, self.indexer_layout = attn_layout, indexer_layout
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.kinds = kinds_of(cfg)
+        #: entries per page of each kind
+        self.block_sizes = block_sizes_of(self.kinds, block_size, state_block_size)
         blocks = {} if blocks is None else dict(blocks)
         unknown = [k for k in blocks if k not in self.kinds]
         if unknown:
             raise RangeError(f"{op}: blocks has kinds {unknown} this config does not use; kinds: {list(self.kinds)}")
-        counts = {k: blocks.get(k, max(1, cfg.max_batch_size * pages_needed(k, cfg.max_seq_len, block_size)))
+        counts = {k: blocks.get(k, max(1, cfg.max_batch_size * pages_needed(k, cfg.max_seq_len, self.block_sizes[k])))
                   for k in self.kinds}
         for k, n in counts.items():
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -168,16 +185,16 @@ class CachePool:
             for s in self.specs:
                 if s.layout is not None:
                     _check_width(s.layout, s.dim, f"{op} (layer {s.layer} {s.name} cache)")
-        # token block 0 is never handed out: the compressor reads a state table entry 0 as "not kept"
+        # state block 0 is never handed out: the compressor reads a state table entry 0 as "not kept"
         # (released pages are passed to it as block 0), so no live position may live there
-        self.allocators = {k: PageAllocator(counts[k] + (k == "token"), k, first=int(k == "token"))
+        self.allocators = {k: PageAllocator(counts[k] + (k in STATE_KINDS), k, first=int(k in STATE_KINDS))
                            for k in self.kinds}
         self.layers = [LayerCaches(r) for r in cfg.compress_ratios]
         if allocate:
             for s in self.specs:
-                n = counts[s.kind] + (s.kind == "token")
-                t = (torch.zeros(n, block_size, s.dim, dtype=torch.float32, device=self.device) if s.layout is None
-                     else alloc_cache(n, block_size, s.layout, s.dim, self.device))
+                n, bs = counts[s.kind] + (s.kind in STATE_KINDS), self.block_sizes[s.kind]
+                t = (torch.zeros(n, bs, s.dim, dtype=torch.float32, device=self.device) if s.layout is None
+                     else alloc_cache(n, bs, s.layout, s.dim, self.device))
                 setattr(self.layers[s.layer], s.name, t)
         self.allocated = allocate
         self.requests: dict[Hashable, RequestState] = {}
@@ -185,14 +202,15 @@ class CachePool:
 
     # ------------------------------------------------------------------ bytes
     def page_bytes(self) -> dict[str, int]:
-        """Bytes of one page of each kind, summed over every layer's tensors of that kind. Raises
+        """Bytes of one page of each kind (of that kind's page size), summed over every layer's tensors of
+        that kind. Raises
         `ShapeError` when a layout holds no entries of the config's width."""
         out = dict.fromkeys(self.kinds, 0)
         for s in self.specs:
             if s.layout is not None:
                 _check_width(s.layout, s.dim, f"CachePool.page_bytes (layer {s.layer} {s.name} cache)")
-            out[s.kind] += (4 * s.dim * self.block_size if s.layout is None
-                            else PAGED_LAYOUTS[s.layout].page_bytes(s.dim, self.block_size))
+            bs = self.block_sizes[s.kind]
+            out[s.kind] += (4 * s.dim * bs if s.layout is None else PAGED_LAYOUTS[s.layout].page_bytes(s.dim, bs))
         return out
 
     def pages_in_use(self) -> dict[str, int]:
@@ -205,13 +223,13 @@ class CachePool:
         return sum(pb[k] * a.in_use for k, a in self.allocators.items())
 
     def request_bytes(self, tokens: int) -> dict[str, int]:
-        """Bytes per kind one request holds once ``tokens`` positions are computed (token pages behind
-        `first_needed_position` released)."""
+        """Bytes per kind one request holds once ``tokens`` positions are computed (pages of each position
+        kind behind its `first_needed_position` released)."""
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise RangeError(f"CachePool.request_bytes: tokens must be an int >= 1, got {tokens!r}")
-        bs, pb = self.block_size, self.page_bytes()
-        held = {k: pages_needed(k, tokens, bs) for k in self.kinds}
-        held["token"] -= first_needed_position(self.cfg, tokens) // bs
+        pb, bs = self.page_bytes(), self.block_sizes
+        held = {k: pages_needed(k, tokens, bs[k]) - (first_needed_position(self.cfg, tokens, k) // bs[k]
+                                                     if k in POSITION_KINDS else 0) for k in self.kinds}
         return {k: held[k] * pb[k] for k in self.kinds}
 
     def kv_bytes_per_token(self, tokens: int) -> float:
@@ -254,7 +272,7 @@ class CachePool:
     def add_request(self, req_id: Hashable, prompt_tokens: Sequence[int]) -> RequestState:
         """Start request ``req_id`` with its prompt. When a registered prefix of the prompt (leaving >= 1
         token to compute) is found, the request starts at ``computed = P`` on that prefix's pages: full
-        pages shared, a compressed kind's partly filled last page copied into a fresh page."""
+        pages shared, a partly filled last page (a compressed or state kind's) copied into a fresh page."""
         if not isinstance(req_id, Hashable) or req_id in self.requests:
             raise RangeError(f"CachePool.add_request: req_id must be a new hashable id, got {req_id!r}"
                              + (" (already active)" if isinstance(req_id, Hashable) else ""))
@@ -328,7 +346,7 @@ class CachePool:
 
     def _plan(self, items: Iterable[tuple[Hashable, int]]) -> None:
         checked = self._check_items("plan", items, planned=False, known=False)
-        grow = [(st, n, {k: max(0, pages_needed(k, st.computed + n, self.block_size) - len(st.tables[k]))
+        grow = [(st, n, {k: max(0, pages_needed(k, st.computed + n, self.block_sizes[k]) - len(st.tables[k]))
                          for k in self.kinds}) for st, n in checked]
         need = Counter()
         for _, _, g in grow:
@@ -341,8 +359,8 @@ class CachePool:
             st.reserved = max(st.reserved, st.computed + n)
 
     def advance(self, req_id: Hashable, n_tokens: int) -> None:
-        """Mark positions ``computed .. computed+n_tokens-1`` computed and free the token pages entirely
-        before `first_needed_position` of the next position."""
+        """Mark positions ``computed .. computed+n_tokens-1`` computed and free the pages of each position
+        kind entirely before its `first_needed_position` of the next position."""
         ((st, n),) = self._check_items("advance", [(req_id, n_tokens)], planned=True, known=True)
         self._advance(st, n)
 
@@ -366,11 +384,12 @@ class CachePool:
             bs = self.block_size
             for length in range((start // bs + 1) * bs, min(st.computed, st.prompt_len) + 1, bs):
                 self.register_prefix(st.req_id, length)
-        table = st.tables["token"]
-        stop = min(first_needed_position(self.cfg, st.computed) // self.block_size, len(table))
-        behind = [b for b in table[:stop] if b >= 0]
-        self.allocators["token"].free(behind)
-        table[:stop] = [-1] * stop
+        for k in self.kinds:
+            if k in POSITION_KINDS:
+                table = st.tables[k]
+                stop = min(first_needed_position(self.cfg, st.computed, k) // self.block_sizes[k], len(table))
+                self.allocators[k].free([b for b in table[:stop] if b >= 0])
+                table[:stop] = [-1] * stop
 
     def release(self, req_id: Hashable) -> None:
         """Free every page of request ``req_id`` and forget it (error if not active; nothing changes)."""
@@ -385,17 +404,17 @@ class CachePool:
         """The `ForwardBatch` of ``items`` = ``[(req_id, n_tokens), ...]`` (each request's next ``n_tokens``
         positions, already planned) on ``device`` (default: the pool's)."""
         checked = self._check_items("build_batch", items, planned=True, known=True)
-        bs = self.block_size
         for st, n in checked:
             for k in self.kinds:
-                pages = written_pages(k, st.computed, st.computed + n, bs)
+                pages = written_pages(k, st.computed, st.computed + n, self.block_sizes[k])
                 if pages and pages.start < st.shared[k]:
                     raise RangeError(f"CachePool.build_batch: request {st.req_id!r} would write {k} page "
                                      f"{pages.start}, which it shares with a registered prefix")
         tokens = [t for st, n in checked for t in st.tokens[st.computed:st.computed + n]]
         return build_batch(self.cfg, [st.req_id for st, _ in checked], tokens, [st.computed for st, _ in checked],
                            [n for _, n in checked], {k: [st.tables[k] for st, _ in checked] for k in self.kinds},
-                           bs, self.device if device is None else device)
+                           self.block_size, self.device if device is None else device,
+                           state_block_size=self.state_block_size)
 
     def schedule(self, items: Sequence[tuple[Hashable, int]],
                  device: str | torch.device | None = None) -> ForwardBatch:
@@ -408,9 +427,10 @@ class CachePool:
     # ------------------------------------------------------------------ prefixes
     def register_prefix(self, req_id: Hashable, length: int | None = None) -> PrefixEntry | None:
         """Register the first ``length`` tokens of request ``req_id`` (a multiple of ``block_size``, at most
-        ``computed``) as a reusable prefix; the entry shares the token pages a continuation at ``length``
-        reads and the compressed pages of entries ``< length // ratio``. ``length=None``: the longest
-        such prefix whose token pages are still held (None when there is none). Registering a prefix
+        ``computed``) as a reusable prefix; the entry shares the pages of each position kind a continuation
+        at ``length`` reads (from its `first_needed_position`; a partly filled last state page is copied on
+        reuse) and the compressed pages of entries ``< length // ratio``. ``length=None``: the longest
+        such prefix whose position pages are still held (None when there is none). Registering a prefix
         already registered returns that entry."""
         op = "CachePool.register_prefix"
         st = self._state("register_prefix", req_id)
@@ -424,8 +444,10 @@ class CachePool:
             raise RangeError(f"{op}: length must be a multiple of block_size = {bs} in [{bs}, computed = "
                              f"{st.computed}], got {length!r}")
         elif not self._prefix_pages_held(st, length):
-            raise RangeError(f"{op}: request {req_id!r} no longer holds the token pages a continuation at "
-                             f"{length} reads (positions from {first_needed_position(self.cfg, length)})")
+            lows = ", ".join(f"{k} from {first_needed_position(self.cfg, length, k)}"
+                             for k in self.kinds if k in POSITION_KINDS)
+            raise RangeError(f"{op}: request {req_id!r} no longer holds the token pages (window KV or compressor "
+                             f"state) a continuation at {length} reads (positions: {lows})")
         if st.source is None or len(st.source) < length:
             st.source = tuple(st.tokens)
         h = self.prefix.chain(st.source, length // bs, st.chain)[length // bs - 1]
@@ -433,14 +455,14 @@ class CachePool:
         if found is not None:
             self.prefix.touch(found)
             return found
-        lo_page = first_needed_position(self.cfg, length) // bs
-        pages = {"token": [-1] * lo_page + st.tables["token"][lo_page:length // bs]}
-        partial = {"token": False}
+        pages: dict[str, list[int]] = {}
+        partial: dict[str, bool] = {}
         for k in self.kinds:
-            if k != "token":
-                entries = length // RATIO[k]
-                pages[k] = st.tables[k][:pages_needed(k, length, bs)]
-                partial[k] = entries % bs != 0
+            kbs = self.block_sizes[k]
+            entries = length // RATIO[k]
+            lo_page = first_needed_position(self.cfg, length, k) // kbs if k in POSITION_KINDS else 0
+            pages[k] = [-1] * lo_page + st.tables[k][lo_page:pages_needed(k, length, kbs)]
+            partial[k] = entries % kbs != 0
         for k in self.kinds:
             self.allocators[k].share([b for b in pages[k] if b >= 0])
         entry = PrefixEntry(st.source, length, pages, partial)
@@ -448,8 +470,13 @@ class CachePool:
         return entry
 
     def _prefix_pages_held(self, st: RequestState, length: int) -> bool:
-        lo_page = first_needed_position(self.cfg, length) // self.block_size
-        return all(b >= 0 for b in st.tables["token"][lo_page:length // self.block_size])
+        for k in self.kinds:
+            if k in POSITION_KINDS:
+                kbs = self.block_sizes[k]
+                lo_page = first_needed_position(self.cfg, length, k) // kbs
+                if not all(b >= 0 for b in st.tables[k][lo_page:pages_needed(k, length, kbs)]):
+                    return False
+        return True
 
     def evict_prefix(self, entry: PrefixEntry) -> None:
         """Forget a registered prefix and free the page references it holds (`RangeError` when it is not
@@ -501,23 +528,25 @@ class CachePool:
                 if s.layout is None:
                     pages = t.view(t.shape[0], -1)
                 else:
-                    n = PAGED_LAYOUTS[s.layout].page_bytes(s.dim, self.block_size) // t.element_size()
+                    n = PAGED_LAYOUTS[s.layout].page_bytes(s.dim, self.block_sizes[kind]) // t.element_size()
                     pages = t.as_strided((t.shape[0], n), (n, 1), t.storage_offset())
                 pages[dst].copy_(pages[src])
 
 
 def memory_table(presets: Sequence[str] = ("v4-flash", "v4-pro"), tokens: int = 1 << 20, *,
                  layouts: Sequence[tuple[str, str]] = (("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")),
-                 block_size: int = 64) -> list[dict[str, object]]:
+                 block_size: int = 64, state_block_size: int = STATE_BLOCK_SIZE) -> list[dict[str, object]]:
     """Cache bytes of one ``tokens``-long request per preset and (attention, indexer) layout pair, from a pool
-    built with ``allocate=False``. Rows: ``config``, ``attn_layout``, ``indexer_layout``, ``tokens``,
-    ``kv_bytes_per_token``, ``total_bytes`` and ``bytes_by_kind``."""
+    built with ``allocate=False`` (pages of ``block_size`` entries, ``state_block_size`` for the state
+    kinds). Rows: ``config``, ``attn_layout``, ``indexer_layout``, ``tokens``, ``kv_bytes_per_token``,
+    ``total_bytes`` and ``bytes_by_kind`` (per page kind)."""
     rows = []
     for name in presets:
         cfg = ModelConfig.preset(name)
         cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, tokens), max_batch_size=1)
         for attn, idx in layouts:
-            pool = CachePool(cfg, block_size=block_size, attn_layout=attn, indexer_layout=idx, allocate=False)
+            pool = CachePool(cfg, block_size=block_size, state_block_size=state_block_size, attn_layout=attn,
+                             indexer_layout=idx, allocate=False)
             by_kind = pool.request_bytes(tokens)
             total = sum(by_kind.values())
             rows.append({"config": name, "attn_layout": attn, "indexer_layout": idx, "tokens": tokens,

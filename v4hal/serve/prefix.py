@@ -25,9 +25,10 @@ def page_hash(prev: int, tokens: Sequence[int]) -> int:
 class PrefixEntry:
     """A registered prefix of ``length`` tokens (a multiple of the token page size).
 
-    ``pages[kind]``: the block ids held, by page index (``-1`` for token pages no continuation needs);
-    ``partial[kind]``: True when the last page of a compressed kind also has room for entries past
-    ``length // ratio`` (it is copied, not shared, on reuse)."""
+    ``pages[kind]``: the block ids held, by page index (``-1`` for pages of a position kind, window or
+    compressor state, that no continuation needs); ``partial[kind]``: True when the last page also has
+    room for entries past ``length // ratio`` (a compressed kind's, or a state kind's whose page size does
+    not divide ``length``: it is copied, not shared, on reuse)."""
 
     source: tuple[int, ...]
     length: int
