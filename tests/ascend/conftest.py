@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
+import torch
 
 import v4hal
 from v4hal.backends.ascend import limits, register
@@ -49,3 +50,36 @@ def _session(chip: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNPU]:
 def paths(op: str) -> list[str]:
     """The paths (``native:...`` / ``reference: ...`` / ``dequant: ...``) that served ``op`` so far."""
     return [path for (name, _chip, path), _n in limits.stats().items() if name == op]
+
+
+def ascend(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every op on the Ascend backend."""
+    with v4hal.use_backend("ascend"):
+        return fn(*args, **kwargs)
+
+
+def reference(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every op on the reference backend."""
+    with v4hal.use_backend("reference"):
+        return fn(*args, **kwargs)
+
+
+def both(fn, *args, **kwargs):
+    """(Ascend result, reference result) of one call."""
+    return ascend(fn, *args, **kwargs), reference(fn, *args, **kwargs)
+
+
+def native(op: str) -> bool:
+    """Whether a CANN op served ``op`` so far."""
+    return any(p.startswith("native:") for p in paths(op))
+
+
+def fell_back(op: str, text: str) -> bool:
+    """Whether ``op`` fell back to the reference with a reason containing ``text``."""
+    return any(p.startswith("reference: ") and text in p for p in paths(op))
+
+
+def same_sets(a, b) -> None:
+    """Index lists equal as sets per row (tie order is unspecified)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(a.sort(-1).values, b.sort(-1).values)

@@ -10,41 +10,13 @@ from tests.numerics import assert_close, calc_diff
 from v4hal.backends.reference import attention as ref_attn
 from v4hal.hal import formats as F
 
-from .conftest import paths
+from .conftest import ascend, both, fell_back, native, reference, same_sets
 
 BF16 = torch.bfloat16
 
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def ascend(fn, *args, **kwargs):
-    with v4hal.use_backend("ascend"):
-        return fn(*args, **kwargs)
-
-
-def reference(fn, *args, **kwargs):
-    with v4hal.use_backend("reference"):
-        return fn(*args, **kwargs)
-
-
-def both(fn, *args, **kwargs):
-    return ascend(fn, *args, **kwargs), reference(fn, *args, **kwargs)
-
-
-def native(op: str) -> bool:
-    return any(p.startswith("native:") for p in paths(op))
-
-
-def fell_back(op: str, text: str) -> bool:
-    return any(p.startswith("reference: ") and text in p for p in paths(op))
-
-
-def same_sets(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Index lists equal as sets per row (tie order is unspecified)."""
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(torch.sort(a, dim=-1).values, torch.sort(b, dim=-1).values)
 
 
 # ------------------------------------------------------------------------------------- small ops

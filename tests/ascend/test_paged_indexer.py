@@ -11,7 +11,7 @@ import v4hal
 from v4hal.backends.reference import paged as ref_paged
 from v4hal.ops.paged import new_paged_cache
 
-from .conftest import paths
+from .conftest import both, fell_back, native, same_sets
 
 BS = 16
 
@@ -30,26 +30,6 @@ def inputs(layout: str = "indexer_fp4", b: int = 3, n: int = 1, h: int = 8, mb: 
     q = torch.randn(b, n, h, d, generator=g).bfloat16()
     w = torch.randn(b * n, h, generator=g) / 16
     return q, cache, w, lens, bt
-
-
-def both(fn, *args, **kwargs):
-    with v4hal.use_backend("ascend"):
-        got = fn(*args, **kwargs)
-    with v4hal.use_backend("reference"):
-        return got, fn(*args, **kwargs)
-
-
-def native(op: str) -> bool:
-    return any(p.startswith("native:") for p in paths(op))
-
-
-def fell_back(op: str, text: str) -> bool:
-    return any(p.startswith("reference: ") and text in p for p in paths(op))
-
-
-def same_sets(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(a.sort(-1).values, b.sort(-1).values)
 
 
 @pytest.mark.parametrize("n", [1, 2])

@@ -1,8 +1,8 @@
 """Helpers shared by the attention / indexer / mHC / small-op Triton kernels of this backend.
 
-Nothing here launches a kernel (`softmax_tile` is a ``@triton.jit`` function the attention kernels
-call). The interpreter switch is read when a kernel is launched (``TRITON_INTERPRET=1`` must be set
-before ``triton`` is imported, which the test suite does).
+Nothing here launches a kernel (`softmax_tile` and `softmax_output` are ``@triton.jit`` functions the
+attention kernels call). The interpreter switch is read when a kernel is launched
+(``TRITON_INTERPRET=1`` must be set before ``triton`` is imported, which the test suite does).
 """
 from __future__ import annotations
 
@@ -61,3 +61,17 @@ def softmax_tile(q, kv, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_output(m_i, l_i, acc, sink):
+    """The normalized output ``[BH, D]`` of an online softmax (`softmax_tile` state, base 2) with the sink
+    (natural-log ``sink [BH]``, -inf: none) in the denominator only; a row with no valid key and no finite
+    sink gives 0."""
+    sink = sink * 1.4426950408889634
+    m_fin = tl.maximum(m_i, sink)
+    m_fin = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+    keep = tl.exp2(m_i - m_fin)
+    denom = l_i * keep + tl.exp2(sink - m_fin)
+    factor = tl.where(denom > 0.0, keep / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    return acc * factor[:, None]

@@ -47,7 +47,7 @@ import triton.language as tl
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 
-from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_tile
+from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_output, softmax_tile
 from ._cast import cast_out
 
 MAX_HEAD_DIM = 512
@@ -101,13 +101,8 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr,
             kv = kv.to(tl.float32)
         m_i, l_i, acc = softmax_tile(q, kv, valid, m_i, l_i, acc, qk_scale, PREC)
 
-    sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf")) * 1.4426950408889634
-    m_fin = tl.maximum(m_i, sink)
-    m_fin = tl.where(m_fin == float("-inf"), 0.0, m_fin)
-    keep = tl.exp2(m_i - m_fin)
-    denom = l_i * keep + tl.exp2(sink - m_fin)
-    factor = tl.where(denom > 0.0, keep / tl.where(denom > 0.0, denom, 1.0), 0.0)
-    o = acc * factor[:, None]
+    sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf"))
+    o = softmax_output(m_i, l_i, acc, sink)
     if EVEN_D:
         o_mask = h_ok[:, None]
     else:

@@ -38,7 +38,7 @@ from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 from v4hal.ops.paged import NOPE_BLOCK, PAGED_LAYOUTS
 
-from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_tile
+from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_output, softmax_tile
 from ._cast import cast_out
 
 _LOG2E = 1.4426950408889634
@@ -161,13 +161,8 @@ def _paged_attn_kernel(q_ptr, sink_ptr, out_ptr, lse_ptr,
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, xkv_ptr, xidx_ptr + b * s_xb + m * s_xm, xn, xs_blk, xs_off, XBS,
                                 XSCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC, D, DP, NB, SB)
 
-    sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf")) * 1.4426950408889634
-    m_fin = tl.maximum(m_i, sink)
-    m_fin = tl.where(m_fin == float("-inf"), 0.0, m_fin)
-    keep = tl.exp2(m_i - m_fin)
-    denom = l_i * keep + tl.exp2(sink - m_fin)
-    factor = tl.where(denom > 0.0, keep / tl.where(denom > 0.0, denom, 1.0), 0.0)
-    o = acc * factor[:, None]
+    sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf"))
+    o = softmax_output(m_i, l_i, acc, sink)
     tl.store(out_ptr + b * s_ob + m * s_om + offs_h[:, None] * s_oh + offs_d[None, :],
              cast_out(o, out_ptr.dtype.element_ty, SOFT), mask=qd_ok)
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453, float("inf"))
