@@ -19,6 +19,7 @@ from v4hal.cliargs import reports_errors
 from v4hal.hal.errors import RangeError
 
 from . import cost as costmod
+from .report import text_table
 
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -77,14 +78,6 @@ def _fmt_len(n: int) -> str:
     return str(n)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    return "\n".join(out)
-
-
 def build_report(contexts: Sequence[int], models: Sequence[str]) -> dict[str, Any]:
     """Every model at every context, ratios to V3.2 when it is among the models, and the check at 1M."""
     baseline = "v3.2"
@@ -111,7 +104,8 @@ def render(report: dict[str, Any], breakdown: bool = False) -> str:
                 f"{c['kv_bytes_per_token']:.1f}",
                 f"{100 * r['flops']:.1f}%" if r else "-", f"{100 * r['kv_bytes']:.1f}%" if r else "-",
             ])
-    out = [_table(["context", "model", "FLOPs/token", "KV cache", "KV B/token", "FLOPs vs V3.2", "KV vs V3.2"], rows)]
+    out = [text_table(["context", "model", "FLOPs/token", "KV cache", "KV B/token", "FLOPs vs V3.2", "KV vs V3.2"],
+                      rows)]
     if breakdown:
         for entry in report["contexts"]:
             for model, c in entry["costs"].items():
@@ -122,7 +116,7 @@ def render(report: dict[str, Any], breakdown: bool = False) -> str:
     out.append("\nAt 1M tokens (1,048,576), V4 / V3.2 against the technical report (pass = within 25% relative):")
     rows = [[k, f"{100 * v['value']:.1f}%", f"{100 * v['target']:.0f}%", f"{100 * v['rel_err']:.1f}%",
              "pass" if v["ok"] else "FAIL"] for k, v in report["at_1m"]["check"].items()]
-    out.append(_table(["ratio", "V4 / V3.2", "report", "rel. error", "check"], rows))
+    out.append(text_table(["ratio", "V4 / V3.2", "report", "rel. error", "check"], rows))
     return "\n".join(out)
 
 

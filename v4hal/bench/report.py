@@ -11,7 +11,16 @@ from .ceilings import Ceilings
 from .peers import installed_libraries
 from .runner import Row
 
-__all__ = ["fmt_time", "render_table", "render_ceilings", "build_document", "write_json", "plot_rows"]
+__all__ = ["fmt_time", "text_table", "render_table", "render_ceilings", "build_document", "write_json", "plot_rows"]
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``left`` left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if j >= left else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+    return "\n".join(out)
 
 
 def fmt_time(s: float | None) -> str:

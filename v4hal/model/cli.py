@@ -18,6 +18,7 @@ i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -283,7 +284,7 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device),
                                     mmap=getattr(args, "mmap", False))
     load_s = time.perf_counter() - t0
-    with v4hal.use_backend(args.backend) if args.backend else _null():
+    with v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext():
         res = run_requests(model, **opts, progress=not args.no_progress)
     return {**setup, "load_s": load_s, "experts": model.layers[0].ffn.experts.kind, **res}
 
@@ -313,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompt = make_prompt(args.batch, args.prompt_len, cfg.vocab_size, args.seed, args.device)
     n = args.max_new_tokens
     tokens = torch.empty(args.batch, n, dtype=torch.long, device=args.device)
-    ctx = v4hal.use_backend(args.backend) if args.backend else _null()
+    ctx = v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     sync = _synchronizer(args.device)
     with ctx, tqdm(total=n, desc="decode", unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
         t0 = time.perf_counter()
@@ -339,14 +340,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode_s": decode_s, "decode_tok_s": (args.batch * steps / decode_s) if steps and decode_s > 0 else None,
         "tokens": tokens.tolist(), "logits_finite": bool(torch.isfinite(logits).all()),
     }
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _synchronizer(device: str):

@@ -38,7 +38,7 @@ __all__ = ["PagedStep", "attention_step"]
 class PagedStep:
     """What every layer of one step shares: the batch's per-token tensors on the model's device.
 
-    ``positions`` / ``req_index`` int64 ``[T]``; ``token_slots`` int32 ``[T]``; ``window_slots`` int32
+    ``positions`` int64 ``[T]``; ``token_slots`` int32 ``[T]``; ``window_slots`` int32
     ``[T, 1, window]`` (-1 before position 0 and past the token); ``tables[kind]`` int32 ``[T, pages]`` (the
     token's request row); ``state_tables[ratio]`` int32 ``[B, pages]`` (the ``"state4"`` / ``"state128"``
     pages of the ratio-4 / ratio-128 compressors, released pages as block 0, which the pool never hands
@@ -51,7 +51,6 @@ class PagedStep:
     attn_layout: str
     indexer_layout: str
     positions: torch.Tensor
-    req_index: torch.Tensor
     token_slots: torch.Tensor
     window_slots: torch.Tensor
     tables: dict[str, torch.Tensor]
@@ -79,7 +78,7 @@ class PagedStep:
             picks = torch.where(j < ((pos + 1) // 128).unsqueeze(1), j, -1).to(torch.int32)
             c128_slots = v4hal.paged_slots(picks, tables["c128"], bs).unsqueeze(1)
         return cls(batch=batch, caches=pool.layers, attn_layout=pool.attn_layout,
-                   indexer_layout=pool.indexer_layout, positions=pos, req_index=req,
+                   indexer_layout=pool.indexer_layout, positions=pos,
                    token_slots=batch.token_slots, window_slots=window_slots, tables=tables,
                    state_tables={r: batch.block_tables[f"state{r}"].clamp_min(0) for r in (4, 128)
                                  if f"state{r}" in batch.block_tables}, c4_context=c4_context,

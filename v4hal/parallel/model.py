@@ -27,6 +27,7 @@ every row, replicated attention), the MoE layers exchanging tokens every step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -220,7 +221,7 @@ def _rank_run(rank: int, world: int, opts: dict[str, Any], path: str) -> dict[st
     prompt = prompt[rows]
     n = opts["max_new_tokens"]
     tokens = torch.empty(prompt.shape[0], n, dtype=torch.long)
-    ctx = v4hal.use_backend(opts["backend"]) if opts["backend"] else _Null()
+    ctx = v4hal.use_backend(opts["backend"]) if opts["backend"] else contextlib.nullcontext()
     sent = {"dispatch_bytes_remote": 0.0, "combine_bytes_remote": 0.0}
     layers = [f.experts for f in _moe_layers(model)]
     with ctx:
@@ -241,14 +242,6 @@ def _rank_run(rank: int, world: int, opts: dict[str, Any], path: str) -> dict[st
             "logits_finite": bool(torch.isfinite(logits).all()), "experts": layers[0].kind if layers else None,
             "transport": layers[0].transport if layers else None, "prefill_bytes_sent": sent,
             "threads": torch.get_num_threads()}
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run_ep(args: argparse.Namespace, ep: int, *, timeout_s: float = 120.0, start_method: str = "spawn",

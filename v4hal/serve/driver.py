@@ -27,6 +27,7 @@ Definitions of the figures:
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Hashable, Sequence
@@ -34,6 +35,8 @@ from typing import Any
 
 import torch
 
+from v4hal.bench.report import text_table
+from v4hal.bench.timing import synchronize
 from v4hal.hal.errors import RangeError
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
@@ -140,12 +143,6 @@ def pool_blocks(cfg: ModelConfig, lengths: Sequence[int], max_new_tokens: int, b
     return {k: max(1, sum(pages_needed(k, n + max_new_tokens - 1, bs) for n in lengths)) for k, bs in sizes.items()}
 
 
-def _sync(device: torch.device) -> None:
-    mod = getattr(torch, device.type, None)
-    if device.type != "cpu" and mod is not None and hasattr(mod, "synchronize"):
-        mod.synchronize()
-
-
 @torch.inference_mode()
 def single_request_decode(model: torch.nn.Module, prompt_len: int, max_new_tokens: int, seed: int = 0,
                           repeats: int = 3) -> dict:
@@ -161,12 +158,12 @@ def single_request_decode(model: torch.nn.Module, prompt_len: int, max_new_token
     for _ in range(repeats):
         t0 = time.perf_counter()
         tok = model(prompt, 0).argmax(dim=-1, keepdim=True)
-        _sync(dev)
+        synchronize(dev.type)
         prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for i in range(1, max_new_tokens):
             tok = model(tok, prompt_len + i - 1).argmax(dim=-1, keepdim=True)
-        _sync(dev)
+        synchronize(dev.type)
         decode_s = time.perf_counter() - t1
         runs.append({"prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "prefill_s": prefill_s,
                      "prefill_tok_s": prompt_len / prefill_s, "decode_s": decode_s, "decode_tokens": steps,
@@ -423,18 +420,10 @@ def _rank_requests(rank: int, world: int, path: str, load: dict[str, Any], workl
     shard_model_experts(model, fp8_payload=load["fp8_payload"], timeout=load["timeout"])
     load_s = time.perf_counter() - t0
     backend = load["backend"]
-    with v4hal.use_backend(backend) if backend else _Null():
+    with v4hal.use_backend(backend) if backend else contextlib.nullcontext():
         rec = serve_rank(model, **workload, expert_parallel=True, timeout=load["timeout"],
                          progress=load["progress"] and rank == 0)
     return {**rec, "load_s": load_s}
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run_requests_ep(path: str, ep: int, *, experts_fp8: bool = True, backend: str | None = None,
@@ -464,15 +453,6 @@ def run_requests_ep(path: str, ep: int, *, experts_fp8: bool = True, backend: st
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(x, spec)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Columns padded to their widest cell; the first ``left`` left-aligned, the others right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if j >= left else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
-    return "\n".join(out)
 
 
 def format_report(res: dict[str, Any]) -> str:
@@ -513,7 +493,7 @@ def format_report(res: dict[str, Any]) -> str:
                      + "/".join(map(str, res["rank_requests"])) + ", steps joined without a token of their own "
                      + "/".join(map(str, res["rank_idle_steps"])) + "; step times are the slowest rank's, the "
                      "single request runs on every rank"])
-    return _table(["", "value"], rows, left=2)
+    return text_table(["", "value"], rows, left=2)
 
 
 # ---------------------------------------------------------------------- memory
@@ -597,6 +577,6 @@ def format_memory_table(rows: Sequence[dict[str, Any]]) -> str:
     body = [[r["config"], r["layout"], f"{r['attn_layout']}+{r['indexer_layout']}", str(r["tokens"]),
              f"{r['attn_entry_bytes']}/{r['indexer_entry_bytes']}", f(r["pool"]), f(r["measured"]), f(r["cost"]),
              f(r["flashmla"]), f(r["contiguous"])] for r in rows]
-    return _table(["config", "layout", "caches", "tokens", "entry B (attn/idx)", "pool B/tok", "measured",
+    return text_table(["config", "layout", "caches", "tokens", "entry B (attn/idx)", "pool B/tok", "measured",
                    "v4hal cost", "FlashMLA 584", "contiguous bf16"], body, left=3)
 
