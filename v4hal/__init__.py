@@ -2,7 +2,7 @@
 
 Every op is a function here and a ``torch.ops.v4hal.<op>`` custom op; the implementation is chosen
 per call from the tensors' device, ``use_backend`` overrides, the environment and priorities.
-Importing v4hal imports neither triton, torch_npu nor cupy, and initialises no device.
+Importing v4hal imports neither triton nor torch_npu, and initialises no device.
 """
 from __future__ import annotations
 

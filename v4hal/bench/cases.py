@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from v4hal import cases as catalogue
+from v4hal.extras import require
 from v4hal.hal.errors import RangeError
 
 from . import peers as peermod
@@ -119,8 +120,7 @@ def cases_from_specs(specs: list[dict[str, Any]], where: str = "shapes") -> list
 
 def cases_from_yaml(path: str) -> list[Case]:
     """Cases from a YAML file: a list of ``{op: <name>, <param>: <value>}`` (or ``{cases: [...]}``)."""
-    import yaml
-
+    yaml = require("yaml", "cases_from_yaml")
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     if isinstance(data, dict) and "cases" in data:

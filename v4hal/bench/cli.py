@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from v4hal.cliargs import reports_errors
+from v4hal.extras import require, require_type
 from v4hal.hal.errors import RangeError
 
 from . import cases as casemod
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated presets (default v4-flash,v4-pro; ignored with --quick)")
     parser.add_argument("--mode", default="decode,prefill", type=ca.choice_list(MODES, "mode"),
                         help="decode, prefill or both (default: %(default)s)")
-    parser.add_argument("--shapes", metavar="FILE.yaml", type=ca.readable_file,
+    parser.add_argument("--shapes", metavar="FILE.yaml",
+                        type=require_type("yaml", "a YAML cases file", ca.readable_file),
                         help="custom cases: a YAML list of {op: <name>, <param>: <value>, ...} (replaces the presets)")
     parser.add_argument("--ops", default=None, help="comma-separated op names to keep (default: all)")
     parser.add_argument("--backends", default=None, type=ca.choice_list(ca.backend_names, "backend"),
@@ -63,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="do not time the peers")
     parser.add_argument("--json", metavar="PATH", type=ca.writable_path,
                         help="write every row, the ceilings and the environment as JSON")
-    parser.add_argument("--plot", metavar="PATH", type=ca.writable_path,
+    parser.add_argument("--plot", metavar="PATH", type=require_type("matplotlib", "a PNG chart", ca.writable_path),
                         help="write a PNG chart (%% of ceiling, speedup over peers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -71,8 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def select_cases(args: argparse.Namespace) -> list[casemod.Case]:
     """The case list the options ask for."""
     if args.shapes:
-        import yaml
-
+        yaml = require("yaml", "--shapes")
         try:
             cases = casemod.cases_from_yaml(args.shapes)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

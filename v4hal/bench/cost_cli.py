@@ -16,6 +16,7 @@ import sys
 from typing import Any, Sequence
 
 from v4hal.cliargs import reports_errors
+from v4hal.extras import require
 from v4hal.hal.errors import RangeError
 
 from . import cost as costmod
@@ -38,6 +39,7 @@ def parse_length(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal cost``."""
     from v4hal.cliargs import positive_int, writable_path
+    from v4hal.extras import require_type
 
     parser.add_argument("--context", nargs="+", type=parse_length,
                         default=[4096, 32768, 131072, costmod.ONE_M],
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--breakdown", action="store_true", help="also print the FLOPs and bytes per component")
     parser.add_argument("--json", metavar="PATH", type=writable_path,
                         help="write the table, breakdowns and ratios as JSON")
-    parser.add_argument("--plot", metavar="PATH", type=writable_path,
+    parser.add_argument("--plot", metavar="PATH", type=require_type("matplotlib", "a PNG plot", writable_path),
                         help="write a PNG of FLOPs/token and KV bytes vs context (log axes)")
     parser.add_argument("--measure", action="store_true",
                         help="also time one v4-mini decode step at growing contexts (hybrid vs dense attention)")
@@ -126,9 +128,8 @@ def plot_curves(path: str, models: Sequence[str], marks: Sequence[int] = (), poi
 
     With ``measured`` (the result of `measure`), a third panel shows the timed v4-mini decode steps.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plot_curves").use("Agg")
+    plt = require("matplotlib.pyplot", "plot_curves")
 
     lo, hi = 10.0, math.log2(max(costmod.ONE_M, *marks) if marks else costmod.ONE_M)
     grid = sorted({int(round(2 ** (lo + (hi - lo) * i / (points - 1)))) for i in range(points)})

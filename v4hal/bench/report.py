@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
+from v4hal.extras import require
+
 from .ceilings import Ceilings
 from .peers import installed_libraries
 from .runner import Row
@@ -97,10 +99,8 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
 
 def plot_rows(path: str, rows: Sequence[Row], title: str = "v4hal bench") -> None:
     """PNG: per timed row, % of the binding ceiling (left) and speedup over the best peer (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    require("matplotlib", "plot_rows").use("Agg")
+    plt = require("matplotlib.pyplot", "plot_rows")
     timed = [r for r in rows if r.time_s is not None]
     backends = sorted({r.backend for r in timed})
     colors = {b: f"C{i}" for i, b in enumerate(backends)}
@@ -115,8 +115,7 @@ def plot_rows(path: str, rows: Sequence[Row], title: str = "v4hal bench") -> Non
     axes[0].invert_yaxis()
     axes[0].set_xlabel("% of the binding ceiling")
     axes[0].set_title(title)
-    from matplotlib.patches import Patch
-
+    Patch = require("matplotlib.patches", "plot_rows").Patch
     axes[0].legend(handles=[Patch(color=colors[b], label=b) for b in backends], loc="lower right", fontsize=8)
     sp = [(r.best_peer[1] if r.best_peer else 0.0) for r in timed]
     axes[1].barh(ys, sp, color=["C2" if s >= 1 else "C3" for s in sp])

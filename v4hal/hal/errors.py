@@ -28,3 +28,7 @@ class RangeError(V4HalError, ValueError):
 
 class BackendUnavailableError(V4HalError, RuntimeError):
     """An explicitly requested backend cannot serve the call; the message lists why."""
+
+
+class MissingPackageError(V4HalError, ModuleNotFoundError):
+    """An option needs a package the install lacks; the message names the extra that brings it."""

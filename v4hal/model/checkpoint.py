@@ -1,4 +1,4 @@
-"""Loading and writing DeepSeek-V4 checkpoints (``shared/spec/CHECKPOINT.md``).
+"""Loading and writing DeepSeek-V4 checkpoints.
 
 Layouts read by `load_checkpoint`:
 
