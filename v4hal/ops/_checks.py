@@ -19,6 +19,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def dtype_names(allowed: Iterable[torch.dtype]) -> str:
+    """``uint8 or float8_e4m3fn``."""
+    return " or ".join(_dtype_name(d) for d in allowed)
+
+
 def describe(t: torch.Tensor) -> str:
     """``bfloat16 [2, 3, 4] on cpu``."""
     return f"{_dtype_name(t.dtype)} {list(t.shape)} on {t.device}"
@@ -29,8 +34,7 @@ def dtype(op: str, name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
-        names = " or ".join(_dtype_name(d) for d in allowed)
-        raise DTypeError(f"{op}: {name} must be {names}, got {describe(t)}")
+        raise DTypeError(f"{op}: {name} must be {dtype_names(allowed)}, got {describe(t)}")
 
 
 def rank(op: str, name: str, t: torch.Tensor, ranks: Iterable[int], layout: str) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -201,37 +202,82 @@ def _layout(op: str, layout: object) -> PagedLayout:
     return PAGED_LAYOUTS[layout]
 
 
+def matching_layouts(cache: torch.Tensor) -> list[tuple[str, int]]:
+    """``(layout, D)`` of every layout that takes ``cache``'s dtype and gives its last dim ``W`` for some
+    entry width ``D`` (strides and the other dims not looked at), in `PAGED_LAYOUTS` order."""
+    if not isinstance(cache, torch.Tensor) or cache.dim() < 1:
+        return []
+    found = []
+    for name, lay in PAGED_LAYOUTS.items():
+        dim = _dim_of_width(lay, cache.shape[-1]) if cache.dtype in lay.dtypes else None
+        if dim is not None:
+            found.append((name, dim))
+    return found
+
+
+def layout_hint(op: str, cache: torch.Tensor, layout: str, allowed: Sequence[str] | None = None,
+                dim: int | None = None, dim_of: str = "q", strict: bool = False) -> str:
+    """The end of an error message about a ``cache`` that does not fit ``layout``: which other layouts it
+    looks like from its dtype and last dim, ``""`` when none, e.g. ``"; it looks like a cache of layout
+    'bf16' (D = 512): pass layout='bf16'"``. ``allowed``: the layouts ``op`` takes (None: all); the fix named
+    is the first of those holding ``dim``-wide entries (the width argument ``dim_of`` implies; None: any).
+    When none holds them, the looks are still told (``strict``: ``""`` instead)."""
+    allowed = list(PAGED_LAYOUTS) if allowed is None else list(allowed)
+    found = [(n, d) for n, d in matching_layouts(cache) if n != layout]
+    fit = [(n, d) for n, d in found if dim is None or d == dim]
+    if not fit:
+        if strict or not found:
+            return ""
+        looks = " or ".join(f"{n!r} (D = {d})" for n, d in found)
+        if not any(n in allowed for n, _ in found):
+            return f"; it looks like a cache of layout {looks}, which {op} does not take (layouts: {allowed})"
+        return f"; it looks like a cache of layout {looks}, not of {dim}-wide entries like {dim_of}"
+    # layouts op takes first, then those at the layout's V4 width (584 bytes: model1_fp8 before indexer_fp8)
+    fit.sort(key=lambda nd: (nd[0] not in allowed, nd[1] != PAGED_LAYOUTS[nd[0]].dim))
+    looks = " or ".join(f"{n!r} (D = {d})" for n, d in fit)
+    if fit[0][0] in allowed:
+        return f"; it looks like a cache of layout {looks}: pass layout={fit[0][0]!r}"
+    return f"; it looks like a cache of layout {looks}, which {op} does not take (layouts: {allowed})"
+
+
 def cache_dim(cache: torch.Tensor, layout: str) -> int:
     """The entry width ``D`` of a (valid) cache of ``layout``, from its last dim."""
     return PAGED_LAYOUTS[layout].dim_of_width(cache.shape[-1])
 
 
-def _check_cache(op: str, cache: torch.Tensor, lay: PagedLayout) -> int:
+def _check_cache(op: str, cache: torch.Tensor, lay: PagedLayout, allowed: Sequence[str] | None = None,
+                 dim: int | None = None, dim_of: str = "q") -> int:
     """``cache`` has the layout's dtype, shape ``[blocks, block size, 1, W]`` with ``W`` a width the
-    layout gives, and the layout's strides; returns its entry width ``D``."""
+    layout gives, and the layout's strides; returns its entry width ``D``. A cache of the wrong dtype or
+    width gets `layout_hint` (``allowed``: the layouts ``op`` takes; ``dim``: the entry width argument
+    ``dim_of`` implies, None when none does)."""
+    if isinstance(cache, torch.Tensor) and cache.dtype not in lay.dtypes:
+        raise C.DTypeError(f"{op}: cache must be {C.dtype_names(lay.dtypes)} for layout {lay.name!r}, "
+                           f"got {C.describe(cache)}{layout_hint(op, cache, lay.name, allowed, dim, dim_of)}")
     C.dtype(op, "cache", cache, lay.dtypes)
     if cache.dim() != 4 or cache.shape[2] != 1:
         raise C.ShapeError(f"{op}: cache must be [blocks, block size, 1, W] for layout {lay.name!r}, "
                            f"got {C.describe(cache)}")
-    dim = _dim_of_width(lay, cache.shape[3])
-    if dim is None:
+    entry = _dim_of_width(lay, cache.shape[3])
+    if entry is None:
         raise C.ShapeError(f"{op}: cache must be [blocks, block size, 1, W] with W a width of layout {lay.name!r} "
                            f"({lay.formula}, D = {lay.rule}: {lay.width()} for D = {lay.dim}), "
-                           f"got {C.describe(cache)}, a W no D gives")
+                           f"got {C.describe(cache)}, a W no D gives"
+                           f"{layout_hint(op, cache, lay.name, allowed, dim, dim_of)}")
     nb, bs = cache.shape[0], cache.shape[1]
     if bs < 1:
         raise C.ShapeError(f"{op}: cache must hold at least one token per block, got {C.describe(cache)}")
     if nb * bs > MAX_SLOTS:
         raise C.ShapeError(f"{op}: cache must hold at most {C.show(MAX_SLOTS)} slots, got {C.describe(cache)}")
     width = cache.shape[3]
-    page = lay.page_bytes(dim, bs) // cache.element_size()
+    page = lay.page_bytes(entry, bs) // cache.element_size()
     expected = (page, width, 1)
     got = (cache.stride(0), cache.stride(1), cache.stride(3))
     if (nb > 1 and got[0] != expected[0]) or (bs > 1 and got[1] != expected[1]) or got[2] != 1:
         raise C.ShapeError(f"{op}: cache strides (dims 0, 1, 3) must be {list(expected)} for layout {lay.name!r} "
-                           f"({lay.page_bytes(dim, bs)}-byte pages of {dim}-wide entries), got {list(got)} "
+                           f"({lay.page_bytes(entry, bs)}-byte pages of {entry}-wide entries), got {list(got)} "
                            f"for {C.describe(cache)}")
-    return dim
+    return entry
 
 
 def _check_slots(op: str, slots: torch.Tensor, t: int | None) -> None:
@@ -256,14 +302,16 @@ def _slot_values(op: str, cache: torch.Tensor, slots: torch.Tensor, unique: bool
 def _check_write(cache, x, slots, layout):
     op = "paged_cache_write"
     lay = _layout(op, layout)
-    dim = _check_cache(op, cache, lay)
+    rows = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 2 else None
+    dim = _check_cache(op, cache, lay, dim=rows, dim_of="x")
     C.dtype(op, "x", x, (torch.bfloat16,))
     if x.dim() != 2 or x.shape[1] != dim:
+        fix = layout_hint(op, cache, lay.name, dim=rows, strict=True) if rows is not None else ""
         hint = ""
-        if x.dim() == 2 and lay.dim_problem(x.shape[1]) is None:
-            hint = f"; {x.shape[1]}-wide rows need a cache of last dim {lay.width(x.shape[1])}"
+        if rows is not None and lay.dim_problem(rows) is None:
+            hint = f"; {rows}-wide rows need a cache of last dim {lay.width(rows)}"
         raise C.ShapeError(f"{op}: x must be [T, {dim}], the entry width D of cache {C.describe(cache)} "
-                           f"(layout {lay.name!r}, {lay.formula}){hint}, got {C.describe(x)}")
+                           f"(layout {lay.name!r}, {lay.formula}){hint}, got {C.describe(x)}{fix}")
     _check_slots(op, slots, x.shape[0])
     C.same_device(op, cache=cache, x=x, slots=slots)
 

@@ -15,23 +15,30 @@ from v4hal.hal.errors import V4HalError
 
 from . import _checks as C
 from ._define import call, define_op
-from .paged import PAGED_LAYOUTS, _check_cache, _layout
+from .paged import PAGED_LAYOUTS, _check_cache, _layout, layout_hint
 
 OP = "sparse_attn_paged"
 #: the layouts holding attention entries (keys = values); V4's width is 512
 ATTN_LAYOUTS = ("model1_fp8", "bf16")
 
 
-def _cache(name: str, cache: torch.Tensor, layout: str) -> int:
-    """The cache checks of :mod:`v4hal.ops.paged`, with the messages naming ``name``; returns the entry width."""
+def _cache(name: str, cache: torch.Tensor, layout: str, dim: int) -> int:
+    """The cache checks of :mod:`v4hal.ops.paged` (``dim``: q's width), with the messages naming ``name``;
+    returns the entry width."""
     try:
-        return _check_cache(OP, cache, PAGED_LAYOUTS[layout])
+        return _check_cache(OP, cache, PAGED_LAYOUTS[layout], ATTN_LAYOUTS, dim)
     except V4HalError as e:
         msg = str(e)
         prefix = f"{OP}: cache"
         if msg.startswith(prefix):
             msg = f"{OP}: {name}" + msg[len(prefix):]
         raise type(e)(msg) from None
+
+
+def _layout_hint(kv_cache: torch.Tensor, layout: str, q: torch.Tensor) -> str:
+    """`layout_hint` for an attention layout holding q-wide entries (any width when q is not 4-D)."""
+    d = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    return layout_hint(OP, kv_cache, layout, ATTN_LAYOUTS, d)
 
 
 def _indices(name: str, idx: torch.Tensor, b: int, s: int) -> None:
@@ -51,14 +58,15 @@ def _check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, ext
     lay = _layout(OP, layout)
     if lay.name not in ATTN_LAYOUTS:
         raise C.RangeError(f"{OP}: layout must be one of {list(ATTN_LAYOUTS)} (attention entries), "
-                           f"got {layout!r}")
+                           f"got {layout!r}{_layout_hint(kv_cache, layout, q)}")
     C.dtype(OP, "q", q, (torch.bfloat16,))
     C.rank(OP, "q", q, (4,), "[b, s, h, D]")
-    dim = _cache("kv_cache", kv_cache, layout)
     b, s, h, d = q.shape
+    dim = _cache("kv_cache", kv_cache, layout, d)
     if d != dim:
         raise C.ShapeError(f"{OP}: q must be [b, s, h, {dim}], {dim} the entry width D of kv_cache "
-                           f"{C.describe(kv_cache)} (layout {layout!r}, {lay.formula}), got {C.describe(q)}")
+                           f"{C.describe(kv_cache)} (layout {layout!r}, {lay.formula}), got {C.describe(q)}"
+                           f"{layout_hint(OP, kv_cache, layout, ATTN_LAYOUTS, d, strict=True)}")
     _indices("indices", indices, b, s)
     C.dtype(OP, "attn_sink", attn_sink, (torch.float32,))
     C.shape(OP, "attn_sink", attn_sink, (h,), "[h]")
@@ -72,7 +80,7 @@ def _check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, ext
     if extra_topk_length is not None and extra_indices is None:
         raise C.ShapeError(f"{OP}: extra_topk_length needs extra_kv_cache and extra_indices, got neither")
     if extra_kv_cache is not None:
-        xdim = _cache("extra_kv_cache", extra_kv_cache, layout)
+        xdim = _cache("extra_kv_cache", extra_kv_cache, layout, d)
         if xdim != dim:
             raise C.ShapeError(f"{OP}: extra_kv_cache must hold {dim}-wide entries like kv_cache "
                                f"({C.describe(kv_cache)}), got {C.describe(extra_kv_cache)} holding "

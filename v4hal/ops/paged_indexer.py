@@ -25,24 +25,25 @@ from v4hal.hal.errors import V4HalError
 from . import _checks as C
 from ._checks import INT32_MAX, INTS
 from ._define import call, define_op
-from .paged import PAGED_LAYOUTS, PagedLayout, _check_cache, _layout
+from .paged import PAGED_LAYOUTS, PagedLayout, _check_cache, _layout, layout_hint
 
 #: the layouts holding indexer keys: the quantized ones, and bf16 (keys stored as the rounded values)
 INDEXER_LAYOUTS = tuple(name for name in PAGED_LAYOUTS if name.startswith("indexer_")) + ("bf16",)
 
 
-def _indexer_layout(op: str, layout: object) -> PagedLayout:
+def _indexer_layout(op: str, layout: object, kv_cache: torch.Tensor, qdim: int | None) -> PagedLayout:
     lay = _layout(op, layout)
     if lay.name not in INDEXER_LAYOUTS:
         raise C.RangeError(f"{op}: layout must be one of {list(INDEXER_LAYOUTS)} (indexer key caches), "
-                           f"got {layout!r}")
+                           f"got {layout!r}{layout_hint(op, kv_cache, lay.name, INDEXER_LAYOUTS, qdim)}")
     return lay
 
 
-def _kv_cache(op: str, kv_cache: torch.Tensor, lay: PagedLayout) -> int:
-    """The cache checks of :mod:`v4hal.ops.paged`, with the messages naming ``kv_cache``; returns the key width."""
+def _kv_cache(op: str, kv_cache: torch.Tensor, lay: PagedLayout, dim: int | None) -> int:
+    """The cache checks of :mod:`v4hal.ops.paged` (``dim``: q's width, None when q has no width yet), with the
+    messages naming ``kv_cache``; returns the key width."""
     try:
-        return _check_cache(op, kv_cache, lay)
+        return _check_cache(op, kv_cache, lay, INDEXER_LAYOUTS, dim)
     except V4HalError as e:
         msg, prefix = str(e), f"{op}: cache"
         if msg.startswith(prefix):
@@ -51,14 +52,16 @@ def _kv_cache(op: str, kv_cache: torch.Tensor, lay: PagedLayout) -> int:
 
 
 def _check_inputs(op: str, q, kv_cache, weights, context_lens, block_table, layout) -> PagedLayout:
-    lay = _indexer_layout(op, layout)
-    dim = _kv_cache(op, kv_cache, lay)
+    qdim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    lay = _indexer_layout(op, layout, kv_cache, qdim)
+    dim = _kv_cache(op, kv_cache, lay, qdim)
     C.dtype(op, "q", q, (torch.bfloat16,))
     C.rank(op, "q", q, (4,), f"[b, N, H, {dim}]")
     b, n, h, d = q.shape
     if d != dim:
         raise C.ShapeError(f"{op}: q must be [b, N, H, {dim}], {dim} the key width D of kv_cache "
-                           f"{C.describe(kv_cache)} (layout {lay.name!r}, {lay.formula}), got {C.describe(q)}")
+                           f"{C.describe(kv_cache)} (layout {lay.name!r}, {lay.formula}), got {C.describe(q)}"
+                           f"{layout_hint(op, kv_cache, lay.name, INDEXER_LAYOUTS, d, strict=True)}")
     if n < 1:
         raise C.ShapeError(f"{op}: q must hold at least one query row per request (N >= 1), got {C.describe(q)}")
     C.dtype(op, "weights", weights, (torch.float32,))
