@@ -1,0 +1,120 @@
+"""Sizing a `CachePool`: the pages one request holds at its peak, and the pool a memory budget buys.
+
+A request of at most ``max_len`` positions, computed in steps of at most ``chunk`` new tokens (one for a
+decode step), holds at most, per page kind (``bs``: the kind's page size, ``block_size`` or
+``state_block_size``; ``ceil`` rounds up):
+
+- ``"c4"`` / ``"c128"``: ``ceil((max_len // r) / bs)`` (compressed entries stay until the request is released);
+- ``"token"``, ``"state4"``, ``"state128"``: ``min(ceil(max_len / bs), ceil((chunk + back - 1) / bs) + 1)``
+  with ``back = window_size - 1``, ``7`` and ``127``: a step reads ``back`` positions behind its first new one
+  (`v4hal.serve.first_needed_position`) and writes ``chunk``; a span of ``m`` positions touches at most
+  ``ceil((m - 1) / bs) + 1`` pages.
+
+A pool holding ``R`` such requests at once needs ``R`` times that of each kind (`request_pages`); its bytes are
+``sum over kinds of (blocks + 1 for a state kind) * page_bytes`` (block 0 of a state kind is reserved), with
+``CachePool.page_bytes()`` the bytes of one page of each kind over every layer (`pool_bytes`).
+`blocks_for_budget` inverts that: the most requests a byte budget holds, and the ``blocks`` for `CachePool`.
+Registered prefixes hold pages too, but the pool evicts them when a step needs the room.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from v4hal.hal.errors import RangeError
+from v4hal.model.config import ModelConfig
+
+from .batch import POSITION_KINDS, STATE_BLOCK_SIZE, STATE_KINDS, block_sizes_of, kinds_of, pages_needed
+from .pool import CachePool
+
+__all__ = ["PoolSize", "request_pages", "pool_bytes", "blocks_for_budget"]
+
+#: positions a step reads behind its first new one, per state kind (the window's is ``window_size - 1``)
+STATE_BACK = {"state4": 7, "state128": 127}
+
+
+def _positive(op: str, name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RangeError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def request_pages(cfg: ModelConfig, max_len: int, *, chunk: int = 64, block_size: int = 64,
+                  state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
+    """Pages per kind one request of at most ``max_len`` positions holds at its peak when each step computes at
+    most ``chunk`` of its tokens (prefill chunks; decode steps compute 1): the formula of the module docstring,
+    an upper bound that a step at the worst page alignment reaches."""
+    op = "request_pages"
+    if not isinstance(cfg, ModelConfig):
+        raise RangeError(f"{op}: cfg must be a ModelConfig, got {type(cfg).__name__}")
+    for name, v in (("max_len", max_len), ("chunk", chunk), ("block_size", block_size),
+                    ("state_block_size", state_block_size)):
+        _positive(op, name, v)
+    if max_len > cfg.max_seq_len:
+        raise RangeError(f"{op}: max_len must be at most the config's max_seq_len = {cfg.max_seq_len}, got {max_len}")
+    out = {}
+    for k, bs in block_sizes_of(kinds_of(cfg), block_size, state_block_size).items():
+        if k not in POSITION_KINDS:
+            out[k] = pages_needed(k, max_len, bs)
+            continue
+        back = cfg.window_size - 1 if k == "token" else STATE_BACK[k]
+        span = min(chunk, max_len) + back
+        out[k] = min(_ceil(max_len, bs), _ceil(span - 1, bs) + 1)
+    return out
+
+
+def _pool(cfg: ModelConfig, block_size: int, state_block_size: int, attn_layout: str | None,
+          indexer_layout: str | None, device: str | torch.device | None) -> CachePool:
+    return CachePool(cfg, blocks={k: 1 for k in kinds_of(cfg)}, block_size=block_size,
+                     state_block_size=state_block_size, device=device, attn_layout=attn_layout,
+                     indexer_layout=indexer_layout, allocate=False)
+
+
+def pool_bytes(cfg: ModelConfig, blocks: dict[str, int], *, block_size: int = 64,
+               state_block_size: int = STATE_BLOCK_SIZE, attn_layout: str | None = None,
+               indexer_layout: str | None = None, device: str | torch.device | None = None) -> int:
+    """Bytes of the cache tensors of ``CachePool(cfg, blocks=blocks, ...)`` with the same arguments (the
+    reserved block 0 of each state kind included); nothing is allocated."""
+    page = _pool(cfg, block_size, state_block_size, attn_layout, indexer_layout, device).page_bytes()
+    unknown = sorted(set(blocks) - set(page))
+    if unknown:
+        raise RangeError(f"pool_bytes: blocks has kinds {unknown} this config does not use; kinds: {list(page)}")
+    return sum((_positive("pool_bytes", f"blocks[{k!r}]", blocks.get(k, 1)) + (k in STATE_KINDS)) * page[k]
+               for k in page)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """What `blocks_for_budget` found: ``requests`` held at once at ``max_len`` positions each, ``blocks`` per
+    kind for `CachePool` (at least 1 of each), and the pool's ``bytes`` (`pool_bytes`)."""
+
+    requests: int
+    blocks: dict[str, int]
+    bytes: int
+
+
+def blocks_for_budget(cfg: ModelConfig, budget_bytes: int, max_len: int, *, chunk: int = 64, block_size: int = 64,
+                      state_block_size: int = STATE_BLOCK_SIZE, attn_layout: str | None = None,
+                      indexer_layout: str | None = None, device: str | torch.device | None = None) -> PoolSize:
+    """The pool that ``budget_bytes`` of cache memory buys: the most requests of at most ``max_len`` positions
+    (steps of at most ``chunk`` tokens each) it holds at once, ``blocks = requests * request_pages(...)``.
+    Layouts default to those of ``device`` (`v4hal.serve.cache_layouts`). `RangeError` when the budget does not
+    hold one request (the message gives the bytes one needs)."""
+    op = "blocks_for_budget"
+    _positive(op, "budget_bytes", budget_bytes)
+    per = request_pages(cfg, max_len, chunk=chunk, block_size=block_size, state_block_size=state_block_size)
+    page = _pool(cfg, block_size, state_block_size, attn_layout, indexer_layout, device).page_bytes()
+    # fixed bytes: block 0 of each state kind, and the one page CachePool keeps of a kind no request uses
+    fixed = sum(page[k] for k in page if k in STATE_KINDS) + sum(page[k] for k, n in per.items() if n == 0)
+    one = sum(per[k] * page[k] for k in per)
+    requests = (budget_bytes - fixed) // one
+    if requests < 1:
+        raise RangeError(f"{op}: budget_bytes = {budget_bytes} does not hold one request of {max_len} positions: "
+                         f"it needs {one + fixed} bytes (pages per kind {per}, bytes per page {page})")
+    blocks = {k: max(1, requests * n) for k, n in per.items()}
+    return PoolSize(requests, blocks, requests * one + fixed)
