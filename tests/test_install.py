@@ -184,10 +184,12 @@ print(json.dumps({"hidden": sorted(hidden), "failed": failed, "runs": runs}))
 
 def test_base_install_imports_and_runs(tmp_path: Path) -> None:
     plot = str(tmp_path / "p.png")
+    shapes = tmp_path / "cases.yaml"
+    shapes.write_text("- {op: rms_norm, t: 4, d: 64}\n")
     commands = [["cost"], ["info"], ["parity", "--ops", "rms_norm"],
                 ["bench", "--quick", "--ops", "rms_norm", "--repeats", "1", "--no-progress"],
                 ["run", "--model", "v4-mini", "--prompt-len", "4", "--max-new-tokens", "2", "--threads", "1"],
-                ["cost", "--plot", plot], ["bench", "--quick", "--plot", plot]]
+                ["cost", "--plot", plot], ["bench", "--quick", "--plot", plot], ["bench", "--shapes", str(shapes)]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "V4HAL_CACHE_DIR": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
@@ -201,6 +203,20 @@ def test_base_install_imports_and_runs(tmp_path: Path) -> None:
     runs = out["runs"]
     for argv in commands[:5]:
         assert runs[" ".join(argv)] == [0, []], (argv, runs[" ".join(argv)])
-    for argv in commands[5:]:
+    for argv, dist, extra in ((commands[5], "matplotlib", "plot"), (commands[6], "matplotlib", "plot"),
+                              (commands[7], "PyYAML", "bench")):
         rc, (line,) = runs[" ".join(argv)]
-        assert rc == 2 and "needs matplotlib, which is not installed" in line and "v4hal[plot]" in line, line
+        assert rc == 2 and f"needs {dist}, which is not installed" in line and f"v4hal[{extra}]" in line, line
+        assert line.startswith(f"v4hal {argv[0]}: error: argument --"), line
+
+
+def test_require_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import v4hal.extras as extras
+    from v4hal.hal.errors import MissingPackageError, V4HalError
+
+    assert extras.require("json", "a test").dumps([1]) == "[1]"              # present: the module
+    monkeypatch.setitem(extras.OPTIONAL, "v4hal_absent_pkg", ("absent-dist", "plot"))
+    with pytest.raises(MissingPackageError, match=r"^plot_rows needs absent-dist, which is not installed: "
+                                                  r"pip install 'v4hal\[plot\]' \(or pip install absent-dist\)$") as e:
+        extras.require("v4hal_absent_pkg.sub", "plot_rows")
+    assert isinstance(e.value, V4HalError) and isinstance(e.value, ModuleNotFoundError)
