@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import devices as _devices
 from .errors import RangeError
+from .optable import OPS
 from .requirements import Requirement
 
 ENTRY_POINT_GROUP = "v4hal.backends"
@@ -284,8 +285,6 @@ def register_impl(op: str, backend: str, fn: Callable[..., Any], *, devices: Seq
 
     Registering the same (op, backend, device) again replaces the earlier entry.
     """
-    from v4hal.ops import OPS  # the op declarations; imported late to avoid a cycle
-
     if op not in OPS:
         raise RangeError(f"register_impl: op must be one of the declared v4hal ops, got {op!r}")
     if backend not in BACKENDS:
