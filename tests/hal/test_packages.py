@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,3 +103,15 @@ def test_each_backend_declares_from_the_modules_it_finds(backend):
     import_modules(package)
     modules = {decl.fn.__module__ for decl in registry.declarations(backend).values()}
     assert modules <= set(module_names(package)), sorted(modules - set(module_names(package)))
+
+
+def test_import_v4hal_loads_no_backend():
+    """``import v4hal`` (the ops and the cases found on disk) imports no backend module and none of
+    triton, torch_npu or cupy: backends load on first use."""
+    code = ("import sys, v4hal, v4hal.cases\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'torch_npu', 'cupy')"
+            " or m.startswith('v4hal.backends')))\n")
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0", PYTHONPATH=str(ROOT.parent))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout
