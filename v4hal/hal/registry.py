@@ -1,7 +1,8 @@
 """The implementation registry: which backend implements which op on which device.
 
 An implementation is a plain function taking the op's schema arguments in order
-(``docs/op_contract.md``). Its requirements are data that explain themselves, so
+(``docs/op_contract.md``); one declared with :func:`implements` must name them as the schema does
+(:func:`signature_mismatch`, checked when its backend registers). Its requirements are data that explain themselves, so
 ``v4hal info`` and strict ``use_backend`` errors can say *why not*. Requirements read the call's
 metadata only (shapes, dtypes, devices, scalar arguments) and the machine, never tensor data:
 the op layer caches each call's selection per call signature (:func:`selection_cache`), and
