@@ -8,6 +8,8 @@ rule in :mod:`v4hal.hal.formats`):
   ``s = 2**ceil(log2(s))`` from the fp32 bits (exponent, plus one when a mantissa bit is set);
   ``y = e4m3(clamp(x / s, -448, 448))`` with an IEEE division (``div_rn``; a multiply by the exact
   reciprocal when ``s`` is a power of two, which is the same number) and a round-to-nearest-even cast.
+  Written once, in :func:`fp8_block_quant`: ``act_quant`` (row blocks), ``quant_weight_fp8`` (tiles)
+  and the SwiGLU of ``moe_experts`` (:mod:`.moe`) end in it.
 * FP4: ``amax = max(|x_block|, 6*2**-126)``, ``s = pow2_ceil(amax * fp32(1/6))`` (e8m0 byte = the
   biased exponent), ``y = e2m1(clamp(x / s, -6, 6))`` by threshold compares (ties to the even
   code; the sign bit is the sign bit of ``x / s``, so ``-0.0`` gives code 8).
