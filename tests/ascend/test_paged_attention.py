@@ -7,7 +7,7 @@ import torch
 
 import v4hal
 from v4hal import cases
-from v4hal.backends.ascend import limits
+from v4hal.backends import ascend
 
 from .conftest import paths
 
@@ -29,7 +29,7 @@ def test_paged_attention_falls_back_to_the_reference_with_its_reason(npu, shape)
 
 
 def test_paged_attention_reasons_are_listed_for_every_chip():
-    rows = [r for r in limits.fallback_table() if r.get("op") == "sparse_attn_paged"]
+    rows = [r for r in ascend.fallback_table() if r.get("op") == "sparse_attn_paged"]
     text = " ".join(str(r) for r in rows)
     assert {r["chip"] for r in rows} == {"A2", "A3", "950"}
     assert "log-sum-exp" in text and "model1_fp8" in text

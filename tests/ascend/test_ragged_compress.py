@@ -8,7 +8,7 @@ import torch
 
 import v4hal
 from tests.numerics import assert_close
-from v4hal.backends.ascend import limits
+from v4hal.backends import ascend
 from v4hal.ops.ragged_compress import coff_of
 
 from .conftest import fell_back, native, paths
@@ -117,6 +117,6 @@ def test_rope_other_than_64_dims_runs_the_reference(npu_950):
 
 
 def test_plan_and_fallbacks_are_listed():
-    rows = [r for r in limits.fallback_table() if r["op"] == "compressor_ragged"]
+    rows = [r for r in ascend.fallback_table() if r["op"] == "compressor_ragged"]
     assert any(r["chip"] == "A2" and r["condition"].startswith("always") for r in rows)
-    assert {r["chip"] for r in limits.native_table() if r["op"] == "compressor_ragged"} == {"A3", "950"}
+    assert {r["chip"] for r in ascend.native_table() if r["op"] == "compressor_ragged"} == {"A3", "950"}

@@ -1,4 +1,5 @@
-"""Compile the attention / indexer / mHC / small-op / paged-cache Triton kernels for sm_90 without a GPU.
+"""Compile the attention / indexer / mHC / small-op / paged-cache / FP8 quantizer Triton kernels for sm_90
+without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects; this script
 sends the same kernels, with the launch configurations the launchers use, through the real
@@ -162,9 +163,37 @@ def _paged_attention_cases() -> list[Case]:
     return cases
 
 
+def _quant_cases() -> list[Case]:
+    """The kernels that end in the FP8 block-quant epilogue (``quant.fp8_block_quant``)."""
+    import triton.language as tl
+
+    cases = []
+    for pow2, e8m0, inplace in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
+        scale = "*u8" if e8m0 else "*fp32"
+        mode = "in place" if inplace else ("e8m0" if e8m0 else ("pow2 fp32" if pow2 else "fp32"))
+        t = {"x_ptr": "*bf16", "y_ptr": "*u8", "s_ptr": scale, "out_ptr": "*bf16" if inplace else "*fp32",
+             "amax_floor": "fp32", "max_inv": "fp32"}
+        cases.append(Case(f"act_quant bf16 block=128 {mode}", "quant:_fp8_quant_kernel", t,
+                          dict(GS=128, GS_P2=128, BLOCK_G=32, POW2=pow2, S_E8M0=e8m0, INPLACE=inplace, OUT=tl.bfloat16),
+                          ("x_ptr", "y_ptr", "out_ptr")))
+        if inplace:
+            continue
+        t = {"gate_ptr": "*bf16", "up_ptr": "*bf16", "w_ptr": "*fp32", "s2f_ptr": "*i32", "h_ptr": "*u8",
+             "hs_ptr": scale, "limit": "fp32", "amax_floor": "fp32", "max_inv": "fp32"}
+        cases.append(Case(f"moe_experts swiglu + FP8 h {mode}", "moe:_swiglu_kernel", t,
+                          dict(CLAMP=True, QUANT=True, POW2=pow2, S_E8M0=e8m0, OUT=tl.bfloat16, BLOCK_R=16,
+                               BLOCK_I=128), ("gate_ptr", "up_ptr", "h_ptr")))
+        if pow2 == e8m0:
+            # a one-off weight conversion: its 128 x 128 tile per program spills, so not held to zero spills
+            t = {"w_ptr": "*bf16", "y_ptr": "*u8", "s_ptr": scale, "amax_floor": "fp32", "max_inv": "fp32"}
+            cases.append(Case(f"quant_weight_fp8 bf16 block=128 {mode}", "quant:_fp8_weight_quant_kernel", t,
+                              dict(BS=128, BS_P2=128, POW2=pow2, S_E8M0=e8m0), ("w_ptr", "y_ptr"), 8, serving=False))
+    return cases
+
+
 GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases,
           "paged": _paged_cases, "paged_indexer": _paged_indexer_cases,
-          "paged_attention": _paged_attention_cases}
+          "paged_attention": _paged_attention_cases, "quant": _quant_cases}
 
 
 def _ptxas() -> str:

@@ -13,6 +13,8 @@ Quantized operands are produced by the reference quantizers, so every backend se
 """
 from __future__ import annotations
 
+from v4hal.hal.packages import import_modules
+
 from ._core import (
     CASES,
     DTYPES,
@@ -38,8 +40,8 @@ from ._core import (
     written_args,
 )
 
-# Importing the case modules registers the cases, in this order.
-from . import quant, gemm, attention, moe, mhc, small, paged, paged_attention, paged_indexer, ragged_compress  # noqa: F401  # isort: skip
+# Importing the case modules (every public module here, sorted by name) registers the cases, in that order.
+import_modules(__name__)
 
 __all__ = ["OpCase", "Gen", "Shape", "REQUIRED", "CASES", "SHAPE_SETS", "PRESETS", "MODES", "DTYPES",
            "make_case", "tiny_cases", "register_case", "unregister_case", "get_case", "case_ops", "describe_shape",

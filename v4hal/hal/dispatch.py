@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping
 
 from . import registry
 from .errors import BackendUnavailableError, RangeError
+from .optable import OPS
 
 _GLOBAL = "*"
 _NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
@@ -115,8 +116,6 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
     Nested blocks layer: the inner block's entries win, the outer ones stay for other ops.
     ``use_backend(None)`` with no per-op entries clears the overrides inside the block.
     """
-    from v4hal.ops import OPS
-
     if name is not None:
         _check_backend_name(name, "use_backend(name)")
     for op, backend in per_op.items():
@@ -142,8 +141,6 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
 def _parse_op_env(value: str) -> dict[str, str]:
     """``V4HAL_OP_BACKENDS`` as {op: backend}; a malformed entry, an unknown op or backend raises
     a RangeError naming the entry (at the first call that reads it)."""
-    from v4hal.ops import OPS
-
     out: dict[str, str] = {}
     for item in value.split(","):
         item = item.strip()

@@ -15,6 +15,7 @@ import torch
 
 from . import dispatch, registry
 from .devices import devices_here
+from .optable import OPS, public_ops
 
 
 def _devices_here() -> list[str]:
@@ -26,16 +27,12 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Backends that can serve at least one op on ``device`` (default: the CPU) on this machine."""
     dev = torch.device(device).type if device is not None else "cpu"
     registry.ensure_device_backends(dev)
-    from v4hal.ops import OPS
-
     names = {impl.backend for op in OPS for impl in registry.implementations(op, dev)}
     return [name for name in registry.BACKENDS if name in names]
 
 
 def info(devices: list[str] | None = None) -> dict[str, Any]:
     """The matrix as data: ``{"devices", "backends": {name: reason|None}, "ops": {op: {device: [rows]}}}``."""
-    from v4hal.ops import public_ops
-
     devices = devices or _devices_here()
     backends = {name: registry.backend_reason(name) for name in registry.BACKENDS}
     ops = {op: {dev: dispatch.explain(op, dev) for dev in devices} for op in public_ops()}

@@ -1,7 +1,8 @@
 """The implementation registry: which backend implements which op on which device.
 
 An implementation is a plain function taking the op's schema arguments in order
-(``docs/op_contract.md``). Its requirements are data that explain themselves, so
+(``docs/op_contract.md``); one declared with :func:`implements` must name them as the schema does
+(:func:`signature_mismatch`, checked when its backend registers). Its requirements are data that explain themselves, so
 ``v4hal info`` and strict ``use_backend`` errors can say *why not*. Requirements read the call's
 metadata only (shapes, dtypes, devices, scalar arguments) and the machine, never tensor data:
 the op layer caches each call's selection per call signature (:func:`selection_cache`), and
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import threading
 import warnings
 from collections.abc import Iterator, MutableMapping
@@ -41,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import devices as _devices
 from .errors import RangeError
+from .optable import OPS
 from .requirements import Requirement
 
 ENTRY_POINT_GROUP = "v4hal.backends"
@@ -284,8 +287,6 @@ def register_impl(op: str, backend: str, fn: Callable[..., Any], *, devices: Seq
 
     Registering the same (op, backend, device) again replaces the earlier entry.
     """
-    from v4hal.ops import OPS  # the op declarations; imported late to avoid a cycle
-
     if op not in OPS:
         raise RangeError(f"register_impl: op must be one of the declared v4hal ops, got {op!r}")
     if backend not in BACKENDS:
@@ -344,6 +345,38 @@ def declarations(backend: str) -> dict[str, Declaration]:
     return dict(_DECLARED.get(backend, {}))
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def signature_mismatch(op: str, fn: Callable[..., Any]) -> str | None:
+    """None when ``fn`` takes exactly the declared arguments of ``op`` (``OPS[op].arg_names``), by
+    name and in order, as positional parameters, with any default it gives equal to the schema's;
+    else what differs. The op layer calls an implementation with the schema's arguments in order."""
+    opdef = OPS[op]
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        return f"its signature cannot be read ({exc})"
+    params = list(signature.parameters.values())
+    if tuple(p.name for p in params) != opdef.arg_names or any(p.kind not in _POSITIONAL for p in params):
+        return f"it takes {signature}, the schema's arguments are ({', '.join(opdef.arg_names)})"
+    for p in params:
+        if p.default is inspect.Parameter.empty:
+            continue
+        if p.name not in opdef.defaults:
+            return f"it gives {p.name} the default {p.default!r}, the schema none (a required argument)"
+        if not _same_default(p.default, opdef.defaults[p.name]):
+            return f"it gives {p.name} the default {p.default!r}, the schema {opdef.defaults[p.name]!r}"
+    return None
+
+
+def _same_default(a: Any, b: Any) -> bool:
+    """Equal values of the same type (an int and a float count as one type: numbers)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return a == b and (type(a) is type(b) or (number(a) and number(b)))
+
+
 def register_declared(backend: str, *, devices: Mapping[str, Sequence[Requirement]], priority: int,
                       explicit_only: Sequence[str] = (), interpreted: Sequence[str] = ()) -> list[str]:
     """Register every declared implementation of ``backend``; returns the ops registered.
@@ -351,7 +384,16 @@ def register_declared(backend: str, *, devices: Mapping[str, Sequence[Requiremen
     ``devices``: device -> requirements every implementation needs there (e.g. the Triton
     interpreter on the CPU); ``explicit_only``: devices where the backend serves only when asked
     for; ``interpreted``: devices where kernels declared ``interpreter_ok=False`` are not served.
+    An implementation whose parameters are not its op's declared arguments
+    (:func:`signature_mismatch`) raises ``RangeError`` before anything is registered.
     """
+    for decl in _DECLARED.get(backend, {}).values():
+        if decl.op not in OPS:
+            raise RangeError(f"@implements({decl.op!r}, {backend!r}): {decl.op!r} is not a declared v4hal op")
+        wrong = signature_mismatch(decl.op, decl.fn)
+        if wrong is not None:
+            raise RangeError(f"@implements({decl.op!r}, {backend!r}) on {decl.fn.__module__}.{decl.fn.__qualname__}: "
+                             f"{wrong}")
     for decl in _DECLARED.get(backend, {}).values():
         for device in decl.devices or tuple(devices):
             reqs = tuple(devices.get(device, ()))

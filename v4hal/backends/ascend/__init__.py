@@ -9,6 +9,8 @@ tensors asks. What each op calls per chip, and when it falls back to the referen
 """
 from __future__ import annotations
 
+from v4hal.hal.requirements import Requirement
+
 
 def probe() -> str | None:
     """None when torch_npu imports, an NPU is visible and the chip is A2, A3 or 950; else why not."""
@@ -31,18 +33,43 @@ def load() -> None:
     register.load()
 
 
+_ON_NPU = "reference backend on the NPU tensors"
+
+
+def _runs(req: Requirement) -> str:
+    """What serves a call that breaks ``req`` (a fallback requirement)."""
+    from .limits import REFERENCE
+
+    return _ON_NPU if req.fallback == REFERENCE else str(req.fallback)
+
+
 def fallback_table() -> list[dict[str, str]]:
     """Rows ``{op, chip, condition, runs}``: when the Ascend backend does not call its CANN op."""
-    from . import limits
+    from . import limits, register
 
-    return limits.fallback_table()
+    register.import_op_modules()
+    rows: list[dict[str, str]] = []
+    for op in sorted(limits.PLANS):
+        native = limits.PLANS[op].native
+        for chip in limits.CHIPS:
+            reqs = [r for r in limits.requirements(op) if limits.applies(r, chip)]
+            if chip not in native:
+                first = reqs[0] if reqs else None
+                cond = first.description if first else f"no CANN op for {op} on {chip}"
+                rows.append({"op": op, "chip": chip, "condition": "always: " + cond,
+                             "runs": _runs(first) if first else _ON_NPU})
+                continue
+            rows += [{"op": op, "chip": chip, "condition": r.description, "runs": _runs(r)} for r in reqs]
+    return rows
 
 
 def native_table() -> list[dict[str, str]]:
     """Rows ``{op, chip, native}``: the CANN path used inside the limits."""
-    from . import limits
+    from . import limits, register
 
-    return limits.native_table()
+    register.import_op_modules()
+    return [{"op": op, "chip": chip, "native": limits.PLANS[op].native[chip]}
+            for op in sorted(limits.PLANS) for chip in limits.CHIPS if chip in limits.PLANS[op].native]
 
 
 def info_notes() -> list[dict[str, str]]:

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from v4hal.hal.devices import torch_npu_module
+
 TIERS: tuple[str, ...] = ("torch_npu", "_C_ascend", "custom")
 
 #: Python modules whose import registers a tier's ``torch.ops`` namespace.
@@ -75,9 +77,7 @@ def _load_tier_modules(tier: str) -> None:
 def _namespace(tier: str) -> Any | None:
     """The object holding the tier's ops (torch_npu module or a ``torch.ops`` namespace)."""
     if tier == "torch_npu":
-        from . import runtime
-
-        return runtime.torch_npu_module()
+        return torch_npu_module()
     import torch
 
     _load_tier_modules(tier)

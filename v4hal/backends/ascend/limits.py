@@ -13,7 +13,7 @@ The same requirement objects are
 - registered with the implementation (:func:`v4hal.hal.registry.register_declared`), so dispatch
   and ``v4hal info`` read them from the registry;
 - evaluated by :func:`unmet` in the adapter's routing step, before any CANN op is called;
-- listed per op and chip by :func:`fallback_table` (``docs/ascend.md``, :func:`..info_notes`).
+- listed per op and chip by the package's ``fallback_table()`` (``docs/ascend.md``) and ``info_notes()``.
 
 :func:`record` counts which path served each call, per op and chip; tests use it to prove a call
 went native or fell back.
@@ -29,8 +29,8 @@ from v4hal.hal import requirements as R
 from v4hal.hal.registry import declarations
 from v4hal.hal.requirements import Requirement
 
-from . import runtime
 from .runtime import CHIPS
+from .runtime import chip as current_chip
 
 ALL = CHIPS
 REFERENCE = "reference"
@@ -45,7 +45,7 @@ def _on_chips(chips: Sequence[str], test: Callable[[Args], bool]) -> Callable[[A
     """``test``, evaluated only on ``chips`` (so ``Implementation.fallback_reasons`` is right on any chip)."""
     if set(chips) >= set(ALL):
         return test
-    return lambda args: runtime.chip() in chips and test(args)
+    return lambda args: current_chip() in chips and test(args)
 
 
 def fallback_when(condition: str, test: Callable[[Args], bool], chips: Sequence[str] = ALL,
@@ -139,36 +139,3 @@ def fallback(op: str, chip: str | None, reason: str, ref: Callable[..., Any], *a
     """Run the reference implementation ``ref(*args)`` for ``op`` and record why."""
     record(op, chip, f"reference: {reason}")
     return ref(*args)
-
-
-def _runs(req: Requirement) -> str:
-    return "reference backend on the NPU tensors" if req.fallback == REFERENCE else str(req.fallback)
-
-
-def fallback_table() -> list[dict[str, str]]:
-    """Every (op, chip, condition, what runs) under which the Ascend backend does not call its CANN op."""
-    from . import register
-
-    register.import_op_modules()
-    rows: list[dict[str, str]] = []
-    for op in sorted(PLANS):
-        native = PLANS[op].native
-        for chip in CHIPS:
-            reqs = [r for r in requirements(op) if applies(r, chip)]
-            if chip not in native:
-                first = reqs[0] if reqs else None
-                cond = first.description if first else f"no CANN op for {op} on {chip}"
-                rows.append({"op": op, "chip": chip, "condition": "always: " + cond,
-                             "runs": _runs(first) if first else "reference backend on the NPU tensors"})
-                continue
-            rows += [{"op": op, "chip": chip, "condition": r.description, "runs": _runs(r)} for r in reqs]
-    return rows
-
-
-def native_table() -> list[dict[str, str]]:
-    """Every (op, chip, native path) the Ascend backend uses when the call is within the limits."""
-    from . import register
-
-    register.import_op_modules()
-    return [{"op": op, "chip": chip, "native": PLANS[op].native[chip]}
-            for op in sorted(PLANS) for chip in CHIPS if chip in PLANS[op].native]

@@ -6,18 +6,15 @@ Each op module declares its implementations next to the adapters with
 tensors with one more requirement every call needs (a usable NPU)."""
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 from v4hal.hal import requirements as R
 from v4hal.hal.devices import npu_reason
+from v4hal.hal.packages import import_modules
 from v4hal.hal.registry import declarations, register_declared, register_impl, unregister_backend
 
-from . import limits, runtime
-
-#: The modules of this package that declare implementations (one per op family).
-MODULES: tuple[str, ...] = ("quant", "gemm", "attention", "moe", "mhc", "small", "paged", "paged_attention",
-                            "paged_indexer", "ragged_compress")
+from .limits import reset_stats
+from .runtime import reset as reset_runtime
 
 PRIORITY = 20
 
@@ -32,9 +29,9 @@ USABLE = R.when("torch_npu with CANN and an A2/A3/950 NPU", lambda _args: npu_re
 
 
 def import_op_modules() -> None:
-    """Import every implementation module (each declares its implementations and limits on import)."""
-    for mod in MODULES:
-        importlib.import_module(f"{__package__}.{mod}")
+    """Import every public module of the package, sorted by name: each op family's module declares its
+    implementations and limits on import (the others, helpers like this one, declare nothing)."""
+    import_modules(__package__)
 
 
 def implementations() -> dict[str, Callable[..., Any]]:
@@ -74,8 +71,8 @@ def enable_cpu_emulation() -> None:
     """Register the same implementations for ``cpu`` tensors, explicit-only, so that
     ``with v4hal.use_backend("ascend"):`` runs the Ascend code path on CPU tensors against the
     test stand-ins of torch_npu / ``_C_ascend`` / ``custom``. Called only by the test fixture."""
-    runtime.reset()
-    limits.reset_stats()
+    reset_runtime()
+    reset_stats()
     import_op_modules()
     register_declared("ascend", devices={"cpu": ()}, priority=PRIORITY, explicit_only=("cpu",))
 
@@ -83,4 +80,4 @@ def enable_cpu_emulation() -> None:
 def disable_cpu_emulation() -> None:
     """Undo :func:`enable_cpu_emulation`."""
     unregister_backend("ascend", devices=("cpu",))
-    runtime.reset()
+    reset_runtime()

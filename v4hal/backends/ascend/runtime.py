@@ -18,6 +18,8 @@ from v4hal.hal.devices import (
     torch_npu_module,
 )
 
+from .binding import reset as _forget_bound_ops
+
 CHIPS: tuple[str, ...] = NPU_CHIPS
 SOC_RANGES: dict[str, tuple[int, int]] = NPU_SOC_RANGES
 
@@ -39,9 +41,7 @@ __all__ = ["CHIPS", "SOC_RANGES", "DTYPE_CODES", "chip", "chip_family", "soc_ver
 def reset() -> None:
     """Forget every cached NPU probe and every resolved CANN op."""
     reset_npu_probes()
-    from . import binding  # local: binding imports nothing heavy either
-
-    binding.reset()
+    _forget_bound_ops()
 
 
 def dtype_code(name: str) -> object:

@@ -2,7 +2,7 @@
 
 It is the CPU default and the oracle that every other backend is compared with. Each family
 module declares its implementations with ``@implements(op, "reference")`` next to the code;
-:func:`load` imports the modules and registers what they declared.
+:func:`load` imports every public module of the package and registers what they declared.
 """
 from __future__ import annotations
 
@@ -14,20 +14,8 @@ def probe() -> str | None:
 
 def load() -> None:
     """Register every declared reference implementation for cpu, cuda and npu tensors (priority 0)."""
+    from v4hal.hal.packages import import_modules
     from v4hal.hal.registry import register_declared
 
-    from . import (  # noqa: F401  (declare the impls)
-        attention,
-        gemm,
-        mhc,
-        moe,
-        moe_experts,
-        paged,
-        paged_attention,
-        paged_indexer,
-        quant,
-        ragged_compress,
-        small,
-    )
-
+    import_modules(__name__)   # each module declares its implementations
     register_declared("reference", devices={"cpu": (), "cuda": (), "npu": ()}, priority=0)

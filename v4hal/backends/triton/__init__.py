@@ -4,8 +4,8 @@ On CPU tensors it serves only under the Triton interpreter (``TRITON_INTERPRET=1
 the kernels are imported) and only when asked for (``use_backend("triton")``): interpreter runs
 check correctness, they say nothing about speed.
 
-Each family module (quant, gemm, grouped, moe_permute, attention, indexer, mhc, small, moe,
-compress) declares its public entry points next to the kernels with
+Each public module of the package (one per op family; private ``_`` modules hold shared helpers)
+declares its public entry points next to the kernels with
 ``@implements(op, "triton", requires=...)``: the limits a valid call can still exceed (a head dim
 above the tile, a GPU without the MMA a dtype needs). :func:`load` registers them all: on CUDA
 tensors automatic candidates at priority 10 (above the reference's 0), on CPU tensors only when
@@ -57,24 +57,10 @@ def device_reason(device: str) -> str | None:
 def load() -> None:
     """Register every Triton kernel declared in the family modules (cuda: automatic; cpu: explicit,
     interpreter only); the implementations for interpreted tensors are :func:`serialized`."""
+    from v4hal.hal.packages import import_modules
     from v4hal.hal.registry import implementations, register_declared, register_impl
 
-    from . import (  # noqa: F401
-        attention,
-        compress,
-        gemm,
-        grouped,
-        indexer,
-        mhc,
-        moe,
-        moe_permute,
-        paged_attention,
-        paged_cache,
-        paged_indexer,
-        quant,
-        small,
-    )
-
+    import_modules(__name__)   # each family module declares its kernels
     ops = register_declared("triton", devices={"cuda": (), "cpu": (INTERPRETER,)}, priority=PRIORITY,
                             explicit_only=("cpu",), interpreted=("cpu",))
     for device in ("cpu", "cuda") if triton_interpreter_on() else ("cpu",):

@@ -27,7 +27,8 @@ The numerics are the reference backend's (``reference/moe.py``, ``reference/moe_
     2. two grouped GEMMs (:func:`.grouped.grouped_gemm`): ``gate = W1 x``, ``up = W3 x`` in x's dtype;
     3. ``_swiglu_kernel``: clamp (``swiglu_limit > 0``), ``h = w_route * (silu(gate) * up)`` in fp32,
        rounded to x's dtype, and for quantized weights re-quantized in the same pass (FP8 per 128
-       block, bit-identical to ``act_quant`` of the rounded ``h``);
+       block through :func:`.quant.fp8_block_quant`, the epilogue of ``act_quant``: bit-identical to
+       ``act_quant`` of the rounded ``h``);
     4. grouped GEMM ``y = W2 h`` (x's dtype);
     5. the Triton combine (:func:`.moe_permute.moe_combine`) with unit weights: ``out[t] = sum_j y`` in
        fp32 in slot order, one cast (the routing weight was applied before ``W2``).
@@ -63,12 +64,9 @@ from .quant import (
     cast_out,
     cdiv,
     clamp_nan,
-    e4m3_bits,
+    fp8_block_quant,
     interpreting,
-    nan_where,
     next_pow2,
-    pow2_ceil_exp,
-    pow2_recip,
     tl_dtype,
 )
 
@@ -262,22 +260,12 @@ def _swiglu_kernel(gate_ptr, up_ptr, w_ptr, s2f_ptr, h_ptr, hs_ptr, R, I, limit,
     h = cast_out(wr[:, None] * (silu * u), OUT, SOFT)
     if QUANT:
         hf = h.to(tl.float32)
-        bad = block_nonfinite(hf, 1)            # act_quant's rule: NaN scale and payload for inf/NaN blocks
-        amax = tl.maximum(tl.max(tl.abs(hf), axis=1), amax_floor)
-        s = amax * max_inv
-        if POW2:
-            e = tl.where(bad, 255, pow2_ceil_exp(s))
-            s = (e << 23).to(tl.float32, bitcast=True)
-            q = hf * pow2_recip(e)[:, None]
-        else:
-            q = tl.math.div_rn(hf, s[:, None])
-        s = nan_where(bad, s)
-        tl.store(h_ptr + offs, e4m3_bits(nan_where(bad[:, None], clamp_nan(q, 448.0)), SOFT), mask=mask)
+        bad = block_nonfinite(hf, 1)[:, None]   # act_quant's rule: NaN scale and payload for inf/NaN blocks
+        amax = tl.maximum(tl.max(tl.abs(hf), axis=1), amax_floor)[:, None]
+        hq, _, stored = fp8_block_quant(hf, amax, bad, max_inv, POW2, S_E8M0, SOFT)
+        tl.store(h_ptr + offs, hq, mask=mask)
         s_offs = rr * tl.num_programs(1) + tl.program_id(1)
-        if S_E8M0:
-            tl.store(hs_ptr + s_offs, e.to(tl.uint8), mask=rmask)
-        else:
-            tl.store(hs_ptr + s_offs, s, mask=rmask)
+        tl.store(hs_ptr + s_offs[:, None], stored, mask=rmask[:, None])
     else:
         tl.store(h_ptr + offs, h, mask=mask)
 

@@ -8,6 +8,8 @@ rule in :mod:`v4hal.hal.formats`):
   ``s = 2**ceil(log2(s))`` from the fp32 bits (exponent, plus one when a mantissa bit is set);
   ``y = e4m3(clamp(x / s, -448, 448))`` with an IEEE division (``div_rn``; a multiply by the exact
   reciprocal when ``s`` is a power of two, which is the same number) and a round-to-nearest-even cast.
+  Written once, in :func:`fp8_block_quant`: ``act_quant`` (row blocks), ``quant_weight_fp8`` (tiles)
+  and the SwiGLU of ``moe_experts`` (:mod:`.moe`) end in it.
 * FP4: ``amax = max(|x_block|, 6*2**-126)``, ``s = pow2_ceil(amax * fp32(1/6))`` (e8m0 byte = the
   biased exponent), ``y = e2m1(clamp(x / s, -6, 6))`` by threshold compares (ties to the even
   code; the sign bit is the sign bit of ``x / s``, so ``-0.0`` gives code 8).
@@ -187,6 +189,32 @@ def nan_where(bad, v):
 
 
 @triton.jit
+def fp8_block_quant(x, amax, bad, max_inv, POW2: tl.constexpr, S_E8M0: tl.constexpr, SOFT: tl.constexpr):
+    """The FP8 e4m3 block quantizer's epilogue: fp32 ``x`` and each block's floored ``amax`` and
+    ``bad`` flag (an inf or a NaN in the block), both broadcastable against ``x`` (``[G, 1]`` for
+    row blocks of a ``[G, C]`` tile, scalars for one whole tile).
+
+    Returns ``(y, s, stored)``: ``y`` the e4m3 bytes (x's shape), ``s`` the fp32 scale per block
+    (``amax / 448``, rounded up to a power of two when ``POW2``; NaN for bad blocks) and ``stored``
+    the scale as written: its e8m0 byte (uint8) when ``S_E8M0`` (which needs ``POW2``), else ``s``.
+    """
+    s = amax * max_inv
+    if POW2:
+        e = tl.where(bad, 255, pow2_ceil_exp(s))
+        s = (e << 23).to(tl.float32, bitcast=True)
+        q = x * pow2_recip(e)
+    else:
+        q = tl.math.div_rn(x, s)
+    s = nan_where(bad, s)
+    y = e4m3_bits(nan_where(bad, clamp_nan(q, 448.0)), SOFT)
+    if S_E8M0:
+        stored = e.to(tl.uint8)
+    else:
+        stored = s
+    return y, s, stored
+
+
+@triton.jit
 def e2m1_value(mag):
     """e2m1 magnitude codes 0..7 (int32) -> fp32 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}."""
     m = mag.to(tl.float32)
@@ -220,27 +248,15 @@ def _fp8_quant_kernel(x_ptr, y_ptr, s_ptr, out_ptr, n_groups,
     mask = gmask[:, None] & (c[None, :] < GS)
     offs = g[:, None] * GS + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    bad = block_nonfinite(x, 1)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
-    s = amax * max_inv
-    if POW2:
-        e = tl.where(bad, 255, pow2_ceil_exp(s))
-        s = (e << 23).to(tl.float32, bitcast=True)
-        q = x * pow2_recip(e)[:, None]
-    else:
-        q = tl.math.div_rn(x, s[:, None])
-    s = nan_where(bad, s)
-    q = nan_where(bad[:, None], clamp_nan(q, 448.0))
-    yb = e4m3_bits(q, SOFT)
+    bad = block_nonfinite(x, 1)[:, None]
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)[:, None]
+    yb, s, stored = fp8_block_quant(x, amax, bad, max_inv, POW2, S_E8M0, SOFT)
     if INPLACE:
         yv = yb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        tl.store(out_ptr + offs, cast_out(yv * s[:, None], OUT, SOFT), mask=mask)
+        tl.store(out_ptr + offs, cast_out(yv * s, OUT, SOFT), mask=mask)
     else:
         tl.store(y_ptr + offs, yb, mask=mask)
-        if S_E8M0:
-            tl.store(s_ptr + g, e.to(tl.uint8), mask=gmask)
-        else:
-            tl.store(s_ptr + g, s, mask=gmask)
+        tl.store(s_ptr + g[:, None], stored, mask=gmask[:, None])
 
 
 def _group_tiling(block_size: int) -> tuple[int, int]:
@@ -375,21 +391,9 @@ def _fp8_weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, NB, KB, amax_floor, max_
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     bad = tl.max(tl.max(nonfinite(x).to(tl.int32), axis=1), axis=0) > 0
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), amax_floor)
-    s = amax * max_inv
-    if POW2:
-        e = tl.where(bad, 255, pow2_ceil_exp(s))
-        s = (e << 23).to(tl.float32, bitcast=True)
-        q = x * pow2_recip(e)
-    else:
-        q = tl.math.div_rn(x, s)
-    s = nan_where(bad, s)
-    q = nan_where(bad, clamp_nan(q, 448.0))
-    tl.store(y_ptr + offs, e4m3_bits(q, SOFT), mask=mask)
-    s_off = pid_bn.to(tl.int64) * KB + kb
-    if S_E8M0:
-        tl.store(s_ptr + s_off, e.to(tl.uint8))
-    else:
-        tl.store(s_ptr + s_off, s)
+    yb, _, stored = fp8_block_quant(x, amax, bad, max_inv, POW2, S_E8M0, SOFT)
+    tl.store(y_ptr + offs, yb, mask=mask)
+    tl.store(s_ptr + pid_bn.to(tl.int64) * KB + kb, stored)
 
 
 @implements("quant_weight_fp8", "triton", requires=(
