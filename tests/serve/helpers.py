@@ -14,7 +14,7 @@ def small_cfg(ratios: list[int] | None = None, window: int = 8, max_seq_len: int
     cfg = ModelConfig(dim=64, n_layers=len(ratios) - 1, n_mtp_layers=1, compress_ratios=list(ratios),
                       head_dim=512, rope_head_dim=64, index_head_dim=128, window_size=window,
                       max_seq_len=max_seq_len, vocab_size=1000, n_heads=2, o_groups=1, q_lora_rank=64,
-                      o_lora_rank=64, moe_inter_dim=64, max_batch_size=2)
+                      o_lora_rank=64, moe_inter_dim=64, max_batch_size=2, scale_fmt="ue8m0")
     cfg.validate()
     return cfg
 

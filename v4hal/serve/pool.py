@@ -24,6 +24,7 @@ import torch
 
 from v4hal.hal.errors import RangeError, ShapeError
 from v4hal.model.config import ModelConfig
+from v4hal.model.layers import act_scale_format
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from .batch import (
@@ -42,21 +43,60 @@ from .batch import (
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
 
-__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "cache_layouts",
-           "memory_table"]
+__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "cache_layouts", "kv_scale_fmt",
+           "layout_problem", "memory_table"]
 
 
 #: rope dims the ``model1_fp8`` layout keeps in bf16
 MODEL1_ROPE = 64
 
 
-def cache_layouts(device: str | torch.device | None) -> tuple[str, str]:
-    """The (attention, indexer) cache layouts a pool on ``device`` uses by default: the quantized ones
-    (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
-    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16
-    paged caches (A2/A3)."""
+def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
+    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the quantized
+    ones (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
+    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16 paged
+    caches (A2/A3). ``model1_fp8`` only when the model rounds its KV with power-of-two scales
+    (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
+    attention caches: every default stores exactly what the model computed (`layout_problem`)."""
     kind = torch.device("cpu" if device is None else device).type
-    return ("bf16", "bf16") if kind == "npu" else ("model1_fp8", "indexer_fp4")
+    if kind == "npu":
+        return "bf16", "bf16"
+    attn = "model1_fp8" if cfg is None or kv_scale_fmt(cfg) == "ue8m0" else "bf16"
+    return attn, "indexer_fp4"
+
+
+def kv_scale_fmt(cfg: ModelConfig) -> str | None:
+    """The scale format of the model's FP8 KV round trip (blocks of 64 of the no-rope dims): ``"ue8m0"``
+    (power-of-two scales) or None (``amax / 448`` fp32 scales), as `v4hal.model.layers.act_scale_format`
+    derives it from ``scale_fmt`` and ``scale_dtype``."""
+    return act_scale_format(cfg)[0]
+
+
+def layout_problem(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> str | None:
+    """Why a pool of these layouts would not store exactly what ``cfg``'s model computed, or None.
+
+    The model rounds its KV (window and compressed entries) to FP8 e4m3 in blocks of 64 with
+    `kv_scale_fmt` scales, and its indexer keys (after the Hadamard rotation) to FP4 e2m1 in blocks of 32
+    with power-of-two scales, and keeps the rounded values in bf16. ``bf16`` pages hold those values as
+    they are; ``model1_fp8`` (blocks of 64, ue8m0 scales) holds the KV exactly only when the model's scales
+    are ue8m0 too (an ``amax / 448`` scale's values round again); ``indexer_fp4`` (blocks of 32, ue8m0)
+    holds the FP4 keys exactly. Every other pairing rounds the values again (``indexer_fp8``: one fp32
+    scale per entry; an FP4 layout for the KV; ``model1_fp8`` for the keys)."""
+    if attn_layout == "model1_fp8":
+        fmt = kv_scale_fmt(cfg)
+        if fmt != "ue8m0":
+            return (f"attn_layout 'model1_fp8' stores FP8 with power-of-two (ue8m0) scales, but this model rounds "
+                    f"its KV with scale_fmt {fmt!r} (amax / 448 scales; config scale_fmt {cfg.scale_fmt!r}, "
+                    f"scale_dtype {cfg.scale_dtype!r}): the pages would round every entry again; use "
+                    f"attn_layout='bf16'")
+    elif attn_layout != "bf16":
+        return (f"attn_layout {attn_layout!r} would round the model's FP8 KV again; the attention caches take "
+                f"'model1_fp8' (ue8m0 models) or 'bf16'")
+    if indexer_layout not in ("indexer_fp4", "bf16"):
+        return (f"indexer_layout {indexer_layout!r} would round the model's FP4 indexer keys again"
+                + (" (one fp32 scale per entry)" if indexer_layout == "indexer_fp8" else "")
+                + "; the indexer caches take 'indexer_fp4' or 'bf16'")
+    return None
 
 
 def alloc_cache(num_blocks: int, block_size: int, layout: str, dim: int,
@@ -143,7 +183,8 @@ class CachePool:
     ``state_block_size``: positions per page of the compressor-state kinds ``"state4"`` / ``"state128"``
     (whose block 0 is reserved: ``blocks`` counts the pages handed out);
     ``attn_layout`` / ``indexer_layout``: `v4hal.ops.paged.PAGED_LAYOUTS` names (default: `cache_layouts` of
-    the device; ``model1_fp8`` needs ``rope_head_dim == 64``); ``allocate=False`` builds
+    the device and config; ``model1_fp8`` needs ``rope_head_dim == 64``); a pair that would not store exactly
+    what the model computed is refused (`layout_problem`, `RangeError`); ``allocate=False`` builds
     the allocators and byte accounting only (no tensors), e.g. to size a 1M-token cache.
     """
 
@@ -153,18 +194,21 @@ class CachePool:
         op = "CachePool"
         if not isinstance(cfg, ModelConfig):
             raise RangeError(f"{op}: cfg must be a ModelConfig, got {type(cfg).__name__}")
-        default_attn, default_index = cache_layouts(device)
+        default_attn, default_index = cache_layouts(device, cfg)
         attn_layout = default_attn if attn_layout is None else attn_layout
         indexer_layout = default_index if indexer_layout is None else indexer_layout
+        for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):
+            if lay not in PAGED_LAYOUTS:
+                raise RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {lay!r}")
         if attn_layout == "model1_fp8" and cfg.rope_head_dim != MODEL1_ROPE:
             raise ShapeError(f"{op}: attn_layout 'model1_fp8' stores the last {MODEL1_ROPE} values of an entry as "
                              f"bf16 (the rope dims), got rope_head_dim {cfg.rope_head_dim}; use attn_layout='bf16'")
         for name, v in (("block_size", block_size), ("state_block_size", state_block_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RangeError(f"{op}: {name} must be an int >= 1, got {v!r}")
-        for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):
-            if lay not in PAGED_LAYOUTS:
-                raise RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {lay!r}")
+        why = layout_problem(cfg, attn_layout, indexer_layout)
+        if why is not None:
+            raise RangeError(f"{op}: {why}")
         self.cfg, self.block_size, self.state_block_size = cfg, block_size, state_block_size
         self.attn_layout, self.indexer_layout = attn_layout, indexer_layout
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -534,7 +578,7 @@ class CachePool:
 
 
 def memory_table(presets: Sequence[str] = ("v4-flash", "v4-pro"), tokens: int = 1 << 20, *,
-                 layouts: Sequence[tuple[str, str]] = (("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")),
+                 layouts: Sequence[tuple[str, str]] = (("model1_fp8", "indexer_fp4"), ("bf16", "bf16")),
                  block_size: int = 64, state_block_size: int = STATE_BLOCK_SIZE) -> list[dict[str, object]]:
     """Cache bytes of one ``tokens``-long request per preset and (attention, indexer) layout pair, from a pool
     built with ``allocate=False`` (pages of ``block_size`` entries, ``state_block_size`` for the state
