@@ -1,9 +1,11 @@
 """Shared helpers of the serving tests: a small config whose widths match the paged layouts (head_dim 512,
-index_head_dim 128) and a snapshot of a pool's whole bookkeeping state."""
+index_head_dim 128), a snapshot of a pool's whole bookkeeping state, and a tiny random V4 model."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+from v4hal.model import V4Model, write_random_checkpoint
 from v4hal.model.config import ModelConfig
 from v4hal.serve import CachePool
 
@@ -28,3 +30,15 @@ def snapshot(pool: CachePool) -> object:
         (pool.prefix.hits, pool.prefix.lookups, pool.prefix.tokens_saved),
     ))
 
+
+
+def tiny_v4_cfg(scale_fmt: str | None = "ue8m0", scale_dtype: str = "fp8") -> ModelConfig:
+    """Two v4-mini layers (ratio 4 with indexer, ratio 128) and the MTP layer (ratio 4), KV rounded with
+    ``scale_fmt`` / ``scale_dtype``: the smallest config whose model exercises every page kind."""
+    return ModelConfig.preset("v4-mini").replace(n_layers=2, compress_ratios=[4, 128, 4], max_seq_len=256,
+                                                 scale_fmt=scale_fmt, scale_dtype=scale_dtype)
+
+
+def random_model(cfg: ModelConfig, path: Path, seed: int = 3) -> V4Model:
+    """A V4Model of ``cfg`` with seeded random weights (a checkpoint written to ``path``)."""
+    return V4Model.from_pretrained(write_random_checkpoint(cfg, path, seed=seed))

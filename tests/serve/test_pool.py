@@ -10,7 +10,7 @@ from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
 from v4hal.serve import CachePool, PoolExhaustedError, alloc_cache, cache_layouts, first_needed_position, memory_table
 
-from .helpers import small_cfg, snapshot
+from .helpers import random_model, small_cfg, snapshot, tiny_v4_cfg
 
 
 def test_alloc_cache_widths() -> None:
@@ -196,17 +196,11 @@ def test_request_errors_change_nothing() -> None:
 SCALE_FORMATS = {(None, "fp32"): None, ("ue8m0", "fp32"): "ue8m0", (None, "fp8"): "ue8m0", ("ue8m0", "fp8"): "ue8m0"}
 
 
-def _layout_cfg(scale_fmt: str | None, scale_dtype: str) -> ModelConfig:
-    """Two v4-mini layers (ratio 4 with indexer, ratio 128) and the MTP layer, KV rounded with ``scale_fmt``."""
-    return ModelConfig.preset("v4-mini").replace(n_layers=2, compress_ratios=[4, 128, 4], max_seq_len=256,
-                                                 scale_fmt=scale_fmt, scale_dtype=scale_dtype)
-
-
 def test_layout_rule_and_defaults() -> None:
     from v4hal.serve.pool import kv_scale_fmt, layout_problem
 
     for (fmt, sdt), kv in SCALE_FORMATS.items():
-        cfg = _layout_cfg(fmt, sdt)
+        cfg = tiny_v4_cfg(fmt, sdt)
         assert kv_scale_fmt(cfg) == kv
         assert cache_layouts("cpu", cfg) == (("model1_fp8" if kv else "bf16"), "indexer_fp4")
         for attn in PAGED_LAYOUTS:
@@ -214,7 +208,7 @@ def test_layout_rule_and_defaults() -> None:
                 ok = (attn == "bf16" or (attn == "model1_fp8" and kv == "ue8m0")) and idx in ("indexer_fp4", "bf16")
                 assert (layout_problem(cfg, attn, idx) is None) == ok, (fmt, sdt, attn, idx)
     assert cache_layouts(None) == ("model1_fp8", "indexer_fp4")
-    cfg = _layout_cfg(None, "fp32")
+    cfg = tiny_v4_cfg(None, "fp32")
     pool = CachePool(cfg, allocate=False)
     assert (pool.attn_layout, pool.indexer_layout) == ("bf16", "indexer_fp4")
     with pytest.raises(RangeError, match=r"CachePool: attn_layout 'model1_fp8' stores FP8 with power-of-two "
@@ -227,12 +221,9 @@ def test_layout_rule_and_defaults() -> None:
 
 @pytest.fixture(scope="module", params=list(SCALE_FORMATS), ids=lambda p: f"{p[0]}-{p[1]}")
 def layout_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    from v4hal.model import V4Model, write_random_checkpoint
-
-    cfg = _layout_cfg(*request.param)
     prev = torch.get_num_threads()
     torch.set_num_threads(1)            # fp32 GEMM results depend on the thread count
-    model = V4Model.from_pretrained(write_random_checkpoint(cfg, tmp_path_factory.mktemp("layouts"), seed=3))
+    model = random_model(tiny_v4_cfg(*request.param), tmp_path_factory.mktemp("layouts"))
     yield model
     torch.set_num_threads(prev)
 

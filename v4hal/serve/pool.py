@@ -40,6 +40,7 @@ from .batch import (
     pages_needed,
     written_pages,
 )
+from .fill import PageFill
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
 
@@ -243,6 +244,15 @@ class CachePool:
         self.allocated = allocate
         self.requests: dict[Hashable, RequestState] = {}
         self.prefix = PrefixCache(block_size)
+        #: what the steps of a runtime's own block tables wrote where (see `begin_step`)
+        self.fill = PageFill(self.num_blocks)
+        self._key = object()          # recorded in the batches this pool builds
+
+    @property
+    def num_blocks(self) -> dict[str, int]:
+        """Blocks of each kind's cache tensors (reserved ones included): what
+        `ForwardBatch.from_block_tables` bounds a runtime's block ids by."""
+        return {k: a.capacity + a.first for k, a in self.allocators.items()}
 
     # ------------------------------------------------------------------ bytes
     def page_bytes(self) -> dict[str, int]:
@@ -458,7 +468,59 @@ class CachePool:
         return build_batch(self.cfg, [st.req_id for st, _ in checked], tokens, [st.computed for st, _ in checked],
                            [n for _, n in checked], {k: [st.tables[k] for st, _ in checked] for k in self.kinds},
                            self.block_size, self.device if device is None else device,
-                           state_block_size=self.state_block_size)
+                           state_block_size=self.state_block_size, origin=self._key)
+
+    def begin_step(self, batch: ForwardBatch, op: str = "CachePool.begin_step") -> None:
+        """Check that ``batch`` may run on this pool's caches now (`V4Model.forward_batch` calls it before any
+        kernel); for a runtime's own tables, record what the step writes. `RangeError` (nothing changed) when:
+
+        - a batch this pool built: a request is no longer active, or no longer at the batch's start
+          position (the batch is stale: advanced, released or aborted since it was built), or its pages
+          changed; a batch another pool built is refused whole;
+        - a batch of a runtime's own tables (`ForwardBatch.from_block_tables`): this pool manages requests
+          or prefixes of its own (their pages would be overwritten), a block id is past this pool's
+          blocks, or a request's step does not continue what its pages hold (`PageFill`: ``start_pos``
+          skips or replays positions).
+        """
+        if batch.origin is not None:
+            self._check_own_batch(op, batch)
+            return
+        if self.requests or any(a.in_use for a in self.allocators.values()):
+            raise RangeError(f"{op}: the batch is a runtime's own block tables (ForwardBatch.from_block_tables), but "
+                             f"this pool manages {len(self.requests)} requests and {self.pages_in_use()} pages of its "
+                             f"own, which the runtime's blocks would overwrite; run them on a pool that only holds "
+                             f"the cache tensors")
+        caps = self.num_blocks
+        for k, rows in batch.host_tables.items():
+            top = max((x for r in rows for x in r), default=-1)
+            if k not in caps or top >= caps[k]:
+                raise RangeError(f"{op}: block_tables[{k!r}] holds block {top}, this pool has "
+                                 f"{caps.get(k, 0)} blocks of {k!r} (the batch was built for another pool)")
+        self.fill.record(self.fill.check(op, self.cfg, batch))
+
+    def _check_own_batch(self, op: str, batch: ForwardBatch) -> None:
+        if batch.origin is not self._key:
+            raise RangeError(f"{op}: the batch was built by another CachePool; a batch runs only on the pool that "
+                             f"built it (its block tables address that pool's pages)")
+        if self.fill.written:
+            raise RangeError(f"{op}: this pool has run a runtime's own block tables (from_block_tables); its "
+                             f"allocators do not know those pages, so it cannot run batches of its own")
+        for i, rid in enumerate(batch.req_ids):
+            st = self.requests.get(rid)
+            s, end = batch.start_positions[i], batch.start_positions[i] + batch.query_lens[i]
+            if st is None:
+                raise RangeError(f"{op}: request {rid!r} of the batch is not active in the pool (released since the "
+                                 f"batch was built)")
+            if st.computed != s:
+                what = ("would compute positions {} .. {} again".format(s, st.computed - 1) if s < st.computed
+                        else "would skip positions {} .. {}".format(st.computed, s - 1))
+                raise RangeError(f"{op}: the batch starts request {rid!r} at position {s}, the pool has computed "
+                                 f"it up to {st.computed}: the batch is stale and {what}; build it again")
+            for k in self.kinds:
+                n = pages_needed(k, end, self.block_sizes[k])
+                if list(batch.host_tables[k][i][:n]) != st.tables[k][:n]:
+                    raise RangeError(f"{op}: request {rid!r}'s {k} pages changed since the batch was built; "
+                                     f"build it again")
 
     def schedule(self, items: Sequence[tuple[Hashable, int]],
                  device: str | torch.device | None = None) -> ForwardBatch:
