@@ -197,7 +197,8 @@ SCALE_FORMATS = {(None, "fp32"): None, ("ue8m0", "fp32"): "ue8m0", (None, "fp8")
 
 
 def test_layout_rule_and_defaults() -> None:
-    from v4hal.serve.pool import kv_scale_fmt, layout_problem
+    from v4hal.serve import layout_problem
+    from v4hal.serve.pool import kv_scale_fmt
 
     for (fmt, sdt), kv in SCALE_FORMATS.items():
         cfg = tiny_v4_cfg(fmt, sdt)
