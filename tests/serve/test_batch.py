@@ -222,8 +222,8 @@ def test_runtime_steps_must_continue_what_the_pages_hold() -> None:
     pool = _runtime_pool()
     assert pool.num_blocks == NUM_BLOCKS
     pool.begin_step(_rt([("x", 0, 10, TX)]))
-    assert pool.fill.end["token"][:2] == [8, 10] and pool.fill.end["c4"][0] == 2
-    before = [list(v) for v in pool.fill.end.values()]
+    assert pool.fill.end["token"] == {0: 8, 1: 10} and pool.fill.end["c4"] == {0: 2}
+    before = {k: dict(v) for k, v in pool.fill.end.items()}
     cases = [
         (12, r"request 'x' \(positions 12 .. 12\), token page 1 \(block 1\) must hold positions 8 .. 11 and no "
              r"more; it holds positions 8 .. 9 \(start_pos skips positions never computed\)"),
@@ -236,12 +236,12 @@ def test_runtime_steps_must_continue_what_the_pages_hold() -> None:
         with pytest.raises(RangeError, match=msg):
             pool.begin_step(_rt([("x", start, 1, {**TX, "token": [0, 1, 2], "state4": [1, 2],
                                                   "state128": [1, 2]})]))
-        assert [list(v) for v in pool.fill.end.values()] == before
+        assert pool.fill.end == before
     with pytest.raises(RangeError, match=r"c4 page 0 \(block 3\) must hold entries 0 .. 1 and no more; it holds "
                                          r"nothing written \(start_pos skips positions never computed\)"):
         pool.begin_step(_rt([("x", 10, 1, {**TX, "c4": [3]})]))      # pages of another (empty) block
     pool.begin_step(_rt([("x", 10, 6, TX)]))                          # continues: positions 10 .. 15
-    assert pool.fill.end["token"][:2] == [8, 16] and pool.fill.end["c4"][0] == 4
+    assert pool.fill.end["token"] == {0: 8, 1: 16} and pool.fill.end["c4"] == {0: 4}
     # a new request on fresh pages, and a request recomputed from 0 on the blocks x had, both start fresh
     pool.begin_step(_rt([("z", 0, 3, {**TX, "token": [5], "c4": [-1], "state4": [6], "state128": [7]})]))
     pool.begin_step(_rt([("x", 0, 4, TX)]))

@@ -22,6 +22,8 @@ recomputed request on reused blocks looks the same as a replay there, and is all
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from v4hal.hal.errors import RangeError
 from v4hal.model.config import ModelConfig
 
@@ -31,15 +33,15 @@ __all__ = ["PageFill"]
 
 
 class PageFill:
-    """Fill ends per kind and block (``blocks[kind]`` blocks each), all 0 at first."""
+    """Fill ends per kind and block, 0 for a block no step wrote (``end[kind]``: block -> end, sparse)."""
 
-    def __init__(self, blocks: dict[str, int]) -> None:
-        self.end = {k: [0] * n for k, n in blocks.items()}
+    def __init__(self, kinds: Iterable[str]) -> None:
+        self.end: dict[str, dict[int, int]] = {k: {} for k in kinds}
 
     @property
     def written(self) -> bool:
         """Whether any step recorded a write."""
-        return any(any(e) for e in self.end.values())
+        return any(self.end.values())
 
     def check(self, op: str, cfg: ModelConfig, batch: ForwardBatch) -> list[tuple[str, int, int]]:
         """The ``(kind, block, new end)`` records ``batch`` writes; `RangeError` when a request's step does not
@@ -56,13 +58,13 @@ class PageFill:
                     x0, x1, lo = s // RATIO[k], e // RATIO[k], 0
                 where = f"{op}: request {rid!r} (positions {s} .. {e - 1}), {k} page"
                 for p in range(lo // bs, x0 // bs):
-                    if end[row[p]] != (p + 1) * bs:
+                    if end.get(row[p], 0) != (p + 1) * bs:
                         raise RangeError(f"{where} {p} (block {row[p]}) must hold {unit} {p * bs} .. "
                                          f"{(p + 1) * bs - 1} (the step reads them); it "
-                                         f"{_holds(end[row[p]], p, bs, unit)}")
+                                         f"{_holds(end.get(row[p], 0), p, bs, unit)}")
                 p = x0 // bs
-                if x0 % bs and end[row[p]] != x0:
-                    got = end[row[p]]
+                if x0 % bs and end.get(row[p], 0) != x0:
+                    got = end.get(row[p], 0)
                     why = ("start_pos replays computed positions" if p * bs < got <= (p + 1) * bs and got > x0 else
                            "start_pos skips positions never computed" if got == 0 or p * bs < got < x0 else
                            "the block holds another page")

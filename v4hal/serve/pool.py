@@ -245,7 +245,7 @@ class CachePool:
         self.requests: dict[Hashable, RequestState] = {}
         self.prefix = PrefixCache(block_size)
         #: what the steps of a runtime's own block tables wrote where (see `begin_step`)
-        self.fill = PageFill(self.num_blocks)
+        self.fill = PageFill(self.kinds)
         self._key = object()          # recorded in the batches this pool builds
 
     @property
