@@ -12,7 +12,9 @@ Per layer (main and MTP), by compress ratio ``r``:
 
 A request's pages are reserved by `CachePool.plan` before a step, marked computed by `CachePool.advance`
 (which frees the pages of each position kind that no later position reads) and freed by
-`CachePool.release`. Every method checks its input before it changes anything: after an error the pool is as it was.
+`CachePool.release`. `CachePool.begin_step` checks a batch against the pool before a step runs (a batch of
+another pool, a stale one, a runtime's tables that skip or replay positions). Every method checks its input
+before it changes anything: after an error the pool is as it was.
 """
 from __future__ import annotations
 
