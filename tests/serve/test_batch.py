@@ -338,3 +338,33 @@ def test_forward_batch_refuses_another_pools_batch(tiny_model) -> None:
     assert all(torch.equal(x, y) for x, y in zip(before, _caches(b)))
     assert torch.equal(model.forward_batch(b.schedule([("r", 1)]), b).logits[0],
                        model.forward(torch.tensor([prompt]), 0)[0])
+
+
+def test_runtime_prefix_sharing_with_a_copied_partial_page(tiny_model) -> None:
+    """Request y reuses the first 16 positions of x: the full pages shared (read-only), the partly filled
+    ratio-4 entry page copied with `CachePool.copy_page`; y's logits equal y alone through the contiguous
+    path bit for bit. A copy the pool was not told about reads as a page holding nothing."""
+    model = tiny_model
+    cfg = model.config
+    g = torch.Generator().manual_seed(6)
+    prefix, tail_x, tail_y = (torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (16, 4, 10))
+    caches = CachePool(cfg, block_size=16)
+
+    def run(rid: str, tokens: list[int], start: int, tables: dict[str, list[int]]) -> torch.Tensor:
+        batch = ForwardBatch.from_block_tables(
+            cfg, req_ids=[rid], input_ids=torch.tensor(tokens), cu_seqlens=torch.tensor([0, len(tokens)]),
+            start_pos=torch.tensor([start]), block_tables={k: torch.tensor([v]) for k, v in tables.items()},
+            block_size=16, num_blocks=caches.num_blocks)
+        return model.forward_batch(batch, caches).logits[0]
+
+    run("x", prefix + tail_x, 0, {"token": [1, 2], "c4": [1], "c128": [-1], "state4": [1, 2], "state128": [1, 2]})
+    ty = {"token": [1, 3], "c4": [2], "c128": [-1], "state4": [1, 3], "state128": [1, 3]}
+    caches._copy_page("c4", 1, 2)                     # the bytes alone: the pool does not know what block 2 holds
+    with pytest.raises(RangeError, match=r"c4 page 0 \(block 2\) must hold entries 0 .. 3 and no more; it holds "
+                                         r"nothing written"):
+        run("y", tail_y, 16, ty)
+    with pytest.raises(RangeError, match=r"upto must be a position in \[0, max_seq_len = 256\], got 257"):
+        caches.copy_page("c4", 1, 2, 257)
+    caches.copy_page("c4", 1, 2, 16)                  # x's entries 0 .. 3 (its entry 4 is past the prefix)
+    assert caches.fill.end["c4"][2] == 4
+    assert torch.equal(run("y", tail_y, 16, ty), model.forward(torch.tensor([prefix + tail_y]), 0)[0])

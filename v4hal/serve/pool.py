@@ -30,6 +30,7 @@ from v4hal.model.layers import act_scale_format
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from .batch import (
+    FIRST_BLOCK,
     POSITION_KINDS,
     RATIO,
     STATE_BLOCK_SIZE,
@@ -499,6 +500,27 @@ class CachePool:
                 raise RangeError(f"{op}: block_tables[{k!r}] holds block {top}, this pool has "
                                  f"{caps.get(k, 0)} blocks of {k!r} (the batch was built for another pool)")
         self.fill.record(self.fill.check(op, self.cfg, batch))
+
+    def copy_page(self, kind: str, src: int, dst: int, upto: int) -> None:
+        """For a runtime's own tables: copy block ``src`` of ``kind`` into block ``dst`` (every layer's tensor
+        of that kind) for a request that continues at position ``upto`` on the copy, e.g. the partly filled
+        last page of a shared prefix. The copy is recorded as holding what ``src`` held before ``upto``
+        (position ``upto`` for the position kinds, entry ``upto // ratio`` for the compressed ones), so the
+        request's first step may start there (`begin_step`). `RangeError` on a kind, block or position out
+        of range (nothing copied)."""
+        op = "CachePool.copy_page"
+        if kind not in self.kinds:
+            raise RangeError(f"{op}: kind must be one of {list(self.kinds)}, got {kind!r}")
+        lo, hi = FIRST_BLOCK[kind], self.num_blocks[kind]
+        for name, b in (("src", src), ("dst", dst)):
+            if not isinstance(b, int) or isinstance(b, bool) or not lo <= b < hi:
+                raise RangeError(f"{op}: {name} must be a block id in [{lo}, {hi}) of {kind!r}, got {b!r}")
+        if not isinstance(upto, int) or isinstance(upto, bool) or not 0 <= upto <= self.cfg.max_seq_len:
+            raise RangeError(f"{op}: upto must be a position in [0, max_seq_len = {self.cfg.max_seq_len}], "
+                             f"got {upto!r}")
+        self._copy_page(kind, src, dst)
+        idx = upto if kind in POSITION_KINDS else upto // RATIO[kind]
+        self.fill.record([(kind, dst, min(self.fill.end[kind].get(src, 0), idx))])
 
     def _check_own_batch(self, op: str, batch: ForwardBatch) -> None:
         if batch.origin is not self._key:
