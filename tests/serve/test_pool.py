@@ -8,9 +8,9 @@ import torch
 from v4hal.hal.errors import RangeError, ShapeError
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
-from v4hal.serve import CachePool, PoolExhaustedError, alloc_cache, first_needed_position, memory_table
+from v4hal.serve import CachePool, PoolExhaustedError, alloc_cache, cache_layouts, first_needed_position, memory_table
 
-from .helpers import small_cfg, snapshot
+from .helpers import random_model, small_cfg, snapshot, tiny_v4_cfg
 
 
 def test_alloc_cache_widths() -> None:
@@ -37,7 +37,7 @@ def test_v4_mini_builds_allocators_only() -> None:
     assert pool.bytes_in_use() == 0 and pool.stats()["bytes_in_use"] == 0
 
 
-@pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")])
+@pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "bf16")])
 def test_v4_mini_caches_take_its_widths(layouts: tuple[str, str]) -> None:
     """v4-mini (head_dim 128, index_head_dim 64) stores its caches in the layouts at its own widths."""
     cfg = ModelConfig.preset("v4-mini")
@@ -58,7 +58,7 @@ def test_v4_mini_caches_take_its_widths(layouts: tuple[str, str]) -> None:
         CachePool(no128, allocate=False, blocks={"c128": 4})
 
 
-@pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")])
+@pytest.mark.parametrize("layouts", [("model1_fp8", "indexer_fp4"), ("bf16", "bf16")])
 def test_page_bytes_match_the_tensors(layouts: tuple[str, str]) -> None:
     cfg = small_cfg()
     blocks = {"token": 5, "c4": 3, "c128": 2, "state4": 5, "state128": 5}
@@ -189,3 +189,70 @@ def test_request_errors_change_nothing() -> None:
     with pytest.raises(RangeError, match="already released"):
         pool.release("a")
     assert pool.pages_in_use() == dict.fromkeys(pool.kinds, 0)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+#: (scale_fmt, scale_dtype) of the config -> the scale format of the model's FP8 KV round trip
+SCALE_FORMATS = {(None, "fp32"): None, ("ue8m0", "fp32"): "ue8m0", (None, "fp8"): "ue8m0", ("ue8m0", "fp8"): "ue8m0"}
+
+
+def test_layout_rule_and_defaults() -> None:
+    from v4hal.serve import layout_problem
+    from v4hal.serve.pool import kv_scale_fmt
+
+    for (fmt, sdt), kv in SCALE_FORMATS.items():
+        cfg = tiny_v4_cfg(fmt, sdt)
+        assert kv_scale_fmt(cfg) == kv
+        assert cache_layouts("cpu", cfg) == (("model1_fp8" if kv else "bf16"), "indexer_fp4")
+        for attn in PAGED_LAYOUTS:
+            for idx in PAGED_LAYOUTS:
+                ok = (attn == "bf16" or (attn == "model1_fp8" and kv == "ue8m0")) and idx in ("indexer_fp4", "bf16")
+                assert (layout_problem(cfg, attn, idx) is None) == ok, (fmt, sdt, attn, idx)
+    assert cache_layouts(None) == ("model1_fp8", "indexer_fp4")
+    cfg = tiny_v4_cfg(None, "fp32")
+    pool = CachePool(cfg, allocate=False)
+    assert (pool.attn_layout, pool.indexer_layout) == ("bf16", "indexer_fp4")
+    with pytest.raises(RangeError, match=r"CachePool: attn_layout 'model1_fp8' stores FP8 with power-of-two "
+                                         r"\(ue8m0\) scales, but this model rounds its KV with scale_fmt None"):
+        CachePool(cfg, attn_layout="model1_fp8", allocate=False)
+    with pytest.raises(RangeError, match=r"indexer_layout 'indexer_fp8' would round the model's FP4 indexer keys "
+                                         r"again \(one fp32 scale per entry\)"):
+        CachePool(small_cfg(), indexer_layout="indexer_fp8", allocate=False)
+
+
+@pytest.fixture(scope="module", params=list(SCALE_FORMATS), ids=lambda p: f"{p[0]}-{p[1]}")
+def layout_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)            # fp32 GEMM results depend on the thread count
+    model = random_model(tiny_v4_cfg(*request.param), tmp_path_factory.mktemp("layouts"))
+    yield model
+    torch.set_num_threads(prev)
+
+
+def test_every_layout_stores_what_the_model_computed(layout_model) -> None:
+    """Paged logits (forward_batch) equal the contiguous path's (forward) bit for bit for every layout pair the
+    pool accepts; every other pair is refused before anything is allocated."""
+    from v4hal.serve.pool import layout_problem
+
+    model = layout_model
+    cfg = model.config
+    prompt = torch.randint(0, cfg.vocab_size, (137,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = model.forward(torch.tensor([prompt]), 0)[0]          # crosses ratio-4 and ratio-128 entries
+    pairs = [(None, None)] + [(a, i) for a in PAGED_LAYOUTS for i in PAGED_LAYOUTS]
+    ran = 0
+    for attn, idx in pairs:
+        why = layout_problem(cfg, attn, idx) if attn else None
+        if why is not None:
+            with pytest.raises(RangeError, match="would round|stores FP8 with power-of-two"):
+                CachePool(cfg, block_size=16, attn_layout=attn, indexer_layout=idx)
+            continue
+        pool = CachePool(cfg, block_size=16, attn_layout=attn, indexer_layout=idx)
+        pool.add_request("r", prompt[:100])
+        first = model.forward_batch(pool.schedule([("r", 100)]), pool).logits[0]
+        pool.advance("r", 100)
+        pool.append_tokens("r", prompt[100:])
+        got = model.forward_batch(pool.schedule([("r", 37)]), pool).logits[0]
+        assert torch.equal(got, want), (attn, idx, float((got - want).abs().max()))
+        assert torch.equal(first, model.forward(torch.tensor([prompt[:100]]), 0)[0]), (attn, idx)
+        ran += 1
+    assert ran == (5 if SCALE_FORMATS[(cfg.scale_fmt, cfg.scale_dtype)] else 3)

@@ -340,6 +340,7 @@ class V4Model(nn.Module):
         if batch.input_ids.device != self.device or pool.device != self.device:
             raise ShapeError(f"V4Model.{op}: batch ({batch.input_ids.device}) and pool ({pool.device}) must be on "
                              f"the model's device {self.device}")
+        pool.begin_step(batch, f"V4Model.{op}")       # the batch's pages are this pool's, as the batch expects
 
     @torch.inference_mode()
     def forward_batch(self, batch: "ForwardBatch", pool: "CachePool") -> BatchOutput:

@@ -3,9 +3,9 @@ block tables, forward batches over many requests, prefix reuse, and the continuo
 from .batch import KINDS, ForwardBatch, first_needed_position, kinds_of
 from .engine import Engine, EngineRequest, StepStats
 from .pages import PageAllocator, PoolExhaustedError
-from .pool import CachePool, LayerCaches, RequestState, alloc_cache, cache_layouts, memory_table
+from .pool import CachePool, LayerCaches, RequestState, alloc_cache, cache_layouts, layout_problem, memory_table
 from .prefix import PrefixCache, PrefixEntry
 
 __all__ = ["KINDS", "ForwardBatch", "first_needed_position", "kinds_of", "Engine", "EngineRequest", "StepStats",
            "PageAllocator", "PoolExhaustedError", "CachePool", "LayerCaches", "RequestState", "alloc_cache",
-           "cache_layouts", "memory_table", "PrefixCache", "PrefixEntry"]
+           "cache_layouts", "layout_problem", "memory_table", "PrefixCache", "PrefixEntry"]

@@ -18,15 +18,15 @@ means "no slot".
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 from v4hal.model.config import ModelConfig
 
-__all__ = ["KINDS", "RATIO", "POSITION_KINDS", "STATE_KINDS", "STATE_BLOCK_SIZE", "ForwardBatch", "block_sizes_of",
-           "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages"]
+__all__ = ["KINDS", "RATIO", "POSITION_KINDS", "STATE_KINDS", "STATE_BLOCK_SIZE", "FIRST_BLOCK", "ForwardBatch",
+           "block_sizes_of", "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages"]
 
 #: The page kinds, and the token positions one entry of each covers.
 KINDS: tuple[str, ...] = ("token", "c4", "c128", "state4", "state128")
@@ -37,6 +37,8 @@ POSITION_KINDS: tuple[str, ...] = ("token", "state4", "state128")
 STATE_KINDS: tuple[str, ...] = ("state4", "state128")
 #: default page size of the state kinds (positions per page)
 STATE_BLOCK_SIZE = 16
+#: the first block id of each kind a table may hold (block 0 of a state kind means "not kept")
+FIRST_BLOCK: dict[str, int] = {k: int(k in STATE_KINDS) for k in KINDS}
 #: the compress ratio whose layers use each kind (0: every layer)
 _LAYERS = {"token": 0, "c4": 4, "c128": 128, "state4": 4, "state128": 128}
 
@@ -90,7 +92,8 @@ class ForwardBatch:
     completes (``(p + 1) % ratio == 0``), else -1;
     ``last_token_index [B]`` int64, the row of each request's last token (for logits).
 
-    Host copies: ``req_ids``, ``query_lens`` and ``start_positions`` (Python ints, no device sync).
+    Host copies: ``req_ids``, ``query_lens``, ``start_positions`` and ``host_tables`` (Python ints, no
+    device sync).
     """
 
     req_ids: tuple[Hashable, ...]
@@ -108,6 +111,11 @@ class ForwardBatch:
     token_slots: torch.Tensor
     entry_slots: dict[str, torch.Tensor]
     last_token_index: torch.Tensor
+    #: host copy of ``block_tables`` (rows as given, not padded), read by the pool's checks without a device sync
+    host_tables: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict, repr=False, compare=False)
+    #: the `CachePool` token of the pool that built the batch (``CachePool.build_batch``), None for a runtime's
+    #: own tables (`from_block_tables`); `CachePool.begin_step` refuses a batch of another pool
+    origin: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_requests(self) -> int:
@@ -129,18 +137,25 @@ class ForwardBatch:
     @classmethod
     def from_block_tables(cls, cfg: ModelConfig, *, req_ids: Sequence[Hashable], input_ids: torch.Tensor,
                           cu_seqlens: torch.Tensor, start_pos: torch.Tensor, block_tables: dict[str, torch.Tensor],
-                          block_size: int, num_blocks: dict[str, int] | None = None,
+                          block_size: int, num_blocks: dict[str, int],
                           state_block_size: int = STATE_BLOCK_SIZE) -> "ForwardBatch":
-        """A batch over a runtime's own page tables (no `CachePool`).
+        """A batch over a runtime's own page tables (the pool holds only the cache tensors).
 
-        ``input_ids [T]`` int64, ``cu_seqlens [B+1]`` int32, ``start_pos [B]`` int32, ``block_tables`` int32
-        ``[B, pages]`` for every kind of ``cfg`` (`kinds_of`), pages of ``block_size`` entries (of
-        ``state_block_size`` for the state kinds), ``num_blocks`` per kind to bound the block ids.
-        Checked (reading the tensors, one host sync): dtypes, shapes and devices agree; each request has
-        >= 1 token and ends at or before ``cfg.max_seq_len``; each table holds a block (not -1) for every page
-        the step reads or writes (each position kind's positions from its `first_needed_position`, every
-        compressed entry up to the step's end); no block id past ``num_blocks``; no slot written by two
-        requests (or twice by one). Raises `ShapeError` / `DTypeError` / `RangeError`.
+        ``input_ids [T]``, ``cu_seqlens [B+1]``, ``start_pos [B]`` (each request's first new position: what
+        it has computed so far) and ``block_tables[kind] [B, pages]`` (-1 where a request holds no page) for
+        every kind of ``cfg`` (`kinds_of`): integer tensors, int32 or int64 each, on one device. Pages of
+        ``block_size`` entries (``state_block_size`` for the state kinds); ``num_blocks[kind]``: the blocks of
+        that kind's cache tensors (`CachePool.num_blocks`), every kind.
+
+        Checked (reading the tensors, one host sync), before anything is written: dtypes, shapes and
+        devices; each request has >= 1 token and ends at or before ``cfg.max_seq_len``; block ids are -1 or
+        in ``[first, num_blocks)``, ``first`` = 1 for the state kinds (their block 0 means "not kept") and 0
+        otherwise; each table holds a block for every page the step reads or writes (each position kind
+        from its `first_needed_position`, every compressed entry up to the step's end); a row lists a block
+        at most once; a block the step writes is in no other request's row (a page may be shared by
+        several requests only while none of them writes it, e.g. a prefix's full pages). Where the pages
+        came from (which pool, what they hold) is checked when the batch runs (`CachePool.begin_step`).
+        Raises `ShapeError` / `DTypeError` / `RangeError`.
         """
         op = "ForwardBatch.from_block_tables"
         tensors = {"input_ids": input_ids, "cu_seqlens": cu_seqlens, "start_pos": start_pos}
@@ -154,11 +169,9 @@ class ForwardBatch:
         devices = {t.device for t in tensors.values()}
         if len(devices) > 1:
             raise RangeError(f"{op}: every tensor must be on one device, got {sorted(map(str, devices))}")
-        want = {"input_ids": torch.int64, "cu_seqlens": torch.int32, "start_pos": torch.int32}
         for name, t in tensors.items():
-            dt = want.get(name, torch.int32)
-            if t.dtype != dt:
-                raise DTypeError(f"{op}: {name} must be {str(dt)[6:]}, got {str(t.dtype)[6:]}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise DTypeError(f"{op}: {name} must be int32 or int64, got {str(t.dtype)[6:]}")
         for name, v in (("block_size", block_size), ("state_block_size", state_block_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RangeError(f"{op}: {name} must be an int >= 1, got {v!r}")
@@ -177,6 +190,10 @@ class ForwardBatch:
         kinds = kinds_of(cfg)
         if sorted(block_tables) != sorted(kinds):
             raise RangeError(f"{op}: block_tables must have exactly the kinds {list(kinds)}, got {list(block_tables)}")
+        if not isinstance(num_blocks, dict) or sorted(num_blocks) != sorted(kinds) or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in num_blocks.values()):
+            raise RangeError(f"{op}: num_blocks must map each kind {list(kinds)} to its block count (an int >= 1; "
+                             f"CachePool.num_blocks), got {num_blocks!r}")
         for k, t in block_tables.items():
             if t.dim() != 2 or t.shape[0] != b:
                 raise ShapeError(f"{op}: block_tables[{k!r}] must be [B, pages] = [{b}, pages], got {list(t.shape)}")
@@ -197,15 +214,17 @@ class ForwardBatch:
             raise RangeError(f"{op}: input_ids must lie in [0, vocab_size = {cfg.vocab_size}), got {bad_ids[:4]}")
         tables = {k: t.tolist() for k, t in block_tables.items()}
         for k, rows in tables.items():
-            cap = None if num_blocks is None else num_blocks.get(k)
+            first, cap = FIRST_BLOCK[k], num_blocks[k]
             for i, row in enumerate(rows):
-                bad = [x for x in row if x < -1 or (cap is not None and x >= cap)]
+                bad = [x for x in row if x != -1 and not first <= x < cap]
                 if bad:
-                    bound = f"[-1, {cap})" if cap is not None else ">= -1"
-                    raise RangeError(f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) holds block ids "
-                                     f"outside {bound}: {bad[:4]}")
+                    why = (f"; block 0 of {k!r} is reserved (the compressor reads it as 'not kept')"
+                           if 0 in bad and first else "")
+                    raise RangeError(f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) holds block ids outside "
+                                     f"-1 and [{first}, num_blocks = {cap}): {bad[:4]}{why}")
         sizes = block_sizes_of(kinds, block_size, state_block_size)
         _check_coverage(op, cfg, ids, starts, lens, tables, sizes)
+        _check_sharing(op, ids, starts, lens, tables, sizes)
         return build_batch(cfg, ids, tokens, starts, lens, tables, block_size, input_ids.device,
                            state_block_size=state_block_size)
 
@@ -222,10 +241,9 @@ def written_pages(kind: str, start: int, end: int, block_size: int) -> range:
 def _check_coverage(op: str, cfg: ModelConfig, ids: list, starts: list[int], lens: list[int],
                     tables: dict[str, list[list[int]]], block_sizes: dict[str, int]) -> None:
     """Each request's table holds every page its step reads or writes (position kinds from their own
-    `first_needed_position`); no written slot is shared."""
+    `first_needed_position`)."""
     for k, rows in tables.items():
         block_size = block_sizes[k]
-        writers: dict[int, Hashable] = {}
         for i, row in enumerate(rows):
             start, end = starts[i], starts[i] + lens[i]
             if k in POSITION_KINDS:
@@ -238,23 +256,43 @@ def _check_coverage(op: str, cfg: ModelConfig, ids: list, starts: list[int], len
                                  f"{end - 1}) must hold a block for pages {need.start} .. {need.stop - 1}; "
                                  f"page {missing[0]} is " + ("past the table's end" if missing[0] >= len(row)
                                                              else "-1"))
-            for p in written_pages(k, start, end, block_size):
+
+
+def _check_sharing(op: str, ids: list, starts: list[int], lens: list[int], tables: dict[str, list[list[int]]],
+                   block_sizes: dict[str, int]) -> None:
+    """A row lists each block at most once; a block the step writes is in no other request's row."""
+    for k, rows in tables.items():
+        holders: dict[int, int] = {}          # block -> the first row listing it
+        shared: set[int] = set()
+        for i, row in enumerate(rows):
+            pages: dict[int, int] = {}
+            for p, blk in enumerate(row):
+                if blk < 0:
+                    continue
+                if blk in pages:
+                    raise RangeError(f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) lists block {blk} at "
+                                     f"pages {pages[blk]} and {p}: a block holds one page of one request")
+                pages[blk] = p
+                if holders.setdefault(blk, i) != i:
+                    shared.add(blk)
+        for i, row in enumerate(rows):
+            for p in written_pages(k, starts[i], starts[i] + lens[i], block_sizes[k]):
                 blk = row[p]
-                if blk in writers:
-                    raise RangeError(f"{op}: block_tables[{k!r}]: block {blk} is written by request {ids[i]!r} and "
-                                     f"by request {writers[blk]!r} (a slot used by two requests)"
-                                     if writers[blk] != ids[i] else
-                                     f"{op}: block_tables[{k!r}] row {i} (request {ids[i]!r}) writes block {blk} "
-                                     f"at two pages")
-                writers[blk] = ids[i]
+                if blk in shared:
+                    other = next(j for j, r in enumerate(rows) if j != i and blk in r)
+                    raise RangeError(f"{op}: block_tables[{k!r}]: block {blk} is written by request {ids[i]!r} (its "
+                                     f"page {p}) and is in the table of request {ids[other]!r} too; a page may be "
+                                     f"shared only while no request of the step writes it")
 
 
 def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[int], starts: Sequence[int],
                 lens: Sequence[int], tables: dict[str, Sequence[Sequence[int]]], block_size: int,
-                device: torch.device | str | None, *, state_block_size: int = STATE_BLOCK_SIZE) -> ForwardBatch:
+                device: torch.device | str | None, *, state_block_size: int = STATE_BLOCK_SIZE,
+                origin: object | None = None) -> ForwardBatch:
     """Assemble a `ForwardBatch` from host lists the caller has validated (``tokens``: the ``sum(lens)``
     new token ids in request order; ``tables[kind][b]``: request ``b``'s block ids, pages of ``block_size``
-    entries, ``state_block_size`` for the state kinds)."""
+    entries, ``state_block_size`` for the state kinds; ``origin``: the building pool's token, None for a
+    runtime's own tables)."""
     b = len(req_ids)
     n = torch.tensor(list(lens), dtype=torch.int64)
     s = torch.tensor(list(starts), dtype=torch.int64)
@@ -294,4 +332,5 @@ def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[
         req_index=i32(req_index), cu_seqlens=i32(cu), start_pos=i32(s), seq_lens=i32(s + n),
         block_tables={k: i32(v) for k, v in block_tables.items()},
         block_sizes=block_sizes_of(tuple(tables), block_size, state_block_size), token_slots=i32(token_slots),
-        entry_slots={k: i32(v) for k, v in entry_slots.items()}, last_token_index=(cu[1:] - 1).to(dev))
+        entry_slots={k: i32(v) for k, v in entry_slots.items()}, last_token_index=(cu[1:] - 1).to(dev),
+        host_tables={k: tuple(tuple(int(x) for x in r) for r in rows) for k, rows in tables.items()}, origin=origin)

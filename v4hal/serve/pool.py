@@ -12,7 +12,9 @@ Per layer (main and MTP), by compress ratio ``r``:
 
 A request's pages are reserved by `CachePool.plan` before a step, marked computed by `CachePool.advance`
 (which frees the pages of each position kind that no later position reads) and freed by
-`CachePool.release`. Every method checks its input before it changes anything: after an error the pool is as it was.
+`CachePool.release`. `CachePool.begin_step` checks a batch against the pool before a step runs (a batch of
+another pool, a stale one, a runtime's tables that skip or replay positions). Every method checks its input
+before it changes anything: after an error the pool is as it was.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ import torch
 
 from v4hal.hal.errors import RangeError, ShapeError
 from v4hal.model.config import ModelConfig
+from v4hal.model.layers import act_scale_format
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from .batch import (
+    FIRST_BLOCK,
     POSITION_KINDS,
     RATIO,
     STATE_BLOCK_SIZE,
@@ -39,24 +43,64 @@ from .batch import (
     pages_needed,
     written_pages,
 )
+from .fill import PageFill
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
 
-__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "cache_layouts",
-           "memory_table"]
+__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "cache_layouts", "kv_scale_fmt",
+           "layout_problem", "memory_table"]
 
 
 #: rope dims the ``model1_fp8`` layout keeps in bf16
 MODEL1_ROPE = 64
 
 
-def cache_layouts(device: str | torch.device | None) -> tuple[str, str]:
-    """The (attention, indexer) cache layouts a pool on ``device`` uses by default: the quantized ones
-    (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
-    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16
-    paged caches (A2/A3)."""
+def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
+    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the quantized
+    ones (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
+    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16 paged
+    caches (A2/A3). ``model1_fp8`` only when the model rounds its KV with power-of-two scales
+    (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
+    attention caches: every default stores exactly what the model computed (`layout_problem`)."""
     kind = torch.device("cpu" if device is None else device).type
-    return ("bf16", "bf16") if kind == "npu" else ("model1_fp8", "indexer_fp4")
+    if kind == "npu":
+        return "bf16", "bf16"
+    attn = "model1_fp8" if cfg is None or kv_scale_fmt(cfg) == "ue8m0" else "bf16"
+    return attn, "indexer_fp4"
+
+
+def kv_scale_fmt(cfg: ModelConfig) -> str | None:
+    """The scale format of the model's FP8 KV round trip (blocks of 64 of the no-rope dims): ``"ue8m0"``
+    (power-of-two scales) or None (``amax / 448`` fp32 scales), as `v4hal.model.layers.act_scale_format`
+    derives it from ``scale_fmt`` and ``scale_dtype``."""
+    return act_scale_format(cfg)[0]
+
+
+def layout_problem(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> str | None:
+    """Why a pool of these layouts would not store exactly what ``cfg``'s model computed, or None.
+
+    The model rounds its KV (window and compressed entries) to FP8 e4m3 in blocks of 64 with
+    `kv_scale_fmt` scales, and its indexer keys (after the Hadamard rotation) to FP4 e2m1 in blocks of 32
+    with power-of-two scales, and keeps the rounded values in bf16. ``bf16`` pages hold those values as
+    they are; ``model1_fp8`` (blocks of 64, ue8m0 scales) holds the KV exactly only when the model's scales
+    are ue8m0 too (an ``amax / 448`` scale's values round again); ``indexer_fp4`` (blocks of 32, ue8m0)
+    holds the FP4 keys exactly. Every other pairing rounds the values again (``indexer_fp8``: one fp32
+    scale per entry; an FP4 layout for the KV; ``model1_fp8`` for the keys)."""
+    if attn_layout == "model1_fp8":
+        fmt = kv_scale_fmt(cfg)
+        if fmt != "ue8m0":
+            return (f"attn_layout 'model1_fp8' stores FP8 with power-of-two (ue8m0) scales, but this model rounds "
+                    f"its KV with scale_fmt {fmt!r} (amax / 448 scales; config scale_fmt {cfg.scale_fmt!r}, "
+                    f"scale_dtype {cfg.scale_dtype!r}): the pages would round every entry again; use "
+                    f"attn_layout='bf16'")
+    elif attn_layout != "bf16":
+        return (f"attn_layout {attn_layout!r} would round the model's FP8 KV again; the attention caches take "
+                f"'model1_fp8' (ue8m0 models) or 'bf16'")
+    if indexer_layout not in ("indexer_fp4", "bf16"):
+        return (f"indexer_layout {indexer_layout!r} would round the model's FP4 indexer keys again"
+                + (" (one fp32 scale per entry)" if indexer_layout == "indexer_fp8" else "")
+                + "; the indexer caches take 'indexer_fp4' or 'bf16'")
+    return None
 
 
 def alloc_cache(num_blocks: int, block_size: int, layout: str, dim: int,
@@ -143,7 +187,8 @@ class CachePool:
     ``state_block_size``: positions per page of the compressor-state kinds ``"state4"`` / ``"state128"``
     (whose block 0 is reserved: ``blocks`` counts the pages handed out);
     ``attn_layout`` / ``indexer_layout``: `v4hal.ops.paged.PAGED_LAYOUTS` names (default: `cache_layouts` of
-    the device; ``model1_fp8`` needs ``rope_head_dim == 64``); ``allocate=False`` builds
+    the device and config; ``model1_fp8`` needs ``rope_head_dim == 64``); a pair that would not store exactly
+    what the model computed is refused (`layout_problem`, `RangeError`); ``allocate=False`` builds
     the allocators and byte accounting only (no tensors), e.g. to size a 1M-token cache.
     """
 
@@ -153,18 +198,21 @@ class CachePool:
         op = "CachePool"
         if not isinstance(cfg, ModelConfig):
             raise RangeError(f"{op}: cfg must be a ModelConfig, got {type(cfg).__name__}")
-        default_attn, default_index = cache_layouts(device)
+        default_attn, default_index = cache_layouts(device, cfg)
         attn_layout = default_attn if attn_layout is None else attn_layout
         indexer_layout = default_index if indexer_layout is None else indexer_layout
+        for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):
+            if lay not in PAGED_LAYOUTS:
+                raise RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {lay!r}")
         if attn_layout == "model1_fp8" and cfg.rope_head_dim != MODEL1_ROPE:
             raise ShapeError(f"{op}: attn_layout 'model1_fp8' stores the last {MODEL1_ROPE} values of an entry as "
                              f"bf16 (the rope dims), got rope_head_dim {cfg.rope_head_dim}; use attn_layout='bf16'")
         for name, v in (("block_size", block_size), ("state_block_size", state_block_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RangeError(f"{op}: {name} must be an int >= 1, got {v!r}")
-        for name, lay in (("attn_layout", attn_layout), ("indexer_layout", indexer_layout)):
-            if lay not in PAGED_LAYOUTS:
-                raise RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {lay!r}")
+        why = layout_problem(cfg, attn_layout, indexer_layout)
+        if why is not None:
+            raise RangeError(f"{op}: {why}")
         self.cfg, self.block_size, self.state_block_size = cfg, block_size, state_block_size
         self.attn_layout, self.indexer_layout = attn_layout, indexer_layout
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -199,6 +247,15 @@ class CachePool:
         self.allocated = allocate
         self.requests: dict[Hashable, RequestState] = {}
         self.prefix = PrefixCache(block_size)
+        #: what the steps of a runtime's own block tables wrote where (see `begin_step`)
+        self.fill = PageFill(self.kinds)
+        self._key = object()          # recorded in the batches this pool builds
+
+    @property
+    def num_blocks(self) -> dict[str, int]:
+        """Blocks of each kind's cache tensors (reserved ones included): what
+        `ForwardBatch.from_block_tables` bounds a runtime's block ids by."""
+        return {k: a.capacity + a.first for k, a in self.allocators.items()}
 
     # ------------------------------------------------------------------ bytes
     def page_bytes(self) -> dict[str, int]:
@@ -414,7 +471,80 @@ class CachePool:
         return build_batch(self.cfg, [st.req_id for st, _ in checked], tokens, [st.computed for st, _ in checked],
                            [n for _, n in checked], {k: [st.tables[k] for st, _ in checked] for k in self.kinds},
                            self.block_size, self.device if device is None else device,
-                           state_block_size=self.state_block_size)
+                           state_block_size=self.state_block_size, origin=self._key)
+
+    def begin_step(self, batch: ForwardBatch, op: str = "CachePool.begin_step") -> None:
+        """Check that ``batch`` may run on this pool's caches now (`V4Model.forward_batch` calls it before any
+        kernel); for a runtime's own tables, record what the step writes. `RangeError` (nothing changed) when:
+
+        - a batch this pool built: a request is no longer active, or no longer at the batch's start
+          position (the batch is stale: advanced, released or aborted since it was built), or its pages
+          changed; a batch another pool built is refused whole;
+        - a batch of a runtime's own tables (`ForwardBatch.from_block_tables`): this pool manages requests
+          or prefixes of its own (their pages would be overwritten), a block id is past this pool's
+          blocks, or a request's step does not continue what its pages hold (`PageFill`: ``start_pos``
+          skips or replays positions).
+        """
+        if batch.origin is not None:
+            self._check_own_batch(op, batch)
+            return
+        if self.requests or any(a.in_use for a in self.allocators.values()):
+            raise RangeError(f"{op}: the batch is a runtime's own block tables (ForwardBatch.from_block_tables), but "
+                             f"this pool manages {len(self.requests)} requests and {self.pages_in_use()} pages of its "
+                             f"own, which the runtime's blocks would overwrite; run them on a pool that only holds "
+                             f"the cache tensors")
+        caps = self.num_blocks
+        for k, rows in batch.host_tables.items():
+            top = max((x for r in rows for x in r), default=-1)
+            if k not in caps or top >= caps[k]:
+                raise RangeError(f"{op}: block_tables[{k!r}] holds block {top}, this pool has "
+                                 f"{caps.get(k, 0)} blocks of {k!r} (the batch was built for another pool)")
+        self.fill.record(self.fill.check(op, self.cfg, batch))
+
+    def copy_page(self, kind: str, src: int, dst: int, upto: int) -> None:
+        """For a runtime's own tables: copy block ``src`` of ``kind`` into block ``dst`` (every layer's tensor
+        of that kind) for a request that continues at position ``upto`` on the copy, e.g. the partly filled
+        last page of a shared prefix. The copy is recorded as holding what ``src`` held before ``upto``
+        (position ``upto`` for the position kinds, entry ``upto // ratio`` for the compressed ones), so the
+        request's first step may start there (`begin_step`). `RangeError` on a kind, block or position out
+        of range (nothing copied)."""
+        op = "CachePool.copy_page"
+        if kind not in self.kinds:
+            raise RangeError(f"{op}: kind must be one of {list(self.kinds)}, got {kind!r}")
+        lo, hi = FIRST_BLOCK[kind], self.num_blocks[kind]
+        for name, b in (("src", src), ("dst", dst)):
+            if not isinstance(b, int) or isinstance(b, bool) or not lo <= b < hi:
+                raise RangeError(f"{op}: {name} must be a block id in [{lo}, {hi}) of {kind!r}, got {b!r}")
+        if not isinstance(upto, int) or isinstance(upto, bool) or not 0 <= upto <= self.cfg.max_seq_len:
+            raise RangeError(f"{op}: upto must be a position in [0, max_seq_len = {self.cfg.max_seq_len}], "
+                             f"got {upto!r}")
+        self._copy_page(kind, src, dst)
+        idx = upto if kind in POSITION_KINDS else upto // RATIO[kind]
+        self.fill.record([(kind, dst, min(self.fill.end[kind].get(src, 0), idx))])
+
+    def _check_own_batch(self, op: str, batch: ForwardBatch) -> None:
+        if batch.origin is not self._key:
+            raise RangeError(f"{op}: the batch was built by another CachePool; a batch runs only on the pool that "
+                             f"built it (its block tables address that pool's pages)")
+        if self.fill.written:
+            raise RangeError(f"{op}: this pool has run a runtime's own block tables (from_block_tables); its "
+                             f"allocators do not know those pages, so it cannot run batches of its own")
+        for i, rid in enumerate(batch.req_ids):
+            st = self.requests.get(rid)
+            s, end = batch.start_positions[i], batch.start_positions[i] + batch.query_lens[i]
+            if st is None:
+                raise RangeError(f"{op}: request {rid!r} of the batch is not active in the pool (released since the "
+                                 f"batch was built)")
+            if st.computed != s:
+                what = ("would compute positions {} .. {} again".format(s, st.computed - 1) if s < st.computed
+                        else "would skip positions {} .. {}".format(st.computed, s - 1))
+                raise RangeError(f"{op}: the batch starts request {rid!r} at position {s}, the pool has computed "
+                                 f"it up to {st.computed}: the batch is stale and {what}; build it again")
+            for k in self.kinds:
+                n = pages_needed(k, end, self.block_sizes[k])
+                if list(batch.host_tables[k][i][:n]) != st.tables[k][:n]:
+                    raise RangeError(f"{op}: request {rid!r}'s {k} pages changed since the batch was built; "
+                                     f"build it again")
 
     def schedule(self, items: Sequence[tuple[Hashable, int]],
                  device: str | torch.device | None = None) -> ForwardBatch:
@@ -534,7 +664,7 @@ class CachePool:
 
 
 def memory_table(presets: Sequence[str] = ("v4-flash", "v4-pro"), tokens: int = 1 << 20, *,
-                 layouts: Sequence[tuple[str, str]] = (("model1_fp8", "indexer_fp4"), ("bf16", "indexer_fp8")),
+                 layouts: Sequence[tuple[str, str]] = (("model1_fp8", "indexer_fp4"), ("bf16", "bf16")),
                  block_size: int = 64, state_block_size: int = STATE_BLOCK_SIZE) -> list[dict[str, object]]:
     """Cache bytes of one ``tokens``-long request per preset and (attention, indexer) layout pair, from a pool
     built with ``allocate=False`` (pages of ``block_size`` entries, ``state_block_size`` for the state
