@@ -93,15 +93,14 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
         limit = tl.load(ctx_ptr + row).to(tl.int64)
     else:       # int64: a context length near 2**31 or -2**31 must not wrap
         limit = tl.load(ctx_ptr + b).to(tl.int64) - NEXT_N + 1 + i
-    limit = tl.minimum(limit, MB * BS)
+    limit = tl.maximum(tl.minimum(limit, MB * BS), 0).to(tl.int32)       # in [0, MB * BS]: int32 again
     if t0 < limit:
         col = offs_t // BS
-        raw = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=offs_t < limit, other=-1)
-        has_key = (raw >= 0) & (raw < NB)            # a block id outside the cache: no key there (-inf)
-        t_ok = (offs_t < limit) & has_key
-        blk = tl.where(has_key, raw, 0).to(tl.int64)
+        t_ok = offs_t < limit
+        blk = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
+        blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)         # in the cache, whatever the id
         tok = (offs_t % BS).to(tl.int64)
-        bs = blk * 0 + BS                                                        # int64 byte offsets below
+        bs = (t0 * 0 + BS).to(tl.int64)                                          # int64 byte offsets below
         page = cache_ptr + blk * s_page                                          # [BLOCK_T] page starts
         offs_j = tl.arange(0, JP)
         heads = tl.arange(0, HP)
@@ -149,7 +148,10 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
         w = tl.load(w_ptr + row.to(tl.int64) * s_w + heads, mask=h_ok, other=0.0)
         relu = tl.where(acc < 0.0, 0.0, acc)                                     # relu(NaN) = NaN, as IEEE
         score = tl.sum(relu * w[:, None], axis=0)                                # [BLOCK_T]
-        score = tl.where(t_ok, score, float("-inf"))
+        # a block id outside [0, NB) holds no key: -inf. Read from the block table again here rather than
+        # kept from above: a mask held across the products costs registers (tests/triton/sm90_compile.py)
+        ids = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
+        score = tl.where(t_ok & (ids >= 0) & (ids < NB), score, float("-inf"))
     else:
         score = tl.full([BLOCK_T], float("-inf"), tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * s_o + offs_t, score, mask=offs_t < L)
