@@ -330,9 +330,10 @@ define_op("paged_cache_write", "(Tensor(a!) cache, Tensor x, Tensor slots, str l
 
 
 def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, layout: str) -> None:
-    """Quantize bf16 rows ``x [T, D]`` by ``layout`` into ``cache`` at ``slots`` (int ``[T]``, ``-1`` skipped),
-    in place. ``D`` is the cache's entry width (its last dim ``W`` tells it: 512 for V4's ``model1_fp8`` /
-    ``bf16`` caches, 128 for its ``indexer_fp4`` / ``indexer_fp8`` caches)."""
+    """Quantize bf16 rows ``x [T, D]`` by ``layout`` into ``cache`` at ``slots`` (int ``[T]``, ``-1`` skipped,
+    and with the value checks off every slot outside the cache too), in place. ``D`` is the cache's entry
+    width (its last dim ``W`` tells it: 512 for V4's ``model1_fp8`` / ``bf16`` caches, 128 for its
+    ``indexer_fp4`` / ``indexer_fp8`` caches)."""
     call.paged_cache_write(cache, x, slots, layout)
 
 
@@ -357,7 +358,8 @@ define_op("paged_cache_read", "(Tensor cache, Tensor slots, str layout) -> Tenso
 
 def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
     """The entries at ``slots`` (int ``[T]``) of ``cache``, dequantized by ``layout``: bf16 ``[T, D]`` with
-    ``D`` the cache's entry width; a ``-1`` slot reads zeros."""
+    ``D`` the cache's entry width; a ``-1`` slot (with the value checks off, any slot outside the cache)
+    reads zeros."""
     return call.paged_cache_read(cache, slots, layout)
 
 

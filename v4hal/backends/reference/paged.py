@@ -57,9 +57,17 @@ def fp4_dequant(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (F.e2m1_decode(codes).unflatten(-1, (-1, FP4_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
 
 
+def slot_in_cache(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """bool like ``slots``: True where the slot is one of ``cache``'s, ``0 <= slot < blocks * block size``.
+    Every other value (-1, and with value checks off any negative or too large one) means "no slot"."""
+    s = slots.long()
+    return (s >= 0) & (s < cache.shape[0] * cache.shape[1])
+
+
 def _split(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows with a slot, their blocks, their offsets in the block), slots -1 left out."""
-    rows = (slots >= 0).nonzero().flatten()
+    """(rows with a slot of the cache, their blocks, their offsets in the block); -1 and every slot
+    outside the cache left out."""
+    rows = slot_in_cache(cache, slots).nonzero().flatten()
     s = slots[rows].long()
     bs = cache.shape[1]
     return rows, s // bs, s % bs
@@ -67,7 +75,8 @@ def _split(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @implements("paged_cache_write", "reference")
 def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, layout: str) -> None:
-    """Quantize bf16 ``x [T, D]`` into ``cache`` at ``slots`` (int ``[T]``; -1 skipped), in place."""
+    """Quantize bf16 ``x [T, D]`` into ``cache`` at ``slots`` (int ``[T]``; -1 and slots outside the cache
+    skipped), in place."""
     rows, blk, off = _split(cache, slots)
     if rows.numel() == 0:
         return
@@ -96,7 +105,8 @@ def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
 
 @implements("paged_cache_read", "reference")
 def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
-    """The entries at ``slots`` (int ``[T]``) dequantized: bf16 ``[T, D]``, zeros for -1."""
+    """The entries at ``slots`` (int ``[T]``) dequantized: bf16 ``[T, D]``, zeros for -1 and slots outside
+    the cache."""
     dim = cache_dim(cache, layout)
     out = torch.zeros(slots.shape[0], dim, dtype=torch.bfloat16, device=cache.device)
     rows, blk, off = _split(cache, slots)

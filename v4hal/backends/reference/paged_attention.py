@@ -21,15 +21,16 @@ from v4hal.hal.registry import implements
 from v4hal.ops.paged import cache_dim
 
 from . import attention as ref_attention
-from .paged import _region, model1_decode, model1_parts
+from .paged import _region, model1_decode, model1_parts, slot_in_cache
 
 
 def read_entries(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
-    """bf16 ``[*slots.shape, D]``: the entries at int ``slots`` dequantized (zeros for -1), the values
+    """bf16 ``[*slots.shape, D]``: the entries at int ``slots`` dequantized (zeros for -1 and for slots
+    outside the cache), the values
     :func:`.paged.paged_cache_read` gives, read without any host sync."""
     flat = slots.reshape(-1).long()
-    invalid = flat < 0
-    s = flat.clamp_min(0)
+    invalid = ~slot_in_cache(cache, flat)
+    s = flat.masked_fill(invalid, 0)
     bs = cache.shape[1]
     blk, off = s // bs, s % bs
     if layout == "bf16":
@@ -52,6 +53,12 @@ def effective_indices(indices: torch.Tensor, lengths: torch.Tensor | None) -> to
     return idx.masked_fill(beyond, -1)
 
 
+def _picks(cache: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """int64 ``[b, s_q, k]``: :func:`effective_indices` with every slot outside ``cache`` also -1."""
+    idx = effective_indices(indices, lengths)
+    return idx.masked_fill(~slot_in_cache(cache, idx), -1)
+
+
 @implements("sparse_attn_paged", "reference")
 def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                       softmax_scale: float, topk_length: torch.Tensor | None = None,
@@ -62,15 +69,17 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     (-1 = none) -> (out bf16 ``[b, s_q, h, D]``, lse fp32 ``[b, h, s_q]``).
 
     ``out = sum_j exp(z_j) v_j / (sum_j exp(z_j) + exp(sink))`` and ``lse = log(sum_j exp(z_j))`` over
-    the valid picks ``j`` of both caches, ``z_j = softmax_scale * q . v_j``; no valid pick: 0 and +inf.
+    the valid picks ``j`` of both caches (slots of their cache below the length),
+    ``z_j = softmax_scale * q . v_j``; no valid pick: 0 and +inf. A NaN or +inf score makes the
+    (query, head)'s out and lse NaN; a NaN sink its out.
     The math is the reference ``sparse_attn``'s (float64, `attend`), so the output equals it bit for bit on
     the same entries. Memory: the picked entries are dequantized for chunks of query positions sized like
     the reference ``sparse_attn``'s, never for all ``s_q`` at once.
     """
     b, m, h, d = q.shape
-    scopes = [(kv_cache, effective_indices(indices, topk_length))]
+    scopes = [(kv_cache, _picks(kv_cache, indices, topk_length))]
     if extra_kv_cache is not None and extra_indices is not None:
-        scopes.append((extra_kv_cache, effective_indices(extra_indices, extra_topk_length)))
+        scopes.append((extra_kv_cache, _picks(extra_kv_cache, extra_indices, extra_topk_length)))
     k = sum(idx.shape[-1] for _, idx in scopes)
     out = torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
     lse = torch.full((b, h, m), float("inf"), dtype=torch.float32, device=q.device)
@@ -83,6 +92,8 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
         rows = torch.cat([read_entries(cache, i[:, lo:hi], layout) for cache, i in scopes], dim=2)
         o, chunk_lse = ref_attention.attend(q[:, lo:hi], rows, idx == -1, attn_sink, softmax_scale)
         out[:, lo:hi] = o.to(q.dtype)
-        chunk_lse = torch.where(chunk_lse == float("-inf"), torch.full_like(chunk_lse, float("inf")), chunk_lse)
+        # +inf: a score of +inf (out is NaN there): NaN, so that +inf only ever means "no valid pick"
+        chunk_lse = chunk_lse.masked_fill(chunk_lse == float("inf"), float("nan"))
+        chunk_lse = chunk_lse.masked_fill(chunk_lse == float("-inf"), float("inf"))
         lse[:, :, lo:hi] = chunk_lse.transpose(1, 2).float()
     return out, lse

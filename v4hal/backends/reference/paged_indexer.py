@@ -18,6 +18,7 @@ import torch
 
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
+from v4hal.ops._checks import INT32_MAX
 from v4hal.ops.paged import PAGED_LAYOUTS, cache_dim
 
 from .attention import top_entries
@@ -57,7 +58,8 @@ def dequant_pages(kv_cache: torch.Tensor, layout: str, blocks: torch.Tensor) -> 
 def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
                          block_table: torch.Tensor, max_context_len: int,
                          layout: str = "indexer_fp4") -> torch.Tensor:
-    """fp32 ``[b * next_n, max_context_len]``: ``sum_h w * relu(q . k_t)`` for visible ``t``, else -inf."""
+    """fp32 ``[b * next_n, max_context_len]``: ``sum_h w * relu(q . k_t)`` for visible ``t``, else -inf (also
+    where ``t``'s block id is outside ``[0, blocks)``: no key). IEEE arithmetic: ``relu(NaN)`` is NaN."""
     b, n, h, d = q.shape
     nb, bs = kv_cache.shape[0], kv_cache.shape[1]
     mb = block_table.shape[1]
@@ -77,12 +79,15 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         r1 = min(b, r0 + reqs)
         for c0 in range(0, -(-width // bs), cols):
             c1 = min(mb, c0 + cols, -(-width // bs))
-            blocks = block_table[r0:r1, c0:c1].long().clamp(0, nb - 1)             # unused entries: any block
-            keys = dequant_pages(kv_cache, layout, blocks).flatten(1, 2).double()   # [c, T, d]
+            ids = block_table[r0:r1, c0:c1].long()
+            no_block = (ids < 0) | (ids >= nb)                                     # -1, or out of range
+            keys = dequant_pages(kv_cache, layout, ids.masked_fill(no_block, 0)).flatten(1, 2).double()
             scores = torch.matmul(qf[r0:r1], keys.transpose(1, 2)).relu_()         # [c, n*h, T]
             logits = torch.matmul(w[r0:r1], scores.view(r1 - r0, n, h, -1)).squeeze(2)  # [c, n, T]
             pos = torch.arange(c0 * bs, c1 * bs, device=q.device)
-            logits.masked_fill_(pos.view(1, 1, -1) >= limits[r0:r1].unsqueeze(-1), float("-inf"))
+            hidden = (pos.view(1, 1, -1) >= limits[r0:r1].unsqueeze(-1)) | \
+                no_block.repeat_interleave(bs, dim=1).unsqueeze(1)
+            logits.masked_fill_(hidden, float("-inf"))
             t1 = min(c1 * bs, width)
             out.view(b, n, max_context_len)[r0:r1, :, c0 * bs:t1] = logits[..., :t1 - c0 * bs].float()
     return out
@@ -112,12 +117,15 @@ def indexer_topk_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.T
 
 @implements("paged_slots", "reference")
 def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
-    """int32 like ``positions``: ``block_table[b, p // block_size] * block_size + p % block_size``; -1 kept."""
+    """int32 like ``positions``: ``block_table[b, p // block_size] * block_size + p % block_size``; -1 where
+    there is no slot: a negative position, a block past the row, a negative block id, a slot past int32."""
     b, mb = block_table.shape
     if positions.numel() == 0 or mb == 0:
         return torch.full_like(positions, -1, dtype=torch.int32)
     pos = positions.reshape(b, -1).long()
-    valid = pos >= 0
-    col = (pos.clamp_min(0) // block_size).clamp(max=mb - 1)
-    slots = torch.gather(block_table.long(), 1, col) * block_size + pos.clamp_min(0) % block_size
+    col = pos // block_size
+    valid = (pos >= 0) & (col < mb)
+    blk = torch.gather(block_table.long(), 1, col.clamp(0, mb - 1))
+    slots = blk * block_size + pos % block_size
+    valid &= (blk >= 0) & (slots <= INT32_MAX)
     return torch.where(valid, slots, torch.full_like(slots, -1)).to(torch.int32).view(positions.shape)

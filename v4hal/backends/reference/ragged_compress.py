@@ -65,6 +65,22 @@ def entry_rows(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, ratio: int,
     return valid, req, torch.where(valid, entry, torch.zeros_like(entry))
 
 
+def _state_table(state_block_table: torch.Tensor, blocks: int) -> torch.Tensor:
+    """int64 ``[B, M + 1]``: the table with every id outside ``[0, blocks)`` replaced by 0 (not kept) and a
+    column of 0 appended, the block of every position past its row (see :func:`_column`). With value
+    checks on neither occurs; with them off no id ever indexes outside the state cache."""
+    table = state_block_table.long()
+    table = table.masked_fill((table < 0) | (table >= blocks), 0)
+    return torch.cat([table, table.new_zeros(table.shape[0], 1)], dim=1)
+
+
+def _column(pos: torch.Tensor, blk: int, cols: int) -> torch.Tensor:
+    """int64 like ``pos``: the table column of each position, ``cols`` (the appended 0 column of
+    :func:`_state_table`) for a position before 0 or past the row's ``cols`` columns."""
+    col = pos // blk
+    return torch.where((col >= 0) & (col < cols), col, torch.full_like(col, cols))
+
+
 @implements("compressor_ragged", "reference")
 def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
                       norm_weight: torch.Tensor, freqs_cis: torch.Tensor, state_cache: torch.Tensor,
@@ -85,8 +101,8 @@ def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, a
         return entries, none, none.clone()
     cu = cu_seqlens.long()
     sp = start_pos.long()
-    table = state_block_table.long()
-    cols = table.shape[1]
+    table = _state_table(state_block_table, state_cache.shape[0])
+    cols = state_block_table.shape[1]
 
     # this call's tokens: request, position, projections, logits (score + ape, as compress_kv adds them)
     tok = torch.arange(t, device=dev)
@@ -102,8 +118,7 @@ def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, a
     start = sp[req].unsqueeze(1)
     in_call = pos >= start
     src_tok = (cu[req].unsqueeze(1) + pos - start).clamp(0, t - 1)
-    col = (pos.clamp_min(0) // blk).clamp_max(cols - 1)
-    blocks = table[req.unsqueeze(1).expand_as(pos), col]
+    blocks = table[req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
     cached = state_cache[blocks, pos.clamp_min(0) % blk]                                          # [n, span, 2cd]
     mask = in_call.unsqueeze(-1)
     kv_c = torch.where(mask, kv_t[src_tok], cached[..., :cd])
@@ -120,7 +135,7 @@ def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, a
     # norm and rope as the model's Compressor: in x's dtype, rope at the entry's first position
     normed = small.rms_norm(pooled.to(x.dtype), norm_weight, norm_eps)
     rd = 2 * freqs_cis.shape[1]
-    f = freqs_cis[(entry * ratio).clamp_max(freqs_cis.shape[0] - 1)].unsqueeze(1)                # [n, 1, rd/2]
+    f = freqs_cis[(entry * ratio).clamp(0, freqs_cis.shape[0] - 1)].unsqueeze(1)                 # [n, 1, rd/2]
     tail = small.rotary_emb(normed[:, -rd:].unsqueeze(1), f).squeeze(1)
     out = torch.cat([normed[:, :-rd], tail], dim=-1)
     entries = torch.where(valid.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=dev))
@@ -128,7 +143,7 @@ def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, a
     entry_pos = torch.where(valid, entry, -1).to(torch.int32)
 
     # state rows of this call's tokens (after the reads above); block 0 keeps its old value
-    tok_block = table[tok_req, tok_pos // blk]
+    tok_block = table[tok_req, _column(tok_pos, blk, cols)]
     tok_off = tok_pos % blk
     rows = torch.cat([kv_t, lg_t], dim=-1)
     old = state_cache[tok_block, tok_off]

@@ -7,9 +7,13 @@ online softmax across both (exp2 domain, fp32 running max / sum / accumulator):
 
     for each cache, for each tile of its first topk_length[b] slots:
         entry tile [BLOCK_N, D] read by slot (block = slot // block_size, offset = slot % block_size)
-        s = q @ tile^T * scale    (-1 -> -inf);   online softmax;   acc = acc * alpha + p @ tile
+        s = q @ tile^T * scale    (no slot -> -inf);   online softmax;   acc = acc * alpha + p @ tile
     out = acc * exp(m - M) / (l * exp(m - M) + exp(sink - M)),  M = max(m, sink)
     lse = ln(l) + m (natural log, sink excluded);  no valid pick: out 0, lse +inf
+
+A pick is a slot in ``[0, blocks * block_size)`` of its cache; every other value (-1, and with the value
+checks off a negative or too large one) is no pick and addresses nothing (slot offsets are int64). A NaN
+or +inf score makes ``l`` NaN, and the row's out and lse are then NaN; a NaN sink makes its out NaN.
 
 The entry width ``D`` is q's last dim (the caches' width, checked by the op); the tiles are ``DP`` wide,
 the next power of two (at least 16), with the columns from ``D`` on masked (V4: D = DP = 512). Entries
@@ -98,14 +102,16 @@ def _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8: t
 
 
 @triton.jit
-def _attend(q, m_i, l_i, acc, kv_ptr, idx_row, n_picks, s_blk, s_off, BS, SCALE_OFF, qk_scale, offs_d,
+def _attend(q, m_i, l_i, acc, kv_ptr, idx_row, n_picks, n_slots, s_blk, s_off, BS, SCALE_OFF, qk_scale, offs_d,
             BLOCK_N: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, UPCAST: tl.constexpr,
             PREC: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NB: tl.constexpr, SB: tl.constexpr):
-    """The online softmax over the first ``n_picks`` slots of ``idx_row`` in one cache."""
+    """The online softmax over the first ``n_picks`` slots of ``idx_row`` in one cache of ``n_slots`` slots: a
+    slot outside ``[0, n_slots)`` (-1, or any other value when the value checks did not run) is no pick, and
+    its entry is never addressed."""
     for start in range(0, n_picks, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_row + offs_n, mask=offs_n < n_picks, other=-1)
-        valid = idx >= 0
+        valid = (idx >= 0) & (idx < n_slots)
         slot = tl.where(valid, idx, 0).to(tl.int64)
         kv = _entry_tile(kv_ptr, slot, valid, offs_d, s_blk, s_off, BS, SCALE_OFF, FP8, BITS, D, DP, NB, SB)
         if UPCAST:
@@ -118,8 +124,8 @@ def _attend(q, m_i, l_i, acc, kv_ptr, idx_row, n_picks, s_blk, s_off, BS, SCALE_
 
 @triton.jit
 def _paged_attn_kernel(q_ptr, sink_ptr, out_ptr, lse_ptr,
-                       kv_ptr, idx_ptr, len_ptr, s_blk, s_off, BS, SCALE_OFF, K,
-                       xkv_ptr, xidx_ptr, xlen_ptr, xs_blk, xs_off, XBS, XSCALE_OFF, XK,
+                       kv_ptr, idx_ptr, len_ptr, s_blk, s_off, BS, SCALE_OFF, K, N_SLOTS,
+                       xkv_ptr, xidx_ptr, xlen_ptr, xs_blk, xs_off, XBS, XSCALE_OFF, XK, XN_SLOTS,
                        M, H, qk_scale,
                        s_qb, s_qm, s_qh, s_ib, s_im, s_xb, s_xm, s_ob, s_om, s_oh, s_lb, s_lh,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, HAS_LEN: tl.constexpr,
@@ -152,20 +158,26 @@ def _paged_attn_kernel(q_ptr, sink_ptr, out_ptr, lse_ptr,
     n = K
     if HAS_LEN:
         n = tl.minimum(tl.load(len_ptr + b), K)
-    m_i, l_i, acc = _attend(q, m_i, l_i, acc, kv_ptr, idx_ptr + b * s_ib + m * s_im, n, s_blk, s_off, BS,
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, kv_ptr, idx_ptr + b * s_ib + m * s_im, n, N_SLOTS, s_blk, s_off, BS,
                             SCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC, D, DP, NB, SB)
     if HAS_EXTRA:
         xn = XK
         if HAS_XLEN:
             xn = tl.minimum(tl.load(xlen_ptr + b), XK)
-        m_i, l_i, acc = _attend(q, m_i, l_i, acc, xkv_ptr, xidx_ptr + b * s_xb + m * s_xm, xn, xs_blk, xs_off, XBS,
-                                XSCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC, D, DP, NB, SB)
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, xkv_ptr, xidx_ptr + b * s_xb + m * s_xm, xn, XN_SLOTS, xs_blk,
+                                xs_off, XBS, XSCALE_OFF, qk_scale, offs_d, BLOCK_N, FP8, SOFT, UPCAST, PREC, D, DP,
+                                NB, SB)
 
     sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=float("-inf"))
+    # a NaN or +inf score leaves l_i NaN (NaN - m or inf - inf inside the exponent; NaN stays): out and lse
+    # NaN; a NaN sink: out NaN. Explicit, since max / where may drop a NaN
+    nan_l = l_i != l_i
     o = softmax_output(m_i, l_i, acc, sink)
+    o = tl.where((nan_l | (sink != sink))[:, None], float("nan"), o)
     tl.store(out_ptr + b * s_ob + m * s_om + offs_h[:, None] * s_oh + offs_d[None, :],
              cast_out(o, out_ptr.dtype.element_ty, SOFT), mask=qd_ok)
-    lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    lse = (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453
+    lse = tl.where(nan_l, float("nan"), tl.where(l_i == 0.0, float("inf"), lse))
     tl.store(lse_ptr + b * s_lb + offs_h * s_lh + m, lse, mask=h_ok)
 
 
@@ -226,8 +238,9 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     if has_extra:
         xidx = extra_indices.contiguous()
         xkv, xs_blk, xs_off, xbs, xscale_off = _cache_args(extra_kv_cache, layout, dim)
+        x_slots = extra_kv_cache.shape[0] * xbs
     else:
-        xidx, xkv, xs_blk, xs_off, xbs, xscale_off = idx, kv, s_blk, s_off, bs, scale_off
+        xidx, xkv, xs_blk, xs_off, xbs, xscale_off, x_slots = idx, kv, s_blk, s_off, bs, scale_off, 0
     lengths = topk_length.contiguous() if topk_length is not None else idx
     xlengths = extra_topk_length.contiguous() if (has_extra and extra_topk_length is not None) else idx
     sink = attn_sink.to(device=q.device, dtype=torch.float32).contiguous()
@@ -237,8 +250,8 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     grid = (b * m, cdiv(h, cfg["BLOCK_H"]))
     _paged_attn_kernel[grid](
         q, sink, out, lse,
-        kv, idx, lengths, s_blk, s_off, bs, scale_off, idx.shape[-1],
-        xkv, xidx, xlengths, xs_blk, xs_off, xbs, xscale_off, xidx.shape[-1],
+        kv, idx, lengths, s_blk, s_off, bs, scale_off, idx.shape[-1], kv_cache.shape[0] * bs,
+        xkv, xidx, xlengths, xs_blk, xs_off, xbs, xscale_off, xidx.shape[-1], x_slots,
         m, h, float(softmax_scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), idx.stride(0), idx.stride(1), xidx.stride(0), xidx.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),

@@ -3,7 +3,9 @@ reading entries back dequantized to bf16. The cache bytes written are the refere
 
 One program per token (a row of ``x`` or of the output). The program turns its slot into a page (``slot //
 block_size``) and an offset in the page, then addresses the page as bytes (the layouts' regions, as
-``v4hal/backends/reference/paged.py`` does): a ``-1`` slot masks every store of a write and reads zeros.
+``v4hal/backends/reference/paged.py`` does). Every slot is bounded in the kernel, whether or not the value
+checks ran: a slot outside ``[0, blocks * block_size)`` (-1, or any negative or too large value) masks every
+store of a write and every load of a read, which gives zeros; offsets are int64.
 
 The entry width ``D`` comes from the cache's last dim; the tile sizes are compile-time constants derived
 from it (at V4's widths, 512 and 128, exactly the sizes of the V4-only kernels):
@@ -74,12 +76,15 @@ _WRITE_FP8 = R.when("compute capability >= 8.9 for layouts model1_fp8 / indexer_
 
 # ============================================================================ shared helpers
 @triton.jit
-def _slot_page(slots_ptr, t, s_slot, block_size, page_bytes):
-    """Slot of token ``t`` -> (the slot, offset of its page, offset in the page); -1 gives page 0."""
+def _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots):
+    """Slot of token ``t`` -> (the slot, -1 unless ``0 <= slot < n_slots``; byte offset of its page; offset in
+    the page; ``block_size``), all int64, so no offset overflows. A slot outside the cache gives page 0 and
+    every mask built by :func:`_valid` False: nothing outside the cache is ever addressed."""
     slot = tl.load(slots_ptr + t * s_slot).to(tl.int64)
+    slot = tl.where((slot >= 0) & (slot < n_slots), slot, -1)
     s = tl.maximum(slot, 0)
     blk = s // block_size
-    return slot, blk * page_bytes, s - blk * block_size
+    return slot, blk * page_bytes, s - blk * block_size, blk * 0 + block_size
 
 
 @triton.jit
@@ -112,14 +117,14 @@ def _e4m3_to_f32(b):
 
 # ============================================================================ writes
 @triton.jit
-def _write_model1_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, amax_floor, max_inv,
-                         NB: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
+def _write_model1_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, n_slots, amax_floor,
+                         max_inv, NB: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
     """x bf16 ``[T, NB * 64 + 64]`` -> model1_fp8 records: ``NB * 64`` e4m3 bytes (NB blocks of 64, pow2
     scales) and 64 bf16 values at ``off * (NB * 64 + 128)`` of the page, the NB e8m0 bytes zero padded to
     ``SB`` bytes at ``block_size * (NB * 64 + 128) + off * SB``. ``R``: rows of the tile, a power of two
     ``>= SB`` (V4: NB = 7, SB = R = 8)."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
     r = tl.arange(0, R)                          # NB quantization blocks (the other rows are padding)
     c = tl.arange(0, 64)
     rc = r[:, None] * 64 + c[None, :]
@@ -134,18 +139,18 @@ def _write_model1_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, 
     tl.store(rec + rc, e4m3_bits(q, SOFT), mask=mask)
     rope = tl.load(xrow.to(tl.pointer_type(tl.int16)) + NB * 64 + c, mask=_valid(c, slot), other=0)
     tl.store((rec + NB * 64).to(tl.pointer_type(tl.int16)) + c, rope, mask=_valid(c, slot))
-    sc = cache_ptr + page + block_size * (NB * 64 + 128) + off * SB
+    sc = cache_ptr + page + bs * (NB * 64 + 128) + off * SB
     tl.store(sc + r, tl.where(r < NB, e, 0).to(tl.uint8), mask=(r < SB) & _valid(r, slot))
 
 
 @triton.jit
-def _write_fp4_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, amax_floor, max_inv,
+def _write_fp4_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, n_slots, amax_floor, max_inv,
                       NB: tl.constexpr, SB: tl.constexpr, R: tl.constexpr):
     """x bf16 ``[T, NB * 32]`` -> indexer_fp4 records: ``NB * 16`` packed e2m1 bytes at ``off * NB * 16`` of
     the page, NB e8m0 bytes zero padded to ``SB`` at ``block_size * NB * 16 + off * SB``. ``R``: rows of
     the tile, a power of two ``>= SB`` (V4: NB = SB = R = 4)."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
     r = tl.arange(0, R)
     c = tl.arange(0, 32)
     rc = r[:, None] * 32 + c[None, :]
@@ -159,17 +164,17 @@ def _write_fp4_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, pag
     packed = (lo | (hi << 4)).to(tl.uint8)
     rh = r[:, None] * 16 + tl.arange(0, 16)[None, :]
     tl.store(cache_ptr + page + off * (NB * 16) + rh, packed, mask=(r < NB)[:, None] & _valid(rh, slot))
-    tl.store(cache_ptr + page + block_size * (NB * 16) + off * SB + r, tl.where(r < NB, e, 0).to(tl.uint8),
+    tl.store(cache_ptr + page + bs * (NB * 16) + off * SB + r, tl.where(r < NB, e, 0).to(tl.uint8),
              mask=(r < SB) & _valid(r, slot))
 
 
 @triton.jit
-def _write_fp8_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, amax_floor, max_inv,
+def _write_fp8_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, n_slots, amax_floor, max_inv,
                       D: tl.constexpr, DP: tl.constexpr, SOFT: tl.constexpr):
     """x bf16 ``[T, D]`` -> indexer_fp8 records: ``D`` e4m3 bytes at ``off * D`` of the page, the fp32
     scale (one block of all D values) at ``block_size * D + off * 4``. ``DP``: a power of two ``>= D``."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
     c = tl.arange(0, DP)
     valid = (c < D) & _valid(c, slot)
     x = tl.load(x_ptr + t * s_xt + c, mask=valid, other=0.0).to(tl.float32)
@@ -178,17 +183,17 @@ def _write_fp8_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, pag
     q = nan_where(bad, clamp_nan(tl.math.div_rn(x, s), 448.0))
     tl.store(cache_ptr + page + off * D + c, e4m3_bits(q, SOFT), mask=valid)
     k = tl.arange(0, 4)        # the scale's 4 bytes, little-endian (a masked store needs a tensor)
-    tl.store(cache_ptr + page + block_size * D + off * 4 + k, _f32_bytes(nan_where(bad, s), k),
+    tl.store(cache_ptr + page + bs * D + off * 4 + k, _f32_bytes(nan_where(bad, s), k),
              mask=_valid(k, slot))
 
 
 @triton.jit
-def _copy_bf16_kernel(dst_ptr, src_ptr, slots_ptr, s_src, s_dst, s_slot, block_size, page_elems,
+def _copy_bf16_kernel(dst_ptr, src_ptr, slots_ptr, s_src, s_dst, s_slot, block_size, page_elems, n_slots,
                       D: tl.constexpr, DP: tl.constexpr, WRITE: tl.constexpr):
     """bf16 rows of ``D`` as int16 bits (``DP``: a power of two ``>= D``). ``WRITE``: src ``[T, D]`` -> the
     cache at the slots (-1 skipped); else the cache at the slots -> dst ``[T, D]`` (zeros for -1)."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_elems)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_elems, n_slots)
     c = tl.arange(0, DP)
     valid = (c < D) & _valid(c, slot)
     if WRITE:
@@ -201,19 +206,19 @@ def _copy_bf16_kernel(dst_ptr, src_ptr, slots_ptr, s_src, s_dst, s_slot, block_s
 
 # ============================================================================ reads
 @triton.jit
-def _read_model1_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes,
+def _read_model1_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, n_slots,
                         NB: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
     """model1_fp8 records at the slots -> out bf16 ``[T, NB * 64 + 64]`` (contiguous): e4m3 * e8m0 scale
     for the ``NB * 64`` first values, the stored bf16 bits for the last 64; zeros for -1."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
     r = tl.arange(0, R)
     c = tl.arange(0, 64)
     rc = r[:, None] * 64 + c[None, :]
     rmask = r < NB
     rec = cache_ptr + page + off * (NB * 64 + 128)
     yb = tl.load(rec + rc, mask=rmask[:, None] & _valid(rc, slot), other=0)
-    sb = tl.load(cache_ptr + page + block_size * (NB * 64 + 128) + off * SB + r, mask=rmask & _valid(r, slot),
+    sb = tl.load(cache_ptr + page + bs * (NB * 64 + 128) + off * SB + r, mask=rmask & _valid(r, slot),
                  other=127)
     val = _e4m3_to_f32(yb) * e8m0_to_f32(sb)[:, None]
     orow = out_ptr + t * (NB * 64 + 64)
@@ -223,18 +228,18 @@ def _read_model1_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_
 
 
 @triton.jit
-def _read_fp4_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes,
+def _read_fp4_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, n_slots,
                      NB: tl.constexpr, SB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
     """indexer_fp4 records at the slots -> out bf16 ``[T, NB * 32]``: e2m1 value * e8m0 scale; zeros for -1."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
     r = tl.arange(0, R)
     rmask = r < NB
     rh = r[:, None] * 16 + tl.arange(0, 16)[None, :]
     packed = tl.load(cache_ptr + page + off * (NB * 16) + rh, mask=rmask[:, None] & _valid(rh, slot),
                      other=0).to(tl.int32)
     codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (R, 32))
-    sb = tl.load(cache_ptr + page + block_size * (NB * 16) + off * SB + r, mask=rmask & _valid(r, slot), other=127)
+    sb = tl.load(cache_ptr + page + bs * (NB * 16) + off * SB + r, mask=rmask & _valid(r, slot), other=127)
     mag = e2m1_value(codes & 7)
     val = tl.where((codes & 8) != 0, -mag, mag) * e8m0_to_f32(sb)[:, None]
     c = tl.arange(0, 32)
@@ -243,16 +248,16 @@ def _read_fp4_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_byt
 
 
 @triton.jit
-def _read_fp8_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes,
+def _read_fp8_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, n_slots,
                      D: tl.constexpr, DP: tl.constexpr, SOFT: tl.constexpr):
     """indexer_fp8 records at the slots -> out bf16 ``[T, D]``: e4m3 value * fp32 scale; zeros for -1."""
     t = tl.program_id(0).to(tl.int64)
-    slot, page, off = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
     c = tl.arange(0, DP)
     yb = tl.load(cache_ptr + page + off * D + c, mask=(c < D) & _valid(c, slot), other=0)
     # the scale's 4 bytes, little-endian, read byte by byte (for odd D it need not be 4-byte aligned)
     k = tl.arange(0, 4)
-    sb = tl.load(cache_ptr + page + block_size * D + off * 4 + k, mask=_valid(k, slot), other=0)
+    sb = tl.load(cache_ptr + page + bs * D + off * 4 + k, mask=_valid(k, slot), other=0)
     bits = tl.sum(sb.to(tl.uint32) << (k * 8).to(tl.uint32), axis=0)
     s = tl.where(slot >= 0, bits.to(tl.float32, bitcast=True), 1.0)
     tl.store(out_ptr + t * D + c, cast_out(_e4m3_to_f32(yb) * s, tl.bfloat16, SOFT), mask=c < D)
@@ -295,53 +300,56 @@ _ENTRY = R.at_most("entry width D", MAX_ENTRY, _entry_dim, why="one entry per pr
 @implements("paged_cache_write", "triton", requires=(_WRITE_FP8, _ENTRY))
 def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, layout: str) -> None:
     """Quantize bf16 ``x [T, D]`` by ``layout`` into ``cache [blocks, block size, 1, W]`` at ``slots``
-    (int32/int64 ``[T]``; -1 skipped), in place; the bytes of the reference's write."""
+    (int32/int64 ``[T]``; -1 and slots outside the cache skipped), in place; the bytes of the reference's
+    write."""
     t, dim = x.shape
     if t == 0:
         return
     xc = x if x.stride(-1) == 1 else x.contiguous()
     bs = cache.shape[1]
+    n = cache.shape[0] * bs                        # the slots of the cache: any other value is "no slot"
     page = PAGED_LAYOUTS[layout].page_bytes(dim, bs)
     sizes = _shape_constexprs(layout, dim)
     soft = interpreting(cache)
     if layout == "bf16":
         _copy_bf16_kernel[(t,)](cache.view(torch.int16), xc.view(torch.int16), slots, xc.stride(0), 0,
-                                slots.stride(0), bs, page // 2, WRITE=True, num_warps=4, **sizes)
+                                slots.stride(0), bs, page // 2, n, WRITE=True, num_warps=4, **sizes)
     elif layout == "model1_fp8":
-        _write_model1_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page,
+        _write_model1_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
                                    F.FP8_AMAX_FLOOR, F.FP8_MAX_INV, SOFT=soft, num_warps=4, **sizes)
     elif layout == "indexer_fp4":
-        _write_fp4_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page,
+        _write_fp4_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
                                 F.FP4_AMAX_FLOOR, F.FP4_MAX_INV, num_warps=1, **sizes)
     else:  # indexer_fp8
-        _write_fp8_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page,
+        _write_fp8_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
                                 F.FP8_AMAX_FLOOR, F.FP8_MAX_INV, SOFT=soft, num_warps=1, **sizes)
 
 
 @implements("paged_cache_read", "triton", requires=(_ENTRY,))
 def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
     """The entries at ``slots`` (int32/int64 ``[T]``) of ``cache`` dequantized by ``layout``: bf16
-    ``[T, D]``, zeros for -1; the reference's values bit for bit."""
+    ``[T, D]``, zeros for -1 and slots outside the cache; the reference's values bit for bit."""
     t = slots.shape[0]
     dim = cache_dim(cache, layout)
     out = torch.empty(t, dim, dtype=torch.bfloat16, device=cache.device)
     if t == 0:
         return out
     bs = cache.shape[1]
+    n = cache.shape[0] * bs                        # the slots of the cache: any other value is "no slot"
     page = PAGED_LAYOUTS[layout].page_bytes(dim, bs)
     sizes = _shape_constexprs(layout, dim)
     soft = interpreting(cache)
     if layout == "bf16":
         _copy_bf16_kernel[(t,)](out.view(torch.int16), cache.view(torch.int16), slots, 0, dim, slots.stride(0),
-                                bs, page // 2, WRITE=False, num_warps=4, **sizes)
+                                bs, page // 2, n, WRITE=False, num_warps=4, **sizes)
     elif layout == "model1_fp8":
-        _read_model1_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, SOFT=soft, num_warps=4,
+        _read_model1_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft, num_warps=4,
                                   **sizes)
     elif layout == "indexer_fp4":
-        _read_fp4_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, SOFT=soft, num_warps=1,
+        _read_fp4_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft, num_warps=1,
                                **sizes)
     else:  # indexer_fp8
-        _read_fp8_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, SOFT=soft, num_warps=1,
+        _read_fp8_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft, num_warps=1,
                                **sizes)
     return out
 

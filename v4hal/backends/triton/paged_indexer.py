@@ -8,8 +8,10 @@ key, after the page's ``block_size * D / 2`` data bytes; ``indexer_fp8``: ``D`` 
 scale after ``block_size * D``), decodes them with integer arithmetic (no device fp4/fp8 conversion),
 and multiplies the row's ``[HP, D]`` query heads with the ``[BLOCK_T, D]`` keys as two products of
 ``K = JP >= D / 2`` (columns past ``D`` masked to 0), one over the even and one over the odd dims (the two
-nibbles of a byte). ReLU, the head weights and the sum over heads run on the fp32 accumulator; positions
-at or past the row's limit get ``-inf``, and a tile wholly past it skips the product. V4's ``D = 128``
+nibbles of a byte). ReLU, the head weights and the sum over heads run on the fp32 accumulator (a NaN
+stays NaN: ``relu(NaN)`` is NaN, like the reference's); positions at or past the row's limit get ``-inf``,
+and a tile wholly past it skips the product. A block id outside ``[0, blocks)`` (-1, or any value when the
+value checks did not run) is no key: its positions get ``-inf`` and its page is never addressed. V4's ``D = 128``
 gives ``JP = 64``; keys wider than 128 run on the reference (a requirement: they spill registers).
 
 Precision: an FP4 key (e2m1 value times a power of two) is exact in bf16, so on a GPU the FP4 product
@@ -88,16 +90,17 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     if CTX_2D:
-        limit = tl.load(ctx_ptr + row)
-    else:
-        limit = tl.load(ctx_ptr + b) - NEXT_N + 1 + i
-    limit = tl.minimum(limit, MB * BS)
+        limit = tl.load(ctx_ptr + row).to(tl.int64)
+    else:       # int64: a context length near 2**31 or -2**31 must not wrap
+        limit = tl.load(ctx_ptr + b).to(tl.int64) - NEXT_N + 1 + i
+    limit = tl.maximum(tl.minimum(limit, MB * BS), 0).to(tl.int32)       # in [0, MB * BS]: int32 again
     if t0 < limit:
-        t_ok = offs_t < limit
         col = offs_t // BS
+        t_ok = offs_t < limit
         blk = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
-        blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)
+        blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)         # in the cache, whatever the id
         tok = (offs_t % BS).to(tl.int64)
+        bs = (t0 * 0 + BS).to(tl.int64)                                          # int64 byte offsets below
         page = cache_ptr + blk * s_page                                          # [BLOCK_T] page starts
         offs_j = tl.arange(0, JP)
         heads = tl.arange(0, HP)
@@ -120,14 +123,15 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
             data = page[:, None] + tok[:, None] * D + 2 * offs_j[None, :]
             k_even = _e4m3_to_f32(tl.load(data, mask=km_even, other=0).to(tl.int32))
             k_odd = _e4m3_to_f32(tl.load(data + 1, mask=km_odd, other=0).to(tl.int32))
-            sb = tl.load(page[:, None] + BS * D + tok[:, None] * 4 + tl.arange(0, 4)[None, :], mask=km, other=0)
+            scales = page + bs * D                                                # the page's scale region
+            sb = tl.load(scales[:, None] + tok[:, None] * 4 + tl.arange(0, 4)[None, :], mask=km, other=0)
             bits = tl.sum(sb.to(tl.uint32) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, :], axis=1)
             k_scale = bits.to(tl.float32, bitcast=True)                           # [BLOCK_T]
         else:       # byte j holds dims 2j (low nibble) and 2j + 1; D even, so one mask serves both
             packed = tl.load(page[:, None] + tok[:, None] * (D // 2) + offs_j[None, :], mask=km_even,
                              other=0).to(tl.int32)
-            sc = tl.load(page[:, None] + BS * (D // 2) + tok[:, None] * SB + offs_j[None, :] // 16, mask=km_even,
-                         other=127)
+            scales = page + bs * (D // 2)                                         # the page's scale region
+            sc = tl.load(scales[:, None] + tok[:, None] * SB + offs_j[None, :] // 16, mask=km_even, other=127)
             scale = _e8m0_to_f32(sc.to(tl.int32))                                 # [BLOCK_T, 64]
             k_even = _e2m1_to_f32(packed & 15) * scale
             k_odd = _e2m1_to_f32(packed >> 4) * scale
@@ -142,8 +146,12 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
         if FP8:
             acc = acc * k_scale[None, :]
         w = tl.load(w_ptr + row.to(tl.int64) * s_w + heads, mask=h_ok, other=0.0)
-        score = tl.sum(tl.maximum(acc, 0.0) * w[:, None], axis=0)               # [BLOCK_T]
-        score = tl.where(t_ok, score, float("-inf"))
+        relu = tl.where(acc < 0.0, 0.0, acc)                                     # relu(NaN) = NaN, as IEEE
+        score = tl.sum(relu * w[:, None], axis=0)                                # [BLOCK_T]
+        # a block id outside [0, NB) holds no key: -inf. Read from the block table again here rather than
+        # kept from above: a mask held across the products costs registers (tests/triton/sm90_compile.py)
+        ids = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
+        score = tl.where(t_ok & (ids >= 0) & (ids < NB), score, float("-inf"))
     else:
         score = tl.full([BLOCK_T], float("-inf"), tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * s_o + offs_t, score, mask=offs_t < L)
@@ -155,10 +163,8 @@ def logits_into(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, weig
     b, n, h, d = q.shape
     if out.numel() == 0:
         return out
-    if h == 0:       # no heads: every visible logit is 0 (no kernel launch)
-        lim = ref.row_limits(context_lens, n).reshape(-1, 1)
-        pos = torch.arange(out.shape[1], device=out.device).view(1, -1)
-        out.copy_(torch.where(pos < lim, 0.0, float("-inf")))
+    if h == 0:       # no heads: every visible logit is 0, which positions are visible is the reference's
+        out.copy_(ref.indexer_logits_paged(q, kv_cache, weights, context_lens, block_table, out.shape[1], layout))
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
