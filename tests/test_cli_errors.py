@@ -27,6 +27,7 @@ CASES: list[tuple[list[str], str]] = [
     (["parity", "--model", "v4-mini", "--json", "{no}/p.json"], "argument --json: cannot write"),
     (["run", "--json", "{no}/r.json"], "argument --json: cannot write"),
     (["run", "--json", "{dir}"], "is a folder"),
+    (["cost", "--json", "{no}/"], "argument --json: {no}/ is a folder, expected a file path"),
     (["bench", "--quick", "--json", "{no}/b.json"], "argument --json: cannot write"),
     (["bench", "--quick", "--plot", "{no}/b.png"], "argument --plot: cannot write"),
     (["bench", "--overhead", "--json", "{no}/o.json"], "argument --json: cannot write"),
@@ -175,7 +176,7 @@ def test_bad_command_line(argv: list[str], fragment: str, places: dict[str, str]
     argv = [a.format(**places) for a in argv]
     rc = _status(argv)
     out, err = capsys.readouterr()
-    assert_one_line_error(argv[0], rc, out, err, fragment)
+    assert_one_line_error(argv[0], rc, out, err, fragment.format(**places))
     assert out == ""                                       # refused before doing anything
     assert not (tmp_path / "cache").exists()               # no random checkpoint written
     assert not (tmp_path / "missing").exists()

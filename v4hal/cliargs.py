@@ -178,7 +178,7 @@ def writable_path(text: str) -> str:
     there and removed), and the path itself is not a folder nor an existing read-only file."""
     if not text:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
-    if os.path.isdir(text):
+    if os.path.isdir(text) or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file path")
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
