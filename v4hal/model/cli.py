@@ -11,9 +11,9 @@ the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes t
 
 ``--requests N`` runs N requests through the continuous-batching engine on paged caches instead
 (`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
-``--shared-prefix``) and prints its throughput, pages and cache bytes next to one request timed on the
-contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel ranks (request i to rank
-i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
+``--shared-prefix``, ``--pool-memory``) and prints its throughput, pages and cache bytes next to one
+request timed on the contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel
+ranks (request i to rank i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
 """
 from __future__ import annotations
 

@@ -408,6 +408,8 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
                 for k, n in need.items():
                     held[k] += n
                 nxt += 1
+            if not flight and nxt < len(mine) and arrive[mine[nxt]] <= step_no:    # pool_blocks rules this out
+                raise RangeError(f"serve_rank: request {mine[nxt]} does not fit an empty pool of {capacity} pages")
             if expert_parallel:
                 ts = time.perf_counter()
                 ran, stats = step_engine_ep(engine, pending=nxt < len(mine), group=group, timeout=timeout)
