@@ -347,3 +347,7 @@ def test_bounded_number_types() -> None:
     assert cliargs.parse_bytes("1.5G") == 3 << 29 and cliargs.parse_bytes("512MiB") == 512 << 20
     assert cliargs.parse_bytes("4096") == 4096 and cliargs.format_bytes(3 << 29) == "1.5 GiB"
     assert cliargs.seed(str(cliargs.MAX_SEED)) == cliargs.MAX_SEED
+    for huge in ("9" * 400, "9" * 5000):               # past a float, past Python's int() digit limit
+        for check in (cliargs.byte_size(1, 1 << 50), cliargs.seed, cliargs.float_in(0, 1)):
+            with pytest.raises(argparse.ArgumentTypeError):
+                check(huge)

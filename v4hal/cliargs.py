@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import decimal
 import functools
 import json
 import math
@@ -150,7 +151,7 @@ def parse_bytes(text: str) -> int:
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"expected a size such as 512M, 1.5G or 2GiB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
+    return int(decimal.Decimal(m.group(1)) * _UNITS[unit])       # exact: no float overflow or rounding
 
 
 def byte_size(least: int, most: int) -> Callable[[str], int]:
