@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from typing import NoReturn
 
-from v4hal.cliargs import EXIT_USAGE, choice_list, device_types, error_line, reports_errors, split_list, writable_path
+from v4hal.cliargs import (
+    EXIT_USAGE,
+    choice_list,
+    device_types,
+    error_line,
+    reports_errors,
+    split_list,
+    writable_path,
+    write_json,
+)
 from v4hal.hal.errors import V4HalError
 
 # subcommand -> (module with add_arguments(parser) and main(args), help)
@@ -54,8 +62,7 @@ def main(args: argparse.Namespace) -> int:
     data = info(devices)
     print(format_info(data))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(data, fh, indent=1)
+        write_json(args.json, data)
     return 0
 
 

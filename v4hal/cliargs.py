@@ -1,27 +1,37 @@
 """Argument checks and error reporting shared by the ``v4hal`` commands.
 
-The ``type=`` functions (`positive_int`, `non_negative_int`, `non_negative_float`, `writable_path`,
-`readable_file`, `device`, `choice`, `choice_list`) run while argparse parses, so a bad value is refused
-before a command does any work; they raise ``argparse.ArgumentTypeError``, which ``v4hal.cli`` prints as
-the one line ``v4hal <command>: error: argument --flag: <message>``. The checks that need several
-arguments at once (`backends_on`) raise `v4hal.hal.errors.RangeError`; a command's ``main`` decorated with
-`reports_errors` prints any `V4HalError` as that one line and returns exit status 2 (``--debug``: re-raises).
+The ``type=`` functions (numbers bounded on both sides by `int_in` / `float_in` / `byte_size`, `seed`,
+`threads`, `writable_path`, `plot_path`, `readable_file`, `device`, `choice`, `choice_list`) run while
+argparse parses, so a bad value is refused before a command does any work; they raise
+``argparse.ArgumentTypeError``, which ``v4hal.cli`` prints as the one line
+``v4hal <command>: error: argument --flag: <message>``. The checks that need several arguments at once
+(`backends_on`) raise `v4hal.hal.errors.RangeError`; a command's ``main`` decorated with `reports_errors`
+prints any `V4HalError` as that one line and returns exit status 2 (``--debug``: re-raises). Output files
+are written with `write_json` or inside `output_errors`, which turn a failed write (disk full, no
+permission) into `OutputError`, reported the same way.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import decimal
 import functools
+import json
 import math
 import os
+import re
 import sys
 import tempfile
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
+from v4hal.extras import require_type
 from v4hal.hal.errors import RangeError, V4HalError
 
-__all__ = ["EXIT_USAGE", "error_line", "reports_errors", "positive_int", "non_negative_int", "positive_float",
-           "non_negative_float", "writable_path", "readable_file", "device", "model_preset", "device_types",
-           "backend_names", "choice", "choice_list", "split_list", "backends_on"]
+__all__ = ["EXIT_USAGE", "error_line", "reports_errors", "bounded", "int_in", "float_in", "positive_int",
+           "non_negative_int", "positive_float", "non_negative_float", "MAX_SEED", "seed", "cpu_count", "threads",
+           "parse_bytes", "byte_size", "format_bytes", "writable_path", "plot_path", "OutputError", "output_errors",
+           "write_bytes", "write_json", "readable_file", "device", "model_preset", "device_types", "backend_names",
+           "choice", "choice_list", "split_list", "backends_on", "unavailable_reason"]
 
 Choices = Union[Sequence[str], Callable[[], Sequence[str]]]
 Main = Callable[[argparse.Namespace], int]
@@ -71,23 +81,98 @@ def _float(text: str) -> float:
     return value
 
 
-def _at_least(parse: Callable[[str], Any], least: float, strict: bool, kind: str) -> Callable[[str], Any]:
-    """An argparse ``type=``: ``parse(text)``, which must be > ``least`` (``strict``) or >= ``least``."""
-    bound = f"{'>' if strict else '>='} {least:g}"
+def bounded(parse: Callable[[str], Any], kind: str, least: float | None = None, most: float | None = None, *,
+            strict: bool = False, why: str = "") -> Callable[[str], Any]:
+    """An argparse ``type=``: ``parse(text)`` (`_int` or `_float`), which must be >= ``least`` (> with
+    ``strict``) and <= ``most`` (None: no bound on that side); ``why`` is appended to the refusal (what the
+    upper bound protects)."""
+    def num(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    low = None if least is None else f"{'>' if strict else '>='} {num(least)}"
+    if least is not None and most is not None and not strict:
+        bound = f"in [{num(least)}, {num(most)}]"
+    else:
+        bound = " and ".join(b for b in (low, None if most is None else f"<= {num(most)}") if b)
+    tail = f" ({why})" if why else ""
 
     def check(text: str) -> Any:
         value = parse(text)
-        if value < least or (strict and value == least):
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}")
+        if (least is not None and (value < least or (strict and value == least))) or \
+                (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}{tail}")
         return value
     check.__doc__ = f"{kind[0].upper()}{kind[1:]} {bound}."
+    check.__name__ = f"{'int' if parse is _int else 'number'}_{bound.replace(' ', '_')}"
     return check
 
 
-positive_int = _at_least(_int, 1, False, "an integer")
-non_negative_int = _at_least(_int, 0, False, "an integer")
-positive_float = _at_least(_float, 0, True, "a number")
-non_negative_float = _at_least(_float, 0, False, "a number")
+def int_in(least: int | None, most: int | None, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type=`` for an integer in ``[least, most]`` (None: unbounded on that side)."""
+    return bounded(_int, "an integer", least, most, why=why)
+
+
+def float_in(least: float | None, most: float | None, strict: bool = False, why: str = "") -> Callable[[str], float]:
+    """An argparse ``type=`` for a finite number in ``[least, most]`` (``(least, most]`` with ``strict``)."""
+    return bounded(_float, "a number", least, most, strict=strict, why=why)
+
+
+positive_int = int_in(1, None)
+non_negative_int = int_in(0, None)
+positive_float = float_in(0, None, strict=True)
+non_negative_float = float_in(0, None)
+
+#: seeds are taken in [0, 2**32 - 1] (torch generators overflow past 2**64 - 1; derived seeds add offsets)
+MAX_SEED = 2**32 - 1
+#: a seed flag's ``type=``
+seed = int_in(0, MAX_SEED)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads(text: str) -> int:
+    """A thread count in [1, the CPUs this process may run on]."""
+    return int_in(1, cpu_count(), "the CPUs this process may use")(text)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+          "p": 1 << 50, "pb": 1 << 50, "pib": 1 << 50}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"1.5G"``, ``"2GiB"``, ``"4096"`` -> bytes (binary units: 1K = 1024; no unit: bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M, 1.5G or 2GiB, got {text!r}")
+    return int(decimal.Decimal(m.group(1)) * _UNITS[unit])       # exact: no float overflow or rounding
+
+
+def byte_size(least: int, most: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for a size (`parse_bytes`) in ``[least, most]`` bytes."""
+    def check(text: str) -> int:
+        value = parse_bytes(text)
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"expected a size in [{format_bytes(least)}, {format_bytes(most)}], "
+                                             f"got {text!r}")
+        return value
+    check.__name__ = "byte_size"
+    return check
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short binary size: ``"512 MiB"``, ``"1.5 GiB"``."""
+    for unit, scale in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def writable_path(text: str) -> str:
@@ -95,7 +180,7 @@ def writable_path(text: str) -> str:
     there and removed), and the path itself is not a folder nor an existing read-only file."""
     if not text:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
-    if os.path.isdir(text):
+    if os.path.isdir(text) or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file path")
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
@@ -111,6 +196,42 @@ def writable_path(text: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot write {text}: cannot create a file in {folder} "
                                          f"({e.strerror or e})") from None
     return text
+
+
+#: A `writable_path` for a PNG chart; matplotlib must be installed (it draws the chart): refused while the
+#: command line is parsed, with the extra that brings it.
+plot_path = require_type("matplotlib", "a PNG chart", writable_path)
+
+
+class OutputError(V4HalError, OSError):
+    """A command could not write its output file (disk full, no permission, a folder in the way ...)."""
+
+
+@contextlib.contextmanager
+def output_errors(path: str, flag: str) -> Iterator[None]:
+    """Turn an `OSError` raised inside the block (writing ``path``, the value of ``flag``) into `OutputError`
+    naming the flag, the path and the reason; a partly written regular file is removed."""
+    try:
+        yield
+    except OSError as e:
+        if os.path.isfile(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise OutputError(f"{flag}: cannot write {path}: {e.strerror or e}") from e
+
+
+def write_bytes(path: str, data: bytes, flag: str) -> None:
+    """Write ``data`` to ``path`` (the value of ``flag``); `OutputError` when the write fails (no partial file
+    left, see `output_errors`). Writers that swallow write errors (matplotlib's ``savefig`` to a full disk)
+    render into memory first and write through this."""
+    with output_errors(path, flag), open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str, data: Any, flag: str = "--json", indent: int = 1) -> None:
+    """Write ``data`` as JSON to ``path`` (the value of ``flag``); `OutputError` when the write fails.
+    The text is built first, so a failed write leaves no partial file (see `output_errors`)."""
+    write_bytes(path, json.dumps(data, indent=indent, default=str).encode("utf-8"), flag)
 
 
 def readable_file(text: str) -> str:
@@ -211,20 +332,29 @@ def backends_on(names: Sequence[str], device_name: str, flag: str = "--backends"
     message names the backend and why it cannot (from the op table's explanations)."""
     import torch
 
-    from v4hal.hal import dispatch
     from v4hal.hal.info import available_backends
-    from v4hal.ops import public_ops
 
     dev = torch.device(device_name).type
     available = available_backends(dev)
     for name in names:
         if name in available:
             continue
-        reason = ""
-        for op in public_ops():
-            row = next((r for r in dispatch.explain(op, dev) if r["backend"] == name), None)
-            if row is not None and row.get("reason"):
-                reason = row["reason"]
-                break
+        reason = unavailable_reason(name, dev)
         raise RangeError(f"{flag}: backend {name!r} serves no op on {device_name} here"
                          f"{f' ({reason})' if reason else ''}; available: {', '.join(available)}")
+
+
+def unavailable_reason(name: str, device_name: str) -> str:
+    """Why backend ``name`` serves no op on ``device_name`` here: the first reason the op table gives
+    (`v4hal.hal.dispatch.explain`), else the backend's own (empty when neither says)."""
+    import torch
+
+    from v4hal.hal import dispatch, registry
+    from v4hal.ops import public_ops
+
+    dev = torch.device(device_name).type
+    for op in public_ops():
+        row = next((r for r in dispatch.explain(op, dev) if r["backend"] == name), None)
+        if row is not None and row.get("reason"):
+            return str(row["reason"])
+    return registry.backend_reason(name) or ""

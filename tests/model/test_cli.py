@@ -88,3 +88,61 @@ def test_run_ep2_gives_the_single_process_tokens(cache, tmp_path, capsys) -> Non
     out = capsys.readouterr().out
     assert "expert parallel: 2 ranks, transport all_to_all" in out
     assert json.loads(ep.read_text())["tokens"] == json.loads(single.read_text())["tokens"]
+
+
+def test_run_progress_bar_counts_what_the_summary_counts(mini_fp8, capsys) -> None:
+    """``--max-new-tokens 4``: 4 tokens per row, the first from the prefill; the bar and the summary both count
+    the 3 decode steps (the bar used to say 4, the summary 3)."""
+    assert cli(["run", "--checkpoint", str(mini_fp8), "--prompt-len", "6", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "3/3" in err and "4/4" not in err
+    assert "decode:  1 x 3 tokens" in out and "(4 new tokens per row: the prefill's and 3 decode steps)" in out
+    assert len(out.split("tokens[0]:")[1].splitlines()[0].split()) == 4
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="no /dev/full here")
+def test_run_reports_a_failed_json_write_in_one_line(mini_fp8, capsys) -> None:
+    """The run completes, then writing ``--json`` fails (disk full): one error line, exit 2, no traceback."""
+    rc = cli(["run", "--checkpoint", str(mini_fp8), "--prompt-len", "4", "--max-new-tokens", "2", "--no-progress",
+              "--json", "/dev/full"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "tokens[0]:" in out
+    assert err.strip() == "v4hal run: error: --json: cannot write /dev/full: No space left on device"
+
+
+def test_parity_says_when_nothing_was_compared(capsys) -> None:
+    """Without TRITON_INTERPRET on a CPU only the reference runs: the summary says that 0 backends were compared
+    and why each other backend was not, and prints no pass count."""
+    import os
+    import subprocess
+    import sys
+
+    from v4hal.parity import summary
+
+    proc = subprocess.run([sys.executable, "-m", "v4hal.cli", "parity", "--ops", "rms_norm"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "compared 0 backend(s) against the reference: nothing was checked" in proc.stdout
+    assert "triton not compared: on CPU tensors Triton runs only under its interpreter" in proc.stdout
+    assert "passed" not in proc.stdout
+    rows = [{"op": "x", "backend": "reference", "status": "oracle"},
+            {"op": "x", "backend": "triton", "status": "pass"}, {"op": "y", "backend": "triton", "status": "FAIL"}]
+    assert summary(rows).startswith("compared 1 backend(s) against the reference (triton): 1 passed, 1 failed")
+
+
+def test_info_explains_an_importable_backend_without_ops() -> None:
+    """A backend that imports but serves no op on the listed devices is not printed as plainly "available"."""
+    from v4hal.hal.info import format_info
+
+    def row(backend: str, status: str, reason: str | None = None) -> dict:
+        return {"backend": backend, "status": status, **({"reason": reason} if reason else {})}
+
+    data = {"torch": "x", "devices": ["cpu"], "backends": {"reference": None, "triton": None},
+            "descriptions": {"reference": "r", "triton": "t"}, "notes": {},
+            "ops": {"rms_norm": {"cpu": [row("reference", "yes"),
+                                         row("triton", "unavailable", "needs TRITON_INTERPRET=1 on the CPU")]}}}
+    text = format_info(data)
+    assert "  reference  available" in text
+    assert "  triton     importable, but serves no op on cpu here: needs TRITON_INTERPRET=1 on the CPU" in text
+    data["ops"]["rms_norm"]["cpu"][1] = row("triton", "explicit only")
+    assert "  triton     available" in format_info(data)

@@ -194,3 +194,55 @@ def test_merge_ranks_needs_every_rank() -> None:
     rec = {"rank": 1, "world": 2, "trace": []}
     with pytest.raises(RangeError, match=r"expected the records of ranks 0..0, got ranks \[1\]"):
         D.merge_ranks([rec])
+
+
+def test_a_small_pool_makes_requests_wait_with_the_same_tokens(model: V4Model) -> None:
+    """Six requests arriving at once into a pool of 1 MiB (three of the longest request's page sets): requests
+    wait for pages instead of exhausting the pool, the pool stays within the budget, and every request gets
+    the tokens it gets from a pool that holds them all."""
+    kw = dict(requests=6, prompt_len=8, max_new_tokens=3, chunk=64, arrival=0, baseline=False, progress=False,
+              reuse_prefixes=False)
+    small = D.run_requests(model, **kw, pool_memory=1 << 20)
+    big = D.run_requests(model, **kw)
+    assert small["all_finished"] and small["tokens"] == big["tokens"]
+    assert small["waited"] >= 1 and big["waited"] == 0
+    assert small["pool_bytes"] <= small["pool_memory"] == 1 << 20
+    assert sum(small["pool_pages"].values()) < sum(big["pool_pages"].values())
+    assert small["steps"] > big["steps"]
+    with pytest.raises(RangeError, match=r"needs .* of cache pages, more than the pool's pool_memory 256 KiB"):
+        D.run_requests(model, **kw, pool_memory=256 << 10)
+
+
+def test_pool_blocks_from_a_budget() -> None:
+    pb = D.page_bytes_of(MINI, 16, "quantized")
+    one = D.request_pages(MINI, 40 + 3 - 1, 16)
+    set_bytes = sum(pb[k] * n for k, n in one.items())
+    full = D.pool_blocks(MINI, [40] * 10, 3, 16)
+    assert full == {k: max(1, 10 * n) for k, n in one.items()}
+    two = D.pool_blocks(MINI, [40] * 10, 3, 16, budget=2 * set_bytes + 1, page_bytes=pb)
+    assert two == {k: max(1, 2 * n) for k, n in one.items()}
+    assert D.pool_blocks(MINI, [40] * 10, 3, 16, budget=1 << 40, page_bytes=pb) == full     # no more than needed
+    with pytest.raises(RangeError, match="more than the budget"):
+        D.pool_blocks(MINI, [40], 3, 16, budget=set_bytes - 1, page_bytes=pb)
+
+
+def test_workload_and_memory_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = dict(prompt_len=64, max_new_tokens=32, chunk=64, arrival=None, block_size=16, layout="quantized")
+    D.check_workload(MINI, requests=D.MAX_WORKLOAD_TOKENS // 160, **args)
+    with pytest.raises(RangeError, match="a run makes and records at most"):
+        D.check_workload(MINI, requests=D.MAX_WORKLOAD_TOKENS // 160 + 1, **args)
+    monkeypatch.setattr(D, "_cpu_available", lambda: 8 << 30)
+    assert D.available_memory("cpu") == 8 << 30
+    assert D.default_pool_memory("cpu") == int(D.POOL_MEMORY_SHARE["cpu"] * (8 << 30))
+    lengths = D.request_lengths(5, 8, seed=3)
+    assert list(D.iter_prompts(lengths, 100, 3, 4)) == D.make_prompts(lengths, 100, 3, 4)
+
+
+def test_single_request_baseline_is_like_for_like(model: V4Model) -> None:
+    """With a shared prefix the requests' prompts are longer than ``prompt_len``: the single request the batch is
+    compared with has their mean length, shared prefix included (it used to have ``prompt_len`` tokens)."""
+    res = D.run_requests(model, requests=3, prompt_len=8, max_new_tokens=2, chunk=64, arrival=3, shared_prefix=16,
+                         progress=False)
+    mean = round(sum(res["prompt_lengths"]) / 3)
+    assert min(res["prompt_lengths"]) >= 16 + 2 and res["single"]["prompt_len"] == mean > 16
+    assert f"prompt {mean} = the requests' mean" in D.format_report(res)

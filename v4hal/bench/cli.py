@@ -9,13 +9,14 @@ Wiring (in ``v4hal/cli.py``)::
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from typing import Any
 
 import torch
 
-from v4hal.cliargs import reports_errors
+from v4hal.cliargs import output_errors, reports_errors, write_bytes
 from v4hal.extras import require, require_type
 from v4hal.hal.errors import RangeError
 
@@ -23,6 +24,11 @@ from . import cases as casemod
 from .ceilings import measure_ceilings
 from .report import build_document, plot_rows, render_ceilings, render_table, write_json
 from .runner import default_backends, run_cases
+
+#: upper bounds of the numeric flags
+MAX_REPEATS = 1_000_000          # --repeats (timed calls per case; per op with --overhead)
+MAX_WARMUP = 10_000              # --warmup
+MAX_CASE_SECONDS = 3600.0        # --max-case-seconds
 
 
 def _default_device() -> str:
@@ -55,17 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated backends (default: every backend available on the device)")
     parser.add_argument("--device", default=None, type=ca.device,
                         help="cpu, cuda or npu (default: the accelerator if present)")
-    parser.add_argument("--repeats", type=ca.positive_int, default=None,
+    parser.add_argument("--repeats", type=ca.int_in(1, MAX_REPEATS), default=None,
                         help="timed calls per case (default 20 GPU, 7 CPU; with --overhead: calls per op, "
                              "default 2000)")
-    parser.add_argument("--warmup", type=ca.non_negative_int, default=3,
+    parser.add_argument("--warmup", type=ca.int_in(0, MAX_WARMUP), default=3,
                         help="untimed calls before timing (default: %(default)s)")
-    parser.add_argument("--max-case-seconds", type=ca.non_negative_float, default=2.0,
+    parser.add_argument("--max-case-seconds", type=ca.float_in(0, MAX_CASE_SECONDS), default=2.0,
                         help="stop timing a case after this many seconds (at least 3 calls are kept)")
     parser.add_argument("--no-peers", action="store_true", help="do not time the peers")
     parser.add_argument("--json", metavar="PATH", type=ca.writable_path,
                         help="write every row, the ceilings and the environment as JSON")
-    parser.add_argument("--plot", metavar="PATH", type=require_type("matplotlib", "a PNG chart", ca.writable_path),
+    parser.add_argument("--plot", metavar="PATH", type=ca.plot_path,
                         help="write a PNG chart (%% of ceiling, speedup over peers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -128,10 +134,13 @@ def main(args: argparse.Namespace) -> int:
                             "set": "shapes" if args.shapes else ("quick" if args.quick else "presets"),
                             "elapsed_s": elapsed, "value_checks_while_timing": False}
     if args.json:
-        write_json(args.json, build_document(rows, ceilings, meta))
+        with output_errors(args.json, "--json"):
+            write_json(args.json, build_document(rows, ceilings, meta))
         print(f"wrote {args.json}")
     if args.plot:
-        plot_rows(args.plot, rows, title=f"v4hal bench on {ceilings.device_name}")
+        png = io.BytesIO()                       # savefig does not report a failed write: write it ourselves
+        plot_rows(png, rows, title=f"v4hal bench on {ceilings.device_name}")
+        write_bytes(args.plot, png.getvalue(), "--plot")
         print(f"wrote {args.plot}")
     return 1 if any(r.status == "check-failed" for r in rows) else 0
 

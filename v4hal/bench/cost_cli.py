@@ -9,13 +9,13 @@ Wiring (in ``v4hal/cli.py``)::
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import math
 import re
 import sys
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
-from v4hal.cliargs import reports_errors
+from v4hal.cliargs import reports_errors, write_bytes, write_json
 from v4hal.extras import require
 from v4hal.hal.errors import RangeError
 
@@ -25,21 +25,34 @@ from .report import text_table
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-def parse_length(text: str) -> int:
-    """``"1048576"``, ``"1M"``, ``"128k"`` -> int (binary suffixes: 1K = 1024)."""
+#: the longest context ``--context`` takes (16M tokens, 16 x V4's; ``--pool`` lays out page tables this long)
+MAX_CONTEXT = 1 << 24
+#: the longest context ``--measure-contexts`` takes (the dense control allocates a window this long)
+MAX_MEASURE_CONTEXT = 1 << 18
+#: the most timed decode steps per context ``--repeats`` takes
+MAX_REPEATS = 10_000
+
+
+def parse_length(text: str, least: int = 1, most: int = MAX_CONTEXT) -> int:
+    """``"1048576"``, ``"1M"``, ``"128k"`` -> int (binary suffixes: 1K = 1024), in ``[least, most]``."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", str(text))
     if not m:
         raise argparse.ArgumentTypeError(f"context length must be an integer like 4096, 128K or 1M, got {text!r}")
     value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if value < 1 or not value.is_integer():
-        raise argparse.ArgumentTypeError(f"context length must be a whole number >= 1, got {text!r}")
+    if not value.is_integer() or not least <= value <= most:
+        raise argparse.ArgumentTypeError(f"context length must be a whole number in [{least}, {_fmt_len(most)}], "
+                                         f"got {text!r}")
     return int(value)
+
+
+def measure_length(text: str) -> int:
+    """A `parse_length` for ``--measure-contexts``: in ``[2, MAX_MEASURE_CONTEXT]``."""
+    return parse_length(text, 2, MAX_MEASURE_CONTEXT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal cost``."""
-    from v4hal.cliargs import positive_int, writable_path
-    from v4hal.extras import require_type
+    from v4hal.cliargs import int_in, plot_path, seed, writable_path
 
     parser.add_argument("--context", nargs="+", type=parse_length,
                         default=[4096, 32768, 131072, costmod.ONE_M],
@@ -49,16 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--breakdown", action="store_true", help="also print the FLOPs and bytes per component")
     parser.add_argument("--json", metavar="PATH", type=writable_path,
                         help="write the table, breakdowns and ratios as JSON")
-    parser.add_argument("--plot", metavar="PATH", type=require_type("matplotlib", "a PNG plot", writable_path),
+    parser.add_argument("--plot", metavar="PATH", type=plot_path,
                         help="write a PNG of FLOPs/token and KV bytes vs context (log axes)")
     parser.add_argument("--measure", action="store_true",
                         help="also time one v4-mini decode step at growing contexts (hybrid vs dense attention)")
-    parser.add_argument("--measure-contexts", nargs="+", type=parse_length, default=None,
+    parser.add_argument("--measure-contexts", nargs="+", type=measure_length, default=None,
                         help="contexts for --measure (default: 256 2K 16K 128K; each at least 2)")
     parser.add_argument("--measure-weights", choices=("bf16", "fp8"), default="bf16",
                         help="v4-mini weights for --measure: bf16 (default) or the preset's FP8 / FP4 experts")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed decode steps per context for --measure")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the v4-mini weights for --measure")
+    parser.add_argument("--repeats", type=int_in(1, MAX_REPEATS), default=3,
+                        help="timed decode steps per context for --measure")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the v4-mini weights for --measure")
     parser.add_argument("--pool", action="store_true",
                         help="also print the paged cache pool's KV bytes per token at the largest --context for "
                              "V4-Flash and V4-Pro (page tables only, no tensors) and v4-mini (an allocated pool), "
@@ -122,7 +136,7 @@ def render(report: dict[str, Any], breakdown: bool = False) -> str:
     return "\n".join(out)
 
 
-def plot_curves(path: str, models: Sequence[str], marks: Sequence[int] = (), points: int = 61,
+def plot_curves(path: str | IO[bytes], models: Sequence[str], marks: Sequence[int] = (), points: int = 61,
                 measured: dict[str, Any] | None = None) -> None:
     """PNG: FLOPs per token and KV bytes versus context on log-log axes, one curve per model.
 
@@ -179,9 +193,6 @@ def main(args: argparse.Namespace) -> int:
             costmod.model_cost(m, 1)
         except RangeError as e:
             raise RangeError(f"--models: {e}") from e
-    bad = [c for c in (args.measure_contexts or []) if c < 2]
-    if bad:
-        raise RangeError(f"--measure-contexts: each context must be >= 2 tokens, got {bad}")
     if "v3.2" not in models:
         models = ["v3.2", *models]
     report = build_report(list(args.context), models)
@@ -201,11 +212,12 @@ def main(args: argparse.Namespace) -> int:
         print(render_measure(measured))
         report["measured"] = measured
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report, indent=2)
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot_curves(args.plot, models, marks=list(args.context), measured=measured)
+        png = io.BytesIO()                       # savefig does not report a failed write: write it ourselves
+        plot_curves(png, models, marks=list(args.context), measured=measured)
+        write_bytes(args.plot, png.getvalue(), "--plot")
         print(f"wrote {args.plot}")
     return 0 if all(v["ok"] for v in report["at_1m"]["check"].values()) else 1
 

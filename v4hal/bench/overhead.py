@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from v4hal.cliargs import reports_errors
+from v4hal.cliargs import reports_errors, write_json
 from v4hal.hal.errors import RangeError
 
 __all__ = ["OverheadRow", "measure_overhead", "torch_ops_floor_us", "render_overhead", "main"]
@@ -229,7 +228,6 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"command": "v4hal bench --overhead", "argv": sys.argv[1:], "device": device,
                "torch": torch.__version__, "torch_ops_floor_us": floor, "rows": [asdict(r) for r in rows]}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_json(args.json, doc, indent=2)
         print(f"wrote {args.json}")
     return 0

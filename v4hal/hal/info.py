@@ -56,11 +56,25 @@ def backend_notes() -> dict[str, list[dict[str, str]]]:
     return notes
 
 
+def _backend_state(data: dict[str, Any], name: str, reason: str | None) -> str:
+    """``available`` when backend ``name`` serves some op on a listed device; ``importable, but serves no op
+    on <devices> here: <why>`` when it loads yet every cell of its column is unavailable (e.g. Triton on a CPU
+    without ``TRITON_INTERPRET=1``); else ``unavailable: <reason>``."""
+    if reason is not None:
+        return f"unavailable: {reason}"
+    rows = [row for per_dev in data["ops"].values() for dev in data["devices"] for row in per_dev.get(dev, [])
+            if row["backend"] == name]
+    if not rows or any(row["status"] != "unavailable" for row in rows):
+        return "available"
+    why = next((row["reason"] for row in rows if row.get("reason")), "no op has an implementation for them")
+    return f"importable, but serves no op on {', '.join(data['devices'])} here: {why}"
+
+
 def format_info(data: dict[str, Any]) -> str:
     """``v4hal info`` as text: backends with their reasons, then one table per device."""
     lines = [f"v4hal on torch {data['torch']}; devices here: {', '.join(data['devices'])}", "", "backends:"]
     for name, reason in data["backends"].items():
-        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        lines.append(f"  {name:<10} {_backend_state(data, name, reason)}")
         lines.append(f"  {'':<10} ({data['descriptions'][name]})")
     names = list(data["backends"])
     for dev in data["devices"]:

@@ -11,9 +11,9 @@ the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes t
 
 ``--requests N`` runs N requests through the continuous-batching engine on paged caches instead
 (`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
-``--shared-prefix``) and prints its throughput, pages and cache bytes next to one request timed on the
-contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel ranks (request i to rank
-i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
+``--shared-prefix``, ``--pool-memory``) and prints its throughput, pages and cache bytes next to one
+request timed on the contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel
+ranks (request i to rank i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from v4hal.cliargs import reports_errors
+from v4hal.cliargs import reports_errors, write_json
 
 __all__ = ["add_arguments", "main", "run", "run_serving", "serve_options", "cache_dir", "resolve_checkpoint",
            "make_prompt", "prepare_backend", "set_threads", "check_args"]
@@ -38,10 +38,22 @@ __all__ = ["add_arguments", "main", "run", "run_serving", "serve_options", "cach
 DEFAULT_WEIGHT_SEED = 0
 MAX_RANDOM_BYTES = 4 << 30
 
+#: upper bounds of the numeric flags (the model's own limits, such as max_seq_len, are checked in `check_args`)
+MAX_POSITIONS = 1 << 24          # --prompt-len, --max-new-tokens, --shared-prefix
+MAX_BATCH = 1024                 # --batch
+MAX_PREFILL_TOKENS = 1 << 20     # --batch x --prompt-len: the tokens of the one prefill call
+MAX_EP = 64                      # --ep: local processes, each loading the model
+MAX_REQUESTS = 1 << 20           # --requests (the workload's tokens are bounded too: driver.MAX_WORKLOAD_TOKENS)
+MAX_CHUNK = 1 << 16              # --chunk
+MAX_ARRIVAL = 1 << 20            # --arrival
+MAX_BLOCK_SIZE = 1024            # --block-size
+MAX_POOL_MEMORY = 1 << 50        # --pool-memory (also bounded by the memory available, in `serve_options`)
+
 #: ``--layout`` names (`v4hal.serve.driver.LAYOUT_PAIRS`), listed here so parsing imports no serving code
 LAYOUT_NAMES = ("quantized", "bf16")
 #: the ``--requests`` options and their defaults (None in the parser: given or not)
-SERVE_DEFAULTS = {"chunk": 64, "arrival": None, "block_size": None, "layout": None, "shared_prefix": 0}
+SERVE_DEFAULTS = {"chunk": 64, "arrival": None, "block_size": None, "layout": None, "shared_prefix": 0,
+                  "pool_memory": None}
 
 _KIND_BYTES = {"f32": 4, "bf16": 2, "fp8": 1, "fp8_scale": 1, "fp4": 1, "fp4_scale": 1, "i32": 4}
 
@@ -146,7 +158,17 @@ def set_threads(threads: int | None, checkpoint: Path, device: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal run``."""
-    from v4hal.cliargs import backend_names, choice, device, model_preset, non_negative_int, positive_int, writable_path
+    from v4hal.cliargs import (
+        backend_names,
+        byte_size,
+        choice,
+        device,
+        int_in,
+        model_preset,
+        seed,
+        threads,
+        writable_path,
+    )
 
     parser.add_argument("--model", default="v4-mini", type=model_preset,
                         help="preset whose random checkpoint to run (default v4-mini)")
@@ -154,11 +176,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, type=choice(backend_names, "backend"),
                         help="force every op onto this backend (default: automatic)")
     parser.add_argument("--device", default="cpu", type=device, help="torch device (cpu, cuda, npu ...)")
-    parser.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens per row (default 64)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
-    parser.add_argument("--batch", type=positive_int, default=1, help="prompt rows (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--prompt-len", type=int_in(1, MAX_POSITIONS), default=64,
+                        help="prompt tokens per row (default 64)")
+    parser.add_argument("--max-new-tokens", type=int_in(1, MAX_POSITIONS), default=32,
+                        help="tokens to generate per row, the first by the prefill (default 32)")
+    parser.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1, help="prompt rows (default 1)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random prompt (0 .. 2**32 - 1)")
+    parser.add_argument("--threads", type=threads, default=None,
                         help="torch CPU threads (default: 1 for models with dim <= 1024, whose tiny GEMMs only "
                              "lose to thread synchronization, else torch's choice)")
     parser.add_argument("--experts", choices=("auto", "checkpoint", "fp8"), default="auto",
@@ -170,31 +194,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not change while the run lasts (a truncated file kills it with SIGBUS)")
     parser.add_argument("--json", default=None, type=writable_path, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--ep", type=positive_int, default=1,
+    parser.add_argument("--ep", type=int_in(1, MAX_EP), default=1,
                         help="expert-parallel ranks: N local gloo processes, each holding E/N routed experts "
                              "(N must divide the model's routed expert count); with --requests, request i is "
                              "served by rank i %% N")
     parser.add_argument("--fp8-payload", action="store_true", help="with --ep: FP8 dispatch payload (act_quant)")
     serve = parser.add_argument_group("continuous batching (--requests N; figures defined in v4hal.serve.driver)")
-    serve.add_argument("--requests", type=positive_int, default=None,
+    serve.add_argument("--requests", type=int_in(1, MAX_REQUESTS), default=None,
                        help="run N requests through the continuous-batching engine on paged caches instead: prompt "
                             "lengths drawn around --prompt-len (uniform in [prompt_len/4, 2*prompt_len]), "
                             "--max-new-tokens each; also times one request on the contiguous path for comparison")
-    serve.add_argument("--chunk", type=positive_int, default=None,
+    serve.add_argument("--chunk", type=int_in(1, MAX_CHUNK), default=None,
                        help="with --requests: tokens per step (decode tokens first, then prefill chunks; default 64)")
-    serve.add_argument("--arrival", type=non_negative_int, default=None,
+    serve.add_argument("--arrival", type=int_in(0, MAX_ARRIVAL), default=None,
                        help="with --requests: one new request every K steps (0: all at once; default: a seeded "
                             "schedule with gaps of 0-3 steps)")
-    serve.add_argument("--block-size", type=positive_int, default=None,
+    serve.add_argument("--block-size", type=int_in(1, MAX_BLOCK_SIZE), default=None,
                        help="with --requests: entries per cache page (default 64, or 16 for models whose window "
                             "is under 64 tokens, such as v4-mini)")
     serve.add_argument("--layout", type=choice(LAYOUT_NAMES, "layout"), default=None,
                        help="with --requests: cache layouts, quantized (model1_fp8 + indexer_fp4) or bf16 (bf16 "
                             "attention and indexer caches); default: the device's (quantized on cpu and cuda, bf16 "
                             "on npu)")
-    serve.add_argument("--shared-prefix", type=non_negative_int, default=None,
+    serve.add_argument("--shared-prefix", type=int_in(0, MAX_POSITIONS), default=None,
                        help="with --requests: tokens every prompt starts with (reused from the first request that "
                             "computed them, at page boundaries; default 0)")
+    serve.add_argument("--pool-memory", type=byte_size(1 << 20, MAX_POOL_MEMORY), default=None, metavar="SIZE",
+                       help="with --requests: bytes of the paged cache pool (e.g. 512M, 2G; with --ep, shared by "
+                            "the ranks); requests that do not fit wait for pages. Default: an eighth of the "
+                            "available RAM on the CPU, half the free device memory on an accelerator, at most what "
+                            "the workload can use"),
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -212,6 +241,9 @@ def check_args(args: argparse.Namespace) -> None:
     else:
         cfg = ModelConfig.preset(args.model)
         source = f"--model {args.model}"
+    if args.batch * args.prompt_len > MAX_PREFILL_TOKENS:
+        raise RangeError(f"--batch {args.batch} x --prompt-len {args.prompt_len} = {args.batch * args.prompt_len} "
+                         f"tokens in one prefill call; at most {MAX_PREFILL_TOKENS}")
     positions = args.prompt_len + args.max_new_tokens - 1
     if positions > cfg.max_seq_len:
         raise RangeError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} - 1 = {positions} "
@@ -241,8 +273,15 @@ def check_args(args: argparse.Namespace) -> None:
 def serve_options(args: argparse.Namespace, cfg) -> dict[str, Any]:
     """The keyword arguments of `v4hal.serve.driver.run_requests` for ``v4hal run --requests`` (defaults filled
     in), checked against ``cfg``: raises `v4hal.RangeError` for options the engine cannot run."""
+    from v4hal.cliargs import format_bytes
     from v4hal.hal.errors import RangeError
-    from v4hal.serve.driver import check_workload, default_block_size, default_layout
+    from v4hal.serve.driver import (
+        available_memory,
+        check_workload,
+        default_block_size,
+        default_layout,
+        default_pool_memory,
+    )
 
     if args.batch != 1:
         raise RangeError(f"--batch {args.batch} sets the rows of a single-sequence run; with --requests the engine "
@@ -253,7 +292,17 @@ def serve_options(args: argparse.Namespace, cfg) -> dict[str, Any]:
     if opts["layout"] is None:
         opts["layout"] = default_layout(args.device)
     opts.update(requests=args.requests, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens)
-    check_workload(cfg, **opts)
+    if opts["pool_memory"] is not None:
+        try:
+            free = available_memory(args.device)
+        except RangeError:
+            free = None                             # the device cannot tell: take the size as given
+        if free is not None and opts["pool_memory"] > free:
+            raise RangeError(f"--pool-memory {format_bytes(opts['pool_memory'])} is more than the "
+                             f"{format_bytes(free)} available on {args.device}")
+    # the budget each pool gets (one per --ep rank); the default is read again once the model is loaded
+    budget = (opts["pool_memory"] or default_pool_memory(args.device)) // args.ep
+    check_workload(cfg, **{**opts, "pool_memory": budget})
     return {**opts, "seed": args.seed}
 
 
@@ -316,13 +365,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = torch.empty(args.batch, n, dtype=torch.long, device=args.device)
     ctx = v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     sync = _synchronizer(args.device)
-    with ctx, tqdm(total=n, desc="decode", unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
+    # the bar counts the decode steps, as the summary does: the first of the n new tokens comes from the prefill
+    with ctx, tqdm(total=n - 1, desc="decode", unit="tok", disable=args.no_progress or n == 1,
+                   file=sys.stderr) as bar:
         t0 = time.perf_counter()
         logits = model(prompt, 0)
         tokens[:, 0] = logits.argmax(dim=-1)
         sync()
         prefill_s = time.perf_counter() - t0
-        bar.update(1)
         t1 = time.perf_counter()
         for i in range(1, n):
             logits = model(tokens[:, i - 1:i], args.prompt_len + i - 1)
@@ -364,8 +414,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_report(res))
         print(f"({res['checkpoint']}, backend {res['backend']}, experts {res['experts']})")
         if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1)
+            write_json(args.json, res)
         return 0 if res["all_finished"] and res["logits_finite"] else 1
     if args.ep > 1:
         from v4hal.parallel import run_ep
@@ -377,13 +426,13 @@ def main(args: argparse.Namespace) -> int:
     dec = f"{res['decode_tok_s']:.2f} tok/s" if res["decode_tok_s"] is not None else "n/a (one token)"
     print(f"prefill: {res['batch']} x {res['prompt_len']} tokens in {res['prefill_s']:.3f} s = "
           f"{res['prefill_tok_s']:.1f} tok/s")
-    print(f"decode:  {res['batch']} x {res['max_new_tokens'] - 1} tokens in {res['decode_s']:.3f} s = {dec}")
+    print(f"decode:  {res['batch']} x {res['max_new_tokens'] - 1} tokens in {res['decode_s']:.3f} s = {dec} "
+          f"({res['max_new_tokens']} new tokens per row: the prefill's and {res['max_new_tokens'] - 1} decode steps)")
     print(f"({res['checkpoint']}, backend {res['backend']}, device {res['device']}, {res['threads']} threads, "
           f"experts {res['experts']})")
     if res.get("ep"):
         print(f"expert parallel: {res['ep']} ranks, transport {res['transport']}, attention {res['attention']}, "
               f"prefill bytes sent {res['prefill_bytes_sent']}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
     return 0 if res["logits_finite"] else 1

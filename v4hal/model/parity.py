@@ -21,14 +21,13 @@ apart by ~1e-3 (calc_diff) over a few quantized layers; a wrong kernel shows up 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from v4hal import compare as numerics
-from v4hal.cliargs import reports_errors
+from v4hal.cliargs import reports_errors, write_json
 from v4hal.compare import calc_diff
 
 __all__ = ["add_arguments", "main", "collect", "compare", "calc_diff", "BackendRun", "run_backend"]
@@ -37,6 +36,8 @@ HIDDEN_RULE = numerics.rule_for(numerics.MODEL_HIDDEN, torch.float32)
 LOGITS_RULE = numerics.rule_for(numerics.MODEL_LOGITS, torch.float32)
 DEFAULT_TOL_HIDDEN = HIDDEN_RULE.max_diff
 DEFAULT_TOL_LOGITS = LOGITS_RULE.max_diff
+#: calc_diff lies in [0, 2]: a tolerance of 2 passes everything
+MAX_TOL = 2.0
 
 
 @dataclass
@@ -132,31 +133,34 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal parity --model`` (``v4hal parity`` defines --device/--backends/--seed/--json/--model)."""
-    from v4hal.cliargs import backend_names, choice_list, device, model_preset, writable_path
+    from v4hal.cliargs import backend_names, choice_list, device, model_preset, seed, writable_path
 
     parser.add_argument("--model", default="v4-mini", type=model_preset,
                         help="preset whose random checkpoint to compare")
     parser.add_argument("--backends", default=None, type=choice_list(backend_names, "backend"),
                         help="comma-separated backends (default: all available)")
     parser.add_argument("--device", default="cpu", type=device)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the prompt (0 .. 2**32 - 1)")
     parser.add_argument("--json", default=None, type=writable_path, help="write the rows to this JSON file")
     add_model_arguments(parser)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options only model-level parity has (for ``v4hal parity`` to add to its parser)."""
-    from v4hal.cliargs import non_negative_float, non_negative_int, positive_int
+    from v4hal.cliargs import float_in, int_in
+
+    from .cli import MAX_BATCH, MAX_POSITIONS
 
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory instead of the preset's")
-    parser.add_argument("--prompt-len", type=positive_int, default=24, help="prompt tokens (default 24)")
-    parser.add_argument("--decode-steps", type=non_negative_int, default=3, help="decode steps compared (default 3)")
-    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--prompt-len", type=int_in(1, MAX_POSITIONS), default=24, help="prompt tokens (default 24)")
+    parser.add_argument("--decode-steps", type=int_in(0, MAX_POSITIONS), default=3,
+                        help="decode steps compared (default 3)")
+    parser.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1)
     parser.add_argument("--experts", choices=("checkpoint", "fp8"), default="checkpoint",
                         help="routed expert format (see v4hal run --experts)")
-    parser.add_argument("--tol-hidden", type=non_negative_float, default=DEFAULT_TOL_HIDDEN,
+    parser.add_argument("--tol-hidden", type=float_in(0, MAX_TOL), default=DEFAULT_TOL_HIDDEN,
                         help=f"max calc_diff of a layer's output stream (default {DEFAULT_TOL_HIDDEN:g})")
-    parser.add_argument("--tol-logits", type=non_negative_float, default=DEFAULT_TOL_LOGITS,
+    parser.add_argument("--tol-logits", type=float_in(0, MAX_TOL), default=DEFAULT_TOL_LOGITS,
                         help=f"max calc_diff of the logits (default {DEFAULT_TOL_LOGITS:g})")
 
 
@@ -211,13 +215,13 @@ def main(args: argparse.Namespace) -> int:
     if not others:
         print("only the reference backend was run (nothing to compare); set TRITON_INTERPRET=1 or use a GPU "
               "to compare the Triton kernels")
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed ({path}, prompt {prompt_len}, "
-          f"{steps} decode steps, backends {', '.join(backends)})")
+    counts = (f"compared {len(others)} backend(s) against the reference: {len(rows) - len(failed)} passed, "
+              f"{len(failed)} failed" if others else "compared 0 backend(s) against the reference: nothing was checked")
+    print(f"\n{counts} ({path}, prompt {prompt_len}, {steps} decode steps, backends {', '.join(backends)})")
     if getattr(args, "json", None):
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": _opt(args, "model", None), "checkpoint": str(path), "device": device,
-                       "backends": backends, "prompt_len": prompt_len, "decode_steps": steps,
-                       "tol_hidden": tol_h, "tol_logits": tol_l, "rows": rows,
-                       "fallbacks": {b: r.fallbacks for b, r in runs.items()},
-                       "reference_tokens": forced.tolist()}, f, indent=1)
+        write_json(args.json, {"model": _opt(args, "model", None), "checkpoint": str(path), "device": device,
+                               "backends": backends, "prompt_len": prompt_len, "decode_steps": steps,
+                               "tol_hidden": tol_h, "tol_logits": tol_l, "rows": rows,
+                               "fallbacks": {b: r.fallbacks for b, r in runs.items()},
+                               "reference_tokens": forced.tolist()})
     return 1 if failed else 0

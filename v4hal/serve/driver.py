@@ -12,11 +12,13 @@ Definitions of the figures:
   ``decode_only_mean_batch``: their mean number of requests).
   A request's first new token comes from its last prefill chunk, so it decodes ``max_new_tokens - 1``
   tokens, as the single-request path does.
-- ``single``: the contiguous path (``V4Model.forward``, batch 1, the same ``prompt_len``, ``max_new_tokens``),
-  timed like ``v4hal run`` (the median of 3 runs): ``decode_tok_s`` = ``max_new_tokens - 1`` one-token
-  steps over their time.
+- ``single``: the contiguous path (``V4Model.forward``, batch 1, a prompt of the requests' mean length,
+  shared prefix included, and the same ``max_new_tokens``), timed like ``v4hal run`` (the median of 3
+  runs): ``decode_tok_s`` = ``max_new_tokens - 1`` one-token steps over their time.
   ``speedup`` = batched ``decode_tok_s`` / single ``decode_tok_s`` (``speedup_decode_only`` likewise).
 - ``requests_s``: requests over the wall time from the first step to the last.
+- Pool: ``pool_memory`` the byte budget it was sized from, ``pool_bytes`` the bytes of its pages,
+  ``waited`` the requests that arrived while the pool could not take them and joined later.
 - Pages: ``peak_pages`` per kind (each kind's own maximum over the steps) and ``final_pages`` after the
   last request left (what registered prefixes still hold); ``pages_after_evict`` once those are evicted
   too (all zero unless pages leaked).
@@ -28,9 +30,10 @@ Definitions of the figures:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,9 +48,10 @@ from .batch import STATE_BLOCK_SIZE, block_sizes_of, kinds_of, pages_needed
 from .engine import Engine
 from .pool import CachePool, cache_layouts
 
-__all__ = ["LAYOUT_PAIRS", "FLASHMLA_ENTRY_BYTES", "default_block_size", "default_layout", "request_lengths",
-           "make_prompts", "arrival_steps", "check_workload", "pool_blocks", "single_request_decode", "run_requests",
-           "serve_rank", "merge_ranks", "run_requests_ep", "format_report",
+__all__ = ["LAYOUT_PAIRS", "FLASHMLA_ENTRY_BYTES", "MAX_WORKLOAD_TOKENS", "POOL_MEMORY_SHARE", "default_block_size",
+           "default_layout", "request_lengths", "iter_prompts", "make_prompts", "arrival_steps", "available_memory",
+           "default_pool_memory", "page_bytes_of", "request_pages", "check_workload", "pool_blocks",
+           "single_request_decode", "run_requests", "serve_rank", "merge_ranks", "run_requests_ep", "format_report",
            "contiguous_bytes", "memory_rows", "format_memory_table"]
 
 #: cache layout pairs (attention caches, indexer key caches) by the name ``--layout`` takes. ``bf16`` stores
@@ -78,11 +82,18 @@ def request_lengths(n: int, prompt_len: int, seed: int) -> list[int]:
     return torch.randint(lo, 2 * prompt_len + 1, (n,), generator=g).tolist()
 
 
-def make_prompts(lengths: Sequence[int], vocab: int, seed: int, shared_prefix: int = 0) -> list[list[int]]:
-    """One prompt per length: ``shared_prefix`` tokens common to all, then that many random token ids."""
+def iter_prompts(lengths: Sequence[int], vocab: int, seed: int, shared_prefix: int = 0) -> Iterator[list[int]]:
+    """One prompt per length, made when asked for (request by request, as they arrive): ``shared_prefix``
+    tokens common to all, then that many random token ids (one seeded stream, in request order)."""
     g = torch.Generator().manual_seed(seed + 1)
     prefix = torch.randint(0, vocab, (shared_prefix,), generator=g).tolist()
-    return [prefix + torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    for n in lengths:
+        yield prefix + torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def make_prompts(lengths: Sequence[int], vocab: int, seed: int, shared_prefix: int = 0) -> list[list[int]]:
+    """Every prompt of `iter_prompts` at once."""
+    return list(iter_prompts(lengths, vocab, seed, shared_prefix))
 
 
 def arrival_steps(n: int, arrival: int | None, seed: int) -> list[int]:
@@ -99,17 +110,86 @@ def arrival_steps(n: int, arrival: int | None, seed: int) -> list[int]:
     return steps
 
 
+#: the most tokens (every prompt plus every output, summed over the requests) a run synthesises and records:
+#: prompts are made as requests arrive, but their tokens and outputs stay in the results (about 36 bytes each)
+MAX_WORKLOAD_TOKENS = 1 << 23
+#: the share of the available memory a pool takes by default: on the CPU (RAM, which the model and the
+#: run's records share) and on an accelerator (its free memory once the model is loaded)
+POOL_MEMORY_SHARE = {"cpu": 0.125, "accelerator": 0.5}
+
+
 def _int_at_least(name: str, value: object, least: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise RangeError(f"{name} must be an int >= {least}, got {value!r}")
     return value
 
 
+def _cpu_available() -> int:
+    """Bytes of RAM this process could still take: MemAvailable of /proc/meminfo (else the physical RAM),
+    bounded by a cgroup v2 memory limit when one is set."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            avail = 8 << 30
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+                avail = min(avail, max(0, int(limit) - int(f.read().strip())))
+    return avail
+
+
+def available_memory(device: str | torch.device | None) -> int:
+    """Bytes free for a cache pool on ``device``: RAM this process could still take on the CPU (`_cpu_available`),
+    the free memory of the device on an accelerator (``torch.<type>.mem_get_info``)."""
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cpu":
+        return _cpu_available()
+    mod = getattr(torch, dev.type, None)
+    info = getattr(mod, "mem_get_info", None)
+    if info is None:
+        raise RangeError(f"cannot tell how much memory {dev} has free (torch.{dev.type}.mem_get_info is missing); "
+                         f"give the pool's size (pool_memory, --pool-memory)")
+    return int(info(dev)[0])
+
+
+def default_pool_memory(device: str | torch.device | None) -> int:
+    """The pool's memory budget by default: `POOL_MEMORY_SHARE` of `available_memory` on ``device``."""
+    dev = torch.device("cpu" if device is None else device)
+    share = POOL_MEMORY_SHARE["cpu" if dev.type == "cpu" else "accelerator"]
+    return int(share * available_memory(dev))
+
+
+def page_bytes_of(cfg: ModelConfig, block_size: int, layout: str) -> dict[str, int]:
+    """Bytes of one page of each kind of a pool of ``cfg`` (pages of ``block_size`` entries, `LAYOUT_PAIRS`
+    ``layout``), from the pool's accounting (no tensors)."""
+    attn, idx = LAYOUT_PAIRS[layout]
+    return CachePool(cfg, blocks=dict.fromkeys(kinds_of(cfg), 1), block_size=block_size, attn_layout=attn,
+                     indexer_layout=idx, allocate=False).page_bytes()
+
+
+def request_pages(cfg: ModelConfig, positions: int, block_size: int,
+                  state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
+    """Pages per kind one request of ``positions`` positions holds at most (none released)."""
+    sizes = block_sizes_of(kinds_of(cfg), block_size, state_block_size)
+    return {k: pages_needed(k, positions, bs) for k, bs in sizes.items()}
+
+
 def check_workload(cfg: ModelConfig, *, requests: int, prompt_len: int, max_new_tokens: int, chunk: int,
                    arrival: int | None, block_size: int, layout: str, shared_prefix: int = 0,
-                   flag: str = "--") -> None:
+                   pool_memory: int | None = None, flag: str = "--") -> None:
     """Refuse a workload `run_requests` cannot run on ``cfg`` (`RangeError` / `ShapeError` naming the option,
-    ``flag`` its prefix: ``"--"`` for the command line), before anything is allocated or loaded."""
+    ``flag`` its prefix: ``"--"`` for the command line), before anything is allocated or loaded: bad values,
+    prompts past ``max_seq_len``, more than `MAX_WORKLOAD_TOKENS` tokens in all, layouts that do not hold the
+    config's widths, and (``pool_memory`` bytes given) a longest request whose pages alone exceed it."""
     def name(opt: str) -> str:
         return f"{flag}{opt.replace('_', '-')}" if flag == "--" else opt
 
@@ -119,6 +199,8 @@ def check_workload(cfg: ModelConfig, *, requests: int, prompt_len: int, max_new_
         _int_at_least(name(opt), v, least)
     if arrival is not None:
         _int_at_least(name("arrival"), arrival, 0)
+    if pool_memory is not None:
+        _int_at_least(name("pool_memory"), pool_memory, 1)
     if layout not in LAYOUT_PAIRS:
         raise RangeError(f"{name('layout')} must be one of {list(LAYOUT_PAIRS)}, got {layout!r}")
     longest = shared_prefix + 2 * prompt_len
@@ -126,21 +208,56 @@ def check_workload(cfg: ModelConfig, *, requests: int, prompt_len: int, max_new_
         raise RangeError(f"the longest prompt ({name('shared_prefix')} {shared_prefix} + 2 x {name('prompt_len')} "
                          f"{prompt_len} = {longest}) + {name('max_new_tokens')} {max_new_tokens} - 1 exceeds the "
                          f"max_seq_len {cfg.max_seq_len} of the model")
+    per_request = shared_prefix + 2 * prompt_len + max_new_tokens
+    if requests * per_request > MAX_WORKLOAD_TOKENS:
+        raise RangeError(f"{name('requests')} {requests} x up to {per_request} tokens each (prompt and output) = "
+                         f"{requests * per_request} tokens: a run makes and records at most {MAX_WORKLOAD_TOKENS}; "
+                         f"give at most {name('requests')} {max(1, MAX_WORKLOAD_TOKENS // per_request)}")
     attn, idx = LAYOUT_PAIRS[layout]
     for lay, dim, what in ((attn, cfg.head_dim, "attention caches (head_dim)"),
                            (idx, cfg.index_head_dim, "indexer caches (index_head_dim)")):
         why = PAGED_LAYOUTS[lay].dim_problem(dim)
         if why is not None:
             raise RangeError(f"{name('layout')} {layout}: {what}: {why}")
+    if pool_memory is not None:
+        pb = page_bytes_of(cfg, block_size, layout)
+        one = request_pages(cfg, longest + max_new_tokens - 1, block_size)
+        need = sum(pb[k] * n for k, n in one.items())
+        if need > pool_memory:
+            raise RangeError(f"the longest request ({longest + max_new_tokens - 1} positions) needs "
+                             f"{_size(need)} of cache pages, more than the pool's {name('pool_memory')} "
+                             f"{_size(pool_memory)}; give a larger {name('pool_memory')} or shorter requests")
+
+
+def _size(n: float) -> str:
+    from v4hal.cliargs import format_bytes
+
+    return format_bytes(n)
 
 
 def pool_blocks(cfg: ModelConfig, lengths: Sequence[int], max_new_tokens: int, block_size: int,
-                state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
+                state_block_size: int = STATE_BLOCK_SIZE, *, budget: int | None = None,
+                page_bytes: dict[str, int] | None = None) -> dict[str, int]:
     """Pages per kind (of ``block_size`` entries, ``state_block_size`` for the state kinds) that hold every
     request at once at its full length (no page released): enough for any schedule of these requests,
-    prefix reuse included (a reused page is one fewer to allocate)."""
+    prefix reuse included (a reused page is one fewer to allocate).
+
+    ``budget`` (bytes, with ``page_bytes`` per kind): at most as many pages as fit in it, in whole sets of the
+    pages the longest request needs, so that pages of every kind run out together (`RangeError` when not
+    even one set fits); requests then wait for pages (`serve_rank` admits one only when its pages are sure)."""
     sizes = block_sizes_of(kinds_of(cfg), block_size, state_block_size)
-    return {k: max(1, sum(pages_needed(k, n + max_new_tokens - 1, bs) for n in lengths)) for k, bs in sizes.items()}
+    full = {k: max(1, sum(pages_needed(k, n + max_new_tokens - 1, bs) for n in lengths)) for k, bs in sizes.items()}
+    if budget is None:
+        return full
+    if page_bytes is None:
+        raise RangeError("pool_blocks: a budget needs page_bytes (bytes of one page per kind)")
+    one = request_pages(cfg, max(lengths) + max_new_tokens - 1, block_size, state_block_size)
+    one_bytes = sum(page_bytes[k] * n for k, n in one.items())
+    sets = budget // one_bytes if one_bytes else 0
+    if sets < 1:
+        raise RangeError(f"pool_blocks: the longest request ({max(lengths) + max_new_tokens - 1} positions) needs "
+                         f"{_size(one_bytes)} of cache pages, more than the budget of {_size(budget)}")
+    return {k: max(1, min(full[k], sets * one[k])) for k in sizes}
 
 
 @torch.inference_mode()
@@ -190,8 +307,8 @@ def _experts_of(model: torch.nn.Module) -> Any:
 
 def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 64, max_new_tokens: int = 32,
                chunk: int = 64, arrival: int | None = None, block_size: int | None = None, layout: str | None = None,
-               shared_prefix: int = 0, seed: int = 0, reuse_prefixes: bool = True, baseline: bool = True,
-               progress: bool = True, expert_parallel: bool = False, group: Any = None,
+               shared_prefix: int = 0, seed: int = 0, pool_memory: int | None = None, reuse_prefixes: bool = True,
+               baseline: bool = True, progress: bool = True, expert_parallel: bool = False, group: Any = None,
                timeout: float | None = None) -> dict[str, Any]:
     """Serve one process's share of the `run_requests` workload and record the run; `merge_ranks` turns the
     records of every rank into the figures.
@@ -202,22 +319,25 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
     requests ``i % world == rank`` on its own pool and steps with `v4hal.parallel.step_engine_ep` (collective,
     ``timeout`` seconds per exchange) until every rank is done; a step where no rank runs a token stands for
     the one-process skip. Prompts and arrival steps are those of the whole workload, so each request gets the
-    tokens it gets in one process (greedy). ``baseline`` (collective with expert parallelism): time one
-    request on the contiguous path (`single_request_decode`).
+    tokens it gets in one process (greedy); prompts are made as their requests arrive.
+
+    The pool takes at most ``pool_memory`` bytes (None: `default_pool_memory` of the model's device; with
+    expert parallelism each rank takes its ``1 / world`` share), in whole sets of the pages the longest
+    request needs (`pool_blocks`). A request joins the engine when it has arrived and the pages it can hold
+    at its full length fit next to those of the requests in flight (in arrival order; it waits otherwise), so
+    no step can run out of pages whatever ``requests`` is. ``baseline`` (collective with expert parallelism):
+    time one request on the contiguous path (`single_request_decode`) with the workload's mean prompt length.
 
     Returns a JSON-ready dict: ``rank``, ``world``, ``mine`` (request indices), ``outputs`` (index -> tokens),
     ``trace`` (per step: ``seconds``, ``prefill``, ``decode``, ``requests``, ``pages`` per kind, live page
     ``live_bytes`` / ``live_tokens`` as in `run_requests`), ``setup`` (the workload), the pool's figures
-    (``pool_pages``, ``page_bytes``, ``final_pages``, ``pages_after_evict``, ``prefix``), ``wall_s``,
-    ``tokens_computed``, ``finite``, ``experts``, ``transport`` and ``single``.
+    (``pool_pages``, ``page_bytes``, ``pool_memory`` (the budget), ``pool_bytes`` (its pages), ``final_pages``,
+    ``pages_after_evict``, ``prefix``), ``waited`` (requests that waited for pages after they arrived),
+    ``wall_s``, ``tokens_computed``, ``finite``, ``experts``, ``transport`` and ``single``.
     """
     cfg = model.config
     block_size = default_block_size(cfg) if block_size is None else block_size
     layout = default_layout(model.device) if layout is None else layout
-    check_workload(cfg, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens, chunk=chunk,
-                   arrival=arrival, block_size=block_size, layout=layout, shared_prefix=shared_prefix, flag="")
-    from tqdm import tqdm
-
     rank, world = 0, 1
     if expert_parallel:
         import torch.distributed as dist
@@ -225,14 +345,27 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
         from v4hal.parallel.model import step_engine_ep
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-    lengths = request_lengths(requests, prompt_len, seed)
-    prompts = make_prompts(lengths, cfg.vocab_size, seed, shared_prefix)
-    arrive = arrival_steps(requests, arrival, seed)
+    budget = (default_pool_memory(model.device) if pool_memory is None else pool_memory) // world
+    check_workload(cfg, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens, chunk=chunk,
+                   arrival=arrival, block_size=block_size, layout=layout, shared_prefix=shared_prefix,
+                   pool_memory=budget, flag="")
+    from tqdm import tqdm
+
+    lengths = [shared_prefix + n for n in request_lengths(requests, prompt_len, seed)]
+    prompts = iter_prompts([n - shared_prefix for n in lengths], cfg.vocab_size, seed, shared_prefix)
+    arrive = arrival_steps(requests, arrival, seed)            # non-decreasing: requests arrive in index order
     mine = [i for i in range(requests) if i % world == rank]
     attn, idx = LAYOUT_PAIRS[layout]
-    blocks = pool_blocks(cfg, [len(prompts[i]) for i in mine] or [1], max_new_tokens, block_size)
+    page_bytes = page_bytes_of(cfg, block_size, layout)
+    blocks = pool_blocks(cfg, [lengths[i] for i in mine] or [1], max_new_tokens, block_size, budget=budget,
+                         page_bytes=page_bytes)
     pool = CachePool(cfg, blocks=blocks, block_size=block_size, device=model.device, attn_layout=attn,
                      indexer_layout=idx)
+    capacity = {k: a.capacity for k, a in pool.allocators.items()}
+    pool_bytes = sum(page_bytes[k] * n for k, n in capacity.items())
+    if progress and rank == 0:
+        print(f"cache pool: {_size(pool_bytes)} of pages on {model.device} (budget {_size(budget)}"
+              f"{' per rank' if world > 1 else ''}); requests wait for pages beyond that", file=sys.stderr)
     finite = [True]
 
     def choose(_rid: Hashable, logits: torch.Tensor) -> int:
@@ -240,10 +373,15 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
             finite[0] = False
         return int(logits.argmax())
 
+    def pages_of(i: int) -> dict[str, int]:
+        return request_pages(cfg, lengths[i] + max_new_tokens - 1, block_size)
+
     engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes)
     trace: list[dict[str, Any]] = []
-    order = sorted(mine, key=lambda i: arrive[i])
-    nxt, step_no = 0, 0
+    held = dict.fromkeys(capacity, 0)           # pages the requests in flight may hold at their full length
+    flight: dict[int, dict[str, int]] = {}
+    nxt, made, step_no, waited = 0, 0, 0, 0     # next of mine to add; prompts made (every rank's, in order)
+    blocked = -1                                # the request last found waiting for pages
     desc = "requests" if world == 1 else f"rank 0 requests (of {requests})"
     with tqdm(total=len(mine), desc=desc, unit="req", disable=not progress or rank != 0, file=sys.stderr) as bar:
         if expert_parallel:
@@ -251,17 +389,30 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
         t0 = time.perf_counter()
         while True:
             if not expert_parallel:
-                if nxt >= len(order) and engine.idle:
+                if nxt >= len(mine) and engine.idle:
                     break
-                if engine.idle and arrive[order[nxt]] > step_no:
-                    step_no = arrive[order[nxt]]          # nothing runs until the next arrival: skip ahead
-            while nxt < len(order) and arrive[order[nxt]] <= step_no:
-                i = order[nxt]
-                engine.add(i, prompts[i], max_new_tokens)
+                if engine.idle and arrive[mine[nxt]] > step_no:
+                    step_no = arrive[mine[nxt]]           # nothing runs until the next arrival: skip ahead
+            while nxt < len(mine) and arrive[mine[nxt]] <= step_no:
+                i = mine[nxt]
+                need = pages_of(i)
+                if any(held[k] + n > capacity[k] for k, n in need.items()):
+                    if blocked != i:
+                        blocked, waited = i, waited + 1
+                    break                                 # waits until requests in flight leave
+                while made <= i:
+                    prompt = next(prompts)
+                    made += 1
+                engine.add(i, prompt, max_new_tokens)
+                flight[i] = need
+                for k, n in need.items():
+                    held[k] += n
                 nxt += 1
+            if not flight and nxt < len(mine) and arrive[mine[nxt]] <= step_no:    # pool_blocks rules this out
+                raise RangeError(f"serve_rank: request {mine[nxt]} does not fit an empty pool of {capacity} pages")
             if expert_parallel:
                 ts = time.perf_counter()
-                ran, stats = step_engine_ep(engine, pending=nxt < len(order), group=group, timeout=timeout)
+                ran, stats = step_engine_ep(engine, pending=nxt < len(mine), group=group, timeout=timeout)
                 if not ran:
                     break
                 seconds = time.perf_counter() - ts                  # the exchanges of an idle step too
@@ -269,6 +420,9 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
                 stats = engine.step()
                 seconds = stats.seconds if stats is not None else 0.0
             step_no += 1
+            for i in [i for i in flight if i in engine.finished]:
+                for k, n in flight.pop(i).items():
+                    held[k] -= n
             if stats is None and not expert_parallel:
                 continue
             live = _live_pages(pool)
@@ -282,19 +436,21 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
     prefix = pool.stats()
     for entry in list(pool.prefix.lru_order()):
         pool.evict_prefix(entry)
-    final_len = round(sum(len(p) + max_new_tokens - 1 for p in prompts) / requests)
+    final_len = round(sum(lengths) / requests) + max_new_tokens - 1
     experts = _experts_of(model)
-    single = single_request_decode(model, prompt_len, max_new_tokens, seed) if baseline else None
+    single_len = round(sum(lengths) / requests)       # like for like: the workload's mean prompt, shared prefix in
+    single = single_request_decode(model, single_len, max_new_tokens, seed) if baseline else None
     return {
         "rank": rank, "world": world, "mine": mine,
         "outputs": {i: list(r.output) for i, r in engine.finished.items()},
         "trace": trace, "wall_s": wall_s, "tokens_computed": engine.tokens_computed, "finite": finite[0],
-        "setup": {"requests": requests, "prompt_len": prompt_len, "prompt_lengths": [len(p) for p in prompts],
+        "setup": {"requests": requests, "prompt_len": prompt_len, "prompt_lengths": lengths,
                   "shared_prefix": shared_prefix, "max_new_tokens": max_new_tokens, "chunk": chunk,
                   "arrival": arrival, "arrival_steps": arrive, "block_size": block_size, "layout": layout,
                   "attn_layout": attn, "indexer_layout": idx, "device": str(model.device),
                   "threads": torch.get_num_threads()},
-        "pool_pages": {k: a.capacity for k, a in pool.allocators.items()}, "page_bytes": pool.page_bytes(),
+        "pool_pages": capacity, "page_bytes": page_bytes, "pool_memory": budget,
+        "pool_bytes": pool_bytes, "waited": waited,
         "final_pages": final_pages, "pages_after_evict": pool.pages_in_use(), "prefix": prefix,
         "request_tokens": final_len, "kv_bytes_per_token_request": pool.kv_bytes_per_token(final_len),
         "experts": getattr(experts, "kind", None), "transport": getattr(experts, "transport", None),
@@ -365,6 +521,8 @@ def merge_ranks(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "decode_only_tok_s": rate(only_tokens, only_s), "decode_only_mean_batch": only_tokens / len(only) if only
         else None, "requests_s": requests / wall_s if wall_s > 0 else None,
         "pool_pages": total("pool_pages"), "page_bytes": page_bytes,
+        "pool_memory": sum(r["pool_memory"] for r in recs), "pool_bytes": sum(r["pool_bytes"] for r in recs),
+        "waited": sum(r["waited"] for r in recs),
         "peak_pages": peak_pages, "final_pages": total("final_pages"), "pages_after_evict": total("pages_after_evict"),
         "pool_bytes_peak": pool_bytes_peak, "live_bytes_peak": live["live_bytes"],
         "live_tokens_at_peak": live["live_tokens"],
@@ -390,23 +548,25 @@ def merge_ranks(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def run_requests(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 64, max_new_tokens: int = 32,
                  chunk: int = 64, arrival: int | None = None, block_size: int | None = None,
-                 layout: str | None = None, shared_prefix: int = 0, seed: int = 0, reuse_prefixes: bool = True,
-                 baseline: bool = True, progress: bool = True) -> dict[str, Any]:
+                 layout: str | None = None, shared_prefix: int = 0, seed: int = 0, pool_memory: int | None = None,
+                 reuse_prefixes: bool = True, baseline: bool = True, progress: bool = True) -> dict[str, Any]:
     """Run ``requests`` greedy requests through an `Engine` on ``model`` (a `V4Model`) and measure the run.
 
     Prompts: `request_lengths` around ``prompt_len`` (after ``shared_prefix`` common tokens), random ids from
     ``seed``; each generates ``max_new_tokens``. Arrivals: `arrival_steps`. ``chunk``: the engine's token
     budget per step; ``block_size``: pool page size (None: `default_block_size`); ``layout``: a
-    `LAYOUT_PAIRS` name (None: `default_layout` of the model's device). The pool holds `pool_blocks` pages
-    per kind on the model's device. ``baseline``: also time one request on the contiguous path
-    (`single_request_decode`). ``progress``: a tqdm bar of finished requests on stderr. Returns the figures
-    defined in the module docstring (a JSON-ready dict; ``tokens``: each request's generated tokens, in
-    request order). `run_requests_ep` runs the same workload on expert-parallel ranks.
+    `LAYOUT_PAIRS` name (None: `default_layout` of the model's device). The pool takes at most
+    ``pool_memory`` bytes on the model's device (None: `default_pool_memory`), and requests wait for pages
+    when it cannot hold them all (`serve_rank`). ``baseline``: also time one request on the contiguous path
+    (`single_request_decode`, the workload's mean prompt length). ``progress``: a tqdm bar of finished
+    requests on stderr. Returns the figures defined in the module docstring (a JSON-ready dict; ``tokens``:
+    each request's generated tokens, in request order). `run_requests_ep` runs the same workload on
+    expert-parallel ranks.
     """
     return merge_ranks([serve_rank(model, requests=requests, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                                    chunk=chunk, arrival=arrival, block_size=block_size, layout=layout,
-                                   shared_prefix=shared_prefix, seed=seed, reuse_prefixes=reuse_prefixes,
-                                   baseline=baseline, progress=progress)])
+                                   shared_prefix=shared_prefix, seed=seed, pool_memory=pool_memory,
+                                   reuse_prefixes=reuse_prefixes, baseline=baseline, progress=progress)])
 
 
 def _rank_requests(rank: int, world: int, path: str, load: dict[str, Any], workload: dict[str, Any]) -> dict:
@@ -433,7 +593,8 @@ def run_requests_ep(path: str, ep: int, *, experts_fp8: bool = True, backend: st
     loads it, keeps ``E / ep`` routed experts (`v4hal.parallel.shard_model_experts`; ``fp8_payload``: FP8
     dispatch), serves the requests ``i % ep == rank`` from its own pool (`serve_rank`), and the ranks step
     together until all are done. ``workload``: `run_requests`'s keywords (requests, prompt_len,
-    max_new_tokens, chunk, arrival, block_size, layout, shared_prefix, seed, reuse_prefixes, baseline).
+    max_new_tokens, chunk, arrival, block_size, layout, shared_prefix, seed, pool_memory (shared evenly by the
+    ranks' pools), reuse_prefixes, baseline).
     ``threads``: torch threads per rank; ``timeout_s``: bound on every exchange (a dead rank ends the run with
     `v4hal.parallel.EPRankError`). The progress bar is rank 0's.
 
@@ -470,7 +631,8 @@ def format_report(res: dict[str, Any]) -> str:
                    f"(decode-only steps: {_fmt(res['decode_only_tok_s'])} tok/s, "
                    f"{_fmt(res['decode_only_mean_batch'])} requests per step on average)"],
         ["single request", f"decode {_fmt(single.get('decode_tok_s'))} tok/s (contiguous path, batch 1, prompt "
-                           f"{res['prompt_len']}, median of {len(single['decode_tok_s_runs'])} runs)"
+                           f"{single.get('prompt_len')} = the requests' mean, median of "
+                           f"{len(single.get('decode_tok_s_runs', []))} runs)"
          if single else "not measured"],
         ["batched / single", f"{_fmt(res['speedup'], '.2f')}x (decode-only steps: "
                              f"{_fmt(res['speedup_decode_only'], '.2f')}x)"],
@@ -480,6 +642,8 @@ def format_report(res: dict[str, Any]) -> str:
          + f" ({res['prefixes_registered_at_end']} prefixes registered), after evicting them "
          + "/".join(str(res["pages_after_evict"][k]) for k in kinds)
          + ", of " + "/".join(str(res["pool_pages"][k]) for k in kinds)],
+        ["pool", f"{_size(res['pool_bytes'])} of pages (budget {_size(res['pool_memory'])}); {res['waited']} "
+                 f"requests waited for pages after they arrived"],
         ["KV bytes/token", f"{_fmt(res['kv_bytes_per_token_peak'])} at peak ({res['live_bytes_peak']} B for "
                            f"{res['live_tokens_at_peak']} positions); one {res['request_tokens']}-token request: "
                            f"{res['kv_bytes_per_token_request']:.1f}; pool peak {res['pool_bytes_peak']} B"],
