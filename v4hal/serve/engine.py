@@ -87,8 +87,9 @@ class StepStats:
 
 @dataclass
 class _Step:
-    """What one step changes, built up before anything is committed: the running and waiting queues as they
-    will be, the requests preempted and failed, the items that ran, and each one's chosen token and rows."""
+    """What one step changes, built up before anything is committed (the queues are changed in place, and
+    put back from ``running`` / ``waiting``, their state before the step, on a rollback): the requests
+    admitted, preempted and failed, the items that ran, and each one's chosen token and rows."""
 
     running: dict[Hashable, EngineRequest]
     waiting: list[EngineRequest]
@@ -262,9 +263,10 @@ class Engine:
 
     def _step(self) -> StepStats | None:
         t0 = time.perf_counter()
+        s = _Step(self.running, self.waiting)          # the queues before the step, kept as they are
+        self.running, self.waiting = dict(self.running), list(self.waiting)
         cp = self.pool.checkpoint()
         try:
-            s = _Step(dict(self.running), list(self.waiting))
             self._admit(s)
             batch = self._schedule(s)
             if batch is not None:
@@ -273,18 +275,19 @@ class Engine:
             stats = self._commit(s, t0)
         except BaseException:
             self.pool.rollback(cp)
+            self.running, self.waiting = s.running, s.waiting
             raise
         self.pool.commit(cp)
         return stats
 
     def _admit(self, s: _Step) -> None:
         """Every waiting request into the pool (a preempted one with its prompt and output so far)."""
-        for r in s.waiting:
+        for r in self.waiting:
             st = self.pool.add_request(r.req_id, r.prompt + r.output)
             s.prefix_lens[r.req_id] = st.prefix_len
-            s.running[r.req_id] = r
+            self.running[r.req_id] = r
             s.admitted.add(r.req_id)
-        s.waiting = []
+        self.waiting = []
 
     def _decoding(self, rid: Hashable) -> bool:
         st = self.pool.requests[rid]
@@ -313,7 +316,7 @@ class Engine:
         chunks wait (the newest first); when decode tokens alone do not fit, the youngest running request is
         preempted (a request admitted in this step just goes back to waiting) and the step is planned again."""
         while True:
-            items = self._plan(s.running)
+            items = self._plan(self.running)
             if not items:
                 return None
             while True:
@@ -325,18 +328,18 @@ class Engine:
                     if prefill and len(items) > 1:
                         del items[prefill[-1]]
                         continue
-                    if len(s.running) == 1:         # alone and still short: `add` lets no such request in
+                    if len(self.running) == 1:         # alone and still short: `add` lets no such request in
                         raise
                 break
-            rid = next(reversed(s.running))
-            r = s.running.pop(rid)
+            rid = next(reversed(self.running))
+            r = self.running.pop(rid)
             self.pool.release(rid)
             if rid in s.admitted:
                 s.admitted.discard(rid)
                 s.prefix_lens.pop(rid, None)
             else:
                 s.preempted.append(r)
-            s.waiting.insert(0, r)
+            self.waiting.insert(0, r)
 
     def _compute(self, s: _Step, batch: ForwardBatch) -> None:
         """Forward the step's items, isolating requests whose activations go non-finite, and pick the tokens."""
@@ -391,7 +394,7 @@ class Engine:
         for rid, start, n in zip(batch.req_ids, batch.start_positions, batch.query_lens):
             seq = self.pool.requests[rid].tokens
             follow = seq[start + 1:start + 1 + n]
-            nxt.extend(follow + [s.chosen[rid][0]] * (n - len(follow)))
+            nxt.extend(follow if len(follow) == n else follow + [s.chosen[rid][0]])
         ids = torch.tensor(nxt, dtype=torch.int64, device=self.model.device)
         drafts = self.model.mtp_forward_batch(out, ids).float().cpu()
         for b, rid in enumerate(batch.req_ids):
@@ -404,7 +407,7 @@ class Engine:
         decode = sum(n for rid, n in s.items if s.starts[rid] >= self.pool.requests[rid].prompt_len)
         prefill = sum(n for _, n in s.items) - decode
         chosen = {rid: c for rid, c in s.chosen.items() if rid not in s.failed}
-        finished = [rid for rid in chosen if len(s.running[rid].output) + 1 >= s.running[rid].max_new_tokens]
+        finished = [rid for rid in chosen if len(self.running[rid].output) + 1 >= self.running[rid].max_new_tokens]
         for rid in s.failed:
             self.pool.release(rid)
         for rid, (tok, _) in chosen.items():
@@ -416,7 +419,7 @@ class Engine:
         for rid in finished:
             self.pool.release(rid)
         # the engine: nothing below raises
-        for rid, r in s.running.items():
+        for rid, r in self.running.items():
             if rid in s.admitted:
                 if not r.preemptions:
                     r.prefix_len = s.prefix_lens[rid]
@@ -425,17 +428,16 @@ class Engine:
             r.preemptions += 1
             r.status = "waiting"
         for rid, (tok, row) in chosen.items():
-            r = s.running[rid]
+            r = self.running[rid]
             r.output.append(tok)
             if self.keep_logits:
                 r.logits.append(row)
             if rid in s.drafts:
                 r.draft_logits.append(s.drafts[rid])
         for rid, why in s.failed.items():
-            self._leave(s.running.pop(rid), "failed", f"request {rid!r} failed: {why}")
+            self._leave(self.running.pop(rid), "failed", f"request {rid!r} failed: {why}")
         for rid in finished:
-            self._leave(s.running.pop(rid), "finished")
-        self.running, self.waiting = s.running, s.waiting
+            self._leave(self.running.pop(rid), "finished")
         self.preemptions += len(s.preempted)
         if not s.items and not s.failed and not s.preempted:
             return None
