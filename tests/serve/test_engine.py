@@ -15,9 +15,8 @@ import v4hal
 from v4hal.hal import dispatch
 from v4hal.hal.errors import RangeError
 from v4hal.model import ModelConfig, V4Model, write_random_checkpoint
-from v4hal.serve import CachePool, Engine
+from v4hal.serve import CachePool, Engine, EngineBusyError
 from v4hal.serve.batch import POSITION_KINDS, RATIO, first_needed_position
-from v4hal.serve.engine import EngineBusyError
 
 from .helpers import snapshot
 
