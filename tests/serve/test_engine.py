@@ -37,8 +37,8 @@ def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, MINI.vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-def _engine(model: V4Model, blocks: dict[str, int] | None = None, **kw) -> Engine:
-    return Engine(model, CachePool(MINI, block_size=BS, blocks=blocks), **kw)
+def _engine(model: V4Model, blocks: dict[str, int] | None = None, block_size: int = BS, **kw) -> Engine:
+    return Engine(model, CachePool(MINI, block_size=block_size, blocks=blocks), **kw)
 
 
 def _alone(model: V4Model, prompt: list[int], new: int, **kw) -> tuple[list[int], list[torch.Tensor]]:
@@ -227,11 +227,12 @@ def test_add_takes_numpy_and_torch_integers(model: V4Model) -> None:
 
 # ---------------------------------------------------------------------- preemption
 def test_preemption_lets_requests_that_fit_alone_finish_together(model: V4Model) -> None:
-    """Two requests of 79 positions each need 2 c4 pages at the end; the pool has 3. The younger is
-    preempted when the pages run out, recomputes its prompt and tokens, and both get their tokens alone."""
-    prompts = _prompts([30, 26], seed=1)
-    new = 50
-    e = _engine(model, blocks={"c4": 3})
+    """Pages of 4 entries: requests of 23 and 21 positions each need 2 c4 pages (5 entries) at the end; the
+    pool has 3. The younger is preempted when the pages run out mid-decode, recomputes its prompt and
+    tokens, and both get their tokens alone."""
+    prompts = _prompts([10, 8], seed=1)
+    new = 14
+    e = _engine(model, blocks={"c4": 3}, block_size=4)
     for i, p in enumerate(prompts):
         e.add(i, p, new)
     e.run()
@@ -250,12 +251,12 @@ def test_preemption_lets_requests_that_fit_alone_finish_together(model: V4Model)
 def test_a_failed_step_that_preempted_and_evicted_restores_every_page(model: V4Model) -> None:
     """Fail the steps of a tight run that preempt a request or evict registered prefixes: the bookkeeping and
     the bytes of every page held before come back, and the retried run ends with the undisturbed tokens."""
-    prompts = _prompts([30, 26, 20], seed=2)
-    prompts[2][:16] = prompts[0][:16]                  # a registered prefix to reuse
-    new = 45
+    prompts = _prompts([12, 10, 9], seed=2)
+    prompts[2][:8] = prompts[0][:8]                    # a registered prefix to reuse
+    new = 14
 
     def start(choose=None) -> Engine:
-        e = _engine(model, blocks={"c4": 3, "token": 12}, choose=choose)
+        e = _engine(model, blocks={"c4": 4, "token": 14}, block_size=4, choose=choose)
         for i, p in enumerate(prompts):
             e.add(i, p, new)
         return e
