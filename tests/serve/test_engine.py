@@ -92,28 +92,45 @@ class _Flaky:
     def __call__(self, rid: object, logits: torch.Tensor) -> int:
         self.calls += 1
         if self.calls == self.at or rid == self.rid:
-            raise ValueError("chooser failed")
+            raise ValueError("step failed")
         return int(logits.argmax())
 
 
-def test_a_raising_chooser_changes_nothing_and_a_retry_gives_the_undisturbed_tokens(model: V4Model) -> None:
+@pytest.mark.parametrize("where", ["chooser", "forward", "advance", "interrupt"])
+def test_a_step_that_raises_changes_nothing_and_a_retry_gives_the_undisturbed_tokens(
+        model: V4Model, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The third step raises: in the chooser (after another request's pick), in the forward (a kernel), in
+    the pool's commit (after the cache writes and the releases are sealed) or as a KeyboardInterrupt."""
     prompts = _prompts([20, 9, 33])
-    ref = _engine(model)
+    ref = _engine(model, keep_logits=True)
     for i, p in enumerate(prompts):
         ref.add(i, p, 4)
     ref.run()
-    flaky = _Flaky(at=8)                       # step 3 (3 picks a step): the second request's pick
-    e = _engine(model, choose=flaky)
+    flaky = _Flaky(at=8 if where == "chooser" else -1)     # step 3 (3 picks a step): the second request's pick
+    e = _engine(model, choose=flaky, keep_logits=True)
     for i, p in enumerate(prompts):
         e.add(i, p, 4)
     e.step()
     e.step()
     before, pages = _state(e), _readable(e.pool)
-    with pytest.raises(ValueError, match="chooser failed"):
+    error: type[BaseException] = {"interrupt": KeyboardInterrupt}.get(where, ValueError)
+    if where != "chooser":
+        target = e.model if where in ("forward", "interrupt") else e.pool
+        name = "forward_batch" if target is e.model else "advance_batch"
+        real = getattr(target, name)
+
+        def fail_once(*args, **kw):
+            monkeypatch.setattr(target, name, real)
+            real(*args, **kw)
+            raise error("step failed")
+
+        monkeypatch.setattr(target, name, fail_once)
+    with pytest.raises(error, match="step failed"):
         e.step()
     assert _state(e) == before and _same(_readable(e.pool), pages)
     e.run()
     assert {i: r.output for i, r in e.finished.items()} == {i: r.output for i, r in ref.finished.items()}
+    assert all(torch.equal(x, y) for i in ref.finished for x, y in zip(e.finished[i].logits, ref.finished[i].logits))
 
 
 @pytest.mark.parametrize("bad", [1000, -1, 2.0, True, "3", None])
@@ -219,7 +236,7 @@ def test_add_takes_numpy_and_torch_integers(model: V4Model) -> None:
     e = _engine(model)
     e.add("np", np.array(p, dtype=np.int32), 3)
     e.add("torch", torch.tensor(p), 3)
-    e.add("scalars", [np.int64(t) for t in p[:-1]] + [torch.tensor(p[-1])], 3)
+    e.add("scalars", [np.int64(t) for t in p[:-1]] + [torch.tensor(p[-1])], np.int16(3))
     e.run()
     want = _alone(model, p, 3)[0]
     assert all(r.output == want and r.prompt == p for r in e.finished.values())
@@ -274,7 +291,7 @@ def test_a_failed_step_that_preempted_and_evicted_restores_every_page(model: V4M
 
     def choose(rid: object, logits: torch.Tensor) -> int:
         if state["failing"]:
-            raise ValueError("chooser failed")
+            raise ValueError("step failed")
         return int(logits.argmax())
 
     e = start(choose)

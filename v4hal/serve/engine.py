@@ -178,8 +178,10 @@ class Engine:
         op = f"Engine.add: request {req_id!r}"
         if req_id in self.running or req_id in self.finished or any(r.req_id == req_id for r in self.waiting):
             raise RangeError(f"{op}: the id is already known (waiting, running or finished)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        new = _as_int(max_new_tokens)
+        if new is None or new < 1:
             raise RangeError(f"{op}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = new
         tokens = self._check_tokens(op, prompt)
         cfg = self.model.config
         length = len(tokens) + max_new_tokens - 1                # positions computed: the last token is not
@@ -204,7 +206,7 @@ class Engine:
         out = []
         vocab = self.model.config.vocab_size
         for i, t in enumerate(prompt):
-            tok = _token_id(t)
+            tok = _as_int(t)
             if tok is None or not 0 <= tok < vocab:
                 raise RangeError(f"{op}: prompt[{i}] must be an int token id in [0, vocab_size = {vocab}), "
                                  f"got {type(t).__name__} {t!r}")
@@ -254,18 +256,18 @@ class Engine:
             while not self.idle:
                 stats = self._step()
                 if stats is not None and on_step is not None:
-                    self._lent_to = threading.get_ident()
+                    lent, self._lent_to = self._lent_to, threading.get_ident()
                     try:
                         on_step(stats)
                     finally:
-                        self._lent_to = None
+                        self._lent_to = lent
             return self.finished
 
     def _step(self) -> StepStats | None:
         t0 = time.perf_counter()
+        cp = self.pool.checkpoint()
         s = _Step(self.running, self.waiting)          # the queues before the step, kept as they are
         self.running, self.waiting = dict(self.running), list(self.waiting)
-        cp = self.pool.checkpoint()
         try:
             self._admit(s)
             batch = self._schedule(s)
@@ -381,7 +383,7 @@ class Engine:
             if s.starts[rid] + n < len(st.tokens):     # known tokens left to compute: no token to pick
                 continue
             got = self.choose(rid, logits[b])
-            tok = _token_id(got)
+            tok = _as_int(got)
             if tok is None or not 0 <= tok < vocab:
                 raise RangeError(f"Engine.step: choose returned {type(got).__name__} {got!r} for request {rid!r}; "
                                  f"expected an int token id in [0, vocab_size = {vocab})")
@@ -448,8 +450,8 @@ class Engine:
         return stats
 
 
-def _token_id(t: object) -> int | None:
-    """``t`` as a token id when it is an integer (int, numpy or 0-d torch integer; never a bool), else None."""
+def _as_int(t: object) -> int | None:
+    """``t`` as an int when it is an integer (int, numpy or 0-d torch integer scalar; never a bool), else None."""
     if isinstance(t, torch.Tensor):
         if t.dim() != 0 or t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
             return None
