@@ -3,6 +3,7 @@ the door, preemption when the pool runs out, a request with non-finite activatio
 thread at a time. Every request must end with the tokens (and, where stated, the logits) it gets alone."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from v4hal.hal import dispatch
 from v4hal.hal.errors import RangeError
 from v4hal.model import ModelConfig, V4Model, write_random_checkpoint
 from v4hal.serve import CachePool, Engine, EngineBusyError
-from v4hal.serve.batch import POSITION_KINDS, RATIO, first_needed_position
+from v4hal.serve.batch import POSITION_KINDS, RATIO, first_needed_position, kinds_of
 
 from .helpers import snapshot
 
@@ -131,6 +132,38 @@ def test_a_step_that_raises_changes_nothing_and_a_retry_gives_the_undisturbed_to
     e.run()
     assert {i: r.output for i, r in e.finished.items()} == {i: r.output for i, r in ref.finished.items()}
     assert all(torch.equal(x, y) for i in ref.finished for x, y in zip(e.finished[i].logits, ref.finished[i].logits))
+
+
+def test_what_a_failed_forward_wrote_is_overwritten_before_it_is_read(model: V4Model,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failed forward writes the caches of other tokens at the step's positions (128 .. 149: window,
+    compressed, indexer and compressor-state entries, the ratio-128 block started); the retry computes those
+    positions in chunks of 5, so each later chunk runs over stale bytes of the failed one until it writes
+    its own. Logits and tokens equal those of the same schedule without the failure."""
+    prompt = _prompts([150], seed=6)[0]
+
+    def run(fail: bool) -> list[torch.Tensor]:
+        e = _engine(model, chunk=64, keep_logits=True, reuse_prefixes=False)
+        e.add("a", prompt, 4)
+        e.step()
+        e.step()
+        if fail:
+            real = e.model.forward_batch
+
+            def other_tokens(batch, pool):
+                monkeypatch.setattr(e.model, "forward_batch", real)
+                real(dataclasses.replace(batch, input_ids=(batch.input_ids * 7 + 1) % MINI.vocab_size), pool)
+                raise ValueError("step failed")
+
+            monkeypatch.setattr(e.model, "forward_batch", other_tokens)
+            with pytest.raises(ValueError):
+                e.step()
+        e.chunk = 5
+        e.run()
+        return e.finished["a"].logits
+
+    want, got = run(False), run(True)
+    assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("bad", [1000, -1, 2.0, True, "3", None])
@@ -422,3 +455,50 @@ def test_two_engines_in_two_threads(model: V4Model) -> None:
         t.join(120)
     assert not errors
     assert {i: r.output for e in engines for i, r in e.finished.items()} == want
+
+
+# ---------------------------------------------------------------------- the pool's side
+def test_pool_checkpoint_rolls_back_every_call() -> None:
+    pool = CachePool(MINI, block_size=BS, blocks={"token": 12, "c4": 4}, allocate=False)
+    prompt = list(range(40))
+    pool.add_request("a", prompt)
+    pool.advance_batch(pool.schedule([("a", 40)]), register_prefixes=True)
+    before = snapshot(pool), pool.stats()
+    cp = pool.checkpoint()
+    with pytest.raises(RangeError, match="a checkpoint is already open"):
+        pool.checkpoint()
+    pool.add_request("b", prompt[:32] + [7] * 30)           # reuses a prefix of a
+    pool.append_tokens("a", [3])
+    pool.advance_batch(pool.schedule([("a", 1), ("b", 30)]), register_prefixes=True)
+    pool.release("a")
+    for entry in list(pool.prefix.lru_order()):
+        pool.evict_prefix(entry)
+    pool.rollback(cp)
+    assert (snapshot(pool), pool.stats()) == before
+    with pytest.raises(RangeError, match="not this pool's open one"):
+        pool.commit(cp)
+    cp = pool.checkpoint()
+    pool.release("a")
+    pool.commit(cp)
+    assert "a" not in pool.requests and pool.checkpoint() is not None
+
+
+@pytest.mark.parametrize("block_size, chunk, length", [(16, 64, 300), (4, 7, 150), (16, 1, 90), (8, 40, 600)])
+def test_request_peak_pages_bounds_what_one_request_holds(block_size: int, chunk: int, length: int) -> None:
+    """One request computed in steps of up to ``chunk`` tokens starting at every alignment: the most pages it
+    holds of each kind is at most `request_peak_pages`, and the bound is reached or missed by one page."""
+    pool = CachePool(MINI, block_size=block_size, blocks=dict.fromkeys(kinds_of(MINI), 4000), allocate=False)
+    bound = pool.request_peak_pages(length, chunk)
+    peak = dict.fromkeys(pool.kinds, 0)
+    for first in range(1, min(chunk, length) + 1, max(1, chunk // 5)):
+        pool.add_request("r", [1] * length)
+        done = 0
+        while done < length:
+            n = min(first if done == 0 else chunk, length - done)
+            batch = pool.schedule([("r", n)])
+            for k, t in pool.requests["r"].tables.items():
+                peak[k] = max(peak[k], sum(b >= 0 for b in t))
+            pool.advance_batch(batch)
+            done += n
+        pool.release("r")
+    assert all(bound[k] - 1 <= peak[k] <= bound[k] for k in pool.kinds), (peak, bound)
