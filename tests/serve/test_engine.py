@@ -233,7 +233,12 @@ def test_abort_recovers_from_a_request_whose_step_always_fails(model: V4Model) -
     ("a", [3, True], 2, r"prompt\[1\] .*got bool True"),
     ("a", [3, 512], 2, r"prompt\[1\] .*got int 512"),
     ("a", [-1], 2, r"prompt\[0\] .*got int -1"),
-    ("a", torch.tensor([1.0, 2.0]), 2, r"prompt\[0\] .*got Tensor"),
+    ("a", torch.tensor([1.0, 2.0]), 2, r"request 'a': prompt must hold integer token ids, got a torch.float32 Tensor"),
+    ("a", np.array([1.0]), 2, r"prompt must hold integer token ids, got a float64 ndarray"),
+    ("a", np.array([True]), 2, r"prompt must hold integer token ids, got a bool ndarray"),
+    ("a", torch.ones(2, 2, dtype=torch.int64), 2, r"a prompt tensor or array must be 1-D, got shape \[2, 2\]"),
+    ("a", [3, np.True_], 2, r"prompt\[1\] .*got bool np.True_"),
+    ("a", torch.tensor([3, 600]), 2, r"prompt\[1\] .*got int 600"),
     ("a", "abc", 2, r"prompt must be a sequence of int token ids, got str"),
     ("a", [], 2, r"request 'a': prompt must hold at least one token"),
     ("a", [1, 2], 0, r"request 'a': max_new_tokens must be an int >= 1, got 0"),
@@ -405,8 +410,7 @@ def test_one_engine_refuses_a_second_thread(model: V4Model) -> None:
     prompts = _prompts([8, 5])
     e = _engine(model, choose=choose)
     e.add("a", prompts[0], 3)
-    errors: list[BaseException] = []
-    t = threading.Thread(target=lambda: errors.extend([]) if e.run() else None)
+    t = threading.Thread(target=e.run)
     t.start()
     try:
         assert inside.wait(30)

@@ -198,11 +198,19 @@ class Engine:
         return EngineRequest(req_id, tokens, max_new_tokens)
 
     def _check_tokens(self, op: str, prompt: object) -> list[int]:
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, torch.Tensor)) and not hasattr(
-                prompt, "__array__"):
+        """The prompt's token ids as ints: a sequence of integers, or a 1-D integer tensor / array (read at once)."""
+        if isinstance(prompt, torch.Tensor) or hasattr(prompt, "__array__") and hasattr(prompt, "dtype"):
+            shape = list(prompt.shape)
+            if len(shape) != 1:
+                raise RangeError(f"{op}: a prompt tensor or array must be 1-D, got shape {shape}")
+            dt = prompt.dtype
+            whole = (not dt.is_floating_point and not dt.is_complex and dt != torch.bool) if isinstance(
+                prompt, torch.Tensor) else getattr(dt, "kind", "") in "iu"
+            if not whole:
+                raise RangeError(f"{op}: prompt must hold integer token ids, got a {dt} {type(prompt).__name__}")
+            prompt = prompt.tolist()
+        elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
             raise RangeError(f"{op}: prompt must be a sequence of int token ids, got {type(prompt).__name__}")
-        if isinstance(prompt, torch.Tensor) and prompt.dim() != 1:
-            raise RangeError(f"{op}: a prompt tensor must be 1-D, got shape {list(prompt.shape)}")
         out = []
         vocab = self.model.config.vocab_size
         for i, t in enumerate(prompt):
@@ -456,7 +464,7 @@ def _as_int(t: object) -> int | None:
         if t.dim() != 0 or t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
             return None
         return int(t)
-    if isinstance(t, bool) or type(t).__name__ == "bool_":
+    if isinstance(t, bool) or type(t).__name__ in ("bool", "bool_"):      # numpy's bool scalars too
         return None
     try:
         return operator.index(t)
