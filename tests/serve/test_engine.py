@@ -14,7 +14,7 @@ import torch
 
 import v4hal
 from v4hal.hal import dispatch
-from v4hal.hal.errors import RangeError
+from v4hal.hal.errors import NonFiniteError, RangeError
 from v4hal.model import ModelConfig, V4Model, write_random_checkpoint
 from v4hal.serve import CachePool, Engine, EngineBusyError
 from v4hal.serve.batch import POSITION_KINDS, RATIO, first_needed_position, kinds_of
@@ -396,6 +396,39 @@ def test_a_non_finite_request_fails_alone(model: V4Model, value_checks: str) -> 
         assert got.status == "finished" and got.error is None and got.output == alone[i][0]
         assert all(torch.equal(a, b) for a, b in zip(got.logits, alone[i][1])), i
     assert e.pool.requests == {} and 2 not in e.running
+
+
+def test_without_isolation_a_step_runs_one_forward(model: V4Model, value_checks: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``isolate_failures=False`` (collective forwards): one forward per step; with checks off the request
+    with non-finite logits fails and the others finish with their tokens, with checks on the value check's
+    error rolls the step back and propagates."""
+    prompts = _prompts([12, 9], seed=7)
+    bad = 5
+    prompts = [[t if t != bad else bad + 1 for t in p] for p in prompts]
+    prompts[1][3] = bad
+    e = _engine(model, isolate_failures=False)
+    forwards = [0]
+    real = e.model.forward_batch
+
+    def counted(*args, **kw):
+        forwards[0] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(e.model, "forward_batch", counted)
+    for i, p in enumerate(prompts):
+        e.add(i, p, 3)
+    with _poisoned(model, bad):
+        if value_checks == "checks on":
+            before = _state(e)
+            with pytest.raises(NonFiniteError, match="act_quant: x must be finite"):
+                e.step()
+            assert _state(e) == before and forwards[0] == 1
+            return
+        e.run()
+    assert forwards[0] == len(e.steps)
+    assert (e.finished[1].status, e.finished[1].error) == ("failed", "request 1 failed: non-finite logits")
+    assert e.finished[0].status == "finished" and e.finished[0].output == _alone(model, prompts[0], 3)[0]
 
 
 # ---------------------------------------------------------------------- one owner

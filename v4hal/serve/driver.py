@@ -240,7 +240,8 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
             finite[0] = False
         return int(logits.argmax())
 
-    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes)
+    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes,
+                    isolate_failures=not expert_parallel)      # EP forwards are collective: one per step
     trace: list[dict[str, Any]] = []
     order = sorted(mine, key=lambda i: arrive[i])
     nxt, step_no = 0, 0

@@ -111,14 +111,19 @@ class Engine:
     rule (greedy by default; it must return an int token id in ``[0, vocab_size)``); ``keep_logits``: keep
     each request's logits rows (tests, parity runs); ``reuse_prefixes``: register the prompts' page-aligned
     prefixes for later requests; ``mtp``: also run the MTP block every step and keep its logits (drafts of
-    the token after next) per request.
+    the token after next) per request; ``isolate_failures``: re-run forwards to isolate requests whose
+    activations go non-finite (see `step`). Set it to False when a forward is collective (expert
+    parallelism: every rank must run the same forwards each step); then a request with non-finite logits
+    fails and the others keep that forward's results, and a `NonFiniteError` from a value check rolls the
+    step back and propagates.
 
     ``finished[req_id]`` holds every request that left: finished, aborted or failed (see
     `EngineRequest.status`). ``preemptions``: requests preempted so far.
     """
 
     def __init__(self, model: torch.nn.Module, pool: CachePool, *, chunk: int = 64, choose: Chooser | None = None,
-                 keep_logits: bool = False, reuse_prefixes: bool = True, mtp: bool = False) -> None:
+                 keep_logits: bool = False, reuse_prefixes: bool = True, mtp: bool = False,
+                 isolate_failures: bool = True) -> None:
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise RangeError(f"Engine: chunk must be an int >= 1, got {chunk!r}")
         if pool.cfg != model.config:
@@ -128,7 +133,7 @@ class Engine:
         self.keep_logits, self.reuse_prefixes = keep_logits, reuse_prefixes
         if mtp and not len(model.mtp):
             raise RangeError("Engine: mtp=True needs a model with an MTP block (n_mtp_layers >= 1)")
-        self.mtp = mtp
+        self.mtp, self.isolate_failures = mtp, bool(isolate_failures)
         self.waiting: list[EngineRequest] = []          # arrived (or preempted), not in the pool
         self.running: dict[Hashable, EngineRequest] = {}
         self.finished: dict[Hashable, EngineRequest] = {}
@@ -368,12 +373,15 @@ class Engine:
             out = self.model.forward_batch(batch, self.pool)
             logits = out.logits.float().cpu()
             bad = [rid for (rid, _), fin in zip(items, torch.isfinite(logits).all(dim=-1).tolist()) if not fin]
-            if not bad:
-                self._choose(s, items, logits)
+            if not bad or not self.isolate_failures:
+                self._choose(s, items, logits, skip=bad)
                 if self.mtp:
                     self._drafts(s, batch, out)
-                return {rid for rid, _ in items}
+                s.failed.update(dict.fromkeys(bad, "non-finite logits"))
+                return {rid for rid, _ in items if rid not in bad}
         except NonFiniteError as e:
+            if not self.isolate_failures:
+                raise
             if len(items) == 1:
                 s.failed[items[0][0]] = f"non-finite activations: {e}"
                 return set()
@@ -384,11 +392,12 @@ class Engine:
         rest = [it for it in items if it[0] not in bad]
         return self._run(s, rest) if rest else set()
 
-    def _choose(self, s: _Step, items: list[tuple[Hashable, int]], logits: torch.Tensor) -> None:
+    def _choose(self, s: _Step, items: list[tuple[Hashable, int]], logits: torch.Tensor,
+                skip: Sequence[Hashable] = ()) -> None:
         vocab = self.model.config.vocab_size
         for b, (rid, n) in enumerate(items):
             st = self.pool.requests[rid]
-            if s.starts[rid] + n < len(st.tokens):     # known tokens left to compute: no token to pick
+            if s.starts[rid] + n < len(st.tokens) or rid in skip:     # no token to pick (yet)
                 continue
             got = self.choose(rid, logits[b])
             tok = _as_int(got)
@@ -404,7 +413,7 @@ class Engine:
         for rid, start, n in zip(batch.req_ids, batch.start_positions, batch.query_lens):
             seq = self.pool.requests[rid].tokens
             follow = seq[start + 1:start + 1 + n]
-            nxt.extend(follow if len(follow) == n else follow + [s.chosen[rid][0]])
+            nxt.extend(follow if len(follow) == n else follow + [s.chosen.get(rid, (0,))[0]])   # 0: failed
         ids = torch.tensor(nxt, dtype=torch.int64, device=self.model.device)
         drafts = self.model.mtp_forward_batch(out, ids).float().cpu()
         for b, rid in enumerate(batch.req_ids):
