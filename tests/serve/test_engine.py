@@ -347,6 +347,45 @@ def test_a_failed_step_that_preempted_and_evicted_restores_every_page(model: V4M
     assert e.preemptions == ref.preemptions and e.pool.stats() == ref.pool.stats()
 
 
+def test_arrivals_aborts_failures_and_preemptions_mixed(model: V4Model) -> None:
+    """Requests arriving over time into a pool of 3 c4 pages of 4 entries, one aborted mid-decode, a chooser
+    that raises now and then (the step retried): every other request ends with the tokens it gets alone,
+    the aborted one with a prefix of them, and every page comes back."""
+    rng = torch.Generator().manual_seed(8)
+    prompts = _prompts([10, 6, 13, 8, 11], seed=8)
+    new = 12
+    alone = [_alone(model, p, new, block_size=4)[0] for p in prompts]
+    raise_at = set(torch.randint(0, 120, (8,), generator=rng).tolist())
+    calls = [0]
+
+    def choose(rid: object, logits: torch.Tensor) -> int:
+        calls[0] += 1
+        if calls[0] in raise_at:
+            raise ValueError("step failed")
+        return int(logits.argmax())
+
+    e = _engine(model, blocks={"c4": 3}, block_size=4, choose=choose)
+    arrive = {0: [0, 1], 2: [2], 5: [3], 9: [4]}
+    step = failures = 0
+    while arrive or not e.idle:
+        for i in arrive.pop(step, []):
+            e.add(i, prompts[i], new)
+        if step == 7 and 2 not in e.finished:
+            assert e.abort(2)
+        try:
+            e.step()
+            step += 1
+        except ValueError:
+            failures += 1
+    assert failures >= 1 and e.preemptions >= 1
+    assert e.finished[2].status == "aborted" and e.finished[2].output == alone[2][:len(e.finished[2].output)]
+    for i in (0, 1, 3, 4):
+        assert (e.finished[i].status, e.finished[i].output) == ("finished", alone[i]), i
+    for entry in list(e.pool.prefix.lru_order()):
+        e.pool.evict_prefix(entry)
+    assert e.pool.pages_in_use() == dict.fromkeys(e.pool.kinds, 0)
+
+
 # ---------------------------------------------------------------------- failure isolation
 @contextmanager
 def _poisoned(model: V4Model, token: int) -> Iterator[None]:
