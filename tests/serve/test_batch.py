@@ -216,12 +216,20 @@ def _runtime_pool(**kw: object) -> CachePool:
                      blocks={"token": 64, "c4": 16, "c128": 4}, **kw)
 
 
+def _step(pool: CachePool, batch: ForwardBatch) -> None:
+    """What `V4Model.forward_batch` does around a step that runs: check, then record its writes."""
+    pool.end_step(pool.begin_step(batch))
+
+
 def test_runtime_steps_must_continue_what_the_pages_hold() -> None:
     """The pool records what each runtime step writes; a step that skips or replays positions, or reads pages
     nothing was written to, is refused with the records unchanged."""
     pool = _runtime_pool()
     assert pool.num_blocks == NUM_BLOCKS
-    pool.begin_step(_rt([("x", 0, 10, TX)]))
+    first = _rt([("x", 0, 10, TX)])
+    pool.begin_step(first)                                            # a step that raised: nothing recorded
+    assert not pool.fill.written
+    _step(pool, first)                                                # so the runtime may retry it
     assert pool.fill.end["token"] == {0: 8, 1: 10} and pool.fill.end["c4"] == {0: 2}
     before = {k: dict(v) for k, v in pool.fill.end.items()}
     cases = [
@@ -240,11 +248,11 @@ def test_runtime_steps_must_continue_what_the_pages_hold() -> None:
     with pytest.raises(RangeError, match=r"c4 page 0 \(block 3\) must hold entries 0 .. 1 and no more; it holds "
                                          r"nothing written \(start_pos skips positions never computed\)"):
         pool.begin_step(_rt([("x", 10, 1, {**TX, "c4": [3]})]))      # pages of another (empty) block
-    pool.begin_step(_rt([("x", 10, 6, TX)]))                          # continues: positions 10 .. 15
+    _step(pool, _rt([("x", 10, 6, TX)]))                              # continues: positions 10 .. 15
     assert pool.fill.end["token"] == {0: 8, 1: 16} and pool.fill.end["c4"] == {0: 4}
     # a new request on fresh pages, and a request recomputed from 0 on the blocks x had, both start fresh
-    pool.begin_step(_rt([("z", 0, 3, {**TX, "token": [5], "c4": [-1], "state4": [6], "state128": [7]})]))
-    pool.begin_step(_rt([("x", 0, 4, TX)]))
+    _step(pool, _rt([("z", 0, 3, {**TX, "token": [5], "c4": [-1], "state4": [6], "state128": [7]})]))
+    _step(pool, _rt([("x", 0, 4, TX)]))
 
 
 def test_a_batch_runs_only_on_its_own_pool() -> None:
@@ -263,7 +271,7 @@ def test_a_batch_runs_only_on_its_own_pool() -> None:
                                          r"overwrite"):
         a.begin_step(_rt([("x", 0, 10, TX)]))
     small = _runtime_pool()
-    small.begin_step(_rt([("x", 0, 10, TX)]))
+    _step(small, _rt([("x", 0, 10, TX)]))
     with pytest.raises(RangeError, match=r"block_tables\['token'\] holds block 70, this pool has 64 blocks"):
         small.begin_step(_rt([("y", 0, 1, {**TX, "token": [70]})], num_blocks={**NUM_BLOCKS, "token": 80}))
     small.add_request("p", [1, 2, 3])

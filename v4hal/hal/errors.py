@@ -26,6 +26,10 @@ class RangeError(V4HalError, ValueError):
     """A value is outside its allowed range (indices, non-finite scales, bad options)."""
 
 
+class NonFiniteError(RangeError):
+    """A tensor that must be finite holds a NaN or Inf (a value check; raised before the op's kernel runs)."""
+
+
 class BackendUnavailableError(V4HalError, RuntimeError):
     """An explicitly requested backend cannot serve the call; the message lists why."""
 

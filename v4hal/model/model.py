@@ -321,7 +321,7 @@ class V4Model(nn.Module):
         return self._head_logits(h, block, block.norm)
 
     # ------------------------------------------------------------------ paged, ragged batches
-    def _check_step(self, op: str, batch: object, pool: object) -> None:
+    def _check_step(self, op: str, batch: object, pool: object) -> list[tuple[str, int, int]]:
         from v4hal.serve import CachePool, ForwardBatch
 
         if not isinstance(batch, ForwardBatch):
@@ -340,7 +340,8 @@ class V4Model(nn.Module):
         if batch.input_ids.device != self.device or pool.device != self.device:
             raise ShapeError(f"V4Model.{op}: batch ({batch.input_ids.device}) and pool ({pool.device}) must be on "
                              f"the model's device {self.device}")
-        pool.begin_step(batch, f"V4Model.{op}")       # the batch's pages are this pool's, as the batch expects
+        # the batch's pages are this pool's, as the batch expects; what it writes is recorded once it has run
+        return pool.begin_step(batch, f"V4Model.{op}")
 
     @torch.inference_mode()
     def forward_batch(self, batch: "ForwardBatch", pool: "CachePool") -> BatchOutput:
@@ -352,13 +353,14 @@ class V4Model(nn.Module):
         stream ``[1, T, hc, dim]`` (what `mtp_forward_batch` reads) and the step. The caller advances the pool
         (``pool.advance_batch(batch)``) once the step is done.
         """
-        self._check_step("forward_batch", batch, pool)
+        writes = self._check_step("forward_batch", batch, pool)
         step = PagedStep.build(self.config, batch, pool)
         ids = batch.input_ids.unsqueeze(0)                                    # [1, T]
         h = self.embed(ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
         for block in self.layers:
             h = block(h, step, ids)
         logits = self._head_logits(h[0, batch.last_token_index].unsqueeze(1), self, self.norm)
+        pool.end_step(writes)
         return BatchOutput(logits, h, step)
 
     @torch.inference_mode()

@@ -6,7 +6,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from v4hal.hal.errors import DeviceError, DTypeError, RangeError, ShapeError
+from v4hal.hal.errors import DeviceError, DTypeError, NonFiniteError, RangeError, ShapeError
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
@@ -196,7 +196,7 @@ def finite(op: str, name: str, t: torch.Tensor | None) -> None:
     else:
         bad = not bool(torch.isfinite(t).all())
     if bad:
-        raise RangeError(f"{op}: {name} must be finite, got a NaN or Inf in {describe(t)}")
+        raise NonFiniteError(f"{op}: {name} must be finite, got a NaN or Inf in {describe(t)}")
 
 
 def permutation(op: str, name: str, t: torch.Tensor) -> None:

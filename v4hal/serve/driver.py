@@ -376,7 +376,8 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
     def pages_of(i: int) -> dict[str, int]:
         return request_pages(cfg, lengths[i] + max_new_tokens - 1, block_size)
 
-    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes)
+    engine = Engine(model, pool, chunk=chunk, choose=choose, reuse_prefixes=reuse_prefixes,
+                    isolate_failures=not expert_parallel)      # EP forwards are collective: one per step
     trace: list[dict[str, Any]] = []
     held = dict.fromkeys(capacity, 0)           # pages the requests in flight may hold at their full length
     flight: dict[int, dict[str, int]] = {}

@@ -92,6 +92,18 @@ class PageAllocator:
             if self._refs[b] == 0:
                 self._free.append(b)
 
+    def snapshot(self) -> tuple[list[int], list[int]]:
+        """The allocator's whole state (reference counts, free list), for `restore`."""
+        return list(self._refs), list(self._free)
+
+    def restore(self, state: tuple[list[int], list[int]]) -> None:
+        """Put back a state taken by `snapshot` of this allocator."""
+        refs, free = state
+        if len(refs) != len(self._refs):
+            raise RangeError(f"PageAllocator.restore ({self.name}): the state holds {len(refs)} blocks, "
+                             f"this allocator {len(self._refs)}")
+        self._refs, self._free = list(refs), list(free)
+
     def _check_ids(self, what: str, blocks: list[int]) -> None:
         for b in blocks:
             if not isinstance(b, int) or isinstance(b, bool) or not self.first <= b < len(self._refs):

@@ -14,10 +14,12 @@ A request's pages are reserved by `CachePool.plan` before a step, marked compute
 (which frees the pages of each position kind that no later position reads) and freed by
 `CachePool.release`. `CachePool.begin_step` checks a batch against the pool before a step runs (a batch of
 another pool, a stale one, a runtime's tables that skip or replay positions). Every method checks its input
-before it changes anything: after an error the pool is as it was.
+before it changes anything: after an error the pool is as it was. A caller that makes several calls as
+one unit (an engine step) opens a `CachePool.checkpoint` and either commits it or rolls the pool back to it.
 """
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +49,8 @@ from .fill import PageFill
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
 
-__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "alloc_cache", "cache_layouts", "kv_scale_fmt",
-           "layout_problem", "memory_table"]
+__all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "PoolCheckpoint", "alloc_cache", "cache_layouts",
+           "kv_scale_fmt", "layout_problem", "memory_table"]
 
 
 #: rope dims the ``model1_fp8`` layout keeps in bf16
@@ -163,6 +165,25 @@ class RequestState:
     chain: list[int] = field(default_factory=list)   # chained page hashes of ``source`` computed so far
 
 
+@dataclass
+class PoolCheckpoint:
+    """The pool's bookkeeping at `CachePool.checkpoint` (allocators, requests with their original objects,
+    prefix entries and counters), plus the contents of pages that were held then and freed since (saved
+    before anything could overwrite them; ``saving`` stops once the caller has done its cache writes)."""
+
+    allocators: dict[str, tuple[list[int], list[int]]]
+    requests: list[tuple[RequestState, dict[str, object]]]
+    prefix: tuple[object, ...]
+    saved: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+    saving: bool = True
+
+
+def _state_fields(st: RequestState) -> dict[str, object]:
+    """A copy of a request's fields (its lists and dicts copied; ``source`` is an immutable tuple)."""
+    return {k: copy.copy(v) if k != "tables" else {kind: list(t) for kind, t in v.items()}
+            for k, v in vars(st).items()}
+
+
 def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
     """The cache tensors of every layer of ``cfg`` (main then MTP)."""
     out: list[CacheSpec] = []
@@ -191,6 +212,9 @@ class CachePool:
     what the model computed is refused (`layout_problem`, `RangeError`); ``allocate=False`` builds
     the allocators and byte accounting only (no tensors), e.g. to size a 1M-token cache.
     """
+
+    #: the open checkpoint (at most one)
+    _checkpoint: PoolCheckpoint | None = None
 
     def __init__(self, cfg: ModelConfig, *, blocks: dict[str, int] | None = None, block_size: int = 64,
                  state_block_size: int = STATE_BLOCK_SIZE, device: str | torch.device | None = None,
@@ -445,14 +469,14 @@ class CachePool:
             if k in POSITION_KINDS:
                 table = st.tables[k]
                 stop = min(first_needed_position(self.cfg, st.computed, k) // self.block_sizes[k], len(table))
-                self.allocators[k].free([b for b in table[:stop] if b >= 0])
+                self._free(k, table[:stop])
                 table[:stop] = [-1] * stop
 
     def release(self, req_id: Hashable) -> None:
         """Free every page of request ``req_id`` and forget it (error if not active; nothing changes)."""
         st = self._state("release", req_id)
         for k in self.kinds:
-            self.allocators[k].free([b for b in st.tables[k] if b >= 0])
+            self._free(k, st.tables[k])
         del self.requests[req_id]
 
     # ------------------------------------------------------------------ batches
@@ -473,9 +497,11 @@ class CachePool:
                            self.block_size, self.device if device is None else device,
                            state_block_size=self.state_block_size, origin=self._key)
 
-    def begin_step(self, batch: ForwardBatch, op: str = "CachePool.begin_step") -> None:
+    def begin_step(self, batch: ForwardBatch, op: str = "CachePool.begin_step") -> list[tuple[str, int, int]]:
         """Check that ``batch`` may run on this pool's caches now (`V4Model.forward_batch` calls it before any
-        kernel); for a runtime's own tables, record what the step writes. `RangeError` (nothing changed) when:
+        kernel); for a runtime's own tables, return what the step writes (`PageFill` records), which
+        `end_step` applies once the step has run (a step that raises records nothing, so the runtime may
+        retry it). `RangeError` (nothing changed) when:
 
         - a batch this pool built: a request is no longer active, or no longer at the batch's start
           position (the batch is stale: advanced, released or aborted since it was built), or its pages
@@ -487,7 +513,7 @@ class CachePool:
         """
         if batch.origin is not None:
             self._check_own_batch(op, batch)
-            return
+            return []
         if self.requests or any(a.in_use for a in self.allocators.values()):
             raise RangeError(f"{op}: the batch is a runtime's own block tables (ForwardBatch.from_block_tables), but "
                              f"this pool manages {len(self.requests)} requests and {self.pages_in_use()} pages of its "
@@ -499,7 +525,11 @@ class CachePool:
             if k not in caps or top >= caps[k]:
                 raise RangeError(f"{op}: block_tables[{k!r}] holds block {top}, this pool has "
                                  f"{caps.get(k, 0)} blocks of {k!r} (the batch was built for another pool)")
-        self.fill.record(self.fill.check(op, self.cfg, batch))
+        return self.fill.check(op, self.cfg, batch)
+
+    def end_step(self, writes: list[tuple[str, int, int]]) -> None:
+        """Record what a step that ran wrote (the list `begin_step` returned for it)."""
+        self.fill.record(writes)
 
     def copy_page(self, kind: str, src: int, dst: int, upto: int) -> None:
         """For a runtime's own tables: copy block ``src`` of ``kind`` into block ``dst`` (every layer's tensor
@@ -615,7 +645,7 @@ class CachePool:
             raise RangeError("CachePool.evict_prefix: the entry is not registered (evicted already?)")
         self.prefix.remove(entry)
         for k, pages in entry.pages.items():
-            self.allocators[k].free([b for b in pages if b >= 0])
+            self._free(k, pages)
 
     # ------------------------------------------------------------------ pages
     def _reserve(self, need: dict[str, int], protect: PrefixEntry | None = None) -> dict[str, list[int]]:
@@ -648,19 +678,104 @@ class CachePool:
         raise PoolExhaustedError(f"CachePool: out of pages ({what}; evicting every registered prefix would free "
                                  f"{dict(freed) or 0})")
 
-    def _copy_page(self, kind: str, src: int, dst: int) -> None:
-        """Copy page ``src`` to ``dst`` in every layer's tensor of ``kind`` (all the page's bytes)."""
+    def _page_views(self, kind: str) -> list[torch.Tensor]:
+        """Every layer's tensor of ``kind`` as ``[blocks, elements of one page]`` (all the page's bytes);
+        none when the pool has no tensors."""
         if not self.allocated:
-            return
+            return []
+        out = []
         for s in self.specs:
             if s.kind == kind:
                 t = getattr(self.layers[s.layer], s.name)
                 if s.layout is None:
-                    pages = t.view(t.shape[0], -1)
+                    out.append(t.view(t.shape[0], -1))
                 else:
                     n = PAGED_LAYOUTS[s.layout].page_bytes(s.dim, self.block_sizes[kind]) // t.element_size()
-                    pages = t.as_strided((t.shape[0], n), (n, 1), t.storage_offset())
-                pages[dst].copy_(pages[src])
+                    out.append(t.as_strided((t.shape[0], n), (n, 1), t.storage_offset()))
+        return out
+
+    def _copy_page(self, kind: str, src: int, dst: int) -> None:
+        """Copy page ``src`` to ``dst`` in every layer's tensor of ``kind`` (all the page's bytes)."""
+        for pages in self._page_views(kind):
+            pages[dst].copy_(pages[src])
+
+    def _free(self, kind: str, blocks: Iterable[int]) -> None:
+        """Drop one reference to each block listed (-1 entries skipped). Under an open checkpoint that still
+        saves, a block held at the checkpoint that returns to the free list gets its contents saved first
+        (a later allocation may overwrite it; `rollback` puts them back)."""
+        blocks = [b for b in blocks if b >= 0]
+        alloc = self.allocators[kind]
+        alloc.free(blocks)
+        cp = self._checkpoint
+        if cp is None or not cp.saving or not self.allocated:
+            return
+        held = cp.allocators[kind][0]
+        for b in dict.fromkeys(blocks):
+            if held[b] > 0 and alloc.refcount(b) == 0 and (kind, b) not in cp.saved:
+                cp.saved[(kind, b)] = [pages[b].clone() for pages in self._page_views(kind)]
+
+    # ------------------------------------------------------------------ transactions
+    def checkpoint(self) -> PoolCheckpoint:
+        """Open a checkpoint: `rollback` returns the pool to this moment (allocators, requests, block tables,
+        prefix entries, LRU order and counters, and the contents of pages freed since, which may have been
+        handed out and written), `commit` keeps what happened. One checkpoint at a time; cost: a copy of
+        the bookkeeping (no page contents, unless pages held now are freed before `seal`)."""
+        if self._checkpoint is not None:
+            raise RangeError("CachePool.checkpoint: a checkpoint is already open (commit or roll it back first)")
+        cp = PoolCheckpoint({k: a.snapshot() for k, a in self.allocators.items()},
+                            [(st, _state_fields(st)) for st in self.requests.values()], self.prefix.snapshot())
+        self._checkpoint = cp
+        return cp
+
+    def seal(self, cp: PoolCheckpoint) -> None:
+        """Tell the open checkpoint that no cache page is written before it closes: pages freed from now on
+        keep their contents anyway, so they are no longer copied."""
+        self._open(cp, "seal").saving = False
+
+    def commit(self, cp: PoolCheckpoint) -> None:
+        """Close ``cp`` keeping every change since it opened."""
+        self._open(cp, "commit")
+        self._checkpoint = None
+
+    def rollback(self, cp: PoolCheckpoint) -> None:
+        """Close ``cp`` and put the pool back as it was when ``cp`` opened (the request objects too: the
+        ones alive then are the pool's requests again, with their fields as they were)."""
+        self._open(cp, "rollback")
+        for (kind, b), saved in cp.saved.items():
+            for pages, data in zip(self._page_views(kind), saved):
+                pages[b].copy_(data)
+        for k, a in self.allocators.items():
+            a.restore(cp.allocators[k])
+        for st, fields in cp.requests:
+            vars(st).update(fields)
+        self.requests = {st.req_id: st for st, _ in cp.requests}
+        self.prefix.restore(cp.prefix)
+        self._checkpoint = None
+
+    def _open(self, cp: PoolCheckpoint, op: str) -> PoolCheckpoint:
+        if cp is not self._checkpoint:
+            raise RangeError(f"CachePool.{op}: the checkpoint is not this pool's open one (closed already?)")
+        return cp
+
+    def request_peak_pages(self, length: int, chunk: int) -> dict[str, int]:
+        """Pages of each kind one request holds at its worst moment while it computes positions
+        ``0 .. length-1`` in steps of at most ``chunk`` tokens: every compressed page, and for a position
+        kind the pages spanned by one step plus what it reads behind (a bound, at most one page above the
+        exact peak). A request whose figure exceeds a kind's pages cannot run in this pool even alone."""
+        for name, v in (("length", length), ("chunk", chunk)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RangeError(f"CachePool.request_peak_pages: {name} must be an int >= 1, got {v!r}")
+        out = {}
+        for k in self.kinds:
+            bs = self.block_sizes[k]
+            pages = pages_needed(k, length, bs)
+            if k in POSITION_KINDS:
+                base = 2 * (self.cfg.window_size + 128)        # the read-behind distance is periodic from here
+                reach = max(p - first_needed_position(self.cfg, p, k) for p in range(base, base + 128))
+                span = min(length, reach + min(chunk, length))
+                pages = min(pages, -(-(span - 1) // bs) + 1)
+            out[k] = pages
+        return out
 
 
 def memory_table(presets: Sequence[str] = ("v4-flash", "v4-pro"), tokens: int = 1 << 20, *,

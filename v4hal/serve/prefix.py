@@ -123,6 +123,17 @@ class PrefixCache:
         if not bucket:
             del self._entries[entry.key]
 
+    def snapshot(self) -> tuple[object, ...]:
+        """The registered entries (in LRU order) and the counters, for `restore` (entries are not copied:
+        they do not change once registered)."""
+        return (OrderedDict((k, list(v)) for k, v in self._entries.items()), self.hits, self.lookups,
+                self.tokens_saved)
+
+    def restore(self, state: tuple[object, ...]) -> None:
+        """Put back a state taken by `snapshot`."""
+        entries, self.hits, self.lookups, self.tokens_saved = state
+        self._entries = OrderedDict((k, list(v)) for k, v in entries.items())
+
     def lru_order(self) -> Iterator[PrefixEntry]:
         """Entries from least to most recently used."""
         for bucket in list(self._entries.values()):
