@@ -8,12 +8,23 @@ or a rounding difference flips an FP8/FP4 code or an expert choice and two runs 
 Padding the rows with zeros to a multiple of :data:`ROW_TILE` (4) gave identical rows for every row
 count, offset and thread count tried (1 and 2 threads; K, N from 4 to 4096; 8 and 16 as well). The
 padding costs at most 3 zero rows a call (a one-token decode step multiplies 4 rows instead of 1).
+
+Element-wise math has the same problem at a finer grain. ATen runs a contiguous element-wise kernel as
+vector steps of ``2 * Vectorized<T>::size()`` elements and computes the remainder with the scalar function,
+and its vector and scalar transcendental functions round differently (``sigmoid``, ``softplus`` and ``silu``
+differ in a few percent of fp32 inputs at the avx2 and avx512 levels; at the ``default`` level both are
+scalar). Which elements land in the remainder depends on the element count, and with several threads on
+where ``at::parallel_for`` splits the work, so a token's ``sigmoid`` could change with the rows beside it.
+:func:`pointwise` pads the flattened work so that every element takes the vector path at every capability
+level and thread count.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-__all__ = ["ROW_TILE", "pad_rows", "row_matmul"]
+__all__ = ["ROW_TILE", "LANE_TILE", "pad_rows", "row_matmul", "pointwise"]
 
 #: Rows are padded to a multiple of this.
 ROW_TILE = 4
@@ -37,3 +48,44 @@ def row_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return row_matmul(a.unsqueeze(0), b)[0]
     m = a.shape[-2]
     return torch.matmul(pad_rows(a), b)[..., :m, :]
+
+
+#: Element-wise work is padded to a multiple of this many elements per thread: twice the widest vector
+#: ATen uses for fp32/fp64 math (avx512: 16 floats, unrolled twice) with room to spare.
+LANE_TILE = 64
+
+#: ATen's ``at::internal::GRAIN_SIZE``: an element-wise kernel over fewer elements runs on one thread, a larger
+#: one is cut into ``min(threads, ceil(n / GRAIN_SIZE))`` chunks of ``ceil(n / chunks)`` elements.
+_GRAIN_SIZE = 32768
+
+
+def padded_numel(n: int, threads: int) -> int:
+    """The smallest ``m >= n`` (a multiple of `LANE_TILE`) that ATen cuts into thread chunks of whole
+    `LANE_TILE` multiples: ``m`` is a multiple of ``LANE_TILE * k`` for the chunk count
+    ``k = min(threads, ceil(m / GRAIN_SIZE))`` that ATen derives from ``m`` itself (1 below the grain)."""
+    m = -(-max(n, 1) // LANE_TILE) * LANE_TILE
+    while True:
+        k = max(1, min(threads, -(-m // _GRAIN_SIZE)))
+        step = LANE_TILE * k
+        if m % step == 0:
+            return m
+        m = -(-m // step) * step      # k only grows with m and is at most `threads`: this ends
+
+
+def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an element-wise ``fn`` (one output element from the input element at its position),
+    with bits that depend only on each element's value, never on how many elements share the call.
+
+    x any shape and float dtype; returns ``fn``'s output, contiguous, of x's shape. On the CPU the
+    elements are copied into a flat buffer zero padded to :func:`padded_numel` (a multiple of `LANE_TILE`
+    per thread chunk) so that ATen's kernel computes all of them with the vector function; other devices
+    compute ``fn(x)`` as it is (GPU kernels are elementwise-exact per position already).
+    """
+    if x.device.type != "cpu":
+        return fn(x)
+    n = x.numel()
+    m = padded_numel(n, torch.get_num_threads())
+    buf = x.new_empty(m)
+    buf[:n].copy_(x.reshape(-1))
+    buf[n:].zero_()
+    return fn(buf)[:n].view(x.shape)
