@@ -78,14 +78,14 @@ def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> to
 
     x any shape and float dtype; returns ``fn``'s output, contiguous, of x's shape. On the CPU the
     elements are copied into a flat buffer zero padded to :func:`padded_numel` (a multiple of `LANE_TILE`
-    per thread chunk) so that ATen's kernel computes all of them with the vector function; other devices
-    compute ``fn(x)`` as it is (GPU kernels are elementwise-exact per position already).
+    per thread chunk) so that ATen's kernel computes all of them with the vector function. Other devices
+    compute ``fn(x)`` unchanged: the padding answers the CPU kernels' vector/remainder split only.
     """
     if x.device.type != "cpu":
         return fn(x)
     n = x.numel()
-    m = padded_numel(n, torch.get_num_threads())
-    buf = x.new_empty(m)
-    buf[:n].copy_(x.reshape(-1))
-    buf[n:].zero_()
-    return fn(buf)[:n].view(x.shape)
+    extra = padded_numel(n, torch.get_num_threads()) - n
+    flat = x.reshape(-1)
+    if extra == 0:
+        return fn(flat).view(x.shape)
+    return fn(torch.nn.functional.pad(flat, (0, extra)))[:n].view(x.shape)
