@@ -217,3 +217,17 @@ def test_every_op_gives_a_row_the_same_bits_in_any_batch(level: str) -> None:
     if got.lower() != level:
         pytest.skip(f"this CPU runs ATen at {got}, not {level}")
     assert not bad, "\n".join(bad[:40])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 16])
+def test_padding_gives_every_thread_chunk_whole_vector_steps(threads: int) -> None:
+    """ATen's chunking of the padded count (``min(threads, ceil(m / grain))`` chunks of ``ceil(m / chunks)``):
+    every chunk starts and ends on a multiple of LANE_TILE, and the padding stays below a tile per thread."""
+    from v4hal.backends.reference._rows import _GRAIN_SIZE, LANE_TILE, padded_numel
+
+    for n in [1, 4, 63, 64, 65, 1000, 32767, 32768, 32769, 36000, 65537, 100003, 10 ** 6 + 7]:
+        m = padded_numel(n, threads)
+        chunks = max(1, min(threads, -(-m // _GRAIN_SIZE)))
+        size = -(-m // chunks)
+        assert m >= n and m - n < LANE_TILE * threads and m % LANE_TILE == 0, (n, m)
+        assert size % LANE_TILE == 0 and size * chunks == m, (n, m, chunks)
