@@ -81,11 +81,12 @@ def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> to
     per thread chunk) so that ATen's kernel computes all of them with the vector function. Other devices
     compute ``fn(x)`` unchanged: the padding answers the CPU kernels' vector/remainder split only.
     """
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return fn(x)
     n = x.numel()
-    extra = padded_numel(n, torch.get_num_threads()) - n
+    # below the grain (every decode step) one chunk: the next multiple of LANE_TILE, without the search
+    m = -(-n // LANE_TILE) * LANE_TILE if n <= _GRAIN_SIZE else padded_numel(n, torch.get_num_threads())
     flat = x.reshape(-1)
-    if extra == 0:
+    if m == n:
         return fn(flat).view(x.shape)
-    return fn(torch.nn.functional.pad(flat, (0, extra)))[:n].view(x.shape)
+    return fn(torch.nn.functional.pad(flat, (0, m - n)))[:n].view(x.shape)
