@@ -129,6 +129,11 @@ def _cases() -> list[Case]:
     sink = randn(5)
     picks = torch.randint(-1, 20, (ROWS, 3, 7), generator=g, dtype=torch.int32)
     cases.append(("sparse_attn", lambda r: [v4hal.sparse_attn(q[r], kv[r], sink, picks[r], 0.125)]))
+    # float64 products large enough for the BLAS path, at 2 threads too
+    qw, kvw = randn(ROWS, 4, 8, 64, dtype=bf), randn(ROWS, 64, 64, dtype=bf)
+    picks_w = torch.randint(-1, 64, (ROWS, 4, 48), generator=g, dtype=torch.int32)
+    cases.append(("sparse_attn wide", lambda r: [v4hal.sparse_attn(qw[r], kvw[r], sink[:1].expand(8).contiguous(),
+                                                                   picks_w[r], 0.125)]))
     iq, ik, iw = randn(ROWS, 6, 5, 32, dtype=bf), randn(ROWS, 9, 32, dtype=bf), randn(ROWS, 6, 5, dtype=bf)
     cases.append(("index_scores", lambda r: [v4hal.index_scores(iq[r], ik[r], iw[r])]))
     cases.append(("indexer_topk", lambda r: [v4hal.indexer_topk(iq[r], ik[r], iw[r], 4, start_pos=30, ratio=4)]))

@@ -1,5 +1,5 @@
-"""Row-invariant products: the bits of each output row depend only on that row's input, never on how
-many other rows share the call.
+"""Row-invariant products and element-wise math: the bits of each output row depend only on that row's input,
+never on how many other rows share the call.
 
 A CPU BLAS picks its kernel by the matrix shape: this machine's MKL rounds a row of a product differently
 when the call has fewer than 4 rows, and with 2 threads when the row count is 5 or 7. Serving needs the
@@ -17,6 +17,13 @@ scalar). Which elements land in the remainder depends on the element count, and 
 where ``at::parallel_for`` splits the work, so a token's ``sigmoid`` could change with the rows beside it.
 :func:`pointwise` pads the flattened work so that every element takes the vector path at every capability
 level and thread count.
+
+What the reference ops of the graph need besides (checked per op by ``tests/reference/test_batch_invariance.py``
+at the default, avx2 and avx512 levels): ``exp`` and ``log`` (MKL VML), ``sqrt``, ``rsqrt``, division and the
+other IEEE operations give an element the same bits wherever it sits, so they run unpadded; softmax, norms,
+``amax``/``sum``/``mean`` over a row's own elements, ``topk`` and ``sort`` work row by row; the float64
+attention products are per (query row, request) matrices, and the fp32 GEMMs use :func:`row_matmul` or
+:func:`pad_rows`.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ROW_TILE", "LANE_TILE", "pad_rows", "row_matmul", "pointwise"]
+__all__ = ["ROW_TILE", "LANE_TILE", "pad_rows", "row_matmul", "padded_numel", "pointwise"]
 
 #: Rows are padded to a multiple of this.
 ROW_TILE = 4
@@ -50,8 +57,8 @@ def row_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(pad_rows(a), b)[..., :m, :]
 
 
-#: Element-wise work is padded to a multiple of this many elements per thread: twice the widest vector
-#: ATen uses for fp32/fp64 math (avx512: 16 floats, unrolled twice) with room to spare.
+#: Element-wise work is padded to a multiple of this many elements per thread chunk: one vector step (two
+#: vectors) of the widest vectors ATen uses here, 32 bf16 lanes at avx512 (16 fp32, 8 fp64).
 LANE_TILE = 64
 
 #: ATen's ``at::internal::GRAIN_SIZE``: an element-wise kernel over fewer elements runs on one thread, a larger
