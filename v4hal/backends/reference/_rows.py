@@ -12,18 +12,20 @@ padding costs at most 3 zero rows a call (a one-token decode step multiplies 4 r
 Element-wise math has the same problem at a finer grain. ATen runs a contiguous element-wise kernel as
 vector steps of ``2 * Vectorized<T>::size()`` elements and computes the remainder with the scalar function,
 and its vector and scalar transcendental functions round differently (``sigmoid``, ``softplus`` and ``silu``
-differ in a few percent of fp32 inputs at the avx2 and avx512 levels; at the ``default`` level both are
-scalar). Which elements land in the remainder depends on the element count, and with several threads on
-where ``at::parallel_for`` splits the work, so a token's ``sigmoid`` could change with the rows beside it.
+differ in a few percent of fp32 inputs at the avx2 and avx512 levels; at the ``default`` level a vector
+function is the scalar one applied per lane). Which elements land in the remainder depends on the element
+count, and with several threads on where ``at::parallel_for`` splits the work, so a token's ``sigmoid``
+could change with the rows beside it.
 :func:`pointwise` pads the flattened work so that every element takes the vector path at every capability
 level and thread count.
 
 What the reference ops of the graph need besides (checked per op by ``tests/reference/test_batch_invariance.py``
-at the default, avx2 and avx512 levels): ``exp`` and ``log`` (MKL VML), ``sqrt``, ``rsqrt``, division and the
-other IEEE operations give an element the same bits wherever it sits, so they run unpadded; softmax, norms,
-``amax``/``sum``/``mean`` over a row's own elements, ``topk`` and ``sort`` work row by row; the float64
-attention products are per (query row, request) matrices, and the fp32 GEMMs use :func:`row_matmul` or
-:func:`pad_rows`.
+at the default, avx2 and avx512 levels): nothing for ``exp`` and ``log``, which run through ``at::vml`` (MKL's
+VML, or without MKL a vector map whose remainder is a partial vector load through the same vector function),
+nor for ``sqrt``, ``rsqrt``, division and the other correctly rounded operations: they give an element the same
+bits wherever it sits. Softmax, the norms, ``amax``/``sum``/``mean`` over a token's own elements, ``topk`` and
+``sort`` work row by row; the float64 attention products are one matrix per query row and request; the fp32
+GEMMs use :func:`row_matmul` or :func:`pad_rows`.
 """
 from __future__ import annotations
 
