@@ -161,6 +161,24 @@ def _cases() -> list[Case]:
     cases.append(("indexer_logits_paged", logits))
     cases.append(("indexer_topk_paged", lambda r: [v4hal.indexer_topk_paged(
         iq2[r], icache, iw2[2 * r.start:2 * r.stop], ctx[r], table[r], 6, layout=ilay, offset=7)]))
+
+    # the ragged compressor (rows = requests of 5 tokens each; entries per request padded to 2, and the
+    # request's state pages after the call)
+    (rx, wkv, wgate, cape, cnorm, cfreqs, state, stable, cu, sp, cratio, ceps) = make_case("compressor_ragged", {
+        "ratio": 4, "d": 32, "h": 64, "reqs": ROWS, "s": 5, "start": 6, "blk": 4, "rd": 16})
+
+    def ragged(r: slice) -> list[torch.Tensor]:
+        st = state.clone()
+        lo, hi = int(cu[r.start]), int(cu[r.stop])
+        ent, ereq, _ = v4hal.compressor_ragged(rx[lo:hi], wkv, wgate, cape, cnorm, cfreqs, st, stable[r],
+                                               cu[r.start:r.stop + 1] - cu[r.start], sp[r], cratio, ceps)
+        per = ent.new_zeros(r.stop - r.start, 2, ent.shape[1])
+        for i in range(r.stop - r.start):
+            rows = ent[ereq == i]
+            per[i, :rows.shape[0]] = rows
+        return [per, st[stable[r].long()]]
+
+    cases.append(("compressor_ragged", ragged))
     return cases
 
 
