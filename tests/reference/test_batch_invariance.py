@@ -85,8 +85,8 @@ def _cases() -> list[Case]:
     q3, s3 = v4hal.quant_weight_fp4(randn(2, 256, 128, scale=0.1), 32)
     cases.append(("moe_experts fp4", lambda r: [v4hal.moe_experts(xw[r], ww[r], wi[r], q1, q2, q3,
                                                                   w_scales=(s1, s2, s3), swiglu_limit=10.0)]))
-    # 9 x 4 x 1000 = 36000 fp32 SwiGLU elements: 2 threads take 18000 each, not a whole number of vector steps
-    f1, f2, f3 = randn(2, 1000, 128, scale=0.1), randn(2, 128, 1000, scale=0.1), randn(2, 1000, 128, scale=0.1)
+    # 9 x 4 x 1003 = 36108 fp32 SwiGLU elements: 2 threads take 18054 each, not a whole number of vector steps
+    f1, f2, f3 = randn(2, 1003, 128, scale=0.1), randn(2, 128, 1003, scale=0.1), randn(2, 1003, 128, scale=0.1)
     cases.append(("moe_experts fp32 wide", lambda r: [v4hal.moe_experts(xw[r].float(), ww[r], wi[r], f1, f2, f3)]))
 
     def dispatch_combine(r: slice) -> list[torch.Tensor]:
