@@ -15,7 +15,7 @@ from v4hal.backends.reference import gemm as G
 from v4hal.backends.reference import mhc as M
 from v4hal.backends.reference import quant as Q
 from v4hal.backends.reference import small as S
-from v4hal.backends.reference._rows import ROW_TILE
+from v4hal.backends.reference._rows import ROW_TILE, pointwise
 from v4hal.hal import formats as F
 from v4hal.hal.errors import DTypeError, RangeError
 
@@ -174,8 +174,10 @@ def test_mhc_and_rms_norm_match_plain_forms() -> None:
     for lead in ((1, 1), (2, 33)):
         mixes = torch.randn(*lead, 24, generator=g)
         scale, base = torch.randn(3, generator=g), torch.randn(24, generator=g)
-        pre = torch.sigmoid(mixes[..., :4] * scale[0] + base[:4]) + 1e-6
-        post = 2 * torch.sigmoid(mixes[..., 4:8] * scale[1] + base[4:8])
+        # the sigmoid of the batch-invariant vector path (plain torch.sigmoid rounds the remainder elements
+        # of a call with its scalar function)
+        pre = pointwise(torch.sigmoid, mixes[..., :4] * scale[0] + base[:4]) + 1e-6
+        post = 2 * pointwise(torch.sigmoid, mixes[..., 4:8] * scale[1] + base[4:8])
         comb = torch.softmax((mixes[..., 8:] * scale[2] + base[8:]).unflatten(-1, (4, 4)), dim=-1) + 1e-6
         comb = comb / (comb.sum(dim=-2, keepdim=True) + 1e-6)
         for _ in range(19):

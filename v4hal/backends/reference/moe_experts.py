@@ -35,6 +35,7 @@ import torch.nn.functional as Fn
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
 
+from ._rows import pointwise
 from .gemm import GroupPlan, grouped_gemms
 from .quant import act_quant
 
@@ -86,7 +87,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     if swiglu_limit > 0:
         up = torch.clamp(up, min=-swiglu_limit, max=swiglu_limit)
         gate = torch.clamp(gate, max=swiglu_limit)
-    h = weights.reshape(-1)[order].float().unsqueeze(1) * (Fn.silu(gate) * up)
+    h = weights.reshape(-1)[order].float().unsqueeze(1) * (pointwise(Fn.silu, gate) * up)
     h = h.to(x.dtype)
 
     if fmt == "float":
