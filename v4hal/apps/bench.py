@@ -20,6 +20,7 @@ from v4hal.bench.report import build_document, plot_rows, render_ceilings, rende
 from v4hal.bench.runner import default_backends, run_cases
 from v4hal.extras import require, require_type
 from v4hal.hal.errors import RangeError
+from v4hal.hal.platform import platform_of
 
 #: upper bounds of the numeric flags
 MAX_REPEATS = 1_000_000          # --repeats (timed calls per case; per op with --overhead)
@@ -137,9 +138,10 @@ def main(args: argparse.Namespace) -> int:
     available = default_backends(device)
     backends = split_list(args.backends) if args.backends else available
     backends_on(backends, device)
-    if device == "cpu" and not (args.quick or args.shapes):
+    sizes = platform_of(device).bench
+    if not sizes.gpu_like and not (args.quick or args.shapes):
         print("v4hal bench: note: full V4 shapes on the CPU take long; --quick runs the small set", file=sys.stderr)
-    repeats = args.repeats or (20 if device != "cpu" else 7)
+    repeats = args.repeats or sizes.repeats
     t0 = time.monotonic()
     ceilings = measure_ceilings(device, quick=args.quick)
     print(render_ceilings(ceilings))

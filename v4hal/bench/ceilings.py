@@ -94,7 +94,7 @@ def measure_ceilings(device: str = "cpu", *, quick: bool = False) -> Ceilings:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for name, dt in dtypes.items():
         ceil.matmul_flops_per_s[name] = _matmul_rate(dev, n, dt, gpu)
-    if device == "cuda":
+    if sizes.fp8_matmul:
         fn = _scaled_mm_fp8(n, dev)
         if fn is None:
             ceil.notes["fp8"] = "torch._scaled_mm FP8 is not supported on this GPU / torch build"

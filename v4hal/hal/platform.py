@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform as _host
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,7 +29,8 @@ class BenchSizes:
     should span, ``rotate_budget`` the most memory they may take, ``max_sets`` the most sets,
     ``make_budget_s`` the seconds building them may take; ``copy_bytes`` / ``matmul_n`` the copy buffer and
     the square matmul of the ceilings (``quick_*``: with ``--quick``); ``gpu_like``: warm up and repeat as on
-    an accelerator."""
+    an accelerator; ``repeats``: timed calls per case by default; ``fp8_matmul``: the ceilings probe an FP8
+    matmul (``torch._scaled_mm``)."""
 
     rotate_bytes: int
     rotate_budget: int
@@ -40,6 +41,8 @@ class BenchSizes:
     quick_copy_bytes: int
     quick_matmul_n: int
     gpu_like: bool
+    repeats: int
+    fp8_matmul: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,6 @@ class Platform:
     pool_memory_share: float
     bench: BenchSizes
     has_events: bool = False
-    notes: dict[str, str] = field(default_factory=dict)
 
     def module(self) -> Any:
         """``torch.<name>`` (``torch.cuda``, ``torch.npu`` once torch_npu is imported), or None."""
@@ -126,18 +128,18 @@ def cpu_available_memory() -> int:
 
 _CPU_BENCH = BenchSizes(rotate_bytes=64 << 20, rotate_budget=512 << 20, max_sets=16, make_budget_s=0.5,
                         copy_bytes=256 << 20, matmul_n=1024, quick_copy_bytes=64 << 20, quick_matmul_n=512,
-                        gpu_like=False)
+                        gpu_like=False, repeats=7)
 _GPU_BENCH = BenchSizes(rotate_bytes=512 << 20, rotate_budget=8 << 30, max_sets=64, make_budget_s=10.0,
                         copy_bytes=2 << 30, matmul_n=8192, quick_copy_bytes=2 << 30, quick_matmul_n=8192,
-                        gpu_like=True)
+                        gpu_like=True, repeats=20)
 
 #: the record of each known device type
 PLATFORMS: dict[str, Platform] = {
     # the CPU: quantized caches (what the reference and Triton-interpreter kernels decode), gloo
     "cpu": Platform("cpu", "perf_counter", "gloo", ("model1_fp8", "indexer_fp4"), 0.125, _CPU_BENCH),
     # CUDA: FlashMLA's and DeepGEMM's paged layouts, NCCL
-    "cuda": Platform("cuda", "cuda-events", "nccl", ("model1_fp8", "indexer_fp4"), 0.5, _GPU_BENCH,
-                     has_events=True),
+    "cuda": Platform("cuda", "cuda-events", "nccl", ("model1_fp8", "indexer_fp4"), 0.5,
+                     replace(_GPU_BENCH, fp8_matmul=True), has_events=True),
     # Ascend: CANN's attention and indexer read bf16 paged caches (A2/A3), HCCL
     "npu": Platform("npu", "npu-events", "hccl", ("bf16", "bf16"), 0.5, _GPU_BENCH, has_events=True),
 }
