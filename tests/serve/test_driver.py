@@ -254,16 +254,27 @@ def test_default_layout_follows_the_model_config(tmp_path: Path) -> None:
 
 
 def test_report_shows_preemptions_and_failures(model: V4Model) -> None:
-    """The run's figures and its table carry the engine's preemptions and the requests it failed (here: logits
-    made non-finite for request 1 by its chooser's view), and the failed request does not count as finished
-    with all its tokens."""
-    res = D.run_requests(model, requests=2, prompt_len=6, max_new_tokens=2, chunk=16, arrival=0, baseline=False,
-                         progress=False)
-    assert res["preemptions"] == 0 and res["failed"] == {}
-    assert "0 failed, 0 preemptions" in format_report(res)
-    failed = dict(res, failed={1: "request 1 failed: non-finite logits"}, preemptions=2, all_finished=False)
-    text = format_report(failed)
-    assert "1 failed, 2 preemptions; request 1: request 1 failed: non-finite logits" in text
+    """A request whose prompt holds a token with a NaN embedding fails in the engine: the run's figures name it
+    with the engine's reason, the table shows it with the preemptions, the others finish, and the run does
+    not count as all finished."""
+    lengths = W.request_lengths(3, 6, seed=0)
+    prompts = list(W.iter_prompts(lengths, MINI.vocab_size, 0))
+    bad = next(t for t in prompts[1] if t not in prompts[0] and t not in prompts[2])
+    w = model.embed.weight
+    keep = w[bad].clone()
+    with torch.no_grad():
+        w[bad] = float("nan")
+    try:
+        res = D.run_requests(model, requests=3, prompt_len=6, max_new_tokens=2, chunk=64, arrival=0,
+                             baseline=False, progress=False)
+    finally:
+        with torch.no_grad():
+            w[bad] = keep
+    assert list(res["failed"]) == [1] and res["failed"][1].startswith("request 1 failed: non-finite")
+    assert res["finished"] == 3 and not res["all_finished"] and res["preemptions"] == 0
+    assert res["tokens"][1] == [] and all(len(res["tokens"][i]) == 2 for i in (0, 2))
+    text = format_report(res)
+    assert "1 failed, 0 preemptions; request 1: request 1 failed: non-finite" in text
 
 
 def test_workload_and_memory_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,3 +297,10 @@ def test_single_request_baseline_is_like_for_like(model: V4Model) -> None:
     mean = round(sum(res["prompt_lengths"]) / 3)
     assert min(res["prompt_lengths"]) >= 16 + 2 and res["single"]["prompt_len"] == mean > 16
     assert f"prompt {mean} = the requests' mean" in format_report(res)
+
+
+def test_layout_flag_names_every_pair() -> None:
+    """``--layout`` lists its names without importing serving code; they are `LAYOUT_PAIRS`'s."""
+    from v4hal.apps.run import LAYOUT_NAMES
+
+    assert LAYOUT_NAMES == tuple(S.LAYOUT_PAIRS)

@@ -13,7 +13,7 @@ the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes t
 (`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
 ``--shared-prefix``, ``--pool-memory``) and prints its throughput, pages and cache bytes next to one
 request timed on the contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel
-ranks (request i to rank i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
+ranks (request i to rank i % K) that step together (`v4hal.apps.serve.run_requests_ep`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ MAX_ARRIVAL = 1 << 20            # --arrival
 MAX_BLOCK_SIZE = 1024            # --block-size
 MAX_POOL_MEMORY = 1 << 50        # --pool-memory (also bounded by the memory available, in `serve_options`)
 
-#: ``--layout`` names (`v4hal.serve.driver.LAYOUT_PAIRS`), listed here so parsing imports no serving code
+#: ``--layout`` names (`v4hal.serve.sizing.LAYOUT_PAIRS`), listed here so parsing imports no serving code
 LAYOUT_NAMES = ("quantized", "bf16", "bf16_kv")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
