@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import v4hal
-from v4hal import cliargs
-from v4hal.cli import cli
+from v4hal.apps import args as cliargs
+from v4hal.apps.main import cli
 from v4hal.model import ModelConfig
 
 # a device of a registered type that is not usable here: the CPU-only build's cuda, else a missing index
@@ -116,8 +116,8 @@ CASES: list[tuple[list[str], str]] = [
     (["run", "--requests", "4", "--pool-memory", "1k"], "argument --pool-memory: expected a size in [1 MiB, "),
     (["run", "--requests", "4", "--pool-memory", "lots"], "argument --pool-memory: expected a size such as 512M"),
     (["run", "--requests", "4", "--pool-memory", "2000T"], "argument --pool-memory: expected a size in [1 MiB, 1 PiB]"),
-    (["run", "--requests", "4", "--pool-memory", "1M"], "the longest request (159 positions) needs 1.27 MiB of cache "
-                                                        "pages, more than the pool's --pool-memory 1 MiB"),
+    (["run", "--requests", "4", "--prompt-len", "1024", "--pool-memory", "1M"],
+     "the longest request (2079 positions) needs 1.21 MiB of cache pages, more than the pool's --pool-memory 1 MiB"),
     (["run", "--pool-memory", "1G"], "--pool-memory only applies to a continuous-batching run"),
     (["parity", "--seed", "99999999999999999999999"], "argument --seed: expected an integer in [0, 4294967295]"),
     (["parity", "--model", "v4-mini", "--seed", "-5"], "argument --seed"),
@@ -205,7 +205,7 @@ def test_debug_shows_the_traceback(places: dict[str, str], capsys: pytest.Captur
 
 def test_unexpected_exceptions_keep_their_traceback(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import v4hal.cli as cli_module
+    import v4hal.apps.info as cli_module
 
     def broken(args: object) -> int:
         raise ZeroDivisionError("a bug")
@@ -244,9 +244,9 @@ def test_writable_path_probe(tmp_path: Path) -> None:
     (["parity", "--model", "v4-mini", "--json", "{no}/p.json"], "argument --json: cannot write"),
 ])
 def test_end_to_end_no_traceback(argv: list[str], fragment: str, places: dict[str, str]) -> None:
-    """``python -m v4hal.cli``: the same one line and exit status 2 from a fresh interpreter."""
+    """``python -m v4hal.apps.main``: the same one line and exit status 2 from a fresh interpreter."""
     argv = [a.format(**places) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "v4hal.cli", *argv], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "v4hal.apps.main", *argv], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert_one_line_error(argv[0], proc.returncode, proc.stdout, proc.stderr, fragment)
     assert proc.stdout == ""
@@ -283,9 +283,9 @@ def test_a_failed_write_at_the_end_is_one_line(argv: list[str], flag: str, capsy
 
 @needs_dev_full
 def test_parallel_bench_bounds_and_write_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m v4hal.parallel.bench``: bounded flags, checks across flags, and a failed JSON write, each one
-    line ``v4hal parallel.bench: error: ...`` and exit 2."""
-    from v4hal.parallel.bench import main
+    """``python -m v4hal.apps.ep_bench``: bounded flags, checks across flags, and a failed JSON write, each one
+    line ``v4hal ep_bench: error: ...`` and exit 2."""
+    from v4hal.apps.ep_bench import main
 
     for argv, fragment in ((["--tokens", "999999999"], "argument --tokens: expected an integer in [1, 65536]"),
                            (["--ep", "0"], "argument --ep: expected an integer in [1, 64]"),
@@ -295,13 +295,13 @@ def test_parallel_bench_bounds_and_write_failure(tmp_path: Path, capsys: pytest.
                            (["--payloads", "bogus"], "argument --payloads: unknown payload 'bogus'")):
         rc = main(argv)
         out, err = capsys.readouterr()
-        assert_one_line_error("parallel.bench", rc, out, err, fragment)
+        assert_one_line_error("ep_bench", rc, out, err, fragment)
         assert out == ""
     tiny = ["--ep", "2", "--tokens", "4", "--dim", "128", "--experts", "4", "--topk", "2", "--iters", "1",
             "--warmup", "0", "--payloads", "bf16", "--threads", "1"]
     rc = main([*tiny, "--json", FULL])
     out, err = capsys.readouterr()
-    assert_error_last("parallel.bench", rc, err, f"--json: cannot write {FULL}: No space left on device")
+    assert_error_last("ep_bench", rc, err, f"--json: cannot write {FULL}: No space left on device")
     assert "EP 2 x 4 tokens/rank" in out
 
 
@@ -321,9 +321,9 @@ def test_output_errors_name_the_flag_and_remove_a_partial_file(tmp_path: Path) -
 def test_pool_memory_above_what_is_available(places: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """``--pool-memory`` larger than the memory the device has free is refused before anything is loaded."""
-    from v4hal.serve import driver
+    from v4hal.apps import serve
 
-    monkeypatch.setattr(driver, "available_memory", lambda device: 64 << 20)
+    monkeypatch.setattr(serve, "available_memory", lambda device: 64 << 20)
     rc = _status(["run", "--requests", "4", "--pool-memory", "1G"])
     out, err = capsys.readouterr()
     assert_one_line_error("run", rc, out, err, "--pool-memory 1 GiB is more than the 64 MiB available on cpu")

@@ -162,7 +162,7 @@ class NotInstalled(importlib.machinery.PathFinder):
 
 sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = NotInstalled
 import v4hal
-from v4hal.cli import cli
+from v4hal.apps.main import cli
 
 failed = []
 for mod in pkgutil.walk_packages(v4hal.__path__, "v4hal."):

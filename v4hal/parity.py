@@ -7,7 +7,6 @@ The op list is read live from the op table (``v4hal.public_ops()``; in-place var
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Any, Sequence
@@ -15,11 +14,10 @@ from typing import Any, Sequence
 import torch
 
 from v4hal import cases, compare
-from v4hal.cliargs import reports_errors, write_json
 from v4hal.hal.dispatch import use_backend
 from v4hal.hal.errors import BackendUnavailableError
 
-__all__ = ["run_parity", "check_case", "parity_backends", "format_table", "summary", "add_arguments", "main"]
+__all__ = ["run_parity", "check_case", "parity_backends", "format_table"]
 
 
 def _clone(args: list[Any]) -> list[Any]:
@@ -124,69 +122,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['op']:<22}{r['backend']:<10}{r['shape'][:43]:<44}{r['max_abs']:>12.3g}{r['diff']:>11.2g}"
                      f"{r['mismatches']:>6}  {r['status']}{reason}")
     return "\n".join(lines)
-
-
-def summary(rows: list[dict[str, Any]], device: str = "cpu", seconds: float | None = None) -> str:
-    """What a parity run compared, in words: ``compared N backend(s) against the reference (names): P passed,
-    F failed, S skipped``, then each other backend that was not compared and why (its first reason on
-    ``device``). With nothing compared it says so instead of a pass count."""
-    from v4hal.cliargs import unavailable_reason
-    from v4hal.hal import registry
-
-    ran = [r for r in rows if r["status"] in ("pass", "FAIL")]
-    failed = sum(r["status"] == "FAIL" for r in ran)
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    compared = sorted({r["backend"] for r in ran})
-    absent = [n for n in registry.BACKENDS if n != "reference" and n not in compared]
-    why = "; ".join(f"{n} not compared: {unavailable_reason(n, device) or 'no case ran on it'}" for n in absent)
-    oracle = sum(r["status"] == "oracle" for r in rows)
-    took = f"; {len(rows)} rows in {seconds:.1f} s" if seconds is not None else ""
-    if not ran:
-        return (f"compared 0 backend(s) against the reference: nothing was checked (the reference ran {oracle} "
-                f"case(s) alone, {skipped} skipped{took})" + (f"\n{why}" if why else ""))
-    return (f"compared {len(compared)} backend(s) against the reference ({', '.join(compared)}): "
-            f"{len(ran) - failed} passed, {failed} failed, {skipped} skipped{took}" + (f"\n{why}" if why else ""))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``v4hal parity`` (op level; with ``--model``, also `v4hal.model.parity`'s)."""
-    from v4hal.cliargs import backend_names, choice_list, device, model_preset, seed, writable_path
-    from v4hal.ops import public_ops
-
-    parser.add_argument("--device", default="cpu", type=device,
-                        help="device whose tensors the ops run on (cpu, cuda, npu)")
-    parser.add_argument("--backends", default=None, type=choice_list(backend_names, "backend"),
-                        help="comma-separated backends to compare with the reference (default: all available)")
-    parser.add_argument("--ops", default=None, type=choice_list(public_ops, "op"),
-                        help="comma-separated ops (default: all)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the case inputs (0 .. 2**32 - 1)")
-    parser.add_argument("--json", default=None, type=writable_path, help="write the rows to this JSON file")
-    parser.add_argument("--model", default=None, type=model_preset,
-                        help="model-level parity instead (e.g. v4-mini): compare hidden states and logits per backend")
-    from v4hal.model.parity import add_model_arguments
-    group = parser.add_argument_group("with --model")
-    add_model_arguments(group)
-
-
-@reports_errors("parity")
-def main(args: argparse.Namespace) -> int:
-    """``v4hal parity``: 0 when every compared row passes, 1 otherwise, 2 on bad options (one line on stderr)."""
-    from v4hal.cliargs import backends_on, split_list
-
-    if args.model:
-        from v4hal.model import parity as model_parity
-        return model_parity.main(args)
-    backends = split_list(args.backends) if args.backends else None
-    ops = split_list(args.ops) if args.ops else None
-    if backends:
-        backends_on(backends, args.device)
-    t0 = time.perf_counter()
-    rows = run_parity(args.device, backends, ops, args.seed)
-    print(format_table(rows))
-    print()
-    print(summary(rows, args.device, time.perf_counter() - t0))
-    failed = [r for r in rows if r["status"] == "FAIL"]
-    if args.json:
-        write_json(args.json, {"device": args.device, "seed": args.seed, "rows": rows})
-        print(f"wrote {args.json}")
-    return 1 if failed else 0

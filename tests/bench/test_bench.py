@@ -9,13 +9,14 @@ import torch
 
 import v4hal
 from v4hal import cases as catalogue
+from v4hal.apps.bench import add_arguments, main
 from v4hal.bench import cases as casemod
 from v4hal.bench import gpu_check, report, runner
 from v4hal.bench.ceilings import Ceilings, measure_ceilings
-from v4hal.bench.cli import add_arguments, main
 from v4hal.bench.timing import time_fn, value_checks_off
 from v4hal.hal import registry
 from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.hal.platform import platform_of
 
 
 def test_time_fn_rotates_and_takes_the_median() -> None:
@@ -157,7 +158,7 @@ def test_runner_does_not_time_a_wrong_backend() -> None:
 def test_rotation_count() -> None:
     small = casemod.bench_case("rms_norm", {"t": 4, "d": 64}, "s")
     big = casemod.bench_case("rms_norm", {"t": 1 << 14, "d": 4096}, "b")
-    assert runner.rotation_count(small, "cpu") == runner.MAX_SETS["cpu"]
+    assert runner.rotation_count(small, "cpu") == platform_of("cpu").bench.max_sets
     assert runner.rotation_count(big, "cpu") == 1
 
 

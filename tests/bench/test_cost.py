@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from v4hal.apps.cost import add_arguments, main, parse_length
 from v4hal.bench import cost
-from v4hal.bench.cost_cli import add_arguments, main, parse_length
 from v4hal.hal.errors import RangeError
 from v4hal.model.config import ModelConfig
 

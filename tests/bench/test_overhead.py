@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
+from v4hal.apps.main import cli
 from v4hal.bench.overhead import measure_overhead, render_overhead, torch_ops_floor_us
-from v4hal.cli import cli
 
 
 def test_overhead_rows_for_two_ops() -> None:

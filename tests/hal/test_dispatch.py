@@ -132,7 +132,7 @@ def test_available_backends_and_info():
 
 
 def test_cli_info_prints_matrix(capsys):
-    from v4hal.cli import cli
+    from v4hal.apps.main import cli
     assert cli(["info", "--devices", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "ops on cpu" in out and "sparse_attn" in out and "unavailable" in out

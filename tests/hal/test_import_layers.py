@@ -1,6 +1,6 @@
-"""The op layer's imports run one way: ``v4hal.hal`` imports nothing above it, and no module of
-the hal, the op declarations or the Ascend backend sits in an import circle (every import statement
-counts, at module level or inside a function)."""
+"""The package's imports run one way: ``v4hal.hal`` imports nothing above it, no module of v4hal sits in an
+import circle, and only the application layer (``v4hal.apps``) imports the application layer (every import
+statement counts, at module level or inside a function)."""
 from __future__ import annotations
 
 import ast
@@ -89,3 +89,24 @@ def test_no_import_circle_in_the_op_layer():
     prefixes = tuple("v4hal." + part.replace("/", ".") for part in LAYERED)
     bad = [sorted(c) for c in _circles(_graph()) if any(m == p or m.startswith(p + ".") for m in c for p in prefixes)]
     assert not bad, bad
+
+
+def test_no_import_circle_in_the_package():
+    """No two modules of v4hal import each other in a loop, anywhere in the package (a package's
+    ``__init__`` counts as the package)."""
+    assert not [sorted(c) for c in _circles(_graph())], [sorted(c) for c in _circles(_graph())]
+
+
+def test_library_modules_never_import_the_application_layer():
+    """Only ``v4hal.apps`` (the command-line runners) imports ``v4hal.apps``."""
+    graph = _graph()
+    bad = {m: sorted(t for t in ts if t == "v4hal.apps" or t.startswith("v4hal.apps."))
+           for m, ts in graph.items() if not (m == "v4hal.apps" or m.startswith("v4hal.apps."))}
+    assert not {m: ts for m, ts in bad.items() if ts}, bad
+
+
+def test_graph_sees_imports_inside_functions():
+    """An import inside a function is an edge of the graph as much as one at module level."""
+    graph = _graph()
+    assert "v4hal.apps.serve" in graph["v4hal.apps.run"]           # imported inside `check_args` / `main`
+    assert "v4hal.model.checkpoint" in graph["v4hal.model.model"]  # imported inside `from_pretrained`

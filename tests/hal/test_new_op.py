@@ -18,8 +18,8 @@ import torch
 import v4hal
 from tests.test_every_backend import backend_rows
 from v4hal import cases
+from v4hal.apps import bench as bench_cli
 from v4hal.bench import cases as bench_cases
-from v4hal.bench import cli as bench_cli
 from v4hal.bench import runner
 from v4hal.cases import REQUIRED, OpCase
 from v4hal.hal import registry

@@ -127,7 +127,7 @@ def test_mmap_option_is_checked(mini_fp8) -> None:
 
 
 def test_cli_mmap_flag(mini_fp8, capsys) -> None:
-    from v4hal.cli import cli
+    from v4hal.apps.main import cli
 
     with pytest.raises(SystemExit):
         cli(["run", "--help"])

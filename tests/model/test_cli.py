@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from v4hal.cli import cli
+from v4hal.apps.main import cli
 from v4hal.model import ModelConfig
 from v4hal.model.parity import BackendRun, compare
 
@@ -117,9 +117,9 @@ def test_parity_says_when_nothing_was_compared(capsys) -> None:
     import subprocess
     import sys
 
-    from v4hal.parity import summary
+    from v4hal.apps.parity import summary
 
-    proc = subprocess.run([sys.executable, "-m", "v4hal.cli", "parity", "--ops", "rms_norm"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "v4hal.apps.main", "parity", "--ops", "rms_norm"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, proc.stderr
     assert "compared 0 backend(s) against the reference: nothing was checked" in proc.stdout

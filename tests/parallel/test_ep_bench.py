@@ -1,4 +1,4 @@
-"""`measure_ep` and ``python -m v4hal.parallel.bench``: byte counts follow the row format, FP8 halves the dispatch."""
+"""`measure_ep` and ``python -m v4hal.apps.ep_bench``: byte counts follow the row format, FP8 halves the dispatch."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from v4hal.apps.ep_bench import main
 from v4hal.hal.errors import RangeError
-from v4hal.parallel.bench import PAYLOADS, format_table, main, measure_ep
+from v4hal.parallel.bench import PAYLOADS, format_table, measure_ep
 
 D, E, K = 256, 8, 3
 

@@ -43,8 +43,8 @@ def test_v4_mini_ep2_logits(mini_ckpt: Path, experts_fp8: bool, preslice: bool) 
 
 def test_run_ep_matches_single_process_run(mini_ckpt: Path) -> None:
     """`run_ep` (the `v4hal run --ep N` path) generates the tokens of `v4hal run`."""
-    from v4hal.model.cli import run
-    from v4hal.parallel.model import run_ep
+    from v4hal.apps.run import run
+    from v4hal.apps.run_ep import run_ep
 
     args = argparse.Namespace(model=None, checkpoint=str(mini_ckpt), backend=None, device="cpu", prompt_len=12,
                               max_new_tokens=3, batch=3, seed=1, threads=1, experts="auto", json=None,

@@ -578,3 +578,29 @@ def test_request_peak_pages_bounds_what_one_request_holds(block_size: int, chunk
             done += n
         pool.release("r")
     assert all(bound[k] - 1 <= peak[k] <= bound[k] for k in pool.kinds), (peak, bound)
+
+
+def test_pop_finished_hands_over_and_forgets_the_requests_that_left(model: V4Model) -> None:
+    """`Engine.pop_finished` returns the requests that left since the last call (finished and aborted alike)
+    and the engine keeps none of them: the next call returns only later ones, a popped id is unknown to
+    `abort`, and it may be added again."""
+    prompts = _prompts([9, 40, 5])
+    e = _engine(model, chunk=32, reuse_prefixes=False)
+    for i, p in enumerate(prompts):
+        e.add(i, p, 2)
+    assert e.pop_finished() == {}
+    e.abort(2)
+    while 0 not in e.finished:
+        e.step()
+    got = e.pop_finished()
+    assert 0 in got and got[2].status == "aborted" and got[0].output == _alone(model, prompts[0], 2)[0]
+    assert not e.finished and not set(got) & set(e.running)
+    with pytest.raises(RangeError, match="request 0 is not known"):
+        e.abort(0)
+    e.run()
+    rest = e.pop_finished()
+    assert set(rest) == {0, 1, 2} - set(got) and {**got, **rest}[1].output == _alone(model, prompts[1], 2)[0]
+    assert e.pop_finished() == {} and not e.finished
+    e.add(0, prompts[0], 2)                     # a popped id may come back
+    e.run()
+    assert e.pop_finished()[0].output == got[0].output

@@ -5,7 +5,8 @@
 - dense matmul rate per dtype: a square ``torch.matmul`` (fp32, bf16, fp16) and, on CUDA
   GPUs that support it, FP8 through ``torch._scaled_mm`` with per-tensor scales.
 
-Sizes scale with the device (CPU: 256 MiB copy / 1024^3 matmul; GPU: 2 GiB copy / 8192^3).
+Sizes come from the device's `v4hal.hal.platform.Platform` (CPU: 256 MiB copy / 1024^3 matmul; GPU:
+2 GiB copy / 8192^3).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from v4hal.hal.platform import platform_of
 
 from .timing import time_fn
 
@@ -45,14 +48,8 @@ class Ceilings:
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    if device == "npu":
-        npu = getattr(torch, "npu")
-        return str(npu.get_device_name())
-    import platform
-
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    """A readable name of ``device`` (`Platform.device_name`)."""
+    return platform_of(device).device_name()
 
 
 def _scaled_mm_fp8(n: int, dev: torch.device) -> Callable[[int], Any] | None:
@@ -87,16 +84,17 @@ def _matmul_rate(dev: torch.device, n: int, dtype: torch.dtype, gpu: bool) -> fl
 def measure_ceilings(device: str = "cpu", *, quick: bool = False) -> Ceilings:
     """Measure copy bandwidth and matmul rates on ``device`` (a few seconds; ``quick`` shrinks the CPU sizes)."""
     dev = torch.device(device)
-    gpu = device in ("cuda", "npu")
-    copy_bytes = (2 << 30) if gpu else ((64 << 20) if quick else (256 << 20))
+    sizes = platform_of(device).bench
+    gpu = sizes.gpu_like
+    copy_bytes = sizes.quick_copy_bytes if quick else sizes.copy_bytes
     ceil = Ceilings(device, device_name(device), _copy_rate(dev, copy_bytes, gpu))
-    n = 8192 if gpu else (512 if quick else 1024)
+    n = sizes.quick_matmul_n if quick else sizes.matmul_n
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if not gpu:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for name, dt in dtypes.items():
         ceil.matmul_flops_per_s[name] = _matmul_rate(dev, n, dt, gpu)
-    if device == "cuda":
+    if sizes.fp8_matmul:
         fn = _scaled_mm_fp8(n, dev)
         if fn is None:
             ceil.notes["fp8"] = "torch._scaled_mm FP8 is not supported on this GPU / torch build"

@@ -18,20 +18,17 @@ timed one by one with ``time.perf_counter_ns``, the variants interleaved, and me
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from v4hal.cliargs import reports_errors, write_json
 from v4hal.hal.errors import RangeError
 
-__all__ = ["OverheadRow", "measure_overhead", "torch_ops_floor_us", "render_overhead", "main"]
+__all__ = ["OverheadRow", "measure_overhead", "torch_ops_floor_us", "render_overhead"]
 
 
 @dataclass
@@ -204,30 +201,3 @@ def render_overhead(rows: list[OverheadRow], floor_us: float, device: str) -> st
               "with the real kernel (includes its timing jitter); kernel = v4hal's dispatching kernel inside added;",
               "vchecks = added by value checks when on (CPU default)"]
     return "\n".join(lines)
-
-
-@reports_errors("bench")
-def main(args: argparse.Namespace) -> int:
-    """``v4hal bench --overhead`` (uses ``--ops``, ``--device``, ``--repeats``, ``--json``); 2 on an unknown op
-    (one line on stderr)."""
-    from v4hal.cases import case_ops
-
-    device = args.device or "cpu"
-    ops = None
-    if args.ops is not None:
-        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-        if not ops:
-            raise RangeError(f"--ops: expected a comma-separated list of ops, got {args.ops!r}")
-        unknown = sorted(set(ops) - set(case_ops()))
-        if unknown:
-            raise RangeError(f"--ops names ops without a case {unknown}; known: {case_ops()}")
-    max_calls = args.repeats or 2000
-    rows = measure_overhead(ops, device, max_calls=max_calls)
-    floor = torch_ops_floor_us(device)
-    print(render_overhead(rows, floor, device))
-    if args.json:
-        doc = {"command": "v4hal bench --overhead", "argv": sys.argv[1:], "device": device,
-               "torch": torch.__version__, "torch_ops_floor_us": floor, "rows": [asdict(r) for r in rows]}
-        write_json(args.json, doc, indent=2)
-        print(f"wrote {args.json}")
-    return 0

@@ -13,7 +13,16 @@ from .ceilings import Ceilings
 from .peers import installed_libraries
 from .runner import Row
 
-__all__ = ["fmt_time", "text_table", "render_table", "render_ceilings", "build_document", "write_json", "plot_rows"]
+__all__ = ["format_bytes", "fmt_time", "text_table",
+           "render_table", "render_ceilings", "build_document", "write_json", "plot_rows"]
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short binary size: ``"512 MiB"``, ``"1.5 GiB"``."""
+    for unit, scale in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:

@@ -22,19 +22,13 @@ import v4hal
 from v4hal import compare
 from v4hal.hal import registry
 from v4hal.hal.errors import BackendUnavailableError
+from v4hal.hal.platform import platform_of
 
 from .cases import Case
 from .ceilings import Ceilings
 from .timing import time_fn, value_checks_off
 
-__all__ = ["Row", "run_cases", "rotation_count", "default_backends", "verify", "outputs_of", "ROTATE_BYTES"]
-
-# total bytes the rotating input sets should span, and the most memory they may take
-ROTATE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20, "npu": 512 << 20}
-ROTATE_BUDGET = {"cpu": 512 << 20, "cuda": 8 << 30, "npu": 8 << 30}
-MAX_SETS = {"cpu": 16, "cuda": 64, "npu": 64}
-# seconds the rotating input sets of one case may take to build
-MAKE_BUDGET_S = {"cpu": 0.5, "cuda": 10.0, "npu": 10.0}
+__all__ = ["Row", "run_cases", "rotation_count", "default_backends", "verify", "outputs_of"]
 
 
 @dataclass
@@ -86,9 +80,10 @@ def rotation_count(case: Case, device: str) -> int:
     """Input sets to rotate through: enough to span ``ROTATE_BYTES``, within ``ROTATE_BUDGET`` and ``MAX_SETS``
     (``case.bytes`` per set; the runner also caps by the bytes a built set really holds and its build time)."""
     per_set = max(case.bytes, 1.0)
-    want = math.ceil(ROTATE_BYTES.get(device, 64 << 20) / per_set)
-    fit = int(ROTATE_BUDGET.get(device, 1 << 30) // per_set)
-    return max(1, min(want, fit, MAX_SETS.get(device, 16)))
+    sizes = platform_of(device).bench
+    want = math.ceil(sizes.rotate_bytes / per_set)
+    fit = int(sizes.rotate_budget // per_set)
+    return max(1, min(want, fit, sizes.max_sets))
 
 
 def _nbytes(obj: Any) -> int:
@@ -106,8 +101,7 @@ def _nbytes(obj: Any) -> int:
 
 def _free(device: str) -> None:
     gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    platform_of(device).empty_cache()
 
 
 def verify(case: Case, out: Any, ref: Any, args: Sequence[Any],
@@ -232,8 +226,9 @@ def _run_wanted(case: Case, wanted: Sequence[str], device: str, dev: torch.devic
         # building a set can cost more than timing the op (weights quantized by the reference), and a
         # set can hold more than the op touches (a whole KV cache): keep within time and memory budgets
         held = max(_nbytes(inputs[0]), 1)
-        n_sets = max(1, min(n_sets, int(MAKE_BUDGET_S.get(device, 2.0) / max(t_make, 1e-6)),
-                            int(ROTATE_BUDGET.get(device, 1 << 30) // held)))
+        sizes = platform_of(device).bench
+        n_sets = max(1, min(n_sets, int(sizes.make_budget_s / max(t_make, 1e-6)),
+                            int(sizes.rotate_budget // held)))
         inputs += [case.make(dev, 1000 + s) for s in range(1, n_sets)]
         with v4hal.use_backend("reference"):
             ref = outputs_of(case, inputs[0])

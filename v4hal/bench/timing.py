@@ -1,4 +1,5 @@
-"""Timers that fit the device: CUDA events, NPU events, a monotonic clock on the CPU.
+"""Timers that fit the device (its `v4hal.hal.platform.Platform`): CUDA events, NPU events, a monotonic
+clock on the CPU.
 
 `time_fn(fn, device, ...)` calls ``fn(i)`` for i = 0, 1, 2, ... (the caller rotates its
 inputs with ``i``), warms up, then times ``repeats`` calls one by one and returns the median
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+
+from v4hal.hal.platform import platform_of
 
 __all__ = ["Timing", "time_fn", "synchronize", "timer_name", "value_checks_off", "value_checks_forced"]
 
@@ -33,16 +36,14 @@ class Timing:
         return {"median_s": self.median, "p10_s": self.p10, "p90_s": self.p90, "n": self.n, "timer": self.timer}
 
 
-def synchronize(device: str) -> None:
-    """Wait for the device's queued work."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elif device == "npu":
-        torch.npu.synchronize()  # type: ignore[attr-defined]
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (`v4hal.hal.platform.Platform.synchronize`)."""
+    platform_of(device).synchronize()
 
 
-def timer_name(device: str) -> str:
-    return {"cuda": "cuda-events", "npu": "npu-events"}.get(device, "perf_counter")
+def timer_name(device: str | torch.device) -> str:
+    """The timer `time_fn` uses on ``device`` (`Platform.timer`)."""
+    return platform_of(device).timer
 
 
 def value_checks_off() -> contextlib.AbstractContextManager[None]:
@@ -92,14 +93,14 @@ def time_fn(fn: Callable[[int], Any], device: str, *, warmup: int = 3, repeats: 
     while i < warmup or time.perf_counter() - t0 < min_warmup_s:
         fn(i)
         i += 1
-    synchronize(device)
+    plat = platform_of(device)
+    plat.synchronize()
     times: list[float] = []
     start_loop = time.perf_counter()
-    if device in ("cuda", "npu"):
-        mod = torch.cuda if device == "cuda" else torch.npu  # type: ignore[attr-defined]
+    if plat.has_events:
         pairs = []
         for r in range(repeats):
-            a, b = mod.Event(enable_timing=True), mod.Event(enable_timing=True)
+            a, b = plat.event(), plat.event()
             a.record()
             fn(i)
             b.record()
@@ -109,7 +110,7 @@ def time_fn(fn: Callable[[int], Any], device: str, *, warmup: int = 3, repeats: 
                 b.synchronize()
                 if time.perf_counter() - start_loop > max_time_s:
                     break
-        synchronize(device)
+        plat.synchronize()
         times = [a.elapsed_time(b) / 1e3 for a, b in pairs]
     else:
         for r in range(repeats):
@@ -120,4 +121,4 @@ def time_fn(fn: Callable[[int], Any], device: str, *, warmup: int = 3, repeats: 
             if max_time_s is not None and r >= 2 and time.perf_counter() - start_loop > max_time_s:
                 break
     return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times),
-                  timer_name(device))
+                  plat.timer)

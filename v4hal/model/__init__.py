@@ -3,8 +3,9 @@
 - `ModelConfig` (``config.py``): inference / Hugging Face ``config.json`` keys and presets.
 - `V4Model` (``model.py``): ``V4Model.from_pretrained(path, device)``,
   ``model(input_ids, start_pos) -> logits``, ``model.generate(...)``.
-- `write_random_checkpoint`, `load_checkpoint`, `read_checkpoint` (``checkpoint.py``).
-- ``cli.py`` (``v4hal run``) and ``parity.py`` (``v4hal parity --model``).
+- `read_checkpoint` (``checkpoint.py``: the reader), `write_random_checkpoint` (``random_checkpoint.py``),
+  `load_checkpoint` (= `V4Model.from_pretrained`).
+- ``parity.py``: the per-layer comparison behind ``v4hal parity --model``.
 
 Every attention, MoE, GEMM, quantization and mHC step is a v4hal op call (``v4hal.<op>``), so
 ``v4hal.use_backend(name)`` moves the whole graph. Plain torch appears only as glue:
@@ -22,18 +23,24 @@ No ``F.linear``/``matmul`` is used for model math: float (bf16/fp32) projections
 """
 from __future__ import annotations
 
-from .checkpoint import (
-    CheckpointDTypeError,
-    CheckpointError,
-    CheckpointShapeError,
-    load_checkpoint,
-    read_checkpoint,
-    write_random_checkpoint,
-)
+import os
+
+import torch
+
+from .checkpoint import CheckpointDTypeError, CheckpointError, CheckpointShapeError, read_checkpoint
 from .config import ModelConfig
 from .model import ForwardResult, V4Model
+from .random_checkpoint import write_random_checkpoint
 from .spec import checkpoint_spec
 
 __all__ = ["ModelConfig", "V4Model", "ForwardResult", "write_random_checkpoint", "load_checkpoint",
            "read_checkpoint", "checkpoint_spec", "CheckpointError", "CheckpointShapeError",
            "CheckpointDTypeError"]
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str | None = None, *,
+                    experts_fp8: bool = False, mmap: bool = False) -> V4Model:
+    """Load a V4 checkpoint directory (either layout) into a `V4Model` on ``device`` (default CPU): the same as
+    `V4Model.from_pretrained`, which documents ``experts_fp8`` and ``mmap``. Raises a `CheckpointError` (see
+    `read_checkpoint`) and never returns a partly loaded model."""
+    return V4Model.from_pretrained(path, device, experts_fp8=experts_fp8, mmap=mmap)

@@ -1,6 +1,7 @@
-"""Loading and writing DeepSeek-V4 checkpoints.
+"""Reading DeepSeek-V4 checkpoints (`read_checkpoint`; `V4Model.from_pretrained` builds the model from
+`read_for_device`).
 
-Layouts read by `load_checkpoint`:
+Layouts read:
 
 * **inference** (what the public ``convert.py`` writes and ``generate.py`` loads): a directory
   with the inference ``config.json`` and ``model{rank}-mp{world}.safetensors``, one file per
@@ -34,13 +35,11 @@ private memory map of the file: far less anonymous memory for huge checkpoints, 
 must then stay unchanged while the model lives (truncating one kills the process with SIGBUS on
 the next access; rewriting one changes the weights).
 
-`write_random_checkpoint` writes a seeded random checkpoint in either layout (bf16, FP8, FP4
-experts), with weight scales that keep activations in a sane range.
+Seeded random checkpoints in either layout are written by `v4hal.model.random_checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -51,18 +50,16 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import v4hal
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError, V4HalError
 
-from .config import HF_KEY_MAP, ModelConfig, file_kind, read_json_file, regular_file
+from .config import ModelConfig, file_kind, read_json_file, regular_file
 from .layers import act_scale_format
 from .spec import FP4_X2, TensorSpec, checkpoint_spec
 
 __all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "CheckpointRangeError",
-           "load_checkpoint", "read_checkpoint", "write_random_checkpoint", "random_tensors", "save_tensors",
-           "hf_rename", "shard_dim"]
+           "read_checkpoint", "read_for_device", "hf_rename", "shard_dim", "is_routed_expert"]
 
 
 class CheckpointError(V4HalError, ValueError):
@@ -107,7 +104,7 @@ def shard_dim(name: str) -> int | None:
     return _SHARD_DIMS.get(key)
 
 
-def _is_routed_expert(name: str) -> bool:
+def is_routed_expert(name: str) -> bool:
     return ".experts." in name and "shared_experts" not in name
 
 
@@ -278,9 +275,9 @@ def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib
             e = entries.get(name)
             if e is None:
                 entries[name] = _Entry(name, dt, shape, [(fi, key)],
-                                       None if _is_routed_expert(name) else shard_dim(name))
+                                       None if is_routed_expert(name) else shard_dim(name))
                 continue
-            if _is_routed_expert(name):
+            if is_routed_expert(name):
                 raise CheckpointError(f"checkpoint: routed expert tensor {name} appears in two rank files "
                                       f"({files[e.parts[0][0]].name} and {fpath.name})")
             if dt != e.dtype:
@@ -300,7 +297,7 @@ def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib
     if ranks is not None:
         world = len(files)
         for e in entries.values():
-            if not _is_routed_expert(e.name) and len(e.parts) != world:
+            if not is_routed_expert(e.name) and len(e.parts) != world:
                 have = sorted(files[fi].name for fi, _ in e.parts)
                 raise CheckpointError(f"checkpoint: {e.name} must be in every rank file ({world}), found in {have}")
             if e.dim is None and len(e.parts) > 1:
@@ -481,24 +478,19 @@ def read_checkpoint(path: str | os.PathLike[str], *,
     return cat.config, gen()
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str | None = None, *,
-                    experts_fp8: bool = False, mmap: bool = False):
-    """Load a V4 checkpoint directory (either layout) into a `V4Model` on ``device`` (default CPU).
+def read_for_device(path: str | os.PathLike[str], device: torch.device | str | None = None, *,
+                    mmap: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """`read_checkpoint` for a model that will live on ``device`` (default CPU): checks ``mmap`` and ``device``
+    (`RangeError`), and off the CPU reads through the memory map (every tensor is copied to the device by
+    `V4Model.assign`, so no CPU copy is needed). `V4Model.from_pretrained` builds the model from it.
 
-    ``experts_fp8``: see `V4Model.from_pretrained`.
-
-    ``mmap``: by default (False) the model owns its weights once this returns: nothing of it
-    refers to the files, which may then be changed or deleted. ``mmap=True`` (CPU only) keeps the
-    weights that need no conversion (FP8 / bf16 Linear weights, the embedding, the head) in the
-    private memory map of the file instead of copying them: far less anonymous memory for a huge
-    checkpoint (routed experts are still copied, into their stacked ``[E, ...]`` buffers). Hazard:
-    the files must then not change while the model lives; truncating one kills the process with
-    SIGBUS at the next forward, rewriting one changes the weights silently.
-
-    Raises a `CheckpointError` (see `read_checkpoint`) and never returns a partly loaded model.
-    """
-    from .model import V4Model
-
+    ``mmap``: by default (False) the model owns its weights once it is built: nothing of it refers to the
+    files, which may then be changed or deleted. ``mmap=True`` (CPU only) keeps the weights that need no
+    conversion (FP8 / bf16 Linear weights, the embedding, the head) in the private memory map of the file
+    instead of copying them: far less anonymous memory for a huge checkpoint (routed experts are still copied,
+    into their stacked ``[E, ...]`` buffers). Hazard: the files must then not change while the model lives;
+    truncating one kills the process with SIGBUS at the next forward, rewriting one changes the weights
+    silently."""
     if not isinstance(mmap, bool):
         raise RangeError(f"load_checkpoint: mmap must be True or False, got {mmap!r}")
     try:
@@ -508,218 +500,4 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str | N
     if mmap and not on_cpu:
         raise RangeError(f"load_checkpoint: mmap=True keeps weights in the file's memory map, which only the CPU "
                          f"can use; got device={str(device)!r} (leave mmap off: weights are copied to the device)")
-    # off the CPU every tensor is copied to the device by `V4Model.assign`: no CPU copy of the map is needed
-    cfg, tensors = read_checkpoint(path, mmap=mmap or not on_cpu)
-    model = V4Model(cfg, experts_fp8=experts_fp8)
-    model.assign(tensors, device)
-    model.finalize(device)
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------- random weights
-def _init(name: str, s: TensorSpec, cfg: ModelConfig, g: torch.Generator) -> torch.Tensor:
-    """fp32 master values for ``name`` (the logical, unquantized shape)."""
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g)
-
-    shape = s.shape
-    if s.kind == "fp4":
-        shape = shape[:-1] + (shape[-1] * 2,)
-    leaf = name.split(".")[-1]
-    if name.endswith("tid2eid"):
-        return torch.rand(shape[0], cfg.n_routed_experts, generator=g).argsort(dim=-1)[:, :shape[1]].to(torch.int32)
-    if name.endswith("norm.weight"):
-        return 1.0 + 0.05 * randn(*shape)
-    if leaf.endswith("_fn"):                                       # mHC projections
-        return randn(*shape) * (0.5 / math.sqrt(shape[1]))
-    if leaf.endswith("_scale") and leaf.startswith("hc_"):
-        return 0.5 + torch.rand(*shape, generator=g)
-    if leaf.endswith("_base"):
-        return 0.3 * randn(*shape)
-    if leaf == "attn_sink":
-        return 0.5 * randn(*shape)
-    if leaf == "ape":
-        return 0.5 * randn(*shape)
-    if leaf == "bias":
-        return 0.1 * randn(*shape)
-    if name == "embed.weight":
-        return randn(*shape)
-    return randn(*shape) / math.sqrt(shape[1])                    # Linear weights [N, K]
-
-
-def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Seeded random weights for ``cfg`` in the inference layout, quantized as the config says.
-
-    FP8 weights come from ``v4hal.quant_weight_fp8`` (e8m0 scales), FP4 experts from
-    ``v4hal.quant_weight_fp4``; a weight and its ``.scale`` are yielded one after the other.
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    spec = checkpoint_spec(cfg)
-    for name, s in spec.items():
-        if s.kind in ("fp8_scale", "fp4_scale"):
-            continue                           # produced with their weight
-        w = _init(name, s, cfg, g)
-        if s.kind == "fp8":
-            q, sc = v4hal.quant_weight_fp8(w, 128, "ue8m0")
-            yield name, q
-            yield name[:-len("weight")] + "scale", sc
-        elif s.kind == "fp4":
-            q, sc = v4hal.quant_weight_fp4(w, 32)
-            yield name, q
-            yield name[:-len("weight")] + "scale", sc
-        elif s.kind == "bf16" and cfg.dtype == "fp8" and name.endswith("attn.wo_a.weight"):
-            # published checkpoints hold wo_a in FP8 (the public converter dequantizes it to bf16):
-            # draw it on the FP8 grid, so that the Hugging Face layout (FP8) and this one agree exactly
-            q, sc = v4hal.quant_weight_fp8(w, 128, "ue8m0")
-            yield name, v4hal.dequant_fp8(q, sc, 128, out_dtype=torch.bfloat16)
-        elif s.kind == "bf16":
-            yield name, w.to(torch.bfloat16)
-        elif s.kind == "i32":
-            yield name, w
-        else:
-            # fp32 in the model; stored bf16 where the public checkpoints store bf16 (norms, compressor)
-            yield name, w
-
-
-def _hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    inv = {v: k for k, v in HF_KEY_MAP.items()}
-    out: dict[str, Any] = {"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}
-    for k, v in cfg.to_dict().items():
-        if k in ("rope_factor", "original_seq_len", "beta_fast", "beta_slow", "dtype", "scale_fmt",
-                 "scale_dtype", "expert_dtype"):
-            continue
-        out[inv.get(k, k)] = v
-    out["rope_scaling"] = {"type": "yarn", "factor": cfg.rope_factor,
-                           "original_max_position_embeddings": cfg.original_seq_len,
-                           "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow}
-    if cfg.dtype == "fp8":
-        q: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                             "scale_dtype": cfg.scale_dtype}
-        if cfg.scale_fmt is not None:
-            q["scale_fmt"] = cfg.scale_fmt
-        if cfg.expert_dtype is not None:
-            q["expert_dtype"] = cfg.expert_dtype
-        out["quantization_config"] = q
-    return out
-
-
-def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
-                 path: str | os.PathLike[str], layout: str = "inference", world: int = 1, shards: int = 1,
-                 fp4_storage: str = "F4") -> Path:
-    """Write inference-layout tensors as a checkpoint directory.
-
-    ``layout="inference"``: ``config.json`` (inference keys) + ``model{r}-mp{world}.safetensors``
-    split like the public converter. ``layout="hf"``: ``config.json`` (HF keys) +
-    ``shards`` files with ``model.safetensors.index.json``; ``wo_a`` stored FP8 with a scale
-    (FP8 configs), FP4 experts as ``I8``, MTP copies of embed/head included.
-    ``fp4_storage``: ``"F4"`` (float4_e2m1fn_x2, the public converter's output) or ``"I8"``.
-    """
-    if layout not in ("inference", "hf"):
-        raise RangeError(f"save_tensors: layout must be 'inference' or 'hf', got {layout!r}")
-    if world < 1 or shards < 1:
-        raise RangeError(f"save_tensors: world and shards must be >= 1, got {world}, {shards}")
-    if fp4_storage not in ("F4", "I8"):
-        raise RangeError(f"save_tensors: fp4_storage must be 'F4' or 'I8', got {fp4_storage!r}")
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
-    spec = checkpoint_spec(cfg)
-
-    def fp4_view(name: str, t: torch.Tensor, storage: str) -> torch.Tensor:
-        if name in spec and spec[name].kind == "fp4":
-            if storage == "F4" and FP4_X2 is not None:
-                return t.view(FP4_X2)
-            return t.view(torch.int8)
-        return t
-
-    if layout == "inference":
-        with open(out_dir / "config.json", "w", encoding="utf-8") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-        n_local = cfg.n_routed_experts // world
-        if cfg.n_routed_experts % world:
-            raise RangeError(f"save_tensors: n_routed_experts={cfg.n_routed_experts} must divide by world={world}")
-        for name, t in items:
-            t = fp4_view(name, t, fp4_storage)
-            if _is_routed_expert(name):
-                e = int(name.split(".")[name.split(".").index("experts") + 1])
-                per_rank[e // n_local][name] = t.contiguous()
-                continue
-            d = shard_dim(name) if world > 1 else None
-            for r in range(world):
-                if d is None:
-                    per_rank[r][name] = t.contiguous() if r == 0 else t.contiguous().clone()
-                else:
-                    if t.shape[d] % world:
-                        raise RangeError(f"save_tensors: {name} dim {d} ({t.shape[d]}) must divide by world={world}")
-                    if spec.get(name) is not None and spec[name].kind == "fp8" and (t.shape[d] // world) % 128:
-                        raise RangeError(f"save_tensors: {name} dim {d} ({t.shape[d]}) split over world={world} "
-                                         f"breaks its 128x128 FP8 scale blocks")
-                    step = t.shape[d] // world
-                    per_rank[r][name] = t.narrow(d, r * step, step).contiguous()
-        for r in range(world):
-            save_file(per_rank[r], str(out_dir / f"model{r}-mp{world}.safetensors"))
-        return out_dir
-
-    with open(out_dir / "config.json", "w", encoding="utf-8") as f:
-        json.dump(_hf_config(cfg), f, indent=2)
-    hf: list[tuple[str, torch.Tensor]] = []
-    for name, t in items:
-        t = fp4_view(name, t, "I8")
-        if name.endswith("attn.wo_a.weight") and cfg.dtype == "fp8":
-            q, sc = v4hal.quant_weight_fp8(t.float(), 128, "ue8m0")
-            hf += [(name, q), (name[:-len("weight")] + "scale", sc)]
-            continue
-        hf.append((name, t))
-    embed = dict(items).get("embed.weight")
-    head = dict(items).get("head.weight")
-    for j in range(cfg.n_mtp_layers):
-        if embed is not None:
-            hf.append((f"mtp.{j}.embed.weight", embed.clone()))
-        if head is not None:
-            hf.append((f"mtp.{j}.head.weight", head.to(torch.bfloat16)))
-    n = min(shards, len(hf))
-    per = math.ceil(len(hf) / n)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i in range(n):
-        chunk = hf[i * per:(i + 1) * per]
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in chunk}, str(out_dir / fname))
-        for k, v in chunk:
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    with open(out_dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return out_dir
-
-
-def write_random_checkpoint(config: ModelConfig, path: str | os.PathLike[str], seed: int = 0,
-                            dtype: str | None = None, expert_dtype: str | None = "config",
-                            layout: str = "inference", world: int = 1, shards: int = 1,
-                            fp4_storage: str = "F4") -> Path:
-    """Write a seeded random V4 checkpoint for ``config`` into the directory ``path``.
-
-    Args:
-        config: the model shape (e.g. ``ModelConfig.preset("v4-mini")``).
-        seed: the weights are a pure function of (config, seed).
-        dtype: ``"bf16"`` or ``"fp8"`` for the non-expert Linear weights (default: the config's).
-        expert_dtype: ``"fp4"``, ``"fp8"`` or None for the routed experts (default: the config's
-            when ``dtype`` is fp8, None (= dtype) for bf16).
-        layout, world, shards, fp4_storage: see `save_tensors`.
-
-    Returns the directory. The written ``config.json`` records the dtypes actually used.
-    """
-    changes: dict[str, Any] = {}
-    if dtype is not None:
-        if dtype not in ("bf16", "fp8"):
-            raise RangeError(f"write_random_checkpoint: dtype must be 'bf16' or 'fp8', got {dtype!r}")
-        changes["dtype"] = dtype
-    final_dtype = changes.get("dtype", config.dtype)
-    if expert_dtype == "config":
-        changes["expert_dtype"] = config.expert_dtype if final_dtype == "fp8" else None
-    else:
-        changes["expert_dtype"] = expert_dtype
-    cfg = config.replace(**changes)
-    return save_tensors(cfg, random_tensors(cfg, seed), path, layout=layout, world=world, shards=shards,
-                        fp4_storage=fp4_storage)
+    return read_checkpoint(path, mmap=mmap or not on_cpu)

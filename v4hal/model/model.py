@@ -192,9 +192,10 @@ class V4Model(nn.Module):
         while the model lives: truncating one kills the process (SIGBUS) at the next forward,
         rewriting one changes the weights silently.
         """
-        from .checkpoint import load_checkpoint
+        from .checkpoint import read_for_device
 
-        return load_checkpoint(path, device=device, experts_fp8=experts_fp8, mmap=mmap)
+        cfg, tensors = read_for_device(path, device, mmap=mmap)
+        return cls.from_tensors(cfg, tensors, device, experts_fp8=experts_fp8).eval()
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],

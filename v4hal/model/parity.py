@@ -20,17 +20,15 @@ apart by ~1e-3 (calc_diff) over a few quantized layers; a wrong kernel shows up 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from v4hal import compare as numerics
-from v4hal.cliargs import reports_errors, write_json
 from v4hal.compare import calc_diff
 
-__all__ = ["add_arguments", "main", "collect", "compare", "calc_diff", "BackendRun", "run_backend"]
+__all__ = ["collect", "format_table", "compare", "calc_diff", "BackendRun", "run_backend"]
 
 HIDDEN_RULE = numerics.rule_for(numerics.MODEL_HIDDEN, torch.float32)
 LOGITS_RULE = numerics.rule_for(numerics.MODEL_LOGITS, torch.float32)
@@ -129,99 +127,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['stage']:<14}{r['tensor']:<10}{r['backend']:<11}{r['max_abs']:>12.3g}"
                      f"{r['calc_diff']:>11.2g}{r['tol']:>9.1g}  {r['status']}{extra}")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``v4hal parity --model`` (``v4hal parity`` defines --device/--backends/--seed/--json/--model)."""
-    from v4hal.cliargs import backend_names, choice_list, device, model_preset, seed, writable_path
-
-    parser.add_argument("--model", default="v4-mini", type=model_preset,
-                        help="preset whose random checkpoint to compare")
-    parser.add_argument("--backends", default=None, type=choice_list(backend_names, "backend"),
-                        help="comma-separated backends (default: all available)")
-    parser.add_argument("--device", default="cpu", type=device)
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the prompt (0 .. 2**32 - 1)")
-    parser.add_argument("--json", default=None, type=writable_path, help="write the rows to this JSON file")
-    add_model_arguments(parser)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options only model-level parity has (for ``v4hal parity`` to add to its parser)."""
-    from v4hal.cliargs import float_in, int_in
-
-    from .cli import MAX_BATCH, MAX_POSITIONS
-
-    parser.add_argument("--checkpoint", default=None, help="checkpoint directory instead of the preset's")
-    parser.add_argument("--prompt-len", type=int_in(1, MAX_POSITIONS), default=24, help="prompt tokens (default 24)")
-    parser.add_argument("--decode-steps", type=int_in(0, MAX_POSITIONS), default=3,
-                        help="decode steps compared (default 3)")
-    parser.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1)
-    parser.add_argument("--experts", choices=("checkpoint", "fp8"), default="checkpoint",
-                        help="routed expert format (see v4hal run --experts)")
-    parser.add_argument("--tol-hidden", type=float_in(0, MAX_TOL), default=DEFAULT_TOL_HIDDEN,
-                        help=f"max calc_diff of a layer's output stream (default {DEFAULT_TOL_HIDDEN:g})")
-    parser.add_argument("--tol-logits", type=float_in(0, MAX_TOL), default=DEFAULT_TOL_LOGITS,
-                        help=f"max calc_diff of the logits (default {DEFAULT_TOL_LOGITS:g})")
-
-
-def _opt(args: argparse.Namespace, name: str, default: Any) -> Any:
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
-@reports_errors("parity")
-def main(args: argparse.Namespace) -> int:
-    """``v4hal parity --model``: returns 0 when every row passes, 1 otherwise, 2 on bad options or a bad
-    checkpoint (one line on stderr, before any backend runs)."""
-    import v4hal
-    from v4hal.cliargs import backends_on, split_list
-
-    from .cli import make_prompt, prepare_backend, resolve_checkpoint, set_threads
-    from .config import ModelConfig
-
-    device = _opt(args, "device", "cpu")
-    backends = split_list(args.backends) if getattr(args, "backends", None) else None
-    for b in backends or []:
-        prepare_backend(b, device)
-    if backends is None:
-        backends = v4hal.available_backends(device)
-    backends_on(backends, device)
-    others = [b for b in backends if b != "reference"]
-    checkpoint = getattr(args, "checkpoint", None)
-    path = resolve_checkpoint(_opt(args, "model", "v4-mini") if not checkpoint else None, checkpoint)
-    set_threads(None, path, device)
-    cfg = ModelConfig.from_json(path)
-    prompt_len, steps = _opt(args, "prompt_len", 24), _opt(args, "decode_steps", 3)
-    if prompt_len + steps > cfg.max_seq_len:
-        raise v4hal.RangeError(f"--prompt-len {prompt_len} + --decode-steps {steps} = {prompt_len + steps} positions "
-                               f"exceed the max_seq_len {cfg.max_seq_len} of {path}")
-    prompt = make_prompt(_opt(args, "batch", 1), prompt_len, cfg.vocab_size, _opt(args, "seed", 0), device)
-    experts_fp8 = _opt(args, "experts", "checkpoint") == "fp8"
-    tol_h, tol_l = _opt(args, "tol_hidden", DEFAULT_TOL_HIDDEN), _opt(args, "tol_logits", DEFAULT_TOL_LOGITS)
-
-    ref = run_backend(str(path), "reference", device, prompt, steps, None, experts_fp8)
-    forced = ref.tokens
-    rows: list[dict[str, Any]] = []
-    runs = {"reference": ref}
-    for b in others:
-        runs[b] = run_backend(str(path), b, device, prompt, steps, forced, experts_fp8)
-        rows += compare(ref, runs[b], tol_h, tol_l)
-    if rows:
-        print(format_table(rows))
-    for b, r in runs.items():
-        for op, why in r.fallbacks.items():
-            print(f"note: {b}: {op} ran on the reference backend ({why})")
-    failed = [r for r in rows if r["status"] == "FAIL"]
-    if not others:
-        print("only the reference backend was run (nothing to compare); set TRITON_INTERPRET=1 or use a GPU "
-              "to compare the Triton kernels")
-    counts = (f"compared {len(others)} backend(s) against the reference: {len(rows) - len(failed)} passed, "
-              f"{len(failed)} failed" if others else "compared 0 backend(s) against the reference: nothing was checked")
-    print(f"\n{counts} ({path}, prompt {prompt_len}, {steps} decode steps, backends {', '.join(backends)})")
-    if getattr(args, "json", None):
-        write_json(args.json, {"model": _opt(args, "model", None), "checkpoint": str(path), "device": device,
-                               "backends": backends, "prompt_len": prompt_len, "decode_steps": steps,
-                               "tol_hidden": tol_h, "tol_logits": tol_l, "rows": rows,
-                               "fallbacks": {b: r.fallbacks for b, r in runs.items()},
-                               "reference_tokens": forced.tolist()})
-    return 1 if failed else 0

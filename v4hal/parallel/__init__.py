@@ -6,9 +6,9 @@
   (`get_transport`): all-to-all on torch.distributed (gloo / NCCL / HCCL, the default;
   ``all_to_all.py``), DeepEP (CUDA; ``deepep.py``), Ascend MC2 (NPU; ``ascend_mc2.py``).
 - `ExpertParallelMoE` (``moe.py``): the routed experts sharded over the group, same meaning as `v4hal.moe_experts`.
-- ``launch.py``: `spawn` local ranks on 127.0.0.1; ``model.py``: `shard_model_experts`, `run_ep` (``v4hal run --ep``),
+- ``launch.py``: `spawn` local ranks on 127.0.0.1; ``model.py``: `shard_model_experts` (``v4hal run --ep``),
   `run_engine_ep` / `step_engine_ep` / `idle_step` (ranks serving their own requests on paged caches, in lockstep).
-- ``bench.py``: `measure_ep` and ``python -m v4hal.parallel.bench`` (bytes per token, dispatch/combine time).
+- ``bench.py``: `measure_ep` (``python -m v4hal.apps.ep_bench``) (bytes per token, dispatch/combine time).
 - Errors: `EPTimeoutError` (a peer died or never joined), `EPGroupError`, `EPRankError`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .transport import TRANSPORTS, Transport, get_transport, select_transport, t
 
 __all__ = ["ep_dispatch", "ep_combine", "EPHandle", "expert_range", "ExpertParallelMoE", "spawn", "free_port",
            "Transport", "TRANSPORTS", "get_transport", "select_transport", "transport_reasons", "EPTimeoutError",
-           "EPGroupError", "EPRankError", "measure_ep", "shard_model_experts", "run_ep", "run_engine_ep",
+           "EPGroupError", "EPRankError", "measure_ep", "shard_model_experts", "run_engine_ep",
            "step_engine_ep", "idle_step"]
 
 
@@ -31,7 +31,7 @@ def __getattr__(name: str):
         from .bench import measure_ep
 
         return measure_ep
-    if name in ("shard_model_experts", "run_ep", "run_engine_ep", "step_engine_ep", "idle_step"):
+    if name in ("shard_model_experts", "run_engine_ep", "step_engine_ep", "idle_step"):
         from . import model
 
         return getattr(model, name)

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 import v4hal
+import v4hal.parallel.comm as comm
 
-from . import comm
 from .layout import FP8_BLOCK, EPHandle, expand_rows
 
 __all__ = ["AllToAll"]

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import v4hal.parallel.comm as comm
 from v4hal.hal import devices
 from v4hal.hal.errors import BackendUnavailableError, DTypeError
 
-from . import comm
 from .layout import EPHandle, expert_range
 
 __all__ = ["AscendMC2", "hccl_comm_name"]

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from v4hal.hal.platform import platform_of_dist_backend
+
 from .errors import EPGroupError, EPTimeoutError
 
 __all__ = ["resolve_group", "group_timeout", "wait", "all_to_all", "all_gather_tensor", "device_fits_group",
@@ -48,7 +50,8 @@ def group_timeout(group: dist.ProcessGroup, device: torch.device | None = None) 
 def device_fits_group(op: str, group: dist.ProcessGroup, device: torch.device) -> None:
     """gloo serves CPU tensors, NCCL CUDA tensors: a mismatch is an `EPGroupError` before any exchange."""
     backend = str(dist.get_backend(group)).lower()
-    wants = {"gloo": "cpu", "nccl": "cuda", "hccl": "npu"}.get(backend)
+    plat = platform_of_dist_backend(backend)
+    wants = plat.name if plat is not None else None
     if wants is not None and device.type != wants:
         raise EPGroupError(f"{op}: the EP group runs {backend}, which exchanges {wants} tensors, got tensors on "
                            f"{device}")
@@ -57,8 +60,8 @@ def device_fits_group(op: str, group: dist.ProcessGroup, device: torch.device) -
 def exchange_device(group: dist.ProcessGroup, hint: object = None) -> torch.device:
     """The device of small control tensors on ``group``: ``hint`` when it is a device the group's backend
     exchanges (gloo: CPU, NCCL: CUDA, HCCL: NPU), else that backend's device (CPU for other backends)."""
-    backend = str(dist.get_backend(group)).lower()
-    wants = {"gloo": "cpu", "nccl": "cuda", "hccl": "npu"}.get(backend)
+    plat = platform_of_dist_backend(str(dist.get_backend(group)))
+    wants = plat.name if plat is not None else None
     if isinstance(hint, torch.device) and (wants is None or hint.type == wants):
         return hint
     return torch.device(wants or "cpu")

@@ -27,11 +27,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+import v4hal.parallel.comm as comm
+import v4hal.parallel.transport as _transport
 from v4hal.hal.dispatch import value_checks_on
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError, V4HalError
 
-from . import comm
-from . import transport as _transport
 from .errors import EPGroupError, EPTimeoutError
 from .layout import FP8_BLOCK, EPHandle, expand_rows, expert_range
 from .transport import get_transport, select_transport

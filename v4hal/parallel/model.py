@@ -1,4 +1,4 @@
-"""The V4 model under expert parallelism: `shard_model_experts` and `run_ep` (``v4hal run --ep N``).
+"""The V4 model under expert parallelism: `shard_model_experts` and the lockstep engine steps.
 
 `shard_model_experts(model, group)` swaps every MoE layer's routed experts (main layers and MTP) for
 `EPExperts`: this rank keeps only experts ``[r*E/W, (r+1)*E/W)`` (the other rows are freed) and
@@ -19,16 +19,10 @@ until all are done, and a rank with nothing to run in a step runs `idle_step` (t
 exchanges with zero tokens: it still computes the tokens the other ranks send to its experts);
 `step_engine_ep` is one such step, for a driver with its own loop.
 
-`run_ep(args, ep)` runs ``v4hal run``'s job on ``ep`` local gloo ranks (`spawn`): each rank loads the
-checkpoint, shards the experts, and runs prefill + greedy decode on its rows of the prompt (rows
-split in contiguous chunks when ``batch >= ep``, data-parallel attention; otherwise every rank runs
-every row, replicated attention), the MoE layers exchanging tokens every step.
+``v4hal run --ep N`` (`v4hal.apps.run_ep`) runs the model sharded this way on local ranks.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -37,14 +31,13 @@ import torch.distributed as dist
 from torch import nn
 
 import v4hal
+import v4hal.parallel.comm as comm
 from v4hal.hal.errors import RangeError, ShapeError
 
-from . import comm
 from .ep import expert_range
-from .launch import spawn
 from .moe import ExpertParallelMoE
 
-__all__ = ["EPExperts", "shard_model_experts", "idle_step", "step_engine_ep", "run_engine_ep", "run_ep"]
+__all__ = ["EPExperts", "shard_model_experts", "moe_layers", "idle_step", "step_engine_ep", "run_engine_ep"]
 
 
 class EPExperts(nn.Module):
@@ -79,7 +72,7 @@ class EPExperts(nn.Module):
         return (routed + shared.float()).to(x.dtype)
 
 
-def _moe_layers(model: nn.Module) -> list[nn.Module]:
+def moe_layers(model: nn.Module) -> list[nn.Module]:
     blocks = [*getattr(model, "layers", []), *getattr(model, "mtp", [])]
     return [b.ffn for b in blocks if hasattr(getattr(b, "ffn", None), "experts")]
 
@@ -96,7 +89,7 @@ def shard_model_experts(model: nn.Module, group: dist.ProcessGroup | None = None
     op = "shard_model_experts"
     grp = comm.resolve_group(group, op)
     world, rank = dist.get_world_size(grp), dist.get_rank(grp)
-    for ffn in _moe_layers(model):
+    for ffn in moe_layers(model):
         ex = ffn.experts
         if isinstance(ex, EPExperts):
             raise RangeError(f"{op}: the model's experts are already sharded")
@@ -202,86 +195,3 @@ def run_engine_ep(engine: Any, *, arrivals: Mapping[int, Sequence[tuple[Hashable
         if on_step is not None:
             on_step(stats)
         step += 1
-
-
-# --------------------------------------------------------------------------- v4hal run --ep N
-def _rank_run(rank: int, world: int, opts: dict[str, Any], path: str) -> dict[str, Any]:
-    """One rank of `run_ep`: load, shard, prefill + decode its rows; tokens, timings, EP byte counts."""
-    from v4hal.model import V4Model
-    from v4hal.model.cli import make_prompt
-
-    t0 = time.perf_counter()
-    model = V4Model.from_pretrained(path, device="cpu", experts_fp8=opts["experts_fp8"], mmap=opts["mmap"])
-    shard_model_experts(model, fp8_payload=opts["fp8_payload"], timeout=opts["timeout"])
-    load_s = time.perf_counter() - t0
-    cfg = model.config
-    prompt = make_prompt(opts["batch"], opts["prompt_len"], cfg.vocab_size, opts["seed"], "cpu")
-    rows = (torch.tensor_split(torch.arange(opts["batch"]), world)[rank] if opts["batch"] >= world
-            else torch.arange(opts["batch"]))
-    prompt = prompt[rows]
-    n = opts["max_new_tokens"]
-    tokens = torch.empty(prompt.shape[0], n, dtype=torch.long)
-    ctx = v4hal.use_backend(opts["backend"]) if opts["backend"] else contextlib.nullcontext()
-    sent = {"dispatch_bytes_remote": 0.0, "combine_bytes_remote": 0.0}
-    layers = [f.experts for f in _moe_layers(model)]
-    with ctx:
-        dist.barrier()
-        t0 = time.perf_counter()
-        logits = model(prompt, 0)
-        tokens[:, 0] = logits.argmax(dim=-1)
-        prefill_s = time.perf_counter() - t0
-        for ex in layers:
-            for key in sent:
-                sent[key] += ex.ep.last_handle.stats.get(key, 0.0) if ex.ep.last_handle else 0.0
-        t1 = time.perf_counter()
-        for i in range(1, n):
-            logits = model(tokens[:, i - 1:i], opts["prompt_len"] + i - 1)
-            tokens[:, i] = logits.argmax(dim=-1)
-        decode_s = time.perf_counter() - t1
-    return {"rows": rows.tolist(), "tokens": tokens, "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
-            "logits_finite": bool(torch.isfinite(logits).all()), "experts": layers[0].kind if layers else None,
-            "transport": layers[0].transport if layers else None, "prefill_bytes_sent": sent,
-            "threads": torch.get_num_threads()}
-
-
-def run_ep(args: argparse.Namespace, ep: int, *, timeout_s: float = 120.0, start_method: str = "spawn",
-           fp8_payload: bool = False) -> dict[str, Any]:
-    """``v4hal run`` on ``ep`` local gloo ranks; the same result keys as ``v4hal.model.cli.run`` plus
-    ``ep``, ``attention`` ("data-parallel" or "replicated"), ``transport`` and ``prefill_bytes_sent``.
-
-    ``args``: the ``v4hal run`` namespace (model, checkpoint, backend, device, prompt_len, max_new_tokens,
-    batch, seed, threads, experts). Only ``device="cpu"`` (gloo) is served.
-    """
-    from v4hal.model.cli import prepare_backend, resolve_checkpoint
-
-    if ep < 1:
-        raise RangeError(f"--ep must be >= 1, got {ep}")
-    if str(args.device) != "cpu":
-        raise RangeError(f"--ep runs local gloo ranks on the CPU; got --device {args.device}")
-    if args.max_new_tokens < 1:
-        raise RangeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    prepare_backend(args.backend, "cpu")
-    path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
-    opts = {"batch": args.batch, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, "backend": args.backend, "fp8_payload": fp8_payload, "timeout": timeout_s,
-            "experts_fp8": getattr(args, "experts", "auto") in ("auto", "fp8"), "mmap": getattr(args, "mmap", False)}
-    threads = getattr(args, "threads", None) or 1
-    res = spawn(_rank_run, ep, opts, str(path), timeout_s=timeout_s, start_method=start_method, threads=threads)
-    tokens = torch.empty(args.batch, args.max_new_tokens, dtype=torch.long)
-    for r in res:
-        tokens[r["rows"]] = r["tokens"]
-    prefill_s = max(r["prefill_s"] for r in res)
-    decode_s = max(r["decode_s"] for r in res)
-    steps = args.max_new_tokens - 1
-    return {
-        "model": args.model if not args.checkpoint else None, "checkpoint": str(path),
-        "backend": args.backend or "auto", "device": "cpu", "batch": args.batch, "prompt_len": args.prompt_len,
-        "max_new_tokens": args.max_new_tokens, "threads": res[0]["threads"], "experts": res[0]["experts"],
-        "load_s": max(r["load_s"] for r in res), "prefill_s": prefill_s,
-        "prefill_tok_s": args.batch * args.prompt_len / prefill_s,
-        "decode_s": decode_s, "decode_tok_s": (args.batch * steps / decode_s) if steps and decode_s > 0 else None,
-        "tokens": tokens.tolist(), "logits_finite": all(r["logits_finite"] for r in res),
-        "ep": ep, "attention": "data-parallel" if args.batch >= ep else "replicated",
-        "transport": res[0]["transport"],
-        "prefill_bytes_sent": {k: sum(r["prefill_bytes_sent"][k] for r in res) for k in res[0]["prefill_bytes_sent"]},
-    }

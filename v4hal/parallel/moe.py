@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 
 import v4hal
+import v4hal.parallel.comm as comm
 from v4hal.hal.errors import DTypeError, ShapeError
 
-from . import comm
 from .ep import EPHandle, ep_combine, ep_dispatch, expert_range
 from .transport import select_transport
 

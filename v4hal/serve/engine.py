@@ -118,7 +118,7 @@ class Engine:
     step back and propagates.
 
     ``finished[req_id]`` holds every request that left: finished, aborted or failed (see
-    `EngineRequest.status`). ``preemptions``: requests preempted so far.
+    `EngineRequest.status`) until `pop_finished` hands them over. ``preemptions``: requests preempted so far.
     """
 
     def __init__(self, model: torch.nn.Module, pool: CachePool, *, chunk: int = 64, choose: Chooser | None = None,
@@ -250,6 +250,15 @@ class Engine:
     def _leave(self, r: EngineRequest, status: str, error: str | None = None) -> None:
         r.status, r.error, r.done = status, error, True
         self.finished[r.req_id] = r
+
+    def pop_finished(self) -> dict[Hashable, EngineRequest]:
+        """The requests that left since the last call (finished, aborted or failed; ``finished`` until now),
+        which the engine then forgets: a long run that pops them as they leave keeps no prompt or output of a
+        request that is done. A popped id is unknown to the engine afterwards (`abort` refuses it, `add` may
+        use it again)."""
+        with self._owned("pop_finished"):
+            out, self.finished = self.finished, {}
+            return out
 
     @property
     def idle(self) -> bool:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.hal.platform import platform_of
 from v4hal.model.config import ModelConfig
 from v4hal.model.layers import act_scale_format
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
@@ -58,17 +59,17 @@ MODEL1_ROPE = 64
 
 
 def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
-    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the quantized
-    ones (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
-    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16 paged
-    caches (A2/A3). ``model1_fp8`` only when the model rounds its KV with power-of-two scales
-    (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
-    attention caches: every default stores exactly what the model computed (`layout_problem`)."""
-    kind = torch.device("cpu" if device is None else device).type
-    if kind == "npu":
-        return "bf16", "bf16"
-    attn = "model1_fp8" if cfg is None or kv_scale_fmt(cfg) == "ue8m0" else "bf16"
-    return attn, "indexer_fp4"
+    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the device's
+    preferred ones (`v4hal.hal.platform.Platform.cache_layouts`: ``model1_fp8`` + ``indexer_fp4``, what
+    FlashMLA and DeepGEMM read and the Triton kernels decode, on CUDA and the CPU; ``bf16`` for both on Ascend
+    NPUs, whose CANN attention and indexer take bf16 paged caches), kept only where they store exactly what
+    the model computed (`layout_problem`): ``model1_fp8`` only when the model rounds its KV with power-of-two
+    scales (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
+    attention caches."""
+    attn, idx = platform_of(device).cache_layouts
+    if attn == "model1_fp8" and cfg is not None and kv_scale_fmt(cfg) != "ue8m0":
+        attn = "bf16"
+    return attn, idx
 
 
 def kv_scale_fmt(cfg: ModelConfig) -> str | None:

@@ -3,7 +3,7 @@
 The ``type=`` functions (numbers bounded on both sides by `int_in` / `float_in` / `byte_size`, `seed`,
 `threads`, `writable_path`, `plot_path`, `readable_file`, `device`, `choice`, `choice_list`) run while
 argparse parses, so a bad value is refused before a command does any work; they raise
-``argparse.ArgumentTypeError``, which ``v4hal.cli`` prints as the one line
+``argparse.ArgumentTypeError``, which ``v4hal.apps.main`` prints as the one line
 ``v4hal <command>: error: argument --flag: <message>``. The checks that need several arguments at once
 (`backends_on`) raise `v4hal.hal.errors.RangeError`; a command's ``main`` decorated with `reports_errors`
 prints any `V4HalError` as that one line and returns exit status 2 (``--debug``: re-raises). Output files
@@ -24,6 +24,7 @@ import sys
 import tempfile
 from typing import Any, Callable, Iterator, Sequence, Union
 
+from v4hal.bench.report import format_bytes
 from v4hal.extras import require_type
 from v4hal.hal.errors import RangeError, V4HalError
 
@@ -165,14 +166,6 @@ def byte_size(least: int, most: int) -> Callable[[str], int]:
         return value
     check.__name__ = "byte_size"
     return check
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes as a short binary size: ``"512 MiB"``, ``"1.5 GiB"``."""
-    for unit, scale in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def writable_path(text: str) -> str:

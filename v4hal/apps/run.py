@@ -13,34 +13,33 @@ the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes t
 (`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
 ``--shared-prefix``, ``--pool-memory``) and prints its throughput, pages and cache bytes next to one
 request timed on the contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel
-ranks (request i to rank i % K) that step together (`v4hal.serve.driver.run_requests_ep`).
+ranks (request i to rank i % K) that step together (`v4hal.apps.serve.run_requests_ep`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from v4hal.cliargs import reports_errors, write_json
+from v4hal.apps.args import reports_errors, write_json
+from v4hal.apps.common import (
+    MAX_BATCH,
+    MAX_POSITIONS,
+    experts_fp8,
+    make_prompt,
+    prepare_backend,
+    resolve_checkpoint,
+    set_threads,
+)
+from v4hal.bench.decode import timed_decode
 
-__all__ = ["add_arguments", "main", "run", "run_serving", "serve_options", "cache_dir", "resolve_checkpoint",
-           "make_prompt", "prepare_backend", "set_threads", "check_args"]
-
-DEFAULT_WEIGHT_SEED = 0
-MAX_RANDOM_BYTES = 4 << 30
+__all__ = ["add_arguments", "main", "run", "check_args"]
 
 #: upper bounds of the numeric flags (the model's own limits, such as max_seq_len, are checked in `check_args`)
-MAX_POSITIONS = 1 << 24          # --prompt-len, --max-new-tokens, --shared-prefix
-MAX_BATCH = 1024                 # --batch
 MAX_PREFILL_TOKENS = 1 << 20     # --batch x --prompt-len: the tokens of the one prefill call
 MAX_EP = 64                      # --ep: local processes, each loading the model
 MAX_REQUESTS = 1 << 20           # --requests (the workload's tokens are bounded too: driver.MAX_WORKLOAD_TOKENS)
@@ -49,116 +48,12 @@ MAX_ARRIVAL = 1 << 20            # --arrival
 MAX_BLOCK_SIZE = 1024            # --block-size
 MAX_POOL_MEMORY = 1 << 50        # --pool-memory (also bounded by the memory available, in `serve_options`)
 
-#: ``--layout`` names (`v4hal.serve.driver.LAYOUT_PAIRS`), listed here so parsing imports no serving code
-LAYOUT_NAMES = ("quantized", "bf16")
-#: the ``--requests`` options and their defaults (None in the parser: given or not)
-SERVE_DEFAULTS = {"chunk": 64, "arrival": None, "block_size": None, "layout": None, "shared_prefix": 0,
-                  "pool_memory": None}
-
-_KIND_BYTES = {"f32": 4, "bf16": 2, "fp8": 1, "fp8_scale": 1, "fp4": 1, "fp4_scale": 1, "i32": 4}
-
-
-def checkpoint_bytes(cfg) -> int:
-    """Bytes of the checkpoint of ``cfg`` as `write_random_checkpoint` stores it."""
-    from .spec import checkpoint_spec
-
-    total = 0
-    for s in checkpoint_spec(cfg).values():
-        n = 1
-        for d in s.shape:
-            n *= d
-        total += n * _KIND_BYTES[s.kind]
-    return total
-
-
-def cache_dir() -> Path:
-    """Folder of generated checkpoints: ``$V4HAL_CACHE_DIR`` or ``~/.cache/v4hal``."""
-    return Path(os.environ.get("V4HAL_CACHE_DIR") or Path.home() / ".cache" / "v4hal")
-
-
-def resolve_checkpoint(model: str | None, checkpoint: str | None, quiet: bool = False) -> Path:
-    """The checkpoint directory to load: ``checkpoint`` if given, else the cached random one of preset
-    ``model`` (written on first use, atomically, and rewritten if its config.json is stale)."""
-    from v4hal.hal.errors import RangeError
-
-    from .checkpoint import write_random_checkpoint
-    from .config import ModelConfig
-
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise RangeError(f"--checkpoint: {path} does not exist")
-        return path
-    if not model:
-        raise RangeError("give --model PRESET (e.g. v4-mini) or --checkpoint DIR")
-    cfg = ModelConfig.preset(model)
-    target = cache_dir() / model
-    cfg_file = target / "config.json"
-    if cfg_file.exists():
-        try:
-            if json.loads(cfg_file.read_text()) == cfg.to_dict() and any(target.glob("*.safetensors")):
-                return target
-        except json.JSONDecodeError:
-            pass
-    size = checkpoint_bytes(cfg)
-    if size > MAX_RANDOM_BYTES:
-        raise RangeError(f"--model {model}: a random checkpoint of this preset would take {size / 2**30:.0f} GiB; "
-                         f"give --checkpoint DIR with real weights (random ones are written up to "
-                         f"{MAX_RANDOM_BYTES / 2**30:.0f} GiB)")
-    if not quiet:
-        print(f"writing a random {model} checkpoint (seed {DEFAULT_WEIGHT_SEED}) to {target}", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=target.parent))
-    try:
-        write_random_checkpoint(cfg, tmp, seed=DEFAULT_WEIGHT_SEED)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def make_prompt(batch: int, prompt_len: int, vocab: int, seed: int, device: torch.device | str) -> torch.Tensor:
-    """``[batch, prompt_len]`` random token ids (int64) from ``seed``."""
-    from v4hal.hal.errors import RangeError
-
-    if batch < 1 or prompt_len < 1:
-        raise RangeError(f"--batch and --prompt-len must be >= 1, got {batch}, {prompt_len}")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-
-
-def prepare_backend(backend: str | None, device: str) -> None:
-    """Triton on the CPU runs only under its interpreter: switch it on before Triton is imported."""
-    if backend == "triton" and device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:
-            return
-        os.environ["TRITON_INTERPRET"] = "1"
-        print("note: --backend triton on the CPU runs the Triton interpreter (TRITON_INTERPRET=1); "
-              "its timings say nothing about GPU speed", file=sys.stderr)
-
-
-def set_threads(threads: int | None, checkpoint: Path, device: str) -> None:
-    """``torch.set_num_threads``: the given count, else 1 for small models on the CPU."""
-    if threads:
-        torch.set_num_threads(threads)
-        return
-    if not device.startswith("cpu"):
-        return
-    try:
-        from .config import ModelConfig
-
-        if ModelConfig.from_json(checkpoint).dim <= 1024:
-            torch.set_num_threads(1)
-    except Exception:          # unreadable config: loading reports it properly
-        pass
-
+#: ``--layout`` names (`v4hal.serve.sizing.LAYOUT_PAIRS`), listed here so parsing imports no serving code
+LAYOUT_NAMES = ("quantized", "bf16", "bf16_kv")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal run``."""
-    from v4hal.cliargs import (
+    from v4hal.apps.args import (
         backend_names,
         byte_size,
         choice,
@@ -229,10 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """The checks of ``v4hal run`` that involve several options or the model's config (read from the checkpoint,
     or the preset's), before any work: no checkpoint is written, no rank started. Raises `v4hal.RangeError`."""
-    from v4hal.cliargs import backends_on
+    from v4hal.apps.args import backends_on
     from v4hal.hal.errors import RangeError
-
-    from .config import ModelConfig
+    from v4hal.model.config import ModelConfig
 
     if args.checkpoint:
         path = resolve_checkpoint(None, args.checkpoint)
@@ -259,87 +153,19 @@ def check_args(args: argparse.Namespace) -> None:
             raise RangeError(f"--ep {args.ep}: the {n} routed experts of {source} do not split evenly over "
                              f"{args.ep} ranks; --ep must divide {n} (one of {divisors})")
     if getattr(args, "requests", None) is None:
+        from v4hal.apps.serve import SERVE_DEFAULTS
+
         given = [f"--{k.replace('_', '-')}" for k in SERVE_DEFAULTS if getattr(args, k, None) is not None]
         if given:
             raise RangeError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to a "
                              f"continuous-batching run; add --requests N")
     else:
+        from v4hal.apps.serve import serve_options
+
         serve_options(args, cfg)
     if args.backend:
         prepare_backend(args.backend, args.device)
         backends_on([args.backend], args.device, "--backend")
-
-
-def serve_options(args: argparse.Namespace, cfg) -> dict[str, Any]:
-    """The keyword arguments of `v4hal.serve.driver.run_requests` for ``v4hal run --requests`` (defaults filled
-    in), checked against ``cfg``: raises `v4hal.RangeError` for options the engine cannot run."""
-    from v4hal.cliargs import format_bytes
-    from v4hal.hal.errors import RangeError
-    from v4hal.serve.driver import (
-        available_memory,
-        check_workload,
-        default_block_size,
-        default_layout,
-        default_pool_memory,
-    )
-
-    if args.batch != 1:
-        raise RangeError(f"--batch {args.batch} sets the rows of a single-sequence run; with --requests the engine "
-                         f"forms the batches (leave --batch at 1)")
-    opts = {k: (v if (v := getattr(args, k, None)) is not None else d) for k, d in SERVE_DEFAULTS.items()}
-    if opts["block_size"] is None:
-        opts["block_size"] = default_block_size(cfg)
-    if opts["layout"] is None:
-        opts["layout"] = default_layout(args.device)
-    opts.update(requests=args.requests, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens)
-    if opts["pool_memory"] is not None:
-        try:
-            free = available_memory(args.device)
-        except RangeError:
-            free = None                             # the device cannot tell: take the size as given
-        if free is not None and opts["pool_memory"] > free:
-            raise RangeError(f"--pool-memory {format_bytes(opts['pool_memory'])} is more than the "
-                             f"{format_bytes(free)} available on {args.device}")
-    # the budget each pool gets (one per --ep rank); the default is read again once the model is loaded
-    budget = (opts["pool_memory"] or default_pool_memory(args.device)) // args.ep
-    check_workload(cfg, **{**opts, "pool_memory": budget})
-    return {**opts, "seed": args.seed}
-
-
-def run_serving(args: argparse.Namespace) -> dict[str, Any]:
-    """``v4hal run --requests N``: load the model, run `v4hal.serve.driver.run_requests` (with ``--ep K``:
-    `v4hal.serve.driver.run_requests_ep` on K local gloo ranks, each serving every K-th request); its result
-    dict plus the run's setup (model, checkpoint, backend, load time, experts)."""
-    import v4hal
-    from v4hal.serve.driver import run_requests
-
-    from .config import ModelConfig
-    from .model import V4Model
-
-    prepare_backend(args.backend, args.device)
-    path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
-    set_threads(args.threads, path, args.device)
-    opts = serve_options(args, ModelConfig.from_json(path if path.is_dir() else path.parent))
-    setup = {"model": args.model if not args.checkpoint else None, "checkpoint": str(path),
-             "backend": args.backend or "auto"}
-    if args.ep > 1:
-        from v4hal.serve.driver import run_requests_ep
-
-        res = run_requests_ep(str(path), args.ep, experts_fp8=_experts_fp8(args.experts, args.device),
-                              backend=args.backend, fp8_payload=args.fp8_payload, mmap=getattr(args, "mmap", False),
-                              threads=args.threads or 1, progress=not args.no_progress, **opts)
-        return {**setup, **res}
-    t0 = time.perf_counter()
-    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device),
-                                    mmap=getattr(args, "mmap", False))
-    load_s = time.perf_counter() - t0
-    with v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext():
-        res = run_requests(model, **opts, progress=not args.no_progress)
-    return {**setup, "load_s": load_s, "experts": model.layers[0].ffn.experts.kind, **res}
-
-
-def _experts_fp8(choice: str, device: str) -> bool:
-    return choice == "fp8" or (choice == "auto" and device.startswith("cpu"))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -347,8 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     import v4hal
-
-    from .model import V4Model
+    from v4hal.model import V4Model
 
     if args.max_new_tokens < 1:
         raise v4hal.RangeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -356,50 +181,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
     set_threads(args.threads, path, args.device)
     t0 = time.perf_counter()
-    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=_experts_fp8(args.experts, args.device),
+    model = V4Model.from_pretrained(path, device=args.device, experts_fp8=experts_fp8(args.experts, args.device),
                                     mmap=getattr(args, "mmap", False))
     load_s = time.perf_counter() - t0
-    cfg = model.config
-    prompt = make_prompt(args.batch, args.prompt_len, cfg.vocab_size, args.seed, args.device)
+    prompt = make_prompt(args.batch, args.prompt_len, model.config.vocab_size, args.seed, args.device)
     n = args.max_new_tokens
-    tokens = torch.empty(args.batch, n, dtype=torch.long, device=args.device)
     ctx = v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-    sync = _synchronizer(args.device)
     # the bar counts the decode steps, as the summary does: the first of the n new tokens comes from the prefill
     with ctx, tqdm(total=n - 1, desc="decode", unit="tok", disable=args.no_progress or n == 1,
                    file=sys.stderr) as bar:
-        t0 = time.perf_counter()
-        logits = model(prompt, 0)
-        tokens[:, 0] = logits.argmax(dim=-1)
-        sync()
-        prefill_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for i in range(1, n):
-            logits = model(tokens[:, i - 1:i], args.prompt_len + i - 1)
-            tokens[:, i] = logits.argmax(dim=-1)
-            bar.update(1)
-        sync()
-        decode_s = time.perf_counter() - t1
-    steps = n - 1
+        out = timed_decode(model, prompt, n, on_step=lambda i: bar.update(1))
     return {
         "model": args.model if not args.checkpoint else None, "checkpoint": str(path),
         "backend": args.backend or "auto", "device": args.device, "batch": args.batch,
         "prompt_len": args.prompt_len, "max_new_tokens": n, "threads": torch.get_num_threads(),
-        "experts": model.layers[0].ffn.experts.kind, "load_s": load_s,
-        "prefill_s": prefill_s, "prefill_tok_s": args.batch * args.prompt_len / prefill_s,
-        "decode_s": decode_s, "decode_tok_s": (args.batch * steps / decode_s) if steps and decode_s > 0 else None,
-        "tokens": tokens.tolist(), "logits_finite": bool(torch.isfinite(logits).all()),
+        "experts": model.layers[0].ffn.experts.kind, "load_s": load_s, **out.figures(args.prompt_len),
+        "tokens": out.tokens.tolist(), "logits_finite": bool(torch.isfinite(out.logits).all()),
     }
-
-
-def _synchronizer(device: str):
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.synchronize
-    mod = getattr(torch, dev.type, None)
-    if dev.type != "cpu" and mod is not None and hasattr(mod, "synchronize"):
-        return mod.synchronize
-    return lambda: None
 
 
 @reports_errors("run")
@@ -408,7 +206,8 @@ def main(args: argparse.Namespace) -> int:
     line on stderr; `check_args` refuses what it can before anything is loaded)."""
     check_args(args)
     if getattr(args, "requests", None) is not None:
-        from v4hal.serve.driver import format_report
+        from v4hal.apps.serve import run_serving
+        from v4hal.serve.report import format_report
 
         res = run_serving(args)
         print(format_report(res))
@@ -417,7 +216,8 @@ def main(args: argparse.Namespace) -> int:
             write_json(args.json, res)
         return 0 if res["all_finished"] and res["logits_finite"] else 1
     if args.ep > 1:
-        from v4hal.parallel import run_ep
+        from v4hal.apps.run_ep import run_ep
+
         res = run_ep(args, args.ep, fp8_payload=args.fp8_payload)
     else:
         res = run(args)

@@ -15,12 +15,11 @@ import re
 import sys
 from typing import IO, Any, Sequence
 
-from v4hal.cliargs import reports_errors, write_bytes, write_json
+from v4hal.apps.args import reports_errors, write_bytes, write_json
+from v4hal.bench import cost as costmod
+from v4hal.bench.report import text_table
 from v4hal.extras import require
 from v4hal.hal.errors import RangeError
-
-from . import cost as costmod
-from .report import text_table
 
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -52,7 +51,7 @@ def measure_length(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal cost``."""
-    from v4hal.cliargs import int_in, plot_path, seed, writable_path
+    from v4hal.apps.args import int_in, plot_path, seed, writable_path
 
     parser.add_argument("--context", nargs="+", type=parse_length,
                         default=[4096, 32768, 131072, costmod.ONE_M],
@@ -198,14 +197,14 @@ def main(args: argparse.Namespace) -> int:
     report = build_report(list(args.context), models)
     print(render(report, breakdown=getattr(args, "breakdown", False)))
     if getattr(args, "pool", False):
-        from v4hal.serve.driver import format_memory_table, memory_rows
+        from v4hal.serve.memory import format_memory_table, memory_rows
         report["pool"] = memory_rows(max(args.context))
         print(f"\nKV bytes per token of one request on the paged cache pool, at {max(args.context)} tokens "
               f"(v4-mini at most its max_seq_len):")
         print(format_memory_table(report["pool"]))
     measured = None
     if getattr(args, "measure", False):
-        from .measure import measure, render_measure
+        from v4hal.bench.measure import measure, render_measure
         measured = measure(contexts=args.measure_contexts, repeats=args.repeats, seed=args.seed,
                            weights=args.measure_weights)
         print()
@@ -222,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(v["ok"] for v in report["at_1m"]["check"].values()) else 1
 
 
-if __name__ == "__main__":  # python -m v4hal.bench.cost_cli: the same as ``v4hal cost``
-    from v4hal.cli import cli
+if __name__ == "__main__":  # python -m v4hal.apps.cost: the same as ``v4hal cost``
+    from v4hal.apps.main import cli
 
     sys.exit(cli(["cost", *sys.argv[1:]]))

@@ -1,29 +1,26 @@
-"""``v4hal bench``: every op on every backend available here, verified then timed against ceilings and peers.
-
-Wiring (in ``v4hal/cli.py``)::
-
-    p = sub.add_parser("bench", help=...)
-    bench_cli.add_arguments(p)
-    p.set_defaults(func=bench_cli.main)
-"""
+"""``v4hal bench``: every op on every backend available here, verified then timed against ceilings and peers
+(`v4hal.bench.runner`); ``--overhead``: the op layer's own cost per call (`v4hal.bench.overhead`)."""
 from __future__ import annotations
 
 import argparse
 import io
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from v4hal.cliargs import output_errors, reports_errors, write_bytes
+from v4hal.apps.args import output_errors, reports_errors, write_bytes
+from v4hal.apps.args import write_json as write_json_file
+from v4hal.bench import cases as casemod
+from v4hal.bench.ceilings import measure_ceilings
+from v4hal.bench.overhead import measure_overhead, render_overhead, torch_ops_floor_us
+from v4hal.bench.report import build_document, plot_rows, render_ceilings, render_table, write_json
+from v4hal.bench.runner import default_backends, run_cases
 from v4hal.extras import require, require_type
 from v4hal.hal.errors import RangeError
-
-from . import cases as casemod
-from .ceilings import measure_ceilings
-from .report import build_document, plot_rows, render_ceilings, render_table, write_json
-from .runner import default_backends, run_cases
+from v4hal.hal.platform import platform_of
 
 #: upper bounds of the numeric flags
 MAX_REPEATS = 1_000_000          # --repeats (timed calls per case; per op with --overhead)
@@ -42,7 +39,7 @@ def _default_device() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``v4hal bench``."""
-    from v4hal import cliargs as ca
+    from v4hal.apps import args as ca
     from v4hal.cases import MODES, PRESETS
 
     parser.add_argument("--overhead", action="store_true",
@@ -102,24 +99,49 @@ def select_cases(args: argparse.Namespace) -> list[casemod.Case]:
     return cases
 
 
+def overhead_main(args: argparse.Namespace) -> int:
+    """``v4hal bench --overhead`` (from `main`; uses ``--ops``, ``--device``, ``--repeats``, ``--json``); raises
+    `RangeError` on an unknown op."""
+    from v4hal.cases import case_ops
+
+    device = args.device or "cpu"
+    ops = None
+    if args.ops is not None:
+        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        if not ops:
+            raise RangeError(f"--ops: expected a comma-separated list of ops, got {args.ops!r}")
+        unknown = sorted(set(ops) - set(case_ops()))
+        if unknown:
+            raise RangeError(f"--ops names ops without a case {unknown}; known: {case_ops()}")
+    max_calls = args.repeats or 2000
+    rows = measure_overhead(ops, device, max_calls=max_calls)
+    floor = torch_ops_floor_us(device)
+    print(render_overhead(rows, floor, device))
+    if args.json:
+        doc = {"command": "v4hal bench --overhead", "argv": sys.argv[1:], "device": device,
+               "torch": torch.__version__, "torch_ops_floor_us": floor, "rows": [asdict(r) for r in rows]}
+        write_json_file(args.json, doc, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 @reports_errors("bench")
 def main(args: argparse.Namespace) -> int:
     """Run ``v4hal bench``; exit code 1 when any backend failed its check against the reference. 2 on bad options
     (one line on stderr, before anything is timed)."""
-    from v4hal.cliargs import backends_on, split_list
+    from v4hal.apps.args import backends_on, split_list
 
     if getattr(args, "overhead", False):
-        from .overhead import main as overhead_main
-
         return overhead_main(args)
     device = args.device or _default_device()
     cases = select_cases(args)
     available = default_backends(device)
     backends = split_list(args.backends) if args.backends else available
     backends_on(backends, device)
-    if device == "cpu" and not (args.quick or args.shapes):
+    sizes = platform_of(device).bench
+    if not sizes.gpu_like and not (args.quick or args.shapes):
         print("v4hal bench: note: full V4 shapes on the CPU take long; --quick runs the small set", file=sys.stderr)
-    repeats = args.repeats or (20 if device != "cpu" else 7)
+    repeats = args.repeats or sizes.repeats
     t0 = time.monotonic()
     ceilings = measure_ceilings(device, quick=args.quick)
     print(render_ceilings(ceilings))
@@ -145,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "check-failed" for r in rows) else 0
 
 
-if __name__ == "__main__":  # python -m v4hal.bench.cli: the same as ``v4hal bench``
-    from v4hal.cli import cli
+if __name__ == "__main__":  # python -m v4hal.apps.bench: the same as ``v4hal bench``
+    from v4hal.apps.main import cli
 
     sys.exit(cli(["bench", *sys.argv[1:]]))

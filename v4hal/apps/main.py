@@ -12,25 +12,16 @@ import importlib
 import sys
 from typing import NoReturn
 
-from v4hal.cliargs import (
-    EXIT_USAGE,
-    choice_list,
-    device_types,
-    error_line,
-    reports_errors,
-    split_list,
-    writable_path,
-    write_json,
-)
+from v4hal.apps.args import EXIT_USAGE, error_line
 from v4hal.hal.errors import V4HalError
 
 # subcommand -> (module with add_arguments(parser) and main(args), help)
 SUBCOMMANDS = {
-    "info": ("v4hal.cli", "the op x backend x device matrix, each unavailable cell with its reason"),
-    "parity": ("v4hal.parity", "every op (or --model) on every available backend vs the reference"),
-    "run": ("v4hal.model.cli", "run a DeepSeek-V4 model: prefill a prompt, decode tokens, report tokens/s"),
-    "bench": ("v4hal.bench.cli", "operator microbenchmarks against device ceilings and peers"),
-    "cost": ("v4hal.bench.cost_cli", "per-token FLOPs and KV-cache bytes of V3.2 / V4-Flash / V4-Pro vs context"),
+    "info": ("v4hal.apps.info", "the op x backend x device matrix, each unavailable cell with its reason"),
+    "parity": ("v4hal.apps.parity", "every op (or --model) on every available backend vs the reference"),
+    "run": ("v4hal.apps.run", "run a DeepSeek-V4 model: prefill a prompt, decode tokens, report tokens/s"),
+    "bench": ("v4hal.apps.bench", "operator microbenchmarks against device ceilings and peers"),
+    "cost": ("v4hal.apps.cost", "per-token FLOPs and KV-cache bytes of V3.2 / V4-Flash / V4-Pro vs context"),
 }
 
 
@@ -44,26 +35,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CommandLineError(message)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``v4hal info``."""
-    parser.add_argument("--json", default=None, type=writable_path, help="write the matrix to this JSON file")
-    parser.add_argument("--devices", default=None, type=choice_list(device_types, "device type"),
-                        help="comma-separated device types (default: those present)")
-
-
-@reports_errors("info")
-def main(args: argparse.Namespace) -> int:
-    """``v4hal info``."""
-    from v4hal.hal.info import format_info, info
-
-    devices = split_list(args.devices) if args.devices else None
-    data = info(devices)
-    print(format_info(data))
-    if args.json:
-        write_json(args.json, data)
-    return 0
 
 
 def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
