@@ -152,3 +152,13 @@ def test_paged_attention_reasons_are_listed_for_every_chip():
     text = " ".join(str(r) for r in rows)
     assert {r["chip"] for r in rows} == {"A2", "A3", "950"}
     assert "log-sum-exp" in text and "model1_fp8" in text and "window given by slot" in text
+
+
+def test_info_lists_the_native_paths_of_the_paged_step():
+    notes = [r["note"] for r in ascend.info_notes() if r["op"] in ("sparse_attn_paged", "indexer_topk_paged",
+                                                                 "compressor_ragged")]
+    assert "native: npu_sparse_attn_sharedkv (TND q, bf16 PA_ND pages, band window, cmp_sparse_indices) (A2/A3)" \
+        in notes
+    assert any(n.startswith("native: npu_kv_quant_sparse_attn_sharedkv") and n.endswith("(950)") for n in notes)
+    assert any(n.startswith("native: npu_lightning_indexer") and n.endswith("(A2/A3/950)") for n in notes)
+    assert any(n.startswith("native: _C_ascend.compressor") and n.endswith("(A3/950)") for n in notes)

@@ -158,7 +158,9 @@ def _slots(cache: torch.Tensor) -> int:
 def _value_check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, extra_kv_cache=None,
                  extra_indices=None, extra_topk_length=None, layout="model1_fp8", positions=None, block_table=None,
                  window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False):
-    if positions is not None:
+    if block_table is not None:
+        C.index_range(OP, "positions", positions, 0, min(INT32_MAX, block_table.shape[1] * kv_cache.shape[1]))
+    elif positions is not None:
         C.index_range(OP, "positions", positions, 0, INT32_MAX)
     if block_table is not None:
         C.index_range(OP, "block_table", block_table, -1, kv_cache.shape[0])
@@ -234,7 +236,8 @@ define_op(OP, "(Tensor q, Tensor kv_cache, Tensor? indices, Tensor attn_sink, fl
           doc=C.ranges_doc(softmax_scale=C.FLOAT_ARG_RANGE) +
           " Checked values: `indices` in `[-1, kv_cache blocks * block size)`, `extra_indices` likewise for "
           "`extra_kv_cache` (entry indices with `extra_block_table`: `[-1, pages * block size)`); `block_table` / "
-          "`extra_block_table` in `[-1, blocks)` of their cache; `positions` in `[0, 2**31 - 1)`; `topk_length` in "
+          "`extra_block_table` in `[-1, blocks)` of their cache; `positions` in "
+          "`[0, block_table pages * block size)` (`[0, 2**31 - 1)` without `block_table`); `topk_length` in "
           "`[0, topk]`, `extra_topk_length` in `[0, extra_topk]`; `attn_sink` finite or -inf.")
 
 
