@@ -200,7 +200,7 @@ BAD = [
     (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int32), window_size=4,
           positions=torch.full((2, 1), -1, dtype=torch.int32)), RangeError, r"positions values must be in \[0, "),
     (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int32), window_size=4,
-          positions=torch.zeros(2, 2, dtype=torch.int32)), ShapeError, r"positions must be \[b, s_q\]"),
+          positions=torch.zeros(2, 2, dtype=torch.int32)), ShapeError, r"positions must be \[b, s\]"),
     (dict(window_size=4), RangeError, r"window_size is the band width and needs block_table"),
     (dict(extra_ratio=4), RangeError, r"extra_ratio is the visibility ratio .* needs extra_block_table"),
     (dict(positions=torch.zeros(2, 1, dtype=torch.int32)), ShapeError, r"positions is read only with block_table"),

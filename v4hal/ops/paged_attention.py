@@ -84,10 +84,10 @@ def _check_forms(b: int, s: int, indices, topk_length, extra_indices, positions,
                            f"window_size), exactly one: got {'both' if band else 'neither'}")
     if positions is not None:
         C.dtype(OP, "positions", positions, C.INTS)
-        C.shape(OP, "positions", positions, (b, s), "[b, s_q]")
+        C.shape(OP, "positions", positions, (b, s), "[b, s]")
     elif band or extra_block_table is not None:
         raise C.ShapeError(f"{OP}: {'block_table' if band else 'extra_block_table'} needs positions "
-                           "(each query's token position, [b, s_q])")
+                           "(each query's token position, [b, s])")
     if band:
         _table("block_table", block_table, b)
         C.in_range(OP, "window_size", window_size, 1, INT32_MAX)
