@@ -48,7 +48,7 @@ def _on_fp8_grid(x: torch.Tensor) -> torch.Tensor:
     return unpack_kv_fp8(pack_kv_fp8(x)).to(torch.bfloat16)
 
 
-def band_call(ratio: int, *, seed: int = 0, rows: int = 3, grid: bool = True) -> tuple[list, dict]:
+def band_call(ratio: int, *, seed: int = 0, rows: int = 3, grid: bool = True, heads: int = H) -> tuple[list, dict]:
     """A V4-shaped call in the position form: ``rows`` one-query rows at positions around the window,
     per-row pages of 16 tokens (shuffled), compressed picks as entry indices (ratio 4: some not yet visible
     and some -1; ratio 128: every entry)."""
@@ -70,8 +70,8 @@ def band_call(ratio: int, *, seed: int = 0, rows: int = 3, grid: bool = True) ->
         ent = torch.randint(-1, 48, (rows, 1, 40), generator=g, dtype=torch.int32)
     else:
         ent = torch.arange(2, dtype=torch.int32).view(1, 1, 2).expand(rows, 1, 2).contiguous()
-    q = (torch.randn(rows, 1, H, D, generator=g) / 4).bfloat16()
-    sink = torch.randn(H, generator=g)
+    q = (torch.randn(rows, 1, heads, D, generator=g) / 4).bfloat16()
+    sink = torch.randn(heads, generator=g)
     args = [q, cache, None, sink, D ** -0.5]
     kw = dict(extra_kv_cache=xcache, extra_indices=ent, layout="bf16", positions=positions, block_table=table,
               window_size=WINDOW, extra_block_table=xtable, extra_ratio=ratio)
@@ -88,6 +88,21 @@ def test_band_form_goes_to_the_shared_kv_attention(npu, ratio):
     assert paths("sparse_attn_paged") == [NATIVE[npu.chip]]
     assert got.shape == want.shape and calc_diff(got, want) < 1e-5
     assert (got.float() - want.float()).abs().max() <= 2 ** -6
+
+
+def test_v4_pro_heads_are_native_on_950_only(npu):
+    """V4-Pro's 128 attention heads: 950's op takes 64 or 128 heads, A2/A3's 64 only."""
+    args, kw = band_call(4, heads=128)
+    with v4hal.use_backend("reference"):
+        want = v4hal.sparse_attn_paged(*args, **kw)
+    with v4hal.use_backend("ascend"):
+        got = v4hal.sparse_attn_paged(*args, **kw)
+    if npu.chip == "950":
+        assert paths("sparse_attn_paged") == [NATIVE["950"]]
+        assert calc_diff(got, want) < 1e-5
+    else:
+        assert paths("sparse_attn_paged") == ["reference: heads != 64"]
+        assert torch.equal(got, want)
 
 
 def test_window_only_layers_go_native_too(npu):
