@@ -177,3 +177,19 @@ def test_info_lists_the_native_paths_of_the_paged_step():
     assert any(n.startswith("native: npu_kv_quant_sparse_attn_sharedkv") and n.endswith("(950)") for n in notes)
     assert any(n.startswith("native: npu_lightning_indexer") and n.endswith("(A2/A3/950)") for n in notes)
     assert any(n.startswith("native: _C_ascend.compressor") and n.endswith("(A3/950)") for n in notes)
+
+
+def test_950_packs_only_the_pages_the_call_reads():
+    """The window's band and the visible compressed entries, not the whole pool: rows at positions 5, 130
+    and 190 with a window of 128 in pages of 16 read 1 + 9 + 9 of the pool's 36 window pages."""
+    from v4hal.backends.ascend.paged_attention import _packed_pages
+
+    args, kw = band_call(4)
+    pos = kw["positions"]
+    first = (pos[:, 0].long() - WINDOW + 1).clamp_min(0)
+    packed, table = _packed_pages(args[1], kw["block_table"], first, pos[:, -1].long() + 1)
+    assert packed.shape == (19, BS, 1, 640) and packed.dtype == torch.float8_e4m3fn
+    for row, (lo, hi) in enumerate([(0, 1), (0, 9), (3, 12)]):
+        for c in range(lo, hi):
+            page = args[1][int(kw["block_table"][row, c])].float()
+            assert torch.equal(unpack_kv_fp8(packed[int(table[row, c])]), page)

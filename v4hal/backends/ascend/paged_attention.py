@@ -9,7 +9,8 @@ band; ``extra_block_table`` + ``extra_ratio``: the compressed picks as entry ind
 - 950: that op is not built there; ``npu_kv_quant_sparse_attn_sharedkv`` (+ metadata) reads FP8 KV
   packed into 640 bytes per entry (rope bf16 x 64 | no-rope e4m3 x 448 | e8m0 x 7 | pad). No 640-byte
   page layout is added to the pools (it would be a fourth attention layout that every backend's
-  ``paged_cache_write`` must write); the adapter packs the layer's ``bf16`` pages per call instead.
+  ``paged_cache_write`` must write); the adapter packs the ``bf16`` pages the call reads (the window's
+  band, the visible compressed entries) per call instead, with the tables remapped onto them.
   V4 writes its KV and compressed entries after the FP8 round trip (64-wide tiles, power-of-two
   scales), so the packing is lossless for them; the adapter checks that it is (unpack and compare)
   and runs the reference when it is not. ``npu_sparse_flash_attention`` (950's other paged op) takes
@@ -141,12 +142,25 @@ def _dense_table(table: torch.Tensor, lengths: torch.Tensor, block_size: int) ->
     return torch.where(keep, table, torch.zeros((), dtype=table.dtype, device=table.device)).contiguous()
 
 
-def _packed(cache: torch.Tensor) -> torch.Tensor | None:
-    """The 950 packing of bf16 pages ``[blocks, bs, 1, 512]`` (``[blocks, bs, 1, 640]`` e4m3 bytes), or None
-    when it would round some entry."""
-    packed = pack_kv_fp8(cache)
-    exact = bool((unpack_kv_fp8(packed) == cache.float()).all())
-    return packed if exact else None
+def _packed_pages(cache: torch.Tensor, table: torch.Tensor, first: torch.Tensor, lengths: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """950: the pages rows read (positions ``first[b] .. lengths[b] - 1`` of row ``b``), packed to the op's
+    640-byte FP8 entries, and the table remapped onto them (``[n, bs, 1, 640]`` e4m3 bytes, int32
+    ``[b, pages]``; other columns: packed page 0, which the op does not read); None when packing would round
+    an entry. Only the pages the band or the visible entries cover are packed, not the whole pool."""
+    bs, cols = cache.shape[1], table.shape[1]
+    col = torch.arange(cols, device=table.device).unsqueeze(0)
+    read = (col >= (first.long() // bs).unsqueeze(1)) & _pages_needed(lengths, bs, cols) & (table >= 0)
+    ids = torch.unique(table[read].long())
+    pages = cache[ids]
+    packed = pack_kv_fp8(pages)
+    if not bool((unpack_kv_fp8(packed) == pages.float()).all()):
+        return None
+    remap = torch.zeros(cache.shape[0], dtype=torch.int32, device=table.device)
+    remap[ids] = torch.arange(ids.numel(), dtype=torch.int32, device=table.device)
+    new_table = torch.where(read, remap[table.long().clamp_min(0)], torch.zeros((), dtype=torch.int32,
+                                                                                device=table.device))
+    return packed, new_table.contiguous()
 
 
 def _cmp_indices(extra_indices: torch.Tensor, positions: torch.Tensor, ratio: int, k: int) -> torch.Tensor:
@@ -179,29 +193,36 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
         op, meta = binding.lookup(cands), binding.lookup(meta_cands)
         if op is None or meta is None:
             why = f"CANN op not installed ({binding.describe(cands)} + metadata)"
-    ori, cmp = kv_cache, extra_kv_cache
-    if why is None and quant:
-        ori = _packed(kv_cache)
-        cmp = None if extra_kv_cache is None else _packed(extra_kv_cache)
-        if ori is None or (extra_kv_cache is not None and cmp is None):
-            why = "bf16 entries off V4's FP8 grid (950's op reads 640-byte FP8 entries; packing would round them)"
+    has_cmp = extra_kv_cache is not None
+    ratio = extra_ratio if has_cmp else 1
+    lens = None if positions is None else _row_lengths(positions)
+    ori = cmp = None
+    if why is None:
+        first = (positions[:, 0].long() - window_size + 1).clamp_min(0)
+        zero = torch.zeros_like(lens)
+        if quant:
+            ori = _packed_pages(kv_cache, block_table, first, lens)
+            cmp = _packed_pages(extra_kv_cache, extra_block_table, zero, lens // ratio) if has_cmp else None
+            if ori is None or (has_cmp and cmp is None):
+                why = "bf16 entries off V4's FP8 grid (950's op reads 640-byte FP8 entries; packing would round them)"
+        else:
+            ori = kv_cache, _dense_table(block_table, lens, kv_cache.shape[1])
+            if has_cmp:
+                cmp = extra_kv_cache, _dense_table(extra_block_table, lens // ratio, extra_kv_cache.shape[1])
     if why is not None or op is None or meta is None:
         return limits.fallback(OP, chip, why or "reference", ref.sparse_attn_paged, *args)
     limits.record(OP, chip, f"native:{op.tier}.{op.name}")
     b, s, h, d = q.shape
-    lens = _row_lengths(positions)
     seqused = lens.to(torch.int32).contiguous()
     cu_q = _cum_lengths(b, s, q.device, leading_zero=True)
-    has_cmp = extra_kv_cache is not None
-    ratio = extra_ratio if has_cmp else 1
     k = 0
-    kw = dict(ori_kv=ori, ori_block_table=_dense_table(block_table, lens, kv_cache.shape[1]), cu_seqlens_q=cu_q,
+    kw = dict(ori_kv=ori[0], ori_block_table=ori[1], cu_seqlens_q=cu_q,
               seqused_kv=seqused, sinks=attn_sink.float().contiguous(), softmax_scale=float(softmax_scale),
               cmp_ratio=ratio, ori_mask_mode=4, cmp_mask_mode=3, ori_win_left=window_size - 1, ori_win_right=0,
               layout_q="TND", layout_kv="PA_ND")
     if has_cmp:
         k = 512 if extra_indices.shape[-1] <= 512 else 1024
-        kw.update(cmp_kv=cmp, cmp_block_table=_dense_table(extra_block_table, lens // ratio, extra_kv_cache.shape[1]),
+        kw.update(cmp_kv=cmp[0], cmp_block_table=cmp[1],
                   cmp_sparse_indices=_cmp_indices(extra_indices, positions, ratio, k))
     meta_kw = dict(num_heads_q=h, num_heads_kv=1, head_dim=d, cu_seqlens_q=cu_q, seqused_kv=seqused, batch_size=b,
                    max_seqlen_q=s, max_seqlen_kv=int(lens.max()), cmp_topk=k, cmp_ratio=ratio, ori_mask_mode=4,
