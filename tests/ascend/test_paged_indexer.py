@@ -57,7 +57,7 @@ def test_topk_wider_than_the_block_table_pads(npu_a2):
 @pytest.mark.parametrize("case,reason", [
     ("fp8", "indexer_fp8 cache"),
     ("rows2d", "context_lens per query row"),
-    ("empty_row", "a query row sees no key"),
+    ("empty_row", "a query row of a multi-row request sees no key"),
     ("heads", "more than 64 indexer heads"),
     ("d64", "indexer head dim D != 128"),
 ])
@@ -71,7 +71,7 @@ def test_inexpressible_calls_run_the_reference(npu_a2, case, reason):
         kw = dict(h=72)
     elif case == "d64":
         kw = dict(d=64)             # a V4-shaped config's 64-wide FP4 keys: the CANN indexer takes 128
-    q, cache, w, lens, bt = inputs(n=2 if case == "rows2d" else 1, **kw)
+    q, cache, w, lens, bt = inputs(n=2 if case in ("rows2d", "empty_row") else 1, **kw)
     if case == "rows2d":
         lens = torch.stack([lens - 1, lens], dim=1).clamp_min(0).to(torch.int32)
     layout = kw.get("layout", "indexer_fp4")
@@ -87,3 +87,18 @@ def test_logits_and_slots_run_the_reference(npu):
     pos = torch.tensor([[0, 47, -1], [20, 3, -1], [1, 0, -1]])
     got, want = both(v4hal.paged_slots, pos, bt, BS)
     assert torch.equal(got, want) and fell_back("paged_slots", "gather")
+
+
+@pytest.mark.parametrize("layout", ["indexer_fp4", "bf16"])
+def test_bf16_weights_and_a_request_without_keys_go_native_on_every_chip(npu, layout):
+    """V4's head weights are bf16: 950 takes them too. A one-row request that sees no key yet gets -1
+    everywhere (the op is given one key and the row is masked); bf16 pages go in as they are."""
+    q, cache, w, lens, bt = inputs(layout=layout, lens=[48, 0, 2])
+    w = w.to(torch.bfloat16)
+    got, want = both(v4hal.indexer_topk_paged, q, cache, w, lens, bt, 12, layout=layout)
+    assert native("indexer_topk_paged") and npu.called("npu_lightning_indexer")
+    same_sets(got, want)
+    assert bool((got[1] == -1).all()) and torch.equal(got == -1, want == -1)
+    with v4hal.use_backend("reference"):                                     # the same values in fp32
+        got32 = v4hal.indexer_topk_paged(q, cache, w.float(), lens, bt, 12, layout=layout)
+    assert torch.equal(got32, want)

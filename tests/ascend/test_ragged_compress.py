@@ -76,6 +76,18 @@ def test_modes_match_the_reference(npu, ratio, d):
     torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [4096, 7168], ids=["V4-Flash", "V4-Pro"])
+def test_v4_hidden_sizes_with_bf16_weights_are_native_on_a3_and_950(npu, hidden):
+    """V4-Flash (4096) and V4-Pro (7168) hidden sizes, ratio 4 with the bf16 weights the model prepares at
+    load."""
+    p = _problem(4, 512, hidden)
+    got, _ = _calls(p, "ascend")
+    want, _ = _calls(p, "reference")
+    assert native("compressor_ragged") == (npu.chip != "A2")
+    for (e1, _r1, _p1), (e2, _r2, _p2) in zip(got, want):
+        assert_close(e1, e2, BF16)
+
+
 def test_a3_takes_the_norm_weight_in_x_dtype(npu):
     if npu.chip != "A3":
         pytest.skip("A3 only")

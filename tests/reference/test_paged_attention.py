@@ -27,7 +27,7 @@ def contiguous_equivalent(args: list) -> tuple[torch.Tensor, torch.Tensor, torch
     """(kv ``[b, n1 + n2, 512]``, topk_idxs ``[b, s, k1 + k2]``, valid): every entry of both caches
     dequantized by paged_cache_read (the same rows for every batch), and the picks as row numbers
     (-1 for holes and for picks past topk_length)."""
-    q, cache, idx, _, _, lengths, extra_cache, extra_idx, extra_lengths, layout = args
+    q, cache, idx, _, _, lengths, extra_cache, extra_idx, extra_lengths, layout = args[:10]
     b = q.shape[0]
     rows, picks, offset = [], [], 0
     for c, i, n in ((cache, idx, lengths), (extra_cache, extra_idx, extra_lengths)):
@@ -147,6 +147,7 @@ def _valid(layout: str = "bf16", extra: bool = True) -> dict:
 
 def _call(**kw):
     args = dict(kw)
+    args.setdefault("return_lse", True)
     return v4hal.sparse_attn_paged(args.pop("q"), args.pop("kv_cache"), args.pop("indices"), args.pop("attn_sink"),
                                    args.pop("softmax_scale"), **args)
 
@@ -181,6 +182,35 @@ BAD = [
     (dict(attn_sink=torch.zeros(3)), ShapeError, r"attn_sink must be \[h\]"),
     (dict(attn_sink=torch.tensor([0.0, float("nan"), 0.0, 0.0])), RangeError, r"attn_sink must be finite or -inf"),
     (dict(softmax_scale=float("inf")), RangeError, r"softmax_scale must be in"),
+    (dict(block_table=torch.zeros(2, 3, dtype=torch.int32)), ShapeError,
+     r"give the window either by slot \(indices\) or as a band .*got both"),
+    (dict(indices=None), ShapeError, r"give the window either by slot .*got neither"),
+    (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int32), window_size=4),
+     ShapeError, r"block_table needs positions"),
+    (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int32),
+          positions=torch.zeros(2, 1, dtype=torch.int32)), RangeError, r"window_size must be in \[1, "),
+    (dict(indices=None, block_table=torch.zeros(2, 3, dtype=torch.int32), window_size=4,
+          positions=torch.zeros(2, 1, dtype=torch.int32)), ShapeError, r"a band window \(block_table\) takes none"),
+    (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int64), window_size=4,
+          positions=torch.zeros(2, 1, dtype=torch.int32)), DTypeError, r"block_table must be int32"),
+    (dict(indices=None, topk_length=None, block_table=torch.zeros(3, 3, dtype=torch.int32), window_size=4,
+          positions=torch.zeros(2, 1, dtype=torch.int32)), ShapeError, r"block_table must be \[b, pages\]"),
+    (dict(indices=None, topk_length=None, block_table=torch.full((2, 3), 3, dtype=torch.int32), window_size=4,
+          positions=torch.zeros(2, 1, dtype=torch.int32)), RangeError, r"block_table values must be in \[-1, 3\)"),
+    (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int32), window_size=4,
+          positions=torch.full((2, 1), -1, dtype=torch.int32)), RangeError, r"positions values must be in \[0, "),
+    (dict(indices=None, topk_length=None, block_table=torch.zeros(2, 3, dtype=torch.int32), window_size=4,
+          positions=torch.zeros(2, 2, dtype=torch.int32)), ShapeError, r"positions must be \[b, s\]"),
+    (dict(window_size=4), RangeError, r"window_size is the band width and needs block_table"),
+    (dict(extra_ratio=4), RangeError, r"extra_ratio is the visibility ratio .* needs extra_block_table"),
+    (dict(positions=torch.zeros(2, 1, dtype=torch.int32)), ShapeError, r"positions is read only with block_table"),
+    (dict(extra_block_table=torch.zeros(2, 2, dtype=torch.int32), extra_ratio=4), ShapeError,
+     r"extra_block_table needs positions"),
+    (dict(extra_block_table=torch.zeros(2, 2, dtype=torch.int32), positions=torch.zeros(2, 1, dtype=torch.int32)),
+     RangeError, r"extra_ratio must be in \[1, "),
+    (dict(extra_block_table=torch.zeros(2, 1, dtype=torch.int32), extra_ratio=4,
+          positions=torch.zeros(2, 1, dtype=torch.int32), extra_indices=torch.full((2, 1, 5), 4, dtype=torch.int32)),
+     RangeError, r"extra_indices values must be in \[-1, 4\)"),
 ]
 
 
@@ -197,6 +227,57 @@ def test_bad_arguments_name_the_argument(change, error, pattern):
 def test_valid_call_and_model1_layout_pass_the_checks():
     out, lse = _call(**_valid())
     assert out.shape == (2, 1, 4, 512) and lse.shape == (2, 4, 1)
+    alone = _call(**_valid(), return_lse=False)
+    assert isinstance(alone, torch.Tensor) and torch.equal(alone, out)
     kw = _valid("model1_fp8")
     out, lse = _call(**kw)
     assert not bool(out.any())       # zeroed caches: every entry is 0, so the output is 0
+
+
+# ------------------------------------------------------------- the two ways of giving the picks
+def _two_forms(layout: str, seed: int) -> tuple[dict, dict]:
+    """One call in the position form (band window over per-row pages, compressed picks as entry indices with
+    ratio 4, some not yet visible) and the same call in the slot form, built independently (a loop over
+    positions, not :func:`resolve_slots`)."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, h, bs, window, ratio = 3, 2, 4, 4, 5, 4
+    pages = 6
+    cache = new_paged_cache(b * pages, bs, layout)
+    xcache = new_paged_cache(b * 2, bs, layout)
+    rand = torch.randn(b * pages * bs, 512, generator=g).bfloat16()
+    v4hal.paged_cache_write(cache, rand, torch.arange(b * pages * bs, dtype=torch.int32), layout)
+    xrand = torch.randn(b * 2 * bs, 512, generator=g).bfloat16()
+    v4hal.paged_cache_write(xcache, xrand, torch.arange(b * 2 * bs, dtype=torch.int32), layout)
+    table = torch.randperm(b * pages, generator=g).to(torch.int32).view(b, pages)
+    xtable = torch.randperm(b * 2, generator=g).to(torch.int32).view(b, 2)
+    positions = torch.tensor([[0, 1], [6, 7], [17, 18]], dtype=torch.int32)
+    k = 6
+    ent = torch.randint(-1, 6, (b, s, k), generator=g, dtype=torch.int32)
+    slots = torch.full((b, s, window), -1, dtype=torch.int32)
+    xslots = torch.full((b, s, k), -1, dtype=torch.int32)
+    for i in range(b):
+        for j in range(s):
+            p = int(positions[i, j])
+            first = max(0, p - window + 1)
+            for n, t in enumerate(range(first, p + 1)):
+                slots[i, j, n] = int(table[i, t // bs]) * bs + t % bs
+            for n in range(k):
+                c = int(ent[i, j, n])
+                if 0 <= c < (p + 1) // ratio:
+                    xslots[i, j, n] = int(xtable[i, c // bs]) * bs + c % bs
+    common = dict(q=torch.randn(b, s, h, 512, generator=g).bfloat16(), kv_cache=cache,
+                  attn_sink=torch.randn(h, generator=g), softmax_scale=512 ** -0.5, extra_kv_cache=xcache,
+                  layout=layout, return_lse=True)
+    band = dict(common, indices=None, positions=positions, block_table=table, window_size=window,
+                extra_indices=ent, extra_block_table=xtable, extra_ratio=ratio)
+    by_slot = dict(common, indices=slots, extra_indices=xslots)
+    return band, by_slot
+
+
+@pytest.mark.parametrize("layout", ["bf16", "model1_fp8"])
+def test_band_window_and_entry_indices_equal_the_slot_form_bit_for_bit(layout):
+    band, by_slot = _two_forms(layout, seed=21)
+    out_b, lse_b = _call(**band)
+    out_s, lse_s = _call(**by_slot)
+    assert torch.equal(out_b, out_s) and torch.equal(lse_b, lse_s)
+    assert bool((out_b != 0).any())

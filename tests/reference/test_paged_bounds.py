@@ -133,7 +133,7 @@ def _attn(backend: str, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return v4hal.sparse_attn_paged(a["q"], a["kv_cache"], a["indices"], a["attn_sink"], a["softmax_scale"],
                                        topk_length=a["topk_length"], extra_kv_cache=a["extra_kv_cache"],
                                        extra_indices=a["extra_indices"], extra_topk_length=a["extra_topk_length"],
-                                       layout=a["layout"])
+                                       layout=a["layout"], return_lse=True)
 
 
 @pytest.mark.parametrize("layout", ["model1_fp8", "bf16"])

@@ -100,3 +100,21 @@ def test_entries_wider_than_512_run_on_the_reference():
     row = next(r for r in dispatch.explain("sparse_attn_paged", "cpu", dict(zip(names, args)))
                if r["backend"] == "triton")
     assert row["status"] == "no" and "head dim D must be <= 512, got 576" in row["reason"]
+
+
+@pytest.mark.parametrize("layout", ["bf16", "model1_fp8"])
+def test_band_window_and_entry_indices_match_the_reference(layout):
+    """The position form (band window, entry indices with a ratio): Triton equals the reference, and returns
+    the output alone unless return_lse."""
+    from tests.reference.test_paged_attention import _two_forms
+
+    band, _ = _two_forms(layout, seed=5)
+    q, cache, sink, scale = band.pop("q"), band.pop("kv_cache"), band.pop("attn_sink"), band.pop("softmax_scale")
+    indices = band.pop("indices")
+    with v4hal.use_backend("reference"):
+        ref = v4hal.sparse_attn_paged(q, cache, indices, sink, scale, **band)
+    with v4hal.use_backend("triton"):
+        out = v4hal.sparse_attn_paged(q, cache, indices, sink, scale, **band)
+        alone = v4hal.sparse_attn_paged(q, cache, indices, sink, scale, **dict(band, return_lse=False))
+    assert passed(compare_outputs("sparse_attn_paged", out, ref, [q])), (out, ref)
+    assert isinstance(alone, torch.Tensor) and torch.equal(alone, out[0])

@@ -63,7 +63,7 @@ def _build(g: Gen, s: Shape) -> list:
         extra = list(_picks(g, s, s["extra_ctx"], s["extra_topk"], zero_last=False))
     uneven = s["uneven"]
     return [q, cache, idx, sink, s["d"] ** -0.5, lengths if uneven else None, extra[0], extra[1],
-            extra[2] if uneven else None, s["layout"]]
+            extra[2] if uneven else None, s["layout"], None, None, 0, None, 0, True]
 
 
 def _bytes(s: Shape) -> float:

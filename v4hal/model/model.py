@@ -41,7 +41,7 @@ from .attention import Attention, check_positions
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
 from .moe import MoE
-from .paged_step import PagedStep, attention_step
+from .paged_step import PagedStep, attention_step, prepare_ragged_weights
 from .spec import linear_kind
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ class V4Model(nn.Module):
         for block in [*self.layers, *self.mtp]:
             block.attn.freqs_cis = precompute_freqs_cis(self.config, bool(block.attn.ratio), dev)
             block.attn.prepare()
+            prepare_ragged_weights(block.attn)
             block.ffn.prepare(self.experts_fp8)
 
     @property

@@ -10,10 +10,15 @@ so the blocks run on ``[1, T, ...]`` as they do on one sequence. Attention per l
    ``"state4"`` / ``"state128"`` pages, pooling, norm, rope) emits the entries this step completes; they
    get V4's round trip (FP8, or Hadamard + FP4 for indexer keys) and are written to the compressed /
    indexer caches;
-3. picks per token: the window (its last ``window`` positions), and for ratio 4 the indexer's top-k
-   (``indexer_topk_paged`` over the FP4 keys of the entries visible at that position), for ratio 128
-   every visible entry; logical positions become slots with ``paged_slots``;
-4. ``sparse_attn_paged`` over the window cache plus the compressed cache (one softmax with the sink).
+3. picks per token: for ratio 4 the indexer's top-k (``indexer_topk_paged`` over the FP4 keys of the
+   entries visible at that position, bf16 head weights as V4 computes them), for ratio 128 every
+   visible entry, as entry indices;
+4. ``sparse_attn_paged`` over the window cache plus the compressed cache (one softmax with the sink),
+   in the op's position form: the window as a band (each token's position, its request's pages,
+   ``window``) and the compressed picks as entry indices into the request's pages.
+
+:func:`prepare_ragged_weights` (called once at load) keeps bf16 copies of the compressors' weights when
+they are bf16 values (V4 stores them so): the dtype the CANN compressor multiplies in.
 
 Writes happen before reads within a layer, so a token sees the window rows and entries that earlier
 tokens of its own chunk produced, and never a later one (visibility is by position). Because V4 rounds
@@ -31,19 +36,19 @@ import v4hal
 from .attention import Attention, _fp8_kv_roundtrip, _rope_tail
 from .layers import float_gemm
 
-__all__ = ["PagedStep", "attention_step"]
+__all__ = ["PagedStep", "attention_step", "prepare_ragged_weights"]
 
 
 @dataclass
 class PagedStep:
     """What every layer of one step shares: the batch's per-token tensors on the model's device.
 
-    ``positions`` int64 ``[T]``; ``token_slots`` int32 ``[T]``; ``window_slots`` int32
-    ``[T, 1, window]`` (-1 before position 0 and past the token); ``tables[kind]`` int32 ``[T, pages]`` (the
+    ``positions`` int64 ``[T]``; ``token_slots`` int32 ``[T]``; ``tables[kind]`` int32 ``[T, pages]`` (the
     token's request row); ``state_tables[ratio]`` int32 ``[B, pages]`` (the ``"state4"`` / ``"state128"``
     pages of the ratio-4 / ratio-128 compressors, released pages as block 0, which the pool never hands
     out); ``c4_context`` int32 ``[T]`` (entries visible to each token);
-    ``c128_slots`` int32 ``[T, 1, n]`` (every visible ratio-128 entry, -1 past) or None when no token sees one.
+    ``c128_picks`` int32 ``[T, 1, n]`` (every visible ratio-128 entry index, -1 past) or None when no token
+    sees one.
     """
 
     batch: object
@@ -52,37 +57,29 @@ class PagedStep:
     indexer_layout: str
     positions: torch.Tensor
     token_slots: torch.Tensor
-    window_slots: torch.Tensor
     tables: dict[str, torch.Tensor]
     state_tables: dict[int, torch.Tensor]
     c4_context: torch.Tensor | None
-    c128_slots: torch.Tensor | None
+    c128_picks: torch.Tensor | None
 
     @classmethod
     def build(cls, cfg, batch, pool) -> "PagedStep":
         """The shared tensors of ``batch`` (a `v4hal.serve.ForwardBatch`) over ``pool`` (a `CachePool`)."""
-        bs = batch.block_size
         pos = batch.positions.long()
         req = batch.req_index.long()
         tables = {k: t[req] for k, t in batch.block_tables.items()}
-        win = cfg.window_size
-        first = pos - (pos.clamp(max=win - 1))                       # window start: max(0, p - win + 1)
-        wpos = first.unsqueeze(1) + torch.arange(win, device=pos.device)
-        wpos = torch.where(wpos <= pos.unsqueeze(1), wpos, -1).to(torch.int32)
-        window_slots = v4hal.paged_slots(wpos, tables["token"], bs).unsqueeze(1)
         c4_context = ((pos + 1) // 4).to(torch.int32) if "c4" in tables else None
-        c128_slots = None
+        c128_picks = None
         n128 = batch.max_context_len // 128
         if "c128" in tables and n128:
             j = torch.arange(n128, device=pos.device).unsqueeze(0)
-            picks = torch.where(j < ((pos + 1) // 128).unsqueeze(1), j, -1).to(torch.int32)
-            c128_slots = v4hal.paged_slots(picks, tables["c128"], bs).unsqueeze(1)
+            c128_picks = torch.where(j < ((pos + 1) // 128).unsqueeze(1), j, -1).to(torch.int32).unsqueeze(1)
         return cls(batch=batch, caches=pool.layers, attn_layout=pool.attn_layout,
                    indexer_layout=pool.indexer_layout, positions=pos,
-                   token_slots=batch.token_slots, window_slots=window_slots, tables=tables,
+                   token_slots=batch.token_slots, tables=tables,
                    state_tables={r: batch.block_tables[f"state{r}"].clamp_min(0) for r in (4, 128)
                                  if f"state{r}" in batch.block_tables}, c4_context=c4_context,
-                   c128_slots=c128_slots)
+                   c128_picks=c128_picks)
 
 
 def _compress(comp, x2: torch.Tensor, step: PagedStep, state: torch.Tensor, eps: float,
@@ -90,8 +87,9 @@ def _compress(comp, x2: torch.Tensor, step: PagedStep, state: torch.Tensor, eps:
     """The entries ``x2 [T, dim]`` completes for one `Compressor` (normed, roped, V4's round trip applied),
     with their request rows and entry indices (-1 for unused rows)."""
     b = step.batch
+    wkv, wgate, norm = getattr(comp, "ragged_weights", None) or (comp.wkv.weight, comp.wgate.weight, comp.norm.weight)
     entries, req, epos = v4hal.compressor_ragged(
-        x2, comp.wkv.weight, comp.wgate.weight, comp.ape, comp.norm.weight, freqs_cis, state,
+        x2, wkv, wgate, comp.ape, norm, freqs_cis, state,
         step.state_tables[comp.ratio], b.cu_seqlens, b.start_pos, comp.ratio, eps)
     if comp.rotate:
         entries = v4hal.hadamard_transform(entries)
@@ -99,6 +97,25 @@ def _compress(comp, x2: torch.Tensor, step: PagedStep, state: torch.Tensor, eps:
     else:
         entries = _fp8_kv_roundtrip(entries, comp.rd, comp.scale_fmt)
     return entries, req, epos
+
+
+def _bf16_if_exact(w: torch.Tensor) -> torch.Tensor | None:
+    """``w`` in bf16 when every value is a bf16 value (the conversion is then exact), else None."""
+    low = w.to(torch.bfloat16)
+    return low if torch.equal(low.float(), w.float()) else None
+
+
+def prepare_ragged_weights(attn: Attention) -> None:
+    """Load-time hook: give each compressor of ``attn`` ``ragged_weights = (wkv, wgate, norm weight)`` in bf16
+    when all three hold bf16 values (V4's checkpoints store them in bf16; the fp32 tensors stay for the
+    contiguous path). ``compressor_ragged`` computes in fp32 from either, so the results are the same bits;
+    the CANN compressor reads its weights in x's dtype. Other weights: no attribute, the fp32 tensors are used."""
+    comps = [attn.compressor] + ([attn.indexer.compressor] if attn.indexer is not None else [])
+    for comp in comps:
+        if comp is None:
+            continue
+        low = [_bf16_if_exact(w) for w in (comp.wkv.weight, comp.wgate.weight, comp.norm.weight)]
+        comp.ragged_weights = tuple(low) if all(w is not None for w in low) else None
 
 
 def _write_entries(cache: torch.Tensor, layout: str, entries: torch.Tensor, req: torch.Tensor, epos: torch.Tensor,
@@ -130,7 +147,7 @@ def attention_step(attn: Attention, x: torch.Tensor, step: PagedStep) -> torch.T
     qr, iq, q, kv = attn.project(x, freqs)
     v4hal.paged_cache_write(caches.window, kv[0].contiguous(), step.token_slots, step.attn_layout)
 
-    extra = extra_idx = None
+    extra = extra_idx = extra_table = None
     if ratio:
         x2 = x[0]
         entries, req, epos = _compress(attn.compressor, x2, step, caches.state, attn.eps, attn.freqs_cis)
@@ -144,17 +161,20 @@ def attention_step(attn: Attention, x: torch.Tensor, step: PagedStep) -> torch.T
             _write_entries(caches.indexer, step.indexer_layout, ientries, ireq, iepos,
                            step.batch.block_tables["c4"], bs)
             iq = ind.queries(qr, freqs, iq)
-            weights = (_index_weights(attn, x) * ind.weight_scale).float()
-            picks = v4hal.indexer_topk_paged(iq.view(t, 1, ind.n_heads, ind.head_dim), caches.indexer,
-                                             weights.view(t, ind.n_heads), step.c4_context, step.tables["c4"],
-                                             ind.topk, layout=step.indexer_layout)
-            extra_idx = v4hal.paged_slots(picks, step.tables["c4"], bs)
-        elif step.c128_slots is not None:
-            extra_idx = step.c128_slots
+            weights = _index_weights(attn, x) * ind.weight_scale             # bf16, as V4 computes them
+            extra_idx = v4hal.indexer_topk_paged(iq.view(t, 1, ind.n_heads, ind.head_dim), caches.indexer,
+                                                 weights.view(t, ind.n_heads), step.c4_context, step.tables["c4"],
+                                                 ind.topk, layout=step.indexer_layout)
+            extra_table = step.tables["c4"]
+        elif step.c128_picks is not None:
+            extra_idx, extra_table = step.c128_picks, step.tables["c128"]
         else:
             extra = None
-    o, _ = v4hal.sparse_attn_paged(q.view(t, 1, attn.n_heads, attn.head_dim), caches.window, step.window_slots,
-                                   attn.attn_sink, attn.softmax_scale, extra_kv_cache=extra,
-                                   extra_indices=extra_idx, layout=step.attn_layout)
+    o = v4hal.sparse_attn_paged(q.view(t, 1, attn.n_heads, attn.head_dim), caches.window, None, attn.attn_sink,
+                                attn.softmax_scale, extra_kv_cache=extra, extra_indices=extra_idx,
+                                layout=step.attn_layout, positions=step.positions.view(t, 1),
+                                block_table=step.tables["token"], window_size=attn.window,
+                                extra_block_table=extra_table if extra is not None else None,
+                                extra_ratio=ratio if extra is not None else 0)
     o = _rope_tail(o.view(1, t, attn.n_heads, attn.head_dim), freqs, rd, inverse=True)
     return attn.wo_b(attn._grouped_out(o))

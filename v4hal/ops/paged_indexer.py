@@ -64,7 +64,7 @@ def _check_inputs(op: str, q, kv_cache, weights, context_lens, block_table, layo
                            f"{layout_hint(op, kv_cache, lay.name, INDEXER_LAYOUTS, d, strict=True)}")
     if n < 1:
         raise C.ShapeError(f"{op}: q must hold at least one query row per request (N >= 1), got {C.describe(q)}")
-    C.dtype(op, "weights", weights, (torch.float32,))
+    C.dtype(op, "weights", weights, (torch.float32, torch.bfloat16))
     C.shape(op, "weights", weights, (b * n, h), "[b * N, H]")
     C.dtype(op, "context_lens", context_lens, (torch.int32,))
     if tuple(context_lens.shape) not in ((b,), (b, n)):
@@ -145,7 +145,9 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
 
     q: bf16 ``[b, next_n, H, D]`` with ``D`` the cache's key width (V4: 128), used as given (the V4 model
     passes its indexer queries through ``fp4_act_quant`` and back before this call). kv_cache: a cache of
-    ``layout`` (``"indexer_fp4"``, ``"indexer_fp8"`` or ``"bf16"``). weights: fp32 ``[b * next_n, H]``. context_lens:
+    ``layout`` (``"indexer_fp4"``, ``"indexer_fp8"`` or ``"bf16"``). weights: fp32 or bf16
+    ``[b * next_n, H]`` (bf16: V4's own dtype for them; the sum is computed in fp32 either way, so a bf16
+    tensor and an fp32 tensor of the same values give the same logits). context_lens:
     int32 ``[b]`` or ``[b, next_n]``. block_table: int32 ``[b, max_blocks]`` of block ids (``-1``: none).
     max_context_len: the logits' width.
     """

@@ -75,8 +75,9 @@ def native_table() -> list[dict[str, str]]:
 def info_notes() -> list[dict[str, str]]:
     """``v4hal info``'s notes: one row ``{op, note}`` per fallback requirement of each Ascend
     implementation (read from the declarations the registry registers), e.g.
-    ``falls back to reference: head dim d != 512 (...) (A2/A3/950)``, plus one row per chip that has
-    no CANN path for an op and no requirement saying why."""
+    ``falls back to reference: head dim d != 512 (...) (A2/A3/950)``, after one ``native: <CANN path>
+    (<chips>)`` row per native path, plus one row per chip that has no CANN path for an op and no
+    requirement saying why."""
     from v4hal.hal.registry import declarations
 
     from . import limits, register
@@ -84,8 +85,13 @@ def info_notes() -> list[dict[str, str]]:
     register.import_op_modules()
     rows: list[dict[str, str]] = []
     for op, decl in sorted(declarations("ascend").items()):
-        rows += [{"op": op, "note": req.summary()} for req in decl.requires if req.fallback is not None]
         native = limits.PLANS[op].native
+        by_path: dict[str, list[str]] = {}
+        for chip in limits.CHIPS:
+            if chip in native:
+                by_path.setdefault(native[chip], []).append(chip)
+        rows += [{"op": op, "note": f"native: {path} ({'/'.join(chips)})"} for path, chips in by_path.items()]
+        rows += [{"op": op, "note": req.summary()} for req in decl.requires if req.fallback is not None]
         bare = [chip for chip in limits.CHIPS if chip not in native
                 and not any(limits.applies(req, chip) for req in decl.requires)]
         if bare:

@@ -400,6 +400,19 @@ def pack_kv_fp8(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.T
     return torch.cat(parts, dim=-1).view(F.FP8_DTYPE)
 
 
+def unpack_kv_fp8(packed: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
+    """The inverse of :func:`pack_kv_fp8`: 640-byte rows ``[..., 640]`` -> fp32 ``[..., 512]``
+    ([no-rope 448 | rope 64])."""
+    raw = packed.contiguous().view(torch.uint8)
+    rope_bytes = 2 * rope_dim
+    nope_dim = 512 - rope_dim
+    rope = raw[..., :rope_bytes].contiguous().view(torch.bfloat16).float()
+    nope = raw[..., rope_bytes:rope_bytes + nope_dim].contiguous().view(F.FP8_DTYPE).float()
+    scales = F.e8m0_to_float(raw[..., rope_bytes + nope_dim:rope_bytes + nope_dim + nope_dim // tile].contiguous())
+    nope = (nope.unflatten(-1, (nope_dim // tile, tile)) * scales.unsqueeze(-1)).flatten(-2)
+    return torch.cat([nope, rope], dim=-1)
+
+
 def shared_kv_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, softmax_scale: float, *,
                         start_pos: int, window: int, cmp_kv: torch.Tensor | None = None, cmp_ratio: int = 0,
                         cmp_idxs: torch.Tensor | None = None) -> torch.Tensor:

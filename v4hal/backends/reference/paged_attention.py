@@ -19,9 +19,11 @@ import torch
 
 from v4hal.hal.registry import implements
 from v4hal.ops.paged import cache_dim
+from v4hal.ops.paged_attention import lse_out, resolve_slots
 
 from . import attention as ref_attention
 from .paged import _region, model1_decode, model1_parts, slot_in_cache
+from .paged_indexer import paged_slots
 
 
 def read_entries(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch.Tensor:
@@ -63,10 +65,14 @@ def _picks(cache: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor | N
 def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                       softmax_scale: float, topk_length: torch.Tensor | None = None,
                       extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
-                      extra_topk_length: torch.Tensor | None = None,
-                      layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
+                      extra_topk_length: torch.Tensor | None = None, layout: str = "model1_fp8",
+                      positions: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                      window_size: int = 0, extra_block_table: torch.Tensor | None = None, extra_ratio: int = 0,
+                      return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q bf16 ``[b, s_q, h, D]``, caches of ``layout`` of ``D``-wide entries, int32 slots ``[b, s_q, k]``
-    (-1 = none) -> (out bf16 ``[b, s_q, h, D]``, lse fp32 ``[b, h, s_q]``).
+    (-1 = none) -> (out bf16 ``[b, s_q, h, D]``, lse fp32 ``[b, h, s_q]``, or ``[0]`` unless
+    ``return_lse``). A band window or entry indices (position form) are first turned into slots
+    (:func:`v4hal.ops.paged_attention.resolve_slots`), so both forms compute the same thing.
 
     ``out = sum_j exp(z_j) v_j / (sum_j exp(z_j) + exp(sink))`` and ``lse = log(sum_j exp(z_j))`` over
     the valid picks ``j`` of both caches (slots of their cache below the length),
@@ -76,6 +82,8 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     the same entries. Memory: the picked entries are dequantized for chunks of query positions sized like
     the reference ``sparse_attn``'s, never for all ``s_q`` at once.
     """
+    indices, extra_indices = resolve_slots(kv_cache, indices, extra_kv_cache, extra_indices, positions, block_table,
+                                           window_size, extra_block_table, extra_ratio, paged_slots)
     b, m, h, d = q.shape
     scopes = [(kv_cache, _picks(kv_cache, indices, topk_length))]
     if extra_kv_cache is not None and extra_indices is not None:
@@ -84,7 +92,7 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     out = torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
     lse = torch.full((b, h, m), float("inf"), dtype=torch.float32, device=q.device)
     if k == 0 or out.numel() == 0:
-        return out, lse
+        return out, lse if return_lse else lse_out(q, False)
     step = ref_attention._rows_per_chunk(m, 2 * b * k * d)
     for lo in range(0, m, step):
         hi = min(m, lo + step)
@@ -96,4 +104,4 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
         chunk_lse = chunk_lse.masked_fill(chunk_lse == float("inf"), float("nan"))
         chunk_lse = chunk_lse.masked_fill(chunk_lse == float("-inf"), float("inf"))
         lse[:, :, lo:hi] = chunk_lse.transpose(1, 2).float()
-    return out, lse
+    return out, lse if return_lse else lse_out(q, False)

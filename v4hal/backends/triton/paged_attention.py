@@ -41,9 +41,11 @@ import triton.language as tl
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 from v4hal.ops.paged import NOPE_BLOCK, PAGED_LAYOUTS
+from v4hal.ops.paged_attention import lse_out, resolve_slots
 
 from ._attn_common import cdiv, dot_precision, dot_upcast, next_pow2, on_interpreter, softmax_output, softmax_tile
 from ._cast import cast_out
+from .paged_indexer import paged_slots
 
 _LOG2E = 1.4426950408889634
 
@@ -221,16 +223,21 @@ _REQUIRES = (R.at_most("head dim D", MAX_HEAD_DIM, "q.shape[-1]", why="one [BLOC
 def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
                       softmax_scale: float, topk_length: torch.Tensor | None = None,
                       extra_kv_cache: torch.Tensor | None = None, extra_indices: torch.Tensor | None = None,
-                      extra_topk_length: torch.Tensor | None = None,
-                      layout: str = "model1_fp8") -> tuple[torch.Tensor, torch.Tensor]:
+                      extra_topk_length: torch.Tensor | None = None, layout: str = "model1_fp8",
+                      positions: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                      window_size: int = 0, extra_block_table: torch.Tensor | None = None, extra_ratio: int = 0,
+                      return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q bf16 ``[b, s_q, h, D]``, caches of ``layout`` of ``D``-wide entries, int32 slots ``[b, s_q, k]``
     (-1 = none; not range-checked here), optional int32 ``[b]`` lengths -> (out bf16 ``[b, s_q, h, D]``,
-    lse fp32 ``[b, h, s_q]``); a query with no valid pick gives 0 and +inf."""
+    lse fp32 ``[b, h, s_q]`` or ``[0]`` unless ``return_lse``); a query with no valid pick gives 0 and +inf.
+    The position form (band window, entry indices) is turned into slots first, in tensor ops."""
+    indices, extra_indices = resolve_slots(kv_cache, indices, extra_kv_cache, extra_indices, positions, block_table,
+                                           window_size, extra_block_table, extra_ratio, paged_slots)
     b, m, h, dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, lse if return_lse else lse_out(q, False)
     q = q if q.stride(-1) == 1 else q.contiguous()
     idx = indices.contiguous()
     kv, s_blk, s_off, bs, scale_off = _cache_args(kv_cache, layout, dim)
@@ -259,4 +266,4 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
         HAS_XLEN=has_extra and extra_topk_length is not None, UPCAST=upcast,
         PREC=dot_precision(torch.float32 if upcast else q.dtype), SOFT=interpreted, **cfg,
         **_shape_constexprs(layout, dim))
-    return out, lse
+    return out, lse if return_lse else lse_out(q, False)

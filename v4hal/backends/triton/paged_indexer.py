@@ -167,6 +167,7 @@ def logits_into(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, weig
         out.copy_(ref.indexer_logits_paged(q, kv_cache, weights, context_lens, block_table, out.shape[1], layout))
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
+    weights = weights.float()                                   # bf16 weights: exact in fp32
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     context_lens = context_lens.contiguous()
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
