@@ -11,7 +11,7 @@ from ._core import REQUIRED, Gen, OpCase, Shape, reference, register_case, token
 _PARAMS = {"layout": REQUIRED, "blocks": REQUIRED, "block_size": REQUIRED, "t": REQUIRED, "d": None}
 
 # model1_fp8 pages of a multiple of 72 tokens (24 at d = 128) need no padding, so a copy of the cache keeps
-# its strides (V4.1's pages of 3 tokens are padded, those of 8 tokens of 64 values are not)
+# its strides; so do V4.1's pages of a multiple of 32 tokens (v41_window_fp8) or 8 (v41_compressed_fp4)
 _TINY = [
     {"layout": "model1_fp8", "blocks": 2, "block_size": 72, "t": 5},
     {"layout": "bf16", "blocks": 2, "block_size": 3, "t": 4},
@@ -21,9 +21,9 @@ _TINY = [
     {"layout": "bf16", "d": 128, "blocks": 2, "block_size": 3, "t": 4},
     {"layout": "indexer_fp4", "d": 64, "blocks": 3, "block_size": 4, "t": 7},
     {"layout": "indexer_fp8", "d": 64, "blocks": 2, "block_size": 3, "t": 4},
-    {"layout": "v41_window_fp8", "blocks": 2, "block_size": 3, "t": 4},
-    {"layout": "v41_compressed_fp4", "blocks": 2, "block_size": 3, "t": 4},
-    {"layout": "v41_window_fp8", "d": 64, "blocks": 2, "block_size": 8, "t": 5},
+    {"layout": "v41_window_fp8", "blocks": 2, "block_size": 32, "t": 4},
+    {"layout": "v41_compressed_fp4", "blocks": 2, "block_size": 8, "t": 4},
+    {"layout": "v41_window_fp8", "d": 64, "blocks": 2, "block_size": 32, "t": 5},
     {"layout": "v41_compressed_fp4", "d": 64, "blocks": 2, "block_size": 8, "t": 5},
 ]
 
