@@ -298,3 +298,63 @@ def test_scale_rules_at_the_edges() -> None:
     page = _page(cache, 0)
     assert page[16:18].tolist() == [0x01, 0x7E]
     assert page[8:16].tolist() == [0xF7] + [0x77] * 7      # codes 7 / 15: +-6 (saturated)
+
+
+def test_e4m3_scale_ties_round_to_even() -> None:
+    """Blocks whose ``amax / 6`` falls exactly halfway between two e4m3 values (exact in bf16 and in the
+    fp32 division) take the value with the even mantissa; every pair of neighbours is tried."""
+    mids = [(E4M3_POS[b] + E4M3_POS[b + 1]) / 2 for b in range(1, 0x7E)]
+    rows = torch.zeros(len(mids), 16)
+    rows[:, 0] = torch.tensor(mids) * 6
+    rows[:, 1] = -torch.tensor(mids)                     # a value that is not the amax
+    x = rows.reshape(1, -1).to(torch.bfloat16)
+    assert torch.equal(x.float().view(-1, 16)[:, 0], torch.tensor(mids) * 6)
+    cache = new_paged_cache(1, 1, "v41_compressed_fp4", dim=x.shape[1])
+    v4hal.paged_cache_write(cache, x, torch.tensor([0]), "v41_compressed_fp4")
+    page = _page(cache, 0)
+    n = x.shape[1] // 2
+    want = [b if b % 2 == 0 else b + 1 for b in range(1, 0x7E)]
+    assert page[n:n + len(mids)].tolist() == want
+    codes, scales = compressed_oracle(x[0].float().tolist())
+    assert scales == want
+    assert page[:n].tolist() == [codes[2 * j] | (codes[2 * j + 1] << 4) for j in range(n)]
+
+
+@pytest.mark.parametrize("layout", V41)
+def test_non_finite_blocks_with_checks_off(layout: str, monkeypatch) -> None:
+    """With value checks off, a block holding an inf or a NaN gets a NaN scale (window: ue8m0 0xFF and
+    payload 0x7F; compressed: e4m3 0x7F and code 0) and reads back NaN; the other blocks are the finite
+    round trip bit for bit. With the checks on, the write is refused before anything is written."""
+    from v4hal.hal import dispatch
+    from v4hal.hal.errors import RangeError
+
+    x = _rows(2, 512, seed=11)
+    x[0, 3] = float("nan")
+    x[0, 100] = float("inf")
+    x[1, 511] = -float("inf")
+    cache = new_paged_cache(1, 2, layout)
+    with pytest.raises(RangeError, match="x"):
+        v4hal.paged_cache_write(cache, x, torch.tensor([0, 1]), layout)
+    assert not cache.any()
+    monkeypatch.setenv("V4HAL_CHECK_VALUES", "0")
+    dispatch.refresh()
+    v4hal.paged_cache_write(cache, x, torch.tensor([0, 1]), layout)
+    got = v4hal.paged_cache_read(cache, torch.tensor([0, 1]), layout)
+    page = _page(cache, 0)
+    block = 32 if layout == "v41_window_fp8" else 16
+    bad = {(0, 3 // block), (0, 100 // block), (1, 511 // block)}
+    per, nsc = (512, 16) if layout == "v41_window_fp8" else (256, 32)
+    finite = x.clone()
+    for t, b in bad:
+        finite[t, b * block:(b + 1) * block] = 1.0
+        assert got[t, b * block:(b + 1) * block].isnan().all()
+        assert page[2 * per + t * nsc + b] == (0xFF if layout == "v41_window_fp8" else 0x7F)
+        rec = page[t * per + b * block * per // 512: t * per + (b + 1) * block * per // 512]
+        assert rec.tolist() == ([0x7F] * block if layout == "v41_window_fp8" else [0] * (block // 2))
+    if layout == "v41_window_fp8":
+        want = F.fp8_block_dequant(*F.fp8_cache_block_quant(finite)).to(torch.bfloat16)
+    else:
+        want = F.fp4_e4m3_round_trip(finite).to(torch.bfloat16)
+    mask = ~got.isnan()
+    assert mask.sum() == 2 * 512 - 3 * block
+    assert torch.equal(_bits(got[mask]), _bits(want[mask]))
