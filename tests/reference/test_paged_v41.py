@@ -274,12 +274,14 @@ def test_e2m1_ties_round_to_even(layout: str) -> None:
     row = torch.zeros(block)
     row[0] = 6.0
     row[1:1 + 2 * len(TIES)] = torch.tensor(TIES + [-t for t in TIES])
+    row[15] = -0.125                                      # rounds to zero: the sign is kept (-0.0, code 8)
     x = row.view(1, -1).to(torch.bfloat16)
     cache = new_paged_cache(1, 1, layout, dim=block)
     v4hal.paged_cache_write(cache, x, torch.tensor([0]), layout)
     got = v4hal.paged_cache_read(cache, torch.tensor([0]), layout)[0].float()
     want = torch.tensor(TIES_EVEN + [-t for t in TIES_EVEN])
     assert torch.equal(got[1:1 + 2 * len(TIES)], want)
+    assert got[15] == 0 and torch.signbit(got[15])
     assert not torch.equal(want[:len(TIES)], torch.tensor(TIES_DOWN))
 
 
