@@ -360,3 +360,23 @@ def test_non_finite_blocks_with_checks_off(layout: str, monkeypatch) -> None:
     mask = ~got.isnan()
     assert mask.sum() == 2 * 512 - 3 * block
     assert torch.equal(_bits(got[mask]), _bits(want[mask]))
+
+
+def test_public_fp4_e4m3_round_trip_on_fp32_input() -> None:
+    """``formats.fp4_e4m3_round_trip`` (the compressor's FP4 round trip) on fp32 rows, which carry more
+    bits than bf16 (so ``amax / 6`` and ``x / s`` really round): the oracle's codes and scales, values
+    ``e2m1 * s``; a width that is not a multiple of the block is refused."""
+    from v4hal.hal.errors import ShapeError
+
+    g = torch.Generator().manual_seed(5)
+    mag = 2.0 ** torch.randint(-12, 12, (4, 4, 1), generator=g).float()
+    x = (torch.randn(4, 4, 16, generator=g) * mag).view(4, 64)
+    got = F.fp4_e4m3_round_trip(x)
+    codes, s = F.fp4_e4m3_block_codes(x)
+    for row in range(4):
+        want_codes, want_scales = compressed_oracle(x[row].tolist())
+        assert codes[row].tolist() == want_codes and s[row].view(torch.uint8).tolist() == want_scales
+        want = [e2m1_value(c) * e4m3_value(want_scales[i // 16]) for i, c in enumerate(want_codes)]
+        assert torch.equal(got[row], torch.tensor(want, dtype=torch.float32))
+    with pytest.raises(ShapeError, match="multiple of 16"):
+        F.fp4_e4m3_round_trip(torch.zeros(2, 24))
