@@ -144,7 +144,8 @@ def test_layout_widths(layout: str) -> None:
     """V4's widths stay the vendor kernels'; W grows strictly with D and gives D back; W no D gives is refused."""
     lay = PAGED_LAYOUTS[layout]
     v4 = {"model1_fp8": (512, 584, 37440), "bf16": (512, 512, 65536), "indexer_fp4": (128, 68, 4352),
-          "indexer_fp8": (128, 132, 8448)}[layout]
+          "indexer_fp8": (128, 132, 8448), "v41_window_fp8": (512, 528, 33792),
+          "v41_compressed_fp4": (512, 288, 18432)}[layout]
     assert (lay.dim, lay.width(), lay.page_bytes(None, 64)) == v4
     dims = [lay.dim_at(k) for k in range(1, 40)]
     widths = [lay.width(d) for d in dims]
@@ -154,7 +155,8 @@ def test_layout_widths(layout: str) -> None:
         with pytest.raises(ShapeError, match=f"no entry width gives W = {w} "):
             lay.dim_of_width(w)
     small = {"model1_fp8": (128, 200, 192 * 4), "bf16": (128, 128, 768), "indexer_fp4": (64, 36, 36 * 3),
-             "indexer_fp8": (64, 68, 68 * 3)}[layout]
+             "indexer_fp8": (64, 68, 68 * 3), "v41_window_fp8": (64, 66, 256),
+             "v41_compressed_fp4": (64, 36, 128)}[layout]
     d, w, page3 = small
     assert lay.width(d) == w and lay.page_bytes(d, 3) == page3
 

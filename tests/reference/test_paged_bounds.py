@@ -19,8 +19,9 @@ from v4hal.hal import dispatch
 from v4hal.ops.paged import PAGED_LAYOUTS
 
 INT32_MAX = 2**31 - 1
-LAYOUTS = ["model1_fp8", "bf16", "indexer_fp4", "indexer_fp8"]
-DIMS = {"model1_fp8": 128, "bf16": 64, "indexer_fp4": 64, "indexer_fp8": 64}
+LAYOUTS = ["model1_fp8", "bf16", "indexer_fp4", "indexer_fp8", "v41_window_fp8", "v41_compressed_fp4"]
+DIMS = {"model1_fp8": 128, "bf16": 64, "indexer_fp4": 64, "indexer_fp8": 64, "v41_window_fp8": 64,
+        "v41_compressed_fp4": 64}
 
 
 @pytest.fixture

@@ -129,6 +129,14 @@ def _paged_cases() -> list[Case]:
               for name, k, w, c in sizes]
     cases += [Case(f"paged_cache bf16 D={d} {'write' if wr else 'read'}", "paged_cache:_copy_bf16_kernel", copy,
                    dict(WRITE=wr, D=d, DP=d)) for wr in (True, False) for d in (512, 128)]
+    # V4.1's layouts at D = 512 (window: 16 blocks of 32; compressed: 32 blocks of 16) and D = 128
+    v41 = dict(write, scale_floor="fp32")
+    for k, nbs in (("v41_fp8", (16, 4)), ("v41_fp4", (32, 8))):
+        for nb in nbs:
+            c = dict(NB=nb, R=nb)
+            cases.append(Case(f"paged_cache_write {k} NB={nb}", f"paged_cache:_write_{k}_kernel", v41, c,
+                              ("x_ptr", "s_xt")))
+            cases.append(Case(f"paged_cache_read {k} NB={nb}", f"paged_cache:_read_{k}_kernel", read, c, ("out_ptr",)))
     return cases
 
 

@@ -28,7 +28,8 @@ from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 LAYOUT_BLOCKS = [("model1_fp8", 3), ("model1_fp8", 64), ("model1_fp8", 72), ("bf16", 3), ("bf16", 72),
-                 ("indexer_fp4", 3), ("indexer_fp4", 64), ("indexer_fp8", 5), ("indexer_fp8", 72)]
+                 ("indexer_fp4", 3), ("indexer_fp4", 64), ("indexer_fp8", 5), ("indexer_fp8", 72),
+                 ("v41_window_fp8", 3), ("v41_window_fp8", 64), ("v41_compressed_fp4", 3), ("v41_compressed_fp4", 64)]
 
 
 def _flat(cache: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,9 @@ def test_write_bytes_and_read_match_reference(layout: str, block_size: int) -> N
 
 
 NARROW = [("model1_fp8", 3, 128), ("model1_fp8", 24, 192), ("model1_fp8", 2, 640), ("indexer_fp4", 3, 64),
-          ("indexer_fp4", 2, 160), ("indexer_fp8", 3, 64), ("indexer_fp8", 3, 7), ("bf16", 3, 128), ("bf16", 2, 96)]
+          ("indexer_fp4", 2, 160), ("indexer_fp8", 3, 64), ("indexer_fp8", 3, 7), ("bf16", 3, 128), ("bf16", 2, 96),
+          ("v41_window_fp8", 3, 64), ("v41_window_fp8", 2, 96), ("v41_compressed_fp4", 3, 48),
+          ("v41_compressed_fp4", 2, 16), ("v41_compressed_fp4", 2, 64)]
 
 
 @pytest.mark.parametrize("layout,block_size,dim", NARROW)
@@ -151,18 +154,19 @@ def test_entries_wider_than_a_tile_fall_back() -> None:
 
 
 @pytest.mark.parametrize("layout,block_size", [("model1_fp8", 3), ("indexer_fp4", 4), ("indexer_fp8", 3),
-                                               ("bf16", 3)])
+                                               ("bf16", 3), ("v41_window_fp8", 3), ("v41_compressed_fp4", 5)])
 def test_write_over_random_bytes_int64_slots(layout: str, block_size: int) -> None:
     """Pad bytes and page padding are what the reference leaves (the model1_fp8 pad byte is rewritten as 0),
     and bytes of other slots are untouched, over a cache full of random bytes."""
     x = _rows(5, PAGED_LAYOUTS[layout].dim, seed=3)
     slots = _slots(2 * block_size, 5, seed=4, dtype=torch.int64)
     ref, tri = _write_both(layout, block_size, x, slots, blocks=2, fill=True,
-                           fp8=layout in ("model1_fp8", "indexer_fp8"))
+                           fp8=layout in ("model1_fp8", "indexer_fp8", "v41_window_fp8"))
     _assert_same_bytes(ref, tri)
 
 
-@pytest.mark.parametrize("layout", ["model1_fp8", "indexer_fp4", "indexer_fp8", "bf16"])
+@pytest.mark.parametrize("layout", ["model1_fp8", "indexer_fp4", "indexer_fp8", "bf16", "v41_window_fp8",
+                                    "v41_compressed_fp4"])
 def test_strided_inputs_and_empty_calls(layout: str) -> None:
     dim = PAGED_LAYOUTS[layout].dim
     wide = _rows(4, 2 * dim, seed=5)
@@ -183,7 +187,7 @@ def test_strided_inputs_and_empty_calls(layout: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # NumPy, under the interpreter
-@pytest.mark.parametrize("layout", ["model1_fp8", "indexer_fp4", "indexer_fp8"])
+@pytest.mark.parametrize("layout", ["model1_fp8", "indexer_fp4", "indexer_fp8", "v41_window_fp8", "v41_compressed_fp4"])
 def test_non_finite_rows_with_checks_off(layout: str, monkeypatch) -> None:
     """With value checks off a block holding an inf or a NaN gets the reference's NaN scale and payload."""
     monkeypatch.setenv("V4HAL_CHECK_VALUES", "0")

@@ -11,7 +11,7 @@ from ._core import REQUIRED, Gen, OpCase, Shape, reference, register_case, token
 _PARAMS = {"layout": REQUIRED, "blocks": REQUIRED, "block_size": REQUIRED, "t": REQUIRED, "d": None}
 
 # model1_fp8 pages of a multiple of 72 tokens (24 at d = 128) need no padding, so a copy of the cache keeps
-# its strides
+# its strides; so do V4.1's pages of a multiple of 32 tokens (v41_window_fp8) or 8 (v41_compressed_fp4)
 _TINY = [
     {"layout": "model1_fp8", "blocks": 2, "block_size": 72, "t": 5},
     {"layout": "bf16", "blocks": 2, "block_size": 3, "t": 4},
@@ -21,6 +21,10 @@ _TINY = [
     {"layout": "bf16", "d": 128, "blocks": 2, "block_size": 3, "t": 4},
     {"layout": "indexer_fp4", "d": 64, "blocks": 3, "block_size": 4, "t": 7},
     {"layout": "indexer_fp8", "d": 64, "blocks": 2, "block_size": 3, "t": 4},
+    {"layout": "v41_window_fp8", "blocks": 2, "block_size": 32, "t": 4},
+    {"layout": "v41_compressed_fp4", "blocks": 2, "block_size": 8, "t": 4},
+    {"layout": "v41_window_fp8", "d": 64, "blocks": 2, "block_size": 32, "t": 5},
+    {"layout": "v41_compressed_fp4", "d": 64, "blocks": 2, "block_size": 8, "t": 5},
 ]
 
 
@@ -63,10 +67,14 @@ def _read(g: Gen, s: Shape) -> list:
 
 def _v4_shapes(cfg, mode: str) -> list[tuple[str, Shape]]:
     """A step's tokens written into (read from) a 64K-token window cache (``head_dim``-wide entries) and its
-    FP4 indexer cache (``index_head_dim``-wide keys), pages of 72 tokens (no padding)."""
+    FP4 indexer cache (``index_head_dim``-wide keys), pages of 72 tokens (no padding); and V4.1's window and
+    compressed caches (``head_dim``-wide entries, 512 in the release) in FlashMLA's pages of 64 tokens."""
     blocks = 64 * 1024 // 72 + 1
-    return [(layout, {"layout": layout, "blocks": blocks, "block_size": 72, "t": tokens(mode), "d": d})
-            for layout, d in (("model1_fp8", cfg.head_dim), ("indexer_fp4", cfg.index_head_dim))]
+    v4 = [(layout, {"layout": layout, "blocks": blocks, "block_size": 72, "t": tokens(mode), "d": d})
+          for layout, d in (("model1_fp8", cfg.head_dim), ("indexer_fp4", cfg.index_head_dim))]
+    v41 = [(layout, {"layout": layout, "blocks": 1024, "block_size": 64, "t": tokens(mode), "d": cfg.head_dim})
+           for layout in ("v41_window_fp8", "v41_compressed_fp4")]
+    return v4 + v41
 
 
 def _bytes(s: Shape) -> float:

@@ -22,6 +22,12 @@ rule; backends must produce the same bits. A block holding an inf or a NaN (its 
 finite) gets a NaN scale (fp32 NaN, e8m0 byte 0xFF) and a NaN payload (e4m3 ``0x7F`` for every
 element; e2m1 code 7, as e2m1 has no NaN): :func:`nonfinite_blocks`, :func:`mark_nonfinite_blocks`.
 
+V4.1's caches (FlashMLA's formats) use two other block rules: the window cache's ue8m0 scale
+floors the quotient, ``2**ceil(log2(max(amax / 448, 1e-4)))`` (:func:`fp8_cache_scale`, block 32),
+and the compressed cache scales blocks of 16 e2m1 values by an e4m3 number,
+``e4m3(clamp(amax / 6, 2**-9, 448))`` (:func:`e4m3_block_scale`, :func:`fp4_e4m3_block_quant`,
+:func:`fp4_e4m3_round_trip`), both with fp32 divisions.
+
 CPU speed without new numerics: e4m3 / e8m0 / e2m1 decoding on the CPU indexes small tables
 holding exactly what the direct formulas (or torch's own cast) give, and :func:`operand` passes
 fp32/int32 constants as cached 0-d tensors (torch wraps a Python number per call otherwise).
@@ -332,6 +338,107 @@ def fp8_round(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+# ------------------------------------------------------------------ V4.1 cache block formats
+#: V4.1 window cache (FlashMLA's 528-byte format): floor of the ue8m0 scale before rounding it up,
+#: ``s = 2**ceil(log2(max(amax / 448, 1e-4)))`` (the floor applies to the quotient, not to amax)
+FP8_CACHE_SCALE_FLOOR: float = _f32(1e-4)
+FP8_CACHE_BLOCK: int = 32                   # values per ue8m0 scale of the V4.1 window cache
+FP4_E4M3_BLOCK: int = 16                    # values per e4m3 scale of the V4.1 compressed cache
+E4M3_SCALE_MIN: float = 2.0 ** -9           # least e4m3 scale (the smallest e4m3 subnormal)
+FP4_E4M3_NAN_CODE: int = 0                  # e2m1 code of a block holding inf or NaN (its scale is NaN)
+
+
+def fp8_cache_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Power-of-two block scale of the V4.1 window cache from fp32 block amax ``[...]``:
+    ``2**ceil(log2(max(amax / 448, 1e-4)))`` with ``amax / 448`` an fp32 division (an amax of
+    ``448 * 2**k`` gives exactly ``2**k``; V4's :func:`fp8_block_scale` floors amax and multiplies
+    by the reciprocal instead). Returns fp32 ``[...]``; inf / NaN amax give inf / NaN."""
+    a = amax.float()
+    s = _floored(torch.div(a, operand(FP8_MAX, a)), FP8_CACHE_SCALE_FLOOR)
+    return _pow2_ceil_normal(s)          # s >= 1e-4 is normal (or inf / NaN)
+
+
+def fp8_cache_block_quant(x: torch.Tensor, block: int = FP8_CACHE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 with one ue8m0 scale per ``block`` values (the V4.1 window cache): float ``[..., D]``
+    (``D % block == 0``) -> (``float8_e4m3fn [..., D]``, ``float8_e8m0fnu [..., D / block]``).
+
+    ``s`` is :func:`fp8_cache_scale`, ``y = e4m3(x / s)`` (exact division by a power of two, then
+    RNE; ``|x / s| <= 448``). A block holding inf or NaN gets the NaN scale byte 0xFF and the NaN
+    payload 0x7F for every element, as V4's quantizers give."""
+    if x.dim() == 0 or x.shape[-1] % block:
+        raise ShapeError(f"fp8_cache_block_quant: x must be [..., D] with D a multiple of {block}, "
+                         f"got {list(x.shape)}")
+    xb = x.float().unflatten(-1, (-1, block))
+    amax = xb.abs().amax(dim=-1)
+    bad = nonfinite_blocks(amax)
+    s = mark_nonfinite_blocks(fp8_cache_scale(amax), bad)
+    y = fp8_round(xb / s.unsqueeze(-1))
+    y.view(torch.uint8).masked_fill_(bad.unsqueeze(-1), FP8_NAN_BYTE)
+    return y.flatten(-2), block_scale_to_e8m0(s, nan=True)
+
+
+def fp8_block_dequant(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``float8_e4m3fn [..., D]`` times e8m0 scales ``[..., D / block]`` (``float8_e8m0fnu`` or their
+    uint8 bytes; ``block = D / scales``) -> fp32 ``[..., D]`` (the products are exact in fp32)."""
+    vals = fp8_to_float(y.contiguous()).unflatten(-1, (s.shape[-1], -1))
+    return (vals * e8m0_to_float(s.contiguous()).unsqueeze(-1)).flatten(-2)
+
+
+def e4m3_block_scale(amax: torch.Tensor) -> torch.Tensor:
+    """e4m3 block scale of the V4.1 compressed cache from fp32 block amax ``[...]``:
+    ``e4m3(clamp(amax / 6, 2**-9, 448))`` (fp32 division, then RNE to e4m3). Returns
+    ``float8_e4m3fn [...]``; a NaN amax gives the e4m3 NaN, an infinite one 448 (callers mark
+    non-finite blocks themselves)."""
+    a = amax.float()
+    return torch.div(a, operand(FP4_MAX, a)).clamp_(E4M3_SCALE_MIN, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp4_e4m3_block_codes(x: torch.Tensor, block: int = FP4_E4M3_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """e2m1 with one e4m3 scale per ``block`` values: float ``[..., D]`` (``D % block == 0``) ->
+    (uint8 codes ``[..., D]`` (unpacked), ``float8_e4m3fn`` scales ``[..., D / block]``).
+
+    ``s = e4m3_block_scale(amax)``; ``code = e2m1(x / fp32(s))``: an fp32 division by the (not
+    power-of-two) scale, then round to nearest, ties to the even code, saturating at 6, the sign of
+    the quotient in bit 3. A block holding inf or NaN gets the NaN scale (e4m3 0x7F) and code 0 for
+    every element (FlashMLA's V4.1 reference quantizer)."""
+    if x.dim() == 0 or x.shape[-1] % block:
+        raise ShapeError(f"fp4_e4m3_block_codes: x must be [..., D] with D a multiple of {block}, "
+                         f"got {list(x.shape)}")
+    xb = x.float().unflatten(-1, (-1, block))
+    amax = xb.abs().amax(dim=-1)
+    bad = nonfinite_blocks(amax)
+    s = e4m3_block_scale(amax)
+    s.view(torch.uint8).masked_fill_(bad, FP8_NAN_BYTE)
+    codes = e2m1_encode(xb / fp8_to_float(s).unsqueeze(-1))
+    codes.masked_fill_(bad.unsqueeze(-1), FP4_E4M3_NAN_CODE)
+    return codes.flatten(-2), s
+
+
+def fp4_e4m3_block_quant(x: torch.Tensor, block: int = FP4_E4M3_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp4_e4m3_block_codes` packed: float ``[..., D]`` -> (uint8 ``[..., D / 2]``, even
+    element in the low nibble; ``float8_e4m3fn`` scales ``[..., D / block]``)."""
+    codes, s = fp4_e4m3_block_codes(x, block)
+    return pack_fp4(codes), s
+
+
+def fp4_e4m3_block_dequant(packed: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 uint8 ``[..., D / 2]`` and e4m3 scales ``[..., D / block]`` (``float8_e4m3fn`` or
+    their uint8 bytes) -> fp32 ``[..., D]`` (e2m1 value times scale: exact in fp32, and in bf16)."""
+    s8 = s if s.dtype == FP8_DTYPE else s.contiguous().view(FP8_DTYPE)
+    vals = e2m1_decode(unpack_fp4(packed)).unflatten(-1, (s8.shape[-1], -1))
+    return (vals * fp8_to_float(s8.contiguous()).unsqueeze(-1)).flatten(-2)
+
+
+def fp4_e4m3_round_trip(x: torch.Tensor, block: int = FP4_E4M3_BLOCK) -> torch.Tensor:
+    """The FP4 round trip with e4m3 block scales (V4.1's compressed KV): float ``[..., D]`` ->
+    fp32 ``[..., D]``, ``e2m1_value * s`` per :func:`fp4_e4m3_block_codes` (signed zeros kept; a
+    block holding inf or NaN comes back NaN). Bit for bit what a ``v41_compressed_fp4`` cache
+    write then read gives (after the cast to bf16, which is exact)."""
+    codes, s = fp4_e4m3_block_codes(x, block)
+    vals = e2m1_decode(codes).unflatten(-1, (-1, block))
+    return (vals * fp8_to_float(s).unsqueeze(-1)).flatten(-2)
+
+
 # CPU tables (built once; CPU only: elsewhere the direct formulas run on the device).
 _FP8_TO_F32_CPU = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()   # torch's own cast
 _E8M0_TO_F32_CPU = _e8m0_bits_to_float(torch.arange(256, dtype=torch.uint8))
@@ -344,4 +451,7 @@ __all__ = [
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "e8m0_to_float", "fp8_to_float", "scale_to_float",
     "pow2_ceil", "float_to_e8m0", "fp8_block_scale", "fp4_block_scale", "block_scale_to_e8m0", "fp8_round",
     "FP8_NAN_BYTE", "FP4_NAN_CODE", "nonfinite_blocks", "mark_nonfinite_blocks",
+    "FP8_CACHE_SCALE_FLOOR", "FP8_CACHE_BLOCK", "FP4_E4M3_BLOCK", "E4M3_SCALE_MIN", "FP4_E4M3_NAN_CODE",
+    "fp8_cache_scale", "fp8_cache_block_quant", "fp8_block_dequant", "e4m3_block_scale",
+    "fp4_e4m3_block_codes", "fp4_e4m3_block_quant", "fp4_e4m3_block_dequant", "fp4_e4m3_round_trip",
 ]

@@ -20,6 +20,16 @@ are the vendor kernels':
   values); D = 128: 64 + 4 = 68.
 - ``"indexer_fp8"``: any ``D >= 1``, uint8 (or e4m3) ``W = D + 4``: a page holds ``block_size x D`` e4m3
   bytes, then per token one fp32 scale (4 bytes) over all ``D`` values; D = 128: 132.
+- ``"v41_window_fp8"`` (V4.1's window cache, FlashMLA's 528-byte format): ``D`` a positive multiple of
+  32, uint8 (or e4m3) ``W = D + D / 32``: a page holds ``block_size x D`` e4m3 bytes (every value, NoPE
+  and RoPE dims alike, in dim order), then per token ``D / 32`` ue8m0 scales (one per 32 values,
+  ``2**ceil(log2(max(amax / 448, 1e-4)))``); the page is padded to a multiple of ``D`` bytes; D = 512:
+  512 + 16 = 528.
+- ``"v41_compressed_fp4"`` (V4.1's compressed cache, FlashMLA's 288-byte format): ``D`` a positive
+  multiple of 16, uint8 ``W = D / 2 + D / 16``: a page holds ``block_size x D / 2`` bytes of packed
+  e2m1 (element ``i`` in byte ``i // 2``, even elements in the low nibble, sign in bit 3), then per
+  token ``D / 16`` e4m3 scales (one per 16 values, ``e4m3(clamp(amax / 6, 2**-9, 448))``); the page is
+  padded to a multiple of ``D / 2`` bytes; D = 512: 256 + 32 = 288.
 
 ``new_paged_cache`` is a plain function, not a torch op (a torch.library op needs a tensor argument,
 and allocating a tensor needs none): it allocates the zeroed cache with the layout's strides.
@@ -40,6 +50,8 @@ from ._define import call, define_op
 ROPE = 64           # model1_fp8: trailing bf16 values per entry
 NOPE_BLOCK = 64     # model1_fp8: e4m3 values per ue8m0 scale
 FP4_BLOCK = 32      # indexer_fp4: values per ue8m0 scale
+V41_FP8_BLOCK = 32  # v41_window_fp8: e4m3 values per ue8m0 scale
+V41_FP4_BLOCK = 16  # v41_compressed_fp4: e2m1 values per e4m3 scale
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,29 @@ class Fp8Layout(PagedLayout):
 
 
 @dataclass(frozen=True)
+class ScaledRecordLayout(PagedLayout):
+    """The V4.1 layouts: per token ``D * bits / 8`` bytes of codes (``bits`` 8 for e4m3, 4 for e2m1),
+    then one 1-byte scale per ``block`` values; pages padded to a multiple of the codes' bytes."""
+
+    bits: int = 8
+    block: int = 32
+
+    def data_bytes(self, dim: int | None = None) -> int:
+        """Bytes of a token's codes: ``D * bits / 8``."""
+        return self._dim(dim) * self.bits // 8
+
+    def scale_bytes(self, dim: int | None = None) -> int:
+        """Bytes of a token's scales: ``D / block``, one byte each, no padding."""
+        return self._dim(dim) // self.block
+
+    def _width(self, d: int) -> int:
+        return d * self.bits // 8 + d // self.block
+
+    def _page_align(self, d: int) -> int:
+        return d * self.bits // 8
+
+
+@dataclass(frozen=True)
 class Bf16Layout(PagedLayout):
     """``bf16``: the ``D`` bf16 values."""
 
@@ -190,6 +225,12 @@ PAGED_LAYOUTS: dict[str, PagedLayout] = {
     "indexer_fp4": Fp4Layout("indexer_fp4", 128, (torch.uint8,), "a positive multiple of 32",
                              "W = D / 2 + 4 * ceil(D / 128)", step=32, first=32),
     "indexer_fp8": Fp8Layout("indexer_fp8", 128, (torch.uint8, FP8), "any D >= 1", "W = D + 4"),
+    "v41_window_fp8": ScaledRecordLayout("v41_window_fp8", 512, (torch.uint8, FP8), "a positive multiple of 32",
+                                         "W = D + D / 32", step=V41_FP8_BLOCK, first=V41_FP8_BLOCK,
+                                         bits=8, block=V41_FP8_BLOCK),
+    "v41_compressed_fp4": ScaledRecordLayout("v41_compressed_fp4", 512, (torch.uint8,), "a positive multiple of 16",
+                                             "W = D / 2 + D / 16", step=V41_FP4_BLOCK, first=V41_FP4_BLOCK,
+                                             bits=4, block=V41_FP4_BLOCK),
 }
 
 #: Largest ``num_blocks * block_size`` of a cache: slots are int32 values.
@@ -332,8 +373,9 @@ define_op("paged_cache_write", "(Tensor(a!) cache, Tensor x, Tensor slots, str l
 def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, layout: str) -> None:
     """Quantize bf16 rows ``x [T, D]`` by ``layout`` into ``cache`` at ``slots`` (int ``[T]``, ``-1`` skipped,
     and with the value checks off every slot outside the cache too), in place. ``D`` is the cache's entry
-    width (its last dim ``W`` tells it: 512 for V4's ``model1_fp8`` / ``bf16`` caches, 128 for its
-    ``indexer_fp4`` / ``indexer_fp8`` caches)."""
+    width (its last dim ``W`` tells it: 512 for V4's ``model1_fp8`` / ``bf16`` caches and V4.1's
+    ``v41_window_fp8`` / ``v41_compressed_fp4`` caches, 128 for the ``indexer_fp4`` / ``indexer_fp8``
+    caches)."""
     call.paged_cache_write(cache, x, slots, layout)
 
 

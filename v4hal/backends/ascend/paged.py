@@ -1,7 +1,9 @@
 """Paged KV caches on Ascend: the cache write and read run the reference on the NPU tensors.
 
-The byte layouts are the GPU kernels' (FlashMLA MODEL1 FP8, DeepGEMM FP4 indexer); no CANN op
-writes or reads them, so both ops are listed in ``v4hal info`` as reference fallbacks on every chip.
+The byte layouts are the GPU kernels' (FlashMLA MODEL1 FP8, DeepGEMM FP4 indexer, and V4.1's FlashMLA
+528-byte window / 288-byte compressed formats); no CANN op writes or reads them (the CANN cache-scatter
+ops store the values as given or quantize with a per-tensor / per-channel scale, not in these
+block-scaled records), so both ops are listed in ``v4hal info`` as reference fallbacks on every chip.
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ a write then a read gives exactly the quantize-then-dequantize round trip of ``a
   the last 64 stored as bf16;
 * ``indexer_fp4``: ``fp4_act_quant`` (block 32, e8m0 scales);
 * ``indexer_fp8``: ``act_quant`` with one block of all ``D`` values (fp32 scale);
+* ``v41_window_fp8``: :func:`v4hal.hal.formats.fp8_cache_block_quant` (block 32, ue8m0 scales floored
+  at ``1e-4`` after the division by 448), every value e4m3;
+* ``v41_compressed_fp4``: :func:`v4hal.hal.formats.fp4_e4m3_block_quant` (block 16, e4m3 scales), so a
+  write then a read is :func:`v4hal.hal.formats.fp4_e4m3_round_trip` cast to bf16;
 * ``bf16``: copied.
 
 Inputs arrive validated by the op declarations in :mod:`v4hal.ops.paged`.
@@ -20,7 +24,7 @@ import torch
 
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
-from v4hal.ops.paged import FP4_BLOCK, NOPE_BLOCK, PAGED_LAYOUTS, cache_dim
+from v4hal.ops.paged import FP4_BLOCK, NOPE_BLOCK, PAGED_LAYOUTS, V41_FP4_BLOCK, V41_FP8_BLOCK, cache_dim
 
 from .quant import act_quant, fp4_act_quant
 
@@ -55,6 +59,35 @@ def fp4_dequant(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     codes = F.unpack_fp4(packed)
     s = F.e8m0_to_float(scales[..., :codes.shape[-1] // FP4_BLOCK].contiguous())
     return (F.e2m1_decode(codes).unflatten(-1, (-1, FP4_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
+
+
+def v41_regions(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes ``[blocks, block size, data bytes]``, scales ``[blocks, block size, D / block]``): uint8 views
+    of a ``v41_window_fp8`` / ``v41_compressed_fp4`` cache's two regions."""
+    lay = PAGED_LAYOUTS[layout]
+    dim = cache_dim(cache, layout)
+    data = lay.data_bytes(dim)
+    return _region(cache, layout, 0, data), _region(cache, layout, data, lay.scale_bytes(dim))
+
+
+def v41_quant(layout: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A V4.1 cache's records of float rows ``x [T, D]``: (uint8 codes ``[T, data bytes]``, uint8 scale
+    bytes ``[T, D / block]``)."""
+    if layout == "v41_window_fp8":
+        y, s = F.fp8_cache_block_quant(x, V41_FP8_BLOCK)
+        return y.view(torch.uint8), s.view(torch.uint8)
+    packed, s = F.fp4_e4m3_block_quant(x, V41_FP4_BLOCK)
+    return packed, s.view(torch.uint8)
+
+
+def v41_decode(layout: str, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bf16 ``[..., D]`` from V4.1 cache records: uint8 codes ``[..., data bytes]`` and scale bytes
+    ``[..., D / block]`` (each value times its scale in fp32, exact, then bf16: exact too)."""
+    if layout == "v41_window_fp8":
+        vals = F.fp8_block_dequant(data.contiguous().view(F.FP8_DTYPE), scales)
+    else:
+        vals = F.fp4_e4m3_block_dequant(data, scales)
+    return vals.to(torch.bfloat16)
 
 
 def slot_in_cache(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -97,6 +130,9 @@ def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
         _region(cache, layout, 0, d // 2)[blk, off] = packed
         _region(cache, layout, d // 2, scale_bytes)[blk, off] = torch.nn.functional.pad(
             s.view(torch.uint8), (0, scale_bytes - d // FP4_BLOCK))
+    elif layout in ("v41_window_fp8", "v41_compressed_fp4"):
+        data, scales = v41_regions(cache, layout)
+        data[blk, off], scales[blk, off] = v41_quant(layout, xv)
     else:  # indexer_fp8
         y, s = act_quant(xv, d)
         _region(cache, layout, 0, d)[blk, off] = y.view(torch.uint8)
@@ -122,6 +158,9 @@ def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> t
         scale_bytes = PAGED_LAYOUTS[layout].scale_bytes(dim)
         vals = fp4_dequant(_region(cache, layout, 0, dim // 2)[blk, off],
                            _region(cache, layout, dim // 2, scale_bytes)[blk, off]).to(torch.bfloat16)
+    elif layout in ("v41_window_fp8", "v41_compressed_fp4"):
+        data, scales = v41_regions(cache, layout)
+        vals = v41_decode(layout, data[blk, off], scales[blk, off])
     else:  # indexer_fp8
         y = F.fp8_to_float(_region(cache, layout, 0, dim)[blk, off].view(F.FP8_DTYPE))
         s = _region(cache, layout, dim, 4)[blk, off].contiguous().view(torch.float32)

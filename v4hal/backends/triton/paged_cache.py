@@ -18,6 +18,13 @@ from it (at V4's widths, 512 and 128, exactly the sizes of the V4-only kernels):
   nibble = even element), then ``D / 32`` e8m0 bytes per token zero padded to a multiple of 4.
 * ``indexer_fp8``: :func:`.quant.act_quant` with one block of all ``D`` values and an fp32 scale: ``D``
   e4m3 bytes, then the scale's 4 bytes (read byte by byte: for odd ``D`` they need not be aligned).
+* ``v41_window_fp8``: blocks of 32 with the ue8m0 scale ``2**ceil(log2(max(amax / 448, 1e-4)))``
+  (:func:`v4hal.hal.formats.fp8_cache_scale`: an IEEE division, then the floor): ``D`` e4m3 bytes, then
+  ``D / 32`` e8m0 bytes per token.
+* ``v41_compressed_fp4``: blocks of 16 with the e4m3 scale ``e4m3(clamp(amax / 6, 2**-9, 448))``,
+  rounded by integer arithmetic (:func:`.quant.e4m3_bits_soft`, so any GPU), each value divided by it
+  (IEEE division) and rounded to e2m1: ``D / 2`` packed bytes, then ``D / 16`` e4m3 bytes per token. A
+  block holding an inf or a NaN gets the e4m3 NaN scale and code 0 (as the reference).
 * ``bf16``: the row's bits copied.
 
 Entries wider than ``MAX_ENTRY`` values run on the reference (a requirement): a program holds one
@@ -43,7 +50,7 @@ import triton.language as tl
 from v4hal.hal import formats as F
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
-from v4hal.ops.paged import FP4_BLOCK, NOPE_BLOCK, PAGED_LAYOUTS, _dim_of_width, cache_dim
+from v4hal.ops.paged import FP4_BLOCK, NOPE_BLOCK, PAGED_LAYOUTS, V41_FP4_BLOCK, V41_FP8_BLOCK, _dim_of_width, cache_dim
 
 from ._attn_common import next_pow2
 from ._cast import cast_out
@@ -53,6 +60,7 @@ from .quant import (
     e2m1_codes,
     e2m1_value,
     e4m3_bits,
+    e4m3_bits_soft,
     e8m0_to_f32,
     fp8_gpu,
     interpreting,
@@ -61,8 +69,8 @@ from .quant import (
     pow2_recip,
 )
 
-_FP8_LAYOUTS = ("model1_fp8", "indexer_fp8")
-_FP8_CAP = fp8_gpu("x", "conversions of the model1_fp8 / indexer_fp8 layouts")
+_FP8_LAYOUTS = ("model1_fp8", "indexer_fp8", "v41_window_fp8")
+_FP8_CAP = fp8_gpu("x", "conversions of the model1_fp8 / indexer_fp8 / v41_window_fp8 layouts")
 
 
 def _fp8_layout_reason(args: Mapping[str, Any]) -> str | None:
@@ -70,7 +78,8 @@ def _fp8_layout_reason(args: Mapping[str, Any]) -> str | None:
 
 
 #: writing e4m3 codes (model1_fp8, indexer_fp8) uses the hardware's FP8 conversion: sm_89+
-_WRITE_FP8 = R.when("compute capability >= 8.9 for layouts model1_fp8 / indexer_fp8 (FP8 e4m3 conversions)",
+_WRITE_FP8 = R.when("compute capability >= 8.9 for layouts model1_fp8 / indexer_fp8 / v41_window_fp8 "
+                    "(FP8 e4m3 conversions)",
                     _fp8_layout_reason)
 
 
@@ -188,6 +197,52 @@ def _write_fp8_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, pag
 
 
 @triton.jit
+def _write_v41_fp8_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, n_slots, scale_floor,
+                          NB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
+    """x bf16 ``[T, NB * 32]`` -> v41_window_fp8 records: ``NB * 32`` e4m3 bytes at ``off * NB * 32`` of the
+    page, NB e8m0 bytes at ``block_size * NB * 32 + off * NB``. ``R``: rows of the tile, a power of two
+    ``>= NB`` (V4.1: NB = R = 16)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
+    r = tl.arange(0, R)
+    c = tl.arange(0, 32)
+    rc = r[:, None] * 32 + c[None, :]
+    mask = (r < NB)[:, None] & _valid(rc, slot)
+    x = tl.load(x_ptr + t * s_xt + rc, mask=mask, other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 1)
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0), scale_floor)
+    e = tl.where(bad, 255, pow2_ceil_exp(s))
+    q = nan_where(bad[:, None], clamp_nan(x * pow2_recip(e)[:, None], 448.0))
+    tl.store(cache_ptr + page + off * (NB * 32) + rc, e4m3_bits(q, SOFT), mask=mask)
+    tl.store(cache_ptr + page + bs * (NB * 32) + off * NB + r, e.to(tl.uint8), mask=(r < NB) & _valid(r, slot))
+
+
+@triton.jit
+def _write_v41_fp4_kernel(cache_ptr, x_ptr, slots_ptr, s_xt, s_slot, block_size, page_bytes, n_slots,
+                          NB: tl.constexpr, R: tl.constexpr):
+    """x bf16 ``[T, NB * 16]`` -> v41_compressed_fp4 records: ``NB * 8`` packed e2m1 bytes at ``off * NB * 8``
+    of the page, NB e4m3 scale bytes at ``block_size * NB * 8 + off * NB``. ``R``: rows of the tile, a
+    power of two ``>= NB`` (V4.1: NB = R = 32)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
+    r = tl.arange(0, R)
+    c = tl.arange(0, 16)
+    rc = r[:, None] * 16 + c[None, :]
+    x = tl.load(x_ptr + t * s_xt + rc, mask=(r < NB)[:, None] & _valid(rc, slot), other=0.0).to(tl.float32)
+    bad = block_nonfinite(x, 1)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 6.0), 0.001953125), 448.0)
+    sbits = e4m3_bits_soft(q)                               # the e4m3 scale (0 < q <= 448: no sign, no NaN)
+    codes = e2m1_codes(tl.math.div_rn(x, _e4m3_to_f32(sbits)[:, None]))
+    codes = tl.where(bad[:, None], 0, codes)
+    lo, hi = tl.split(tl.reshape(codes, (R, 8, 2)))
+    rh = r[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(cache_ptr + page + off * (NB * 8) + rh, (lo | (hi << 4)).to(tl.uint8),
+             mask=(r < NB)[:, None] & _valid(rh, slot))
+    tl.store(cache_ptr + page + bs * (NB * 8) + off * NB + r, tl.where(bad, 0x7F, sbits).to(tl.uint8),
+             mask=(r < NB) & _valid(r, slot))
+
+
+@triton.jit
 def _copy_bf16_kernel(dst_ptr, src_ptr, slots_ptr, s_src, s_dst, s_slot, block_size, page_elems, n_slots,
                       D: tl.constexpr, DP: tl.constexpr, WRITE: tl.constexpr):
     """bf16 rows of ``D`` as int16 bits (``DP``: a power of two ``>= D``). ``WRITE``: src ``[T, D]`` -> the
@@ -263,6 +318,41 @@ def _read_fp8_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_byt
     tl.store(out_ptr + t * D + c, cast_out(_e4m3_to_f32(yb) * s, tl.bfloat16, SOFT), mask=c < D)
 
 
+@triton.jit
+def _read_v41_fp8_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, n_slots,
+                         NB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
+    """v41_window_fp8 records at the slots -> out bf16 ``[T, NB * 32]``: e4m3 * e8m0 scale; zeros for -1."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
+    r = tl.arange(0, R)
+    rmask = r < NB
+    rc = r[:, None] * 32 + tl.arange(0, 32)[None, :]
+    yb = tl.load(cache_ptr + page + off * (NB * 32) + rc, mask=rmask[:, None] & _valid(rc, slot), other=0)
+    sb = tl.load(cache_ptr + page + bs * (NB * 32) + off * NB + r, mask=rmask & _valid(r, slot), other=127)
+    val = _e4m3_to_f32(yb) * e8m0_to_f32(sb)[:, None]
+    tl.store(out_ptr + t * (NB * 32) + rc, cast_out(val, tl.bfloat16, SOFT), mask=rmask[:, None])
+
+
+@triton.jit
+def _read_v41_fp4_kernel(cache_ptr, out_ptr, slots_ptr, s_slot, block_size, page_bytes, n_slots,
+                         NB: tl.constexpr, R: tl.constexpr, SOFT: tl.constexpr):
+    """v41_compressed_fp4 records at the slots -> out bf16 ``[T, NB * 16]``: e2m1 value * e4m3 scale (exact);
+    zeros for -1."""
+    t = tl.program_id(0).to(tl.int64)
+    slot, page, off, bs = _slot_page(slots_ptr, t, s_slot, block_size, page_bytes, n_slots)
+    r = tl.arange(0, R)
+    rmask = r < NB
+    rh = r[:, None] * 8 + tl.arange(0, 8)[None, :]
+    packed = tl.load(cache_ptr + page + off * (NB * 8) + rh, mask=rmask[:, None] & _valid(rh, slot),
+                     other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (R, 16))
+    sb = tl.load(cache_ptr + page + bs * (NB * 8) + off * NB + r, mask=rmask & _valid(r, slot), other=0x38)
+    mag = e2m1_value(codes & 7)
+    val = tl.where((codes & 8) != 0, -mag, mag) * _e4m3_to_f32(sb)[:, None]
+    rc = r[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(out_ptr + t * (NB * 16) + rc, cast_out(val, tl.bfloat16, SOFT), mask=rmask[:, None])
+
+
 # ============================================================================ wrappers
 def _bytes(cache: torch.Tensor) -> torch.Tensor:
     """The cache as uint8 (a view: the same storage, strides and offset)."""
@@ -280,6 +370,9 @@ def _shape_constexprs(layout: str, dim: int) -> dict[str, int]:
     if layout == "indexer_fp4":
         nb, sb = dim // FP4_BLOCK, lay.scale_bytes(dim)
         return dict(NB=nb, SB=sb, R=next_pow2(sb))
+    if layout in ("v41_window_fp8", "v41_compressed_fp4"):
+        nb = dim // (V41_FP8_BLOCK if layout == "v41_window_fp8" else V41_FP4_BLOCK)
+        return dict(NB=nb, R=next_pow2(nb))
     return dict(D=dim, DP=next_pow2(dim))
 
 
@@ -320,6 +413,12 @@ def paged_cache_write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
     elif layout == "indexer_fp4":
         _write_fp4_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
                                 F.FP4_AMAX_FLOOR, F.FP4_MAX_INV, num_warps=1, **sizes)
+    elif layout == "v41_window_fp8":
+        _write_v41_fp8_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
+                                    F.FP8_CACHE_SCALE_FLOOR, SOFT=soft, num_warps=4, **sizes)
+    elif layout == "v41_compressed_fp4":
+        _write_v41_fp4_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
+                                    num_warps=4, **sizes)
     else:  # indexer_fp8
         _write_fp8_kernel[(t,)](_bytes(cache), xc, slots, xc.stride(0), slots.stride(0), bs, page, n,
                                 F.FP8_AMAX_FLOOR, F.FP8_MAX_INV, SOFT=soft, num_warps=1, **sizes)
@@ -348,6 +447,12 @@ def paged_cache_read(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> t
     elif layout == "indexer_fp4":
         _read_fp4_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft, num_warps=1,
                                **sizes)
+    elif layout == "v41_window_fp8":
+        _read_v41_fp8_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft,
+                                   num_warps=4, **sizes)
+    elif layout == "v41_compressed_fp4":
+        _read_v41_fp4_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft,
+                                   num_warps=4, **sizes)
     else:  # indexer_fp8
         _read_fp8_kernel[(t,)](_bytes(cache), out, slots, slots.stride(0), bs, page, n, SOFT=soft, num_warps=1,
                                **sizes)
