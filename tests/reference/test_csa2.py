@@ -123,12 +123,16 @@ class Runner:
 def test_whole_prompt_matches_oracle(ratio, dtype):
     r = Runner(ratio, [9, 6, 1], dtype=dtype)
     r.call(r.lens)
-    tol = {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else {"atol": 1.6e-2, "rtol": 1.6e-2}
     for i in range(3):
         ent, lat = r.stacked(i)
         want_e, want_l = oracle(r.x[i], r.wkv, r.wgate, r.norm, r.freqs, ratio, EPS)
-        torch.testing.assert_close(lat, want_l, **tol)
-        torch.testing.assert_close(ent, want_e, **tol)
+        if dtype == torch.bfloat16:
+            # the oracle's fp64 intermediates round to the same bf16 values (bit for bit at these seeds)
+            assert torch.equal(lat.view(torch.int16), want_l.view(torch.int16))
+            assert torch.equal(ent.view(torch.int16), want_e.view(torch.int16))
+        else:
+            torch.testing.assert_close(lat, want_l, atol=2e-6, rtol=2e-6)
+            torch.testing.assert_close(ent, want_e, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("ratio", [1, 2])
