@@ -60,7 +60,7 @@ def _group_row(kv_ptr, gate_ptr, state_ptr, table_ptr, rq, pos, start, first, ev
 @triton.jit
 def _csa2_entry_kernel(kv_ptr, gate_ptr, state_ptr, table_ptr, cu_ptr, sp_ptr, req_ptr, entry_ptr,
                        w_ptr, f_ptr, ent_ptr, lat_ptr, eps,
-                       D, HALF_ROPE, BLK, COLS, s_sb, s_tb, s_f,
+                       D, HALF_ROPE, BLK, COLS, S, s_sb, s_tb, s_f,
                        RATIO: tl.constexpr, HP: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
     """program_id(0) = output row; writes ``ent[row]`` and ``lat[row]`` (rows past the entries: zeros)."""
     row = tl.program_id(0)
@@ -116,7 +116,7 @@ def _csa2_entry_kernel(kv_ptr, gate_ptr, state_ptr, table_ptr, cu_ptr, sp_ptr, r
     j = i - (half - HALF_ROPE)
     rope = m & (j >= 0)
     jj = tl.maximum(j, 0)
-    fpos = g * RATIO
+    fpos = tl.minimum(g * RATIO, S - 1)       # the rope row (past the table with the value checks off: its last)
     c = tl.load(f_ptr + fpos * s_f + 2 * jj, mask=rope, other=1.0)
     s = tl.load(f_ptr + fpos * s_f + 2 * jj + 1, mask=rope, other=0.0)
     a = le.to(tl.float32)
@@ -155,7 +155,8 @@ def csa2_compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tens
     f = torch.view_as_real(freqs_cis)
     _csa2_entry_kernel[(n,)](kv_t, gate_t, state_cache, table, cu_seqlens, start_pos, entry_req, entry_pos,
                              norm_weight, f, ent, lat, float(norm_eps),
-                             d, freqs_cis.shape[1], state_cache.shape[1], cols, state_cache.stride(0),
+                             d, freqs_cis.shape[1], state_cache.shape[1], cols, freqs_cis.shape[0],
+                             state_cache.stride(0),
                              table.stride(0), f.stride(0),
                              RATIO=ratio, HP=next_pow2(d // 2), OUT=tl_dtype(x.dtype), SOFT=interpreting(x),
                              num_warps=4)
