@@ -199,9 +199,23 @@ def _quant_cases() -> list[Case]:
     return cases
 
 
+def _csa2_cases() -> list[Case]:
+    """V4.1's compressor entries at the release width (D = 512, rope 64) and at a small one, bf16 and fp32 x."""
+    def types(dt: str, w: str) -> dict[str, str]:
+        return {"kv_ptr": "*fp32", "gate_ptr": "*fp32", "state_ptr": "*fp32", "table_ptr": "*i64", "cu_ptr": "*i32",
+                "sp_ptr": "*i32", "req_ptr": "*i64", "entry_ptr": "*i64", "w_ptr": f"*{w}", "f_ptr": "*fp32",
+                "ent_ptr": f"*{dt}", "lat_ptr": f"*{dt}", "eps": "fp32"}
+    import triton.language as tl
+
+    aligned = ("kv_ptr", "gate_ptr", "state_ptr", "ent_ptr", "lat_ptr", "D", "s_sb")
+    return [Case(f"csa2 entry {dt} ratio={r} D={d}", "csa2:_csa2_entry_kernel", types(dt, "bf16"),
+                 dict(RATIO=r, HP=d // 2, OUT={"bf16": tl.bfloat16, "fp32": tl.float32}[dt]), aligned)
+            for dt, r, d in (("bf16", 2, 512), ("bf16", 1, 512), ("fp32", 2, 512), ("bf16", 2, 128))]
+
+
 GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases,
           "paged": _paged_cases, "paged_indexer": _paged_indexer_cases,
-          "paged_attention": _paged_attention_cases, "quant": _quant_cases}
+          "paged_attention": _paged_attention_cases, "quant": _quant_cases, "csa2": _csa2_cases}
 
 
 def _ptxas() -> str:

@@ -91,7 +91,15 @@ def _check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_block_
 
 def _value_check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_block_table, cu_seqlens, start_pos,
                  ratio, norm_eps):
-    op = "compressor_ragged"
+    check_ragged_values("compressor_ragged", x, freqs_cis, state_cache, state_block_table, cu_seqlens, start_pos,
+                        ratio, overlap=ratio == 4)
+
+
+def check_ragged_values(op: str, x: torch.Tensor, freqs_cis: torch.Tensor, state_cache: torch.Tensor | None,
+                        state_block_table: torch.Tensor, cu_seqlens: torch.Tensor, start_pos: torch.Tensor,
+                        ratio: int, overlap: bool) -> None:
+    """Value checks shared by the ragged compressors: ``cu_seqlens``, ``start_pos``, the rope rows and (when
+    ``state_cache`` is given) the state block table. ``overlap``: entry j also pools block j-1."""
     t = x.shape[0]
     cu = cu_seqlens.cpu().long()
     cu_list = cu.tolist()
@@ -114,6 +122,8 @@ def _value_check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_
         if need > freqs_cis.shape[0]:
             raise C.RangeError(f"{op}: freqs_cis must cover position {need - 1} (the first token of the last "
                                f"entry completed here), got {C.describe(freqs_cis)}")
+    if state_cache is None:
+        return
     nb, blk = state_cache.shape[0], state_cache.shape[1]
     table = state_block_table.cpu().long()
     cols = table.shape[1]
@@ -128,7 +138,7 @@ def _value_check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_
                            f"{i} (start_pos {int(sp[i])}, {int(lens[i])} tokens) needs {int(need_cols[i])} "
                            f"columns of {blk}-row blocks, got {C.describe(state_block_table)}")
     # positions read from the cache: the earlier tokens of the entries this call completes
-    lo = (sp // ratio - (1 if ratio == 4 else 0)).clamp_min(0) * ratio
+    lo = (sp // ratio - (1 if overlap else 0)).clamp_min(0) * ratio
     reads = done & (lo < sp)
     req_ids, positions = [], []
     for i in reads.nonzero().flatten().tolist():
