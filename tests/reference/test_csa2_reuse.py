@@ -6,14 +6,16 @@ attention over [own window ; shared picks] (an oracle written here), the reads l
 an entry the source writes later is seen by both without anything done on their side (they hold the
 cache itself, not a copy).
 
-The V4.1 compressed layout (288-byte FP4) is not in ``PAGED_LAYOUTS`` yet: the entries go through a local
-FP4 round trip (:func:`fp4_round_trip`, block 16, e4m3 scales, e2m1 round to nearest even, saturating at
-6) and into a ``bf16`` cache, which holds those values exactly.
+``sparse_attn_paged`` does not read the 288-byte ``v41_compressed_fp4`` layout yet: the entries go through
+that layout's FP4 round trip (`v4hal.hal.formats.fp4_e4m3_round_trip`, block 16, e4m3 scales) and into a
+``bf16`` cache, which holds those values exactly; a local oracle (`oracle_fp4_round_trip`) checks the round
+trip against the format's rule.
 """
 from __future__ import annotations
 
 import torch
 
+from v4hal.hal.formats import fp4_e4m3_round_trip
 from v4hal.ops.csa2 import csa2_compressor_ragged
 from v4hal.ops.paged import new_paged_cache, paged_cache_write
 from v4hal.ops.paged_attention import sparse_attn_paged
@@ -22,8 +24,8 @@ D, H, RD, HEADS, BLK = 64, 96, 16, 4, 8
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 
 
-def fp4_round_trip(x: torch.Tensor, block: int = 16) -> torch.Tensor:
-    """Local stand-in for the compressed cache's quantization: per block of 16, scale
+def oracle_fp4_round_trip(x: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Oracle of the compressed cache's quantization: per block of 16, scale
     ``e4m3(clamp(amax / 6, 2**-9, 448))``, each value ``x / scale`` clamped to [-6, 6] and rounded to the
     nearest e2m1 value (ties to the even code), times the scale; bf16 out (exact)."""
     v = x.double().view(*x.shape[:-1], -1, block)
@@ -34,6 +36,11 @@ def fp4_round_trip(x: torch.Tensor, block: int = 16) -> torch.Tensor:
     even = torch.arange(8) % 2 == 0
     code = (best.double() * 2 + (best & even).double()).argmax(-1)
     return (E2M1[code] * q.sign() * scale).view(x.shape).to(torch.bfloat16)
+
+
+def fp4_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """The ``v41_compressed_fp4`` round trip, bf16 out (exact)."""
+    return fp4_e4m3_round_trip(x).to(torch.bfloat16)
 
 
 def _dense(q: torch.Tensor, keys: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
@@ -80,7 +87,7 @@ def test_two_layers_read_one_compressed_cache():
     scale = D ** -0.5
     outs = []
     for window, wk, q, sink in layers:
-        out, _ = sparse_attn_paged(q, window, torch.arange(6, dtype=torch.int32).view(1, 1, 6), sink, scale,
+        out = sparse_attn_paged(q, window, torch.arange(6, dtype=torch.int32).view(1, 1, 6), sink, scale,
                                    extra_kv_cache=compressed, extra_indices=shared_topk, layout="bf16")
         keys = torch.cat([wk, fp4_round_trip(ent[[4, 0, 2]])])
         want = _dense(q[0, 0], keys, sink, scale)
@@ -98,15 +105,18 @@ def test_two_layers_read_one_compressed_cache():
     paged_cache_write(compressed, fp4_round_trip(ent2[:1]), pos2[:1], "bf16")
     picks = torch.tensor([[[5, -1, -1, -1, -1]]], dtype=torch.int32)
     for window, wk, q, sink in layers:
-        out, _ = sparse_attn_paged(q, window, torch.full((1, 1, 6), -1, dtype=torch.int32), sink, scale,
+        out = sparse_attn_paged(q, window, torch.full((1, 1, 6), -1, dtype=torch.int32), sink, scale,
                                    extra_kv_cache=compressed, extra_indices=picks, layout="bf16")
         want = _dense(q[0, 0], fp4_round_trip(ent2[:1]), sink, scale)
         torch.testing.assert_close(out[0, 0].float(), want, atol=1e-2, rtol=1e-2)
 
 
-def test_fp4_round_trip_helper_rounds_ties_to_even():
+def test_the_fp4_round_trip_follows_the_format_rule():
     """The local helper's e2m1 rounding (scale 1 by a block whose amax is 6): 0.25 -> 0, 0.75 -> 1,
     1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4."""
     x = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -5.0, 0, 0, 0, 0, 0, 0])
-    got = fp4_round_trip(x.view(1, 16)).float().view(-1)
+    got = oracle_fp4_round_trip(x.view(1, 16)).float().view(-1)
     assert got[:10].tolist() == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, -4.0]
+    assert torch.equal(fp4_round_trip(x.view(1, 16)).float().view(-1), got)
+    wide = torch.randn(64, 512, generator=torch.Generator().manual_seed(3)) * 4
+    assert torch.equal(fp4_round_trip(wide), oracle_fp4_round_trip(wide))
