@@ -269,3 +269,18 @@ def test_candidates_outside_the_table_have_no_key_with_checks_off(backend, monke
     assert torch.equal(got[~mask], want[~mask]) and bool((got[mask] == float("-inf")).all())
     picks = _sparse_topk(backend, a, holes, 4, 16)
     assert int(picks.max()) < 4 * BS
+
+
+def test_v41_indexer_keys_round_e2m1_ties_to_even() -> None:
+    """V4.1's indexer keys are written in the ``indexer_fp4`` layout (DeepGEMM's 68-byte record): halfway
+    values go to the even code, as HF's and FlashMLA's quantizers do (0.75 -> 1, 1.75 -> 2, 3.5 -> 4),
+    not down as DeepGEMM's Python quantizer does (0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3). Decoded from the bytes."""
+    cache = v4hal.new_paged_cache(1, 1, "indexer_fp4", dim=D)
+    x = torch.zeros(1, D)
+    x[0, :6] = torch.tensor([6.0, 0.75, 1.75, 3.5, -0.75, 2.5])      # amax 6 in the first block: scale 2**0
+    with v4hal.use_backend("reference"):
+        v4hal.paged_cache_write(cache, x.bfloat16(), torch.tensor([0], dtype=torch.int32), "indexer_fp4")
+    raw = cache.view(torch.uint8).reshape(-1)
+    codes = [int(raw[j // 2]) >> (4 * (j % 2)) & 15 for j in range(6)]
+    assert codes == [7, 2, 4, 6, 8 | 2, 4]                           # 6, 1, 2, 4, -1, 2 (2.5 -> 2: even code 4)
+    assert int(raw[D // 2]) == 127                                   # ue8m0 2**0 for the first 32 values
