@@ -284,3 +284,12 @@ def test_v41_indexer_keys_round_e2m1_ties_to_even() -> None:
     codes = [int(raw[j // 2]) >> (4 * (j % 2)) & 15 for j in range(6)]
     assert codes == [7, 2, 4, 6, 8 | 2, 4]                           # 6, 1, 2, 4, -1, 2 (2.5 -> 2: even code 4)
     assert int(raw[D // 2]) == 127                                   # ue8m0 2**0 for the first 32 values
+
+
+def test_candidate_blocks_rank_a_nan_block_first(backend) -> None:
+    """A NaN logit makes its block's score NaN, ranked above every number (the sort's NaN rule)."""
+    logits = torch.zeros(1, 16)
+    logits[0, 1], logits[0, 9] = float("nan"), 5.0
+    with v4hal.use_backend(backend):
+        got = v4hal.indexer_candidate_blocks(logits, torch.tensor([16], dtype=torch.int32), 2, candidate_block=4)
+    assert got.tolist() == [[[0, 3]]]
