@@ -119,7 +119,8 @@ def candidate_oracle(logits: torch.Tensor, limits: list[int], n_blocks: int, cb:
         scores = []
         for blk in range(nvis - 1):            # every visible block but the newest
             vals = [float(logits[r, t]) for t in range(blk * cb, min(blk * cb + cb, limit))]
-            scores.append((max(vals), blk))
+            if max(vals) > float("-inf"):       # a block with no scored position is never published
+                scores.append((max(vals), blk))
         scores.sort(key=lambda sb: (-sb[0], sb[1]))
         chosen = sorted([blk for _, blk in scores[:n_blocks - 1]] + [nvis - 1])
         out.append(chosen + [-1] * (n_blocks - len(chosen)))
@@ -140,6 +141,7 @@ def test_candidate_blocks_match_the_loop_oracle(backend, ctx2d, n_blocks, cb) ->
     logits = (torch.randn(b * n, w, generator=g) * 2).round() / 2          # coarse: many equal block maxima
     for r, lim in enumerate(limits):
         logits[r, lim:] = float("-inf")
+    logits[0, 3:9] = float("-inf")                                         # no key in these positions
     with v4hal.use_backend(backend):
         got = v4hal.indexer_candidate_blocks(logits, lens, n_blocks, candidate_block=cb)
     assert got.shape == (b, n, n_blocks) and got.dtype == torch.int32
@@ -284,6 +286,15 @@ def test_v41_indexer_keys_round_e2m1_ties_to_even() -> None:
     codes = [int(raw[j // 2]) >> (4 * (j % 2)) & 15 for j in range(6)]
     assert codes == [7, 2, 4, 6, 8 | 2, 4]                           # 6, 1, 2, 4, -1, 2 (2.5 -> 2: even code 4)
     assert int(raw[D // 2]) == 127                                   # ue8m0 2**0 for the first 32 values
+
+
+def test_candidate_blocks_skip_blocks_without_a_scored_position(backend) -> None:
+    """A block whose visible logits are all -inf (no key) is not published, the newest block always is."""
+    logits = torch.full((1, 16), float("-inf"))
+    logits[0, 5] = 1.0
+    with v4hal.use_backend(backend):
+        got = v4hal.indexer_candidate_blocks(logits, torch.tensor([15], dtype=torch.int32), 4, candidate_block=4)
+    assert got.tolist() == [[[1, 3, -1, -1]]]
 
 
 def test_candidate_blocks_rank_a_nan_block_first(backend) -> None:

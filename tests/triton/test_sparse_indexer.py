@@ -12,6 +12,7 @@ from tests.reference.test_sparse_indexer import (  # noqa: F401  (the tests, run
     test_candidate_blocks_keep_the_newest_block_and_break_ties_by_lower_id,
     test_candidate_blocks_match_the_loop_oracle,
     test_candidate_blocks_rank_a_nan_block_first,
+    test_candidate_blocks_skip_blocks_without_a_scored_position,
     test_candidate_blocks_with_logits_past_the_contexts,
     test_candidate_values_are_checked,
     test_candidates_outside_the_table_have_no_key_with_checks_off,

@@ -97,8 +97,9 @@ def indexer_candidate_blocks(logits: torch.Tensor, context_lens: torch.Tensor, n
     :mod:`v4hal.ops.paged_indexer` (row ``i`` of request ``b`` sees the positions ``t < limit``). The row's
     visible blocks are ``0 .. ceil(limit / candidate_block) - 1``; a block's score is the largest logit of
     its visible positions (NaN if one is NaN, ranked above every number); the newest visible block is
-    always kept, the rest by descending score, equal scores by ascending block id. Output: the
-    ``min(n_blocks, visible blocks)`` chosen block ids in ascending order, then ``-1``.
+    always kept, the rest by descending score, equal scores by ascending block id, never one whose score is
+    ``-inf`` (no scored position). Output: the chosen block ids (at most ``n_blocks``) in ascending order,
+    then ``-1``.
     """
     return call.indexer_candidate_blocks(logits, context_lens, int(n_blocks), int(candidate_block))
 

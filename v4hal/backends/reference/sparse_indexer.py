@@ -129,7 +129,8 @@ def indexer_topk_paged_sparse(q: torch.Tensor, kv_cache: torch.Tensor, weights: 
 @implements("indexer_candidate_blocks", "reference")
 def indexer_candidate_blocks(logits: torch.Tensor, context_lens: torch.Tensor, n_blocks: int,
                              candidate_block: int = 8) -> torch.Tensor:
-    """int32 ``[b, N, n_blocks]``: the newest visible block plus the best others by block max, ascending, -1 padded."""
+    """int32 ``[b, N, n_blocks]``: the newest visible block plus the best others by block max (none whose max
+    is -inf), ascending, -1 padded."""
     rows, w = logits.shape
     b = context_lens.shape[0]
     n = rows // b
@@ -147,7 +148,8 @@ def indexer_candidate_blocks(logits: torch.Tensor, context_lens: torch.Tensor, n
     score = score.masked_fill(blk == newest, float("-inf"))
     width = min(n_blocks, nblk)
     others = top_entries(score, width - 1)                                            # [rows, width - 1]
-    others = torch.where(others < newest, others, torch.full_like(others, nblk))      # the newest, unseen: last
+    scored = torch.gather(score, 1, others) != float("-inf")                          # NaN stays: it ranks first
+    others = torch.where((others < newest) & scored, others, torch.full_like(others, nblk))   # dropped: sort last
     picks = torch.cat([others, torch.where(newest >= 0, newest, nblk).expand(rows, 1)], dim=1)
     picks = picks.sort(dim=-1).values
     out = torch.where(picks < nblk, picks, torch.full_like(picks, -1))
