@@ -304,3 +304,32 @@ def test_candidate_blocks_rank_a_nan_block_first(backend) -> None:
     with v4hal.use_backend(backend):
         got = v4hal.indexer_candidate_blocks(logits, torch.tensor([16], dtype=torch.int32), 2, candidate_block=4)
     assert got.tolist() == [[[0, 3]]]
+
+
+def test_v41_score_by_a_per_position_formula(backend) -> None:
+    """V4.1's score, written per position from its published definition: FP4 queries (block 32, ue8m0),
+    keys decoded from the cache, ``sum_h relu(q_h . k) * D**-0.5 * w_h * H**-0.5``, visible while the
+    entry index is below ``(position + 1) // 2`` (ratio 2). The op gets the factor folded into the weights."""
+    a = indexer_inputs("indexer_fp4", seed=8)
+    positions = torch.tensor([[29, 30], [16, 17], [0, 0]])                        # two MTP rows per request
+    lens = ((positions + 1) // 2).to(torch.int32)                                 # [b, next_n]
+    w = a["weights"]
+    folded = w * (D ** -0.5 * H ** -0.5)
+    cand = torch.tensor([[[0, 3], [1, 3]], [[0, 2], [1, 2]], [[0, -1], [0, -1]]], dtype=torch.int32)
+    with v4hal.use_backend(backend):
+        got = v4hal.indexer_logits_paged_sparse(a["q"], a["kv_cache"], folded, lens, a["block_table"], cand,
+                                                candidate_block=4)
+        keys = v4hal.paged_cache_read(a["kv_cache"], torch.arange(NB * BS, dtype=torch.int32), "indexer_fp4")
+    for r in range(3):
+        for i in range(2):
+            for j, c in enumerate(cand[r, i].tolist()):
+                for o in range(4):
+                    t, col = c * 4 + o, j * 4 + o
+                    if c < 0 or t >= int(lens[r, i]):
+                        assert got[r * 2 + i, col] == float("-inf")
+                        continue
+                    slot = int(a["block_table"][r, t // BS]) * BS + t % BS
+                    k = keys[slot].double()
+                    want = sum(max(float(a["q"][r, i, h].double() @ k), 0.0) * D ** -0.5 * float(w[r * 2 + i, h])
+                               * H ** -0.5 for h in range(H))
+                    assert abs(float(got[r * 2 + i, col]) - want) <= 1e-5 * max(1.0, abs(want))

@@ -22,6 +22,7 @@ from tests.reference.test_sparse_indexer import (  # noqa: F401  (the tests, run
     test_sparse_topk_matches_the_sort_oracle,
     test_two_levels_pick_only_inside_the_published_blocks,
     test_two_levels_with_every_block_a_candidate_equal_the_dense_topk,
+    test_v41_score_by_a_per_position_formula,
 )
 
 
