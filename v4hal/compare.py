@@ -98,6 +98,7 @@ OP_RULES: dict[tuple[str, torch.dtype | None], Rule] = {
     # top-k order is unspecified: the same set per row (ties may pick either entry)
     ("indexer_topk", torch.int32): Rule("set_per_row", rtol=1e-5),
     ("indexer_topk_paged", torch.int32): Rule("set_per_row", rtol=1e-5),
+    ("indexer_topk_paged_sparse", torch.int32): Rule("set_per_row", rtol=1e-5),
     (MODEL_HIDDEN, torch.float32): Rule("cosine", max_diff=2e-2),
     (MODEL_LOGITS, torch.float32): Rule("cosine", max_diff=2e-2),
     # sparse_attn_paged: out by the bf16 default (as sparse_attn); lse (fp32, +inf for a query with no pick:
@@ -107,7 +108,8 @@ OP_RULES: dict[tuple[str, torch.dtype | None], Rule] = {
 
 #: ops whose float outputs hold infinities by contract (logits past a context are -inf; the lse of a
 #: query with no pick is +inf); any other infinity in a reference output marks a broken case
-INFINITE_OUTPUTS: frozenset[str] = frozenset({"indexer_logits_paged", "sparse_attn_paged"})
+INFINITE_OUTPUTS: frozenset[str] = frozenset({"indexer_logits_paged", "indexer_logits_paged_sparse",
+                                              "sparse_attn_paged"})
 
 #: a peer (another library's algorithm for the same function, e.g. bf16 matmul on dequantized
 #: operands, gather + SDPA) agrees in direction, not element by element
@@ -150,10 +152,20 @@ def _paged_indexer_scores(args: Sequence[Any]) -> tuple[torch.Tensor, int]:
     return logits.view(q.shape[0], q.shape[1], width).float().cpu(), offset
 
 
+def _sparse_indexer_scores(args: Sequence[Any]) -> tuple[torch.Tensor, int]:
+    """indexer_topk_paged_sparse's scores by position: the reference's dense logits (those of the candidate
+    positions are the same bits) and its offset."""
+    q, kv_cache, weights, context_lens, block_table = args[:5]
+    layout = args[8] if len(args) > 8 else "indexer_fp4"
+    offset = int(args[9]) if len(args) > 9 else 0
+    return _paged_indexer_scores([q, kv_cache, weights, context_lens, block_table, 0, layout, 0])[0], offset
+
+
 #: op -> what a "set_per_row" rule needs to recognise ties: (scores [..., t], index offset)
 TIE_SCORES: dict[str, Callable[[Sequence[Any]], tuple[torch.Tensor, int]]] = {
     "indexer_topk": _indexer_scores,
     "indexer_topk_paged": _paged_indexer_scores,
+    "indexer_topk_paged_sparse": _sparse_indexer_scores,
 }
 
 

@@ -142,13 +142,21 @@ def _paged_cases() -> list[Case]:
 
 def _paged_indexer_cases() -> list[Case]:
     types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "w_ptr": "*fp32", "ctx_ptr": "*i32", "bt_ptr": "*i32",
-             "out_ptr": "*fp32"}
+             "out_ptr": "*fp32", "cand_ptr": "*i32"}
     aligned = ("q_ptr", "cache_ptr", "w_ptr", "out_ptr", "s_qb", "s_qn", "s_qh", "s_page", "s_o")
-    return [Case(f"indexer_logits_paged {lay} D={d} H=64 (64 keys, bf16 MMA)",
-                 "paged_indexer:_indexer_logits_paged_kernel", types,
-                 dict(CTX_2D=False, FP8=lay == "indexer_fp8", HP=64, BLOCK_T=64, TO_F32=False, PREC="tf32", D=d,
-                      JP=max(16, d // 2), SB=4 if lay == "indexer_fp4" else 0), aligned)
-            for lay in ("indexer_fp4", "indexer_fp8") for d in (128, 64)]
+    dense = [Case(f"indexer_logits_paged {lay} D={d} H=64 (64 keys, bf16 MMA)",
+                  "paged_indexer:_indexer_logits_paged_kernel", types,
+                  dict(CTX_2D=False, FP8=lay == "indexer_fp8", HP=64, BLOCK_T=64, TO_F32=False, PREC="tf32", D=d,
+                       JP=max(16, d // 2), SB=4 if lay == "indexer_fp4" else 0), aligned)
+             for lay in ("indexer_fp4", "indexer_fp8") for d in (128, 64)]
+    # V4.1's candidate indexer: 32 heads of 128 at 8 blocks of 8 candidate positions per tile
+    sparse = [Case(f"indexer_logits_paged_sparse {lay} D=128 H=32 CB=8{' ctx2d' if ctx2d else ''} "
+                   "(64 positions, bf16 MMA)",
+                   "paged_indexer:_indexer_logits_paged_kernel", types,
+                   dict(CTX_2D=ctx2d, FP8=lay == "indexer_fp8", HP=32, BLOCK_T=64, TO_F32=False, PREC="tf32", D=128,
+                        JP=64, SB=4 if lay == "indexer_fp4" else 0, SPARSE=True, CB=8), aligned)
+              for lay in ("indexer_fp4", "indexer_fp8") for ctx2d in (False, True)]
+    return dense + sparse
 
 
 def _paged_attention_cases() -> list[Case]:

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from v4hal.backends.reference import paged_indexer as ref
+from v4hal.backends.reference import sparse_indexer as sparse_ref
 from v4hal.hal import requirements as R
 from v4hal.hal.registry import implements
 from v4hal.ops.paged import PAGED_LAYOUTS
@@ -75,28 +76,53 @@ def _e4m3_to_f32(c):
 
 
 @triton.jit
-def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_ptr,
-                                 NEXT_N, H, BS, MB, NB, L,
-                                 s_qb, s_qn, s_qh, s_w, s_bt, s_page, s_o,
+def _positions(cand_ptr, row, offs_c, limit, L, SPAN, s_c,
+               SPARSE: tl.constexpr, CB: tl.constexpr):
+    """(logical positions [BLOCK_T] int32, scored mask) of output columns ``offs_c``: the columns
+    themselves (dense), or ``candidate * CB + column % CB`` of the row's candidate blocks (sparse; a
+    candidate outside ``[0, SPAN)`` is no block)."""
+    if SPARSE:
+        cand = tl.load(cand_ptr + row.to(tl.int64) * s_c + offs_c // CB, mask=offs_c < L, other=-1)
+        c_ok = (cand >= 0) & (cand < SPAN)
+        offs_t = tl.where(c_ok, cand, 0) * CB + offs_c % CB
+        t_ok = c_ok & (offs_t >= 0) & (offs_t < limit)       # >= 0: a wrapped product near 2**31 is no key
+    else:
+        offs_t = offs_c
+        t_ok = offs_t < limit
+    return offs_t, t_ok
+
+
+@triton.jit
+def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_ptr, cand_ptr,
+                                 NEXT_N, H, BS, MB, NB, L, SPAN,
+                                 s_qb, s_qn, s_qh, s_w, s_bt, s_page, s_o, s_c,
                                  CTX_2D: tl.constexpr, FP8: tl.constexpr, HP: tl.constexpr,
                                  BLOCK_T: tl.constexpr, TO_F32: tl.constexpr, PREC: tl.constexpr,
-                                 D: tl.constexpr, JP: tl.constexpr, SB: tl.constexpr):
-    """program_id(0) = query row ``b * NEXT_N + i``, program_id(1) = tile of BLOCK_T positions. ``D``: the
-    key width; ``JP``: the even / odd halves' tile width (a power of two >= max(ceil(D / 2), 16)); ``SB``:
-    indexer_fp4 scale bytes per key (V4: D = 128, JP = 64, SB = 4)."""
+                                 D: tl.constexpr, JP: tl.constexpr, SB: tl.constexpr,
+                                 SPARSE: tl.constexpr = False, CB: tl.constexpr = 1):
+    """program_id(0) = query row ``b * NEXT_N + i``, program_id(1) = tile of BLOCK_T output columns. ``D``:
+    the key width; ``JP``: the even / odd halves' tile width (a power of two >= max(ceil(D / 2), 16)); ``SB``:
+    indexer_fp4 scale bytes per key (V4: D = 128, JP = 64, SB = 4). Dense (``SPARSE`` False): column = logical
+    position. ``SPARSE``: column ``j * CB + o`` is position ``cand[row, j] * CB + o`` (``cand_ptr``: int32
+    ``[rows, K]`` of row stride ``s_c``, ``SPAN`` = ceil(MB * BS / CB) blocks addressable); per column the
+    same products and sums as the dense kernel's, so the logits are the same bits."""
     row = tl.program_id(0)
     b = row // NEXT_N
     i = row % NEXT_N
     t0 = tl.program_id(1) * BLOCK_T
-    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_c = t0 + tl.arange(0, BLOCK_T)
     if CTX_2D:
         limit = tl.load(ctx_ptr + row).to(tl.int64)
     else:       # int64: a context length near 2**31 or -2**31 must not wrap
         limit = tl.load(ctx_ptr + b).to(tl.int64) - NEXT_N + 1 + i
     limit = tl.maximum(tl.minimum(limit, MB * BS), 0).to(tl.int32)       # in [0, MB * BS]: int32 again
-    if t0 < limit:
+    offs_t, t_ok = _positions(cand_ptr, row, offs_c, limit, L, SPAN, s_c, SPARSE, CB)
+    if SPARSE:
+        run = tl.max(t_ok.to(tl.int32), axis=0) > 0
+    else:
+        run = t0 < limit
+    if run:
         col = offs_t // BS
-        t_ok = offs_t < limit
         blk = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
         blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)         # in the cache, whatever the id
         tok = (offs_t % BS).to(tl.int64)
@@ -150,21 +176,30 @@ def _indexer_logits_paged_kernel(q_ptr, cache_ptr, w_ptr, ctx_ptr, bt_ptr, out_p
         score = tl.sum(relu * w[:, None], axis=0)                                # [BLOCK_T]
         # a block id outside [0, NB) holds no key: -inf. Read from the block table again here rather than
         # kept from above: a mask held across the products costs registers (tests/triton/sm90_compile.py)
-        ids = tl.load(bt_ptr + b.to(tl.int64) * s_bt + col, mask=t_ok, other=0)
+        offs_t, t_ok = _positions(cand_ptr, row, offs_c, limit, L, SPAN, s_c, SPARSE, CB)
+        ids = tl.load(bt_ptr + b.to(tl.int64) * s_bt + offs_t // BS, mask=t_ok, other=0)
         score = tl.where(t_ok & (ids >= 0) & (ids < NB), score, float("-inf"))
     else:
         score = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * s_o + offs_t, score, mask=offs_t < L)
+    tl.store(out_ptr + row.to(tl.int64) * s_o + offs_c, score, mask=offs_c < L)
 
 
 def logits_into(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
-                context_lens: torch.Tensor, block_table: torch.Tensor, layout: str) -> torch.Tensor:
-    """The paged indexer logits written into fp32 ``out [b * next_n, L]`` (last dim contiguous)."""
+                context_lens: torch.Tensor, block_table: torch.Tensor, layout: str,
+                candidates: torch.Tensor | None = None, candidate_block: int = 1) -> torch.Tensor:
+    """The paged indexer logits written into fp32 ``out [b * next_n, L]`` (last dim contiguous): at every
+    position ``< L``, or with ``candidates`` (int32 ``[b, next_n, K]``, ``L = K * candidate_block``) at the
+    positions of the candidate blocks."""
     b, n, h, d = q.shape
     if out.numel() == 0:
         return out
     if h == 0:       # no heads: every visible logit is 0, which positions are visible is the reference's
-        out.copy_(ref.indexer_logits_paged(q, kv_cache, weights, context_lens, block_table, out.shape[1], layout))
+        if candidates is None:
+            logits = ref.indexer_logits_paged(q, kv_cache, weights, context_lens, block_table, out.shape[1], layout)
+        else:
+            logits = sparse_ref.indexer_logits_paged_sparse(q, kv_cache, weights, context_lens, block_table,
+                                                            candidates, candidate_block, layout)
+        out.copy_(logits)
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     weights = weights.float()                                   # bf16 weights: exact in fp32
@@ -180,12 +215,20 @@ def logits_into(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, weig
     s_page = cache.stride(0) if nb > 1 else 0
     grid = (b * n, cdiv(out.shape[1], block_t))
     kwargs = {} if interp else {"num_warps": 4, "num_stages": 2}
+    mb = block_table.shape[1]
+    if candidates is None:
+        cand, s_c, span, sparse = block_table, 0, 0, {}
+    else:
+        cand = candidates.reshape(b * n, -1)
+        cand = cand if cand.stride(-1) == 1 else cand.contiguous()
+        s_c, span = cand.stride(0), cdiv(mb * bs, candidate_block)
+        sparse = {"SPARSE": True, "CB": candidate_block}
     _indexer_logits_paged_kernel[grid](
-        q, cache, weights, context_lens, block_table, out, n, h, bs, block_table.shape[1], nb, out.shape[1],
-        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), s_page, out.stride(0),
+        q, cache, weights, context_lens, block_table, out, cand, n, h, bs, mb, nb, out.shape[1], span,
+        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), s_page, out.stride(0), s_c,
         CTX_2D=context_lens.dim() == 2, FP8=layout == "indexer_fp8", HP=hp, BLOCK_T=block_t, TO_F32=to_f32,
         PREC=dot_precision(torch.float32 if to_f32 else q.dtype), D=d, JP=max(16, next_pow2(-(-d // 2))),
-        SB=PAGED_LAYOUTS["indexer_fp4"].scale_bytes(d) if layout == "indexer_fp4" else 0, **kwargs)
+        SB=PAGED_LAYOUTS["indexer_fp4"].scale_bytes(d) if layout == "indexer_fp4" else 0, **sparse, **kwargs)
     return out
 
 
@@ -213,3 +256,32 @@ def indexer_topk_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.T
 def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
     """int32 slots like ``positions`` (plain torch ops: one gather, no kernel)."""
     return ref.paged_slots(positions, block_table, block_size)
+
+
+@implements("indexer_logits_paged_sparse", "triton", requires=_REQUIRES)
+def indexer_logits_paged_sparse(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                                context_lens: torch.Tensor, block_table: torch.Tensor, candidates: torch.Tensor,
+                                candidate_block: int = 8, layout: str = "indexer_fp4") -> torch.Tensor:
+    """fp32 ``[b * next_n, K * candidate_block]``: the kernel's logits at the candidate blocks' positions."""
+    out = torch.empty(q.shape[0] * q.shape[1], candidates.shape[2] * candidate_block, dtype=torch.float32,
+                      device=q.device)
+    return logits_into(out, q, kv_cache, weights, context_lens, block_table, layout, candidates, candidate_block)
+
+
+@implements("indexer_topk_paged_sparse", "triton", requires=_REQUIRES)
+def indexer_topk_paged_sparse(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                              context_lens: torch.Tensor, block_table: torch.Tensor, candidates: torch.Tensor,
+                              topk: int, candidate_block: int = 8, layout: str = "indexer_fp4",
+                              offset: int = 0) -> torch.Tensor:
+    """int32 ``[b, next_n, topk]``: the kernel's sparse logits, then the reference's stable top-k."""
+    logits = indexer_logits_paged_sparse(q, kv_cache, weights, context_lens, block_table, candidates,
+                                         candidate_block, layout)
+    return sparse_ref.sparse_topk(logits, kv_cache, context_lens, block_table, candidates, topk, candidate_block,
+                                  offset)
+
+
+@implements("indexer_candidate_blocks", "triton")
+def indexer_candidate_blocks(logits: torch.Tensor, context_lens: torch.Tensor, n_blocks: int,
+                             candidate_block: int = 8) -> torch.Tensor:
+    """int32 ``[b, next_n, n_blocks]`` (plain torch ops: a block max and a sort, no kernel)."""
+    return sparse_ref.indexer_candidate_blocks(logits, context_lens, n_blocks, candidate_block)
