@@ -24,6 +24,7 @@ from v4hal.ops.engram import (
     engram_primes,
     engram_row_offsets,
     engram_vocab_map,
+    is_prime,
 )
 
 # ---------------------------------------------------------------- host constants
@@ -38,6 +39,11 @@ def test_primes_reproduce_the_release_table_sizes():
     assert len(set(flat)) == len(flat) and all(isprime(p) and p >= 16_000_000 for p in flat)
     # every (layer, n-gram size) restarts at the smallest unused prime >= the base
     assert primes[0, 0, 0] == 16_000_057 and all(primes[0, i, 0] > primes[0, i - 1, -1] for i in (1, 2))
+
+
+def test_is_prime_agrees_with_sympy():
+    nums = list(range(0, 3000)) + list(range(16_000_000, 16_002_000)) + [2**61 - 1, 2**61 + 1, 3_215_031_751]
+    assert [is_prime(n) for n in nums] == [bool(isprime(n)) for n in nums]
 
 
 def test_row_offsets_make_disjoint_bucket_ranges():
@@ -215,6 +221,12 @@ def test_hash_rejects_bad_input():
         engram_hash(torch.tensor([1, 2**62, 3]), cu, hist, mult, primes, 0)
     with pytest.raises(RangeError, match="primes"):
         engram_hash(ids, cu, hist, mult, torch.tensor([[11, 0], [17, 19]]), 0)
+    with pytest.raises(RangeError, match="primes"):     # even, or used twice
+        engram_hash(ids, cu, hist, mult, torch.tensor([[11, 2**30], [17, 19]]), 0)
+    with pytest.raises(RangeError, match="primes"):
+        engram_hash(ids, cu, hist, mult, torch.tensor([[11, 13], [17, 11]]), 0)
+    with pytest.raises(RangeError, match="multipliers"):
+        engram_hash(ids, cu, hist, torch.tensor([3, 2**30, 7]), primes, 0)
     with pytest.raises(RangeError, match="pad_id"):
         engram_hash(ids, cu, hist, mult, primes, -1)
 

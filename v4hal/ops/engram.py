@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from v4hal.extras import require
+
 from . import _checks as C
 from ._checks import FLOATS, FP8, INTS
 from ._define import call, define_op
@@ -75,12 +77,36 @@ def engram_vocab_map(token_strings: Sequence[str], raw_tokens: Sequence[str] | N
     return torch.tensor(out, dtype=torch.int64), len(ids)
 
 
+_WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def is_prime(n: int) -> bool:
+    """Miller-Rabin with the first twelve primes as witnesses: exact for every ``n < 3.3e24``."""
+    if n < 2:
+        return False
+    for p in _WITNESSES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in _WITNESSES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
 def prime_table(layer_ids: Sequence[int], max_ngram: int, n_heads: int, vocab_size: int) -> list[list[list[int]]]:
     """``[L][max_ngram - 1][n_heads]`` primes: for each layer, n-gram size (2..max_ngram) and head, the next
     prime above the previous one, starting from the smallest prime >= ``vocab_size`` for every
     (layer, n-gram size); a prime is never used twice across the whole table."""
-    from sympy import isprime  # a dependency of torch
-
     if max_ngram < 2 or n_heads < 1 or vocab_size < 1:
         raise C.RangeError(f"engram_primes: need max_ngram >= 2, n_heads >= 1, vocab_size >= 1, got "
                            f"{max_ngram}, {n_heads}, {vocab_size}")
@@ -92,7 +118,7 @@ def prime_table(layer_ids: Sequence[int], max_ngram: int, n_heads: int, vocab_si
             p, heads = vocab_size - 1, []
             for _ in range(n_heads):
                 p += 1
-                while p in seen or not isprime(p):
+                while p in seen or not is_prime(p):
                     p += 1
                 seen.add(p)
                 heads.append(p)
@@ -110,8 +136,7 @@ def multiplier_table(layer_ids: Sequence[int], max_ngram: int, compressed_vocab:
     """``[L][max_ngram]`` odd multipliers ``2 r + 1``, ``r`` drawn uniformly in ``[0, bound)`` by numpy's
     ``default_rng(10007 * layer_id)`` with ``bound = (2**63 - 1) // compressed_vocab // 2``, so
     ``id * multiplier`` fits int64 for every compressed id."""
-    import numpy as np  # with safetensors[torch]
-
+    np = require("numpy", "engram_multipliers (numpy's default_rng draws the multipliers)")
     bound = max(1, (_INT64_MAX // compressed_vocab) // 2)
     return [(np.random.default_rng(10007 * int(layer)).integers(0, bound, size=(max_ngram,), dtype=np.int64) * 2
              + 1).tolist() for layer in layer_ids]
@@ -159,10 +184,11 @@ def _value_check_hash(ids, cu_seqlens, history, multipliers, primes, pad_id):
     cu = cu_seqlens.long()
     if int(cu[0]) != 0 or int(cu[-1]) != ids.shape[0] or bool((cu[1:] < cu[:-1]).any()):
         raise C.RangeError(f"{op}: cu_seqlens must rise from 0 to T = {ids.shape[0]}, got {cu.tolist()[:16]}")
-    if multipliers.numel() and int(multipliers.min()) < 1:
-        raise C.RangeError(f"{op}: multipliers must be >= 1, got min {int(multipliers.min())}")
-    if int(primes.min()) < 1:
-        raise C.RangeError(f"{op}: primes must be >= 1, got min {int(primes.min())}")
+    if int(multipliers.min()) < 1 or bool((multipliers % 2 == 0).any()):
+        raise C.RangeError(f"{op}: multipliers must be odd and >= 1, got {multipliers.tolist()}")
+    flat = primes.reshape(-1)
+    if int(flat.min()) < 3 or bool((flat % 2 == 0).any()) or flat.unique().numel() != flat.numel():
+        raise C.RangeError(f"{op}: primes must be distinct odd primes, got {flat.tolist()[:32]}")
     top = _INT64_MAX // int(multipliers.max())
     C.index_range(op, "ids (compressed ids, -1 for dead tokens; id * multiplier must fit int64)", ids, DEAD, top + 1)
     C.index_range(op, "history", history, DEAD, top + 1)
@@ -180,7 +206,8 @@ define_op("engram_hash",
           "-> (Tensor, Tensor)",
           check=_check_hash, fake=_fake_hash, value_check=_value_check_hash,
           doc=C.ranges_doc(pad_id=C.interval(0, C.INT32_MAX), **{"N = multipliers.shape[0]": C.interval(2, MAX_NGRAM)})
-          + " Checked values: `cu_seqlens` rises from 0 to T; `multipliers`, `primes` >= 1; `ids`, `history` in "
+          + " Checked values: `cu_seqlens` rises from 0 to T; `multipliers` odd and >= 1; `primes` distinct, "
+          "odd, >= 3; `ids`, `history` in "
           "`[-1, (2**63 - 1) // max(multipliers)]`.")
 
 
@@ -219,7 +246,7 @@ def _check_lookup(rows, table, scales, out_dtype):
     C.shape(op, "scales", scales, (table.shape[0], table.shape[1] // SCALE_BLOCK), "[R, W / 32]")
     C.dtype_arg(op, "out_dtype", out_dtype, FLOATS)
     C.same_device(op, table=table, scales=scales)
-    if table.device != rows.device and table.device.type != "cpu":
+    if table.device != rows.device and (table.device.type != "cpu" or rows.device.type == "meta"):
         raise C.DeviceError(f"{op}: table must be on rows' device ({rows.device}) or in host memory, "
                             f"got table on {table.device}")
 
