@@ -77,6 +77,11 @@ def test_vocab_map_normalizes_and_numbers_in_first_seen_order():
     assert size == 7
     assert engram_normalize("  Ärger \t") == "arger"
     assert engram_normalize(" ") == " " and engram_normalize("\r\n") == " "
+    # the tokenizer library's rules where Python's string methods differ: per-character lowercase (no
+    # final sigma), every combining mark (a spacing Mc one too), only Unicode White_Space stripped
+    assert engram_normalize("ΣΑΣ") == "σασ"
+    assert engram_normalize("\u0915\u0903") == "\u0915"
+    assert engram_normalize("\x1cab\u3000") == "\x1cab"
 
 
 def test_vocab_map_keeps_partial_utf8_tokens_raw():

@@ -39,18 +39,23 @@ _INT64_MAX = 2**63 - 1
 
 _SPACES = re.compile(r"[ \t\r\n]+")
 _SENTINEL = "\ue000"   # keeps a token that is exactly one space from stripping to ""
+#: Unicode White_Space (what the tokenizer library's Strip trims; Python's default strip also trims U+001C..U+001F)
+_WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+                + "\u2028\u2029\u202f\u205f\u3000")
 
 
 def engram_normalize(text: str) -> str:
-    """The Engram key of a decoded token: NFKC, NFD, accents (non-spacing marks) dropped, lowercase,
-    runs of space/tab/CR/LF as one space, stripped; a token that normalizes to a single space keeps it,
-    one that normalizes to nothing keeps its own text."""
+    """The Engram key of a decoded token, as the tokenizer library's normalizer sequence computes it:
+    NFKC, NFD, every combining mark (General_Category M: Mn, Mc, Me) dropped, each character lowercased
+    on its own (no final-sigma rule), runs of space/tab/CR/LF as one space, White_Space stripped at both
+    ends; a token that normalizes to a single space keeps it, one that normalizes to nothing keeps its
+    own text."""
     s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
-    s = "".join(ch for ch in s if unicodedata.category(ch) != "Mn").lower()
+    s = "".join(ch.lower() for ch in s if not unicodedata.category(ch).startswith("M"))
     s = _SPACES.sub(" ", s)
     if s == " ":
         s = _SENTINEL
-    s = s.strip().replace(_SENTINEL, " ")
+    s = s.strip(_WHITE_SPACE).replace(_SENTINEL, " ")
     return s or text
 
 
