@@ -62,6 +62,9 @@ def test_multipliers_odd_bounded_and_per_layer():
     # the largest compressed id times any multiplier fits int64
     assert all(99_091 * int(v) <= 2**63 - 1 for v in m.flatten())
     assert engram_multipliers([1], 4, 99_092).tolist() == m[:1].tolist()
+    # the draws numpy 2.x prints for the release's layers (published by an independent C++ port): 2 r + 1
+    assert m[0].tolist() == [2 * r + 1 for r in (38316048023122, 2419938046656, 17979836159674, 36993668729195)]
+    assert m[1, 0] == 2 * 33858405369630 + 1 and m[1, 3] == 2 * 41309613242795 + 1
 
 
 # ---------------------------------------------------------------- vocabulary map
@@ -82,6 +85,7 @@ def test_vocab_map_normalizes_and_numbers_in_first_seen_order():
     assert engram_normalize("ΣΑΣ") == "σασ"
     assert engram_normalize("\u0915\u0903") == "\u0915"
     assert engram_normalize("\x1cab\u3000") == "\x1cab"
+    assert engram_normalize("\u2003x ") == "x" and engram_normalize("\uff21") == "a" and engram_normalize("été") == "ete"
 
 
 def test_vocab_map_keeps_partial_utf8_tokens_raw():
