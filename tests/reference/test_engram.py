@@ -85,7 +85,8 @@ def test_vocab_map_normalizes_and_numbers_in_first_seen_order():
     assert engram_normalize("ΣΑΣ") == "σασ"
     assert engram_normalize("\u0915\u0903") == "\u0915"
     assert engram_normalize("\x1cab\u3000") == "\x1cab"
-    assert engram_normalize("\u2003x ") == "x" and engram_normalize("\uff21") == "a" and engram_normalize("été") == "ete"
+    assert engram_normalize("\u2003x ") == "x" and engram_normalize("\uff21") == "a"
+    assert engram_normalize("été") == "ete"
 
 
 def test_vocab_map_keeps_partial_utf8_tokens_raw():
