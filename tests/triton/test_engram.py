@@ -52,16 +52,19 @@ def test_lookup_of_no_tokens():
 
 
 def test_host_table_requirement():
-    """On a GPU a host table must be pinned; device tables and pinned host tables are served."""
+    """On a GPU a host table and its scales must be pinned; device tables and pinned host tables are served."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
-    def args(table_dev, pinned, rows_dev):
-        table = SimpleNamespace(device=table_dev, is_pinned=lambda: pinned)
-        return {"rows": SimpleNamespace(device=rows_dev), "table": table}
-    assert "pin it" in tri._host_table_pinned(args(cpu, False, cuda))
-    assert tri._host_table_pinned(args(cpu, True, cuda)) is None
-    assert tri._host_table_pinned(args(cuda, False, cuda)) is None
-    assert tri._host_table_pinned(args(cpu, False, cpu)) is None      # the interpreter on CPU tables
+    def host(dev, pinned):
+        return SimpleNamespace(device=dev, is_pinned=lambda: pinned)
+
+    def args(table, scales, rows_dev):
+        return {"rows": SimpleNamespace(device=rows_dev), "table": table, "scales": scales}
+    assert "table is in pageable host memory" in tri._host_table_pinned(args(host(cpu, False), host(cpu, True), cuda))
+    assert "scales is in pageable" in tri._host_table_pinned(args(host(cpu, True), host(cpu, False), cuda))
+    assert tri._host_table_pinned(args(host(cpu, True), host(cpu, True), cuda)) is None
+    assert tri._host_table_pinned(args(host(cuda, False), host(cuda, False), cuda)) is None
+    assert tri._host_table_pinned(args(host(cpu, False), host(cpu, False), cpu)) is None   # the interpreter
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -61,15 +61,19 @@ def _lookup_kernel(rows_ptr, table_ptr, s_ptr, out_ptr, N, W,
 
 
 def _host_table_pinned(args: Mapping[str, Any]) -> str | None:
-    table, rows = args["table"], args["rows"]
-    if table.device.type == "cpu" and rows.device.type == "cuda" and not table.is_pinned():
-        return ("table is in pageable host memory: pin it (map_host_table, or allocate with pin_memory=True) "
-                "for the GPU to read it")
+    if args["rows"].device.type != "cuda":
+        return None
+    for name in ("table", "scales"):
+        t = args[name]
+        if t.device.type == "cpu" and not t.is_pinned():
+            return (f"{name} is in pageable host memory: pin it (map_host_table, or allocate with "
+                    "pin_memory=True) for the GPU to read it")
     return None
 
 
 _FP8_ROWS = R.min_capability(8, 9, tensor="rows", why="FP8 e4m3 conversions of the table rows")
-HOST_TABLE_PINNED = R.when("a host-memory table is pinned (mapped into the GPU's address space)", _host_table_pinned)
+HOST_TABLE_PINNED = R.when("a host-memory table and its scales are pinned (mapped into the GPU's address space)",
+                           _host_table_pinned)
 
 
 def map_host_table(t: torch.Tensor) -> torch.Tensor:
