@@ -400,3 +400,39 @@ def test_hash_reads_nothing_back_to_the_host(monkeypatch):
         with use_backend("reference"):
             got = engram_hash(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_engram_layer_composed_from_the_ops_in_chunks():
+    """One Engram layer as the graph will run it, in two prefill chunks and a decode step: hash -> lookup ->
+    ``wkv`` matmul -> gate. Oracle: the whole sequence at once, written position by position (look-back
+    over absolute positions, the dequantized rows by the byte decoder, the gate by the float64 loop);
+    the image token is dead (pad in the hash, gate shut)."""
+    n, heads, w, hc, d = 3, 2, 32, 2, 16
+    g = torch.Generator().manual_seed(5)
+    mult = engram_multipliers([14], n, 500)[0]
+    primes = engram_primes([14], n, heads, 100)[0]
+    r = int(primes.sum())
+    table, scales = make_table(r, w, 5, True)
+    wkv = torch.randn((hc + 1) * d, (n - 1) * heads * w, generator=g) * 0.05
+    qw, kw = torch.randn(hc, d, generator=g) * 0.2 + 1, torch.randn(hc, d, generator=g) * 0.2 + 1
+    seq = [7, 300, 41, DEAD, 9, 9, 120, 3]
+    streams = torch.randn(len(seq), hc, d, generator=g)
+    live = torch.tensor([t != DEAD for t in seq])
+
+    # composed, chunk by chunk
+    hist, outs = engram_history(1, n), []
+    for lo, hi in ((0, 3), (3, 7), (7, 8)):
+        ids = torch.tensor(seq[lo:hi])
+        rows, hist = engram_hash(ids, torch.tensor([0, hi - lo]), hist, mult, primes, 2)
+        e = engram_lookup(rows, table, scales, torch.float32)
+        kv = e.flatten(1) @ wkv.T
+        outs.append(engram_gate(streams[lo:hi], kv, qw, kw, live[lo:hi], 1e-20))
+    got = torch.cat(outs)
+
+    # oracle, whole sequence
+    want_rows = oracle_rows(seq, 0, mult.tolist(), primes.tolist(), 2)
+    e = oracle_lookup(torch.tensor(want_rows), table, scales)
+    kv = e.flatten(1) @ wkv.double().T
+    want = oracle_gate(streams, kv, qw, kw, live, 1e-20)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[3], streams[3])
