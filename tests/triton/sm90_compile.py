@@ -1,4 +1,4 @@
-"""Compile the attention / indexer / mHC / small-op / paged-cache / FP8 quantizer Triton kernels for sm_90
+"""Compile the attention / indexer / mHC / small-op / paged-cache / FP8 quantizer / CSA2 / Engram Triton kernels for sm_90
 without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects; this script
@@ -221,9 +221,25 @@ def _csa2_cases() -> list[Case]:
             for dt, r, d in (("bf16", 2, 512), ("bf16", 1, 512), ("fp32", 2, 512), ("bf16", 2, 128))]
 
 
+def _engram_cases() -> list[Case]:
+    """The Engram lookup (256-wide e4m3 rows, e8m0 / fp32 scales) and gate (bf16 streams, chunks of 1024)."""
+    cases = []
+    for e8m0 in (True, False):
+        t = {"rows_ptr": "*i64", "table_ptr": "*u8", "s_ptr": "*u8" if e8m0 else "*fp32", "out_ptr": "*bf16"}
+        cases.append(Case(f"engram_lookup W=256 {'e8m0' if e8m0 else 'fp32'} scales", "engram:_lookup_kernel", t,
+                          dict(S_E8M0=e8m0, BLOCK_R=16, WP=256, SB=32), ("table_ptr", "out_ptr")))
+    for mask in (True, False):
+        t = {"h_ptr": "*bf16", "kv_ptr": "*bf16", "q_ptr": "*fp32", "k_ptr": "*fp32", "m_ptr": "*i1",
+             "out_ptr": "*bf16", "eps": "fp32", "inv_sqrt_d": "fp32", "clamp": "fp32"}
+        cases.append(Case(f"engram_gate bf16 mask={mask}", "engram:_gate_kernel", t,
+                          dict(HAS_MASK=mask, BLOCK_D=1024), ("h_ptr", "kv_ptr", "q_ptr", "k_ptr", "out_ptr")))
+    return cases
+
+
 GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases,
           "paged": _paged_cases, "paged_indexer": _paged_indexer_cases,
-          "paged_attention": _paged_attention_cases, "quant": _quant_cases, "csa2": _csa2_cases}
+          "paged_attention": _paged_attention_cases, "quant": _quant_cases, "csa2": _csa2_cases,
+          "engram": _engram_cases}
 
 
 def _ptxas() -> str:
