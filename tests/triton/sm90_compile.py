@@ -1,5 +1,5 @@
-"""Compile the attention / indexer / mHC / small-op / paged-cache / FP8 quantizer / CSA2 / Engram Triton kernels for sm_90
-without a GPU.
+"""Compile the attention / indexer / mHC / small-op / paged-cache / FP8 quantizer / CSA2 / Engram Triton kernels
+for sm_90 without a GPU.
 
 The interpreter runs kernels as Python and accepts code the compiler rejects; this script
 sends the same kernels, with the launch configurations the launchers use, through the real
