@@ -263,8 +263,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
     Recipes: float x ``[M, K]`` with w ``[E, N, K]`` of the same dtype; fp8 x + x_scale
     ``[M, ceil(K/128)]`` with fp8 w + w_scale ``[E, ceil(N/128), ceil(K/128)]`` (same per-block
     formula as :func:`fp8_gemm`; or 32x32 tiles ``[E, ceil(N/32), K/32]``); fp8 x + x_scale with packed
-    FP4 w uint8 ``[E, N, K/2]`` + w_scale ``[E, N, K/32]`` or ``[E, N, K/16]`` (as :func:`fp4_gemm`). group_offsets int64 ``[E+1]`` (0 first, M last,
-    non-decreasing). fp32 accumulation; out ``[M, N]`` in ``out_dtype``.
+    FP4 w uint8 ``[E, N, K/2]`` + w_scale ``[E, N, K/32]`` or ``[E, N, K/16]`` (as :func:`fp4_gemm`).
+    group_offsets int64 ``[E+1]`` (0 first, M last, non-decreasing). fp32 accumulation; out ``[M, N]``
+    in ``out_dtype``.
     """
     return grouped_gemms(x, [(w, w_scale)], group_offsets, x_scale, out_dtype)[0]
 

@@ -382,5 +382,5 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return out.reshape(*a.shape[:-1], n)
 
 
-__all__ = ["fp8_gemm", "fp4_gemm", "gemm_kernel", "launch_gemm", "weight_block", "GemmConfig", "dense_config", "mma_dtype",
-           "INTERPRETER_CONFIG", "B_FLOAT", "B_FP8", "B_FP4"]
+__all__ = ["fp8_gemm", "fp4_gemm", "gemm_kernel", "launch_gemm", "weight_block", "GemmConfig", "dense_config",
+           "mma_dtype", "INTERPRETER_CONFIG", "B_FLOAT", "B_FP8", "B_FP4"]
