@@ -1,9 +1,14 @@
-"""Cases of the MoE ops: gate, dispatch, combine, experts."""
+"""Cases of the MoE ops: gate (V4's routing, and V4.1's router with ``v41``: gate temperature, image
+bias on a random image mask, eps 1e-20 on the sum), dispatch, combine, experts."""
 from __future__ import annotations
 
 import torch
 
 from ._core import EXPERT_PARALLEL, REQUIRED, Gen, OpCase, Shape, reference, register_case, tokens
+from .gemm import V41_FLASH, is_v4_flash
+
+V41_GATE_TEMP = 0.75      # a non-trivial temperature (the released config's is 1.0)
+V41_NORM_EPS = 1e-20
 
 
 def routing(g: Gen, t: int, e: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +26,23 @@ def _moe_gate(g: Gen, s: Shape) -> list:
     if s["hash"]:
         tid2eid = g.distinct(s["vocab"], e, k)
         return [x, w, k, None, "sqrtsoftplus", 1.5, tid2eid, g.randint(s["vocab"], (t,))]
+    if s["v41"]:
+        image_mask = g.rand(t) < 0.5
+        return [x, w, k, g.randn(e, scale=0.1), "sqrtsoftplus", 1.5, None, None, V41_GATE_TEMP,
+                g.randn(e, scale=0.1), image_mask, V41_NORM_EPS]
     return [x, w, k, g.randn(e, scale=0.1), "sqrtsoftplus", 1.5, None, None]
+
+
+def _gate_shapes(c, mode):
+    t = tokens(mode)
+    out = [("score" if mode == "quick" else "gate", {"t": t, "d": c.dim, "e": c.n_routed_experts,
+                                                     "topk": c.n_activated_experts})]
+    if mode == "quick":
+        out.append(("v41_router", {**out[0][1], "v41": True}))
+    elif is_v4_flash(c):
+        v = V41_FLASH
+        out.append(("v41_router", {"t": t, "d": v["dim"], "e": v["experts"], "topk": v["topk"], "v41": True}))
+    return out
 
 
 def _moe_dispatch(g: Gen, s: Shape) -> list:
@@ -72,9 +93,10 @@ def _experts_shapes(c, mode):
 ROUTED = {"t": REQUIRED, "d": REQUIRED, "e": REQUIRED, "topk": REQUIRED}
 
 register_case(OpCase(
-    "moe_gate", _moe_gate, {**ROUTED, "hash": False, "vocab": 64},
-    tiny=[{"t": 7, "d": 64, "e": 16, "topk": 3}, {"t": 5, "d": 64, "e": 16, "topk": 2, "hash": True}],
-    shapes=lambda c, mode: _routed("score" if mode == "quick" else "gate")(c, mode),
+    "moe_gate", _moe_gate, {**ROUTED, "hash": False, "vocab": 64, "v41": False},
+    tiny=[{"t": 7, "d": 64, "e": 16, "topk": 3}, {"t": 5, "d": 64, "e": 16, "topk": 2, "hash": True},
+          {"t": 9, "d": 64, "e": 24, "topk": 6, "v41": True}],
+    shapes=_gate_shapes,
     flops=lambda s: 2 * s["t"] * s["d"] * s["e"] + 4 * s["t"] * s["e"], bound="matmul", compute_dtype="bf16"))
 
 register_case(OpCase(
