@@ -230,9 +230,10 @@ def _split_for(tiles: int, k_blocks: int, sms: int) -> int:
     return max(1, min(cdiv(sms, tiles), k_blocks // 4, 8))
 
 
-def dense_config(m: int, n: int, k: int, b_kind: int, device: torch.device) -> GemmConfig:
+def dense_config(m: int, n: int, k: int, b_kind: int, device: torch.device, wb: int = 0) -> GemmConfig:
     """Tile configuration for a dense (non-grouped) GEMM of ``[m, k] x [n, k]^T`` on ``device``
-    (``block_k`` is forced to 32 for FP4 weights by :func:`launch_gemm`)."""
+    (``block_k`` is forced to 32 for FP4 weights, and to the tile for FP8 weights, by
+    :func:`launch_gemm`); ``wb``: the weight block (see :func:`weight_block`)."""
     if on_interpreter(device):
         return INTERPRETER_CONFIG
     if b_kind == B_FP4:
@@ -240,7 +241,9 @@ def dense_config(m: int, n: int, k: int, b_kind: int, device: torch.device) -> G
         # once per row tile, so cover M with as few row tiles as possible
         bm = min(128, max(16, next_pow2(m)))
         if m > 128:
-            cfg = GemmConfig(128, 128, FP4_BLOCK, group_m=8, num_warps=8, num_stages=4)
+            # per-16 scales keep two products live: 128x128 spills on sm_90a, 128x64 does not
+            cfg = GemmConfig(128, 64 if wb == FP4_SMALL_BLOCK else 128, FP4_BLOCK, group_m=8, num_warps=8,
+                             num_stages=4)
         else:
             cfg = GemmConfig(bm, 64, FP4_BLOCK, group_m=8, num_warps=8 if bm >= 128 else 4,
                              num_stages=6 if bm <= 32 else 4)
@@ -376,7 +379,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     k, n = a.shape[-1], b.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
-    cfg = dense_config(m, n, k, B_FP4, a.device)
+    cfg = dense_config(m, n, k, B_FP4, a.device, weight_block(B_FP4, b_s, k))
     dot, prec = mma_dtype(B_FP4, a.dtype, a.device)
     out = launch_gemm(a2, a_s.reshape(m, k // SCALE_BLOCK), b, b_s, out_dtype, B_FP4, cfg, dot=dot, prec=prec)
     return out.reshape(*a.shape[:-1], n)
