@@ -229,8 +229,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
                 swiglu_limit: float = 0.0) -> torch.Tensor:
     """The routed experts: ``sum_j weights[t, j] * w2(silu(w1 x) * (w3 x))`` of expert ``indices[t, j]``.
 
-    w1/w3 ``[E, I, D]``, w2 ``[E, D, I]`` in bf16/fp16/fp32, FP8 (``w_scales`` = block scales) or packed FP4
-    (``w_scales`` = e8m0 ``[E, N, K/32]``); ``w_scales`` is ``(w1_scale, w2_scale, w3_scale)``.
+    w1/w3 ``[E, I, D]``, w2 ``[E, D, I]`` in bf16/fp16/fp32, FP8 (``w_scales`` = 128x128 or 32x32 tile scales)
+    or packed FP4 (``w_scales`` = ``[E, N, K/32]`` or ``[E, N, K/16]``); ``w_scales`` is
+    ``(w1_scale, w2_scale, w3_scale)``.
     ``swiglu_limit > 0`` clamps ``w3 x`` to ``[-limit, limit]`` and ``w1 x`` to ``<= limit``. Out ``[T, D]``.
     """
     if w_scales is None:
