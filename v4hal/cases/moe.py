@@ -23,14 +23,15 @@ def _moe_gate(g: Gen, s: Shape) -> list:
     t, d, e, k = s["t"], s["d"], s["e"], s["topk"]
     x = g.randn(t, d, dtype="bf16")
     w = g.randn(e, d, dtype="bf16", scale=d ** -0.5)
+    v4_router = [1.0, None, None, 0.0]          # gate_temp, image_bias, image_mask, norm_eps
     if s["hash"]:
         tid2eid = g.distinct(s["vocab"], e, k)
-        return [x, w, k, None, "sqrtsoftplus", 1.5, tid2eid, g.randint(s["vocab"], (t,))]
+        return [x, w, k, None, "sqrtsoftplus", 1.5, tid2eid, g.randint(s["vocab"], (t,)), *v4_router]
     if s["v41"]:
         image_mask = g.rand(t) < 0.5
         return [x, w, k, g.randn(e, scale=0.1), "sqrtsoftplus", 1.5, None, None, V41_GATE_TEMP,
                 g.randn(e, scale=0.1), image_mask, V41_NORM_EPS]
-    return [x, w, k, g.randn(e, scale=0.1), "sqrtsoftplus", 1.5, None, None]
+    return [x, w, k, g.randn(e, scale=0.1), "sqrtsoftplus", 1.5, None, None, *v4_router]
 
 
 def _gate_shapes(c, mode):
