@@ -80,3 +80,17 @@ def test_grouped_gemm_small_blocks(counts):
     b4, b4_s = ref_quant.quant_weight_fp4(w, 16)
     check_gemm(tri_grouped.grouped_gemm(a, b4, off, a_s, b4_s, torch.float32),
                ref_gemm.grouped_gemm(a, b4, off, a_s, b4_s, torch.float32), f"grouped fp4 per-16 {counts}")
+
+
+def test_cublaslt_path_refuses_32x32_tiles():
+    """torch._scaled_mm's Hopper blockwise recipe has 128x128 weight tiles only: a requirement names why
+    32x32-tiled weights do not go there (the Triton kernel serves them)."""
+    from v4hal.backends.cuda import scaled_mm
+    from v4hal.hal import registry
+
+    a, a_s, b, b_s, _, _ = _operands((4,), 256, 512, torch.float32, seed=2)
+    args = {"a": a, "a_s": a_s, "b": b, "b_s": b_s, "scale_dtype": torch.float32, "out_dtype": torch.bfloat16}
+    assert "128x128 weight tiles only" in scaled_mm.TILE_128.reason(args)
+    b128, b128_s = ref_quant.quant_weight_fp8(torch.randn(256, 512), 128, None)
+    assert scaled_mm.TILE_128.reason({**args, "b": b128, "b_s": b128_s}) is None
+    assert scaled_mm.TILE_128 in registry.declarations("cuda")["fp8_gemm"].requires
