@@ -233,13 +233,60 @@ def _engram_cases() -> list[Case]:
              "out_ptr": "*bf16", "eps": "fp32", "inv_sqrt_d": "fp32", "clamp": "fp32"}
         cases.append(Case(f"engram_gate bf16 mask={mask}", "engram:_gate_kernel", t,
                           dict(HAS_MASK=mask, BLOCK_D=1024), ("h_ptr", "kv_ptr", "q_ptr", "k_ptr", "out_ptr")))
+
+
+def _v41_gemm_gate_cases() -> list[Case]:
+    """V4.1 weight formats in the GEMM kernel (32x32 FP8 tiles: K step 32; FP4 per 16: two masked
+    half-tile products per 32-wide step) at the launchers' GPU tile sizes, and the V4.1 router
+    variant of the gate kernel (temperature and image bias)."""
+    import triton.language as tl
+
+    # contiguous operands: unit strides are specialised to 1 by Triton, the others (and K, N) are
+    # multiples of 16 at every V4.1 shape
+    aligned = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "c_ptr", "s_am", "s_bn", "s_cm", "s_be", "s_bse", "K", "N")
+    unit = dict(s_ak=1, s_bk=1, s_cn=1, s_ask=1, s_bsk=1)
+    # (B_KIND, WB, grouped, [(BLOCK_M, BLOCK_N, warps, stages)]): dense_config's and grouped_config's GPU tiles
+    plans = ((1, 32, False, ((16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 4), (64, 128, 4, 3))),
+             (1, 32, True, ((16, 128, 4, 4), (64, 64, 4, 3))),
+             (2, 16, False, ((16, 64, 4, 6), (32, 64, 4, 6), (64, 64, 4, 4), (128, 64, 8, 4))),
+             (2, 16, True, ((16, 64, 4, 6), (64, 64, 4, 4))))
+    cases = []
+    for b_kind, wb, grouped, configs in plans:
+        t = {"a_ptr": "*fp8e4nv", "as_ptr": "*u8", "b_ptr": "*fp8e4nv" if b_kind == 1 else "*u8", "bs_ptr": "*u8",
+             "c_ptr": "*bf16", "offs_ptr": "*i64"}
+        for bm, bn, warps, stages in configs:
+            what = "fp8 32x32" if b_kind == 1 else "fp4 per-16"
+            cases.append(Case(f"{'grouped' if grouped else 'dense'} gemm {what} {bm}x{bn} w={warps} s={stages}",
+                              "gemm:gemm_kernel", t,
+                              dict(A_SCALED=True, B_KIND=b_kind, AS_E8M0=True, BS_E8M0=True, GROUPED=grouped,
+                                   E_P2=64 if grouped else 1, DOT=None, PREC=None, EVEN_K=True, OUT=tl.bfloat16,
+                                   WB=wb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8, **unit),
+                              aligned, warps, stages))
+    # the largest grouped tiles: FP8 64x128 spills in V4's 128x128-tile format too (352 B under this
+    # harness; 32x32 tiles: 276 B), so it is compiled but not held to zero spills; FP4 per 16 at 128x64 is
+    for b_kind, wb, bm, bn, warps, stages in ((1, 32, 64, 128, 4, 3), (2, 16, 128, 64, 8, 4)):
+        t = {"a_ptr": "*fp8e4nv", "as_ptr": "*u8", "b_ptr": "*fp8e4nv" if b_kind == 1 else "*u8", "bs_ptr": "*u8",
+             "c_ptr": "*bf16", "offs_ptr": "*i64"}
+        what = "fp8 32x32" if b_kind == 1 else "fp4 per-16"
+        cases.append(Case(f"grouped gemm {what} {bm}x{bn} w={warps} s={stages}", "gemm:gemm_kernel", t,
+                          dict(A_SCALED=True, B_KIND=b_kind, AS_E8M0=True, BS_E8M0=True, GROUPED=True, E_P2=64,
+                               DOT=None, PREC=None, EVEN_K=True, OUT=tl.bfloat16, WB=wb, BLOCK_M=bm, BLOCK_N=bn,
+                               BLOCK_K=32, GROUP_M=8, **unit),
+                          aligned, warps, stages, serving=b_kind == 2))
+    t = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "scores_ptr": "*fp32", "choice_ptr": "*fp32",
+         "ibias_ptr": "*fp32", "imask_ptr": "*u8", "gate_temp": "fp32"}
+    for bt, be in ((16, 16), (64, 64)):
+        cases.append(Case(f"moe_gate v41 router bf16 {bt}x{be}", "moe:_gate_kernel", t,
+                          dict(SCORE=0, HAS_BIAS=True, PREC="tf32", TEMP=True, IMAGE=True, BLOCK_T=bt, BLOCK_E=be,
+                               BLOCK_K=64),
+                          ("x_ptr", "w_ptr", "scores_ptr", "choice_ptr", "s_xt", "s_we", "s_ot", "D", "E"), 4))
     return cases
 
 
 GROUPS = {"attention": _attn_cases, "indexer": _indexer_cases, "mhc": _mhc_cases, "small": _small_cases,
           "paged": _paged_cases, "paged_indexer": _paged_indexer_cases,
           "paged_attention": _paged_attention_cases, "quant": _quant_cases, "csa2": _csa2_cases,
-          "engram": _engram_cases}
+          "engram": _engram_cases, "v41_gemm_gate": _v41_gemm_gate_cases}
 
 
 def _ptxas() -> str:

@@ -49,14 +49,18 @@ def _deq_rows(y: torch.Tensor, s: torch.Tensor, bs: int = 128) -> torch.Tensor:
 
 
 def _deq_2d(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """FP8 weights with square tile scales (128x128, or V4.1's 32x32: told apart by s's shape)."""
     n, k = y.shape[-2:]
-    sf = formats.scale_to_float(s).repeat_interleave(128, -2)[..., :n, :].repeat_interleave(128, -1)[..., :k]
+    bs = 128 if s.shape[-1] == -(-k // 128) else 32
+    sf = formats.scale_to_float(s).repeat_interleave(bs, -2)[..., :n, :].repeat_interleave(bs, -1)[..., :k]
     return y.float() * sf
 
 
 def _deq_fp4(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Packed FP4 weights with a scale per 32 (or V4.1's per 16) along K."""
     v = formats.e2m1_decode(formats.unpack_fp4(y))
-    return (v.unflatten(-1, (-1, 32)) * formats.scale_to_float(s).unsqueeze(-1)).flatten(-2)
+    bs = v.shape[-1] // s.shape[-1]
+    return (v.unflatten(-1, (-1, bs)) * formats.scale_to_float(s).unsqueeze(-1)).flatten(-2)
 
 
 def _deq_weight(b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
@@ -112,6 +116,8 @@ def _scaled_mm_prepare(i: dict[str, Any]) -> Any:
     b_s = formats.scale_to_float(i["b_s"]).float()
     if b.shape[0] % 128:
         raise RuntimeError(f"blockwise scaled_mm needs N % 128 == 0, got N={b.shape[0]}")
+    if b_s.shape[-1] != -(-b.shape[1] // 128):
+        raise RuntimeError("blockwise scaled_mm has 128x128 weight tiles only, these weights have 32x32 tiles")
     want = (_deq_rows(a2, a_s) @ _deq_2d(b, b_s).t()).float()
     errors = []
     variants = sorted(_scaled_mm_variants(a2, a_s, b.t(), b_s), key=lambda v: v[0] != _SCALED_MM_CHOICE.get("name"))

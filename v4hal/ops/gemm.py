@@ -1,5 +1,11 @@
-"""Low-precision GEMMs: FP8 x FP8 (1x128 activation, 128x128 weight scales), FP8 x MXFP4, and the
-grouped (MoE) GEMM over rows grouped by expert."""
+"""Low-precision GEMMs: FP8 x FP8 (1x128 activation, 128x128 or 32x32 weight scales), FP8 x packed FP4
+(a scale per 32 or per 16 along K), and the grouped (MoE) GEMM over rows grouped by expert.
+
+Weight format variants: the weight block is read from the shape of the weight scales, decided and
+validated here once (:func:`fp8_weight_block`, :func:`fp4_weight_block`); backends receive valid
+operands and take the block from the same shapes. V4 uses 128x128 FP8 tiles and FP4 per 32; V4.1
+adds 32x32 FP8 tiles (dense layers, shared experts) and FP4 per 16 (routed experts).
+"""
 from __future__ import annotations
 
 import torch
@@ -10,6 +16,10 @@ from ._define import call, define_op
 
 BLOCK = 128   # FP8 block along K (activations) and N x K (weights)
 FP4_BLOCK = 32
+#: FP8 weight tiles (square, rows x K): 128 (V4) or 32 (V4.1)
+FP8_WEIGHT_BLOCKS = (128, 32)
+#: FP4 weight blocks along K: 32 (V4, MXFP4) or 16 (V4.1 routed experts)
+FP4_WEIGHT_BLOCKS = (32, 16)
 #: expert weights: float, FP8, or packed e2m1 (two FP4 values a byte)
 WEIGHT_DTYPES = (*FLOATS, FP8, torch.uint8)
 
@@ -26,6 +36,30 @@ def _check_act_operand(op: str, a: torch.Tensor, a_s: torch.Tensor, name: str = 
     return k
 
 
+def fp8_weight_block(op: str, name: str, s: torch.Tensor, n: int, k: int, lead: tuple[int, ...] = ()) -> int:
+    """The tile of FP8 weight scales ``name``: 128 for ``[*lead, ceil(N/128), K/128]``, 32 for
+    ``[*lead, ceil(N/32), K/32]`` (K a multiple of 128, checked by the caller); else ShapeError."""
+    C.dtype(op, name, s, SCALE_DTYPES)
+    for block in FP8_WEIGHT_BLOCKS:
+        if tuple(s.shape) == (*lead, ceil_div(n, block), k // block):
+            return block
+    pre = "".join(f"{d}, " for d in lead)
+    raise C.ShapeError(f"{op}: {name} must be [{pre}ceil(N/128), K/128] (128x128 tiles) or [{pre}ceil(N/32), K/32] "
+                       f"(32x32 tiles) with N={n}, K={k}, got {C.describe(s)}")
+
+
+def fp4_weight_block(op: str, name: str, s: torch.Tensor, n: int, k: int, lead: tuple[int, ...] = ()) -> int:
+    """The K block of packed-FP4 weight scales ``name``: 32 for ``[*lead, N, K/32]``, 16 for
+    ``[*lead, N, K/16]`` (K a multiple of 32, checked by the caller); else ShapeError."""
+    C.dtype(op, name, s, SCALE_DTYPES)
+    for block in FP4_WEIGHT_BLOCKS:
+        if tuple(s.shape) == (*lead, n, k // block):
+            return block
+    pre = "".join(f"{d}, " for d in lead)
+    raise C.ShapeError(f"{op}: {name} must be [{pre}N, K/32] (a scale per 32) or [{pre}N, K/16] (a scale per 16) "
+                       f"with N={n}, K={k}, got {C.describe(s)}")
+
+
 def _check_scale_dtype(op: str, scale_dtype: torch.dtype, a_s: torch.Tensor) -> None:
     C.dtype_arg(op, "scale_dtype", scale_dtype, SCALE_DTYPES)
     if scale_dtype != a_s.dtype:
@@ -39,8 +73,7 @@ def _check_fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
     C.rank(op, "b", b, (2,), "[N, K]")
     if b.shape[1] != k:
         raise C.ShapeError(f"{op}: b must be [N, K] with K = a.shape[-1] = {k}, got {C.describe(b)}")
-    C.dtype(op, "b_s", b_s, SCALE_DTYPES)
-    C.shape(op, "b_s", b_s, (ceil_div(b.shape[0], BLOCK), k // BLOCK), "[ceil(N/128), K/128]")
+    fp8_weight_block(op, "b_s", b_s, b.shape[0], k)
     _check_scale_dtype(op, scale_dtype, a_s)
     C.one_of(op, "out_dtype", out_dtype, FLOATS)
     C.same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
@@ -65,8 +98,9 @@ define_op("fp8_gemm",
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``C[..., N] = A[..., K] @ B[N, K]^T``: A fp8 with scales ``[..., K/128]``, B fp8 with ``[ceil(N/128), K/128]``
-    block scales (fp32 or e8m0), fp32 accumulation per 128-wide K block; out ``out_dtype``."""
+    """``C[..., N] = A[..., K] @ B[N, K]^T``: A fp8 with scales ``[..., K/128]``, B fp8 with tile scales
+    (fp32 or e8m0) ``[ceil(N/128), K/128]`` (128x128 tiles) or ``[ceil(N/32), K/32]`` (32x32 tiles);
+    fp32 accumulation per weight-tile-wide K block; out ``out_dtype``."""
     return call.fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
 
 
@@ -77,8 +111,7 @@ def _check_fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):
     C.rank(op, "b", b, (2,), "[N, K/2] packed e2m1")
     if 2 * b.shape[1] != k:
         raise C.ShapeError(f"{op}: b must be [N, K/2] with K = a.shape[-1] = {k}, got {C.describe(b)}")
-    C.dtype(op, "b_s", b_s, SCALE_DTYPES)
-    C.shape(op, "b_s", b_s, (b.shape[0], k // FP4_BLOCK), "[N, K/32]")
+    fp4_weight_block(op, "b_s", b_s, b.shape[0], k)
     _check_scale_dtype(op, scale_dtype, a_s)
     C.one_of(op, "out_dtype", out_dtype, FLOATS)
     C.same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
@@ -92,7 +125,8 @@ define_op("fp4_gemm",
 
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``C = A @ B^T`` with A fp8 (+ ``[..., K/128]`` scales) and B packed MXFP4 ``[N, K/2]`` (+ e8m0 ``[N, K/32]``)."""
+    """``C = A @ B^T`` with A fp8 (+ ``[..., K/128]`` scales) and B packed e2m1 ``[N, K/2]`` with block
+    scales per 32 (``[N, K/32]``, MXFP4) or per 16 (``[N, K/16]``) along K."""
     return call.fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
 
 
@@ -115,15 +149,13 @@ def weight_kind(op: str, name: str, w: torch.Tensor, scale: torch.Tensor | None,
         if w.shape[2] != k:
             raise C.ShapeError(f"{op}: {name} must be [E, N, K] with K = {k}, got {C.describe(w)}")
         C.divisible(op, f"{name}.shape[-1] (K)", k, BLOCK, "the FP8 block")
-        C.dtype(op, scale_name, scale, SCALE_DTYPES)
-        C.shape(op, scale_name, scale, (e, ceil_div(n, BLOCK), k // BLOCK), "[E, ceil(N/128), K/128]")
+        fp8_weight_block(op, scale_name, scale, n, k, (e,))
         return "fp8"
     # packed e2m1 (uint8)
     if 2 * w.shape[2] != k:
         raise C.ShapeError(f"{op}: {name} must be packed [E, N, K/2] with K = {k}, got {C.describe(w)}")
     C.divisible(op, f"{name}.shape[-1] (K/2) times 2", k, FP4_BLOCK, "the FP4 block")
-    C.dtype(op, scale_name, scale, SCALE_DTYPES)
-    C.shape(op, scale_name, scale, (e, n, k // FP4_BLOCK), "[E, N, K/32]")
+    fp4_weight_block(op, scale_name, scale, n, k, (e,))
     return "fp4"
 
 
@@ -184,7 +216,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor, 
                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Rows ``group_offsets[e]:group_offsets[e+1]`` of ``x [M, K]`` times ``w[e]^T`` -> ``[M, N]``.
 
-    Recipes: float x with float w; fp8 x (+ x_scale ``[M, K/128]``) with fp8 w (+ ``[E, N/128, K/128]``)
-    or packed FP4 w ``[E, N, K/2]`` (+ e8m0 ``[E, N, K/32]``).
+    Recipes: float x with float w; fp8 x (+ x_scale ``[M, K/128]``) with fp8 w (+ ``[E, ceil(N/128), K/128]``
+    128x128 or ``[E, ceil(N/32), K/32]`` 32x32 tile scales) or packed FP4 w ``[E, N, K/2]`` (+ scales
+    ``[E, N, K/32]`` or ``[E, N, K/16]``).
     """
     return call.grouped_gemm(x, w, group_offsets, x_scale, w_scale, out_dtype)

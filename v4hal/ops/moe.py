@@ -1,5 +1,6 @@
-"""MoE ops: the gate (sqrtsoftplus / softmax / sigmoid scores, or hash routing), the permutation of
-token copies to experts and back, and the whole routed-expert path."""
+"""MoE ops: the gate (sqrtsoftplus / softmax / sigmoid scores, or hash routing; V4.1's router adds a
+gate temperature, a separate bias for image tokens and an eps on the normalising sum), the
+permutation of token copies to experts and back, and the whole routed-expert path."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from .gemm import BLOCK, WEIGHT_DTYPES, weight_kind
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 
 
-def _check_moe_gate(x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids):
+def _check_moe_gate(x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids,
+                    gate_temp=1.0, image_bias=None, image_mask=None, norm_eps=0.0):
     op = "moe_gate"
     C.dtype(op, "x", x, FLOATS)
     C.rank(op, "x", x, (2,), "[T, D]")
@@ -39,10 +41,25 @@ def _check_moe_gate(x, weight, topk, bias, score_func, route_scale, tid2eid, inp
             raise C.ShapeError(f"{op}: tid2eid must be [vocab, topk={topk}], got {C.describe(tid2eid)}")
         C.dtype(op, "input_ids", input_ids, C.INTS)
         C.shape(op, "input_ids", input_ids, (x.shape[0],), "[T]")
-    C.same_device(op, x=x, weight=weight, bias=bias, tid2eid=tid2eid, input_ids=input_ids)
+    C.in_range(op, "gate_temp", gate_temp, 0.0, C.MAX_FLOAT_ARG, open_low=True, note=" (the logits are divided by it)")
+    if (image_bias is None) != (image_mask is None):
+        raise C.ShapeError(f"{op}: image routing needs both image_bias and image_mask, got only "
+                           f"{'image_bias' if image_mask is None else 'image_mask'}")
+    if image_bias is not None:
+        if bias is None:
+            raise C.ShapeError(f"{op}: image_bias replaces bias on image tokens, so it needs bias, got bias None")
+        if tid2eid is not None:
+            raise C.ShapeError(f"{op}: image_bias steers the top-k choice, which hash routing (tid2eid) replaces")
+        C.dtype(op, "image_bias", image_bias, (torch.float32,))
+        C.shape(op, "image_bias", image_bias, (e,), "[E]")
+        C.dtype(op, "image_mask", image_mask, (torch.bool,))
+        C.shape(op, "image_mask", image_mask, (x.shape[0],), "[T]")
+    C.in_range(op, "norm_eps", norm_eps, 0.0, 1.0)
+    C.same_device(op, x=x, weight=weight, bias=bias, tid2eid=tid2eid, input_ids=input_ids,
+                  image_bias=image_bias, image_mask=image_mask)
 
 
-def _values_moe_gate(x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids):
+def _values_moe_gate(x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids, *_v41):
     if tid2eid is not None:
         C.index_range("moe_gate", "tid2eid", tid2eid, 0, weight.shape[0])
         C.index_range("moe_gate", "input_ids", input_ids, 0, tid2eid.shape[0])
@@ -55,20 +72,28 @@ def _fake_moe_gate(x, weight, topk, *rest):
 
 define_op("moe_gate",
           "(Tensor x, Tensor weight, int topk, Tensor? bias=None, str score_func=\"sqrtsoftplus\", "
-          "float route_scale=1.0, Tensor? tid2eid=None, Tensor? input_ids=None) -> (Tensor, Tensor)",
+          "float route_scale=1.0, Tensor? tid2eid=None, Tensor? input_ids=None, float gate_temp=1.0, "
+          "Tensor? image_bias=None, Tensor? image_mask=None, float norm_eps=0.0) -> (Tensor, Tensor)",
           check=_check_moe_gate, fake=_fake_moe_gate, value_check=_values_moe_gate,
-          doc=C.ranges_doc(topk="[1, E]", route_scale=C.FLOAT_ARG_RANGE))
+          doc=C.ranges_doc(topk="[1, E]", route_scale=C.FLOAT_ARG_RANGE,
+                           gate_temp=C.interval(0.0, C.MAX_FLOAT_ARG, open_low=True),
+                           norm_eps=C.interval(0.0, 1.0)))
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0, tid2eid: torch.Tensor | None = None,
-             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             input_ids: torch.Tensor | None = None, gate_temp: float = 1.0, image_bias: torch.Tensor | None = None,
+             image_mask: torch.Tensor | None = None, norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Route ``x [T, D]`` over ``E`` experts: (weights fp32 ``[T, topk]``, expert ids int32 ``[T, topk]``).
 
-    ``bias`` only influences the choice; weights are the chosen unbiased scores normalised to sum 1
-    (sqrtsoftplus/sigmoid) times ``route_scale``. With ``tid2eid``/``input_ids`` the ids come from the table.
+    Scores are ``score_func(fp32(x) @ fp32(weight)^T / gate_temp)``. ``bias`` only influences the choice
+    (``image_bias`` fp32 ``[E]`` replaces it on the tokens where ``image_mask`` bool ``[T]`` is set); weights
+    are the chosen unbiased scores divided by ``sum + norm_eps`` (sqrtsoftplus/sigmoid) times ``route_scale``.
+    With ``tid2eid``/``input_ids`` the ids come from the table. V4.1's router: ``gate_temp`` of the
+    checkpoint, ``norm_eps=1e-20``, ``route_scale=1.5``, sqrtsoftplus.
     """
-    return call.moe_gate(x, weight, topk, bias, score_func, float(route_scale), tid2eid, input_ids)
+    return call.moe_gate(x, weight, topk, bias, score_func, float(route_scale), tid2eid, input_ids,
+                         float(gate_temp), image_bias, image_mask, float(norm_eps))
 
 
 @dataclass(frozen=True)
@@ -204,8 +229,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
                 swiglu_limit: float = 0.0) -> torch.Tensor:
     """The routed experts: ``sum_j weights[t, j] * w2(silu(w1 x) * (w3 x))`` of expert ``indices[t, j]``.
 
-    w1/w3 ``[E, I, D]``, w2 ``[E, D, I]`` in bf16/fp16/fp32, FP8 (``w_scales`` = block scales) or packed FP4
-    (``w_scales`` = e8m0 ``[E, N, K/32]``); ``w_scales`` is ``(w1_scale, w2_scale, w3_scale)``.
+    w1/w3 ``[E, I, D]``, w2 ``[E, D, I]`` in bf16/fp16/fp32, FP8 (``w_scales`` = 128x128 or 32x32 tile scales)
+    or packed FP4 (``w_scales`` = ``[E, N, K/32]`` or ``[E, N, K/16]``); ``w_scales`` is
+    ``(w1_scale, w2_scale, w3_scale)``.
     ``swiglu_limit > 0`` clamps ``w3 x`` to ``[-limit, limit]`` and ``w1 x`` to ``<= limit``. Out ``[T, D]``.
     """
     if w_scales is None:

@@ -17,6 +17,11 @@ weight tiles are expanded to the per-32 MX scales (exact: each 32-block inherits
 power of two), and FP4 weights are re-encoded as FP8 codes (every e2m1 value is an e4m3 value)
 keeping their per-32 e8m0 scales. fp32-scaled operands take path 1.
 
+V4.1 weight formats: FP8 weights with 32x32 tiles map onto MX mode exactly (each output row takes
+its tile row's scale, one per 32 along K: already MX's granularity). Packed FP4 weights with a scale
+per 16 do not: an MX scale covers 32 values along K and the two halves' powers of two differ, so
+those take path 1 on every chip (bf16/fp32 dequant with the per-16 scales, then the matmul).
+
 ``grouped_gemm``: ``npu_grouped_matmul`` with ``x=[X]``, ``weight=[W^T]`` (a transposed ``[E, K, N]``
 view), ``group_type=0``, ``group_list_type=0`` (cumulative ``group_offsets[1:]``), ``split_item=3``.
 Quantized recipes are dequantized as in path 1 first (the grouped MX path of 950 takes scale layouts
@@ -60,6 +65,8 @@ limits.plan("fp4_gemm", {"A2": DEQUANT + " (no FP4 cube)", "A3": DEQUANT + " (no
 FP4_GEMM_LIMITS = (
     fallback_when("a_s not e8m0 (MX needs power-of-two scales)", lambda a: a["a_s"].dtype != _E8M0, ("950",),
                   DEQUANT),
+    fallback_when("FP4 weight scales per 16 along K (an MX scale covers 32)",
+                  lambda a: fp4_block(a["b_s"], a["a"].shape[-1]) == 16, ("950",), DEQUANT),
     fallback_when("K, N > 65535", lambda a: max(a["a"].shape[-1], a["b"].shape[0]) > 65535, ("950",), DEQUANT),
     fallback_when("out_dtype not bf16/fp16", lambda a: a["out_dtype"] not in _HALF, ("950",), DEQUANT),
     fallback_when("empty tensor", _empty),
@@ -78,6 +85,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def fp8_block(b_s: torch.Tensor, k: int) -> int:
+    """Tile of valid FP8 weight scales ``[..., ceil(N/wb), K/wb]``: 128 or 32 (V4.1)."""
+    return 128 if b_s.shape[-1] == _ceil_div(k, 128) else 32
+
+
+def fp4_block(b_s: torch.Tensor, k: int) -> int:
+    """K block of valid packed-FP4 weight scales ``[..., N, K/wb]``: 32 or 16 (V4.1)."""
+    return 32 if b_s.shape[-1] == _ceil_div(k, 32) else 16
+
+
 def _compute_dtype(e8m0: bool, out_dtype: torch.dtype) -> torch.dtype:
     """bf16 is exact for fp8 x power-of-two scales; anything else stays fp32."""
     return torch.bfloat16 if e8m0 and out_dtype == torch.bfloat16 else torch.float32
@@ -89,8 +106,9 @@ def _act_per32(a_s: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _weight_per32(b_s: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """e8m0 tiles ``[ceil(N/128), ceil(K/128)]`` -> e8m0 ``[N, K/32]``."""
-    return b_s.view(torch.uint8).repeat_interleave(128, dim=0)[:n].repeat_interleave(4, dim=1)[:, : k // 32]
+    """e8m0 tiles ``[ceil(N/wb), ceil(K/wb)]`` (wb 128 or 32) -> e8m0 ``[N, K/32]``."""
+    wb = fp8_block(b_s, k)
+    return b_s.view(torch.uint8).repeat_interleave(wb, dim=0)[:n].repeat_interleave(wb // 32, dim=1)[:, : k // 32]
 
 
 def _mx_layout(s32: torch.Tensor) -> torch.Tensor:
@@ -124,8 +142,8 @@ def mx_matmul(op: binding.Bound, a2: torch.Tensor, a_s32: torch.Tensor, w: torch
 @implements("fp8_gemm", "ascend", requires=FP8_GEMM_LIMITS)
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """a fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]``, b fp8 ``[N, K]`` + b_s ``[ceil(N/128), ceil(K/128)]``
-    -> ``[..., N]`` in out_dtype (fp32 accumulation)."""
+    """a fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]``, b fp8 ``[N, K]`` + b_s ``[ceil(N/wb), ceil(K/wb)]``
+    (wb 128 or 32) -> ``[..., N]`` in out_dtype (fp32 accumulation)."""
     n, k = b.shape
     e8m0 = a_s.dtype == F.E8M0_DTYPE and b_s.dtype == F.E8M0_DTYPE
     chip = runtime.chip()
@@ -143,15 +161,15 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     limits.record("fp8_gemm", chip, "dequant: " + _dequant_reason(chip, why))
     cd = _compute_dtype(e8m0, out_dtype)
     af = ref_quant.dequant_fp8(a, a_s, 128, out_dtype=cd)
-    bf = ref_quant.dequant_fp8(b, b_s, 128, out_dtype=cd)
+    bf = ref_quant.dequant_fp8(b, b_s, fp8_block(b_s, k), out_dtype=cd)
     return torch.matmul(af, bf.t()).to(out_dtype)
 
 
 @implements("fp4_gemm", "ascend", requires=FP4_GEMM_LIMITS)
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """a fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]``, b packed e2m1 uint8 ``[N, K/2]`` + e8m0
-    ``[N, K/32]`` -> ``[..., N]`` in out_dtype."""
+    """a fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]``, b packed e2m1 uint8 ``[N, K/2]`` + scales
+    ``[N, K/32]`` or ``[N, K/16]`` -> ``[..., N]`` in out_dtype."""
     n, k = b.shape[0], a.shape[-1]
     e8m0 = a_s.dtype == F.E8M0_DTYPE
     chip = runtime.chip()
@@ -169,7 +187,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     limits.record("fp4_gemm", chip, "dequant: " + _dequant_reason(chip, why))
     cd = _compute_dtype(e8m0, out_dtype)
     af = ref_quant.dequant_fp8(a, a_s, 128, out_dtype=cd)
-    bf = ref_quant.dequant_fp4(b, b_s, 32, out_dtype=cd)
+    bf = ref_quant.dequant_fp4(b, b_s, fp4_block(b_s, k), out_dtype=cd)
     return torch.matmul(af, bf.t()).to(out_dtype)
 
 
@@ -177,8 +195,8 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor, x_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x ``[M, K]`` (float, or fp8 + x_scale ``[M, ceil(K/128)]``), w ``[E, N, K]`` (float / fp8 with
-    tile scales / packed FP4 ``[E, N, K/2]`` with e8m0 ``[E, N, K/32]``), group_offsets int64 ``[E+1]``
-    -> ``[M, N]`` in out_dtype."""
+    128x128 or 32x32 tile scales / packed FP4 ``[E, N, K/2]`` with ``[E, N, K/32]`` or ``[E, N, K/16]``),
+    group_offsets int64 ``[E+1]`` -> ``[M, N]`` in out_dtype."""
     recipe = "float" if w_scale is None else ("fp8" if w.dtype == F.FP8_DTYPE else "fp4")
     chip = runtime.chip()
     why = limits.violation("grouped_gemm", chip, schema_args("grouped_gemm", (
@@ -195,8 +213,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor, 
         assert x_scale is not None and w_scale is not None
         cd = _compute_dtype(x_scale.dtype == F.E8M0_DTYPE and w_scale.dtype == F.E8M0_DTYPE, out_dtype)
         xs = ref_quant.dequant_fp8(x, x_scale, 128, out_dtype=cd)
-        ws = (ref_quant.dequant_fp8(w, w_scale, 128, out_dtype=cd) if recipe == "fp8"
-              else ref_quant.dequant_fp4(w, w_scale, 32, out_dtype=cd))
+        k = x.shape[1]
+        ws = (ref_quant.dequant_fp8(w, w_scale, fp8_block(w_scale, k), out_dtype=cd) if recipe == "fp8"
+              else ref_quant.dequant_fp4(w, w_scale, fp4_block(w_scale, k), out_dtype=cd))
     out = op([xs.contiguous()], [ws.transpose(1, 2)], group_list=group_offsets[1:].to(torch.int64),
              split_item=3, group_type=0, group_list_type=0)[0]
     return out.to(out_dtype)

@@ -6,7 +6,12 @@
   kernel, ``y / (sum + eps) * routed_scaling_factor``; ``norm_type=2`` needs ``group_count=1``,
   which V4 uses); ``softmax`` / ``sigmoid`` -> ``torch_npu.npu_moe_gating_top_k(norm_type=0/1)``
   (softmax weights not renormalised, sigmoid renormalised: the reference's rule). Hash layers pass
-  ``input_ids`` / ``tid2eid`` to the same ops. ``eps=1e-20`` is below fp32 resolution of the sums.
+  ``input_ids`` / ``tid2eid`` to the same ops. ``eps=1e-20`` is below fp32 resolution of the sums
+  (a positive ``norm_eps`` is passed as the op's ``eps``). V4.1's router maps onto the same ops:
+  the gate temperature divides the fp32 logits in torch before the op (as the reference does), and
+  since the ops take one bias row ``[E]``, an image bias runs the op a second time with
+  ``image_bias`` and each token's row is taken from the run its ``image_mask`` selects (exact, no
+  host synchronisation; twice the gating op's cost).
 - ``moe_dispatch`` -> ``torch_npu.npu_moe_init_routing_v2(..., expert_tokens_num_type=1,
   row_idx_type=1)``: a stable key-value sort by expert id (the op doc's numpy equivalent uses
   ``argsort(kind="stable")``), so ``expanded_row_idx`` (scatter type) is our ``sorted_to_flat`` and
@@ -64,21 +69,33 @@ MOE_EXPERTS_LIMITS = (
 @implements("moe_gate", "ascend", requires=MOE_GATE_LIMITS)
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0, tid2eid: torch.Tensor | None = None,
-             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             input_ids: torch.Tensor | None = None, gate_temp: float = 1.0, image_bias: torch.Tensor | None = None,
+             image_mask: torch.Tensor | None = None, norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[T, D]``, weight ``[E, D]`` -> (weights fp32 ``[T, topk]``, indices int32 ``[T, topk]``)."""
+    values = (x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids, gate_temp, image_bias, image_mask,
+              norm_eps)
     cands = GATING_HASH if score_func == "sqrtsoftplus" else GATING
-    chip, op, why = route("moe_gate", cands, x, weight, topk, bias, score_func, route_scale, tid2eid, input_ids)
+    chip, op, why = route("moe_gate", cands, *values)
     if op is None:
-        return limits.fallback("moe_gate", chip, why, ref.moe_gate, x, weight, topk, bias, score_func, route_scale,
-                               tid2eid, input_ids)
-    logits = Fn.linear(x.float(), weight.float()).contiguous()        # [T, E] fp32, as the reference
-    common = dict(bias=bias, input_ids=input_ids, tid2eid=tid2eid, k_group=1, group_count=1,
-                  group_select_mode=0, renorm=0, out_flag=False, routed_scaling_factor=float(route_scale), eps=1e-20)
-    if score_func == "sqrtsoftplus":
-        y, idx, _ = op(logits, topk, norm_type=2, **common)
-    else:
-        y, idx, _ = op(logits, topk, norm_type=0 if score_func == "softmax" else 1, **common)
-    return y.float().contiguous(), idx.to(torch.int32).contiguous()
+        return limits.fallback("moe_gate", chip, why, ref.moe_gate, *values)
+    logits = Fn.linear(x.float(), weight.float())                     # [T, E] fp32, as the reference
+    if gate_temp != 1.0:
+        logits = logits / gate_temp
+    logits = logits.contiguous()
+    norm_type = 2 if score_func == "sqrtsoftplus" else (0 if score_func == "softmax" else 1)
+
+    def gating(row_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        y, idx, _ = op(logits, topk, norm_type=norm_type, bias=row_bias, input_ids=input_ids, tid2eid=tid2eid,
+                       k_group=1, group_count=1, group_select_mode=0, renorm=0, out_flag=False,
+                       routed_scaling_factor=float(route_scale), eps=float(norm_eps) or 1e-20)
+        return y.float(), idx.to(torch.int32)
+
+    y, idx = gating(bias)
+    if image_bias is not None and image_mask is not None:
+        y_img, idx_img = gating(image_bias)
+        pick = image_mask.unsqueeze(1)
+        y, idx = torch.where(pick, y_img, y), torch.where(pick, idx_img, idx)
+    return y.contiguous(), idx.contiguous()
 
 
 @implements("moe_dispatch", "ascend", requires=MOE_DISPATCH_LIMITS)

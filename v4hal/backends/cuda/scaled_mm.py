@@ -11,6 +11,11 @@ picks the (1x128, 128x128) recipe from the scale shapes and strides:
   grid's row stride padded to a multiple of 4; with ``ceil(K/128) % 4 == 0`` both rules agree,
   hence the ``K % 512 == 0`` requirement (every V4 projection qualifies).
 
+Weight tiles: only 128x128. cuBLASLt's Hopper blockwise recipes are (1x128, 128x128) and
+(1x128, 1x128); there is no 32x32 weight tile, and the 1x32 block scaling torch exposes (MXFP8,
+e8m0 scales in the swizzled layout) is Blackwell only. So V4.1's 32x32-tiled FP8 weights
+(``b_s [ceil(N/32), K/32]``) are excluded by a requirement (``TILE_128``) and take the Triton kernel.
+
 It is Hopper only (torch refuses other majors: "DeepSeek style (1x128, 128x128) scaling only
 supported in CUDA for SM90") and needs cuBLASLt >= 12.9; ``K`` and ``N`` must be multiples of 16.
 The product is ``sum_kb (A_kb . B_kb) * a_s * b_s`` with fp32 accumulation, the contract's formula.
@@ -128,8 +133,22 @@ K_BLOCKS = R.divisible("K", 4 * BLOCK, "a.shape[-1]",
 N_ALIGNED = R.divisible("N", 16, "b.shape[0]", why="cuBLASLt operand alignment")
 
 
+def _tile_128(args: Mapping[str, Any]) -> str | None:
+    b, b_s = args.get("b"), args.get("b_s")
+    if not isinstance(b, torch.Tensor) or not isinstance(b_s, torch.Tensor):
+        return None
+    k = b.shape[-1]
+    if b_s.shape[-1] == -(-k // BLOCK):
+        return None
+    return (f"b_s {list(b_s.shape)} holds 32x32 weight tiles: cuBLASLt blockwise scaling on Hopper has "
+            "128x128 weight tiles only")
+
+
+TILE_128 = R.when("128x128 weight tiles (b_s [ceil(N/128), K/128]; no 32x32 recipe in cuBLASLt)", _tile_128)
+
+
 def _probe(args: Mapping[str, Any]) -> str | None:
-    if any(req.reason(args) is not None for req in (PLATFORM, K_BLOCKS, N_ALIGNED)):
+    if any(req.reason(args) is not None for req in (PLATFORM, K_BLOCKS, N_ALIGNED, TILE_128)):
         return None          # already reported by those requirements; no product is run
     a = args.get("a")
     out_dtype = args.get("out_dtype", torch.bfloat16)
@@ -139,7 +158,7 @@ def _probe(args: Mapping[str, Any]) -> str | None:
 
 PROBE = R.when("a probe product of torch._scaled_mm blockwise matches the contract (once per GPU and out dtype)",
                _probe)
-REQUIREMENTS = (PLATFORM, K_BLOCKS, N_ALIGNED, PROBE)
+REQUIREMENTS = (PLATFORM, K_BLOCKS, N_ALIGNED, TILE_128, PROBE)
 PRIORITY = 20   # above the Triton kernels (10) and the reference (0) wherever REQUIREMENTS hold
 
 
@@ -161,4 +180,4 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     return out.reshape(*a.shape[:-1], n)
 
 
-__all__ = ["fp8_gemm", "REQUIREMENTS", "PRIORITY", "probe_reason"]
+__all__ = ["fp8_gemm", "REQUIREMENTS", "PRIORITY", "TILE_128", "probe_reason"]

@@ -1,5 +1,6 @@
-"""Reference block-scaled GEMMs: FP8 x FP8 (128x128 weight tiles), FP8 x MXFP4, and the grouped
-(MoE, contiguous layout) GEMM over E expert matrices. Pure PyTorch, fp32 accumulation.
+"""Reference block-scaled GEMMs: FP8 x FP8 (128x128 or 32x32 weight tiles), FP8 x packed FP4 (a
+scale per 32 or per 16 along K), and the grouped (MoE, contiguous layout) GEMM over E expert
+matrices. Pure PyTorch, fp32 accumulation.
 
 Accumulation follows the public DeepSeek-V4 ``inference/kernel.py`` (``fp8_gemm_kernel``,
 ``fp4_gemm_kernel``): the product of each 128-wide K slice is computed in fp32 and then scaled,
@@ -9,6 +10,11 @@ is exact in fp32), so each 128-wide slice is scaled by the activation scale only
 the kernel's per-32 scaling up to fp32 summation order. The public ops take K a multiple of 128
 (checked in :mod:`v4hal.ops.gemm`); the arithmetic here walks ``ceil(K/128)`` blocks, so a direct
 call with a partial last block (``ceil(K/128)`` scales) computes the same formula.
+
+The weight block is read from the weight scales' shape (validated by :mod:`v4hal.ops.gemm`).
+With 32x32 FP8 tiles (V4.1) the K step is the tile: ``acc += (A_kb . B_kb) * (a_s[kb // 4] *
+b_s[n // 32, kb])`` over 32-wide slices, the activation keeping its 1x128 scales. FP4 weights with
+a scale per 16 (V4.1 routed experts) fold their scales into the decoded weight like per-32 ones.
 
 The grouped GEMM has no Python loop over experts: experts are bucketed by their row count
 (power-of-two classes), each bucket is padded to its largest group and multiplied with one
@@ -27,7 +33,7 @@ from v4hal.hal.registry import implements
 from ._rows import pad_rows, row_matmul
 
 _BLOCK = F.FP8_BLOCK                 # activation K block / FP8 weight tile
-_FP4_BLOCK = F.FP4_BLOCK             # FP4 weight K block
+_SMALL_BLOCK = 32                    # V4.1 FP8 weight tile (32x32)
 _CHUNK_ELEMS = 1 << 25               # fp32 elements per bmm operand before a bucket is split
 
 
@@ -35,37 +41,57 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def fp8_weight_block(b_s: torch.Tensor, k: int) -> int:
+    """The tile of valid FP8 weight scales ``[..., ceil(N/wb), ceil(K/wb)]``: 128 or 32."""
+    return _BLOCK if b_s.shape[-1] == _ceil_div(k, _BLOCK) else _SMALL_BLOCK
+
+
+def fp4_weight_block(b_s: torch.Tensor, k: int) -> int:
+    """The K block of valid packed-FP4 weight scales ``[..., N, K/wb]``: 32 or 16."""
+    return k // b_s.shape[-1]
+
+
 def _fp4_weight_to_float(b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
-    """Packed e2m1 ``[..., N, K/2]`` with scales ``[..., N, K/32]`` -> fp32 ``[..., N, K]`` (exact)."""
-    vals = F.e2m1_decode(F.unpack_fp4(b)).unflatten(-1, (-1, _FP4_BLOCK))
+    """Packed e2m1 ``[..., N, K/2]`` with scales ``[..., N, K/wb]`` (wb 32 or 16) -> fp32 ``[..., N, K]`` (exact)."""
+    block = fp4_weight_block(b_s, 2 * b.shape[-1])
+    vals = F.e2m1_decode(F.unpack_fp4(b)).unflatten(-1, (-1, block))
     return (vals * F.scale_to_float(b_s).unsqueeze(-1)).flatten(-2)
 
 
-def _fp8_weight_scales(b_s: torch.Tensor, n: int) -> torch.Tensor:
-    """Tile scales ``[..., ceil(N/128), KB]`` -> fp32 per output row ``[..., N, KB]``."""
-    return F.scale_to_float(b_s).repeat_interleave(_BLOCK, dim=-2)[..., :n, :]
+def _fp8_weight_scales(b_s: torch.Tensor, n: int, block: int = _BLOCK) -> torch.Tensor:
+    """Tile scales ``[..., ceil(N/block), KB]`` -> fp32 per output row ``[..., N, KB]``."""
+    return F.scale_to_float(b_s).repeat_interleave(block, dim=-2)[..., :n, :]
+
+
+def _act_scales_per(sa: torch.Tensor, step: int, k_steps: int) -> torch.Tensor:
+    """fp32 activation scales per 128 ``[..., ceil(K/128)]`` -> per ``step``-wide K slice ``[..., k_steps]``."""
+    if step == _BLOCK:
+        return sa
+    return sa.repeat_interleave(_BLOCK // step, dim=-1)[..., :k_steps]
 
 
 @implements("fp8_gemm", "reference")
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``C[..., n] = sum_kb (A_kb . B[n]_kb) * a_s[..., kb] * b_s[n // 128, kb]`` in fp32.
+    """``C[..., n] = sum_kb (A_kb . B[n]_kb) * a_s[..., kb*wb // 128] * b_s[n // wb, kb]`` in fp32, over
+    ``wb``-wide K slices (wb = the weight tile, 128 or 32).
 
     a fp8 ``[..., K]``, a_s ``[..., ceil(K/128)]`` (dtype ``scale_dtype``: float32 or e8m0);
-    b fp8 ``[N, K]``, b_s ``[ceil(N/128), ceil(K/128)]`` (float32 or e8m0). Out ``[..., N]`` in
+    b fp8 ``[N, K]``, b_s ``[ceil(N/wb), ceil(K/wb)]`` (float32 or e8m0). Out ``[..., N]`` in
     ``out_dtype``.
     """
     n, k = b.shape
-    kb_count = _ceil_div(k, _BLOCK)
+    wb = fp8_weight_block(b_s, k)
+    kb_count = _ceil_div(k, wb)
     m = a.numel() // k if k else 0
     a2 = pad_rows(F.fp8_to_float(a.reshape(-1, k)))                     # rows padded once: row-invariant bits
-    sa = pad_rows(F.scale_to_float(a_s).reshape(-1, kb_count))
-    sb = _fp8_weight_scales(b_s, n)                                    # [N, KB]
+    sa = _act_scales_per(pad_rows(F.scale_to_float(a_s).reshape(-1, _ceil_div(k, _BLOCK))), wb, kb_count)
+    sb = _fp8_weight_scales(b_s, n, wb)                                # [N, KB]
     bf = F.fp8_to_float(b)
-    scales = sa.unsqueeze(1) * sb                                      # [M, N, KB]: a_s[kb] * b_s[n // 128, kb]
+    scales = sa.unsqueeze(1) * sb                                      # [M, N, KB]: a_s[kb] * b_s[n // wb, kb]
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
-        sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
+        sl = slice(kb * wb, min(k, (kb + 1) * wb))
         acc += (a2[:, sl] @ bf[:, sl].T) * scales[..., kb]
     return acc[:m].to(out_dtype).reshape(*a.shape[:-1], n)
 
@@ -74,7 +100,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C = A @ B^T`` with A fp8 ``[..., K]`` + a_s ``[..., ceil(K/128)]`` (``scale_dtype``) and B
-    packed e2m1 uint8 ``[N, K/2]`` + e8m0 scales ``[N, K/32]``; fp32 accumulation, out ``[..., N]``."""
+    packed e2m1 uint8 ``[N, K/2]`` + scales ``[N, K/32]`` or ``[N, K/16]`` (e8m0 or float32); fp32
+    accumulation, out ``[..., N]``."""
     k, n = a.shape[-1], b.shape[0]
     kb_count = _ceil_div(k, _BLOCK)
     m = a.numel() // k if k else 0
@@ -159,11 +186,12 @@ def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _bucket_product(xp: torch.Tensor, xs: torch.Tensor | None, wf: torch.Tensor, ws: torch.Tensor | None,
-                    k_blocks: int) -> torch.Tensor:
+                    k_blocks: int, step: int = _BLOCK) -> torch.Tensor:
     """One bucket: padded rows xp fp32 ``[c, R, K]`` times wf fp32 ``[c, N, K]`` -> fp32 ``[c, R, N]``.
 
     xs fp32 ``[c, R, KB]`` row scales (None: float recipe, one bmm over all of K); ws fp32
-    ``[c, N, KB]`` weight scales (None when folded into wf): one bmm per K block, scaled, summed.
+    ``[c, N, KB]`` weight scales (None when folded into wf): one bmm per ``step``-wide K block
+    (``KB = k_blocks`` of them), scaled, summed.
     """
     if xs is None:
         return row_matmul(xp, wf.transpose(1, 2))
@@ -173,19 +201,20 @@ def _bucket_product(xp: torch.Tensor, xs: torch.Tensor | None, wf: torch.Tensor,
     scales = xs.unsqueeze(2) if ws is None else xs.unsqueeze(2) * ws.unsqueeze(1)       # [c, R, 1 or N, KB]
     o = torch.zeros(xp.shape[0], xp.shape[1], wf.shape[1], dtype=torch.float32, device=xp.device)
     for kb in range(k_blocks):
-        sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
+        sl = slice(kb * step, min(k, (kb + 1) * step))
         o += torch.bmm(xp[:, :, sl], wf[:, :, sl].transpose(1, 2)) * scales[..., kb]
     return o[:, :r]
 
 
 def _grouped_matmul(plan: GroupPlan, n: int, x_rows: torch.Tensor, x_row_scales: torch.Tensor | None,
                     weights: list[Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]],
-                    k_blocks: int) -> list[torch.Tensor]:
+                    k_blocks: int, step: int = _BLOCK) -> list[torch.Tensor]:
     """Shared driver of the grouped GEMM: one fp32 ``[M, N]`` result per entry of ``weights``.
 
     x_rows fp32 ``[M, K]``; x_row_scales fp32 ``[M, KB]`` or None (float recipe); each
     ``weights[i](expert_ids)`` gives fp32 ``[c, N, K]`` and fp32 per-row weight scales ``[c, N, KB]``
-    (or None when already folded in); ``expert_ids=None`` means every expert (E == 1).
+    (or None when already folded in); ``expert_ids=None`` means every expert (E == 1). ``step``: the
+    K width of one scaled block (``KB = k_blocks`` blocks; x_row_scales given per block).
     The padded rows of each bucket are built once and shared by all weight stacks.
     """
     m, device, k = plan.m, x_rows.device, x_rows.shape[1]
@@ -194,7 +223,7 @@ def _grouped_matmul(plan: GroupPlan, n: int, x_rows: torch.Tensor, x_row_scales:
     if plan.single:   # one bucket of one expert, no padding
         xp = x_rows.contiguous().unsqueeze(0)
         xs = None if x_row_scales is None else x_row_scales.contiguous().unsqueeze(0)
-        return [_bucket_product(xp, xs, *fn(None), k_blocks)[0] for fn in weights]
+        return [_bucket_product(xp, xs, *fn(None), k_blocks, step)[0] for fn in weights]
     outs: list[torch.Tensor | None] = [None] * len(weights)
     for experts, src_all, valid_all in plan.classes:
         rows_max = src_all.shape[1]
@@ -211,7 +240,7 @@ def _grouped_matmul(plan: GroupPlan, n: int, x_rows: torch.Tensor, x_row_scales:
                     xs.masked_fill_(~valid.unsqueeze(-1), 0.0)
             whole = plan.whole and chunk >= experts.shape[0]
             for i, fn in enumerate(weights):
-                o = _bucket_product(xp, xs, *fn(ex), k_blocks)                 # [c, rows_max, N]
+                o = _bucket_product(xp, xs, *fn(ex), k_blocks, step)           # [c, rows_max, N]
                 if whole:
                     outs[i] = o.reshape(m, n)      # the bucket is every row of x, in order
                     continue
@@ -233,9 +262,10 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_offsets: torch.Tensor,
 
     Recipes: float x ``[M, K]`` with w ``[E, N, K]`` of the same dtype; fp8 x + x_scale
     ``[M, ceil(K/128)]`` with fp8 w + w_scale ``[E, ceil(N/128), ceil(K/128)]`` (same per-block
-    formula as :func:`fp8_gemm`); fp8 x + x_scale with packed FP4 w uint8 ``[E, N, K/2]`` + e8m0
-    w_scale ``[E, N, K/32]`` (as :func:`fp4_gemm`). group_offsets int64 ``[E+1]`` (0 first, M last,
-    non-decreasing). fp32 accumulation; out ``[M, N]`` in ``out_dtype``.
+    formula as :func:`fp8_gemm`; or 32x32 tiles ``[E, ceil(N/32), K/32]``); fp8 x + x_scale with packed
+    FP4 w uint8 ``[E, N, K/2]`` + w_scale ``[E, N, K/32]`` or ``[E, N, K/16]`` (as :func:`fp4_gemm`).
+    group_offsets int64 ``[E+1]`` (0 first, M last, non-decreasing). fp32 accumulation; out ``[M, N]``
+    in ``out_dtype``.
     """
     return grouped_gemms(x, [(w, w_scale)], group_offsets, x_scale, out_dtype)[0]
 
@@ -252,7 +282,8 @@ def grouped_gemms(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tenso
     e, n = weights[0][0].shape[:2]
     if plan is None:
         plan = GroupPlan(group_offsets, _distinct_counts(group_offsets, e, m), m)
-    k_blocks = _ceil_div(k, _BLOCK)
+    step = fp8_weight_block(weights[0][1], k) if recipe == "fp8" else _BLOCK   # K width of one scaled block
+    k_blocks = _ceil_div(k, step)
 
     def gather(t: torch.Tensor, ex: torch.Tensor | None) -> torch.Tensor:
         """Experts ex of t (None: all, E == 1; a contiguous t then is its own gather, no copy)."""
@@ -265,13 +296,14 @@ def grouped_gemms(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tenso
         if recipe == "float":
             return lambda ex: (gather(w, ex).float(), None)
         if recipe == "fp8":
-            return lambda ex: (F.fp8_to_float(gather(w, ex)), _fp8_weight_scales(gather(w_scale, ex), n))
+            return lambda ex: (F.fp8_to_float(gather(w, ex)), _fp8_weight_scales(gather(w_scale, ex), n, step))
         return lambda ex: (_fp4_weight_to_float(gather(w, ex), gather(w_scale, ex)), None)
 
     if recipe == "float":
         x_rows, row_scales = x.float(), None
     else:
-        x_rows, row_scales = F.fp8_to_float(x), F.scale_to_float(x_scale)
+        x_rows = F.fp8_to_float(x)
+        row_scales = _act_scales_per(F.scale_to_float(x_scale), step, k_blocks)
     outs = _grouped_matmul(plan, n, x_rows, row_scales, [expert_weights(w, w_scale) for w, w_scale in weights],
-                           k_blocks)
+                           k_blocks, step)
     return [o.to(out_dtype) for o in outs]

@@ -9,7 +9,12 @@ Semantics: ``docs/ops.md`` (MoE) and the public DeepSeek-V4 ``inference/model.py
 * the bias (fp32 ``[E]``) is added to the scores only to pick the experts (top-k of
   ``scores + bias``); the routing weights are gathered from the **unbiased** scores;
 * hash layers take the indices from ``tid2eid[input_ids]`` instead of the top-k (bias unused);
-* the gathered weights are divided by their sum for ``"sqrtsoftplus"`` and ``"sigmoid"`` (no eps),
+* V4.1's router (Hugging Face ``DeepseekV41TopKRouter``): the fp32 logits are divided by
+  ``gate_temp`` before the score function; image tokens (``image_mask``) choose with ``image_bias``
+  instead of ``bias``; the normalising sum gets ``norm_eps`` (1e-20 there). The defaults
+  (``gate_temp=1``, no image bias, ``norm_eps=0``) are V4's routing, bit for bit (x / 1 and s + 0
+  are exact);
+* the gathered weights are divided by their sum for ``"sqrtsoftplus"`` and ``"sigmoid"`` (V4: no eps),
   and **not** for ``"softmax"`` (the V3 lineage: softmax probabilities already share one
   denominator), then multiplied by ``route_scale``.
 
@@ -36,17 +41,22 @@ SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 @implements("moe_gate", "reference")
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0,
-             tid2eid: torch.Tensor | None = None,
-             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             tid2eid: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+             gate_temp: float = 1.0, image_bias: torch.Tensor | None = None,
+             image_mask: torch.Tensor | None = None, norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to ``topk`` experts.
 
     x float ``[T, D]``, weight float ``[E, D]``, bias fp32 ``[E]`` (choice only), tid2eid int32
-    (int64 accepted) ``[vocab, topk]`` + input_ids int ``[T]`` (hash routing, both or neither).
+    (int64 accepted) ``[vocab, topk]`` + input_ids int ``[T]`` (hash routing, both or neither);
+    gate_temp divides the logits; image_bias fp32 ``[E]`` replaces bias where image_mask bool ``[T]``
+    is set; norm_eps is added to the normalising sum.
     Returns weights fp32 ``[T, topk]`` and indices int32 ``[T, topk]``. Score routing lists the
     experts by descending ``scores + bias`` (``torch.topk`` order; ties unspecified); hash routing
     keeps the table's order.
     """
     logits = row_matmul(x.float(), weight.float().T)                   # [T, E] fp32
+    if gate_temp != 1.0:
+        logits = logits / formats.operand(gate_temp, logits)
     if score_func == "softmax":
         scores = logits.softmax(dim=-1)
     elif score_func == "sigmoid":
@@ -56,11 +66,14 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     if tid2eid is not None and input_ids is not None:
         indices = tid2eid.index_select(0, input_ids.long()).long()    # [T, topk]
     else:
+        if image_bias is not None and image_mask is not None:
+            bias = torch.where(image_mask.unsqueeze(1), image_bias, bias)   # [T, E]
         choice = scores if bias is None else scores + bias
         indices = choice.topk(topk, dim=-1).indices
     weights = scores.gather(1, indices)
     if score_func != "softmax":
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total + formats.operand(norm_eps, total) if norm_eps else total)
     weights = weights * formats.operand(route_scale, weights)      # fp32 route_scale as a tensor operand
     return weights.contiguous(), indices.to(torch.int32).contiguous()
 

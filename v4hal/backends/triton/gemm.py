@@ -18,6 +18,12 @@ One kernel, specialised by constexprs, computes ``C[m, n] = sum_kb (A_kb . B[n]_
   costs a handful of integer operations per weight, which is what must stay below the weight
   stream at small M.
 
+Weight format variants (``WB``, read from the weight scales' shape by :func:`launch_gemm`): FP8
+weights with 32x32 tiles (V4.1) step K by 32 (``BLOCK_K`` = 32, one ``tl.dot`` per tile, scaled by
+``a_s[m, k // 128] * b_s[n // 32, k // 32]``); FP4 weights with a scale per 16 (V4.1 routed
+experts) keep the 32-wide step (the FP8 MMA's K) and split it into two products over the masked
+halves of the decoded weight tile, each scaled by its own per-16 scale.
+
 ``DOT`` is the MMA operand dtype (``None``: the operands' own dtype: FP8 for both quantized
 recipes). It is a parameter so that the same kernel runs under the Triton interpreter with operands
 its ``tl.dot`` computes correctly (fp8, fp16, fp32: not bf16) and on a GPU with bf16/fp8; every
@@ -54,7 +60,9 @@ from ._cast import cast_out
 from .quant import cdiv, fp8_gpu, interpreting, load_scale, next_pow2, on_interpreter, tl_dtype
 
 SCALE_BLOCK = 128            # activation K block / FP8 weight tile
-FP4_BLOCK = 32               # FP4 weight K block
+FP4_BLOCK = 32               # FP4 weight K block (and the K step of the FP4 recipe)
+FP8_SMALL_BLOCK = 32         # V4.1 FP8 weight tile (32x32)
+FP4_SMALL_BLOCK = 16         # V4.1 FP4 weight K block
 FP32_PRECISION = "tf32x3"    # tl.dot input precision for fp32 operands on a GPU (about fp32 accurate)
 
 B_FLOAT, B_FP8, B_FP4 = 0, 1, 2
@@ -72,7 +80,7 @@ def gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr,
                 AS_E8M0: tl.constexpr, BS_E8M0: tl.constexpr,
                 GROUPED: tl.constexpr, E_P2: tl.constexpr,
                 DOT: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
-                OUT: tl.constexpr, SOFT: tl.constexpr,
+                OUT: tl.constexpr, SOFT: tl.constexpr, WB: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr):
     """C tile ``[BLOCK_M, BLOCK_N]`` of ``A [M, K] @ B[N, K]^T`` (B of expert ``e`` when GROUPED).
@@ -82,7 +90,8 @@ def gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr,
     ``sum_e cdiv(rows_e, BLOCK_M)``: at most min(E, M) experts own rows, each adds at most one
     partial tile); each program finds its expert from ``offs_ptr`` (int64 ``[E+1]``) on the device
     and exits when its tile is past the last expert's rows. Split programs (``pid_k > 0`` or
-    ``s_cs > 0``) write fp32 partial sums to ``c + pid_k * s_cs``.
+    ``s_cs > 0``) write fp32 partial sums to ``c + pid_k * s_cs``. ``WB``: the weight block (FP8:
+    the square tile, 128 or 32, equal to ``BLOCK_K``; FP4: the K block, 32 or 16; float: unused).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,6 +154,11 @@ def gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr,
                          mask=nmask[:, None], other=0).to(tl.int32)
             codes = tl.reshape(tl.join(pk & 0xF, pk >> 4), (BLOCK_N, BLOCK_K))
             e4m3 = (((codes & 8) << 4) | ((codes & 7) << 2)).to(tl.uint8)
+            if WB == 16:
+                # a scale per 16: the second half of the tile is a separate product (zeroed here)
+                lo_half = (tl.arange(0, BLOCK_K) < 16)[None, :]
+                b2 = tl.trans(tl.where(lo_half, 0, e4m3).to(tl.uint8).to(tl.float8e4nv, bitcast=True))
+                e4m3 = tl.where(lo_half, e4m3, 0).to(tl.uint8)
             b = tl.trans(e4m3.to(tl.float8e4nv, bitcast=True))
         else:
             if EVEN_K:
@@ -159,8 +173,16 @@ def gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr,
             part = tl.dot(a, b, input_precision=PREC)
             a_s = load_scale(as_ptr, rm64 * s_asm + ((kb * BLOCK_K) // 128) * s_ask, mmask, AS_E8M0)
             if B_KIND == 1:
-                b_s = load_scale(bs_base, (rn64 // 128) * s_bsn + kb * s_bsk, nmask, BS_E8M0)
+                b_s = load_scale(bs_base, (rn64 // WB) * s_bsn + kb * s_bsk, nmask, BS_E8M0)
                 acc += part * (a_s[:, None] * b_s[None, :])
+            elif WB == 16:
+                if DOT is not None:
+                    b2 = b2.to(DOT)
+                part2 = tl.dot(a, b2, input_precision=PREC)
+                b_s = load_scale(bs_base, rn64 * s_bsn + (2 * kb) * s_bsk, nmask, BS_E8M0) * 64.0
+                b_s2 = load_scale(bs_base, rn64 * s_bsn + (2 * kb + 1) * s_bsk, nmask, BS_E8M0) * 64.0
+                acc += part * (a_s[:, None] * b_s[None, :])
+                acc += part2 * (a_s[:, None] * b_s2[None, :])
             else:
                 b_s = load_scale(bs_base, rn64 * s_bsn + kb * s_bsk, nmask, BS_E8M0) * 64.0
                 acc += part * (a_s[:, None] * b_s[None, :])
@@ -208,9 +230,10 @@ def _split_for(tiles: int, k_blocks: int, sms: int) -> int:
     return max(1, min(cdiv(sms, tiles), k_blocks // 4, 8))
 
 
-def dense_config(m: int, n: int, k: int, b_kind: int, device: torch.device) -> GemmConfig:
+def dense_config(m: int, n: int, k: int, b_kind: int, device: torch.device, wb: int = 0) -> GemmConfig:
     """Tile configuration for a dense (non-grouped) GEMM of ``[m, k] x [n, k]^T`` on ``device``
-    (``block_k`` is forced to 32 for FP4 weights by :func:`launch_gemm`)."""
+    (``block_k`` is forced to 32 for FP4 weights, and to the tile for FP8 weights, by
+    :func:`launch_gemm`); ``wb``: the weight block (see :func:`weight_block`)."""
     if on_interpreter(device):
         return INTERPRETER_CONFIG
     if b_kind == B_FP4:
@@ -218,7 +241,9 @@ def dense_config(m: int, n: int, k: int, b_kind: int, device: torch.device) -> G
         # once per row tile, so cover M with as few row tiles as possible
         bm = min(128, max(16, next_pow2(m)))
         if m > 128:
-            cfg = GemmConfig(128, 128, FP4_BLOCK, group_m=8, num_warps=8, num_stages=4)
+            # per-16 scales keep two products live: 128x128 spills on sm_90a, 128x64 does not
+            cfg = GemmConfig(128, 64 if wb == FP4_SMALL_BLOCK else 128, FP4_BLOCK, group_m=8, num_warps=8,
+                             num_stages=4)
         else:
             cfg = GemmConfig(bm, 64, FP4_BLOCK, group_m=8, num_warps=8 if bm >= 128 else 4,
                              num_stages=6 if bm <= 32 else 4)
@@ -258,6 +283,16 @@ def _scale(s: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
     return s, False
 
 
+def weight_block(b_kind: int, b_s: torch.Tensor | None, k: int) -> int:
+    """The weight block of valid scales (see :mod:`v4hal.ops.gemm`): FP8 ``[.., ceil(N/wb), K/wb]`` ->
+    128 or 32; FP4 ``[.., N, K/wb]`` -> 32 or 16; float weights -> 0."""
+    if b_s is None or b_kind == B_FLOAT:
+        return 0
+    if b_kind == B_FP8:
+        return SCALE_BLOCK if b_s.shape[-1] == cdiv(k, SCALE_BLOCK) else FP8_SMALL_BLOCK
+    return FP4_BLOCK if b_s.shape[-1] == cdiv(k, FP4_BLOCK) else FP4_SMALL_BLOCK
+
+
 def launch_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor | None,
                 out_dtype: torch.dtype, b_kind: int, config: GemmConfig,
                 group_offsets: torch.Tensor | None = None, dot=None, prec=None) -> torch.Tensor:
@@ -282,7 +317,8 @@ def launch_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s:
         return out.zero_()
     a_s_arg, as_e8m0 = _scale(a_s)
     b_s_arg, bs_e8m0 = _scale(b_s)
-    bk = FP4_BLOCK if b_kind == B_FP4 else config.block_k
+    wb = weight_block(b_kind, b_s, k)
+    bk = FP4_BLOCK if b_kind == B_FP4 else (wb if b_kind == B_FP8 else config.block_k)
     if a_s is not None and SCALE_BLOCK % bk:
         raise ValueError(f"launch_gemm: block_k must divide {SCALE_BLOCK} for scaled operands, got {bk}")
     k_blocks = cdiv(k, bk)
@@ -308,7 +344,7 @@ def launch_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s:
         A_SCALED=a_s is not None, B_KIND=b_kind, AS_E8M0=as_e8m0, BS_E8M0=bs_e8m0,
         GROUPED=grouped, E_P2=next_pow2(e + 1) if grouped else 1,
         DOT=dot, PREC=prec, EVEN_K=(k % bk == 0),
-        OUT=tl_dtype(torch.float32 if split > 1 else out_dtype), SOFT=interpreting(a),
+        OUT=tl_dtype(torch.float32 if split > 1 else out_dtype), SOFT=interpreting(a), WB=wb,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1:
@@ -323,7 +359,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     """``C[..., n] = sum_kb (A_kb . B[n]_kb) * a_s[..., kb] * b_s[n // 128, kb]`` with fp32 accumulation.
 
     a fp8 ``[..., K]`` (K % 128 == 0), a_s ``[..., K/128]`` (``scale_dtype``: float32 or e8m0);
-    b fp8 ``[N, K]``, b_s ``[ceil(N/128), K/128]`` (float32 or e8m0). Out ``[..., N]`` in ``out_dtype``.
+    b fp8 ``[N, K]``, b_s ``[ceil(N/128), K/128]`` or 32x32 tiles ``[ceil(N/32), K/32]`` (float32 or
+    e8m0). Out ``[..., N]`` in ``out_dtype``.
     """
     k, n = a.shape[-1], b.shape[0]
     a2 = a.reshape(-1, k)
@@ -338,15 +375,15 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``C = A @ B^T``: A fp8 ``[..., K]`` + a_s ``[..., K/128]`` (``scale_dtype``), B packed e2m1 uint8
-    ``[N, K/2]`` (low nibble = even k) + scales ``[N, K/32]`` (e8m0 or float32). Out ``[..., N]``."""
+    ``[N, K/2]`` (low nibble = even k) + scales ``[N, K/32]`` or ``[N, K/16]`` (e8m0 or float32). Out ``[..., N]``."""
     k, n = a.shape[-1], b.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
-    cfg = dense_config(m, n, k, B_FP4, a.device)
+    cfg = dense_config(m, n, k, B_FP4, a.device, weight_block(B_FP4, b_s, k))
     dot, prec = mma_dtype(B_FP4, a.dtype, a.device)
     out = launch_gemm(a2, a_s.reshape(m, k // SCALE_BLOCK), b, b_s, out_dtype, B_FP4, cfg, dot=dot, prec=prec)
     return out.reshape(*a.shape[:-1], n)
 
 
-__all__ = ["fp8_gemm", "fp4_gemm", "gemm_kernel", "launch_gemm", "GemmConfig", "dense_config", "mma_dtype",
-           "INTERPRETER_CONFIG", "B_FLOAT", "B_FP8", "B_FP4"]
+__all__ = ["fp8_gemm", "fp4_gemm", "gemm_kernel", "launch_gemm", "weight_block", "GemmConfig", "dense_config",
+           "mma_dtype", "INTERPRETER_CONFIG", "B_FLOAT", "B_FP8", "B_FP4"]

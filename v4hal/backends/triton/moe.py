@@ -78,11 +78,13 @@ QUANT_BLOCK = F.FP8_BLOCK       # activation quantization block of the expert GE
 
 # ============================================================================ moe_gate
 @triton.jit
-def _gate_kernel(x_ptr, w_ptr, bias_ptr, scores_ptr, choice_ptr,
-                 T, E, D, s_xt, s_we, s_ot,
+def _gate_kernel(x_ptr, w_ptr, bias_ptr, scores_ptr, choice_ptr, ibias_ptr, imask_ptr,
+                 T, E, D, s_xt, s_we, s_ot, gate_temp,
                  SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                 TEMP: tl.constexpr, IMAGE: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """scores[t, e] = score_func(fp32(x[t]) . fp32(w[e])); choice = scores + bias (HAS_BIAS).
+    """scores[t, e] = score_func(fp32(x[t]) . fp32(w[e]) [/ gate_temp when TEMP]); choice = scores + bias
+    (HAS_BIAS; with IMAGE, tokens whose ``imask[t]`` (uint8) is set add ``ibias`` instead).
 
     Grid ``(cdiv(T, BLOCK_T), cdiv(E, BLOCK_E))``; SCORE 0 = sqrtsoftplus, 1 = softmax (then
     ``BLOCK_E >= E``: one program per row block), 2 = sigmoid.
@@ -100,6 +102,8 @@ def _gate_kernel(x_ptr, w_ptr, bias_ptr, scores_ptr, choice_ptr,
         wb = tl.load(w_ptr + re.to(tl.int64)[None, :] * s_we + kk[:, None], mask=kmask[:, None] & emask[None, :],
                      other=0.0)
         acc = tl.dot(xa.to(tl.float32), wb.to(tl.float32), acc, input_precision=PREC)
+    if TEMP:
+        acc = tl.math.div_rn(acc, tl.full((BLOCK_T, BLOCK_E), 1.0, tl.float32) * gate_temp)
 
     if SCORE == 0:
         # softplus = log1p(exp(l)) below the threshold, l above; log1p(u) = log(1+u) * u / ((1+u) - 1)
@@ -121,15 +125,20 @@ def _gate_kernel(x_ptr, w_ptr, bias_ptr, scores_ptr, choice_ptr,
     tl.store(scores_ptr + offs, scores, mask=omask)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + re, mask=emask, other=0.0)
-        tl.store(choice_ptr + offs, scores + bias[None, :], mask=omask)
+        if IMAGE:
+            ibias = tl.load(ibias_ptr + re, mask=emask, other=0.0)
+            img = tl.load(imask_ptr + rt, mask=tmask, other=0) != 0
+            tl.store(choice_ptr + offs, scores + tl.where(img[:, None], ibias[None, :], bias[None, :]), mask=omask)
+        else:
+            tl.store(choice_ptr + offs, scores + bias[None, :], mask=omask)
 
 
 @triton.jit
 def _route_kernel(scores_ptr, pick_ptr, ids_ptr, table_ptr, w_out_ptr, i_out_ptr,
-                  T, E, K, s_tab, route_scale,
+                  T, E, K, s_tab, route_scale, norm_eps,
                   HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, K_P2: tl.constexpr):
     """Per token: expert ids (``pick[t]`` from top-k, or ``table[ids[t]]`` when HASH), their unbiased
-    scores, divided by the sum (NORM), times route_scale -> weights fp32 / ids int32 ``[T, K]``."""
+    scores, divided by ``sum + norm_eps`` (NORM), times route_scale -> weights fp32 / ids int32 ``[T, K]``."""
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rj = tl.arange(0, K_P2)
     mask = (rt < T)[:, None] & (rj < K)[None, :]
@@ -140,7 +149,7 @@ def _route_kernel(scores_ptr, pick_ptr, ids_ptr, table_ptr, w_out_ptr, i_out_ptr
         idx = tl.load(pick_ptr + rt[:, None] * K + rj[None, :], mask=mask, other=0).to(tl.int64)
     w = tl.load(scores_ptr + rt[:, None] * E + idx, mask=mask, other=0.0)
     if NORM:
-        total = tl.where(rt < T, tl.sum(w, axis=1), 1.0)        # padding rows: no 0 / 0
+        total = tl.where(rt < T, tl.sum(w, axis=1) + norm_eps, 1.0)        # padding rows: no 0 / 0
         w = tl.math.div_rn(w, tl.broadcast_to(total[:, None], (BLOCK_T, K_P2)))
     w = w * route_scale
     tl.store(w_out_ptr + rt[:, None] * K + rj[None, :], w, mask=mask)
@@ -173,8 +182,13 @@ def _softmax_experts(args: R.Args) -> int | None:
     R.min_capability(8, 0, tensor="x", why="TF32 MMA of the gate GEMM")))
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tensor | None = None,
              score_func: str = "sqrtsoftplus", route_scale: float = 1.0, tid2eid: torch.Tensor | None = None,
-             input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             input_ids: torch.Tensor | None = None, gate_temp: float = 1.0, image_bias: torch.Tensor | None = None,
+             image_mask: torch.Tensor | None = None, norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token of x ``[T, D]`` (float) over the ``E`` experts of weight ``[E, D]`` (float).
+
+    V4.1: the logits are divided by ``gate_temp`` (IEEE division in the kernel); ``image_bias`` fp32
+    ``[E]`` replaces bias on the tokens where ``image_mask`` bool ``[T]`` is set; ``norm_eps`` is added
+    to the normalising sum.
 
     bias fp32 ``[E]`` steers the choice only; tid2eid int ``[vocab, topk]`` with input_ids int ``[T]``
     replaces the top-k (hash routing; ranges are the ops layer's value checks). Returns weights fp32
@@ -196,18 +210,23 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     bias = bias.contiguous() if use_bias else None
     scores = torch.empty((t, e), dtype=torch.float32, device=device)
     choice = torch.empty((t, e), dtype=torch.float32, device=device) if use_bias else scores
+    image = use_bias and image_bias is not None and image_mask is not None
     if d == 0:
-        # no features: every logit is 0 (no kernel launch needed)
+        # no features: every logit is 0 (no kernel launch needed; 0 / gate_temp is 0)
         scores.copy_(_score_of_zero(score_func, e, device).expand(t, e))
         if use_bias:
-            torch.add(scores, bias, out=choice)
+            step_bias = torch.where(image_mask.unsqueeze(1), image_bias, bias) if image else bias
+            torch.add(scores, step_bias, out=choice)
     else:
         block_t, block_e, block_k, warps = _gate_tiles(t, e, score_func == "softmax", interp)
         prec = "tf32x3" if torch.float32 in (x.dtype, weight.dtype) else "tf32"
+        ibias = image_bias.contiguous() if image else scores
+        imask = image_mask.contiguous().view(torch.uint8) if image else scores
         _gate_kernel[(cdiv(t, block_t), cdiv(e, block_e))](
-            x, weight, bias if use_bias else scores, scores, choice, t, e, d,
-            x.stride(0), weight.stride(0), scores.stride(0),
+            x, weight, bias if use_bias else scores, scores, choice, ibias, imask, t, e, d,
+            x.stride(0), weight.stride(0), scores.stride(0), float(gate_temp),
             SCORE=SCORE_FUNCS.index(score_func), HAS_BIAS=use_bias, PREC=prec,
+            TEMP=gate_temp != 1.0, IMAGE=image,
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=warps)
     if hashed:
         pick = out_i                                      # unused by the HASH kernel
@@ -219,6 +238,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     block_t = 16 if interp else 64
     _route_kernel[(cdiv(t, block_t),)](
         scores, pick, ids, table, out_w, out_i, t, e, topk, table.stride(0) if hashed else 0, float(route_scale),
+        float(norm_eps),
         HASH=hashed, NORM=score_func != "softmax", BLOCK_T=block_t, K_P2=next_pow2(topk), num_warps=4)
     return out_w, out_i
 
