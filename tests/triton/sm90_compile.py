@@ -233,6 +233,7 @@ def _engram_cases() -> list[Case]:
              "out_ptr": "*bf16", "eps": "fp32", "inv_sqrt_d": "fp32", "clamp": "fp32"}
         cases.append(Case(f"engram_gate bf16 mask={mask}", "engram:_gate_kernel", t,
                           dict(HAS_MASK=mask, BLOCK_D=1024), ("h_ptr", "kv_ptr", "q_ptr", "k_ptr", "out_ptr")))
+    return cases
 
 
 def _v41_gemm_gate_cases() -> list[Case]:
