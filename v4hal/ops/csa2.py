@@ -85,8 +85,15 @@ def _check(x, wkv, wgate, norm_weight, freqs_cis, state_cache, state_block_table
 
 def _value_check(x, wkv, wgate, norm_weight, freqs_cis, state_cache, state_block_table, cu_seqlens, start_pos,
                  ratio, norm_eps):
-    check_ragged_values("csa2_compressor_ragged", x, freqs_cis, state_cache if ratio > 1 else None,
+    op = "csa2_compressor_ragged"
+    check_ragged_values(op, x, freqs_cis, state_cache if ratio > 1 else None,
                         state_block_table, cu_seqlens, start_pos, ratio, overlap=False)
+    if ratio == 1 and state_block_table.numel():          # unused at ratio 1, but never a foreign block id
+        ids = state_block_table.cpu()
+        nb = state_cache.shape[0]
+        if bool(((ids < 0) | (ids >= nb)).any()):
+            raise C.RangeError(f"{op}: state_block_table ids must be in [0, {nb}) (0: no state kept), got "
+                               f"[{int(ids.min())}, {int(ids.max())}]")
 
 
 def _fake(x, wkv, wgate, norm_weight, freqs_cis, state_cache, state_block_table, cu_seqlens, start_pos,
@@ -106,8 +113,9 @@ define_op("csa2_compressor_ragged",
           doc=C.ranges_doc(ratio="{1, 2}", norm_eps=C.EPS_RANGE) +
           " `wgate` is given at ratio 2 and None at ratio 1. Checked values: `cu_seqlens` non-decreasing from "
           "0 to T; `start_pos` >= 0; `freqs_cis` covers the first position of every completed entry; at ratio 2 "
-          "every `state_block_table` row covers the positions its request touches, with ids in `[0, blocks)`, "
-          "no position this call reads in block 0, no two written positions sharing a state row, and no row "
+          "every `state_block_table` row covers the positions its request touches, with ids in `[0, blocks)` (at "
+          "ratio 1 the table is not read, but its ids must still be in `[0, blocks)`), no position this call "
+          "reads in block 0, no two written positions sharing a state row, and no row "
           "both read and written.")
 
 
