@@ -30,7 +30,7 @@ import torch
 from v4hal.hal import formats
 from v4hal.hal.registry import implements
 
-from ._rows import row_matmul
+from ._rows import pointwise64, row_matmul
 
 __all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
 
@@ -38,8 +38,9 @@ __all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
 def _split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc: int,
                     iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     e = formats.operand(eps, mixes)    # eps as an fp32 tensor operand: the same sums, less per-op overhead
-    pre = torch.sigmoid(mixes[..., :hc] * hc_scale[0] + hc_base[:hc]).add_(e)
-    post = torch.sigmoid(mixes[..., hc:2 * hc] * hc_scale[1] + hc_base[hc:2 * hc]).mul_(formats.operand(2.0, mixes))
+    pre = pointwise64(torch.sigmoid, mixes[..., :hc] * hc_scale[0] + hc_base[:hc]).add_(e)
+    post = pointwise64(torch.sigmoid, mixes[..., hc:2 * hc] * hc_scale[1] + hc_base[hc:2 * hc]).mul_(
+        formats.operand(2.0, mixes))
     logits = (mixes[..., 2 * hc:] * hc_scale[2] + hc_base[2 * hc:]).unflatten(-1, (hc, hc))
     comb = torch.softmax(logits, dim=-1)
     comb.add_(e)
@@ -117,5 +118,5 @@ def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
     returns ``sum_j pre[j] * x[j]`` ``[..., D]`` in x's dtype (fp32 math).
     """
     xf, mixes = _mixes(x, hc_fn, norm_eps)
-    pre = torch.sigmoid(mixes * hc_scale + hc_base) + hc_eps
+    pre = pointwise64(torch.sigmoid, mixes * hc_scale + hc_base) + hc_eps
     return (pre.unsqueeze(-1) * xf).sum(dim=-2).to(x.dtype)

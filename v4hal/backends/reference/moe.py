@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from v4hal.hal import formats
 from v4hal.hal.registry import implements
 
-from ._rows import row_matmul
+from ._rows import pointwise64, row_matmul
 
 __all__ = ["moe_gate", "moe_dispatch", "moe_combine", "SCORE_FUNCS"]
 
@@ -50,9 +50,9 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, topk: int, bias: torch.Tenso
     if score_func == "softmax":
         scores = logits.softmax(dim=-1)
     elif score_func == "sigmoid":
-        scores = logits.sigmoid()
+        scores = pointwise64(torch.sigmoid, logits)
     else:
-        scores = F.softplus(logits).sqrt()
+        scores = pointwise64(F.softplus, logits).sqrt()
     if tid2eid is not None and input_ids is not None:
         indices = tid2eid.index_select(0, input_ids.long()).long()    # [T, topk]
     else:
