@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError
-from v4hal.model.config import ModelConfig
+
+from .config import ModelConfig
 
 __all__ = ["KINDS", "RATIO", "POSITION_KINDS", "STATE_KINDS", "STATE_BLOCK_SIZE", "FIRST_BLOCK", "ForwardBatch",
            "block_sizes_of", "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages"]

@@ -27,11 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from v4hal.hal.errors import RangeError, ShapeError
-from v4hal.model.config import ModelConfig
-from v4hal.model.layers import act_scale_format
-from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
-
-from .batch import (
+from v4hal.model.batch import (
     FIRST_BLOCK,
     POSITION_KINDS,
     RATIO,
@@ -45,6 +41,11 @@ from .batch import (
     pages_needed,
     written_pages,
 )
+from v4hal.model.caches import CacheSpec, LayerCaches, layer_specs
+from v4hal.model.config import ModelConfig
+from v4hal.model.layers import act_scale_format
+from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
+
 from .fill import PageFill
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
@@ -121,31 +122,6 @@ def _check_width(layout: str, dim: int, where: str = "alloc_cache") -> None:
         raise ShapeError(f"{where}: {why}")
 
 
-@dataclass(frozen=True)
-class CacheSpec:
-    """One cache tensor of one layer: its field in `LayerCaches`, page kind, layout (None: fp32 state)
-    and entry width."""
-
-    layer: int
-    name: str
-    kind: str
-    layout: str | None
-    dim: int
-
-
-
-@dataclass
-class LayerCaches:
-    """The cache tensors of one layer (None where the layer has no such cache)."""
-
-    ratio: int
-    window: torch.Tensor | None = None
-    compressed: torch.Tensor | None = None
-    indexer: torch.Tensor | None = None
-    state: torch.Tensor | None = None
-    index_state: torch.Tensor | None = None
-
-
 @dataclass
 class RequestState:
     """One request: ``tokens`` known so far (prompt, then appended outputs), positions ``0 .. computed-1``
@@ -182,22 +158,6 @@ def _state_fields(st: RequestState) -> dict[str, object]:
     """A copy of a request's fields (its lists and dicts copied; ``source`` is an immutable tuple)."""
     return {k: copy.copy(v) if k != "tables" else {kind: list(t) for kind, t in v.items()}
             for k, v in vars(st).items()}
-
-
-def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
-    """The cache tensors of every layer of ``cfg`` (main then MTP)."""
-    out: list[CacheSpec] = []
-    for i, r in enumerate(cfg.compress_ratios):
-        out.append(CacheSpec(i, "window", "token", attn_layout, cfg.head_dim))
-        if r:
-            kind = "c4" if r == 4 else "c128"
-            coff = 2 if r == 4 else 1
-            out.append(CacheSpec(i, "compressed", kind, attn_layout, cfg.head_dim))
-            out.append(CacheSpec(i, "state", f"state{r}", None, 2 * coff * cfg.head_dim))
-        if r == 4:
-            out.append(CacheSpec(i, "indexer", "c4", indexer_layout, cfg.index_head_dim))
-            out.append(CacheSpec(i, "index_state", "state4", None, 2 * 2 * cfg.index_head_dim))
-    return out
 
 
 class CachePool:
