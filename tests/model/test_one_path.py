@@ -8,9 +8,13 @@ pool's page growth (64-token pages, doubled as the sequences grow).
 """
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import v4hal.model
 from v4hal.hal.errors import RangeError, ShapeError
 from v4hal.model import V4Model
 from v4hal.serve import CachePool
@@ -124,3 +128,15 @@ def test_generate_is_greedy_decode(mini_fp8) -> None:
     eos = int(out[0, 1])
     out2 = model.generate(prompt, 5, eos_id=eos)
     assert (out2[0, 1:] == eos).all()
+
+
+def test_the_model_never_imports_the_serving_layer() -> None:
+    """The model owns the step, the batch and the cache interface; serving builds on them, never the reverse
+    (``cli.py``, a command-line runner that drives the serving loop, is the one exception left)."""
+    for f in sorted(Path(v4hal.model.__file__).parent.glob("*.py")):
+        if f.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith("v4hal.serve") for n in names), f"{f.name} imports {names}"

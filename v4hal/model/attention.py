@@ -83,14 +83,17 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, step: Step, state: torch.Tensor, eps: float, freqs_cis: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The entries the step's tokens ``x [T, dim]`` (bf16) complete: ``[N, head_dim]`` bf16 (normed, roped,
         V4's round trip applied), with their request rows and entry indices int32 ``[N]`` (-1 for unused
-        rows). ``state``: this compressor's fp32 state cache; ``freqs_cis`` the layer's full rope table."""
+        rows), or None when the step completes none (the state is updated either way). ``state``: this
+        compressor's fp32 state cache; ``freqs_cis`` the layer's full rope table."""
         b = step.batch
         entries, req, epos = v4hal.compressor_ragged(
             x, self.wkv.weight, self.wgate.weight, self.ape, self.norm.weight, freqs_cis, state,
             step.state_tables[self.ratio], b.cu_seqlens, b.start_pos, self.ratio, eps)
+        if not step.completed[self.ratio]:
+            return None
         if self.rotate:
             entries = v4hal.hadamard_transform(entries)
             v4hal.fp4_act_quant(entries, 32, inplace=True)
@@ -99,9 +102,13 @@ class Compressor(nn.Module):
         return entries, req, epos
 
 
-def _write_entries(cache: torch.Tensor, layout: str, entries: torch.Tensor, req: torch.Tensor, epos: torch.Tensor,
+def _write_entries(cache: torch.Tensor, layout: str, done: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                    table: torch.Tensor, block_size: int) -> None:
-    """Write compressed ``entries [N, D]`` of batch rows ``req`` at entry indices ``epos`` (-1: unused row)."""
+    """Write what a `Compressor` returned (``done``: compressed ``entries [N, D]`` of batch rows ``req`` at entry
+    indices ``epos``, -1 for unused rows; None: nothing)."""
+    if done is None:
+        return
+    entries, req, epos = done
     slots = v4hal.paged_slots(epos.unsqueeze(1), table, block_size, req_index=req.clamp_min(0)).squeeze(1)
     v4hal.paged_cache_write(cache, entries.contiguous(), slots, layout)
 
@@ -138,9 +145,8 @@ class Indexer(nn.Module):
         rope rows ``freqs [T, rd/2]`` -> int32 ``[T, 1, topk]`` entry indices (-1 padded). Writes the indexer
         keys the step completes into ``caches.indexer`` first."""
         t = x.shape[1]
-        entries, req, epos = self.compressor(x[0], step, caches.index_state, eps, freqs_cis)
-        _write_entries(caches.indexer, step.indexer_layout, entries, req, epos, step.batch.block_tables["c4"],
-                       step.batch.block_size)
+        done = self.compressor(x[0], step, caches.index_state, eps, freqs_cis)
+        _write_entries(caches.indexer, step.indexer_layout, done, step.batch.block_tables["c4"], step.batch.block_size)
         q = self.queries(qr, freqs, q_proj)
         weights = self.head_weights(x)
         return v4hal.indexer_topk_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.indexer,
@@ -249,10 +255,9 @@ class Attention(nn.Module):
         extra = extra_idx = None
         if ratio:
             x2 = x[0]
-            entries, req, epos = self.compressor(x2, step, caches.state, self.eps, self.freqs_cis)
+            done = self.compressor(x2, step, caches.state, self.eps, self.freqs_cis)
             kind = "c4" if ratio == 4 else "c128"
-            _write_entries(caches.compressed, step.attn_layout, entries, req, epos, step.batch.block_tables[kind],
-                           bs)
+            _write_entries(caches.compressed, step.attn_layout, done, step.batch.block_tables[kind], bs)
             extra = caches.compressed
             if ratio == 4:
                 picks = self.indexer(x, qr, iq, freqs, step, caches, self.eps, self.freqs_cis)

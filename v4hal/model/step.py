@@ -38,8 +38,9 @@ class Step:
     the token); ``state_tables[ratio]`` int32 ``[B, pages]`` (the ``"state4"`` / ``"state128"`` pages of the
     ratio-4 / ratio-128 compressors, released pages as block 0, which a pool never hands out);
     ``c4_context`` int32 ``[T]`` (compressed entries visible to each token); ``c128_slots`` int32
-    ``[T, 1, n]`` (every visible ratio-128 entry, -1 past) or None when no token sees one; ``plans``: see
-    `plan`.
+    ``[T, 1, n]`` (every visible ratio-128 entry, -1 past) or None when no token sees one; ``completed[ratio]``:
+    how many compressed entries of that ratio the step's tokens complete (from the batch's host copies: a
+    step that completes none skips the entries' round trip and cache writes); ``plans``: see `plan`.
     """
 
     batch: ForwardBatch
@@ -53,6 +54,7 @@ class Step:
     state_tables: dict[int, torch.Tensor]
     c4_context: torch.Tensor | None
     c128_slots: torch.Tensor | None
+    completed: dict[int, int] = field(default_factory=dict)
     plans: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -78,7 +80,9 @@ class Step:
                    indexer_layout=source.indexer_layout, positions=pos, req_index=req,
                    token_slots=batch.token_slots, window_slots=window_slots,
                    state_tables={r: tables[f"state{r}"].clamp_min(0) for r in (4, 128) if f"state{r}" in tables},
-                   c4_context=c4_context, c128_slots=c128_slots)
+                   c4_context=c4_context, c128_slots=c128_slots,
+                   completed={r: sum((s + n) // r - s // r for s, n in zip(batch.start_positions, batch.query_lens))
+                              for r in (4, 128)})
 
     def plan(self, key: str, build: Callable[[], Any]) -> Any:
         """The step's entry ``key`` of `plans`, made by ``build()`` on first use (once per step)."""
