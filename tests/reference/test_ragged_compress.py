@@ -231,7 +231,9 @@ def test_entries_of_one_call_equal_those_of_one_call_per_request() -> None:
 
 
 def test_reference_reads_nothing_back_to_the_host(monkeypatch) -> None:
-    """The reference (what runs on NPU tensors outside the CANN op) makes no host sync of its own."""
+    """The reference (what runs on NPU tensors outside the CANN op) makes no host sync of its own: without its
+    CPU-only shortcuts (plan reuse, skipping the pooling when no entry completes) it reads no value back."""
+    monkeypatch.setattr(ref, "CPU_SHORTCUTS", False)
     w = _weights(128, 32, seed=8)
     x = torch.randn(200, H).to(torch.bfloat16)
     args = (x, w.wkv, w.wgate, w.ape, w.norm, _freqs(256), torch.zeros(9, 64, 2 * w.cd),
@@ -252,6 +254,7 @@ def test_reference_reads_nothing_back_to_the_host(monkeypatch) -> None:
         monkeypatch.setattr(torch.Tensor, name, guarded(name))
     out, req, pos = ref.compressor_ragged(*args)
     monkeypatch.undo()
+    monkeypatch.setattr(ref, "CPU_SHORTCUTS", False)
     assert req.tolist()[:2] == [0, 1] and pos.tolist()[:2] == [0, 0]   # both requests complete entry 0
 
 
@@ -301,4 +304,44 @@ def test_reads_from_block_zero_and_short_rope_tables_are_refused() -> None:
     args = _valid_args()
     args[5] = _freqs(0)
     with pytest.raises(RangeError, match="freqs_cis must cover position 0"):
+        v4hal.compressor_ragged(*args)
+
+
+def test_cpu_shortcuts_change_no_bit(monkeypatch) -> None:
+    """Reusing a step's plan across compressors (same batch tensors, one mutated in place between calls) and
+    skipping the pooling of calls that complete nothing give the outputs and state of the plain path."""
+    w4, w4b = _weights(4, 32, seed=11), _weights(4, 16, seed=12)
+    g = torch.Generator().manual_seed(13)
+    runs = []
+    for shortcuts in (False, True):
+        monkeypatch.setattr(ref, "CPU_SHORTCUTS", shortcuts)
+        states = [torch.zeros(10, 4, 2 * w.cd) for w in (w4, w4b)]
+        table = torch.arange(1, 9, dtype=torch.int32).view(2, 4)
+        outs = []
+        for start, n in ((0, 5), (5, 1), (6, 1), (7, 2)):
+            x = (torch.randn(2 * n, H, generator=g.manual_seed(start)) * 2).to(torch.bfloat16)
+            cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+            sp = torch.tensor([start, start], dtype=torch.int32)
+            for w, st in zip((w4, w4b), states):                       # two compressors, one batch
+                outs.append(ref.compressor_ragged(x, w.wkv, w.wgate, w.ape, w.norm, _freqs(16), st, table, cu, sp,
+                                                  4, EPS))
+            sp.add_(0)                                                   # same values, same tensors
+        table[1, 2] = 9                                                  # in place: the plan must not be reused
+        outs.append(ref.compressor_ragged(x, w4.wkv, w4.wgate, w4.ape, w4.norm, _freqs(16), states[0], table, cu,
+                                          sp, 4, EPS))
+        runs.append((outs, states))
+    (a, sa), (b, sb) = runs
+    for x, y in zip(a, b):
+        assert all(torch.equal(_bits(p), _bits(q)) for p, q in zip(x, y))
+    assert all(torch.equal(p, q) for p, q in zip(sa, sb))
+    assert sb[0][9].any()                                                # the last call wrote block 9
+
+
+def test_value_checks_see_a_table_changed_in_place() -> None:
+    """The op checks a step's batch tensors once per ratio and reuses the verdict for the same tensors with the
+    same values only: a table changed in place after a passing call is checked again."""
+    args = _valid_args()
+    v4hal.compressor_ragged(*args)
+    args[7][1, 0] = 7                                                   # past the state cache's 5 blocks
+    with pytest.raises(RangeError, match=r"state_block_table ids must be in \[0, 5\)"):
         v4hal.compressor_ragged(*args)
