@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from v4hal.ops.paged import new_paged_cache
+from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from .batch import (
     FIRST_BLOCK,
@@ -32,8 +32,32 @@ from .batch import (
     pages_needed,
 )
 from .config import ModelConfig
+from .layers import act_scale_format
 
-__all__ = ["LayerCaches", "CacheSpec", "CacheSource", "PrivatePool", "layer_specs"]
+__all__ = ["LayerCaches", "CacheSpec", "CacheSource", "PrivatePool", "layer_specs", "cache_layouts", "kv_scale_fmt",
+           "private_layouts"]
+
+
+def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
+    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the quantized
+    ones (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
+    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16 paged
+    caches (A2/A3). ``model1_fp8`` only when the model rounds its KV with power-of-two scales
+    (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
+    attention caches: every default stores exactly what the model computed (`layout_problem`)."""
+    kind = torch.device("cpu" if device is None else device).type
+    if kind == "npu":
+        return "bf16", "bf16"
+    attn = "model1_fp8" if cfg is None or kv_scale_fmt(cfg) == "ue8m0" else "bf16"
+    return attn, "indexer_fp4"
+
+
+def kv_scale_fmt(cfg: ModelConfig) -> str | None:
+    """The scale format of the model's FP8 KV round trip (blocks of 64 of the no-rope dims): ``"ue8m0"``
+    (power-of-two scales) or None (``amax / 448`` fp32 scales), as `v4hal.model.layers.act_scale_format`
+    derives it from ``scale_fmt`` and ``scale_dtype``."""
+    return act_scale_format(cfg)[0]
+
 
 
 @dataclass
@@ -105,6 +129,21 @@ class CacheSource(Protocol):
     def end_step(self, writes: list) -> None: ...
 
 
+def private_layouts(cfg: ModelConfig, device: torch.device) -> tuple[str, str]:
+    """The (attention, indexer) layouts of a `PrivatePool` by default: ``bf16`` on the CPU (the reference reads
+    it without decoding; it stores the model's values exactly), elsewhere `cache_layouts` of the device (what
+    serving and its kernels use), each replaced by ``bf16`` where it cannot hold ``cfg``'s entries
+    (``model1_fp8`` keeps 64 bf16 rope dims; a layout's entry widths)."""
+    if device.type == "cpu":
+        return "bf16", "bf16"
+    attn, index = cache_layouts(device, cfg)
+    if attn == "model1_fp8" and cfg.rope_head_dim != 64 or PAGED_LAYOUTS[attn].dim_problem(cfg.head_dim):
+        attn = "bf16"
+    if PAGED_LAYOUTS[index].dim_problem(cfg.index_head_dim):
+        index = "bf16"
+    return attn, index
+
+
 class PrivatePool:
     """The caches of the ``B`` sequences `V4Model.forward` computes: every layer's paged caches, sequence ``b``
     holding blocks ``first + b * pages[kind] .. first + (b + 1) * pages[kind] - 1`` of each kind in page order
@@ -117,12 +156,13 @@ class PrivatePool:
     """
 
     def __init__(self, cfg: ModelConfig, device: torch.device, block_size: int = 64,
-                 attn_layout: str = "bf16", indexer_layout: str = "bf16") -> None:
+                 layouts: tuple[str, str] | None = None) -> None:
         self.cfg, self.device = cfg, torch.device(device)
-        self.block_size, self.attn_layout, self.indexer_layout = block_size, attn_layout, indexer_layout
+        self.block_size = block_size
+        self.attn_layout, self.indexer_layout = layouts or private_layouts(cfg, self.device)
         self.kinds = kinds_of(cfg)
         self.block_sizes = block_sizes_of(self.kinds, block_size, STATE_BLOCK_SIZE)
-        self.specs = layer_specs(cfg, attn_layout, indexer_layout)
+        self.specs = layer_specs(cfg, self.attn_layout, self.indexer_layout)
         self.layers: list[LayerCaches] = [LayerCaches(r) for r in cfg.compress_ratios]
         self.bsz = 0                # sequences the tensors hold
         self.running = 0            # sequences the model runs (set by the model at each start)

@@ -168,6 +168,9 @@ class V4Model(nn.Module):
         self._next_pos: int | None = None
         self._mtp_next_pos: list[int | None] = [None] * cfg.n_mtp_layers
         self._pool: PrivatePool | None = None       # the caches of `forward`'s sequences
+        #: (attention, indexer) page layouts of `forward`'s private pool; None: `private_layouts` of the device
+        #: (takes effect when sequences next start)
+        self.private_layouts: tuple[str, str] | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -288,8 +291,8 @@ class V4Model(nn.Module):
                                  f"position {expected}, got {start_pos}")
             if bsz != pool.running:
                 raise ShapeError(f"V4Model.{op}: input_ids must hold the {pool.running} running sequences, got {bsz}")
-        if pool is None:
-            pool = self._pool = PrivatePool(self.config, self.device)
+        if pool is None or fresh and self.private_layouts not in (None, (pool.attn_layout, pool.indexer_layout)):
+            pool = self._pool = PrivatePool(self.config, self.device, layouts=self.private_layouts)
         pool.ensure(bsz, start_pos + seqlen, keep=not fresh)
         if fresh:
             pool.running = bsz

@@ -41,9 +41,8 @@ from v4hal.model.batch import (
     pages_needed,
     written_pages,
 )
-from v4hal.model.caches import CacheSpec, LayerCaches, layer_specs
+from v4hal.model.caches import CacheSpec, LayerCaches, cache_layouts, kv_scale_fmt, layer_specs
 from v4hal.model.config import ModelConfig
-from v4hal.model.layers import act_scale_format
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from .fill import PageFill
@@ -56,27 +55,6 @@ __all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "PoolCheckpo
 
 #: rope dims the ``model1_fp8`` layout keeps in bf16
 MODEL1_ROPE = 64
-
-
-def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
-    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the quantized
-    ones (``model1_fp8``, ``indexer_fp4``: what FlashMLA and DeepGEMM read, and what the Triton kernels decode)
-    on CUDA and the CPU; ``bf16`` for both on Ascend NPUs, whose CANN attention and indexer take bf16 paged
-    caches (A2/A3). ``model1_fp8`` only when the model rounds its KV with power-of-two scales
-    (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
-    attention caches: every default stores exactly what the model computed (`layout_problem`)."""
-    kind = torch.device("cpu" if device is None else device).type
-    if kind == "npu":
-        return "bf16", "bf16"
-    attn = "model1_fp8" if cfg is None or kv_scale_fmt(cfg) == "ue8m0" else "bf16"
-    return attn, "indexer_fp4"
-
-
-def kv_scale_fmt(cfg: ModelConfig) -> str | None:
-    """The scale format of the model's FP8 KV round trip (blocks of 64 of the no-rope dims): ``"ue8m0"``
-    (power-of-two scales) or None (``amax / 448`` fp32 scales), as `v4hal.model.layers.act_scale_format`
-    derives it from ``scale_fmt`` and ``scale_dtype``."""
-    return act_scale_format(cfg)[0]
 
 
 def layout_problem(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> str | None:
