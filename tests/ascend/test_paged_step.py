@@ -19,7 +19,6 @@ from tests.numerics import calc_diff
 from v4hal.backends.ascend import limits, register
 from v4hal.hal import registry
 from v4hal.model import ModelConfig, V4Model, write_random_checkpoint
-from v4hal.model.paged_step import prepare_ragged_weights
 from v4hal.serve import CachePool
 from v4hal.serve.engine import Engine
 
@@ -72,7 +71,8 @@ def round_compressors_to_bf16(model: V4Model) -> None:
     for comp in compressors(model):
         for w in (comp.wkv.weight, comp.wgate.weight, comp.norm.weight):
             w.copy_(w.to(torch.bfloat16).float())
-    prepare_ragged_weights(model.layers[0].attn)
+    for comp in compressors(model):
+        comp.prepare()
 
 
 @pytest.fixture(scope="module")

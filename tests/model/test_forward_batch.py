@@ -1,8 +1,9 @@
-"""`V4Model.forward_batch` on paged caches equals the contiguous path request by request.
+"""`V4Model.forward_batch` on a serving pool equals each request run alone, bit for bit.
 
 Requests of mixed prompt lengths run through the continuous-batching `Engine` (prefill chunks and decode
-tokens mixed in one step, requests arriving later); every logits row each request gets must match that
-request run alone through ``forward`` (prefill from 0, then one-token decode steps), with the same tokens.
+tokens mixed in one step, requests arriving later, prefixes reused, quantized pages of 16); every logits row
+each request gets must equal, bit for bit, that request run alone through ``forward`` (the model's private
+pool: bf16 pages of 64, the whole prompt in one call, then one-token calls), with the same tokens.
 """
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from v4hal.compare import calc_diff
 from v4hal.model import V4Model
 from v4hal.serve import CachePool
 from v4hal.serve.engine import Engine
 
-MAX_DIFF = 1e-6
 REUSE = True
 
 
@@ -26,8 +25,8 @@ def _prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
 
 
 def _alone(model: V4Model, prompt: list[int], new: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
-    """Greedy tokens, the logits each was chosen from and the MTP logits after each, for one request through
-    the contiguous path (prefill from 0, then one-token steps)."""
+    """Greedy tokens, the logits each was chosen from and the MTP logits after each, for one request alone
+    through ``forward`` (the whole prompt, then one-token calls)."""
     res = model.forward_full(torch.tensor([prompt]), 0)
     toks, rows, drafts = [], [], []
     for k in range(new):
@@ -78,8 +77,8 @@ def test_continuous_batch_equals_each_request_alone(model_fp8: V4Model, chunk: i
         r = got[i]
         assert len(r.logits) == new and len(r.draft_logits) == new
         for k in range(new):
-            assert calc_diff(r.logits[k], want[k]) <= MAX_DIFF, (i, k)
-            assert calc_diff(r.draft_logits[k], drafts[k]) <= MAX_DIFF, (i, k)
+            assert torch.equal(r.logits[k], want[k]), (i, k)
+            assert torch.equal(r.draft_logits[k], drafts[k]), (i, k)
 
 
 def test_one_token_chunks_and_bf16_weights(mini_bf16: Path) -> None:
@@ -92,8 +91,8 @@ def test_one_token_chunks_and_bf16_weights(mini_bf16: Path) -> None:
     got = _batched(model, prompts, new, 1, [a[0] for a in alone], arrive=[0, 2])
     for i, (_, want, drafts) in enumerate(alone):
         for k in range(new):
-            assert calc_diff(got[i].logits[k], want[k]) <= MAX_DIFF, (i, k)
-            assert calc_diff(got[i].draft_logits[k], drafts[k]) <= MAX_DIFF, (i, k)
+            assert torch.equal(got[i].logits[k], want[k]), (i, k)
+            assert torch.equal(got[i].draft_logits[k], drafts[k]), (i, k)
 
 
 def test_quantized_cache_bytes_change_nothing(model_fp8: V4Model) -> None:
@@ -130,7 +129,7 @@ def test_prefix_reuse_computes_only_the_suffix(model_fp8: V4Model) -> None:
     alone.run()
     assert engine.finished["b"].output == alone.finished["b"].output
     for x, y in zip(engine.finished["b"].logits, alone.finished["b"].logits):
-        assert calc_diff(x, y) <= MAX_DIFF
+        assert torch.equal(x, y)
 
 
 def _poison_free_pages(pool: CachePool) -> int:
@@ -213,4 +212,4 @@ def test_two_requests_reuse_one_prefix_in_the_same_step(model_fp8: V4Model) -> N
     assert engine.finished["b"].prefix_len == engine.finished["c"].prefix_len == 64
     for rid, prompt in (("b", shared + [4, 5, 8, 9, 10]), ("c", shared + [6, 7, 11, 12, 13])):
         want = model_fp8.forward(torch.tensor([prompt]), 0)[0]
-        assert calc_diff(engine.finished[rid].logits[0], want) <= MAX_DIFF
+        assert torch.equal(engine.finished[rid].logits[0], want)

@@ -56,9 +56,15 @@ def _capture(model: V4Model) -> dict:
     return cap
 
 
-def _picks(cap: dict, i: int, seqlen: int) -> list[list[set[int]]]:
-    out = cap[("indexer", i)][1]
-    return [[set((row[row >= 0] - seqlen).tolist()) for row in out[b]] for b in range(out.shape[0])]
+def _picks(cap: dict, i: int, bsz: int) -> list[list[set[int]]]:
+    """The indexer's picks ``[T, 1, topk]`` (entry indices of the step's ``T = bsz * s`` tokens) per row and token."""
+    out = cap[("indexer", i)][1].view(bsz, -1, cap[("indexer", i)][1].shape[-1])
+    return [[set(row[row >= 0].tolist()) for row in out[b]] for b in range(bsz)]
+
+
+def _seq(t: torch.Tensor, bsz: int) -> torch.Tensor:
+    """A step's ``[1, T, ...]`` tensor as ``bsz`` sequences ``[bsz, T / bsz, ...]``."""
+    return t.reshape(bsz, -1, *t.shape[2:])
 
 
 def _check_model(path, kind: str, bsz: int, seqlen: int, seed: int) -> None:
@@ -73,6 +79,9 @@ def _check_model(path, kind: str, bsz: int, seqlen: int, seed: int) -> None:
     mtp_logits = model.mtp_forward(res.final, nxt, 0)
 
     emb = ref.embed(ids)
+    for key, (args, out) in list(cap.items()):        # the step's tokens [1, T, ...] as [bsz, seqlen, ...]
+        cap[key] = ([_seq(a, bsz) if isinstance(a, torch.Tensor) and a.dim() > 2 else a for a in args],
+                    _seq(out, bsz) if key[0] != "indexer" else out)
     torch.testing.assert_close(cap[("block", 0)][0][0].to(F64), emb, rtol=0, atol=0)
     for i in range(cfg.n_layers + cfg.n_mtp_layers):
         prefix = f"layers.{i}" if i < cfg.n_layers else f"mtp.{i - cfg.n_layers}"
@@ -88,7 +97,7 @@ def _check_model(path, kind: str, bsz: int, seqlen: int, seed: int) -> None:
         if cfg.compress_ratios[i] == 4:
             x = attn_in.to(F64)
             qr = ref.rms(ref.lin(x, f"{prefix}.attn.wq_a"), f"{prefix}.attn.q_norm.weight")
-            picks = _picks(cap, i, seqlen)
+            picks = _picks(cap, i, bsz)
             problems = ref.valid_picks(ref.indexer_scores(x, qr, f"{prefix}.attn.indexer"), picks)
             assert not problems, f"{where} indexer: {problems[:3]}"
         want_attn = ref.attention(attn_in.to(F64), i, f"{prefix}.attn", picks)
@@ -133,7 +142,7 @@ def test_reference_is_sensitive(mini_bf16) -> None:
     cap = _capture(model)
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(5))
     model.forward_full(ids, 0)
-    (x,), out = cap[("attn", 0)][0][:1], cap[("attn", 0)][1]
+    (x,), out = cap[("attn", 0)][0][:1], cap[("attn", 0)][1]        # one sequence: [1, T, ...] is [b, s, ...]
     ref.c = dict(ref.c, window_size=ref.c["window_size"] - 1)
     with pytest.raises(AssertionError):
         _check("attention with a shorter window", out, ref.attention(x.to(F64), 0, "layers.0.attn"), TOL["bf16"])

@@ -159,6 +159,24 @@ def test_paged_slots():
         v4hal.paged_slots(pos, bt[:1], BS)
 
 
+def test_paged_slots_with_req_index_reads_each_rows_request_in_place():
+    """Rows of a step reading their request's table row through ``req_index`` get the slots of a table copied
+    per row; bad indices name ``req_index``."""
+    bt = torch.tensor([[7, 2, -1], [0, 5, 9]], dtype=torch.int32)
+    req = torch.tensor([1, 1, 0, 1, 0], dtype=torch.int32)
+    pos = torch.tensor([[0, 11], [5, -1], [4, 3], [8, 9], [-1, 7]], dtype=torch.int32)
+    for idx in (req, req.long()):
+        got = v4hal.paged_slots(pos, bt, BS, req_index=idx)
+        assert got.dtype == torch.int32 and torch.equal(got, v4hal.paged_slots(pos, bt[req.long()], BS))
+    assert got.tolist() == [[0, 39], [21, -1], [8, 31], [36, 37], [-1, 11]]
+    with pytest.raises(ShapeError, match=r"req_index must be \[n\] = \[5\]"):
+        v4hal.paged_slots(pos, bt, BS, req_index=req[:4])
+    with pytest.raises(RangeError, match=r"req_index values must lie in \[0, block_table rows = 2\)"):
+        v4hal.paged_slots(pos, bt, BS, req_index=req + 1)
+    with pytest.raises(RangeError, match="block_table holds no block"):
+        v4hal.paged_slots(torch.tensor([[9]]), bt, BS, req_index=torch.tensor([0]))
+
+
 def test_bad_inputs_name_the_argument():
     g = gen(5)
     cache = paged("indexer_fp4", 4, g)

@@ -110,11 +110,15 @@ register_case(OpCase("indexer_topk_paged", _topk, dict(_PARAMS), tiny=[dict(s) f
 
 # ---------------------------------------------------------------- paged_slots
 def _slots(g: Gen, s: Shape) -> list:
-    b, k, mb, bs = s["b"], s["k"], s["mb"], s["block_size"]
-    table = g.distinct(1, b * mb + 3, b * mb).view(b, mb).contiguous()
+    """``reqs > 0``: a step's ``b`` rows reading ``reqs`` requests' table rows through ``req_index``."""
+    b, k, mb, bs, reqs = s["b"], s["k"], s["mb"], s["block_size"], s.get("reqs", 0)
+    rows = reqs or b
+    table = g.distinct(1, rows * mb + 3, rows * mb).view(rows, mb).contiguous()
     positions = g.randint(mb * bs, (b, k), dtype=torch.int32)
     positions = torch.where(g.rand(b, k) < 0.2, torch.full_like(positions, -1), positions)
-    return [positions, table, bs]
+    if not reqs:
+        return [positions, table, bs]
+    return [positions, table, bs, g.randint(reqs, (b,), dtype=torch.int32)]
 
 
 def _slots_shapes(c, mode: str) -> list[tuple[str, Shape]]:
@@ -126,6 +130,10 @@ def _slots_shapes(c, mode: str) -> list[tuple[str, Shape]]:
     return [("picks", {"b": DECODE_SEQS, "k": c.index_topk, "mb": DECODE_CONTEXT // 4 // PAGE, "block_size": PAGE})]
 
 
-register_case(OpCase("paged_slots", _slots, {"b": REQUIRED, "k": REQUIRED, "mb": REQUIRED, "block_size": REQUIRED},
-                     tiny=[{"b": 3, "k": 5, "mb": 3, "block_size": 4}], shapes=_slots_shapes,
-                     bytes=lambda s: s["b"] * s["k"] * 12 + s["b"] * s["mb"] * 4, bound="memory"))
+register_case(OpCase("paged_slots", _slots, {"b": REQUIRED, "k": REQUIRED, "mb": REQUIRED, "block_size": REQUIRED,
+                                             "reqs": 0},
+                     tiny=[{"b": 3, "k": 5, "mb": 3, "block_size": 4}, {"b": 7, "k": 5, "mb": 3, "block_size": 4,
+                                                                        "reqs": 2}],
+                     shapes=_slots_shapes,
+                     bytes=lambda s: s["b"] * s["k"] * 12 + (s.get("reqs", 0) or s["b"]) * s["mb"] * 4,
+                     bound="memory"))

@@ -52,7 +52,7 @@ class Platform:
     ``name``: the torch device type. ``timer``: the name of the timer `v4hal.bench.timing` uses (device
     events or ``perf_counter``). ``dist_backend``: the torch.distributed backend that exchanges tensors of
     this device. ``cache_layouts``: the (attention, indexer) paged cache layouts its kernels read, before
-    the model's own constraints (`v4hal.serve.cache_layouts` keeps those). ``pool_memory_share``: the share
+    the model's own constraints (`v4hal.model.caches.cache_layouts` keeps those). ``pool_memory_share``: the share
     of the free memory (`free_memory`) a cache pool takes by default. ``bench``: `BenchSizes`.
     """
 

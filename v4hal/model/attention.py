@@ -1,36 +1,37 @@
-"""V4 attention: sliding window + compressed KV (CSA ratio 4 with the lightning indexer, HCA ratio 128).
+"""V4 attention: sliding window + compressed KV (CSA ratio 4 with the lightning indexer, HCA ratio 128),
+over paged caches, one `Step` at a time.
 
-Computation of the public ``inference/model.py`` (``Compressor``, ``Indexer``, ``Attention``),
-written on v4hal ops:
+Computation of the public ``inference/model.py`` (``Compressor``, ``Indexer``, ``Attention``), written on
+v4hal ops for the ``T`` tokens of a step (requests at their own positions, see `v4hal.model.step`):
 
-* projections: `Linear` (``act_quant`` + ``fp8_gemm`` or ``grouped_gemm``); norms ``rms_norm``;
-  rotary ``rotary_emb`` on the last ``rope_head_dim`` dims (and its inverse on the output);
-* the KV round trips of the quantization-aware training: ``act_quant(..., 64, inplace=True)``
-  on the no-rope dims of every KV row, ``hadamard_transform`` + ``fp4_act_quant(inplace=True)``
-  on indexer queries and keys;
-* pooling of ``ratio`` tokens into one entry: ``compress_kv``; indexer: ``indexer_topk``;
-  attention: ``sparse_attn`` over the window rows plus the compressed rows;
-* grouped low-rank output projection: ``grouped_gemm`` (one group per ``o_groups``), then ``wo_b``.
+1. projections: `Linear` (``act_quant`` + ``fp8_gemm`` or ``grouped_gemm``); norms ``rms_norm``; rotary
+   ``rotary_emb`` on the last ``rope_head_dim`` dims at each token's own position; the KV gets V4's FP8
+   round trip (``act_quant(..., 64, inplace=True)`` on the no-rope dims) and is written to the window cache
+   at the token's slot (``paged_cache_write``);
+2. the compressor (``compressor_ragged``: projections, state kept per token position in the pool's
+   ``"state4"`` / ``"state128"`` pages, pooling, norm, rope) emits the entries this step completes; they get
+   V4's round trip (FP8, or ``hadamard_transform`` + ``fp4_act_quant`` for indexer keys) and are written to
+   the compressed / indexer caches;
+3. picks per token: for ratio 4 the indexer's top-k (``indexer_topk_paged`` over the FP4 keys of the
+   entries visible at that position, bf16 head weights as V4 computes them), for ratio 128 every visible
+   entry, as entry indices;
+4. ``sparse_attn_paged`` over the window cache plus the compressed cache (one softmax with the sink), in the
+   op's position form: the window as a band (each token's position, its request's pages, ``window``) and
+   the compressed picks as entry indices into the request's pages; then the inverse rope on the output, the
+   grouped low-rank output projection (``grouped_gemm``, one group per ``o_groups``) and ``wo_b``.
 
-Projections that read the same input run as one GEMM (`FusedLinear`, built by `Attention.prepare`
-after loading): ``wq_a | wkv`` on x, ``wq_b | indexer.wq_b`` on the q latent, and every
-compressor projection of x with the indexer's ``weights_proj`` (fp32). Rope of q and kv is one
+Writes happen before reads within a layer, so a token sees the window rows and entries that earlier tokens
+of its own chunk produced, and never a later one (visibility is by position). Because V4 rounds the KV to
+FP8 (64-blocks) and the indexer keys to FP4 before storing them, a ``model1_fp8`` (ue8m0 models) /
+``indexer_fp4`` cache stores exactly the values a ``bf16`` cache would.
+
+Projections that read the same input run as one GEMM (`FusedLinear`, built by `Attention.prepare` after
+loading): ``wq_a | wkv`` on x, ``wq_b | indexer.wq_b`` on the q latent. Rope of q and kv is one
 ``rotary_emb`` call (kv rides along as one more head).
 
-Plain torch is glue only: slicing, ``cat``/``split``, the int32 index tables of the window and
-of the compressed entries, writing cache rows, ``x.float()`` before the fp32 compressor GEMM,
-and the scalar ``* index_head_dim**-0.5 * index_n_heads**-0.5`` of the indexer head weights.
-
-Caches (allocated by ``reset(batch)`` at every prefill, ``start_pos == 0``):
-
-* ``kv_cache [b, window + max_seq_len // ratio, head_dim]``: a ring of the last ``window``
-  KV rows (row ``pos % window``) followed by the compressed entries;
-* each `Compressor` keeps the raw projections of the unfinished block (``cur``) and, for the
-  overlapping ratio-4 pooling, of the previous block (``prev``), and emits one entry every
-  ``ratio`` tokens in decode;
-* the `Indexer` has its own compressed cache of indexer keys.
-
-Prefill (``start_pos == 0``) takes any number of tokens; decode takes one token per call.
+Plain torch is glue only: slicing, ``cat``/``split``, gathering each token's rope row, ``x.float()`` before
+the fp32 indexer head-weight GEMM, and the scalar ``* index_head_dim**-0.5 * index_n_heads**-0.5`` of the
+indexer head weights.
 """
 from __future__ import annotations
 
@@ -38,13 +39,14 @@ import torch
 from torch import nn
 
 import v4hal
-from v4hal.hal.errors import RangeError
 
+from .caches import LayerCaches
 from .config import ModelConfig
-from .layers import FusedLinear, Linear, RMSNorm, act_scale_format
+from .layers import FusedLinear, Linear, RMSNorm, act_scale_format, float_gemm
 from .spec import linear_kind
+from .step import Step
 
-__all__ = ["Compressor", "Indexer", "Attention", "window_topk_idxs", "compressed_topk_idxs", "check_positions"]
+__all__ = ["Compressor", "Indexer", "Attention"]
 
 
 def _rope_tail(x: torch.Tensor, freqs: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
@@ -60,47 +62,13 @@ def _fp8_kv_roundtrip(x: torch.Tensor, rd: int, scale_fmt: str | None) -> torch.
     return torch.cat([nope, x[..., -rd:]], dim=-1)
 
 
-def window_topk_idxs(window: int, bsz: int, seqlen: int, start_pos: int, device: torch.device) -> torch.Tensor:
-    """int32 KV rows of the sliding window per query, -1 where empty.
-
-    Prefill: rows index the full prompt (query i sees ``max(0, i-window+1) .. i``),
-    ``[b, s, min(s, window)]``. Decode: rows index the ring buffer, ``[b, 1, window]``.
-    """
-    if start_pos == 0:
-        width = min(seqlen, window)
-        q = torch.arange(seqlen, device=device).unsqueeze(1)
-        rows = (q - window + 1).clamp_min(0) + torch.arange(width, device=device)
-        rows = torch.where(rows > q, torch.full_like(rows, -1), rows)
-    else:
-        filled = min(start_pos + 1, window)      # ring rows written so far
-        rows = torch.arange(window, device=device)
-        rows = torch.where(rows < filled, rows, torch.full_like(rows, -1)).unsqueeze(0)
-    return rows.to(torch.int32).unsqueeze(0).expand(bsz, -1, -1)
-
-
-def compressed_topk_idxs(ratio: int, bsz: int, seqlen: int, start_pos: int, offset: int,
-                         device: torch.device) -> torch.Tensor:
-    """int32 rows of every compressed entry a query may see (ratio-128 layers), -1 when its block is unfinished.
-
-    Prefill: ``[b, s, s // ratio]``, entry j visible to query i when ``j < (i + 1) // ratio``.
-    Decode: ``[b, 1, (start_pos + 1) // ratio]``, all visible. Visible rows are ``j + offset``.
-    """
-    if start_pos == 0:
-        j = torch.arange(seqlen // ratio, device=device).unsqueeze(0)
-        limit = (torch.arange(seqlen, device=device) + 1).unsqueeze(1) // ratio
-        rows = torch.where(j < limit, j + offset, torch.full_like(j, -1))
-    else:
-        rows = (torch.arange((start_pos + 1) // ratio, device=device) + offset).unsqueeze(0)
-    return rows.to(torch.int32).unsqueeze(0).expand(bsz, -1, -1)
-
-
 class Compressor(nn.Module):
-    """Gated pooling of ``ratio`` tokens into one KV entry, written into a cache.
+    """Gated pooling of ``ratio`` tokens into one KV entry (``compressor_ragged``).
 
     ``ratio == 4`` pools overlapping windows (``coff = 2``: each token projects ``2*head_dim``
     channels, the first half feeding the next entry). After pooling: RMSNorm, rope on the last
-    ``rope_head_dim`` dims at the block's first position, then an FP8 round trip of the no-rope
-    dims (attention KV) or a Hadamard rotation + FP4 round trip (``rotate``, indexer keys).
+    ``rope_head_dim`` dims at the block's first position (inside the op), then an FP8 round trip of the
+    no-rope dims (attention KV) or a Hadamard rotation + FP4 round trip (``rotate``, indexer keys).
     """
 
     def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, rotate: bool) -> None:
@@ -114,82 +82,52 @@ class Compressor(nn.Module):
         self.wgate = Linear(cfg.dim, self.coff * head_dim, "f32", cfg)
         self.register_buffer("ape", torch.empty(ratio, self.coff * head_dim, device=torch.device("meta")))
         self.norm = RMSNorm(head_dim, cfg.norm_eps)
-        self.cache: torch.Tensor | None = None       # a view into the owner's cache, set by the owner
-        self.cur_kv = self.cur_score = self.prev_kv = self.prev_score = None
-        self.has_prev = False
+        #: (wkv, wgate, norm weight) in bf16 when all three hold bf16 values, set by `prepare`
+        self.ragged_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def reset(self, bsz: int, cache: torch.Tensor) -> None:
-        """Start a new sequence batch: ``cache [b, n_entries, head_dim]`` receives the entries."""
-        shape = (bsz, self.ratio, self.coff * self.head_dim)
-        dev = cache.device
-        self.cache = cache
-        self.cur_kv = torch.zeros(shape, device=dev)
-        self.cur_score = torch.zeros(shape, device=dev)
-        self.prev_kv = torch.zeros(shape, device=dev) if self.overlap else None
-        self.prev_score = torch.zeros(shape, device=dev) if self.overlap else None
-        self.has_prev = False
+    def prepare(self) -> None:
+        """After loading: bf16 copies of ``wkv``, ``wgate`` and the norm weight when every value of the three is
+        a bf16 value (V4's checkpoints store them so). ``compressor_ragged`` computes in fp32 from either, so
+        the results are the same bits; the CANN compressor multiplies in x's dtype and takes only these."""
+        low = [_bf16_if_exact(w) for w in (self.wkv.weight, self.wgate.weight, self.norm.weight)]
+        self.ragged_weights = tuple(low) if all(w is not None for w in low) else None
 
-    def _finish(self, pooled: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        kv = self.norm(pooled.to(dtype))
-        kv = _rope_tail(kv, freqs, self.rd)
-        if self.rotate:
-            kv = v4hal.hadamard_transform(kv)
-            v4hal.fp4_act_quant(kv, 32, inplace=True)
-        else:
-            kv = _fp8_kv_roundtrip(kv, self.rd, self.scale_fmt)
-        return kv
-
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
-                proj: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """x ``[b, s, dim]`` (bf16) at positions ``start_pos ..``; ``freqs_cis`` the layer's full table;
-        ``proj``: the fp32 projections ``(x @ wkv^T, x @ wgate^T)`` when the caller computed them
-        (fused with other projections of x), else computed here.
-
-        Returns the new entries ``[b, n, head_dim]`` (x's dtype; also written to the cache at
-        rows ``start_pos // ratio ..``), or None when no block completed.
-        """
-        bsz, seqlen, _ = x.shape
-        ratio, dtype = self.ratio, x.dtype
-        if proj is None:
-            xf = x.float()
-            proj = (self.wkv(xf), self.wgate(xf))            # fp32 [b, s, coff*d] each
-        kv, score = proj
-        if start_pos == 0:
-            cutoff = seqlen - seqlen % ratio
-            rem = seqlen - cutoff
-            if rem:
-                self.cur_kv[:bsz, :rem] = kv[:, cutoff:]
-                self.cur_score[:bsz, :rem] = score[:, cutoff:]
-            if self.overlap and cutoff >= ratio:
-                self.prev_kv[:bsz] = kv[:, cutoff - ratio:cutoff]
-                self.prev_score[:bsz] = score[:, cutoff - ratio:cutoff]
-                self.has_prev = True
-            if cutoff == 0:
-                return None
-            pooled = v4hal.compress_kv(kv[:, :cutoff].contiguous(), score[:, :cutoff].contiguous(),
-                                       self.ape, ratio, self.overlap)          # fp32 [b, n, d]
-            out = self._finish(pooled, freqs_cis[0:cutoff:ratio], dtype)
-            self.cache[:bsz, :cutoff // ratio] = out
-            return out
-        j = start_pos % ratio
-        self.cur_kv[:bsz, j] = kv[:, 0]
-        self.cur_score[:bsz, j] = score[:, 0]
-        if (start_pos + 1) % ratio:
+    def forward(self, x: torch.Tensor, step: Step, state: torch.Tensor, eps: float, freqs_cis: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The entries the step's tokens ``x [T, dim]`` (bf16) complete: ``[N, head_dim]`` bf16 (normed, roped,
+        V4's round trip applied), with their request rows and entry indices int32 ``[N]`` (-1 for unused
+        rows), or None when the step completes none (the state is updated either way). ``state``: this
+        compressor's fp32 state cache; ``freqs_cis`` the layer's full rope table."""
+        b = step.batch
+        wkv, wgate, norm = self.ragged_weights or (self.wkv.weight, self.wgate.weight, self.norm.weight)
+        entries, req, epos = v4hal.compressor_ragged(
+            x, wkv, wgate, self.ape, norm, freqs_cis, state,
+            step.state_tables[self.ratio], b.cu_seqlens, b.start_pos, self.ratio, eps)
+        if not step.completed[self.ratio]:
             return None
-        if self.overlap and self.has_prev:
-            both_kv = torch.cat([self.prev_kv[:bsz], self.cur_kv[:bsz]], dim=1)
-            both_score = torch.cat([self.prev_score[:bsz], self.cur_score[:bsz]], dim=1)
-            pooled = v4hal.compress_kv(both_kv, both_score, self.ape, ratio, True)[:, 1:]
+        if self.rotate:
+            entries = v4hal.hadamard_transform(entries)
+            v4hal.fp4_act_quant(entries, 32, inplace=True)
         else:
-            pooled = v4hal.compress_kv(self.cur_kv[:bsz], self.cur_score[:bsz], self.ape, ratio, self.overlap)
-        if self.overlap:
-            self.prev_kv[:bsz] = self.cur_kv[:bsz]
-            self.prev_score[:bsz] = self.cur_score[:bsz]
-            self.has_prev = True
-        first = start_pos + 1 - ratio
-        out = self._finish(pooled, freqs_cis[first:first + 1], dtype)
-        self.cache[:bsz, start_pos // ratio] = out[:, 0]
-        return out
+            entries = _fp8_kv_roundtrip(entries, self.rd, self.scale_fmt)
+        return entries, req, epos
+
+
+def _bf16_if_exact(w: torch.Tensor) -> torch.Tensor | None:
+    """``w`` in bf16 when every value is a bf16 value (the conversion is then exact), else None."""
+    low = w.to(torch.bfloat16)
+    return low if torch.equal(low.float(), w.float()) else None
+
+
+def _write_entries(cache: torch.Tensor, layout: str, done: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                   table: torch.Tensor, block_size: int) -> None:
+    """Write what a `Compressor` returned (``done``: compressed ``entries [N, D]`` of batch rows ``req`` at entry
+    indices ``epos``, -1 for unused rows; None: nothing)."""
+    if done is None:
+        return
+    entries, req, epos = done
+    slots = v4hal.paged_slots(epos.unsqueeze(1), table, block_size, req_index=req.clamp_min(0)).squeeze(1)
+    v4hal.paged_cache_write(cache, entries.contiguous(), slots, layout)
 
 
 class Indexer(nn.Module):
@@ -199,16 +137,17 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
         self.rd, self.topk, self.ratio = cfg.rope_head_dim, cfg.index_topk, 4
-        self.max_entries = cfg.max_seq_len // self.ratio
         self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, linear_kind(cfg), cfg)
         self.weights_proj = Linear(cfg.dim, self.n_heads, "bf16", cfg)
         self.compressor = Compressor(cfg, self.ratio, self.head_dim, rotate=True)
-        self.kv_cache: torch.Tensor | None = None
+        self.weights_f32: torch.Tensor | None = None      # weights_proj widened to fp32, by prepare()
 
-    def reset(self, bsz: int, device: torch.device) -> None:
-        self.kv_cache = torch.zeros(bsz, self.max_entries, self.head_dim, dtype=torch.bfloat16, device=device)
-        self.compressor.reset(bsz, self.kv_cache)
+    def prepare(self) -> None:
+        """After loading: the fp32 copy of ``weights_proj`` the head weights are computed with, and the
+        compressor's bf16 weights."""
+        self.weights_f32 = self.weights_proj.weight.float()
+        self.compressor.prepare()
 
     def queries(self, qr: torch.Tensor, freqs: torch.Tensor, q_proj: torch.Tensor | None = None) -> torch.Tensor:
         """Indexer queries ``[b, s, H, D]`` bf16 of the q latent ``qr [b, s, q_lora_rank]`` with rope rows
@@ -218,24 +157,27 @@ class Indexer(nn.Module):
         v4hal.fp4_act_quant(q, 32, inplace=True)
         return q
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, offset: int,
-                freqs_cis: torch.Tensor, proj: tuple[torch.Tensor, torch.Tensor] | None = None,
-                q_proj: torch.Tensor | None = None, w_proj: torch.Tensor | None = None) -> torch.Tensor:
-        """x ``[b, s, dim]``, qr ``[b, s, q_lora_rank]`` -> int32 ``[b, s, min(topk, entries)]`` KV rows (+offset).
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, q_proj: torch.Tensor | None, freqs: torch.Tensor, step: Step,
+                caches: LayerCaches, eps: float, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """The compressed entries each of the step's tokens attends to: x ``[1, T, dim]`` (bf16, normed), the q
+        latent ``qr [1, T, q_lora_rank]`` (``q_proj``: its fused ``wq_b`` projection, or None), each token's
+        rope rows ``freqs [T, rd/2]`` -> int32 ``[T, 1, topk]`` entry indices (-1 padded). Writes the indexer
+        keys the step completes into ``caches.indexer`` first."""
+        t = x.shape[1]
+        done = self.compressor(x[0], step, caches.index_state, eps, freqs_cis)
+        _write_entries(caches.indexer, step.indexer_layout, done, step.batch.block_tables["c4"], step.batch.block_size)
+        q = self.queries(qr, freqs, q_proj)
+        weights = self.head_weights(x)
+        return v4hal.indexer_topk_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.indexer,
+                                        weights.view(t, self.n_heads), step.c4_context, step.request_rows("c4"),
+                                        self.topk, layout=step.indexer_layout)
 
-        Precomputed projections (when the caller fused them with others of the same input):
-        ``proj`` of the indexer's compressor (see `Compressor.forward`), ``q_proj = wq_b(qr)``,
-        ``w_proj = weights_proj(x)``."""
-        bsz, seqlen, _ = x.shape
-        end_pos = start_pos + seqlen
-        q = self.queries(qr, freqs_cis[start_pos:end_pos], q_proj)
-        self.compressor(x, start_pos, freqs_cis, proj)
-        weights = (self.weights_proj(x) if w_proj is None else w_proj) * self.weight_scale
-        n = end_pos // self.ratio
-        if n == 0:
-            return torch.empty(bsz, seqlen, 0, dtype=torch.int32, device=x.device)
-        return v4hal.indexer_topk(q, self.kv_cache[:bsz, :n], weights, self.topk, start_pos=start_pos,
-                                  ratio=self.ratio, offset=offset)
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 ``[..., H]`` head weights of ``x [..., dim]`` (bf16): the fp32 GEMM of the widened bf16
+        ``weights_proj`` rounded to bf16 (a bf16 GEMM with fp32 accumulation), times the scale (in bf16, as V4
+        computes them; the dtype the CANN indexers take)."""
+        w = self.weights_f32 if self.weights_f32 is not None else self.weights_proj.weight.float()
+        return float_gemm(x.float(), w).to(torch.bfloat16) * self.weight_scale
 
 
 class Attention(nn.Module):
@@ -249,7 +191,6 @@ class Attention(nn.Module):
         self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
         self.window, self.eps = cfg.window_size, cfg.norm_eps
         self.ratio = cfg.compress_ratios[layer_id]
-        self.max_seq_len = cfg.max_seq_len
         self.softmax_scale = cfg.head_dim ** -0.5
         self.scale_fmt = act_scale_format(cfg)[0]
         self.register_buffer("attn_sink", torch.empty(cfg.n_heads, device=torch.device("meta")))
@@ -266,9 +207,7 @@ class Attention(nn.Module):
                                                       dtype=torch.complex64, device=torch.device("meta")),
                              persistent=False)
         self._ones: torch.Tensor | None = None
-        self.kv_cache: torch.Tensor | None = None
         self.qkv_a: FusedLinear | None = None         # wq_a | wkv, built by prepare()
-        self.comp_proj: FusedLinear | None = None     # compressor projections (+ indexer weights_proj) of x
         self.q_b: FusedLinear | None = None           # wq_b | indexer.wq_b (both read qr)
 
     def prepare(self) -> None:
@@ -277,29 +216,14 @@ class Attention(nn.Module):
         self.qkv_a = FusedLinear(parts) if FusedLinear.can_fuse(parts) else None
         if self.qkv_a is not None:
             self.qkv_a.fuse()
-        comp = []
         if self.compressor is not None:
-            comp += [self.compressor.wkv, self.compressor.wgate]
+            self.compressor.prepare()
         if self.indexer is not None:
-            comp += [self.indexer.compressor.wkv, self.indexer.compressor.wgate, self.indexer.weights_proj]
-        self.comp_proj = FusedLinear(comp) if comp and FusedLinear.can_fuse(comp) else None
-        if self.comp_proj is not None:
-            self.comp_proj.fuse()
-        if self.indexer is not None:
+            self.indexer.prepare()
             parts = [self.wq_b, self.indexer.wq_b]
             self.q_b = FusedLinear(parts) if FusedLinear.can_fuse(parts) else None
             if self.q_b is not None:
                 self.q_b.fuse()
-
-    def reset(self, bsz: int) -> None:
-        """Fresh caches for a batch of ``bsz`` sequences (called at every prefill)."""
-        dev = self.attn_sink.device
-        size = self.window + (self.max_seq_len // self.ratio if self.ratio else 0)
-        self.kv_cache = torch.zeros(bsz, size, self.head_dim, dtype=torch.bfloat16, device=dev)
-        if self.compressor is not None:
-            self.compressor.reset(bsz, self.kv_cache[:, self.window:])
-        if self.indexer is not None:
-            self.indexer.reset(bsz, dev)
 
     def _head_norm(self, q: torch.Tensor) -> torch.Tensor:
         if self._ones is None or self._ones.device != q.device:
@@ -340,56 +264,36 @@ class Attention(nn.Module):
         kv = _fp8_kv_roundtrip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1), rd, self.scale_fmt)
         return qr, iq, q, kv
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """x ``[b, s, dim]`` bf16 (already normed) -> ``[b, s, dim]`` bf16."""
-        bsz, seqlen, _ = x.shape
-        win, rd, ratio = self.window, self.rd, self.ratio
-        freqs = self.freqs_cis[start_pos:start_pos + seqlen]
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """This layer over the step's tokens: x ``[1, T, dim]`` bf16 (normed) -> ``[1, T, dim]`` bf16."""
+        caches = step.caches[self.layer_id]
+        bs = step.batch.block_size
+        t = x.shape[1]
+        rd, ratio = self.rd, self.ratio
+        freqs = self.freqs_cis[step.positions]                                 # [T, rd/2]: each token's position
         qr, iq, q, kv = self.project(x, freqs)
+        v4hal.paged_cache_write(caches.window, kv[0].contiguous(), step.token_slots, step.attn_layout)
 
-        comp = main_proj = idx_proj = iw = None
-        if self.comp_proj is not None:
-            comp = self.comp_proj(x.float())
-            main_proj = comp[:2] if self.compressor is not None else None
-            if self.indexer is not None:
-                idx_proj, iw = comp[2:4], comp[4]
-        idxs = window_topk_idxs(win, bsz, seqlen, start_pos, x.device)
+        extra = extra_idx = None
+        kind = "c4" if ratio == 4 else "c128"
         if ratio:
-            offset = seqlen if start_pos == 0 else win
-            if self.indexer is not None:
-                cidx = self.indexer(x, qr, start_pos, offset, self.freqs_cis, idx_proj, iq, iw)
+            x2 = x[0]
+            done = self.compressor(x2, step, caches.state, self.eps, self.freqs_cis)
+            _write_entries(caches.compressed, step.attn_layout, done, step.batch.block_tables[kind], bs)
+            extra = caches.compressed
+            if ratio == 4:
+                extra_idx = self.indexer(x, qr, iq, freqs, step, caches, self.eps, self.freqs_cis)
+            elif step.c128_picks is not None:
+                extra_idx = step.c128_picks
             else:
-                cidx = compressed_topk_idxs(ratio, bsz, seqlen, start_pos, offset, x.device)
-            idxs = torch.cat([idxs, cidx], dim=-1)
-
-        if start_pos == 0:
-            keep = min(seqlen, win)
-            ring = torch.arange(seqlen - keep, seqlen, device=x.device) % win
-            self.kv_cache[:bsz, ring] = kv[:, seqlen - keep:]
-            rows = kv
-            if self.compressor is not None:
-                new = self.compressor(x, 0, self.freqs_cis, main_proj)
-                if new is not None:
-                    rows = torch.cat([kv, new], dim=1)
-            o = v4hal.sparse_attn(q, rows, self.attn_sink, idxs.contiguous(), self.softmax_scale)
-        else:
-            self.kv_cache[:bsz, start_pos % win] = kv[:, 0]
-            if self.compressor is not None:
-                self.compressor(x, start_pos, self.freqs_cis, main_proj)
-            o = v4hal.sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idxs.contiguous(), self.softmax_scale)
-        o = _rope_tail(o, freqs, rd, inverse=True)
+                extra = None
+        # the position form: the window as a band over each token's request pages, the compressed picks as
+        # entry indices into them (what the CANN shared-KV attention takes; the other backends make slots)
+        o = v4hal.sparse_attn_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.window, None, self.attn_sink,
+                                    self.softmax_scale, extra_kv_cache=extra, extra_indices=extra_idx,
+                                    layout=step.attn_layout, positions=step.positions.view(t, 1),
+                                    block_table=step.request_rows("token"), window_size=self.window,
+                                    extra_block_table=step.request_rows(kind) if extra is not None else None,
+                                    extra_ratio=ratio if extra is not None else 0)
+        o = _rope_tail(o.view(1, t, self.n_heads, self.head_dim), freqs, rd, inverse=True)
         return self.wo_b(self._grouped_out(o))
-
-
-def check_positions(start_pos: int, seqlen: int, max_seq_len: int) -> None:
-    """Raise `RangeError` unless (start_pos, seqlen) is a prefill from 0 or a one-token decode step in range."""
-    if start_pos < 0:
-        raise RangeError(f"V4Model: start_pos must be >= 0, got {start_pos}")
-    if seqlen < 1:
-        raise RangeError(f"V4Model: input_ids must hold at least one position, got {seqlen}")
-    if start_pos > 0 and seqlen != 1:
-        raise RangeError(f"V4Model: decode (start_pos > 0) takes one token per call, got {seqlen} tokens "
-                         f"at start_pos={start_pos}; prefill from start_pos=0 instead")
-    if start_pos + seqlen > max_seq_len:
-        raise RangeError(f"V4Model: positions up to {start_pos + seqlen} exceed max_seq_len={max_seq_len}")
-

@@ -15,20 +15,20 @@ Computation of the public ``inference/model.py`` ``Block`` / ``ParallelHead`` / 
 Glue in plain torch: the embedding lookup (``F.embedding``), the copy of the embedding into
 ``hc`` residual copies, slicing of the last position, ``argmax`` in `generate`.
 
-Positions follow the public code: a call with ``start_pos == 0`` prefills (any length, resets
-every cache), a call with ``start_pos > 0`` decodes exactly one token at position
-``start_pos``, which must be the next position of the running sequence.
-
-Serving: `V4Model.forward_batch` runs many requests in one call, each at its own position (a prefill
-chunk of any length or a decode token), on the paged caches of a `v4hal.serve.CachePool`
-(attention in `paged_step`); `V4Model.mtp_forward_batch` runs the MTP block on the same step. A
-request's logits there equal its logits through ``forward`` alone (the reference backend's products
-do not depend on the batch: see `v4hal.backends.reference._rows`).
+One graph path: every forward is a `Step` over paged caches (`v4hal.model.step`).
+`V4Model.forward_batch` runs many requests in one call, each at its own position (a prefill chunk of any
+length or a decode token), on the caches of a pool (`v4hal.serve.CachePool`, or any `CacheSource`);
+`V4Model.mtp_forward_batch` runs the MTP block on the same step. `V4Model.forward` / `forward_full` /
+`mtp_forward` are the same step over the model's own `PrivatePool`: ``input_ids [b, s]`` are ``b``
+sequences, each continuing at ``start_pos`` (``0`` starts new sequences; a later call continues at any
+position up to the next one, with any number of tokens). A request's logits are the same bits whichever
+way its tokens are cut into calls or batched with others (the reference backend's products do not depend
+on the batch: see `v4hal.backends.reference._rows`).
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,14 @@ from torch import nn
 import v4hal
 from v4hal.hal.errors import RangeError, ShapeError
 
-from .attention import Attention, check_positions
+from .attention import Attention
+from .batch import ForwardBatch
+from .caches import CacheSource, PrivatePool
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
 from .moe import MoE
-from .paged_step import PagedStep, attention_step, prepare_ragged_weights
 from .spec import linear_kind
-
-if TYPE_CHECKING:
-    from v4hal.serve import CachePool, ForwardBatch
+from .step import Step
 
 __all__ = ["Block", "MTPBlock", "V4Model", "ForwardResult", "BatchOutput"]
 
@@ -78,17 +77,10 @@ class Block(nn.Module):
             self.register_buffer(f"hc_{part}_base", torch.empty(mix, device=META))
             self.register_buffer(f"hc_{part}_scale", torch.empty(3, device=META))
 
-    def reset(self, bsz: int) -> None:
-        self.attn.reset(bsz)
-
-    def forward(self, h: torch.Tensor, start_pos: int | PagedStep, input_ids: torch.Tensor) -> torch.Tensor:
-        """``h [b, s, hc, dim]`` at positions ``start_pos ..`` (contiguous caches), or the tokens of a
-        `PagedStep` (``b = 1``, paged caches) -> the same shape."""
+    def forward(self, h: torch.Tensor, step: Step, input_ids: torch.Tensor) -> torch.Tensor:
+        """``h [1, T, hc, dim]`` (bf16) of the step's ``T`` tokens, ``input_ids [1, T]`` -> the same shape."""
         x, post, comb = v4hal.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, **self._hc_args)
-        if isinstance(start_pos, PagedStep):
-            x = attention_step(self.attn, self.attn_norm(x), start_pos)
-        else:
-            x = self.attn(self.attn_norm(x), start_pos)
+        x = self.attn(self.attn_norm(x), step)
         h = v4hal.hc_post(x, h, post, comb)
         x, post, comb = v4hal.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **self._hc_args)
         x = self.ffn(self.ffn_norm(x), input_ids)
@@ -147,11 +139,11 @@ class ForwardResult:
 
 class BatchOutput:
     """Output of `V4Model.forward_batch`: logits ``[B, vocab]`` (fp32, each request's last new token), the
-    final stream ``[1, T, hc, dim]`` and the `PagedStep` (read by `V4Model.mtp_forward_batch`)."""
+    final stream ``[1, T, hc, dim]`` and the `Step` (read by `V4Model.mtp_forward_batch`)."""
 
     __slots__ = ("logits", "final", "step")
 
-    def __init__(self, logits: torch.Tensor, final: torch.Tensor, step: PagedStep) -> None:
+    def __init__(self, logits: torch.Tensor, final: torch.Tensor, step: Step) -> None:
         self.logits, self.final, self.step = logits, final, step
 
 
@@ -172,9 +164,13 @@ class V4Model(nn.Module):
         self.head = _Head(cfg)
         _register_hc_head(self, cfg)
         self.mtp = nn.ModuleList(MTPBlock(cfg.n_layers + j, cfg) for j in range(cfg.n_mtp_layers))
+        #: next position of the running sequences of `forward` (None: none yet) and of each MTP block's
         self._next_pos: int | None = None
         self._mtp_next_pos: list[int | None] = [None] * cfg.n_mtp_layers
-        self._batch = 0
+        self._pool: PrivatePool | None = None       # the caches of `forward`'s sequences
+        #: (attention, indexer) page layouts of `forward`'s private pool; None: `private_layouts` of the device
+        #: (takes effect when sequences next start)
+        self.private_layouts: tuple[str, str] | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -253,7 +249,6 @@ class V4Model(nn.Module):
         for block in [*self.layers, *self.mtp]:
             block.attn.freqs_cis = precompute_freqs_cis(self.config, bool(block.attn.ratio), dev)
             block.attn.prepare()
-            prepare_ragged_weights(block.attn)
             block.ffn.prepare(self.experts_fp8)
 
     @property
@@ -267,38 +262,73 @@ class V4Model(nn.Module):
                           norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps)    # [b, dim] bf16
         return float_gemm(norm(x).float(), self.head.weight)          # [b, vocab] fp32
 
-    def _start(self, input_ids: torch.Tensor, start_pos: int, expected: int | None) -> None:
-        if input_ids.dim() != 2:
-            raise ShapeError(f"V4Model: input_ids must be [b, s], got {list(input_ids.shape)}")
-        check_positions(start_pos, input_ids.shape[1], self.config.max_seq_len)
-        if start_pos > 0:
-            if expected is None:
-                raise RangeError("V4Model: decode (start_pos > 0) needs a prefill from start_pos=0 first")
-            if start_pos != expected:
-                raise RangeError(f"V4Model: start_pos must continue the running sequence at {expected}, "
-                                 f"got {start_pos}")
-            if input_ids.shape[0] != self._batch:
-                raise ShapeError(f"V4Model: decode batch must be the prefill batch {self._batch}, "
-                                 f"got {input_ids.shape[0]}")
+    def _private_step(self, op: str, input_ids: torch.Tensor, start_pos: int, expected: int | None,
+                      main: bool) -> Step:
+        """Check ``input_ids [b, s]`` at ``start_pos`` against the running sequences (next position
+        ``expected``), size the private pool and build the step. ``main``: a main-layer call, which may start
+        new sequences (``start_pos == 0``); an MTP call runs on the main call's sequences."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ShapeError(f"V4Model.{op}: input_ids must be [b, s], got "
+                             f"{list(getattr(input_ids, 'shape', [])) or type(input_ids).__name__}")
+        bsz, seqlen = input_ids.shape
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise RangeError(f"V4Model.{op}: start_pos must be an int >= 0, got {start_pos!r}")
+        if bsz < 1 or seqlen < 1:
+            raise RangeError(f"V4Model.{op}: input_ids must hold at least one sequence and one position, got "
+                             f"{list(input_ids.shape)}")
+        if start_pos + seqlen > self.config.max_seq_len:
+            raise RangeError(f"V4Model.{op}: positions up to {start_pos + seqlen} exceed "
+                             f"max_seq_len={self.config.max_seq_len}")
+        pool = self._pool
+        fresh = main and start_pos == 0
+        if not fresh:
+            if pool is None or not pool.running or self._next_pos is None:
+                raise RangeError(f"V4Model.{op}: start_pos {start_pos} continues running sequences; start them with "
+                                 f"forward(input_ids, start_pos=0) first")
+            if expected is None and start_pos != 0:
+                raise RangeError(f"V4Model.{op}: the MTP block's sequences start at start_pos=0, got {start_pos}")
+            if expected is not None and start_pos > expected:
+                raise RangeError(f"V4Model.{op}: start_pos must continue the running sequences at or before "
+                                 f"position {expected}, got {start_pos}")
+            if bsz != pool.running:
+                raise ShapeError(f"V4Model.{op}: input_ids must hold the {pool.running} running sequences, got {bsz}")
+        if pool is None or fresh and self.private_layouts not in (None, (pool.attn_layout, pool.indexer_layout)):
+            pool = self._pool = PrivatePool(self.config, self.device, layouts=self.private_layouts)
+        pool.ensure(bsz, start_pos + seqlen, keep=not fresh)
+        if fresh:
+            pool.running = bsz
+        ids = input_ids.to(device=self.device, dtype=torch.long)
+        return Step.build(self.config, pool.batch(ids, start_pos), pool)
+
+    def _run(self, step: Step, keep_hidden: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The main layers over ``step``: the final stream ``[1, T, hc, dim]`` and, with ``keep_hidden``, each
+        layer's output stream."""
+        ids = step.batch.input_ids.unsqueeze(0)                               # [1, T]
+        h = self.embed(ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
+        hidden: list[torch.Tensor] = []
+        for block in self.layers:
+            h = block(h, step, ids)
+            if keep_hidden:
+                hidden.append(h)
+        return h, hidden
 
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor, start_pos: int = 0, keep_hidden: bool = False) -> ForwardResult:
-        """Run the main layers: logits of the last position, optionally every layer's output stream."""
-        self._start(input_ids, start_pos, self._next_pos)
+        """Run the main layers on ``input_ids [b, s]`` (``b`` sequences at positions ``start_pos ..``): logits
+        ``[b, vocab]`` of the last position, optionally every layer's output stream ``[b, s, hc, dim]``, and the
+        final stream ``[b, s, hc, dim]``. ``start_pos == 0`` starts new sequences; a later call continues the
+        running ones at any ``start_pos`` up to their next position, with any number of tokens (a position
+        computed again replaces what was cached for it)."""
+        step = self._private_step("forward_full", input_ids, start_pos, self._next_pos, main=True)
         bsz, seqlen = input_ids.shape
-        if start_pos == 0:
-            self._batch = bsz
-            for block in self.layers:
-                block.reset(bsz)
-        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
-        hidden: list[torch.Tensor] = []
-        for block in self.layers:
-            h = block(h, start_pos, input_ids)
-            if keep_hidden:
-                hidden.append(h)
-        logits = self._head_logits(h, self, self.norm)
+        h, hidden = self._run(step, keep_hidden)
+        shape = (bsz, seqlen, *h.shape[2:])
+        final = h.view(shape)
+        logits = self._head_logits(final, self, self.norm)
         self._next_pos = start_pos + seqlen
-        return ForwardResult(logits, hidden, h)
+        if start_pos == 0:
+            self._mtp_next_pos = [None] * len(self.mtp)
+        return ForwardResult(logits, [x.view(shape) for x in hidden], final)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """``input_ids [b, s]`` at positions ``start_pos ..`` -> fp32 logits ``[b, vocab]`` of the last position."""
@@ -307,28 +337,26 @@ class V4Model(nn.Module):
     @torch.inference_mode()
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0, j: int = 0) -> torch.Tensor:
         """MTP block ``j``: main final stream ``hidden [b, s, hc, dim]`` at positions ``start_pos ..`` and the
-        tokens that follow them ``next_ids [b, s]`` -> fp32 logits ``[b, vocab]`` (drafts of the token after)."""
+        tokens that follow them ``next_ids [b, s]`` -> fp32 logits ``[b, vocab]`` (drafts of the token after).
+        Runs on the sequences of the last `forward_full` start; continues like it."""
         if not 0 <= j < len(self.mtp):
             raise RangeError(f"V4Model.mtp_forward: j must be in [0, {len(self.mtp)}), got {j}")
-        self._start(next_ids, start_pos, self._mtp_next_pos[j])
+        step = self._private_step("mtp_forward", next_ids, start_pos, self._mtp_next_pos[j], main=False)
         if tuple(hidden.shape[:2]) != tuple(next_ids.shape):
             raise ShapeError(f"V4Model.mtp_forward: hidden [b, s, hc, dim] must match next_ids {list(next_ids.shape)}, "
                              f"got {list(hidden.shape)}")
         block = self.mtp[j]
-        if start_pos == 0:
-            block.reset(next_ids.shape[0])
-        h = block.mix_inputs(self.embed(next_ids), hidden)
-        h = block(h, start_pos, next_ids)
+        ids = step.batch.input_ids.unsqueeze(0)
+        h = block.mix_inputs(self.embed(ids), hidden.reshape(1, -1, *hidden.shape[2:]))
+        h = block(h, step, ids)
         self._mtp_next_pos[j] = start_pos + next_ids.shape[1]
-        return self._head_logits(h, block, block.norm)
+        return self._head_logits(h.view(hidden.shape), block, block.norm)
 
     # ------------------------------------------------------------------ paged, ragged batches
-    def _check_step(self, op: str, batch: object, pool: object) -> list[tuple[str, int, int]]:
-        from v4hal.serve import CachePool, ForwardBatch
-
+    def _check_step(self, op: str, batch: object, pool: object) -> list:
         if not isinstance(batch, ForwardBatch):
             raise ShapeError(f"V4Model.{op}: batch must be a v4hal.serve.ForwardBatch, got {type(batch).__name__}")
-        if not isinstance(pool, CachePool) or not pool.allocated:
+        if not isinstance(pool, CacheSource) or not pool.allocated:
             raise ShapeError(f"V4Model.{op}: pool must be a v4hal.serve.CachePool with allocated caches, "
                              f"got {type(pool).__name__}")
         if pool.cfg != self.config:
@@ -346,21 +374,19 @@ class V4Model(nn.Module):
         return pool.begin_step(batch, f"V4Model.{op}")
 
     @torch.inference_mode()
-    def forward_batch(self, batch: "ForwardBatch", pool: "CachePool") -> BatchOutput:
+    def forward_batch(self, batch: ForwardBatch, pool: CacheSource) -> BatchOutput:
         """One step of many requests on paged caches: ``batch`` (from ``pool.schedule`` / ``build_batch``,
         or a runtime's own tables via ``ForwardBatch.from_block_tables``) holds each request's new tokens at
-        its own positions (a prefill chunk of any length or one decode token); ``pool`` owns the caches.
+        its own positions (a prefill chunk of any length or one decode token); ``pool`` owns the caches (a
+        `v4hal.serve.CachePool`, or any `CacheSource`).
 
         Returns `BatchOutput`: fp32 logits ``[B, vocab]`` of each request's last new token, the final
         stream ``[1, T, hc, dim]`` (what `mtp_forward_batch` reads) and the step. The caller advances the pool
         (``pool.advance_batch(batch)``) once the step is done.
         """
         writes = self._check_step("forward_batch", batch, pool)
-        step = PagedStep.build(self.config, batch, pool)
-        ids = batch.input_ids.unsqueeze(0)                                    # [1, T]
-        h = self.embed(ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
-        for block in self.layers:
-            h = block(h, step, ids)
+        step = Step.build(self.config, batch, pool)
+        h, _ = self._run(step)
         logits = self._head_logits(h[0, batch.last_token_index].unsqueeze(1), self, self.norm)
         pool.end_step(writes)
         return BatchOutput(logits, h, step)
@@ -398,7 +424,9 @@ class V4Model(nn.Module):
         if prompt_ids.dim() != 2:
             raise ShapeError(f"V4Model.generate: prompt_ids must be [b, s], got {list(prompt_ids.shape)}")
         bsz, plen = prompt_ids.shape
-        check_positions(0, plen + max(max_new_tokens - 1, 0), self.config.max_seq_len)
+        if plen < 1 or plen + max(max_new_tokens - 1, 0) > self.config.max_seq_len:
+            raise RangeError(f"V4Model.generate: the prompt ({plen} tokens) and {max_new_tokens} new tokens must fit "
+                             f"in max_seq_len={self.config.max_seq_len} (and the prompt hold >= 1 token)")
         out = torch.empty(bsz, max_new_tokens, dtype=torch.long, device=self.device)
         if max_new_tokens == 0:
             return out

@@ -187,20 +187,26 @@ def indexer_topk_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.T
 
 
 # ---------------------------------------------------------------- paged_slots
-def _check_slots(positions, block_table, block_size):
+def _check_slots(positions, block_table, block_size, req_index=None):
     op = "paged_slots"
     C.dtype(op, "positions", positions, INTS)
-    C.min_rank(op, "positions", positions, 1, "[b, ...]")
+    C.min_rank(op, "positions", positions, 1, "[n, ...]")
     C.dtype(op, "block_table", block_table, INTS)
     C.rank(op, "block_table", block_table, (2,), "[b, M]")
-    if block_table.shape[0] != positions.shape[0]:
-        raise C.ShapeError(f"{op}: block_table must be [b, M] with b = positions.shape[0] = "
-                           f"{positions.shape[0]}, got {C.describe(block_table)}")
+    if req_index is None:
+        if block_table.shape[0] != positions.shape[0]:
+            raise C.ShapeError(f"{op}: block_table must be [b, M] with b = positions.shape[0] = "
+                               f"{positions.shape[0]} (or give req_index), got {C.describe(block_table)}")
+    else:
+        C.dtype(op, "req_index", req_index, INTS)
+        if tuple(req_index.shape) != (positions.shape[0],):
+            raise C.ShapeError(f"{op}: req_index must be [n] = [{positions.shape[0]}] (one block-table row per "
+                               f"row of positions), got {C.describe(req_index)}")
     C.in_range(op, "block_size", block_size, 1, INT32_MAX)
-    C.same_device(op, positions=positions, block_table=block_table)
+    C.same_device(op, positions=positions, block_table=block_table, req_index=req_index)
 
 
-def _value_check_slots(positions, block_table, block_size):
+def _value_check_slots(positions, block_table, block_size, req_index=None):
     op = "paged_slots"
     if positions.numel() == 0:
         return
@@ -208,14 +214,22 @@ def _value_check_slots(positions, block_table, block_size):
     if lo < -1:
         raise C.RangeError(f"{op}: positions values must be >= -1 (-1: no entry), got min {lo}")
     b, mb = block_table.shape
-    pos = positions.reshape(b, -1).long()
+    n = positions.shape[0]
+    if req_index is None:
+        rows = torch.arange(n, device=positions.device)
+    else:
+        rows = req_index.long()
+        if int(rows.min()) < 0 or int(rows.max()) >= b:
+            raise C.RangeError(f"{op}: req_index values must lie in [0, block_table rows = {b}), got "
+                               f"{int(rows.min())} .. {int(rows.max())}")
+    pos = positions.reshape(n, -1).long()
     col = torch.where(pos >= 0, pos // block_size, torch.full_like(pos, -1))
     if int(col.max()) >= mb:
         raise C.RangeError(f"{op}: block_table rows are shorter than a context needs: position "
                            f"{int(pos.max())} of positions lies in block {int(col.max())}, rows hold {mb} blocks")
     if int(col.max()) < 0:
         return
-    blocks = torch.gather(block_table.long(), 1, col.clamp_min(0))
+    blocks = block_table[rows.unsqueeze(1), col.clamp_min(0)].long()
     blocks = torch.where(col >= 0, blocks, torch.zeros_like(blocks))     # positions -1 use no block
     if int(blocks.min()) < 0:
         raise C.RangeError(f"{op}: block_table holds no block (a negative id) where positions points, "
@@ -226,17 +240,20 @@ def _value_check_slots(positions, block_table, block_size):
                            f"{int(blocks.max())} * {block_size}")
 
 
-define_op("paged_slots", "(Tensor positions, Tensor block_table, int block_size) -> Tensor",
+define_op("paged_slots", "(Tensor positions, Tensor block_table, int block_size, Tensor? req_index=None) -> Tensor",
           check=_check_slots, value_check=_value_check_slots,
-          fake=lambda positions, block_table, block_size: torch.empty_like(positions, dtype=torch.int32),
+          fake=lambda positions, block_table, block_size, req_index=None: torch.empty_like(positions,
+                                                                                           dtype=torch.int32),
           doc=C.ranges_doc(block_size=C.interval(1, INT32_MAX)) +
-          " Checked values: `positions` >= -1; every position's block inside its `block_table` row and "
-          "that entry >= 0; the slots fit int32.")
+          " Checked values: `positions` >= -1; `req_index` in `[0, block_table rows)`; every position's block "
+          "inside its `block_table` row and that entry >= 0; the slots fit int32.")
 
 
-def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Logical positions -> cache slots: int32 like ``positions`` (int ``[b, ...]``),
-    ``block_table[b, p // block_size] * block_size + p % block_size`` for position ``p`` of row ``b``
-    (block_table int ``[b, max_blocks]``); ``-1`` stays ``-1``. Turns indexer picks into the slots
-    ``sparse_attn_paged`` takes."""
-    return call.paged_slots(positions, block_table, int(block_size))
+def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int, *,
+                req_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Logical positions -> cache slots: int32 like ``positions`` (int ``[n, ...]``),
+    ``block_table[r, p // block_size] * block_size + p % block_size`` for position ``p`` of row ``i``,
+    ``r = req_index[i]`` (int ``[n]``; default ``r = i``, block_table then ``[n, max_blocks]``); ``-1`` stays
+    ``-1``. ``req_index`` lets many rows (a step's tokens) read their request's row of one table without
+    copying it per row. Turns indexer picks and window positions into the slots ``sparse_attn_paged`` takes."""
+    return call.paged_slots(positions, block_table, int(block_size), req_index)

@@ -27,12 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from v4hal.hal.errors import RangeError, ShapeError
-from v4hal.hal.platform import platform_of
-from v4hal.model.config import ModelConfig
-from v4hal.model.layers import act_scale_format
-from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
-
-from .batch import (
+from v4hal.model.batch import (
     FIRST_BLOCK,
     POSITION_KINDS,
     RATIO,
@@ -46,6 +41,10 @@ from .batch import (
     pages_needed,
     written_pages,
 )
+from v4hal.model.caches import CacheSpec, LayerCaches, cache_layouts, kv_scale_fmt, layer_specs
+from v4hal.model.config import ModelConfig
+from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
+
 from .fill import PageFill
 from .pages import PageAllocator, PoolExhaustedError
 from .prefix import PrefixCache, PrefixEntry
@@ -56,27 +55,6 @@ __all__ = ["CachePool", "RequestState", "LayerCaches", "CacheSpec", "PoolCheckpo
 
 #: rope dims the ``model1_fp8`` layout keeps in bf16
 MODEL1_ROPE = 64
-
-
-def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
-    """The (attention, indexer) cache layouts a pool on ``device`` for ``cfg`` uses by default: the device's
-    preferred ones (`v4hal.hal.platform.Platform.cache_layouts`: ``model1_fp8`` + ``indexer_fp4``, what
-    FlashMLA and DeepGEMM read and the Triton kernels decode, on CUDA and the CPU; ``bf16`` for both on Ascend
-    NPUs, whose CANN attention and indexer take bf16 paged caches), kept only where they store exactly what
-    the model computed (`layout_problem`): ``model1_fp8`` only when the model rounds its KV with power-of-two
-    scales (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models), else ``bf16``
-    attention caches."""
-    attn, idx = platform_of(device).cache_layouts
-    if attn == "model1_fp8" and cfg is not None and kv_scale_fmt(cfg) != "ue8m0":
-        attn = "bf16"
-    return attn, idx
-
-
-def kv_scale_fmt(cfg: ModelConfig) -> str | None:
-    """The scale format of the model's FP8 KV round trip (blocks of 64 of the no-rope dims): ``"ue8m0"``
-    (power-of-two scales) or None (``amax / 448`` fp32 scales), as `v4hal.model.layers.act_scale_format`
-    derives it from ``scale_fmt`` and ``scale_dtype``."""
-    return act_scale_format(cfg)[0]
 
 
 def layout_problem(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> str | None:
@@ -122,31 +100,6 @@ def _check_width(layout: str, dim: int, where: str = "alloc_cache") -> None:
         raise ShapeError(f"{where}: {why}")
 
 
-@dataclass(frozen=True)
-class CacheSpec:
-    """One cache tensor of one layer: its field in `LayerCaches`, page kind, layout (None: fp32 state)
-    and entry width."""
-
-    layer: int
-    name: str
-    kind: str
-    layout: str | None
-    dim: int
-
-
-
-@dataclass
-class LayerCaches:
-    """The cache tensors of one layer (None where the layer has no such cache)."""
-
-    ratio: int
-    window: torch.Tensor | None = None
-    compressed: torch.Tensor | None = None
-    indexer: torch.Tensor | None = None
-    state: torch.Tensor | None = None
-    index_state: torch.Tensor | None = None
-
-
 @dataclass
 class RequestState:
     """One request: ``tokens`` known so far (prompt, then appended outputs), positions ``0 .. computed-1``
@@ -183,22 +136,6 @@ def _state_fields(st: RequestState) -> dict[str, object]:
     """A copy of a request's fields (its lists and dicts copied; ``source`` is an immutable tuple)."""
     return {k: copy.copy(v) if k != "tables" else {kind: list(t) for kind, t in v.items()}
             for k, v in vars(st).items()}
-
-
-def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
-    """The cache tensors of every layer of ``cfg`` (main then MTP)."""
-    out: list[CacheSpec] = []
-    for i, r in enumerate(cfg.compress_ratios):
-        out.append(CacheSpec(i, "window", "token", attn_layout, cfg.head_dim))
-        if r:
-            kind = "c4" if r == 4 else "c128"
-            coff = 2 if r == 4 else 1
-            out.append(CacheSpec(i, "compressed", kind, attn_layout, cfg.head_dim))
-            out.append(CacheSpec(i, "state", f"state{r}", None, 2 * coff * cfg.head_dim))
-        if r == 4:
-            out.append(CacheSpec(i, "indexer", "c4", indexer_layout, cfg.index_head_dim))
-            out.append(CacheSpec(i, "index_state", "state4", None, 2 * 2 * cfg.index_head_dim))
-    return out
 
 
 class CachePool:

@@ -86,9 +86,10 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
 
 @implements("paged_slots", "ascend", requires=(
     always("a gather of the block table in plain tensor ops; no CANN op needed"),))
-def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                req_index: torch.Tensor | None = None) -> torch.Tensor:
     """int32 slots like ``positions`` (the reference's tensor ops on the NPU tensors)."""
-    return always_reference("paged_slots", ref.paged_slots, positions, block_table, block_size)
+    return always_reference("paged_slots", ref.paged_slots, positions, block_table, block_size, req_index)
 
 
 @implements("indexer_topk_paged", "ascend", requires=INDEXER_TOPK_PAGED_LIMITS)

@@ -116,16 +116,20 @@ def indexer_topk_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.T
 
 
 @implements("paged_slots", "reference")
-def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
-    """int32 like ``positions``: ``block_table[b, p // block_size] * block_size + p % block_size``; -1 where
-    there is no slot: a negative position, a block past the row, a negative block id, a slot past int32."""
+def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                req_index: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 like ``positions``: ``block_table[r, p // block_size] * block_size + p % block_size`` with ``r`` row
+    ``i``'s ``req_index`` entry (default ``i``); -1 where there is no slot: a negative position, a block past
+    the row, a negative block id, a slot past int32. Reads only the picked entries of the table."""
     b, mb = block_table.shape
+    n = positions.shape[0]
     if positions.numel() == 0 or mb == 0:
         return torch.full_like(positions, -1, dtype=torch.int32)
-    pos = positions.reshape(b, -1).long()
+    pos = positions.reshape(n, -1).long()
+    rows = torch.arange(n, device=pos.device) if req_index is None else req_index.long()
     col = pos // block_size
     valid = (pos >= 0) & (col < mb)
-    blk = torch.gather(block_table.long(), 1, col.clamp(0, mb - 1))
+    blk = block_table[rows.unsqueeze(1), col.clamp(0, mb - 1)].long()
     slots = blk * block_size + pos % block_size
     valid &= (blk >= 0) & (slots <= INT32_MAX)
     return torch.where(valid, slots, torch.full_like(slots, -1)).to(torch.int32).view(positions.shape)

@@ -13,7 +13,9 @@ The projection runs over tiles of :data:`TILE` token rows (zero padded): a CPU G
 differently depending on how many rows share the call (a few-row GEMM takes another kernel), and a
 ragged batch must not change a request's entries. No host sync: request and entry indices are built
 on the device (``searchsorted`` over ``cu_seqlens`` and the per-request entry counts); tokens whose
-state block is 0 write their row's old value back instead of being filtered out.
+state block is 0 write their row's old value back instead of being filtered out. On CPU tensors only
+(`CPU_SHORTCUTS`), where reading a value is no sync, the index work of a step is planned once and reused by
+its other compressors, and a call that completes no entry skips the pooling (a decode step, 3 of 4 times).
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from . import small
 
 #: Token rows per projection tile (see the module doc).
 TILE = 16
+
+#: On CPU tensors (where reading a value back costs no device sync) reuse a step's plan across its compressors
+#: and skip the pooling when no entry completes; on a device the reference reads nothing back.
+CPU_SHORTCUTS = True
 
 
 def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +87,64 @@ def _column(pos: torch.Tensor, blk: int, cols: int) -> torch.Tensor:
     return torch.where((col >= 0) & (col < cols), col, torch.full_like(col, cols))
 
 
+class _Plan:
+    """What a call derives from its batch alone (token and entry rows, state blocks, candidate positions): the
+    same for every compressor of a step that shares the step's ``cu_seqlens``, ``start_pos`` and state table,
+    so on the CPU it is made once and reused (the plan of a plan/run split). Reused only for the very same
+    tensors (the plan holds them, so no other tensor can take their identity) still holding the same values
+    (compared with copies kept at planning: inference tensors have no version counter) and the same shapes."""
+
+    __slots__ = ("key", "tensors", "copies", "tok_req", "tok_pos", "valid", "req", "entry", "pos", "in_call",
+                 "src_tok", "blocks", "cand_off", "tok_block", "tok_off", "entry_req", "entry_pos", "rope_rows", "none")
+
+    def matches(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> bool:
+        return self.key == key and all(a is b for a, b in zip(self.tensors, tensors)) and \
+            all(torch.equal(a, c) for a, c in zip(tensors, self.copies))
+
+
+#: the last plan per ratio (a step's ratio-4 and ratio-128 layers interleave)
+_LAST: dict[int, _Plan] = {}
+
+
+def _plan(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, state_block_table: torch.Tensor, t: int, n: int,
+          ratio: int, blocks: int, blk: int, rope_len: int) -> _Plan:
+    tensors = (cu_seqlens, start_pos, state_block_table)
+    key = (t, n, ratio, blocks, blk, rope_len)
+    cpu = CPU_SHORTCUTS and cu_seqlens.device.type == "cpu"    # elsewhere a comparison would wait for the device
+    last = _LAST.get(ratio) if cpu else None
+    if last is not None and last.matches(tensors, key):
+        return last
+    p = _Plan()
+    p.key, p.tensors, p.copies = key, tensors, tuple(x.clone() for x in tensors)
+    dev = cu_seqlens.device
+    b = start_pos.shape[0]
+    coff = 2 if ratio == 4 else 1
+    cu = cu_seqlens.long()
+    sp = start_pos.long()
+    table = _state_table(state_block_table, blocks)
+    cols = state_block_table.shape[1]
+    tok = torch.arange(t, device=dev)
+    p.tok_req = torch.searchsorted(cu[1:], tok, right=True).clamp_max(b - 1)
+    p.tok_pos = sp[p.tok_req] + tok - cu[p.tok_req]
+    p.valid, p.req, p.entry = entry_rows(cu_seqlens, start_pos, ratio, n)
+    span = coff * ratio
+    pos = (p.entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)     # [n, span]
+    start = sp[p.req].unsqueeze(1)
+    p.pos, p.in_call = pos, pos >= start
+    p.src_tok = (cu[p.req].unsqueeze(1) + pos - start).clamp(0, t - 1)
+    p.blocks = table[p.req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
+    p.cand_off = pos.clamp_min(0) % blk
+    p.tok_block = table[p.tok_req, _column(p.tok_pos, blk, cols)]
+    p.tok_off = p.tok_pos % blk
+    p.entry_req = torch.where(p.valid, p.req, -1).to(torch.int32)
+    p.entry_pos = torch.where(p.valid, p.entry, -1).to(torch.int32)
+    p.rope_rows = (p.entry * ratio).clamp(0, rope_len - 1)
+    p.none = cpu and not bool(p.valid.any())        # no entry completes (a host read: CPU only)
+    if cpu:
+        _LAST[ratio] = p
+    return p
+
+
 @implements("compressor_ragged", "reference")
 def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
                       norm_weight: torch.Tensor, freqs_cis: torch.Tensor, state_cache: torch.Tensor,
@@ -95,37 +159,40 @@ def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, a
     blk = state_cache.shape[1]
     n = max_entries(t, ratio, b)
     dev = x.device
-    entries = x.new_zeros(n, d)
-    none = torch.full((n,), -1, dtype=torch.int32, device=dev)
     if t == 0 or b == 0:
-        return entries, none, none.clone()
-    cu = cu_seqlens.long()
-    sp = start_pos.long()
-    table = _state_table(state_block_table, state_cache.shape[0])
-    cols = state_block_table.shape[1]
+        none = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        return x.new_zeros(n, d), none, none.clone()
+    p = _plan(cu_seqlens, start_pos, state_block_table, t, n, ratio, state_cache.shape[0], blk, freqs_cis.shape[0])
 
-    # this call's tokens: request, position, projections, logits (score + ape, as compress_kv adds them)
-    tok = torch.arange(t, device=dev)
-    tok_req = torch.searchsorted(cu[1:], tok, right=True).clamp_max(b - 1)
-    tok_pos = sp[tok_req] + tok - cu[tok_req]
+    # this call's tokens: projections, logits (score + ape, as compress_kv adds them)
     kv_t, score_t = project(x, wkv, wgate)
-    lg_t = score_t + ape[tok_pos % ratio]
+    lg_t = score_t + ape[p.tok_pos % ratio]
 
+    if p.none:          # what the pooling below gives when no row is valid: zeros, -1, -1
+        entries = x.new_zeros(n, d)
+    else:
+        entries = _pool(p, kv_t, lg_t, x.dtype, state_cache, cd, d, ratio, coff, norm_weight, norm_eps, freqs_cis)
+
+    # state rows of this call's tokens (after the reads above); block 0 keeps its old value
+    rows = torch.cat([kv_t, lg_t], dim=-1)
+    old = state_cache[p.tok_block, p.tok_off]
+    state_cache[p.tok_block, p.tok_off] = torch.where((p.tok_block != 0).unsqueeze(1), rows, old)
+    return entries, p.entry_req.clone(), p.entry_pos.clone()
+
+
+def _pool(p: _Plan, kv_t: torch.Tensor, lg_t: torch.Tensor, dtype: torch.dtype, state_cache: torch.Tensor, cd: int,
+          d: int, ratio: int, coff: int, norm_weight: torch.Tensor, norm_eps: float,
+          freqs_cis: torch.Tensor) -> torch.Tensor:
+    """The completed entries ``[n, d]`` in ``dtype`` (zeros on rows that complete none) from this call's
+    projections and the state cache (read before this call's rows are written)."""
     # the completed entries and the candidate positions of each: block j-1 (overlap) then block j
-    valid, req, entry = entry_rows(cu_seqlens, start_pos, ratio, n)
-    span = coff * ratio
-    pos = (entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)     # [n, span]
-    start = sp[req].unsqueeze(1)
-    in_call = pos >= start
-    src_tok = (cu[req].unsqueeze(1) + pos - start).clamp(0, t - 1)
-    blocks = table[req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
-    cached = state_cache[blocks, pos.clamp_min(0) % blk]                                          # [n, span, 2cd]
-    mask = in_call.unsqueeze(-1)
-    kv_c = torch.where(mask, kv_t[src_tok], cached[..., :cd])
-    lg_c = torch.where(mask, lg_t[src_tok], cached[..., cd:])
+    cached = state_cache[p.blocks, p.cand_off]                                                    # [n, span, 2cd]
+    mask = p.in_call.unsqueeze(-1)
+    kv_c = torch.where(mask, kv_t[p.src_tok], cached[..., :cd])
+    lg_c = torch.where(mask, lg_t[p.src_tok], cached[..., cd:])
     if coff == 2:
         # candidates: the first d channels of block j-1, then the last d of block j; block -1 is padding
-        before = (pos[:, :ratio] < 0).unsqueeze(-1)
+        before = (p.pos[:, :ratio] < 0).unsqueeze(-1)
         prev_kv = kv_c[:, :ratio, :d].masked_fill(before, 0.0)
         prev_lg = lg_c[:, :ratio, :d].masked_fill(before, float("-inf"))
         kv_c = torch.cat([prev_kv, kv_c[:, ratio:, d:]], dim=1)                                   # [n, 2r, d]
@@ -133,19 +200,9 @@ def compressor_ragged(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, a
     pooled = (kv_c * torch.softmax(lg_c, dim=1)).sum(dim=1)                                      # fp32 [n, d]
 
     # norm and rope as the model's Compressor: in x's dtype, rope at the entry's first position
-    normed = small.rms_norm(pooled.to(x.dtype), norm_weight, norm_eps)
+    normed = small.rms_norm(pooled.to(dtype), norm_weight, norm_eps)
     rd = 2 * freqs_cis.shape[1]
-    f = freqs_cis[(entry * ratio).clamp(0, freqs_cis.shape[0] - 1)].unsqueeze(1)                 # [n, 1, rd/2]
+    f = freqs_cis[p.rope_rows].unsqueeze(1)                                                      # [n, 1, rd/2]
     tail = small.rotary_emb(normed[:, -rd:].unsqueeze(1), f).squeeze(1)
     out = torch.cat([normed[:, :-rd], tail], dim=-1)
-    entries = torch.where(valid.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=dev))
-    entry_req = torch.where(valid, req, -1).to(torch.int32)
-    entry_pos = torch.where(valid, entry, -1).to(torch.int32)
-
-    # state rows of this call's tokens (after the reads above); block 0 keeps its old value
-    tok_block = table[tok_req, _column(tok_pos, blk, cols)]
-    tok_off = tok_pos % blk
-    rows = torch.cat([kv_t, lg_t], dim=-1)
-    old = state_cache[tok_block, tok_off]
-    state_cache[tok_block, tok_off] = torch.where((tok_block != 0).unsqueeze(1), rows, old)
-    return entries, entry_req, entry_pos
+    return torch.where(p.valid.unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -253,9 +253,10 @@ def indexer_topk_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.T
 
 
 @implements("paged_slots", "triton")
-def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+def paged_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                req_index: torch.Tensor | None = None) -> torch.Tensor:
     """int32 slots like ``positions`` (plain torch ops: one gather, no kernel)."""
-    return ref.paged_slots(positions, block_table, block_size)
+    return ref.paged_slots(positions, block_table, block_size, req_index)
 
 
 @implements("indexer_logits_paged_sparse", "triton", requires=_REQUIRES)
