@@ -144,12 +144,12 @@ def _cases() -> list[Case]:
             v4hal.compress_kv(ckv[r], csc[r], ape, ratio, ov)]))
 
     # paged ops (rows = requests; the cache is shared)
-    (pq, cache, pidx, psink, scale, plen, xcache, xidx, xlen, layout) = make_case("sparse_attn_paged", {
+    (pq, cache, pidx, psink, scale, plen, xcache, xidx, xlen, layout, *_) = make_case("sparse_attn_paged", {
         "layout": "model1_fp8", "b": ROWS, "s": 2, "h": 3, "block_size": 24, "ctx": 30, "topk": 8, "d": 128,
         "extra_ctx": 24, "extra_topk": 6, "holes": 0.25, "uneven": True})
     cases.append(("sparse_attn_paged", lambda r: list(v4hal.sparse_attn_paged(
         pq[r], cache, pidx[r], psink, scale, topk_length=plen[r], extra_kv_cache=xcache, extra_indices=xidx[r],
-        extra_topk_length=xlen[r], layout=layout))))
+        extra_topk_length=xlen[r], layout=layout, return_lse=True))))
     (iq2, icache, iw2, ctx, table, width, ilay) = make_case("indexer_logits_paged", {
         "b": ROWS, "n": 2, "h": 5, "mb": 3, "block_size": 4, "extra": 3, "topk": 6, "offset": 7})
 
