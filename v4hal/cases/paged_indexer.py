@@ -110,15 +110,14 @@ register_case(OpCase("indexer_topk_paged", _topk, dict(_PARAMS), tiny=[dict(s) f
 
 # ---------------------------------------------------------------- paged_slots
 def _slots(g: Gen, s: Shape) -> list:
-    """``reqs > 0``: a step's ``b`` rows reading ``reqs`` requests' table rows through ``req_index``."""
+    """``reqs > 0``: a step's ``b`` rows reading ``reqs`` requests' table rows through ``req_index`` (else
+    ``req_index`` None: row ``i`` reads table row ``i``)."""
     b, k, mb, bs, reqs = s["b"], s["k"], s["mb"], s["block_size"], s.get("reqs", 0)
     rows = reqs or b
     table = g.distinct(1, rows * mb + 3, rows * mb).view(rows, mb).contiguous()
     positions = g.randint(mb * bs, (b, k), dtype=torch.int32)
     positions = torch.where(g.rand(b, k) < 0.2, torch.full_like(positions, -1), positions)
-    if not reqs:
-        return [positions, table, bs]
-    return [positions, table, bs, g.randint(reqs, (b,), dtype=torch.int32)]
+    return [positions, table, bs, g.randint(reqs, (b,), dtype=torch.int32) if reqs else None]
 
 
 def _slots_shapes(c, mode: str) -> list[tuple[str, Shape]]:
