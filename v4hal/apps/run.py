@@ -12,7 +12,7 @@ the remaining ``--max-new-tokens - 1`` one-token steps. ``--json PATH`` writes t
 ``--requests N`` runs N requests through the continuous-batching engine on paged caches instead
 (`v4hal.serve.driver.run_requests`: ``--chunk``, ``--arrival``, ``--block-size``, ``--layout``,
 ``--shared-prefix``, ``--pool-memory``) and prints its throughput, pages and cache bytes next to one
-request timed on the contiguous path; with ``--ep K`` the requests are dealt over K expert-parallel
+request timed alone; with ``--ep K`` the requests are dealt over K expert-parallel
 ranks (request i to rank i % K) that step together (`v4hal.apps.serve.run_requests_ep`).
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--requests", type=int_in(1, MAX_REQUESTS), default=None,
                        help="run N requests through the continuous-batching engine on paged caches instead: prompt "
                             "lengths drawn around --prompt-len (uniform in [prompt_len/4, 2*prompt_len]), "
-                            "--max-new-tokens each; also times one request on the contiguous path for comparison")
+                            "--max-new-tokens each; also times one request alone for comparison")
     serve.add_argument("--chunk", type=int_in(1, MAX_CHUNK), default=None,
                        help="with --requests: tokens per step (decode tokens first, then prefill chunks; default 64)")
     serve.add_argument("--arrival", type=int_in(0, MAX_ARRIVAL), default=None,

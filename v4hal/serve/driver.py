@@ -13,8 +13,8 @@ Definitions of the figures:
   ``decode_only_mean_batch``: their mean number of requests).
   A request's first new token comes from its last prefill chunk, so it decodes ``max_new_tokens - 1``
   tokens, as the single-request path does.
-- ``single``: the contiguous path (``V4Model.forward``, batch 1, a prompt of the requests' mean length,
-  shared prefix included, and the same ``max_new_tokens``), timed like ``v4hal run``
+- ``single``: one request alone (``V4Model.forward`` on its private pool, batch 1, a prompt of the requests'
+  mean length, shared prefix included, and the same ``max_new_tokens``), timed like ``v4hal run``
   (`v4hal.bench.decode.timed_decode`, the median of 3 runs): ``decode_tok_s`` = ``max_new_tokens - 1``
   one-token steps over their time.
   ``speedup`` = batched ``decode_tok_s`` / single ``decode_tok_s`` (``speedup_decode_only`` likewise).
@@ -62,7 +62,7 @@ __all__ = ["single_request_decode", "serve_rank", "merge_ranks", "run_requests"]
 @torch.inference_mode()
 def single_request_decode(model: torch.nn.Module, prompt_len: int, max_new_tokens: int, seed: int = 0,
                           repeats: int = 3) -> dict:
-    """One request through the contiguous path (``model(prompt, 0)`` then one-token steps, greedy), timed by
+    """One request alone through ``V4Model.forward`` (``model(prompt, 0)`` then one-token steps, greedy), timed by
     `v4hal.bench.decode.timed_decode` as ``v4hal run`` times it, ``repeats`` times. Returns the run with the
     median decode time: ``prefill_s``, ``prefill_tok_s``, ``decode_s``, ``decode_tokens``, ``decode_tok_s``
     (None with a single new token), and ``decode_tok_s_runs`` (every run's)."""
@@ -116,7 +116,7 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
     peak (`v4hal.serve.sizing.request_pages`) fit next to those of the requests in flight (in arrival order;
     it waits otherwise), so no step can run out of pages whatever ``requests`` is. Requests that leave are
     taken from the engine as they go (`Engine.pop_finished`). ``baseline`` (collective with expert parallelism):
-    time one request on the contiguous path (`single_request_decode`) with the workload's mean prompt length.
+    time one request alone (`single_request_decode`) with the workload's mean prompt length.
 
     Returns a JSON-ready dict: ``rank``, ``world``, ``mine`` (request indices), ``outputs`` (index -> tokens),
     ``failed`` (index -> why, requests the engine failed), ``preemptions`` (the engine's),
@@ -361,7 +361,7 @@ def run_requests(model: torch.nn.Module, *, requests: int = 16, prompt_len: int 
     budget per step; ``block_size``: pool page size (None: `default_block_size`); ``layout``: a
     `LAYOUT_PAIRS` name (None: `default_layout` of the model's device and config). The pool takes at most
     ``pool_memory`` bytes on the model's device (None: `default_pool_memory`), and requests wait for pages
-    when it cannot hold them all (`serve_rank`). ``baseline``: also time one request on the contiguous path
+    when it cannot hold them all (`serve_rank`). ``baseline``: also time one request alone
     (`single_request_decode`, the workload's mean prompt length). ``progress``: a tqdm bar of finished
     requests on stderr. Returns the figures defined in the module docstring (a JSON-ready dict; ``tokens``:
     each request's generated tokens, in request order). `run_requests_ep` runs the same workload on

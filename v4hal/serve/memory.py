@@ -19,10 +19,11 @@ FLASHMLA_ENTRY_BYTES = 584
 
 
 def contiguous_bytes(cfg: ModelConfig, tokens: int) -> int:
-    """Cache bytes of one sequence of ``tokens`` on the contiguous path (`V4Model.forward`, caches sized for
-    ``max_seq_len = tokens``), every layer (main and MTP): a bf16 ``head_dim`` row per window slot and per
-    compressed entry, a bf16 ``index_head_dim`` row per indexer key (ratio 4), and the compressors' fp32
-    state of the unfinished block (``kv`` and ``score``, and the previous block's for ratio 4)."""
+    """Cache bytes of one sequence of ``tokens`` in contiguous caches, as the public V4 inference code keeps
+    them (sized for ``max_seq_len = tokens``, no pages), every layer (main and MTP): a bf16 ``head_dim`` row
+    per window slot and per compressed entry, a bf16 ``index_head_dim`` row per indexer key (ratio 4), and
+    the compressors' fp32 state of the unfinished block (``kv`` and ``score``, and the previous block's for
+    ratio 4)."""
     total = 0
     for r in cfg.compress_ratios:
         total += 2 * cfg.head_dim * (cfg.window_size + (tokens // r if r else 0))

@@ -29,7 +29,8 @@ def format_report(res: dict[str, Any]) -> str:
         ["decode", f"{res['decode_tokens']} tokens, {_fmt(res['decode_tok_s'])} tok/s "
                    f"(decode-only steps: {_fmt(res['decode_only_tok_s'])} tok/s, "
                    f"{_fmt(res['decode_only_mean_batch'])} requests per step on average)"],
-        ["single request", f"decode {_fmt(single.get('decode_tok_s'))} tok/s (contiguous path, batch 1, prompt "
+        ["single request", f"decode {_fmt(single.get('decode_tok_s'))} tok/s (alone through V4Model.forward, "
+                           f"batch 1, prompt "
                            f"{single.get('prompt_len')} = the requests' mean, median of "
                            f"{len(single.get('decode_tok_s_runs', []))} runs)"
          if single else "not measured"],

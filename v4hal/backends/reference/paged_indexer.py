@@ -69,7 +69,7 @@ def indexer_logits_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         return out
     limits = row_limits(context_lens, n)                                           # [b, n]
     # float64 math rounded to fp32 once, like the reference index_scores: with FP4 keys (and FP4-rounded
-    # queries) the logits then do not depend on shapes or chunking, so the picks equal the contiguous path's
+    # queries) the logits then do not depend on shapes or chunking, so the picks equal a contiguous cache's
     qf = q.double().reshape(b, n * h, d)
     w = weights.double().view(b, n, 1, h)
     per_req = 2 * max(n * h, d)                   # fp32-sized elements per request and key of the largest intermediate
