@@ -69,8 +69,9 @@ def _build(g: Gen, s: Shape) -> list:
     if s["extra_topk"]:
         extra = list(_picks(g, s, s["extra_ctx"], s["extra_topk"], zero_last=False, layout=_extra_layout(s)))
     uneven = s["uneven"]
-    return [q, cache, idx, sink, s["d"] ** -0.5, lengths if uneven else None, extra[0], extra[1],
-            extra[2] if uneven else None, s["layout"], None, None, 0, None, 0, True, s["extra_layout"]]
+    args = [q, cache, idx, sink, s["d"] ** -0.5, lengths if uneven else None, extra[0], extra[1],
+            extra[2] if uneven else None, s["layout"], None, None, 0, None, 0, True]
+    return args + [s["extra_layout"]] if s["extra_layout"] else args
 
 
 def _extra_layout(s: Shape) -> str:
