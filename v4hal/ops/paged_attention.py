@@ -52,7 +52,7 @@ def _cache(name: str, cache: torch.Tensor, layout: str, dim: int, layout_arg: st
         if msg.startswith(prefix):
             msg = f"{OP}: {name}" + msg[len(prefix):]
         if layout_arg != "layout":
-            msg = msg.replace(" for layout ", f" for {layout_arg} ")
+            msg = msg.replace(f"layout {layout!r}", f"{layout_arg} {layout!r}")
         if fix_arg != "layout":
             msg = msg.replace("pass layout=", f"pass {fix_arg}=")
         raise type(e)(msg) from None
