@@ -26,7 +26,15 @@ fp32 accumulator per program). Entries, per layout (byte offsets inside the page
   bf16 values at ``page + offset * rec + nope`` (V4: rec = 576, nope = 448, 8 scale bytes). The e4m3,
   e8m0 and bf16 bit patterns are decoded with integer arithmetic (the same code runs compiled and under
   the interpreter); the products are exact in fp32.
+- ``v41_window_fp8``: ``D`` e4m3 bytes at ``page + offset * D``, value ``i`` times ``2**(e - 127)`` with
+  ``e`` the ue8m0 byte ``page + block_size * D + offset * D / 32 + i // 32`` (V4.1: 528 bytes a token).
+- ``v41_compressed_fp4``: the e2m1 code of value ``i`` in byte ``page + offset * D / 2 + i // 2`` (even
+  ``i`` in the low nibble, sign in bit 3), times the e4m3 scale byte
+  ``page + block_size * D / 2 + offset * D / 16 + i // 16`` (V4.1: 288 bytes a token); the product is
+  exact in fp32 and in bf16.
 - ``bf16``: ``D`` bf16 values at ``block * stride(0) + offset * stride(1)``.
+
+Each cache is decoded by its own layout (``KIND`` / ``XKIND``: ``layout`` and ``extra_layout``).
 
 Operands of ``tl.dot``: bf16 on a GPU (a dequantized e4m3 value times a power of two fits bf16
 exactly), fp32 under the interpreter (its bf16 ``tl.dot`` is wrong). The bf16 output is stored through
