@@ -193,3 +193,36 @@ def test_950_packs_only_the_pages_the_call_reads():
         for c in range(lo, hi):
             page = args[1][int(kw["block_table"][row, c])].float()
             assert torch.equal(unpack_kv_fp8(packed[int(table[row, c])]), page)
+
+
+def _v41_caches(window: torch.Tensor, extra: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band call's bf16 caches rewritten as V4.1 caches (window v41_window_fp8, extra v41_compressed_fp4)
+    holding random entries."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for cache, layout in ((window, "v41_window_fp8"), (extra, "v41_compressed_fp4")):
+        nb, bs = cache.shape[0], cache.shape[1]
+        new = new_paged_cache(nb, bs, layout, dim=D)
+        v4hal.paged_cache_write(new, torch.randn(nb * bs, D, generator=g).bfloat16(),
+                                torch.arange(nb * bs, dtype=torch.int32), layout)
+        out.append(new)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("extra_only", [False, True], ids=["window+compressed", "compressed only"])
+def test_v41_pages_fall_back_to_the_reference_with_their_reason(npu, extra_only):
+    """An otherwise native band call over V4.1 caches (no CANN op reads 528- or 288-byte entries)."""
+    args, kw = band_call(4)
+    window, extra = _v41_caches(args[1], kw["extra_kv_cache"], seed=3)
+    kw.update(extra_kv_cache=extra, extra_layout="v41_compressed_fp4")
+    if not extra_only:
+        args[1] = window
+        kw["layout"] = "v41_window_fp8"
+    with v4hal.use_backend("reference"):
+        want = v4hal.sparse_attn_paged(*args, **kw)
+    with v4hal.use_backend("ascend"):
+        got = v4hal.sparse_attn_paged(*args, **kw)
+    recorded = paths("sparse_attn_paged")
+    assert len(recorded) == 1 and recorded[0].startswith("reference: V4.1 pages"), recorded
+    assert torch.equal(got, want)
+    assert not [op for _tier, op in npu.calls if "attn" in op or "attention" in op]

@@ -224,16 +224,19 @@ def test_gpu_check_paged_decode_targets() -> None:
     def row(op, case, nbytes, time_s, backend="triton"):
         return runner.Row(op, case, backend, "cuda", "x", "", {}, time_s=time_s, bytes=nbytes)
 
-    def by_op(rows):
-        return {t["target"].split(" ")[0]: t for t in gpu_check.evaluate_targets(rows, ceil)}
+    def by_op(rows):     # keyed by op ("<op> v41" for the V4.1 target of an op)
+        return {t["target"].split(" ")[0] + (" v41" if "V4.1" in t["target"] else ""): t
+                for t in gpu_check.evaluate_targets(rows, ceil)}
 
     empty = by_op([])
     for op, case, _, _ in gpu_check.PAGED_TARGETS:
-        assert empty[op]["status"] == "not measured" and empty[op]["note"] == f"no timed {op} row for {case}"
+        key = op + (" v41" if "v41" in case else "")
+        assert empty[key]["status"] == "not measured" and empty[key]["note"] == f"no timed {op} row for {case}"
     rows = [
         row("sparse_attn_paged", "v4-flash/decode/csa", 32e6, 10e-6),      # 32 MB in 10 us: 80% of 4 TB/s
         row("sparse_attn_paged", "v4-flash/decode/hca", 1e6, 1e-3),        # another case: not counted
         row("sparse_attn_paged", "v4-flash/decode/csa", 1e6, 1e-3, "reference"),
+        row("sparse_attn_paged", "v4-flash/decode/v41_csa", 22.3e6, 1e-3),   # 0.56%
         row("indexer_logits_paged", "v4-flash/decode/fp4", 76e6, 1e-3),   # 1.9%
         row("indexer_logits_paged", "v4-flash/decode/fp4 mtp", 1e9, 1e-3),
         row("indexer_topk_paged", "v4-flash/decode/fp4", 1e9, 1e-3),      # same case name, other op
@@ -245,6 +248,8 @@ def test_gpu_check_paged_decode_targets() -> None:
     attn, logits, write = res["sparse_attn_paged"], res["indexer_logits_paged"], res["paged_cache_write"]
     assert attn["status"] == "pass" and attn["worst"] == pytest.approx(80.0) and attn["threshold"] == 50.0
     assert list(attn["values"]) == ["v4-flash/decode/csa"] and attn["unit"] == "% of copy"
+    v41 = res["sparse_attn_paged v41"]
+    assert v41["status"] == "FAIL" and list(v41["values"]) == ["v4-flash/decode/v41_csa"]
     assert logits["status"] == "FAIL" and logits["worst"] == pytest.approx(1.9)
     assert list(logits["values"]) == ["v4-flash/decode/fp4"]
     assert write["status"] == "pass" and write["worst"] == pytest.approx(100 * 206848 / 4e-6 / 4e12)
@@ -279,5 +284,5 @@ def test_gpu_check_flow_dry_run_on_cpu(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "targets" in text and "[not measured]" in text
     doc = json.loads(out.read_text())
-    assert {r["op"] for r in doc["rows"]} == {"rms_norm", "fp8_gemm"} and len(doc["targets"]) == 8
+    assert {r["op"] for r in doc["rows"]} == {"rms_norm", "fp8_gemm"} and len(doc["targets"]) == 9
     assert gpu_check.main(["--device", "cpu", "--quick", "--backends", "ascend"]) == 2

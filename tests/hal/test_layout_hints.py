@@ -54,9 +54,10 @@ CASES = [
     ("attn bf16 default", lambda: attn(cache("bf16")), DTypeError,
      r"kv_cache must be uint8 or float8_e4m3fn for layout 'model1_fp8', got bfloat16 .*'bf16' \(D = 512\)"
      + PASS.format("bf16")),
+    # the extra cache has its own layout argument: the fix names it
     ("attn bf16 extra", lambda: attn(cache("bf16"), "bf16", extra=cache("model1_fp8")), DTypeError,
      r"extra_kv_cache must be bfloat16 for layout 'bf16', got uint8 .*'model1_fp8' \(D = 512\)"
-     + PASS.format("model1_fp8")),
+     r": pass extra_layout='model1_fp8'$"),
     ("logits bf16 default", lambda: index(indexer_logits_paged, cache("bf16", 128)), DTypeError,
      r"kv_cache must be uint8 for layout 'indexer_fp4', got bfloat16 .*'bf16' \(D = 128\)" + PASS.format("bf16")),
     ("topk bf16 default", lambda: index(indexer_topk_paged, cache("bf16", 128)), DTypeError,
@@ -85,9 +86,9 @@ CASES = [
     # a cache of another op's layouts: named, with what the op takes
     ("attn fp4 cache", lambda: attn(cache("indexer_fp4")), ShapeError,
      r"'indexer_fp4' \(D = 128\) or 'indexer_fp8' \(D = 64\), which sparse_attn_paged does not take "
-     r"\(layouts: \['model1_fp8', 'bf16'\]\)$"),
+     r"\(layouts: \['model1_fp8', 'bf16', 'v41_window_fp8', 'v41_compressed_fp4'\]\)$"),
     ("attn layout fp4", lambda: attn(cache("model1_fp8"), "indexer_fp4"), RangeError,
-     r"layout must be one of \['model1_fp8', 'bf16'\].*got 'indexer_fp4'; .*'model1_fp8' \(D = 512\)"
+     r"layout must be one of \['model1_fp8', 'bf16', .*\].*got 'indexer_fp4'; .*'model1_fp8' \(D = 512\)"
      + PASS.format("model1_fp8")),
     # no layout holds q's width: the looks are told, no fix is named
     ("topk layout model1", lambda: index(indexer_topk_paged, cache("model1_fp8"), "model1_fp8"), RangeError,

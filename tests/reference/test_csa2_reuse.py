@@ -6,10 +6,11 @@ attention over [own window ; shared picks] (an oracle written here), the reads l
 an entry the source writes later is seen by both without anything done on their side (they hold the
 cache itself, not a copy).
 
-``sparse_attn_paged`` does not read the 288-byte ``v41_compressed_fp4`` layout yet: the entries go through
-that layout's FP4 round trip (`v4hal.hal.formats.fp4_e4m3_round_trip`, block 16, e4m3 scales) and into a
-``bf16`` cache, which holds those values exactly; a local oracle (`oracle_fp4_round_trip`) checks the round
-trip against the format's rule.
+The compressed cache is a real ``v41_compressed_fp4`` cache (288 bytes per 512-wide entry; here 36 per
+64-wide one), read through ``sparse_attn_paged(..., extra_layout="v41_compressed_fp4")`` next to ``bf16``
+window caches; the oracle's keys are the entries through a local oracle of that layout's FP4 round trip
+(`oracle_fp4_round_trip`, written from the format's rule), itself checked against
+`v4hal.hal.formats.fp4_e4m3_round_trip`.
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def test_two_layers_read_one_compressed_cache():
                                               torch.tensor([0], dtype=torch.int32), 2, 1e-20)
     n = int((req >= 0).sum())
     assert n == 5
-    compressed = new_paged_cache(2, BLK, "bf16", dim=D)
-    paged_cache_write(compressed, fp4_round_trip(ent[:n]), pos[:n], "bf16")
+    compressed = new_paged_cache(2, BLK, "v41_compressed_fp4", dim=D)
+    paged_cache_write(compressed, ent[:n], pos[:n], "v41_compressed_fp4")
     shared_topk = torch.tensor([[[4, 0, 2, -1, -1]]], dtype=torch.int32)      # the source's picks (slots)
 
     def layer(seed: int):
@@ -88,8 +89,9 @@ def test_two_layers_read_one_compressed_cache():
     outs = []
     for window, wk, q, sink in layers:
         out = sparse_attn_paged(q, window, torch.arange(6, dtype=torch.int32).view(1, 1, 6), sink, scale,
-                                   extra_kv_cache=compressed, extra_indices=shared_topk, layout="bf16")
-        keys = torch.cat([wk, fp4_round_trip(ent[[4, 0, 2]])])
+                                extra_kv_cache=compressed, extra_indices=shared_topk, layout="bf16",
+                                extra_layout="v41_compressed_fp4")
+        keys = torch.cat([wk, oracle_fp4_round_trip(ent[[4, 0, 2]])])
         want = _dense(q[0, 0], keys, sink, scale)
         torch.testing.assert_close(out[0, 0].float(), want, atol=1e-2, rtol=1e-2)
         outs.append(out)
@@ -102,12 +104,13 @@ def test_two_layers_read_one_compressed_cache():
                                                  torch.tensor([0, 1], dtype=torch.int32),
                                                  torch.tensor([11], dtype=torch.int32), 2, 1e-20)
     assert req2.tolist() == [0] and pos2.tolist() == [5]
-    paged_cache_write(compressed, fp4_round_trip(ent2[:1]), pos2[:1], "bf16")
+    paged_cache_write(compressed, ent2[:1], pos2[:1], "v41_compressed_fp4")
     picks = torch.tensor([[[5, -1, -1, -1, -1]]], dtype=torch.int32)
     for window, wk, q, sink in layers:
         out = sparse_attn_paged(q, window, torch.full((1, 1, 6), -1, dtype=torch.int32), sink, scale,
-                                   extra_kv_cache=compressed, extra_indices=picks, layout="bf16")
-        want = _dense(q[0, 0], fp4_round_trip(ent2[:1]), sink, scale)
+                                extra_kv_cache=compressed, extra_indices=picks, layout="bf16",
+                                extra_layout="v41_compressed_fp4")
+        want = _dense(q[0, 0], oracle_fp4_round_trip(ent2[:1]), sink, scale)
         torch.testing.assert_close(out[0, 0].float(), want, atol=1e-2, rtol=1e-2)
 
 

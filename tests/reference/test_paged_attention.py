@@ -25,16 +25,17 @@ def _ref(*args):
 
 def contiguous_equivalent(args: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kv ``[b, n1 + n2, 512]``, topk_idxs ``[b, s, k1 + k2]``, valid): every entry of both caches
-    dequantized by paged_cache_read (the same rows for every batch), and the picks as row numbers
+    dequantized by paged_cache_read by its layout (the same rows for every batch), and the picks as row numbers
     (-1 for holes and for picks past topk_length)."""
     q, cache, idx, _, _, lengths, extra_cache, extra_idx, extra_lengths, layout = args[:10]
+    extra_layout = (args[16] if len(args) > 16 else None) or layout
     b = q.shape[0]
     rows, picks, offset = [], [], 0
-    for c, i, n in ((cache, idx, lengths), (extra_cache, extra_idx, extra_lengths)):
+    for c, i, n, lay in ((cache, idx, lengths, layout), (extra_cache, extra_idx, extra_lengths, extra_layout)):
         if c is None:
             continue
         slots = c.shape[0] * c.shape[1]
-        rows.append(paged_cache_read(c, torch.arange(slots), layout))
+        rows.append(paged_cache_read(c, torch.arange(slots), lay))
         e = effective_indices(i, n)
         picks.append(torch.where(e >= 0, e + offset, -1))
         offset += slots
@@ -154,7 +155,21 @@ def _call(**kw):
 
 BAD = [
     (dict(layout="bogus"), RangeError, r"sparse_attn_paged: layout must be one of"),
-    (dict(layout="indexer_fp4"), RangeError, r"layout must be one of \['model1_fp8', 'bf16'\]"),
+    (dict(layout="indexer_fp4"), RangeError,
+     r"layout must be one of \['model1_fp8', 'bf16', 'v41_window_fp8', 'v41_compressed_fp4'\]"),
+    (dict(extra_layout="indexer_fp4"), RangeError, r"sparse_attn_paged: extra_layout must be one of \['model1_fp8'"),
+    (dict(extra_layout="bogus"), RangeError, r"sparse_attn_paged: layout must be one of .*got 'bogus'"),
+    (dict(extra_kv_cache=new_paged_cache(2, 4, "v41_compressed_fp4")), DTypeError,
+     r"extra_kv_cache must be bfloat16 for layout 'bf16'.*pass extra_layout='v41_compressed_fp4'$"),
+    (dict(extra_layout="v41_window_fp8"), DTypeError,
+     r"extra_kv_cache must be uint8 or float8_e4m3fn for extra_layout 'v41_window_fp8'"),
+    (dict(extra_layout="v41_compressed_fp4", extra_kv_cache=new_paged_cache(2, 4, "v41_window_fp8")), ShapeError,
+     r"extra_kv_cache must be \[blocks, block size, 1, W\] with W a width of extra_layout 'v41_compressed_fp4'"
+     r".*pass extra_layout='v41_window_fp8'$"),
+    (dict(extra_layout="v41_compressed_fp4", extra_kv_cache=new_paged_cache(2, 4, "v41_compressed_fp4", dim=256)),
+     ShapeError, r"extra_kv_cache must hold 512-wide entries .* 256-wide entries \(extra_layout 'v41_compressed_fp4'"),
+    (dict(layout="v41_window_fp8"), DTypeError,
+     r"kv_cache must be uint8 or float8_e4m3fn for layout 'v41_window_fp8'"),
     (dict(layout="model1_fp8"), DTypeError, r"sparse_attn_paged: kv_cache must be uint8 or float8_e4m3fn"),
     (dict(kv_cache=torch.zeros(3, 4, 1, 513, dtype=torch.bfloat16)), ShapeError,
      r"q must be \[b, s, h, 513\], 513 the entry width D of kv_cache"),
@@ -238,16 +253,18 @@ def test_valid_call_and_model1_layout_pass_the_checks():
 def _two_forms(layout: str, seed: int) -> tuple[dict, dict]:
     """One call in the position form (band window over per-row pages, compressed picks as entry indices with
     ratio 4, some not yet visible) and the same call in the slot form, built independently (a loop over
-    positions, not :func:`resolve_slots`)."""
+    positions, not :func:`resolve_slots`). ``layout``: both caches' layout, or ``"window+extra"``."""
     g = torch.Generator().manual_seed(seed)
+    layout, _, extra_layout = layout.partition("+")
+    extra_layout = extra_layout or layout
     b, s, h, bs, window, ratio = 3, 2, 4, 4, 5, 4
     pages = 6
     cache = new_paged_cache(b * pages, bs, layout)
-    xcache = new_paged_cache(b * 2, bs, layout)
+    xcache = new_paged_cache(b * 2, bs, extra_layout)
     rand = torch.randn(b * pages * bs, 512, generator=g).bfloat16()
     v4hal.paged_cache_write(cache, rand, torch.arange(b * pages * bs, dtype=torch.int32), layout)
     xrand = torch.randn(b * 2 * bs, 512, generator=g).bfloat16()
-    v4hal.paged_cache_write(xcache, xrand, torch.arange(b * 2 * bs, dtype=torch.int32), layout)
+    v4hal.paged_cache_write(xcache, xrand, torch.arange(b * 2 * bs, dtype=torch.int32), extra_layout)
     table = torch.randperm(b * pages, generator=g).to(torch.int32).view(b, pages)
     xtable = torch.randperm(b * 2, generator=g).to(torch.int32).view(b, 2)
     positions = torch.tensor([[0, 1], [6, 7], [17, 18]], dtype=torch.int32)
@@ -267,17 +284,57 @@ def _two_forms(layout: str, seed: int) -> tuple[dict, dict]:
                     xslots[i, j, n] = int(xtable[i, c // bs]) * bs + c % bs
     common = dict(q=torch.randn(b, s, h, 512, generator=g).bfloat16(), kv_cache=cache,
                   attn_sink=torch.randn(h, generator=g), softmax_scale=512 ** -0.5, extra_kv_cache=xcache,
-                  layout=layout, return_lse=True)
+                  layout=layout, extra_layout=extra_layout, return_lse=True)
     band = dict(common, indices=None, positions=positions, block_table=table, window_size=window,
                 extra_indices=ent, extra_block_table=xtable, extra_ratio=ratio)
     by_slot = dict(common, indices=slots, extra_indices=xslots)
     return band, by_slot
 
 
-@pytest.mark.parametrize("layout", ["bf16", "model1_fp8"])
+V41 = "v41_window_fp8+v41_compressed_fp4"
+
+
+@pytest.mark.parametrize("layout", ["bf16", "model1_fp8", V41, "v41_window_fp8", "model1_fp8+v41_compressed_fp4"])
 def test_band_window_and_entry_indices_equal_the_slot_form_bit_for_bit(layout):
     band, by_slot = _two_forms(layout, seed=21)
     out_b, lse_b = _call(**band)
     out_s, lse_s = _call(**by_slot)
     assert torch.equal(out_b, out_s) and torch.equal(lse_b, lse_s)
     assert bool((out_b != 0).any())
+
+
+def _as_bf16(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """A bf16 cache of the same blocks and block size holding ``cache``'s entries decoded (paged_cache_read)."""
+    nb, bs = cache.shape[0], cache.shape[1]
+    out = new_paged_cache(nb, bs, "bf16", dim=512)
+    out.view(nb * bs, 512).copy_(paged_cache_read(cache, torch.arange(nb * bs), layout))
+    return out
+
+
+@pytest.mark.parametrize("layout", [V41, "v41_window_fp8", "v41_compressed_fp4", "bf16+v41_compressed_fp4"])
+@pytest.mark.parametrize("form", ["band", "slot"])
+def test_v41_caches_equal_bf16_caches_of_their_decoded_entries_bit_for_bit(layout, form):
+    """Each cache decoded by its own layout, then the float64 math: the same out and lse, bit for bit, as the
+    call over bf16 caches holding the decoded entries."""
+    call = _two_forms(layout, seed=5)[form == "slot"]
+    got = _call(**call)
+    plain = dict(call, kv_cache=_as_bf16(call["kv_cache"], call["layout"]),
+                 extra_kv_cache=_as_bf16(call["extra_kv_cache"], call["extra_layout"]), layout="bf16",
+                 extra_layout=None)
+    want = _call(**plain)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert bool((got[0] != 0).any())
+    # the extra cache read by the window's layout instead is another call (or no call at all)
+    if call["layout"] != call["extra_layout"] and call["layout"] != "bf16":
+        with pytest.raises((ShapeError, DTypeError)):
+            _call(**dict(call, extra_layout=None))
+
+
+@pytest.mark.parametrize("layout", ["bf16", "model1_fp8"])
+def test_extra_layout_defaults_to_layout(layout):
+    """extra_layout None and extra_layout = layout are the same call (every V4 call is unchanged)."""
+    band, by_slot = _two_forms(layout, seed=9)
+    for call in (band, by_slot):
+        a = _call(**dict(call, extra_layout=None))
+        b = _call(**dict(call, extra_layout=layout))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

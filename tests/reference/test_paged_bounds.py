@@ -105,28 +105,34 @@ def test_read_of_slots_outside_the_cache_gives_zeros(backend, layout, dtype) -> 
 
 
 # ---------------------------------------------------------------- sparse_attn_paged
+#: the attention cases: one layout for both caches, or "window+extra" (V4.1's pair: extra_layout)
+ATTN_LAYOUTS = ["model1_fp8", "bf16", "v41_window_fp8+v41_compressed_fp4", "v41_window_fp8"]
+
+
 def attn_inputs(layout: str, seed: int = 3) -> dict:
     """A small sparse_attn_paged call over two caches of random entries (window: 3 blocks of 4, extra: 2 of
-    3), picks with -1 holes and uneven lengths."""
+    3), picks with -1 holes and uneven lengths. ``layout``: both caches' layout, or ``"window+extra"``."""
     g = _gen(seed)
-    dim = DIMS[layout]
+    window, _, extra = layout.partition("+")
+    extra = extra or window
+    dim = DIMS[window]
     b, s, h = 2, 3, 3
 
-    def cache(blocks: int, bs: int) -> torch.Tensor:
-        c = v4hal.new_paged_cache(blocks, bs, layout, dim=dim)
+    def cache(blocks: int, bs: int, lay: str) -> torch.Tensor:
+        c = v4hal.new_paged_cache(blocks, bs, lay, dim=dim)
         with v4hal.use_backend("reference"):
             v4hal.paged_cache_write(c, torch.randn(blocks * bs, dim, generator=g).bfloat16(),
-                                    torch.arange(blocks * bs), layout)
+                                    torch.arange(blocks * bs), lay)
         return c
 
-    kv, xkv = cache(3, 4), cache(2, 3)
+    kv, xkv = cache(3, 4, window), cache(2, 3, extra)
     idx = torch.randint(0, 12, (b, s, 5), generator=g, dtype=torch.int32)
     idx[0, 1, 2] = -1
     xidx = torch.randint(0, 6, (b, s, 3), generator=g, dtype=torch.int32)
     return dict(q=torch.randn(b, s, h, dim, generator=g).bfloat16(), kv_cache=kv, indices=idx,
                 attn_sink=torch.randn(h, generator=g), softmax_scale=dim ** -0.5,
                 topk_length=torch.tensor([5, 4], dtype=torch.int32), extra_kv_cache=xkv, extra_indices=xidx,
-                extra_topk_length=torch.tensor([3, 2], dtype=torch.int32), layout=layout)
+                extra_topk_length=torch.tensor([3, 2], dtype=torch.int32), layout=window, extra_layout=extra)
 
 
 def _attn(backend: str, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +140,10 @@ def _attn(backend: str, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return v4hal.sparse_attn_paged(a["q"], a["kv_cache"], a["indices"], a["attn_sink"], a["softmax_scale"],
                                        topk_length=a["topk_length"], extra_kv_cache=a["extra_kv_cache"],
                                        extra_indices=a["extra_indices"], extra_topk_length=a["extra_topk_length"],
-                                       layout=a["layout"], return_lse=True)
+                                       layout=a["layout"], extra_layout=a["extra_layout"], return_lse=True)
 
 
-@pytest.mark.parametrize("layout", ["model1_fp8", "bf16"])
+@pytest.mark.parametrize("layout", ATTN_LAYOUTS)
 def test_attention_ignores_picks_outside_the_cache(backend, layout) -> None:
     a = attn_inputs(layout)
     bad = dict(a, indices=a["indices"].clone(), extra_indices=a["extra_indices"].clone())
@@ -177,7 +183,7 @@ def _picked(a: dict, cache: str, slot: int) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # NumPy, under the interpreter
-@pytest.mark.parametrize("layout", ["model1_fp8", "bf16"])
+@pytest.mark.parametrize("layout", ATTN_LAYOUTS)
 def test_attention_nan_rule(backend, layout) -> None:
     """NaN in q's row of one head: that (query, head)'s out and lse NaN, nothing else changes. A NaN in a
     picked entry: every head of the queries that pick it (below their length) NaN, the others unchanged.
@@ -196,15 +202,22 @@ def test_attention_nan_rule(backend, layout) -> None:
         hit.transpose(1, 2).unsqueeze(-1), 0))
     assert _same(lse.masked_fill(hit, 0), lse0.masked_fill(hit, 0))
 
-    # a NaN in the entry at extra slot 4 (its bf16 rope values in model1_fp8)
+    # a NaN in the entry at extra slot 4 (block 1, offset 1; model1_fp8: its bf16 rope values; V4.1: an e4m3
+    # NaN code, or in the fp4 layout a NaN e4m3 scale)
     xkv = attn_inputs(layout)["extra_kv_cache"]          # a copy (clone() would drop the padded page stride)
-    if layout == "bf16":
+    xlay = a["extra_layout"]
+    if xlay == "bf16":
         xkv[1, 1, 0, 3] = float("nan")
-    else:                    # block 1, offset 1: its record's bf16 value 3 (after 64 e4m3 bytes)
+    else:
         u8 = xkv.view(torch.uint8)
         flat = u8.as_strided((u8.shape[0] * u8.stride(0),), (1,), u8.storage_offset())
-        at = u8.stride(0) + 192 + 64 + 2 * 3
-        flat[at:at + 2] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8)
+        if xlay == "model1_fp8":     # its record's bf16 value 3 (after 64 e4m3 bytes)
+            at = u8.stride(0) + 192 + 64 + 2 * 3
+            flat[at:at + 2] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8)
+        elif xlay == "v41_window_fp8":      # value 3 of its 64 e4m3 bytes
+            flat[u8.stride(0) + 64 + 3] = 0x7F
+        else:                               # v41_compressed_fp4: the scale of its values 0..15 (after 3 x 32 bytes)
+            flat[u8.stride(0) + 3 * 32 + 4] = 0x7F
     out, lse = _attn(backend, dict(a, extra_kv_cache=xkv))
     rows = _picked(a, "extra_kv_cache", 4)                                     # [b, s_q]
     assert rows.any() and not rows.all()

@@ -162,20 +162,34 @@ def _paged_indexer_cases() -> list[Case]:
 def _paged_attention_cases() -> list[Case]:
     aligned = ("q_ptr", "sink_ptr", "out_ptr", "lse_ptr", "kv_ptr", "idx_ptr", "xkv_ptr", "xidx_ptr", "s_qb", "s_qm",
                "s_qh", "s_ib", "s_im", "s_xb", "s_xm", "s_ob", "s_om", "s_oh", "s_lb", "s_lh")
+    kinds = {"bf16": 0, "model1_fp8": 1, "v41_window_fp8": 2, "v41_compressed_fp4": 3}   # the kernel's KIND
+
+    def sizes(lay: str, d: int) -> tuple[int, int]:                   # (NB, SB) of a cache of d-wide entries
+        return {"bf16": (0, 0), "model1_fp8": ((d - 64) // 64, 8), "v41_window_fp8": (0, d // 32),
+                "v41_compressed_fp4": (0, d // 16)}[lay]
+
     cases = []
-    for fp8 in (True, False):
-        kv = "*u8" if fp8 else "*bf16"
+    # (window layout, extra layout, entry widths): V4's two layouts, V4.1's window + compressed pair and its
+    # window cache alone (one layout for both caches)
+    for lay, xlay, dims in (("model1_fp8", "model1_fp8", (512, 128)), ("bf16", "bf16", (512, 128)),
+                            ("v41_window_fp8", "v41_compressed_fp4", (512,)),
+                            ("v41_window_fp8", "v41_window_fp8", (512,))):
+        quantized = lay != "bf16"
+        kv, xkv = ("*bf16" if lay == "bf16" else "*u8"), ("*bf16" if xlay == "bf16" else "*u8")
         types = {"q_ptr": "*bf16", "sink_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "kv_ptr": kv,
-                 "idx_ptr": "*i32", "len_ptr": "*i32", "xkv_ptr": kv, "xidx_ptr": "*i32", "xlen_ptr": "*i32",
+                 "idx_ptr": "*i32", "len_ptr": "*i32", "xkv_ptr": xkv, "xidx_ptr": "*i32", "xlen_ptr": "*i32",
                  "qk_scale": "fp32"}
-        tiles = ((16, 4, 3),) if fp8 else ((16, 4, 3), (32, 8, 2))     # the launcher's (BLOCK_H, warps, stages)
-        for d in (512, 128):                                           # V4's and v4-mini's entry widths
-            sizes = dict(D=d, DP=d, NB=(d - 64) // 64, SB=8) if fp8 else dict(D=d, DP=d, NB=0, SB=0)
+        # the launcher's (BLOCK_H, warps, stages)
+        tiles = ((16, 8, 2),) if lay.startswith("v41_") else ((16, 4, 3),) if quantized else ((16, 4, 3), (32, 8, 2))
+        for d in dims:                                                 # V4's and v4-mini's entry widths
+            (nb, sb), (xnb, xsb) = sizes(lay, d), sizes(xlay, d)
+            name = lay if lay == xlay else f"{lay}+{xlay}"
             for bh, warps, stages in tiles:
-                cases.append(Case(f"sparse_attn_paged {'model1_fp8' if fp8 else 'bf16'} D={d} BH={bh} BN=16 "
-                                  f"w={warps}", "paged_attention:_paged_attn_kernel", types,
-                                  dict(BLOCK_H=bh, BLOCK_N=16, FP8=fp8, HAS_LEN=True, HAS_EXTRA=True, HAS_XLEN=True,
-                                       UPCAST=False, PREC="tf32", **sizes), aligned, warps, stages))
+                cases.append(Case(f"sparse_attn_paged {name} D={d} BH={bh} BN=16 w={warps}",
+                                  "paged_attention:_paged_attn_kernel", types,
+                                  dict(BLOCK_H=bh, BLOCK_N=16, KIND=kinds[lay], XKIND=kinds[xlay], HAS_LEN=True,
+                                       HAS_EXTRA=True, HAS_XLEN=True, UPCAST=False, PREC="tf32", D=d, DP=d, NB=nb,
+                                       SB=sb, XNB=xnb, XSB=xsb), aligned, warps, stages))
     return cases
 
 

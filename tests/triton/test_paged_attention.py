@@ -102,7 +102,8 @@ def test_entries_wider_than_512_run_on_the_reference():
     assert row["status"] == "no" and "head dim D must be <= 512, got 576" in row["reason"]
 
 
-@pytest.mark.parametrize("layout", ["bf16", "model1_fp8"])
+@pytest.mark.parametrize("layout", ["bf16", "model1_fp8", "v41_window_fp8+v41_compressed_fp4", "v41_compressed_fp4",
+                                    "model1_fp8+v41_compressed_fp4"])
 def test_band_window_and_entry_indices_match_the_reference(layout):
     """The position form (band window, entry indices with a ratio): Triton equals the reference, and returns
     the output alone unless return_lse."""
@@ -118,3 +119,71 @@ def test_band_window_and_entry_indices_match_the_reference(layout):
         alone = v4hal.sparse_attn_paged(q, cache, indices, sink, scale, **dict(band, return_lse=False))
     assert passed(compare_outputs("sparse_attn_paged", out, ref, [q])), (out, ref)
     assert isinstance(alone, torch.Tensor) and torch.equal(alone, out[0])
+
+
+def _v41_raw_cache(blocks: int, bs: int, layout: str, g: torch.Generator) -> torch.Tensor:
+    """A V4.1 cache of 512-wide entries holding random bytes: window: every e4m3 code but NaN (subnormals
+    included), ue8m0 scales around 2**0 plus 2**-127 (token 0, an fp32 subnormal) and 2**10 (token 1);
+    compressed: every e2m1 code (both zeros included), e4m3 scales of every finite positive code below 1,
+    subnormals included, plus the extreme 448 (token 1)."""
+    cache = new_paged_cache(blocks, bs, layout)
+    u8 = cache.view(torch.uint8)
+    page = u8.as_strided((blocks, u8.stride(0)), (u8.stride(0), 1))
+    data_bytes = 512 if layout == "v41_window_fp8" else 256
+    data = page[:, :bs * data_bytes].reshape(blocks, bs, data_bytes)
+    scales = page[:, bs * data_bytes:bs * (data_bytes + 512 // (32 if layout == "v41_window_fp8" else 16))]
+    scales = scales.reshape(blocks, bs, -1)
+    data.copy_(torch.randint(0, 256, data.shape, generator=g, dtype=torch.uint8))
+    if layout == "v41_window_fp8":
+        data[(data & 0x7F) == 0x7F] = 0x22                                  # no e4m3 NaN code
+        e = torch.randint(120, 130, scales.shape, generator=g, dtype=torch.uint8)
+        e[0, 0], e[0, 1] = 0, 137
+    else:
+        e = torch.randint(0, 0x38, scales.shape, generator=g, dtype=torch.uint8)   # e4m3 codes 0 .. 0.875
+        e[0, 1] = 0x7E                                                      # 448
+    scales.copy_(e)
+    return cache
+
+
+@pytest.mark.parametrize("layout,extra_layout", [("v41_window_fp8", "v41_compressed_fp4"),
+                                                 ("v41_compressed_fp4", "v41_window_fp8")])
+def test_raw_v41_bytes_decode_like_the_reference(layout, extra_layout):
+    """Random page bytes of both V4.1 layouts (64-token pages, as V4.1 pages them): the kernel's in-kernel
+    decode of the e4m3 / e2m1 codes and their ue8m0 / e4m3 scales gives the reference's result."""
+    g = torch.Generator().manual_seed(1)
+    window, extra = _v41_raw_cache(3, 64, layout, g), _v41_raw_cache(2, 64, extra_layout, g)
+    q = (torch.randn(1, 2, 3, 512, generator=g) * 0.05).bfloat16()
+    idx = torch.randint(0, 3 * 64, (1, 2, 20), generator=g, dtype=torch.int32)
+    idx[0, 0, :2] = torch.tensor([0, 1], dtype=torch.int32)    # the extreme-scale entries
+    idx[0, 1, 3] = -1
+    xidx = torch.randint(0, 2 * 64, (1, 2, 9), generator=g, dtype=torch.int32)
+    xidx[0, 1, :2] = torch.tensor([0, 1], dtype=torch.int32)
+    args = [q, window, idx, torch.randn(3), 0.04, None, extra, xidx, None, layout, None, None, 0, None, 0, True,
+            extra_layout]
+    _check(args)
+
+
+@pytest.mark.parametrize("layout", ["v41_window_fp8", "v41_compressed_fp4"])
+@pytest.mark.parametrize("which", ["window", "extra"])
+def test_one_pick_without_a_sink_returns_the_entry_decoded_bit_for_bit(layout, which):
+    """One valid pick and no sink: out is the picked entry itself (weight exactly 1), so the kernel's decode of
+    each raw byte pattern (every e4m3 / e2m1 code, the scales of `_v41_raw_cache`) must equal
+    paged_cache_read's exactly; each query row picks a different slot of a 64-token page."""
+    from v4hal.backends.reference.paged import paged_cache_read
+
+    g = torch.Generator().manual_seed(2)
+    other = "v41_compressed_fp4" if layout == "v41_window_fp8" else "v41_window_fp8"
+    cache, spare = _v41_raw_cache(1, 64, layout, g), _v41_raw_cache(1, 64, other, g)
+    rows = torch.arange(64, dtype=torch.int32).view(1, 64, 1)
+    none = torch.full((1, 64, 1), -1, dtype=torch.int32)
+    q = torch.zeros(1, 64, 1, 512).bfloat16()
+    sink = torch.full((1,), float("-inf"))
+    if which == "window":
+        args = [q, cache, rows, sink, 1.0, None, spare, none, None, layout, None, None, 0, None, 0, False, other]
+    else:
+        args = [q, spare, none, sink, 1.0, None, cache, rows, None, other, None, None, 0, None, 0, False, layout]
+    with v4hal.use_backend("triton"):
+        out, _ = OP(*args)
+    want = paged_cache_read(cache, torch.arange(64), layout)
+    assert not want.isnan().any() and bool((want != 0).any())
+    assert torch.equal(out[0, :, 0], want)       # exact (a -0.0 entry comes out +0.0: the sum starts at 0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.reference.test_paged_bounds import (  # noqa: F401  (the tests, run again with backend = "triton")
+    ATTN_LAYOUTS,
     _attn,
     _checks_off,
     _logits,
@@ -47,7 +48,7 @@ def _same_nans_and_values(a: torch.Tensor, b: torch.Tensor, exact: bool) -> None
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("layout", ["model1_fp8", "bf16"])
+@pytest.mark.parametrize("layout", ATTN_LAYOUTS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_attention_backends_agree_on_non_finite_q(layout, value) -> None:
     """NaN, +inf or -inf in a query row: the same NaN / inf pattern of out and lse on both backends (before,

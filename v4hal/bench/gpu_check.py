@@ -20,7 +20,8 @@ GEMM >= 50% of the measured FP8 ceiling at >= 512 rows per expert.
 Goals for the paged decode kernels, at V4-Flash decode shapes, as a share of the copy bandwidth on the
 bytes the case says each call must move (not yet measured on any GPU): ``sparse_attn_paged``
 (``v4-flash/decode/csa``: 64 requests, 64 heads, 128 window + 512 compressed picks from ``model1_fp8``
-caches) >= 50%; ``indexer_logits_paged`` (``v4-flash/decode/fp4``: 64 requests, 64 heads, 16K FP4 keys
+caches; and ``v4-flash/decode/v41_csa``: V4.1-Flash's, 128 ``v41_window_fp8`` + 512 ``v41_compressed_fp4``
+picks, 22 MB a call) >= 50%; ``indexer_logits_paged`` (``v4-flash/decode/fp4``: 64 requests, 64 heads, 16K FP4 keys
 each) >= 50%; ``paged_cache_write`` (``v4-flash/decode/model1_fp8``: 128 tokens, 207 KB a call) >= 1%:
 so few bytes make that figure a measure of the call's fixed cost (launch and op layer), and 1% of a
 4 TB/s copy is about 5 us a call.
@@ -85,6 +86,9 @@ PAGED_TARGETS = (
     ("sparse_attn_paged", "v4-flash/decode/csa", 50.0,
      "sparse_attn_paged decode (V4-Flash csa: b=64, h=64, 128 window + 512 compressed model1_fp8 picks) "
      ">= 50% of copy bandwidth on the bytes it moves (goal)"),
+    ("sparse_attn_paged", "v4-flash/decode/v41_csa", 50.0,
+     "sparse_attn_paged decode (V4.1-Flash: b=64, h=64, 128 window v41_window_fp8 + 512 compressed "
+     "v41_compressed_fp4 picks, 22 MB a call) >= 50% of copy bandwidth on the bytes it moves (goal)"),
     ("indexer_logits_paged", "v4-flash/decode/fp4", 50.0,
      "indexer_logits_paged decode (V4-Flash fp4: b=64, 64 heads, 16K FP4 keys per request) "
      ">= 50% of copy bandwidth on the bytes it moves (goal)"),

@@ -5,8 +5,10 @@
 (``kv_cache``, ``indices``) and of the compressed cache (``extra_kv_cache``, ``extra_indices``) form one
 softmax with the sink in its denominator; on request (``return_lse=True``, FlashInfer's opt-in) it also returns the
 log-sum-exp of the scores (without the sink). The caches are attention layouts of :mod:`v4hal.ops.paged`
-(``model1_fp8`` or ``bf16``) of any entry width ``D`` the layout allows (V4: 512); ``q``'s last dim must
-be the caches' ``D``.
+(``model1_fp8``, ``bf16``, V4.1's ``v41_window_fp8`` / ``v41_compressed_fp4``) of any entry width ``D``
+the layout allows (V4: 512); ``q``'s last dim must be the caches' ``D``. ``layout`` is the window
+cache's, ``extra_layout`` the extra cache's (None: ``layout``; V4.1: ``"v41_window_fp8"`` and
+``"v41_compressed_fp4"``).
 
 Two ways of giving the picks, one semantics (a backend takes whichever its kernel prefers):
 
@@ -33,13 +35,15 @@ from ._define import call, define_op
 from .paged import PAGED_LAYOUTS, _check_cache, _layout, layout_hint
 
 OP = "sparse_attn_paged"
-#: the layouts holding attention entries (keys = values); V4's width is 512
-ATTN_LAYOUTS = ("model1_fp8", "bf16")
+#: the layouts holding attention entries (keys = values); V4's and V4.1's width is 512
+ATTN_LAYOUTS = ("model1_fp8", "bf16", "v41_window_fp8", "v41_compressed_fp4")
 
 
-def _cache(name: str, cache: torch.Tensor, layout: str, dim: int) -> int:
-    """The cache checks of :mod:`v4hal.ops.paged` (``dim``: q's width), with the messages naming ``name``;
-    returns the entry width."""
+def _cache(name: str, cache: torch.Tensor, layout: str, dim: int, layout_arg: str = "layout",
+           fix_arg: str = "layout") -> int:
+    """The cache checks of :mod:`v4hal.ops.paged` (``dim``: q's width), with the messages naming ``name``,
+    the layout argument ``layout_arg`` it is read with and ``fix_arg`` in the hint's fix; returns the entry
+    width."""
     try:
         return _check_cache(OP, cache, PAGED_LAYOUTS[layout], ATTN_LAYOUTS, dim)
     except V4HalError as e:
@@ -47,7 +51,23 @@ def _cache(name: str, cache: torch.Tensor, layout: str, dim: int) -> int:
         prefix = f"{OP}: cache"
         if msg.startswith(prefix):
             msg = f"{OP}: {name}" + msg[len(prefix):]
+        if layout_arg != "layout":
+            msg = msg.replace(f"layout {layout!r}", f"{layout_arg} {layout!r}")
+        if fix_arg != "layout":
+            msg = msg.replace("pass layout=", f"pass {fix_arg}=")
         raise type(e)(msg) from None
+
+
+def _attn_layout(name: str, layout: object, cache: torch.Tensor, q: torch.Tensor):
+    """The `PagedLayout` named by the layout argument ``name``; RangeError unless it holds attention entries."""
+    lay = _layout(OP, layout)
+    if lay.name not in ATTN_LAYOUTS:
+        hint = _layout_hint(cache, layout, q) if isinstance(cache, torch.Tensor) else ""
+        if name != "layout":
+            hint = hint.replace("pass layout=", f"pass {name}=")
+        raise C.RangeError(f"{OP}: {name} must be one of {list(ATTN_LAYOUTS)} (attention entries), "
+                           f"got {layout!r}{hint}")
+    return lay
 
 
 def _layout_hint(kv_cache: torch.Tensor, layout: str, q: torch.Tensor) -> str:
@@ -110,11 +130,9 @@ def _check_forms(b: int, s: int, indices, topk_length, extra_indices, positions,
 
 def _check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, extra_kv_cache=None,
            extra_indices=None, extra_topk_length=None, layout="model1_fp8", positions=None, block_table=None,
-           window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False):
-    lay = _layout(OP, layout)
-    if lay.name not in ATTN_LAYOUTS:
-        raise C.RangeError(f"{OP}: layout must be one of {list(ATTN_LAYOUTS)} (attention entries), "
-                           f"got {layout!r}{_layout_hint(kv_cache, layout, q)}")
+           window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False, extra_layout=None):
+    lay = _attn_layout("layout", layout, kv_cache, q)
+    xlay = lay if extra_layout is None else _attn_layout("extra_layout", extra_layout, extra_kv_cache, q)
     C.dtype(OP, "q", q, (torch.bfloat16,))
     C.rank(OP, "q", q, (4,), "[b, s, h, D]")
     b, s, h, d = q.shape
@@ -139,11 +157,12 @@ def _check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, ext
     if extra_topk_length is not None and extra_indices is None:
         raise C.ShapeError(f"{OP}: extra_topk_length needs extra_kv_cache and extra_indices, got neither")
     if extra_kv_cache is not None:
-        xdim = _cache("extra_kv_cache", extra_kv_cache, layout, d)
+        xarg = "layout" if extra_layout is None else "extra_layout"
+        xdim = _cache("extra_kv_cache", extra_kv_cache, xlay.name, d, xarg, "extra_layout")
         if xdim != dim:
             raise C.ShapeError(f"{OP}: extra_kv_cache must hold {dim}-wide entries like kv_cache "
                                f"({C.describe(kv_cache)}), got {C.describe(extra_kv_cache)} holding "
-                               f"{xdim}-wide entries (layout {layout!r}, {lay.formula})")
+                               f"{xdim}-wide entries ({xarg} {xlay.name!r}, {xlay.formula})")
         _indices("extra_indices", extra_indices, b, s)
         _lengths("extra_topk_length", extra_topk_length, b)
     C.same_device(OP, q=q, kv_cache=kv_cache, indices=indices, attn_sink=attn_sink, topk_length=topk_length,
@@ -157,7 +176,7 @@ def _slots(cache: torch.Tensor) -> int:
 
 def _value_check(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, extra_kv_cache=None,
                  extra_indices=None, extra_topk_length=None, layout="model1_fp8", positions=None, block_table=None,
-                 window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False):
+                 window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False, extra_layout=None):
     if block_table is not None:
         C.index_range(OP, "positions", positions, 0, min(INT32_MAX, block_table.shape[1] * kv_cache.shape[1]))
     elif positions is not None:
@@ -188,7 +207,7 @@ def lse_out(q: torch.Tensor, return_lse: bool) -> torch.Tensor:
 
 def _fake(q, kv_cache, indices, attn_sink, softmax_scale, topk_length=None, extra_kv_cache=None,
           extra_indices=None, extra_topk_length=None, layout="model1_fp8", positions=None, block_table=None,
-          window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False):
+          window_size=0, extra_block_table=None, extra_ratio=0, return_lse=False, extra_layout=None):
     return torch.empty_like(q), lse_out(q, return_lse)
 
 
@@ -231,7 +250,7 @@ define_op(OP, "(Tensor q, Tensor kv_cache, Tensor? indices, Tensor attn_sink, fl
               "Tensor? topk_length=None, Tensor? extra_kv_cache=None, Tensor? extra_indices=None, "
               "Tensor? extra_topk_length=None, str layout=\"model1_fp8\", Tensor? positions=None, "
               "Tensor? block_table=None, int window_size=0, Tensor? extra_block_table=None, int extra_ratio=0, "
-              "bool return_lse=False) -> (Tensor, Tensor)",
+              "bool return_lse=False, str? extra_layout=None) -> (Tensor, Tensor)",
           check=_check, fake=_fake, value_check=_value_check,
           doc=C.ranges_doc(softmax_scale=C.FLOAT_ARG_RANGE) +
           " Checked values: `indices` in `[-1, kv_cache blocks * block size)`, `extra_indices` likewise for "
@@ -247,11 +266,14 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       extra_topk_length: torch.Tensor | None = None, layout: str = "model1_fp8",
                       positions: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                       window_size: int = 0, extra_block_table: torch.Tensor | None = None, extra_ratio: int = 0,
-                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      return_lse: bool = False, extra_layout: str | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode attention of ``q`` (bf16 ``[b, s_q, h, D]``) over picked cache entries.
 
-    ``kv_cache`` / ``extra_kv_cache``: paged caches of ``layout`` (``"model1_fp8"`` or ``"bf16"``) holding
-    ``D``-wide entries (``D`` = q's last dim; V4: 512); ``attn_sink``: fp32 ``[h]`` (``-inf`` = no sink).
+    ``kv_cache``: a paged cache of ``layout`` (``"model1_fp8"``, ``"bf16"``, ``"v41_window_fp8"`` or
+    ``"v41_compressed_fp4"``), ``extra_kv_cache`` one of ``extra_layout`` (same choices; None: ``layout``;
+    V4.1: ``layout="v41_window_fp8", extra_layout="v41_compressed_fp4"``), both holding ``D``-wide entries
+    (``D`` = q's last dim; V4 and V4.1: 512); ``attn_sink``: fp32 ``[h]`` (``-inf`` = no sink).
     Key = value = the dequantized entry. The picks of both caches form one softmax with
     ``exp(attn_sink)`` in the denominator.
 
@@ -275,5 +297,5 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     out, lse = call.sparse_attn_paged(q, kv_cache, indices, attn_sink, float(softmax_scale), topk_length,
                                       extra_kv_cache, extra_indices, extra_topk_length, layout, positions,
                                       block_table, int(window_size), extra_block_table, int(extra_ratio),
-                                      bool(return_lse))
+                                      bool(return_lse), extra_layout)
     return (out, lse) if return_lse else out

@@ -27,7 +27,8 @@ block 0 (the op validates the table up to its longest row).
 
 Falls back to the reference on the NPU tensors (``v4hal info`` lists each case): slot indices (the
 CANN ops take positions through block tables, not slots), ``return_lse`` (none returns it with
-paged caches), ``model1_fp8`` pages (584 bytes, read by neither op), and the shape limits of the op
+paged caches), ``model1_fp8`` pages (584 bytes, read by neither op), V4.1's ``v41_window_fp8`` /
+``v41_compressed_fp4`` pages (528 / 288 bytes: no CANN op on A2, A3 or 950 reads either), and the shape limits of the op
 (64 heads, 128 on 950 too; D = 512; window 128; ratio 4 or 128; K <= 512, 1024 on 950).
 """
 from __future__ import annotations
@@ -97,6 +98,17 @@ def _sink_not_finite(a: limits.Args) -> bool:
     return not bool(torch.isfinite(a["attn_sink"]).all())
 
 
+def _layouts(a: limits.Args) -> tuple[str, ...]:
+    """The layouts of the caches the call reads (the extra cache's only when there is one)."""
+    if a["extra_kv_cache"] is None:
+        return (a["layout"],)
+    return a["layout"], a.get("extra_layout") or a["layout"]
+
+
+def _v41_pages(a: limits.Args) -> bool:
+    return any(lay.startswith("v41_") for lay in _layouts(a))
+
+
 def _block_ok(cache: torch.Tensor | None) -> bool:
     return cache is None or (cache.shape[1] % 16 == 0 and 16 <= cache.shape[1] <= 1024)
 
@@ -111,8 +123,10 @@ SPARSE_ATTN_PAGED_LIMITS = (
                   lambda a: a["block_table"] is None),
     fallback_when("compressed picks given by slot (the CANN ops take entry indices through extra_block_table)",
                   lambda a: a["extra_indices"] is not None and a["extra_block_table"] is None),
+    fallback_when("V4.1 pages (v41_window_fp8 528-byte / v41_compressed_fp4 288-byte entries; no CANN attention "
+                  "op reads them: the CANN ops read bf16 pages, or 640-byte FP8 on 950)", _v41_pages),
     fallback_when("model1_fp8 pages (584-byte entries; the CANN ops read bf16 pages, or 640-byte FP8 on 950)",
-                  lambda a: a["layout"] != "bf16"),
+                  lambda a: "model1_fp8" in _layouts(a)),
     fallback_when("head dim D != 512", lambda a: a["q"].shape[-1] != D),
     fallback_when("heads != 64", lambda a: a["q"].shape[2] != 64, ("A2", "A3")),
     fallback_when("heads not 64 or 128", lambda a: a["q"].shape[2] not in (64, 128), ("950",)),
@@ -179,11 +193,13 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       extra_topk_length: torch.Tensor | None = None, layout: str = "model1_fp8",
                       positions: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                       window_size: int = 0, extra_block_table: torch.Tensor | None = None, extra_ratio: int = 0,
-                      return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      return_lse: bool = False, extra_layout: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out bf16 ``[b, s_q, h, 512]``, lse): one shared-KV sparse attention call (module doc), else the
     reference on the NPU tensors."""
     args = (q, kv_cache, indices, attn_sink, softmax_scale, topk_length, extra_kv_cache, extra_indices,
-            extra_topk_length, layout, positions, block_table, window_size, extra_block_table, extra_ratio, return_lse)
+            extra_topk_length, layout, positions, block_table, window_size, extra_block_table, extra_ratio, return_lse,
+            extra_layout)
     chip = runtime.chip()
     why = limits.violation(OP, chip, schema_args(OP, args))
     quant = chip == "950"

@@ -22,7 +22,7 @@ from v4hal.ops.paged import cache_dim
 from v4hal.ops.paged_attention import lse_out, resolve_slots
 
 from . import attention as ref_attention
-from .paged import _region, model1_decode, model1_parts, slot_in_cache
+from .paged import _region, model1_decode, model1_parts, slot_in_cache, v41_decode, v41_regions
 from .paged_indexer import paged_slots
 
 
@@ -37,6 +37,9 @@ def read_entries(cache: torch.Tensor, slots: torch.Tensor, layout: str) -> torch
     blk, off = s // bs, s % bs
     if layout == "bf16":
         vals = cache[blk, off, 0]
+    elif layout in ("v41_window_fp8", "v41_compressed_fp4"):
+        data, scales = v41_regions(cache, layout)
+        vals = v41_decode(layout, data[blk, off], scales[blk, off])
     else:  # model1_fp8
         nope, data_bytes, scale_bytes = model1_parts(cache_dim(cache, layout))
         vals = model1_decode(_region(cache, layout, 0, data_bytes)[blk, off],
@@ -68,8 +71,10 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
                       extra_topk_length: torch.Tensor | None = None, layout: str = "model1_fp8",
                       positions: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                       window_size: int = 0, extra_block_table: torch.Tensor | None = None, extra_ratio: int = 0,
-                      return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """q bf16 ``[b, s_q, h, D]``, caches of ``layout`` of ``D``-wide entries, int32 slots ``[b, s_q, k]``
+                      return_lse: bool = False, extra_layout: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q bf16 ``[b, s_q, h, D]``, the window cache of ``layout`` and the extra one of ``extra_layout``
+    (None: ``layout``), both of ``D``-wide entries, int32 slots ``[b, s_q, k]``
     (-1 = none) -> (out bf16 ``[b, s_q, h, D]``, lse fp32 ``[b, h, s_q]``, or ``[0]`` unless
     ``return_lse``). A band window or entry indices (position form) are first turned into slots
     (:func:`v4hal.ops.paged_attention.resolve_slots`), so both forms compute the same thing.
@@ -85,10 +90,11 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     indices, extra_indices = resolve_slots(kv_cache, indices, extra_kv_cache, extra_indices, positions, block_table,
                                            window_size, extra_block_table, extra_ratio, paged_slots)
     b, m, h, d = q.shape
-    scopes = [(kv_cache, _picks(kv_cache, indices, topk_length))]
+    scopes = [(kv_cache, layout, _picks(kv_cache, indices, topk_length))]
     if extra_kv_cache is not None and extra_indices is not None:
-        scopes.append((extra_kv_cache, _picks(extra_kv_cache, extra_indices, extra_topk_length)))
-    k = sum(idx.shape[-1] for _, idx in scopes)
+        scopes.append((extra_kv_cache, extra_layout or layout,
+                       _picks(extra_kv_cache, extra_indices, extra_topk_length)))
+    k = sum(idx.shape[-1] for _, _, idx in scopes)
     out = torch.zeros(b, m, h, d, dtype=q.dtype, device=q.device)
     lse = torch.full((b, h, m), float("inf"), dtype=torch.float32, device=q.device)
     if k == 0 or out.numel() == 0:
@@ -96,8 +102,8 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     step = ref_attention._rows_per_chunk(m, 2 * b * k * d)
     for lo in range(0, m, step):
         hi = min(m, lo + step)
-        idx = torch.cat([i[:, lo:hi] for _, i in scopes], dim=-1)                    # [b, c, k]
-        rows = torch.cat([read_entries(cache, i[:, lo:hi], layout) for cache, i in scopes], dim=2)
+        idx = torch.cat([i[:, lo:hi] for _, _, i in scopes], dim=-1)                 # [b, c, k]
+        rows = torch.cat([read_entries(cache, i[:, lo:hi], lay) for cache, lay, i in scopes], dim=2)
         o, chunk_lse = ref_attention.attend(q[:, lo:hi], rows, idx == -1, attn_sink, softmax_scale)
         out[:, lo:hi] = o.to(q.dtype)
         # +inf: a score of +inf (out is NaN there): NaN, so that +inf only ever means "no valid pick"
