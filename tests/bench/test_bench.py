@@ -45,8 +45,15 @@ def test_ceilings_on_cpu() -> None:
 
 
 def test_quick_set_covers_every_public_op() -> None:
-    ops = [c.op for c in casemod.quick_cases()]
-    assert sorted(ops) == sorted(op for op in v4hal.public_ops() if op in catalogue.CASES)
+    quick = casemod.quick_cases()
+    ops = {c.op for c in quick}
+    assert ops == {op for op in v4hal.public_ops() if op in catalogue.CASES}
+    # every quick shape of every op (each layout / format / generation variant), once
+    want = [(op, f"quick/{label}") for op in catalogue.case_ops()
+            for label, _ in catalogue.CASES[op].shape_set("quick")]
+    assert sorted((c.op, c.name) for c in quick) == sorted(want)
+    layouts = {c.name for c in quick if c.op == "paged_cache_write"}
+    assert {"quick/v41_window_fp8", "quick/v41_compressed_fp4"} <= layouts
     assert set(v4hal.PUBLIC_OPS) <= set(casemod.known_ops())
 
 

@@ -8,7 +8,8 @@ peers that compute the same thing. How an output is verified is the numerics tab
 tensors: nothing is allocated).
 
 Case sets:
-- ``quick_cases()``: every public op with a case, once, at ``v4-mini`` dims (CPU-friendly);
+- ``quick_cases()``: every public op with a case at each of its quick shapes (``v4-mini`` dims, CPU-friendly;
+  one per layout, weight format or variant the op serves);
 - ``preset_cases(preset, mode)``: the ops of one layer of ``v4-flash`` / ``v4-pro``. ``decode``: a
   batch of 128 tokens for the token-wise ops and 64 sequences of one query at a 64K-token context
   for the per-sequence ops; ``prefill``: a chunk of 4096 tokens (2048 queries for the indexer);
@@ -78,12 +79,10 @@ def bench_case(op: str, shape: dict[str, Any], name: str) -> Case:
 
 
 def quick_cases() -> list[Case]:
-    """Every public op that has a case, once, at ``v4-mini``-sized shapes (its first quick shape)."""
-    out = []
-    for op in catalogue.case_ops():
-        label, shape = catalogue.get_case(op).shape_set("quick")[0]
-        out.append(bench_case(op, shape, f"quick/{label}"))
-    return out
+    """Every public op that has a case, at each of its quick shapes (``v4-mini``-sized; an op that serves several
+    layouts, weight formats or model generations has one per variant, so each is timed and verified)."""
+    return [bench_case(op, shape, f"quick/{label}") for op in catalogue.case_ops()
+            for label, shape in catalogue.get_case(op).shape_set("quick")]
 
 
 def preset_cases(preset: str, mode: str) -> list[Case]:
