@@ -1,4 +1,6 @@
-"""On the CPU the step turns the position form of ``sparse_attn_paged`` into slots once (the window band of
+"""The compressors keep ``wkv | wgate`` adjacent (the reference projects on the stack without copying it).
+
+On the CPU the step turns the position form of ``sparse_attn_paged`` into slots once (the window band of
 every layer, the ratio-128 picks) and every layer passes them in the slot form: each layer's call gives the
 bits the position form gives on the same step, and the slots are built once per step, not per layer."""
 from __future__ import annotations
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 import v4hal
+from v4hal.backends.reference import ragged_compress
 from v4hal.model import V4Model
 from v4hal.ops import _define
 
@@ -61,3 +64,12 @@ def test_cpu_layers_pass_step_slots_with_the_position_forms_bits(mini_fp8, monke
             extra_ratio=ratio if extra is not None else 0)
         got = _define.OPS["sparse_attn_paged"].call(*args)[0]
         assert torch.equal(got, want), layer.layer_id
+
+
+def test_prepared_compressor_weights_are_adjacent(mini_fp8) -> None:
+    model = V4Model.from_pretrained(mini_fp8)
+    comps = [m for m in model.modules() if type(m).__name__ == "Compressor"]
+    assert comps
+    for c in comps:
+        wkv, wgate = c.ragged_weights[:2] if c.ragged_weights else (c.wkv.weight, c.wgate.weight)
+        assert ragged_compress._stacked(wkv, wgate) is not None

@@ -89,8 +89,10 @@ class Compressor(nn.Module):
         """After loading: bf16 copies of ``wkv``, ``wgate`` and the norm weight when every value of the three is
         a bf16 value (V4's checkpoints store them so). ``compressor_ragged`` computes in fp32 from either, so
         the results are the same bits; the CANN compressor multiplies in x's dtype and takes only these."""
-        low = [_bf16_if_exact(w) for w in (self.wkv.weight, self.wgate.weight, self.norm.weight)]
-        self.ragged_weights = tuple(low) if all(w is not None for w in low) else None
+        wkv, wgate = _adjacent(self.wkv.weight, self.wgate.weight)
+        self.wkv._buffers["weight"], self.wgate._buffers["weight"] = wkv, wgate
+        low = [_bf16_if_exact(w) for w in (torch.cat([wkv, wgate]), self.norm.weight)]
+        self.ragged_weights = (*low[0].split(wkv.shape[0]), low[1]) if all(w is not None for w in low) else None
 
     def forward(self, x: torch.Tensor, step: Step, state: torch.Tensor, eps: float, freqs_cis: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -111,6 +113,14 @@ class Compressor(nn.Module):
         else:
             entries = _fp8_kv_roundtrip(entries, self.rd, self.scale_fmt)
         return entries, req, epos
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a [n, K]`` and ``b [m, K]`` (same values) as the two row ranges of one contiguous ``[n + m, K]`` tensor,
+    so that an op that stacks them (``compressor_ragged`` projects x on ``wkv | wgate`` in one GEMM) takes the
+    stack without copying it."""
+    both = torch.cat([a, b])
+    return both[:a.shape[0]], both[a.shape[0]:]
 
 
 def _bf16_if_exact(w: torch.Tensor) -> torch.Tensor | None:
@@ -272,12 +282,13 @@ class Attention(nn.Module):
 
         The position form: the window as a band over each token's request pages, the compressed picks as entry
         indices into them (what the CANN shared-KV attention takes). Backends that read slots convert it in
-        every call; on the CPU the step converts what every layer shares once instead (`Step.window_slots`,
-        and the ratio-128 picks, which are the step's, `Step.c128_slots`) and passes slots: the same slots,
-        so the same bits. The ratio-4 picks (the layer's own indexer's) stay entry indices."""
+        every call; where the reference serves the op (`Step.slot_form`) the step converts what every layer
+        shares once instead (`Step.window_slots`, and the ratio-128 picks, which are the step's,
+        `Step.c128_slots`) and passes slots: the same slots, so the same bits. The ratio-4 picks (the layer's
+        own indexer's) stay entry indices."""
         t = step.positions.shape[0]
         positions = step.positions.view(t, 1)
-        if step.positions.device.type != "cpu":
+        if not step.slot_form:
             return None, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
                               block_table=step.request_rows("token"), window_size=self.window,
                               extra_block_table=step.request_rows(kind) if extra is not None else None,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import v4hal
+from v4hal.hal import dispatch
 from v4hal.ops.paged_attention import band_positions, entry_picks
 
 from .batch import ForwardBatch
@@ -89,6 +90,17 @@ class Step:
         table row per query row (``indexer_topk_paged``, the position form of ``sparse_attn_paged``); built once
         per step (`plan`)."""
         return self.plan(f"rows:{kind}", lambda: self.batch.block_tables[kind][self.req_index])
+
+    @property
+    def slot_form(self) -> bool:
+        """Whether the layers pass ``sparse_attn_paged`` slots made once per step (`window_slots`, `c128_slots`)
+        rather than the position form: where the reference backend serves the op on the step's CPU tensors (it
+        converts the position form into these very slots in every call); elsewhere the position form, which
+        CANN's shared-KV attention takes as it is."""
+        def build() -> bool:
+            device = self.positions.device.type
+            return device == "cpu" and dispatch.serving_backend("sparse_attn_paged", device) == "reference"
+        return self.plan("slot_form", build)
 
     def window_slots(self, window: int) -> torch.Tensor:
         """int32 ``[T, 1, window]``: the window cache slots of each token's band (positions

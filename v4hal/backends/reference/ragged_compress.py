@@ -40,13 +40,25 @@ def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[to
     depend on ``T``."""
     t, h = x.shape
     cd = wkv.shape[0]
-    w = torch.cat([wkv, wgate], dim=0).float()                             # [2cd, H]
+    w = _stacked(wkv, wgate)
+    w = (torch.cat([wkv, wgate], dim=0) if w is None else w).float()       # [2cd, H]
     tiles = -(-t // TILE)
     xp = x.new_zeros(tiles * TILE, h, dtype=torch.float32)
     xp[:t] = x
     xp = xp.view(tiles, TILE, h)
     y = torch.bmm(xp, w.unsqueeze(0).expand(tiles, -1, -1).transpose(1, 2)).reshape(tiles * TILE, 2 * cd)[:t]
     return y[:, :cd], y[:, cd:]
+
+
+def _stacked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``cat([a, b])`` without a copy when ``b``'s rows follow ``a``'s in one storage (both contiguous, same
+    dtype and width: the model keeps its compressor weights so), else None."""
+    if not (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype and a.dim() == b.dim() == 2
+            and a.shape[1] == b.shape[1] and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()):
+        return None
+    return a.as_strided((a.shape[0] + b.shape[0], a.shape[1]), (a.shape[1], 1))
 
 
 def entry_rows(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, ratio: int,
