@@ -21,3 +21,17 @@ def test_adjacent_weights_are_stacked_in_place_and_others_copied() -> None:
     stacked = R.project(x, a, b)
     assert all(torch.equal(u, v) for u, v in zip(apart, stacked))
 
+
+
+def test_plan_of_a_call_completing_no_entry_skips_the_pooling_tables() -> None:
+    i32 = torch.int32
+    table = torch.tensor([[1, 2], [3, 4]], dtype=i32)
+    cu = torch.tensor([0, 1, 2], dtype=i32)
+    R._LAST.clear()
+    idle = R._plan(cu, torch.tensor([5, 9], dtype=i32), table, 2, 2, 4, 5, 16, 64)     # positions 5, 9: none done
+    assert idle.none and not hasattr(idle, "blocks")
+    assert torch.equal(idle.entry_req, torch.full((2,), -1, dtype=i32))
+    R._LAST.clear()
+    done = R._plan(cu, torch.tensor([7, 9], dtype=i32), table, 2, 2, 4, 5, 16, 64)     # position 7 completes entry 1
+    assert not done.none and done.blocks.shape == (2, 8) and done.entry_pos.tolist() == [1, -1]
+    R._LAST.clear()

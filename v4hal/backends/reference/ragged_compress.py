@@ -139,19 +139,20 @@ def _plan(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, state_block_table: 
     p.tok_req = torch.searchsorted(cu[1:], tok, right=True).clamp_max(b - 1)
     p.tok_pos = sp[p.tok_req] + tok - cu[p.tok_req]
     p.valid, p.req, p.entry = entry_rows(cu_seqlens, start_pos, ratio, n)
-    span = coff * ratio
-    pos = (p.entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)     # [n, span]
-    start = sp[p.req].unsqueeze(1)
-    p.pos, p.in_call = pos, pos >= start
-    p.src_tok = (cu[p.req].unsqueeze(1) + pos - start).clamp(0, t - 1)
-    p.blocks = table[p.req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
-    p.cand_off = pos.clamp_min(0) % blk
     p.tok_block = table[p.tok_req, _column(p.tok_pos, blk, cols)]
     p.tok_off = p.tok_pos % blk
     p.entry_req = torch.where(p.valid, p.req, -1).to(torch.int32)
     p.entry_pos = torch.where(p.valid, p.entry, -1).to(torch.int32)
-    p.rope_rows = (p.entry * ratio).clamp(0, rope_len - 1)
     p.none = cpu and not bool(p.valid.any())        # no entry completes (a host read: CPU only)
+    if not p.none:      # what the pooling reads (a call that completes nothing skips it)
+        span = coff * ratio
+        pos = (p.entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)  # [n, span]
+        start = sp[p.req].unsqueeze(1)
+        p.pos, p.in_call = pos, pos >= start
+        p.src_tok = (cu[p.req].unsqueeze(1) + pos - start).clamp(0, t - 1)
+        p.blocks = table[p.req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
+        p.cand_off = pos.clamp_min(0) % blk
+        p.rope_rows = (p.entry * ratio).clamp(0, rope_len - 1)
     if cpu:
         _LAST[ratio] = p
     return p
