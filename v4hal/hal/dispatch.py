@@ -206,6 +206,16 @@ def select(op: str, device: str, args: Mapping[str, Any]) -> registry.Implementa
         + (f" ({' | '.join(skipped)})" if skipped else ""))
 
 
+def serving_backend(op: str, device: str) -> str | None:
+    """The backend that serves calls of ``op`` on ``device`` unless a call's own arguments rule it out: the
+    requested one (`requested_backend`), else the first automatic implementation by priority; None if none."""
+    registry.ensure_device_backends(device)
+    wanted, _ = requested_backend(op)
+    if wanted is not None:
+        return wanted
+    return next((impl.backend for impl in registry.implementations(op, device) if impl.auto), None)
+
+
 def explain(op: str, device: str, args: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """For ``v4hal info``: every backend's status for ``op`` on ``device`` (and, with ``args``, this call)."""
     states = registry.ensure_device_backends(device)

@@ -89,8 +89,10 @@ class Compressor(nn.Module):
         """After loading: bf16 copies of ``wkv``, ``wgate`` and the norm weight when every value of the three is
         a bf16 value (V4's checkpoints store them so). ``compressor_ragged`` computes in fp32 from either, so
         the results are the same bits; the CANN compressor multiplies in x's dtype and takes only these."""
-        low = [_bf16_if_exact(w) for w in (self.wkv.weight, self.wgate.weight, self.norm.weight)]
-        self.ragged_weights = tuple(low) if all(w is not None for w in low) else None
+        wkv, wgate = _adjacent(self.wkv.weight, self.wgate.weight)
+        self.wkv._buffers["weight"], self.wgate._buffers["weight"] = wkv, wgate
+        low = [_bf16_if_exact(w) for w in (torch.cat([wkv, wgate]), self.norm.weight)]
+        self.ragged_weights = (*low[0].split(wkv.shape[0]), low[1]) if all(w is not None for w in low) else None
 
     def forward(self, x: torch.Tensor, step: Step, state: torch.Tensor, eps: float, freqs_cis: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -111,6 +113,14 @@ class Compressor(nn.Module):
         else:
             entries = _fp8_kv_roundtrip(entries, self.rd, self.scale_fmt)
         return entries, req, epos
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a [n, K]`` and ``b [m, K]`` (same values) as the two row ranges of one contiguous ``[n + m, K]`` tensor,
+    so that an op that stacks them (``compressor_ragged`` projects x on ``wkv | wgate`` in one GEMM) takes the
+    stack without copying it."""
+    both = torch.cat([a, b])
+    return both[:a.shape[0]], both[a.shape[0]:]
 
 
 def _bf16_if_exact(w: torch.Tensor) -> torch.Tensor | None:
@@ -264,6 +274,33 @@ class Attention(nn.Module):
         kv = _fp8_kv_roundtrip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1), rd, self.scale_fmt)
         return qr, iq, q, kv
 
+    def _picks(self, step: Step, kind: str, extra: torch.Tensor | None, extra_idx: torch.Tensor | None
+               ) -> tuple[torch.Tensor | None, dict]:
+        """The picks of ``sparse_attn_paged`` for this layer: the window ``indices`` (None for a band) and the
+        other keyword arguments. ``extra``: the compressed cache (of ``kind`` pages) or None; ``extra_idx`` its
+        entry indices ``[T, 1, k]``.
+
+        The position form: the window as a band over each token's request pages, the compressed picks as entry
+        indices into them (what the CANN shared-KV attention takes). Backends that read slots convert it in
+        every call; where the reference serves the op (`Step.slot_form`) the step converts what every layer
+        shares once instead (`Step.window_slots`, and the ratio-128 picks, which are the step's,
+        `Step.c128_slots`) and passes slots: the same slots, so the same bits. The ratio-4 picks (the layer's
+        own indexer's) stay entry indices."""
+        t = step.positions.shape[0]
+        positions = step.positions.view(t, 1)
+        if not step.slot_form:
+            return None, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
+                              block_table=step.request_rows("token"), window_size=self.window,
+                              extra_block_table=step.request_rows(kind) if extra is not None else None,
+                              extra_ratio=self.ratio if extra is not None else 0)
+        window = step.window_slots(self.window)
+        if extra is None:
+            return window, {}
+        if self.ratio == 128:
+            return window, dict(extra_kv_cache=extra, extra_indices=step.c128_slots())
+        return window, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
+                            extra_block_table=step.request_rows(kind), extra_ratio=self.ratio)
+
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """This layer over the step's tokens: x ``[1, T, dim]`` bf16 (normed) -> ``[1, T, dim]`` bf16."""
         caches = step.caches[self.layer_id]
@@ -287,13 +324,8 @@ class Attention(nn.Module):
                 extra_idx = step.c128_picks
             else:
                 extra = None
-        # the position form: the window as a band over each token's request pages, the compressed picks as
-        # entry indices into them (what the CANN shared-KV attention takes; the other backends make slots)
-        o = v4hal.sparse_attn_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.window, None, self.attn_sink,
-                                    self.softmax_scale, extra_kv_cache=extra, extra_indices=extra_idx,
-                                    layout=step.attn_layout, positions=step.positions.view(t, 1),
-                                    block_table=step.request_rows("token"), window_size=self.window,
-                                    extra_block_table=step.request_rows(kind) if extra is not None else None,
-                                    extra_ratio=ratio if extra is not None else 0)
+        indices, picks = self._picks(step, kind, extra, extra_idx)
+        o = v4hal.sparse_attn_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.window, indices, self.attn_sink,
+                                    self.softmax_scale, layout=step.attn_layout, **picks)
         o = _rope_tail(o.view(1, t, self.n_heads, self.head_dim), freqs, rd, inverse=True)
         return self.wo_b(self._grouped_out(o))

@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+import v4hal
+from v4hal.hal import dispatch
+from v4hal.ops.paged_attention import band_positions, entry_picks
+
 from .batch import ForwardBatch
 from .caches import CacheSource, LayerCaches
 from .config import ModelConfig
@@ -86,3 +90,35 @@ class Step:
         table row per query row (``indexer_topk_paged``, the position form of ``sparse_attn_paged``); built once
         per step (`plan`)."""
         return self.plan(f"rows:{kind}", lambda: self.batch.block_tables[kind][self.req_index])
+
+    @property
+    def slot_form(self) -> bool:
+        """Whether the layers pass ``sparse_attn_paged`` slots made once per step (`window_slots`, `c128_slots`)
+        rather than the position form: where the reference backend serves the op on the step's CPU tensors (it
+        converts the position form into these very slots in every call); elsewhere the position form, which
+        CANN's shared-KV attention takes as it is."""
+        def build() -> bool:
+            device = self.positions.device.type
+            return device == "cpu" and dispatch.serving_backend("sparse_attn_paged", device) == "reference"
+        return self.plan("slot_form", build)
+
+    def window_slots(self, window: int) -> torch.Tensor:
+        """int32 ``[T, 1, window]``: the window cache slots of each token's band (positions
+        ``max(0, p - window + 1) .. p``, then -1), what ``sparse_attn_paged`` makes of its position form
+        (``band_positions`` through ``paged_slots``); built once per step (`plan`)."""
+        def build() -> torch.Tensor:
+            t = self.positions.shape[0]
+            band = band_positions(self.positions.view(t, 1), window).view(t, window)
+            return v4hal.paged_slots(band, self.batch.block_tables["token"], self.batch.block_sizes["token"],
+                                     req_index=self.req_index).view(t, 1, window)
+        return self.plan(f"window_slots:{window}", build)
+
+    def c128_slots(self) -> torch.Tensor:
+        """int32 ``[T, 1, n]``: the compressed cache slots of `c128_picks` (-1 past a token's visible entries),
+        what ``sparse_attn_paged`` makes of them as entry indices with ratio 128; built once per step (`plan`)."""
+        def build() -> torch.Tensor:
+            t, _, n = self.c128_picks.shape
+            picks = entry_picks(self.c128_picks, self.positions.view(t, 1), 128).view(t, n)
+            return v4hal.paged_slots(picks, self.batch.block_tables["c128"], self.batch.block_sizes["c128"],
+                                     req_index=self.req_index).view(t, 1, n)
+        return self.plan("c128_slots", build)

@@ -40,13 +40,25 @@ def project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor) -> tuple[to
     depend on ``T``."""
     t, h = x.shape
     cd = wkv.shape[0]
-    w = torch.cat([wkv, wgate], dim=0).float()                             # [2cd, H]
+    w = _stacked(wkv, wgate)
+    w = (torch.cat([wkv, wgate], dim=0) if w is None else w).float()       # [2cd, H]
     tiles = -(-t // TILE)
     xp = x.new_zeros(tiles * TILE, h, dtype=torch.float32)
     xp[:t] = x
     xp = xp.view(tiles, TILE, h)
     y = torch.bmm(xp, w.unsqueeze(0).expand(tiles, -1, -1).transpose(1, 2)).reshape(tiles * TILE, 2 * cd)[:t]
     return y[:, :cd], y[:, cd:]
+
+
+def _stacked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``cat([a, b])`` without a copy when ``b``'s rows follow ``a``'s in one storage (both contiguous, same
+    dtype and width: the model keeps its compressor weights so), else None."""
+    if not (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype and a.dim() == b.dim() == 2
+            and a.shape[1] == b.shape[1] and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()):
+        return None
+    return a.as_strided((a.shape[0] + b.shape[0], a.shape[1]), (a.shape[1], 1))
 
 
 def entry_rows(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, ratio: int,
@@ -127,19 +139,20 @@ def _plan(cu_seqlens: torch.Tensor, start_pos: torch.Tensor, state_block_table: 
     p.tok_req = torch.searchsorted(cu[1:], tok, right=True).clamp_max(b - 1)
     p.tok_pos = sp[p.tok_req] + tok - cu[p.tok_req]
     p.valid, p.req, p.entry = entry_rows(cu_seqlens, start_pos, ratio, n)
-    span = coff * ratio
-    pos = (p.entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)     # [n, span]
-    start = sp[p.req].unsqueeze(1)
-    p.pos, p.in_call = pos, pos >= start
-    p.src_tok = (cu[p.req].unsqueeze(1) + pos - start).clamp(0, t - 1)
-    p.blocks = table[p.req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
-    p.cand_off = pos.clamp_min(0) % blk
     p.tok_block = table[p.tok_req, _column(p.tok_pos, blk, cols)]
     p.tok_off = p.tok_pos % blk
     p.entry_req = torch.where(p.valid, p.req, -1).to(torch.int32)
     p.entry_pos = torch.where(p.valid, p.entry, -1).to(torch.int32)
-    p.rope_rows = (p.entry * ratio).clamp(0, rope_len - 1)
     p.none = cpu and not bool(p.valid.any())        # no entry completes (a host read: CPU only)
+    if not p.none:      # what the pooling reads (a call that completes nothing skips it)
+        span = coff * ratio
+        pos = (p.entry * ratio - (coff - 1) * ratio).unsqueeze(1) + torch.arange(span, device=dev)  # [n, span]
+        start = sp[p.req].unsqueeze(1)
+        p.pos, p.in_call = pos, pos >= start
+        p.src_tok = (cu[p.req].unsqueeze(1) + pos - start).clamp(0, t - 1)
+        p.blocks = table[p.req.unsqueeze(1).expand_as(pos), _column(pos.clamp_min(0), blk, cols)]
+        p.cand_off = pos.clamp_min(0) % blk
+        p.rope_rows = (p.entry * ratio).clamp(0, rope_len - 1)
     if cpu:
         _LAST[ratio] = p
     return p
