@@ -48,7 +48,7 @@ def test_cpu_layers_pass_step_slots_with_the_position_forms_bits(mini_fp8, monke
     t = step.positions.shape[0]
     for layer, args in zip(model.layers, attn):
         (q, window, indices, sink, scale, _, extra, extra_idx, _, layout, positions, block_table, window_size,
-         extra_table, extra_ratio, _) = args
+         extra_table, extra_ratio, _, *_) = args
         assert indices is not None and block_table is None             # the window by slot
         ratio = layer.attn.ratio
         if ratio == 128:

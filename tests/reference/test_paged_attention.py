@@ -158,7 +158,7 @@ BAD = [
     (dict(layout="indexer_fp4"), RangeError,
      r"layout must be one of \['model1_fp8', 'bf16', 'v41_window_fp8', 'v41_compressed_fp4'\]"),
     (dict(extra_layout="indexer_fp4"), RangeError, r"sparse_attn_paged: extra_layout must be one of \['model1_fp8'"),
-    (dict(extra_layout="bogus"), RangeError, r"sparse_attn_paged: layout must be one of .*got 'bogus'"),
+    (dict(extra_layout="bogus"), RangeError, r"sparse_attn_paged: extra_layout must be one of .*got 'bogus'"),
     (dict(extra_kv_cache=new_paged_cache(2, 4, "v41_compressed_fp4")), DTypeError,
      r"extra_kv_cache must be bfloat16 for layout 'bf16'.*pass extra_layout='v41_compressed_fp4'$"),
     (dict(extra_layout="v41_window_fp8"), DTypeError,

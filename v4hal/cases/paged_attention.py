@@ -71,7 +71,7 @@ def _build(g: Gen, s: Shape) -> list:
     uneven = s["uneven"]
     args = [q, cache, idx, sink, s["d"] ** -0.5, lengths if uneven else None, extra[0], extra[1],
             extra[2] if uneven else None, s["layout"], None, None, 0, None, 0, True]
-    return args + [s["extra_layout"]] if s["extra_layout"] else args
+    return args + [s["extra_layout"]]
 
 
 def _extra_layout(s: Shape) -> str:

@@ -237,9 +237,10 @@ PAGED_LAYOUTS: dict[str, PagedLayout] = {
 MAX_SLOTS = C.INT32_MAX
 
 
-def _layout(op: str, layout: object) -> PagedLayout:
+def _layout(op: str, layout: object, name: str = "layout") -> PagedLayout:
+    """The `PagedLayout` named by argument ``name``; RangeError naming it for an unknown name."""
     if not isinstance(layout, str) or layout not in PAGED_LAYOUTS:
-        raise C.RangeError(f"{op}: layout must be one of {list(PAGED_LAYOUTS)}, got {layout!r}")
+        raise C.RangeError(f"{op}: {name} must be one of {list(PAGED_LAYOUTS)}, got {layout!r}")
     return PAGED_LAYOUTS[layout]
 
 

@@ -60,7 +60,7 @@ def _cache(name: str, cache: torch.Tensor, layout: str, dim: int, layout_arg: st
 
 def _attn_layout(name: str, layout: object, cache: torch.Tensor, q: torch.Tensor):
     """The `PagedLayout` named by the layout argument ``name``; RangeError unless it holds attention entries."""
-    lay = _layout(OP, layout)
+    lay = _layout(OP, layout, name)
     if lay.name not in ATTN_LAYOUTS:
         hint = _layout_hint(cache, layout, q) if isinstance(cache, torch.Tensor) else ""
         if name != "layout":
