@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from v4hal.hal.errors import DeviceError, DTypeError, NonFiniteError, RangeError, ShapeError
 
@@ -187,9 +188,19 @@ def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int) -> Non
         raise RangeError(f"{op}: {name} values must be in [{low}, {high}), got min {lo}, max {hi}")
 
 
+#: tensors found finite, with what identified their contents then (version counter, storage, view): weights and
+#: their scales are checked on their first call only, again after any in-place change (which bumps the version)
+_FINITE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def finite(op: str, name: str, t: torch.Tensor | None) -> None:
-    """No NaN/Inf (e8m0 scales: no NaN byte 0xFF)."""
+    """No NaN/Inf (e8m0 scales: no NaN byte 0xFF). A tensor that passed once and has not changed since (same
+    version counter, storage and view: a weight, a weight scale) is not read again; inference tensors (the
+    activations of an inference-mode step) carry no version counter and are read every time."""
     if t is None or t.numel() == 0:
+        return
+    key = None if t.is_inference() else (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype)
+    if key is not None and _FINITE.get(t) == key:
         return
     if t.dtype == E8M0:
         bad = bool((t.view(torch.uint8) == 255).any())
@@ -197,6 +208,8 @@ def finite(op: str, name: str, t: torch.Tensor | None) -> None:
         bad = not bool(torch.isfinite(t).all())
     if bad:
         raise NonFiniteError(f"{op}: {name} must be finite, got a NaN or Inf in {describe(t)}")
+    if key is not None:
+        _FINITE[t] = key
 
 
 def permutation(op: str, name: str, t: torch.Tensor) -> None:
