@@ -16,6 +16,7 @@ from tests.numerics import calc_diff
 from v4hal import cases
 from v4hal.backends import ascend
 from v4hal.backends.ascend.attention import pack_kv_fp8, unpack_kv_fp8
+from v4hal.ops import OPS
 from v4hal.ops.paged import new_paged_cache
 
 from .conftest import paths
@@ -36,7 +37,7 @@ def test_slot_form_with_lse_falls_back_to_the_reference_with_its_reason(npu, sha
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     recorded = paths("sparse_attn_paged")
     assert len(recorded) == 1 and recorded[0].startswith("reference: return_lse")
-    args[-1] = False                                                  # no LSE: the slot window is the reason
+    args[OPS["sparse_attn_paged"].arg_names.index("return_lse")] = False   # no LSE: the slot window is the reason
     with v4hal.use_backend("ascend"):
         torch.ops.v4hal.sparse_attn_paged(*args)
     assert any(p.startswith("reference: window given by slot") for p in paths("sparse_attn_paged"))
