@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._checks import INT32_MAX
 from ._define import call, define_op
-from .ragged_compress import check_ragged_values
+from .ragged_compress import check_ragged_shapes, check_ragged_values
 
 #: The CSA2 compression ratios: 2 (pooled pairs, KV-source encoder layers) and 1 (per token).
 CSA2_RATIOS: tuple[int, ...] = (1, 2)
@@ -50,34 +49,7 @@ def _check(x, wkv, wgate, norm_weight, freqs_cis, state_cache, state_block_table
             raise C.ShapeError(f"{op}: wgate must be a [D, H] = [{d}, {h}] tensor at ratio 2, got None")
         C.dtype(op, "wgate", wgate, (wkv.dtype,))
         C.shape(op, "wgate", wgate, (d, h), "[D, H]")
-    C.dtype(op, "freqs_cis", freqs_cis, (torch.complex64,))
-    C.rank(op, "freqs_cis", freqs_cis, (2,), "[S, R/2] (R: the rope dims)")
-    if not 1 <= freqs_cis.shape[1] <= d // 2:
-        raise C.ShapeError(f"{op}: freqs_cis must be [S, R/2] with 2 <= R <= D ({d}) (R: the rope dims), "
-                           f"got {C.describe(freqs_cis)}")
-    C.dtype(op, "state_cache", state_cache, (torch.float32,))
-    C.rank(op, "state_cache", state_cache, (3,), "[blocks, blk, 2*D]")
-    nb, blk, width = state_cache.shape
-    if width != 2 * d or nb < 1 or blk < 1:
-        raise C.ShapeError(f"{op}: state_cache must be [blocks >= 1, blk >= 1, 2*D = {2 * d}], "
-                           f"got {C.describe(state_cache)}")
-    if state_cache.stride(2) != 1 or (blk > 1 and state_cache.stride(1) != width) or \
-            (nb > 1 and state_cache.stride(0) < blk * width):
-        raise C.ShapeError(f"{op}: state_cache rows must be dense (strides [>= blk*{width}, {width}, 1]; the "
-                           f"block stride may be padded), got strides {list(state_cache.stride())}")
-    if nb * blk > INT32_MAX:
-        raise C.ShapeError(f"{op}: state_cache must hold at most {C.show(INT32_MAX)} rows, "
-                           f"got {C.describe(state_cache)}")
-    C.dtype(op, "start_pos", start_pos, (torch.int32,))
-    C.rank(op, "start_pos", start_pos, (1,), "[B]")
-    b = start_pos.shape[0]
-    C.dtype(op, "cu_seqlens", cu_seqlens, (torch.int32,))
-    C.shape(op, "cu_seqlens", cu_seqlens, (b + 1,), "[B + 1]")
-    C.dtype(op, "state_block_table", state_block_table, (torch.int32,))
-    C.rank(op, "state_block_table", state_block_table, (2,), "[B, M]")
-    if state_block_table.shape[0] != b:
-        raise C.ShapeError(f"{op}: state_block_table must be [B, M] = [{b}, M], "
-                           f"got {C.describe(state_block_table)}")
+    check_ragged_shapes(op, d, 2 * d, "2*D", freqs_cis, state_cache, state_block_table, cu_seqlens, start_pos)
     C.same_device(op, x=x, wkv=wkv, wgate=wgate, norm_weight=norm_weight, freqs_cis=freqs_cis,
                   state_cache=state_cache, state_block_table=state_block_table, cu_seqlens=cu_seqlens,
                   start_pos=start_pos)

@@ -55,17 +55,29 @@ def _check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_block_
     C.shape(op, "wgate", wgate, (cd, h), f"[coff*D, H] (coff = {coff} for ratio {ratio})")
     C.dtype(op, "ape", ape, (torch.float32,))
     C.shape(op, "ape", ape, (ratio, cd), "[ratio, coff*D]")
+    check_ragged_shapes(op, d, 2 * cd, "2*coff*D", freqs_cis, state_cache, state_block_table, cu_seqlens,
+                        start_pos)
+    C.same_device(op, x=x, wkv=wkv, wgate=wgate, ape=ape, norm_weight=norm_weight, freqs_cis=freqs_cis,
+                  state_cache=state_cache, state_block_table=state_block_table, cu_seqlens=cu_seqlens,
+                  start_pos=start_pos)
+
+
+def check_ragged_shapes(op: str, d: int, width: int, width_doc: str, freqs_cis: torch.Tensor,
+                        state_cache: torch.Tensor, state_block_table: torch.Tensor, cu_seqlens: torch.Tensor,
+                        start_pos: torch.Tensor) -> None:
+    """Shape checks shared by the ragged compressors: the rope table complex64 ``[S, R/2]`` (2 <= R <= ``d``),
+    the fp32 state cache ``[blocks, blk, width]`` with dense rows (``width_doc`` names the width in messages),
+    ``start_pos`` int32 ``[B]``, ``cu_seqlens`` int32 ``[B + 1]``, ``state_block_table`` int32 ``[B, M]``."""
     C.dtype(op, "freqs_cis", freqs_cis, (torch.complex64,))
     C.rank(op, "freqs_cis", freqs_cis, (2,), "[S, R/2] (R: the rope dims)")
-    half = freqs_cis.shape[1]
-    if not 1 <= half <= d // 2:
+    if not 1 <= freqs_cis.shape[1] <= d // 2:
         raise C.ShapeError(f"{op}: freqs_cis must be [S, R/2] with 2 <= R <= D ({d}) (R: the rope dims), "
                            f"got {C.describe(freqs_cis)}")
     C.dtype(op, "state_cache", state_cache, (torch.float32,))
-    C.rank(op, "state_cache", state_cache, (3,), "[blocks, blk, 2*coff*D]")
-    nb, blk, width = state_cache.shape
-    if width != 2 * cd or nb < 1 or blk < 1:
-        raise C.ShapeError(f"{op}: state_cache must be [blocks >= 1, blk >= 1, 2*coff*D = {2 * cd}], "
+    C.rank(op, "state_cache", state_cache, (3,), f"[blocks, blk, {width_doc}]")
+    nb, blk, have = state_cache.shape
+    if have != width or nb < 1 or blk < 1:
+        raise C.ShapeError(f"{op}: state_cache must be [blocks >= 1, blk >= 1, {width_doc} = {width}], "
                            f"got {C.describe(state_cache)}")
     if state_cache.stride(2) != 1 or (blk > 1 and state_cache.stride(1) != width) or \
             (nb > 1 and state_cache.stride(0) < blk * width):
@@ -84,9 +96,6 @@ def _check(x, wkv, wgate, ape, norm_weight, freqs_cis, state_cache, state_block_
     if state_block_table.shape[0] != b:
         raise C.ShapeError(f"{op}: state_block_table must be [B, M] = [{b}, M], "
                            f"got {C.describe(state_block_table)}")
-    C.same_device(op, x=x, wkv=wkv, wgate=wgate, ape=ape, norm_weight=norm_weight, freqs_cis=freqs_cis,
-                  state_cache=state_cache, state_block_table=state_block_table, cu_seqlens=cu_seqlens,
-                  start_pos=start_pos)
 
 
 #: per ratio: the last batch tensors that passed `_value_check` (the same tensors, copies of their values, and
