@@ -373,6 +373,18 @@ _COMMON_SHARED_RULES = [
 ]
 
 
+def sharedkv_ops(quant: bool, why: str | None) -> tuple[object, object, str | None]:
+    """The shared-KV attention op and its metadata op (the KV-quant pair on 950: ``quant``), looked up only when
+    nothing rules the call out yet (``why`` None); ``why`` names the missing ops when they are not installed."""
+    if why is not None:
+        return None, None, why
+    cands, meta_cands = (KVQ_SHAREDKV, KVQ_SHAREDKV_META) if quant else (SHAREDKV, SHAREDKV_META)
+    op, meta = binding.lookup(cands), binding.lookup(meta_cands)
+    if op is None or meta is None:
+        return op, meta, f"CANN op not installed ({binding.describe(cands)} + metadata)"
+    return op, meta, None
+
+
 def shared_kv_violation(chip: str | None, args: dict) -> str | None:
     """Why :func:`shared_kv_attention` cannot use the fused op here (None: it can)."""
     if chip is None:
@@ -434,12 +446,7 @@ def shared_kv_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tens
             "sink_finite": bool(torch.isfinite(attn_sink).all()), "empty": b * m == 0}
     why = shared_kv_violation(chip, args)
     quant = chip == "950"
-    cands, meta_cands = (KVQ_SHAREDKV, KVQ_SHAREDKV_META) if quant else (SHAREDKV, SHAREDKV_META)
-    op = meta = None
-    if why is None:
-        op, meta = binding.lookup(cands), binding.lookup(meta_cands)
-        if op is None or meta is None:
-            why = f"CANN op not installed ({binding.describe(cands)} + metadata)"
+    op, meta, why = sharedkv_ops(quant, why)
     if why is not None or op is None or meta is None:
         limits.record("shared_kv_attention", chip, f"reference: {why}")
         return shared_kv_reference(q, kv, attn_sink, softmax_scale, start_pos=start_pos, window=window,

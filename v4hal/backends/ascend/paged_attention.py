@@ -39,18 +39,9 @@ from v4hal.backends.reference import paged_attention as ref
 from v4hal.hal.registry import implements
 from v4hal.ops.paged_attention import entry_picks, lse_out
 
-from . import binding, limits, runtime
+from . import limits, runtime
 from ._route import schema_args
-from .attention import (
-    KVQ_SHAREDKV,
-    KVQ_SHAREDKV_META,
-    SHAREDKV,
-    SHAREDKV_META,
-    _cum_lengths,
-    _valid_first,
-    pack_kv_fp8,
-    unpack_kv_fp8,
-)
+from .attention import _cum_lengths, _valid_first, pack_kv_fp8, sharedkv_ops, unpack_kv_fp8
 from .limits import fallback_when
 
 OP = "sparse_attn_paged"
@@ -203,12 +194,7 @@ def sparse_attn_paged(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     chip = runtime.chip()
     why = limits.violation(OP, chip, schema_args(OP, args))
     quant = chip == "950"
-    cands, meta_cands = (KVQ_SHAREDKV, KVQ_SHAREDKV_META) if quant else (SHAREDKV, SHAREDKV_META)
-    op = meta = None
-    if why is None:
-        op, meta = binding.lookup(cands), binding.lookup(meta_cands)
-        if op is None or meta is None:
-            why = f"CANN op not installed ({binding.describe(cands)} + metadata)"
+    op, meta, why = sharedkv_ops(quant, why)
     has_cmp = extra_kv_cache is not None
     ratio = extra_ratio if has_cmp else 1
     lens = None if positions is None else _row_lengths(positions)
