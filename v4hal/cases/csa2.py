@@ -9,6 +9,7 @@ import torch
 from v4hal.ops.ragged_compress import max_entries
 
 from ._core import DECODE_CONTEXT, DECODE_SEQS, PREFILL_TOKENS, REQUIRED, Gen, OpCase, Shape, register_case
+from .ragged_compress import rope_freqs, state_table
 
 _PARAMS = {"ratio": REQUIRED, "d": REQUIRED, "h": REQUIRED, "reqs": REQUIRED, "s": REQUIRED, "start": 0,
            "blk": 16, "rd": 64}
@@ -22,29 +23,16 @@ _TINY = [
 V41_HIDDEN, V41_HEAD_DIM, V41_ROPE_DIM = 5120, 512, 64
 
 
-def _freqs(n: int, rd: int, device: torch.device) -> torch.Tensor:
-    """complex64 ``[n, rd/2]``: rope frequencies of positions 0..n-1 (base 160000, unscaled)."""
-    inv = 1.0 / (160000.0 ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
-    ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv)
-    return torch.polar(torch.ones_like(ang), ang)
+def _v41_freqs(n: int, rd: int, device: torch.device) -> torch.Tensor:
+    """complex64 ``[n, rd/2]``: V4.1's compress rope base (160000), unscaled."""
+    return rope_freqs(n, rd, device, 160000.0)
 
 
 def _table(s: Shape) -> tuple[list[int], list[int], int, list[list[int]]]:
-    """(start positions, ends, block count, block ids per request): blocks from the first position a call
-    reads (the even partner of an odd start at ratio 2) to the last it writes."""
-    r, blk = s["ratio"], s["blk"]
-    starts = [s["start"] + i for i in range(s["reqs"])]
-    ends = [p + s["s"] for p in starts]
-    cols = max(1, max(-(-e // blk) for e in ends))
-    rows, next_id = [], 1
-    for p, e in zip(starts, ends):
-        row = [0] * cols
-        if r > 1:
-            for c in range((p - p % r) // blk, -(-e // blk)):
-                row[c] = next_id
-                next_id += 1
-        rows.append(row)
-    return starts, ends, next_id, rows
+    """`state_table` from the first position a call reads (the even partner of an odd start at ratio 2) to
+    the last it writes; ratio 1 keeps no state."""
+    r = s["ratio"]
+    return state_table(s, lambda p, e: p - p % r if r > 1 else None)
 
 
 def _build(g: Gen, s: Shape) -> list:
@@ -59,7 +47,7 @@ def _build(g: Gen, s: Shape) -> list:
     table = torch.tensor(rows, dtype=torch.int32, device=g.device)
     cu = torch.arange(0, t + 1, s["s"], dtype=torch.int32, device=g.device)
     sp = torch.tensor(starts, dtype=torch.int32, device=g.device)
-    return [x, wkv, wgate, norm, _freqs(max(ends), s["rd"], g.device), state, table, cu, sp, r, 1e-20]
+    return [x, wkv, wgate, norm, _v41_freqs(max(ends), s["rd"], g.device), state, table, cu, sp, r, 1e-20]
 
 
 def _entries(s: Shape) -> int:

@@ -3,6 +3,8 @@
 entries read filled in, state blocks allocated only where rows are read or kept (id 0 elsewhere)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from v4hal.ops.ragged_compress import coff_of, max_entries
@@ -19,28 +21,38 @@ _TINY = [
 ]
 
 
-def _freqs(n: int, rd: int, device: torch.device) -> torch.Tensor:
-    """complex64 ``[n, rd/2]``: rope frequencies of positions 0..n-1 (base 10000)."""
-    inv = 1.0 / (10000.0 ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+def rope_freqs(n: int, rd: int, device: torch.device, base: float = 10000.0) -> torch.Tensor:
+    """complex64 ``[n, rd/2]``: rope frequencies of positions 0..n-1 (``base``, unscaled)."""
+    inv = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
     ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv)
     return torch.polar(torch.ones_like(ang), ang)
 
 
-def _layout(s: Shape) -> tuple[list[int], list[int], int, list[list[int]]]:
-    """(start positions, first kept position per request, table columns, the block ids per request)."""
-    r, coff, blk = s["ratio"], coff_of(s["ratio"]), s["blk"]
+def state_table(s: Shape, first: Callable[[int, int], int | None]
+                ) -> tuple[list[int], list[int], int, list[list[int]]]:
+    """(start positions, ends, block count, block ids per request) of ``s["reqs"]`` requests of ``s["s"]``
+    tokens from ``s["start"]`` on: each request gets fresh blocks of ``s["blk"]`` rows from the first position
+    whose state the call touches, ``first(start, end)`` (None: no state kept), to the last it writes."""
+    blk = s["blk"]
     starts = [s["start"] + i for i in range(s["reqs"])]
     ends = [p + s["s"] for p in starts]
     cols = max(1, max(-(-e // blk) for e in ends))
     rows, next_id = [], 1
     for p, e in zip(starts, ends):
-        lo = min(max(0, (p // r - (coff - 1)) * r), max(0, (e // r - (coff - 1)) * r))
         row = [0] * cols
-        for c in range(lo // blk, -(-e // blk)):
-            row[c] = next_id
-            next_id += 1
+        lo = first(p, e)
+        if lo is not None:
+            for c in range(lo // blk, -(-e // blk)):
+                row[c] = next_id
+                next_id += 1
         rows.append(row)
     return starts, ends, next_id, rows
+
+
+def _layout(s: Shape) -> tuple[list[int], list[int], int, list[list[int]]]:
+    """`state_table` from the block before the unfinished one (overlapping ratio 4) or the unfinished one."""
+    r, coff = s["ratio"], coff_of(s["ratio"])
+    return state_table(s, lambda p, e: min(max(0, (p // r - (coff - 1)) * r), max(0, (e // r - (coff - 1)) * r)))
 
 
 def _build(g: Gen, s: Shape) -> list:
@@ -57,7 +69,7 @@ def _build(g: Gen, s: Shape) -> list:
     table = torch.tensor(rows, dtype=torch.int32, device=g.device)
     cu = torch.arange(0, t + 1, s["s"], dtype=torch.int32, device=g.device)
     sp = torch.tensor(starts, dtype=torch.int32, device=g.device)
-    return [x, wkv, wgate, ape, norm, _freqs(max(ends), s["rd"], g.device), state, table, cu, sp, r, 1e-6]
+    return [x, wkv, wgate, ape, norm, rope_freqs(max(ends), s["rd"], g.device), state, table, cu, sp, r, 1e-6]
 
 
 def _entries(s: Shape) -> int:
