@@ -1,14 +1,8 @@
 """The cache pool: every layer's paged caches, one page allocator per page kind, the requests' block
 tables, and registered prefixes.
 
-Per layer (main and MTP), by compress ratio ``r``:
-
-- window cache (``"token"`` pages, attention layout, ``head_dim`` wide), every layer;
-- compressed cache (``"c4"`` / ``"c128"`` pages, attention layout), ``r > 0``;
-- indexer cache (``"c4"`` pages, indexer layout, ``index_head_dim`` wide), ``r == 4``;
-- compressor state, fp32 ``[blocks, state_block_size, 2 * coff * D]`` (``"state4"`` / ``"state128"`` pages:
-  the ``kv | score`` projections of each position, ``coff = 2`` for ratio 4 else 1), ``D = head_dim`` for
-  the layer's compressor (``r > 0``) and ``index_head_dim`` for the indexer's (``r == 4``).
+Each layer's caches (window, compressed, indexer, compressor state, and the page kind of each) are those
+`v4hal.model.caches` lists: the pool allocates them over many requests' pages.
 
 A request's pages are reserved by `CachePool.plan` before a step, marked computed by `CachePool.advance`
 (which frees the pages of each position kind that no later position reads) and freed by
