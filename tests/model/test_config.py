@@ -6,7 +6,7 @@ import json
 import pytest
 
 from v4hal.hal.errors import RangeError, ShapeError
-from v4hal.model.config import ModelConfig
+from v4hal.model.config import V41_FIELDS, ModelConfig, engram_table_rows
 
 
 def test_presets_published_shapes() -> None:
@@ -51,12 +51,51 @@ def test_presets_are_fresh_copies() -> None:
 def test_round_trip_inference_dict(tmp_path) -> None:
     cfg = ModelConfig.preset("v4-flash")
     d = cfg.to_dict()
-    assert "ignored_keys" not in d and set(d) == set(ModelConfig.field_names())
+    # a V4 config.json keeps exactly the public ModelArgs keys (the V4.1 fields are left out)
+    assert "ignored_keys" not in d and set(d) == set(ModelConfig.field_names()) - set(V41_FIELDS)
     assert ModelConfig.from_dict(d) == cfg
     path = tmp_path / "config.json"
     cfg.to_json(path)
     assert ModelConfig.from_json(path) == cfg
     assert ModelConfig.from_json(tmp_path) == cfg  # directory form
+
+
+@pytest.mark.parametrize("name", ["v41-flash", "v41-mini"])
+def test_v41_presets_round_trip(name: str) -> None:
+    cfg = ModelConfig.preset(name)
+    d = cfg.to_dict()
+    assert set(d) == set(ModelConfig.field_names()) and d["arch"] == "v41"
+    assert ModelConfig.from_dict(d) == cfg
+
+
+def test_v41_flash_is_the_release() -> None:
+    cfg = ModelConfig.preset("v41-flash")
+    assert cfg.compress_ratios == [0, 0] + [2] * 18 + [1] * 20
+    assert [cfg.kv_source_of(i) for i in (1, 2, 7, 8, 19, 20, 39)] == [None, 2, 2, 8, 14, 20, 20]
+    assert [cfg.index_source_of(i) for i in (2, 23, 24, 39)] == [2, 20, 24, 36]
+    # the released Engram tables hold the sum of their primes (16M and up, 24 per layer)
+    assert engram_table_rows([1, 14], 4, 8, 16000000) == cfg.engram_num_embeddings == [384006168, 384016682]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(compress_ratios=[0, 0, 4, 2, 1, 1, 1, 1]), "compress_ratios entries must be in"),
+    (dict(kv_source_layers=[4]), "no KV source at or before it"),
+    (dict(kv_source_layers=[2, 3]), "KV or index source|ratios must match|index source between"),
+    (dict(index_source_layers=[4, 6]), "index source between"),
+    (dict(candidate_source_layer=5), "candidate_source_layer"),
+    (dict(engram_num_embeddings=[10]), "one entry per Engram layer"),
+    (dict(n_mtp_layers=1, compress_ratios=[0, 0, 2, 2, 1, 1, 1, 1, 0]), "DSpark"),
+    (dict(n_hash_layers=1), "hash-routed"),
+    (dict(arch="v5"), "arch must be one of"),
+])
+def test_v41_schedule_errors(change: dict, match: str) -> None:
+    with pytest.raises((RangeError, ShapeError), match=match):
+        ModelConfig.preset("v41-mini").replace(**change)
+
+
+def test_v41_fields_refused_on_v4() -> None:
+    with pytest.raises(RangeError, match="kv_source_layers is a DeepSeek-V4.1 field"):
+        ModelConfig.preset("v4-mini").replace(kv_source_layers=[1])
 
 
 def test_missing_keys_take_public_defaults() -> None:

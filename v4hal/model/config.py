@@ -10,7 +10,8 @@ Defaults: a key missing from a ``config.json`` takes the public ``ModelArgs`` de
 (that is what ``ModelArgs(**json.load(f))`` does in the public code). Keys we do not
 know are ignored and listed in ``ModelConfig.ignored_keys``.
 
-Presets (`ModelConfig.preset`): ``v4-flash`` and ``v4-pro`` (the published shapes) and
+Presets (`ModelConfig.preset`): ``v4-flash`` and ``v4-pro`` (the published shapes), ``v41-flash`` (the released
+DeepSeek-V4.1-Flash text backbone), ``v41-mini`` (a tiny V4.1 with every feature) and
 ``v4-mini`` (a tiny V4-shaped config with every feature: window-only, ratio-4 with
 indexer and ratio-128 layers, hash- and score-routed MoE, mHC, one MTP layer).
 """
@@ -26,7 +27,8 @@ from typing import Any, ClassVar, Mapping
 
 from v4hal.hal.errors import RangeError, ShapeError
 
-__all__ = ["ModelConfig", "PRESETS", "HF_KEY_MAP", "read_json_file", "regular_file", "file_kind"]
+__all__ = ["ModelConfig", "PRESETS", "V41_FIELDS", "engram_table_rows", "HF_KEY_MAP", "read_json_file", "regular_file",
+           "file_kind"]
 
 # config.json / model.safetensors.index.json larger than this are refused (real ones are < 16 MiB)
 MAX_JSON_BYTES = 256 << 20
@@ -109,6 +111,13 @@ _ROPE_SCALING_MAP: dict[str, str] = {
 }
 
 _VALID_RATIOS = (0, 4, 128)
+_VALID_RATIOS_V41 = (0, 1, 2)
+#: the DeepSeek-V4.1 fields (left out of a V4 config's `ModelConfig.to_dict`)
+V41_FIELDS = ("arch", "kv_source_layers", "index_source_layers", "candidate_source_layer", "candidate_topk_blocks",
+              "candidate_block_size", "gate_temp", "engram_layers", "engram_vocab_size", "engram_num_embeddings",
+              "engram_max_ngram_size", "engram_n_heads", "engram_head_dim", "engram_pad_id",
+              "engram_compressed_vocab_size", "weight_block_size", "expert_block_size", "dspark_layers")
+_ARCHS = ("v4", "v41")
 _SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 
 
@@ -168,21 +177,44 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    # ---- DeepSeek-V4.1 (``arch = "v41"``); V4 leaves these empty / at their defaults ----
+    arch: str = "v4"                       # "v4" | "v41": which graph the layers follow
+    kv_source_layers: list[int] = field(default_factory=list)      # layers owning a CSA2 compressor
+    index_source_layers: list[int] = field(default_factory=list)   # layers running an indexer
+    candidate_source_layer: int = -1       # index source publishing candidate blocks (-1: none)
+    candidate_topk_blocks: int = 2048      # candidate blocks it keeps
+    candidate_block_size: int = 8          # compressed positions per candidate block
+    gate_temp: float = 1.0                 # router logits are divided by this before the score
+    engram_layers: list[int] = field(default_factory=list)         # layers with an Engram memory before them
+    engram_vocab_size: int = 16000000      # where each (n-gram size, head)'s prime search starts
+    engram_num_embeddings: list[int] = field(default_factory=list)  # table rows per Engram layer
+    engram_max_ngram_size: int = 4         # n-grams of 2..this size are hashed
+    engram_n_heads: int = 8                # hash heads per n-gram size
+    engram_head_dim: int = 256             # table row width
+    engram_pad_id: int = 2                 # id standing in for history before the start / dead tokens
+    engram_compressed_vocab_size: int = 99092  # size of the tokenizer-normalised vocabulary
+    weight_block_size: int = 128           # FP8 weight tile (128 in V4, 32 in V4.1)
+    expert_block_size: int = 32            # FP4 expert scale block along K (32 in V4, 16 in V4.1)
+    dspark_layers: int = 0                 # V4.1 DSpark draft stages in the checkpoint (not run by v4hal)
     # Keys of the source dict that are not configuration keys (recorded, not used).
     ignored_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
-    PRESET_NAMES: ClassVar[tuple[str, ...]] = ("v4-flash", "v4-pro", "v4-mini")
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = ("v4-flash", "v4-pro", "v4-mini", "v41-flash", "v41-mini")
+    #: fields that hold a list of ints
+    INT_LISTS: ClassVar[tuple[str, ...]] = ("compress_ratios", "kv_source_layers", "index_source_layers",
+                                           "engram_layers", "engram_num_embeddings")
 
     def __post_init__(self) -> None:
-        ratios = self.compress_ratios
-        if not isinstance(ratios, (list, tuple)):
-            raise RangeError(f"ModelConfig: compress_ratios must be a list of ints (one per layer), "
-                             f"got {type(ratios).__name__} {ratios!r:.80}")
-        bad = [r for r in ratios if isinstance(r, bool) or not (
-            isinstance(r, int) or (isinstance(r, float) and r.is_integer()))]
-        if bad:
-            raise RangeError(f"ModelConfig: compress_ratios entries must be ints, got {bad[:4]!r:.80}")
-        self.compress_ratios = [int(r) for r in ratios]
+        for name in self.INT_LISTS:
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)):
+                raise RangeError(f"ModelConfig: {name} must be a list of ints, "
+                                 f"got {type(values).__name__} {values!r:.80}")
+            bad = [r for r in values if isinstance(r, bool) or not (
+                isinstance(r, int) or (isinstance(r, float) and r.is_integer()))]
+            if bad:
+                raise RangeError(f"ModelConfig: {name} entries must be ints, got {bad[:4]!r:.80}")
+            setattr(self, name, [int(r) for r in values])
         self.ignored_keys = tuple(self.ignored_keys)
 
     # ------------------------------------------------------------------ derived
@@ -201,6 +233,24 @@ class ModelConfig:
         return self.head_dim ** -0.5
 
     @property
+    def is_v41(self) -> bool:
+        """Whether the layers follow DeepSeek-V4.1 (CSA2, candidate indexer, Engram, lagged mHC)."""
+        return self.arch == "v41"
+
+    def kv_source_of(self, layer_id: int) -> int | None:
+        """V4.1: the KV-source layer whose compressed cache layer ``layer_id`` reads (the closest source at or
+        before it; None for a window-only layer or a V4 config)."""
+        if not self.is_v41 or self.compress_ratios[layer_id] == 0:
+            return None
+        return max(s for s in self.kv_source_layers if s <= layer_id)
+
+    def index_source_of(self, layer_id: int) -> int | None:
+        """V4.1: the index-source layer whose top-k layer ``layer_id`` uses (the closest at or before it)."""
+        if not self.is_v41 or self.compress_ratios[layer_id] == 0:
+            return None
+        return max(s for s in self.index_source_layers if s <= layer_id)
+
+    @property
     def is_hash_layer(self) -> list[bool]:
         """Per main layer: True when its MoE gate is hash-routed (the first n_hash_layers)."""
         return [i < self.n_hash_layers for i in range(self.n_layers)]
@@ -213,7 +263,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
-        """A fresh config for ``"v4-flash"``, ``"v4-pro"`` or ``"v4-mini"``."""
+        """A fresh config for one of `PRESET_NAMES` (``"v4-flash"``, ``"v4-pro"``, ``"v4-mini"``, ``"v41-flash"``,
+        ``"v41-mini"``)."""
         key = name.lower().replace("_", "-")
         if key not in PRESETS:
             raise RangeError(f"ModelConfig.preset: name must be one of {list(PRESETS)}, got {name!r}")
@@ -336,7 +387,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The inference ``config.json`` dict (every key, ``ignored_keys`` left out)."""
         out = {name: getattr(self, name) for name in self.field_names()}
-        out["compress_ratios"] = list(self.compress_ratios)
+        for name in self.INT_LISTS:
+            out[name] = list(out[name])
+        if not self.is_v41:     # a V4 config.json keeps exactly the public ModelArgs keys
+            for name in V41_FIELDS:
+                del out[name]
         return out
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
@@ -397,8 +452,25 @@ class ModelConfig:
         need(isinstance(self.compress_ratios, list) and len(self.compress_ratios) == self.n_total_layers,
              ShapeError, f"compress_ratios must have n_layers + n_mtp_layers = {self.n_total_layers} entries, "
                          f"got {len(self.compress_ratios)}")
-        bad = [r for r in self.compress_ratios if r not in _VALID_RATIOS]
-        need(not bad, RangeError, f"compress_ratios entries must be in {list(_VALID_RATIOS)}, got {bad}")
+        need(self.arch in _ARCHS, RangeError, f"arch must be one of {list(_ARCHS)}, got {self.arch!r}")
+        valid = _VALID_RATIOS_V41 if self.is_v41 else _VALID_RATIOS
+        bad = [r for r in self.compress_ratios if r not in valid]
+        need(not bad, RangeError, f"compress_ratios entries must be in {list(valid)} for arch {self.arch!r}, "
+                                  f"got {bad}")
+        need(self.weight_block_size in (128, 32), RangeError,
+             f"weight_block_size must be 128 or 32 (FP8 weight tiles), got {self.weight_block_size}")
+        need(self.expert_block_size in (32, 16), RangeError,
+             f"expert_block_size must be 32 or 16 (FP4 expert scale blocks), got {self.expert_block_size}")
+        need(self.dspark_layers >= 0, RangeError, f"dspark_layers must be >= 0, got {self.dspark_layers}")
+        if self.is_v41:
+            self._validate_v41(need)
+        else:
+            for name in ("kv_source_layers", "index_source_layers", "engram_layers", "engram_num_embeddings"):
+                need(not getattr(self, name), RangeError,
+                     f"{name} is a DeepSeek-V4.1 field: it must be empty unless arch is 'v41', "
+                     f"got {getattr(self, name)}")
+            need(self.candidate_source_layer < 0 and self.dspark_layers == 0, RangeError,
+                 "candidate_source_layer / dspark_layers are DeepSeek-V4.1 fields: set arch='v41' to use them")
 
         need(self.head_dim > self.rope_head_dim, ShapeError,
              f"head_dim ({self.head_dim}) must be > rope_head_dim ({self.rope_head_dim})")
@@ -412,7 +484,7 @@ class ModelConfig:
              f"n_hash_layers ({self.n_hash_layers}) must be <= n_layers ({self.n_layers})")
         need(self.n_shared_experts <= 1, RangeError,
              f"n_shared_experts must be 0 or 1 (the V4 graph has one shared expert), got {self.n_shared_experts}")
-        if 4 in self.compress_ratios:
+        if 4 in self.compress_ratios or self.index_source_layers:
             need(self.index_head_dim >= self.rope_head_dim, ShapeError,
                  f"index_head_dim ({self.index_head_dim}) must be >= rope_head_dim ({self.rope_head_dim})")
             need(self.index_head_dim & (self.index_head_dim - 1) == 0, ShapeError,
@@ -434,6 +506,59 @@ class ModelConfig:
             for name, k in (("dim", self.dim), ("moe_inter_dim", self.moe_inter_dim)):
                 need(k % 128 == 0, ShapeError,
                      f"{name} must be divisible by 128 when expert_dtype is 'fp4' (FP8 activation blocks), got {k}")
+
+    def _validate_v41(self, need: Any) -> None:
+        """The V4.1 layer schedule: sources, consumers, candidates, Engram."""
+        n, ratios = self.n_layers, self.compress_ratios
+        need(self.n_mtp_layers == 0, RangeError,
+             f"n_mtp_layers must be 0 for arch 'v41' (V4.1's draft stages are DSpark, counted in dspark_layers), "
+             f"got {self.n_mtp_layers}")
+        need(self.n_hash_layers == 0, RangeError,
+             f"n_hash_layers must be 0 for arch 'v41' (V4.1 has no hash-routed layers), got {self.n_hash_layers}")
+        need(self.gate_temp > 0, RangeError, f"gate_temp must be > 0, got {self.gate_temp}")
+        for name in ("kv_source_layers", "index_source_layers", "engram_layers"):
+            ids = getattr(self, name)
+            need(ids == sorted(set(ids)), RangeError, f"{name} must be increasing without repeats, got {ids}")
+            need(all(0 <= i < n for i in ids), RangeError, f"{name} entries must be in [0, n_layers={n}), got {ids}")
+        for i in self.kv_source_layers + self.index_source_layers:
+            need(ratios[i] > 0, RangeError, f"layer {i} is a KV or index source, so compress_ratios[{i}] must be "
+                                            f"1 or 2, got 0")
+        for i in range(n):
+            if ratios[i] == 0:
+                continue
+            kv = [s for s in self.kv_source_layers if s <= i]
+            need(bool(kv), RangeError, f"layer {i} has compress ratio {ratios[i]} but no KV source at or before it "
+                                       f"(kv_source_layers {self.kv_source_layers})")
+            need(ratios[kv[-1]] == ratios[i], RangeError,
+                 f"layer {i} (ratio {ratios[i]}) reads the compressed cache of KV source {kv[-1]} "
+                 f"(ratio {ratios[kv[-1]]}): the ratios must match")
+            ix = [s for s in self.index_source_layers if s <= i]
+            need(bool(ix) and ix[-1] >= kv[-1], RangeError,
+                 f"layer {i} needs an index source between its KV source {kv[-1]} and itself "
+                 f"(index_source_layers {self.index_source_layers})")
+        c = self.candidate_source_layer
+        if c >= 0:
+            need(c in self.index_source_layers, RangeError,
+                 f"candidate_source_layer ({c}) must be one of index_source_layers {self.index_source_layers}")
+            need(self.candidate_topk_blocks > 0 and self.candidate_block_size > 0, RangeError,
+                 f"candidate_topk_blocks and candidate_block_size must be > 0, got {self.candidate_topk_blocks}, "
+                 f"{self.candidate_block_size}")
+        if self.engram_layers:
+            need(len(self.engram_num_embeddings) == len(self.engram_layers), ShapeError,
+                 f"engram_num_embeddings must have one entry per Engram layer ({len(self.engram_layers)}), "
+                 f"got {self.engram_num_embeddings}")
+            need(self.engram_max_ngram_size >= 2, RangeError,
+                 f"engram_max_ngram_size must be >= 2, got {self.engram_max_ngram_size}")
+            for name in ("engram_vocab_size", "engram_n_heads", "engram_head_dim", "engram_compressed_vocab_size"):
+                need(getattr(self, name) > 0, RangeError, f"{name} must be > 0, got {getattr(self, name)}")
+            need(0 <= self.engram_pad_id < self.engram_compressed_vocab_size, RangeError,
+                 f"engram_pad_id must be in [0, engram_compressed_vocab_size), got {self.engram_pad_id}")
+
+
+def engram_table_rows(layer_ids: list[int], max_ngram: int, n_heads: int, vocab_size: int) -> list[int]:
+    """Rows of each Engram layer's table: the sum of its (n-gram size, head) primes."""
+    from v4hal.ops.engram import prime_table  # pure Python; kept local so the config imports no ops
+    return [sum(sum(heads) for heads in per_n) for per_n in prime_table(layer_ids, max_ngram, n_heads, vocab_size)]
 
 
 def _published_common() -> dict[str, Any]:
@@ -474,4 +599,51 @@ def _v4_mini() -> dict[str, Any]:
     )
 
 
-PRESETS: dict[str, Any] = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v4-mini": _v4_mini}
+def _v41_flash() -> dict[str, Any]:
+    """The released DeepSeek-V4.1-Flash text backbone (its DSpark draft stages are counted, not run)."""
+    return dict(
+        arch="v41", dtype="fp8", expert_dtype="fp4", scale_fmt="ue8m0", scale_dtype="fp8",
+        weight_block_size=32, expert_block_size=16,
+        vocab_size=129280, dim=5120, n_layers=40, n_heads=64, head_dim=512, rope_head_dim=64,
+        q_lora_rank=1280, o_groups=8, o_lora_rank=1024, window_size=128,
+        compress_ratios=[0, 0] + [2] * 18 + [1] * 20,
+        kv_source_layers=[2, 8, 14, 20], index_source_layers=[2, 8, 14, 20, 24, 28, 32, 36],
+        candidate_source_layer=20, candidate_topk_blocks=2048, candidate_block_size=8,
+        index_n_heads=32, index_head_dim=128, index_topk=512,
+        n_routed_experts=384, n_activated_experts=6, n_shared_experts=1, n_hash_layers=0, n_mtp_layers=0,
+        moe_inter_dim=2304, score_func="sqrtsoftplus", gate_temp=1.0, route_scale=1.5, swiglu_limit=10.0,
+        hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-20,
+        rope_theta=10000.0, compress_rope_theta=160000.0, rope_factor=16.0, original_seq_len=65536,
+        beta_fast=32, beta_slow=1, max_seq_len=1048576,
+        engram_layers=[1, 14], engram_vocab_size=16000000, engram_num_embeddings=[384006168, 384016682],
+        engram_max_ngram_size=4, engram_n_heads=8, engram_head_dim=256, engram_pad_id=2,
+        engram_compressed_vocab_size=99092, dspark_layers=3,
+    )
+
+
+def _v41_mini() -> dict[str, Any]:
+    """A tiny V4.1 with every feature: window-only layers, a ratio-2 source and consumer, a ratio-1 source that
+    publishes candidates, its consumer, a re-index layer inside the candidates and its consumer, Engram before
+    a window-only layer and before a source, lagged mHC."""
+    engram = dict(engram_layers=[1, 4], engram_vocab_size=1000, engram_max_ngram_size=3, engram_n_heads=2,
+                  engram_head_dim=64, engram_pad_id=2, engram_compressed_vocab_size=400)
+    return dict(
+        arch="v41", dtype="fp8", expert_dtype="fp4", scale_fmt="ue8m0", scale_dtype="fp8",
+        weight_block_size=32, expert_block_size=16,
+        vocab_size=512, dim=256, n_layers=8, n_heads=4, head_dim=128, rope_head_dim=64,
+        q_lora_rank=128, o_groups=2, o_lora_rank=64, window_size=16,
+        compress_ratios=[0, 0, 2, 2, 1, 1, 1, 1],
+        kv_source_layers=[2, 4], index_source_layers=[2, 4, 6],
+        candidate_source_layer=4, candidate_topk_blocks=4, candidate_block_size=4,
+        index_n_heads=4, index_head_dim=64, index_topk=8,
+        n_routed_experts=8, n_activated_experts=2, n_shared_experts=1, n_hash_layers=0, n_mtp_layers=0,
+        moe_inter_dim=128, score_func="sqrtsoftplus", gate_temp=1.0, route_scale=1.5, swiglu_limit=10.0,
+        hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-20,
+        rope_theta=10000.0, compress_rope_theta=160000.0, rope_factor=16.0, original_seq_len=65536,
+        beta_fast=32, beta_slow=1,
+        engram_num_embeddings=engram_table_rows([1, 4], 3, 2, 1000), **engram,
+    )
+
+
+PRESETS: dict[str, Any] = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v4-mini": _v4_mini,
+                           "v41-flash": _v41_flash, "v41-mini": _v41_mini}
