@@ -27,6 +27,8 @@ from typing import Any, ClassVar, Mapping
 
 from v4hal.hal.errors import RangeError, ShapeError
 
+from . import hf_config
+
 __all__ = ["ModelConfig", "PRESETS", "V41_FIELDS", "engram_table_rows", "HF_KEY_MAP", "read_json_file", "regular_file",
            "file_kind"]
 
@@ -279,15 +281,20 @@ class ModelConfig:
 
         Inference keys and HF keys may both appear; when both name the same field with
         different values a `RangeError` names the two keys. Missing keys take the public
-        ``ModelArgs`` defaults; unknown keys are listed in ``ignored_keys``. The result is
-        validated.
+        ``ModelArgs`` defaults (for a DeepSeek-V4.1 config: Hugging Face's ``DeepseekV41TextConfig``
+        defaults, its schedule derived from ``compress_ratios`` as that class derives it); unknown
+        keys are listed in ``ignored_keys``. DeepSeek-V4.1's composite config (``text_config``) and
+        transformers' ``DeepseekV4Config`` (``layer_types`` / ``compress_rates`` / ``mlp_layer_types``)
+        are read too (see `v4hal.model.hf_config`). The result is validated.
         """
         if not isinstance(d, Mapping):
             raise RangeError(f"ModelConfig.from_dict: d must be a mapping, got {type(d).__name__}")
+        d, hf_v41, ignored = hf_config.unwrap(d)
+        v41 = hf_v41 or d.get("arch") == "v41"
         names = set(cls.field_names())
         values: dict[str, Any] = {}
         origin: dict[str, str] = {}
-        ignored: list[str] = []
+        deferred: dict[str, Any] = {}
 
         def put(target: str, value: Any, source: str) -> None:
             if target in values and values[target] != value:
@@ -298,13 +305,40 @@ class ModelConfig:
             values[target] = value
             origin[target] = source
 
+        def rope_yarn(part: Mapping[str, Any], where: str) -> None:
+            kind = part.get("type", part.get("rope_type", "yarn" if where == "rope_scaling" else "default"))
+            if kind in ("default", None) and where != "rope_scaling":
+                put("rope_factor", 1.0, f"{where}.rope_type")
+                put("original_seq_len", 0, f"{where}.rope_type")
+                return
+            if kind not in ("yarn", "default", None):
+                raise RangeError(f"ModelConfig.from_dict: {where}.type must be 'yarn', got {kind!r}")
+            for sub, target in _ROPE_SCALING_MAP.items():
+                if sub in part:
+                    put(target, part[sub], f"{where}.{sub}")
+            factor = part.get("attention_factor", part.get("mscale_all_dim", None))
+            if "attention_factor" in part and factor != 1.0:
+                raise RangeError(f"ModelConfig.from_dict: {where}.attention_factor must be 1.0 (the V4 graph applies "
+                                 f"no YaRN attention scaling), got {factor!r}")
+            ignored.extend(f"{where}.{k}" for k in part if k not in _ROPE_SCALING_MAP and k not in (
+                "type", "rope_type", "attention_factor", "rope_theta", "partial_rotary_factor"))
+
         for key, value in d.items():
             if key == "ignored_keys":
                 ignored.append(key)
+            elif key == "dtype" and isinstance(value, str) and value in hf_config.TORCH_DTYPE_NAMES:
+                ignored.append(key)       # transformers: the torch dtype of the saved tensors, not the weight format
+            elif key in ("compress_ratios", "layer_types", "compress_rates", "mlp_layer_types",
+                         "partial_rotary_factor", "candidate_source_layer_id"):
+                deferred[key] = value
             elif key in names:
                 put(key, value, key)
+            elif key == "num_nextn_predict_layers":
+                put("dspark_layers" if v41 else "n_mtp_layers", value, key)
             elif key in HF_KEY_MAP:
                 put(HF_KEY_MAP[key], value, key)
+            elif key in hf_config.V41_KEY_MAP:
+                put(hf_config.V41_KEY_MAP[key], value, key)
             elif key == "rope_scaling":
                 if value is None:
                     put("rope_factor", 1.0, "rope_scaling")
@@ -312,27 +346,28 @@ class ModelConfig:
                     continue
                 if not isinstance(value, Mapping):
                     raise RangeError(f"ModelConfig.from_dict: rope_scaling must be a dict or null, got {value!r}")
-                kind = value.get("type", value.get("rope_type", "yarn"))
-                if kind not in ("yarn", "default", None):
-                    raise RangeError(f"ModelConfig.from_dict: rope_scaling.type must be 'yarn', got {kind!r}")
-                for sub, target in _ROPE_SCALING_MAP.items():
-                    if sub in value:
-                        put(target, value[sub], f"rope_scaling.{sub}")
-                ignored.extend(f"rope_scaling.{k}" for k in value
-                               if k not in _ROPE_SCALING_MAP and k not in ("type", "rope_type"))
+                rope_yarn(value, "rope_scaling")
             elif key == "rope_parameters" and isinstance(value, Mapping):
+                if "main" not in value and "compress" not in value:
+                    rope_yarn(value, "rope_parameters")        # a flat dict: the compress rope's YaRN
+                    continue
                 main, comp = value.get("main", {}) or {}, value.get("compress", {}) or {}
                 for sub, part in (("main", main), ("compress", comp)):
                     if not isinstance(part, Mapping):
                         raise RangeError(f"ModelConfig.from_dict: rope_parameters.{sub} must be a dict, "
                                          f"got {part!r:.80}")
+                    if "partial_rotary_factor" in part:
+                        deferred.setdefault("partial_rotary_factor", part["partial_rotary_factor"])
+                main_kind = main.get("rope_type", main.get("type", "default"))
+                if main_kind not in ("default", None):
+                    raise RangeError(f"ModelConfig.from_dict: rope_parameters.main.rope_type must be 'default' "
+                                     f"(YaRN applies to the compress rope only), got {main_kind!r}")
                 if "rope_theta" in main:
                     put("rope_theta", main["rope_theta"], "rope_parameters.main.rope_theta")
                 if "rope_theta" in comp:
                     put("compress_rope_theta", comp["rope_theta"], "rope_parameters.compress.rope_theta")
-                for sub, target in _ROPE_SCALING_MAP.items():
-                    if sub in comp:
-                        put(target, comp[sub], f"rope_parameters.compress.{sub}")
+                if comp:
+                    rope_yarn(comp, "rope_parameters.compress")
             elif key == "quantization_config":
                 if value is None:
                     continue
@@ -344,29 +379,79 @@ class ModelConfig:
                         raise RangeError(
                             f"ModelConfig.from_dict: quantization_config.fmt must be e4m3/fp8, got {fmt!r}")
                     put("dtype", "fp8", "quantization_config.fmt")
-                if "scale_fmt" in value:
-                    put("scale_fmt", value["scale_fmt"], "quantization_config.scale_fmt")
-                if "expert_dtype" in value:
-                    put("expert_dtype", value["expert_dtype"], "quantization_config.expert_dtype")
-                if "scale_dtype" in value:
-                    put("scale_dtype", value["scale_dtype"], "quantization_config.scale_dtype")
+                for sub in ("scale_fmt", "expert_dtype", "scale_dtype", "expert_block_size"):
+                    if sub in value:
+                        put(sub, value[sub], f"quantization_config.{sub}")
                 block = value.get("weight_block_size")
-                if block is not None and (not isinstance(block, (list, tuple)) or list(block) != [128, 128]):
-                    raise ShapeError(
-                        "ModelConfig.from_dict: quantization_config.weight_block_size must be [128, 128], "
-                        f"got {block!r}")
+                if block is not None:
+                    if not isinstance(block, (list, tuple)) or list(block) not in ([128, 128], [32, 32]):
+                        raise ShapeError(
+                            "ModelConfig.from_dict: quantization_config.weight_block_size must be [128, 128] (V4) "
+                            f"or [32, 32] (V4.1), got {block!r}")
+                    put("weight_block_size", int(block[0]), "quantization_config.weight_block_size")
                 ignored.extend(f"quantization_config.{k}" for k in value if k not in (
-                    "fmt", "quant_method", "scale_fmt", "expert_dtype", "scale_dtype", "weight_block_size"))
+                    "fmt", "quant_method", "scale_fmt", "expert_dtype", "scale_dtype", "weight_block_size",
+                    "expert_block_size"))
             elif key == "num_key_value_heads":
                 if value != 1:
                     raise ShapeError(
                         f"ModelConfig.from_dict: num_key_value_heads must be 1 (one shared KV head), got {value!r}")
+            elif key == "attention_bias" and value:
+                raise ShapeError("ModelConfig.from_dict: attention_bias must be false (the projections have no "
+                                 "bias), got true")
+            elif key == "norm_topk_prob" and value is False:
+                raise RangeError("ModelConfig.from_dict: norm_topk_prob must be true (the V4 router normalises the "
+                                 "top-k weights), got false")
             else:
                 ignored.append(key)
+        cls._schedule(values, deferred, v41, put)
+        if origin.get("scale_fmt") == "quantization_config.scale_fmt" and values["scale_fmt"] == "ue8m0":
+            values.setdefault("scale_dtype", "fp8")      # power-of-two scales are stored as e8m0 bytes
         cfg = cls(**values, ignored_keys=tuple(ignored))
         cfg._coerce()
         cfg.validate()
         return cfg
+
+    @classmethod
+    def _schedule(cls, values: dict[str, Any], deferred: dict[str, Any], v41: bool, put: Any) -> None:
+        """Fill the per-layer schedule of a Hugging Face config into ``values`` (inference keys): V4.1 defaults,
+        sources and DSpark trimming (`hf_config.v41_schedule`), or V4's ``layer_types`` / ``mlp_layer_types``."""
+        if v41:
+            put("arch", "v41", "model_type")
+            for name, default in hf_config.V41_HF_DEFAULTS.items():
+                values.setdefault(name, default)
+            if "compress_ratios" in deferred:
+                values["compress_ratios"] = deferred["compress_ratios"]
+            if "candidate_source_layer_id" in deferred:
+                put("candidate_source_layer", deferred["candidate_source_layer_id"], "candidate_source_layer_id")
+            elif "candidate_source_layer" not in values:
+                values["candidate_source_layer"] = None
+            hf_config.v41_schedule(values, "compress_ratios")
+            if deferred.get("layer_types") is not None:
+                hf_config.check_v41_layer_types(deferred["layer_types"], values["n_layers"], values["kv_source_layers"])
+            if deferred.get("mlp_layer_types") is not None and set(deferred["mlp_layer_types"]) != {"moe"}:
+                raise RangeError(f"ModelConfig.from_dict: mlp_layer_types must be all 'moe' for DeepSeek-V4.1 (no "
+                                 f"hash-routed layers), got {deferred['mlp_layer_types']!r:.80}")
+        else:
+            n = values.get("n_layers", cls.n_layers)
+            ratios, n_hash = hf_config.v4_schedule(deferred.get("layer_types"), deferred.get("compress_rates"),
+                                                   deferred.get("mlp_layer_types"), n)
+            if ratios is not None:
+                put("compress_ratios", ratios + [0] * values.get("n_mtp_layers", cls.n_mtp_layers), "layer_types")
+            if "compress_ratios" in deferred:
+                put("compress_ratios", deferred["compress_ratios"], "compress_ratios")
+            if n_hash is not None:
+                put("n_hash_layers", n_hash, "mlp_layer_types")
+            if "candidate_source_layer_id" in deferred:
+                put("candidate_source_layer", deferred["candidate_source_layer_id"], "candidate_source_layer_id")
+        prf = deferred.get("partial_rotary_factor")
+        if prf is not None:
+            head_dim = values.get("head_dim", cls.head_dim)
+            rope = prf * head_dim if isinstance(prf, (int, float)) and not isinstance(prf, bool) else None
+            if rope is None or not float(rope).is_integer():
+                raise RangeError(f"ModelConfig.from_dict: partial_rotary_factor ({prf!r}) times head_dim ({head_dim}) "
+                                 f"must be a whole number of rotary dims")
+            put("rope_head_dim", int(rope), "partial_rotary_factor")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "ModelConfig":
@@ -449,6 +534,9 @@ class ModelConfig:
         need(self.score_func in _SCORE_FUNCS, RangeError,
              f"score_func must be one of {list(_SCORE_FUNCS)}, got {self.score_func!r}")
 
+        need(not (self.arch == "v41" and self.n_mtp_layers), RangeError,
+             f"n_mtp_layers must be 0 for arch 'v41' (V4.1's draft stages are DSpark, counted in dspark_layers and "
+             f"not run by v4hal), got {self.n_mtp_layers}")
         need(isinstance(self.compress_ratios, list) and len(self.compress_ratios) == self.n_total_layers,
              ShapeError, f"compress_ratios must have n_layers + n_mtp_layers = {self.n_total_layers} entries, "
                          f"got {len(self.compress_ratios)}")
@@ -510,9 +598,6 @@ class ModelConfig:
     def _validate_v41(self, need: Any) -> None:
         """The V4.1 layer schedule: sources, consumers, candidates, Engram."""
         n, ratios = self.n_layers, self.compress_ratios
-        need(self.n_mtp_layers == 0, RangeError,
-             f"n_mtp_layers must be 0 for arch 'v41' (V4.1's draft stages are DSpark, counted in dspark_layers), "
-             f"got {self.n_mtp_layers}")
         need(self.n_hash_layers == 0, RangeError,
              f"n_hash_layers must be 0 for arch 'v41' (V4.1 has no hash-routed layers), got {self.n_hash_layers}")
         need(self.gate_temp > 0, RangeError, f"gate_temp must be > 0, got {self.gate_temp}")
@@ -614,7 +699,7 @@ def _v41_flash() -> dict[str, Any]:
         moe_inter_dim=2304, score_func="sqrtsoftplus", gate_temp=1.0, route_scale=1.5, swiglu_limit=10.0,
         hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-20,
         rope_theta=10000.0, compress_rope_theta=160000.0, rope_factor=16.0, original_seq_len=65536,
-        beta_fast=32, beta_slow=1, max_seq_len=1048576,
+        beta_fast=32, beta_slow=1,
         engram_layers=[1, 14], engram_vocab_size=16000000, engram_num_embeddings=[384006168, 384016682],
         engram_max_ngram_size=4, engram_n_heads=8, engram_head_dim=256, engram_pad_id=2,
         engram_compressed_vocab_size=99092, dspark_layers=3,
