@@ -59,7 +59,8 @@ from .layers import act_scale_format
 from .spec import FP4_X2, TensorSpec, checkpoint_spec
 
 __all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "CheckpointRangeError",
-           "read_checkpoint", "read_for_device", "hf_rename", "shard_dim", "is_routed_expert"]
+           "read_checkpoint", "read_for_device", "hf_rename", "transformers_rename", "to_transformers_name",
+           "v41_hub_rename", "shard_dim", "is_routed_expert", "is_engram_table"]
 
 
 class CheckpointError(V4HalError, ValueError):
@@ -108,6 +109,12 @@ def is_routed_expert(name: str) -> bool:
     return ".experts." in name and "shared_experts" not in name
 
 
+def is_engram_table(name: str) -> bool:
+    """Whether ``name`` is a DeepSeek-V4.1 Engram table (``layers.{i}.engram.embed.weight`` / ``.scale``): about
+    98 GB each in the release, kept in host memory by `read_for_device` unless told otherwise."""
+    return name.endswith(".engram.embed.weight") or name.endswith(".engram.embed.scale")
+
+
 def hf_rename(name: str) -> str | None:
     """Inference name of a Hugging Face tensor name; None for the MTP copies of embed/head (shared)."""
     if name.startswith("model."):
@@ -116,6 +123,82 @@ def hf_rename(name: str) -> str | None:
         return None
     name = name.replace("self_attn", "attn").replace("mlp", "ffn")
     return name.replace("weight_scale_inv", "scale").replace("e_score_correction_bias", "bias")
+
+
+# DeepSeek-V4.1 tensors v4hal does not run: DSpark draft stages, the vision tower and aligner, image delimiters
+_V41_SKIPPED = re.compile(r"^(mtp\.|vision\.|aligner\.|image_(start|end|newline)$)")
+_V4_HC_HEAD = re.compile(r"^hc_head\.hc_(fn|base|scale)$")
+_V4_ATTN_NORM = re.compile(r"^(layers\.\d+\.attn)\.norm\.weight$")
+_V4_KV_NORM = re.compile(r"^(layers\.\d+\.attn)\.kv_norm\.weight$")
+
+
+def v41_hub_rename(name: str) -> str | None:
+    """Inference name of a tensor of the DeepSeek-V4.1 hub checkpoint (the same name); None for what v4hal does
+    not run (``mtp.*`` DSpark stages, ``vision.*``, ``aligner.*``, ``image_start/end/newline``)."""
+    return None if _V41_SKIPPED.match(name) else name
+
+
+def transformers_rename(name: str, v41: bool) -> str | None:
+    """Inference (hub) name of a tensor as transformers' ``save_pretrained`` names it; None when skipped.
+
+    DeepSeek-V4.1 (``DeepseekV41ForCausalLM``; its modules carry the hub names): ``model.`` dropped,
+    ``lm_head.weight`` -> ``head.weight``, FP8/FP4 ``weight_scale_inv`` -> ``scale`` (the Engram table's own
+    ``embed.scale`` keeps its name), DSpark / vision tensors skipped (`v41_hub_rename`).
+    DeepSeek-V4 (transformers 5.23 ``DeepseekV4ForCausalLM``, which writes its conversion mapping back except
+    where a pattern is anchored): ``model.`` dropped, ``model.embed_tokens`` -> ``embed``, ``model.hc_head.hc_fn``
+    -> ``hc_head_fn`` (base, scale alike), the attention's ``attn.norm`` -> ``attn.kv_norm`` (the compressors'
+    ``norm`` keep theirs), ``weight_scale_inv`` -> ``scale``.
+    """
+    if name == "lm_head.weight":
+        return "head.weight"
+    if name.startswith("model."):
+        name = name[len("model."):]
+    name = name.replace("weight_scale_inv", "scale")
+    if v41:
+        return v41_hub_rename(name)
+    if name == "embed_tokens.weight":
+        return "embed.weight"
+    m = _V4_HC_HEAD.match(name)
+    if m:
+        return f"hc_head_{m.group(1)}"
+    return _V4_ATTN_NORM.sub(r"\1.kv_norm.weight", name)
+
+
+def to_transformers_name(name: str, v41: bool) -> str:
+    """The name transformers' ``save_pretrained`` gives the inference (hub) tensor ``name`` (inverse of
+    `transformers_rename`)."""
+    if name == "head.weight":
+        return "lm_head.weight" if v41 else "head.weight"
+    if name.endswith(".scale") and not name.endswith("engram.embed.scale"):
+        name = name[:-len("scale")] + "weight_scale_inv"
+    if not v41:
+        if name == "embed.weight":
+            name = "embed_tokens.weight"
+        elif name.startswith("hc_head_"):
+            name = "hc_head.hc_" + name[len("hc_head_"):]
+        else:
+            name = _V4_KV_NORM.sub(r"\1.norm.weight", name)
+    return "model." + name
+
+
+def _naming(keys: list[str], cfg: ModelConfig) -> str:
+    """Which names a non-inference checkpoint uses: ``"transformers"`` (``save_pretrained``), ``"hub"`` (the
+    DeepSeek-V4.1 release) or ``"hf"`` (the V4 Hugging Face hub layout, `hf_rename`)."""
+    if cfg.is_v41:
+        return "transformers" if any(k.startswith("model.") or k == "lm_head.weight" for k in keys) else "hub"
+    if any(k == "model.embed_tokens.weight" or k.startswith("model.hc_head.") for k in keys):
+        return "transformers"
+    return "hf"
+
+
+def _rename(layout: str, key: str, cfg: ModelConfig) -> str | None:
+    if layout == "inference":
+        return key
+    if layout == "transformers":
+        return transformers_rename(key, cfg.is_v41)
+    if layout == "hub":
+        return v41_hub_rename(key)
+    return hf_rename(key)
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -254,15 +337,21 @@ def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib
         raise CheckpointError(f"checkpoint: {cfg_dir / 'config.json'} is missing")
     cfg = ModelConfig.from_json(cfg_dir / "config.json")
     entries: dict[str, _Entry] = {}
-    for fi, fpath in enumerate(files):
+    keys_of: list[list[str]] = []
+    for fpath in files:
         f = stack.enter_context(_open(fpath))
         handles.append(f)
-        for key in f.keys():
+        keys_of.append(list(f.keys()))
+    if layout == "hf":
+        layout = _naming([k for keys in keys_of for k in keys], cfg)
+    for fi, fpath in enumerate(files):
+        f = handles[fi]
+        for key in keys_of[fi]:
             if index_map is not None and (key not in index_map
                                           or Path(index_map[key]) != fpath.relative_to(root)):
                 raise CheckpointError(f"checkpoint: tensor {key} is in {fpath.name} but the index "
                                       f"lists {index_map.get(key, 'no file')} for it")
-            name = hf_rename(key) if layout == "hf" else key
+            name = _rename(layout, key, cfg)
             if name is None:
                 continue
             dt, shape = _header(f, key, fpath)
@@ -302,6 +391,10 @@ def _catalog(path: str | os.PathLike[str], handles: list[Any], stack: contextlib
                 raise CheckpointError(f"checkpoint: {e.name} must be in every rank file ({world}), found in {have}")
             if e.dim is None and len(e.parts) > 1:
                 e.parts = e.parts[:1]      # replicated: rank 0's copy
+    if layout == "transformers" and not cfg.is_v41 and cfg.n_mtp_layers and not any(
+            n.startswith("mtp.") for n in entries):
+        # transformers builds no MTP layers, so save_pretrained writes none: the checkpoint is the main model
+        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers])
     return _Catalog(layout, cfg, files, entries, cfg_dir / "config.json")
 
 
@@ -479,10 +572,11 @@ def read_checkpoint(path: str | os.PathLike[str], *,
 
 
 def read_for_device(path: str | os.PathLike[str], device: torch.device | str | None = None, *,
-                    mmap: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """`read_checkpoint` for a model that will live on ``device`` (default CPU): checks ``mmap`` and ``device``
-    (`RangeError`), and off the CPU reads through the memory map (every tensor is copied to the device by
-    `V4Model.assign`, so no CPU copy is needed). `V4Model.from_pretrained` builds the model from it.
+                    mmap: bool = False, engram_device: torch.device | str | None = "cpu"
+                    ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """`read_checkpoint` for a model that will live on ``device`` (default CPU): checks ``mmap``, ``device`` and
+    ``engram_device`` (`RangeError`), and off the CPU reads through the memory map (every tensor is copied to the
+    device by `V4Model.assign`, so no CPU copy is needed). `V4Model.from_pretrained` builds the model from it.
 
     ``mmap``: by default (False) the model owns its weights once it is built: nothing of it refers to the
     files, which may then be changed or deleted. ``mmap=True`` (CPU only) keeps the weights that need no
@@ -490,7 +584,12 @@ def read_for_device(path: str | os.PathLike[str], device: torch.device | str | N
     instead of copying them: far less anonymous memory for a huge checkpoint (routed experts are still copied,
     into their stacked ``[E, ...]`` buffers). Hazard: the files must then not change while the model lives;
     truncating one kills the process with SIGBUS at the next forward, rewriting one changes the weights
-    silently."""
+    silently.
+
+    ``engram_device``: where the DeepSeek-V4.1 Engram tables (`is_engram_table`) are yielded: host memory
+    (``"cpu"``, the default, even when ``device`` is a GPU: they are gathered by row, about 98 GB each in the
+    release) with memory of their own unless ``mmap``; None puts them on ``device`` like every other tensor.
+    The model must keep such a tensor where it arrives."""
     if not isinstance(mmap, bool):
         raise RangeError(f"load_checkpoint: mmap must be True or False, got {mmap!r}")
     try:
@@ -500,4 +599,21 @@ def read_for_device(path: str | os.PathLike[str], device: torch.device | str | N
     if mmap and not on_cpu:
         raise RangeError(f"load_checkpoint: mmap=True keeps weights in the file's memory map, which only the CPU "
                          f"can use; got device={str(device)!r} (leave mmap off: weights are copied to the device)")
-    return read_checkpoint(path, mmap=mmap or not on_cpu)
+    try:
+        host = None if engram_device is None else torch.device(engram_device)
+    except (RuntimeError, TypeError) as e:
+        raise RangeError(f"load_checkpoint: engram_device must be a torch device or None, got {engram_device!r}") from e
+    cfg, tensors = read_checkpoint(path, mmap=mmap or not on_cpu)
+    if host is None or not cfg.engram_layers:
+        return cfg, tensors
+
+    def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in tensors:
+            if is_engram_table(name):
+                if not mmap and not on_cpu:
+                    t = t.clone()              # read through the map for the device: give the host copy its memory
+                if t.device != host:
+                    t = t.to(host)
+            yield name, t
+
+    return cfg, gen()

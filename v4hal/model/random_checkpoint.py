@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,11 +17,15 @@ from safetensors.torch import save_file
 import v4hal
 from v4hal.hal.errors import RangeError
 
-from .checkpoint import is_routed_expert, shard_dim
+from .checkpoint import is_routed_expert, shard_dim, to_transformers_name
 from .config import HF_KEY_MAP, ModelConfig
+from .hf_config import transformers_config
 from .spec import FP4_X2, TensorSpec, checkpoint_spec
 
-__all__ = ["write_random_checkpoint", "random_tensors", "save_tensors"]
+__all__ = ["write_random_checkpoint", "random_tensors", "save_tensors", "LAYOUTS"]
+
+#: checkpoint layouts `save_tensors` writes
+LAYOUTS = ("inference", "hf", "transformers", "hub")
 
 
 def _init(name: str, s: TensorSpec, cfg: ModelConfig, g: torch.Generator) -> torch.Tensor:
@@ -118,10 +123,15 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
     split like the public converter. ``layout="hf"``: ``config.json`` (HF keys) +
     ``shards`` files with ``model.safetensors.index.json``; ``wo_a`` stored FP8 with a scale
     (FP8 configs), FP4 experts as ``I8``, MTP copies of embed/head included.
+    ``layout="transformers"``: what transformers' ``save_pretrained`` writes (``DeepseekV4ForCausalLM`` of
+    transformers 5.23 / ``DeepseekV41ForCausalLM``): its ``config.json``, its tensor names
+    (`checkpoint.to_transformers_name`), float tensors bf16 (V4.1: mHC, sinks, gate biases fp32), no V4 MTP
+    layers; ``shards`` files with an index. ``layout="hub"`` (V4.1 only): the release layout, hub names (the
+    inference names), the composite ``config.json``.
     ``fp4_storage``: ``"F4"`` (float4_e2m1fn_x2, the public converter's output) or ``"I8"``.
     """
-    if layout not in ("inference", "hf"):
-        raise RangeError(f"save_tensors: layout must be 'inference' or 'hf', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise RangeError(f"save_tensors: layout must be one of {list(LAYOUTS)}, got {layout!r}")
     if world < 1 or shards < 1:
         raise RangeError(f"save_tensors: world and shards must be >= 1, got {world}, {shards}")
     if fp4_storage not in ("F4", "I8"):
@@ -167,6 +177,21 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
             save_file(per_rank[r], str(out_dir / f"model{r}-mp{world}.safetensors"))
         return out_dir
 
+    if layout in ("transformers", "hub"):
+        if layout == "hub" and not cfg.is_v41:
+            raise RangeError("save_tensors: layout 'hub' is DeepSeek-V4.1's release layout; use 'hf' for a V4 config")
+        with open(out_dir / "config.json", "w", encoding="utf-8") as f:
+            json.dump(transformers_config(cfg), f, indent=2)
+        out: list[tuple[str, torch.Tensor]] = []
+        for name, t in items:
+            t = fp4_view(name, t, fp4_storage if layout == "hub" else "I8")
+            if layout == "hub":
+                out.append((name, t))
+            elif cfg.is_v41 or not name.startswith("mtp."):       # transformers builds no V4 MTP layers
+                out.append((to_transformers_name(name, cfg.is_v41), _transformers_dtype(name, t, cfg.is_v41)))
+        _write_shards(out_dir, out, shards)
+        return out_dir
+
     with open(out_dir / "config.json", "w", encoding="utf-8") as f:
         json.dump(_hf_config(cfg), f, indent=2)
     hf: list[tuple[str, torch.Tensor]] = []
@@ -184,12 +209,34 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
             hf.append((f"mtp.{j}.embed.weight", embed.clone()))
         if head is not None:
             hf.append((f"mtp.{j}.head.weight", head.to(torch.bfloat16)))
-    n = min(shards, len(hf))
-    per = math.ceil(len(hf) / n)
+    _write_shards(out_dir, hf, shards)
+    return out_dir
+
+
+# V4.1 tensors transformers keeps in fp32 (``_keep_in_fp32_modules_strict``): mHC, sinks, gate biases
+_V41_FP32 = re.compile(r"(\.hc_(attn|ffn)_(fn|base|scale)|\.attn_sink|\.gate\.bias(_vl)?)$")
+
+
+def _transformers_dtype(name: str, t: torch.Tensor, v41: bool) -> torch.Tensor:
+    """The dtype ``save_pretrained`` of a bf16 model gives a tensor: every float tensor bf16 (V4.1 keeps its mHC,
+    sink and gate-bias tensors fp32), ``tid2eid`` int64; FP8 / FP4 tensors as they are."""
+    if name.endswith("tid2eid"):
+        return t.to(torch.int64)
+    if not t.is_floating_point() or t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu) or t.element_size() < 2:
+        return t
+    if v41 and _V41_FP32.search(name):
+        return t.to(torch.float32)
+    return t.to(torch.bfloat16)
+
+
+def _write_shards(out_dir: Path, tensors: list[tuple[str, torch.Tensor]], shards: int) -> None:
+    """``tensors`` in ``shards`` files ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``."""
+    n = min(shards, len(tensors))
+    per = math.ceil(len(tensors) / n)
     weight_map: dict[str, str] = {}
     total = 0
     for i in range(n):
-        chunk = hf[i * per:(i + 1) * per]
+        chunk = tensors[i * per:(i + 1) * per]
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file({k: v.contiguous() for k, v in chunk}, str(out_dir / fname))
         for k, v in chunk:
@@ -197,7 +244,6 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
             total += v.numel() * v.element_size()
     with open(out_dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return out_dir
 
 
 def write_random_checkpoint(config: ModelConfig, path: str | os.PathLike[str], seed: int = 0,
