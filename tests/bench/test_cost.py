@@ -155,3 +155,53 @@ def test_measure_one_point(capsys) -> None:
     assert "dense/hybrid" in render_measure(r)
     with pytest.raises(RangeError, match="weights"):
         measure([40], weights="fp16")
+
+
+# ------------------------------------------------------------------ DeepSeek-V4.1
+def test_v41_entry_sizes() -> None:
+    assert cost.V41_WINDOW_BYTES == 528 and cost.V41_COMPRESSED_BYTES == 288
+    assert cost.engram_table_bytes(10, 256) == 10 * (256 + 8)
+
+
+@pytest.mark.parametrize("L", [4096, 1 << 20])
+def test_v41_flash_kv_bytes_by_hand(L: int) -> None:
+    c = cost.model_cost("v41-flash", L)
+    # 40 layers keep a 128-entry window of 528 B; only the KV sources 2, 8, 14 (ratio 2) and 20 (ratio 1) own
+    # compressed entries (288 B) and indexer keys (68 B; every source feeds an index source); the ratio-2
+    # sources keep one open group of kv + gate logits (2 * 2 * 512 fp32)
+    entries = 3 * (L // 2) + L
+    assert c.kv_bytes == {"window_cache": 40 * 128 * 528, "compressed_cache": entries * 288,
+                          "indexer_cache": entries * 68, "compressor_state": 3 * 2 * 2 * 512 * 4}
+    want = {4096: 6_373_376, 1 << 20: 935_960_576}[L]
+    assert c.total_kv_bytes == want
+    assert c.kv_bytes_per_token == pytest.approx({4096: 1556.0, 1 << 20: 892.6}[L], abs=0.05)
+    # Engram tables are host memory, not cache: 384,006,168 + 384,016,682 rows of 256 FP8 + 8 ue8m0 bytes
+    assert c.host_bytes == {"engram_tables": (384006168 + 384016682) * 264}
+    assert c.engram_rows_per_token == 2 * 3 * 8
+
+
+@pytest.mark.parametrize("L", [4096, 1 << 20])
+def test_v41_flash_indexer_candidate_attention_flops_by_hand(L: int) -> None:
+    c = cost.model_cost("v41-flash", L)
+    per_entry = 2 * 32 * 128 + 3 * 32                       # 32 index heads of 128, relu + weight
+    # index sources 2, 8, 14 (ratio 2) and 20 (ratio 1, the candidate source) score every entry ...
+    assert c.flops["indexer_scores"] == (3 * (L // 2) + L) * per_entry
+    # ... 24, 28, 32, 36 only those inside 2048 candidate blocks of 8 positions
+    assert c.flops["candidate_scores"] == 4 * min(L, 2048 * 8) * per_entry
+    # keys: window 128 everywhere, + top-512 of the compressed entries in the 38 layers with a ratio
+    keys = 40 * 128 + 38 * 512
+    assert c.flops["attention"] == keys * 64 * (4 * 512 + 5)
+    # Engram: wkv [24*256 -> 5120*5] and the gate of 4 streams, at layers 1 and 14
+    assert c.flops["engram"] == 2 * (2 * 24 * 256 * 5120 * 5 + 4 * (11 * 5120 + 5))
+
+
+def test_v41_flash_beside_v4() -> None:
+    for L in (4096, 1 << 20):
+        v41, v4 = cost.model_cost("v41-flash", L), cost.model_cost("v4-flash", L)
+        assert v41.kv_bytes_per_token < v4.kv_bytes_per_token / 3
+    assert "v41-flash" in cost.MODELS
+    report = cost.compare(4096, ["v4-flash", "v41-flash"])
+    assert report["costs"]["v41-flash"]["host_bytes"]["engram_tables"] > 2e11
+    with pytest.raises(RangeError, match="arch 'v41'"):
+        cost.v41_cost(ModelConfig.preset("v4-mini"), 10)
+    assert cost.model_cost("v41-mini", 100).total_flops > 0

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=[4096, 32768, 131072, costmod.ONE_M],
                         help="context lengths (tokens; 128K / 1M suffixes accepted)")
     parser.add_argument("--models", default=",".join(costmod.MODELS),
-                        help="comma-separated models among v3.2, v4-flash, v4-pro, v4-mini (default: %(default)s)")
+                        help="comma-separated models among v3.2, v4-flash, v4-pro, v41-flash, v4-mini, v41-mini "
+                             "(default: %(default)s)")
     parser.add_argument("--breakdown", action="store_true", help="also print the FLOPs and bytes per component")
     parser.add_argument("--json", metavar="PATH", type=writable_path,
                         help="write the table, breakdowns and ratios as JSON")
@@ -118,9 +119,10 @@ def render(report: dict[str, Any], breakdown: bool = False) -> str:
                 _fmt_len(L), model, _fmt_si(c["total_flops"], "FLOP"), _fmt_si(c["total_kv_bytes"], "B"),
                 f"{c['kv_bytes_per_token']:.1f}",
                 f"{100 * r['flops']:.1f}%" if r else "-", f"{100 * r['kv_bytes']:.1f}%" if r else "-",
+                _fmt_si(c["total_host_bytes"], "B") if c.get("total_host_bytes") else "-",
             ])
-    out = [text_table(["context", "model", "FLOPs/token", "KV cache", "KV B/token", "FLOPs vs V3.2", "KV vs V3.2"],
-                      rows)]
+    out = [text_table(["context", "model", "FLOPs/token", "KV cache", "KV B/token", "FLOPs vs V3.2", "KV vs V3.2",
+                       "host mem (Engram)"], rows)]
     if breakdown:
         for entry in report["contexts"]:
             for model, c in entry["costs"].items():
@@ -128,6 +130,10 @@ def render(report: dict[str, Any], breakdown: bool = False) -> str:
                 kv_sorted = sorted(c["kv_bytes"].items(), key=lambda kv: -kv[1])
                 kvp = ", ".join(f"{k} {_fmt_si(v, 'B')}" for k, v in kv_sorted)
                 out.append(f"\n{model} @ {_fmt_len(entry['context'])}\n  FLOPs: {parts}\n  KV:    {kvp}")
+                if c.get("host_bytes"):
+                    host = ", ".join(f"{k} {_fmt_si(v, 'B')}" for k, v in c["host_bytes"].items())
+                    out.append(f"  host memory (not KV): {host}; {c['engram_rows_per_token']} Engram rows "
+                               f"gathered per token")
     out.append("\nAt 1M tokens (1,048,576), V4 / V3.2 against the technical report (pass = within 25% relative):")
     rows = [[k, f"{100 * v['value']:.1f}%", f"{100 * v['target']:.0f}%", f"{100 * v['rel_err']:.1f}%",
              "pass" if v["ok"] else "FAIL"] for k, v in report["at_1m"]["check"].items()]

@@ -57,6 +57,8 @@ __all__ = [
     "V32Config", "Cost", "v32_cost", "v4_cost", "model_cost", "compare", "MODELS",
     "V32_ATTN_BYTES", "V32_INDEX_BYTES", "V4_ATTN_BYTES", "V4_INDEX_BYTES",
     "REPORT_RATIOS", "ONE_M", "report_check", "v4_attn_entry_bytes", "v4_index_entry_bytes",
+    "v41_cost", "v41_window_entry_bytes", "v41_compressed_entry_bytes", "V41_WINDOW_BYTES", "V41_COMPRESSED_BYTES",
+    "engram_table_bytes",
 ]
 
 ONE_M = 1 << 20
@@ -134,6 +136,10 @@ class Cost:
     context: int
     flops: dict[str, float] = field(default_factory=dict)
     kv_bytes: dict[str, float] = field(default_factory=dict)
+    #: memory that is not KV cache, held in host memory (V4.1's Engram tables), bytes
+    host_bytes: dict[str, float] = field(default_factory=dict)
+    #: table rows one token gathers (V4.1 Engram), over all layers
+    engram_rows_per_token: int = 0
 
     @property
     def total_flops(self) -> float:
@@ -154,6 +160,8 @@ class Cost:
             "flops": dict(self.flops), "total_flops": self.total_flops,
             "kv_bytes": dict(self.kv_bytes), "total_kv_bytes": self.total_kv_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "host_bytes": dict(self.host_bytes), "total_host_bytes": float(sum(self.host_bytes.values())),
+            "engram_rows_per_token": self.engram_rows_per_token,
         }
 
 
@@ -289,21 +297,122 @@ def v4_cost(cfg: ModelConfig, context: int, name: str = "v4") -> Cost:
     return Cost(name, L, flops, kv)
 
 
+# --------------------------------------------------------------------------- V4.1
+def v41_window_entry_bytes(head_dim: int) -> int:
+    """Bytes of one V4.1 window entry: every dim FP8 e4m3 plus one ue8m0 exponent per 32 (528 at 512)."""
+    return head_dim + math.ceil(head_dim / 32)
+
+
+def v41_compressed_entry_bytes(head_dim: int) -> int:
+    """Bytes of one V4.1 compressed entry: e2m1 codes two per byte plus one e4m3 scale per 16 (288 at 512)."""
+    return head_dim // 2 + math.ceil(head_dim / 16)
+
+
+V41_WINDOW_BYTES = v41_window_entry_bytes(512)          # 528
+V41_COMPRESSED_BYTES = v41_compressed_entry_bytes(512)  # 288
+
+
+def engram_table_bytes(rows: int, head_dim: int) -> int:
+    """Bytes of one Engram table: FP8 rows plus one ue8m0 scale per 32 values."""
+    return rows * (head_dim + math.ceil(head_dim / 32))
+
+
+def _v41_compressor_flops(cfg: ModelConfig, ratio: int) -> float:
+    """One token's share of a V4.1 (CSA2) compressor: ``wkv`` (+ ``wgate`` at ratio 2) per token, then per
+    emitted entry the gate softmax over the group and the weighted sum (ratio 2), RMSNorm and rotary."""
+    hd = cfg.head_dim
+    if ratio == 1:
+        return _linear(cfg.dim, hd) + RMS_FLOPS * hd + ROPE_FLOPS * cfg.rope_head_dim
+    entry = (SOFTMAX_FLOPS + 2) * ratio * hd + RMS_FLOPS * hd + ROPE_FLOPS * cfg.rope_head_dim
+    return 2 * _linear(cfg.dim, hd) + entry / ratio
+
+
+def v41_cost(cfg: ModelConfig, context: int, name: str = "v41") -> Cost:
+    """FLOPs and cache bytes of a DeepSeek-V4.1 config for one token decoded at context ``context``.
+
+    Every layer keeps a window of 528 B entries; only KV-source layers own a compressed cache (288 B per entry,
+    ``L // ratio`` entries; the layers after a source read it) and, when an index source reads them, the
+    indexer keys (68 B per entry at index head dim 128). Index sources score every compressed entry of their
+    KV source, except those after the candidate source, which score only inside the candidate blocks
+    (``candidate_scores``); every layer with a compressed branch attends its window plus the top-k entries.
+    Engram tables are host memory (``host_bytes``), not cache; their ``wkv`` and gate are FLOPs.
+    """
+    L = _check_context(context)
+    cfg.validate()
+    if not cfg.is_v41:
+        raise RangeError(f"cost: v41_cost needs a config with arch 'v41', got {cfg.arch!r}")
+    h, hd, rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+    hi, di = cfg.index_n_heads, cfg.index_head_dim
+    win_entry, comp_entry = v41_window_entry_bytes(hd), v41_compressed_entry_bytes(hd)
+    index_entry = v4_index_entry_bytes(di)
+    flops: dict[str, float] = {}
+    kv: dict[str, float] = {}
+    window = min(cfg.window_size, L)
+    attn_proj = (_linear(cfg.dim, cfg.q_lora_rank) + RMS_FLOPS * cfg.q_lora_rank
+                 + _linear(cfg.q_lora_rank, h * hd)                    # no per-head q norm in V4.1
+                 + _linear(cfg.dim, hd) + RMS_FLOPS * hd
+                 + ROPE_FLOPS * (h * rd + rd) + ROPE_FLOPS * h * rd
+                 + 2 * h * hd * cfg.o_lora_rank + _linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim))
+    keyed = {cfg.kv_source_of(i) for i in cfg.index_source_layers}      # KV sources whose keys an indexer reads
+    candidates = cfg.candidate_topk_blocks * cfg.candidate_block_size
+    for layer in range(cfg.n_layers):
+        ratio = cfg.compress_ratios[layer]
+        _add(flops, "attn_proj", attn_proj)
+        n_keys = window
+        if ratio:
+            n_comp = L // ratio
+            if layer in cfg.kv_source_layers:
+                _add(flops, "compressor", _v41_compressor_flops(cfg, ratio))
+                _add(kv, "compressed_cache", n_comp * comp_entry)
+                if ratio > 1:
+                    _add(kv, "compressor_state", 2 * ratio * hd * FP32)  # kv + gate logits of an open group
+                if layer in keyed:
+                    _add(flops, "indexer_keys", (_linear(hd, di) + RMS_FLOPS * di + ROPE_FLOPS * rd) / ratio)
+                    _add(kv, "indexer_cache", n_comp * index_entry)
+            if layer in cfg.index_source_layers:
+                _add(flops, "indexer_proj", _linear(cfg.q_lora_rank, hi * di) + _linear(cfg.dim, hi)
+                     + ROPE_FLOPS * hi * rd)
+                per_entry = 2 * hi * di + 3 * hi
+                if 0 <= cfg.candidate_source_layer < layer:
+                    _add(flops, "candidate_scores", min(n_comp, candidates) * per_entry)
+                else:
+                    _add(flops, "indexer_scores", n_comp * per_entry)
+            n_keys += min(cfg.index_topk, n_comp)
+        _add(flops, "attention", n_keys * h * (2 * hd + 2 * hd + SOFTMAX_FLOPS))
+        _add(kv, "window_cache", window * win_entry)
+        _add(flops, "ffn", _moe_flops(cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts,
+                                      cfg.n_activated_experts, cfg.n_shared_experts))
+        _add(flops, "mhc", 2 * _mhc_sublayer_flops(cfg))
+        _add(flops, "norms_residual", 2 * RMS_FLOPS * cfg.dim)
+    host: dict[str, float] = {}
+    rows_per_layer = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
+    for layer, rows in zip(cfg.engram_layers, cfg.engram_num_embeddings):
+        width = rows_per_layer * cfg.engram_head_dim
+        # wkv: the gathered rows -> one key per stream + a shared value; per stream: the two RMS (3 per element),
+        # the weighted dot (3 per element), signed sqrt + sigmoid (5), stream += gate * value (2 per element)
+        _add(flops, "engram", _linear(width, cfg.dim * (cfg.hc_mult + 1))
+             + cfg.hc_mult * (11 * cfg.dim + SOFTMAX_FLOPS))
+        _add(host, "engram_tables", engram_table_bytes(rows, cfg.engram_head_dim))
+    _add(flops, "head", 2 * cfg.hc_mult * cfg.dim + RMS_FLOPS * cfg.dim + _linear(cfg.dim, cfg.vocab_size))
+    return Cost(name, L, flops, kv, host, rows_per_layer * len(cfg.engram_layers))
+
+
 # --------------------------------------------------------------------------- front door
-MODELS: tuple[str, ...] = ("v3.2", "v4-flash", "v4-pro")
+MODELS: tuple[str, ...] = ("v3.2", "v4-flash", "v4-pro", "v41-flash")
 
 
 def model_cost(model: str | ModelConfig | V32Config, context: int) -> Cost:
-    """Cost of ``"v3.2"``, ``"v4-flash"``, ``"v4-pro"``, ``"v4-mini"`` or a config object."""
+    """Cost of ``"v3.2"``, a preset (``"v4-flash"``, ``"v4-pro"``, ``"v41-flash"``, the minis) or a config object."""
     if isinstance(model, V32Config):
         return v32_cost(model, context)
     if isinstance(model, ModelConfig):
-        return v4_cost(model, context)
+        return v41_cost(model, context) if model.is_v41 else v4_cost(model, context)
     if model in ("v3.2", "v32", "deepseek-v3.2"):
         return v32_cost(V32Config(), context)
     if model in ModelConfig.PRESET_NAMES:
-        return v4_cost(ModelConfig.preset(model), context, name=model)
-    raise RangeError(f"cost: model must be one of {list(MODELS) + ['v4-mini']}, got {model!r}")
+        cfg = ModelConfig.preset(model)
+        return v41_cost(cfg, context, name=model) if cfg.is_v41 else v4_cost(cfg, context, name=model)
+    raise RangeError(f"cost: model must be one of {list(MODELS) + ['v4-mini', 'v41-mini']}, got {model!r}")
 
 
 def compare(context: int, models: Iterable[str] = MODELS, baseline: str = "v3.2") -> dict[str, Any]:
