@@ -201,3 +201,21 @@ def test_matches_transformers_itself(tmp_path) -> None:
         name = transformers_rename(key, False)
         want = t.float() if checkpoint_spec(cfg)[name].kind == "f32" else t
         assert torch.equal(got[name].to(want.dtype), want), name
+
+
+def test_from_pretrained_takes_a_transformers_v4_directory(tmp_path) -> None:
+    """V4Model.from_pretrained on what transformers writes gives the model of the same weights in the inference
+    layout (bit for bit)."""
+    from v4hal.model.model import V4Model
+    from v4hal.model.random_checkpoint import save_tensors
+
+    cfg = ModelConfig.preset("v4-mini").replace(dtype="bf16", expert_dtype=None)
+    d = write_random_checkpoint(cfg, tmp_path / "tr", seed=2, layout="transformers")
+    got_cfg, tensors = _read(d)
+    inf = save_tensors(got_cfg, tensors, tmp_path / "inf")
+    tokens = torch.tensor([[3, 17, 250, 9, 4, 100]])
+    a = V4Model.from_pretrained(d)
+    b = V4Model.from_pretrained(inf)
+    assert a.config == b.config and a.config.n_mtp_layers == 0
+    with torch.no_grad():
+        assert torch.equal(a.forward(tokens), b.forward(tokens))

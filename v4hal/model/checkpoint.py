@@ -15,6 +15,16 @@ Layouts read:
   ``scale``, ``e_score_correction_bias`` -> ``bias``), the MTP copies of the embedding and head
   are skipped (the model shares the main ones) and an FP8 ``wo_a`` is dequantized to bf16.
 
+* **transformers** (``save_pretrained``): for DeepSeek-V4 what transformers 5.23's ``DeepseekV4ForCausalLM``
+  writes (``model.`` prefixes, ``model.embed_tokens``, ``model.hc_head.hc_fn``, the attention's ``kv_norm``
+  saved as ``attn.norm``, ``tid2eid`` int64, no MTP layers: such a checkpoint is read as the main model,
+  ``n_mtp_layers`` 0), for DeepSeek-V4.1 what ``DeepseekV41ForCausalLM`` writes (``model.`` + the hub names,
+  ``lm_head``, ``weight_scale_inv``); `transformers_rename` / `to_transformers_name`. Told apart from the
+  Hugging Face hub layout by its names (``model.embed_tokens`` / ``model.hc_head``; for V4.1 any ``model.``).
+* **DeepSeek-V4.1 hub** (the release): composite ``config.json``, shards with an index, the inference names;
+  the DSpark draft stages (``mtp.*``), the vision tower (``vision.*``, ``aligner.*``) and the image delimiters
+  are skipped (`v41_hub_rename`). Engram tables (`is_engram_table`) stay in host memory (`read_for_device`).
+
 Weights may be bf16, FP8 e4m3 with e8m0 or fp32 ``.scale`` (128x128 blocks), and routed experts
 packed FP4 (``I8``/``U8 [N, K/2]`` or safetensors ``F4`` with the logical shape ``[N, K]``) with
 e8m0 scales ``[N, K/32]``.
@@ -35,7 +45,7 @@ private memory map of the file: far less anonymous memory for huge checkpoints, 
 must then stay unchanged while the model lives (truncating one kills the process with SIGBUS on
 the next access; rewriting one changes the weights).
 
-Seeded random checkpoints in either layout are written by `v4hal.model.random_checkpoint`.
+Seeded random checkpoints in every layout are written by `v4hal.model.random_checkpoint`.
 """
 from __future__ import annotations
 
