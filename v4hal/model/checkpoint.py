@@ -419,10 +419,11 @@ def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
             problems.append(f"missing tensor {name} (expected {s.kind} {list(s.shape)})")
             kinds[CheckpointError] += 1
             continue
-        if cat.layout == "hf" and s.kind == "bf16" and e.dtype == torch.float8_e4m3fn and name.endswith(".weight"):
+        if cat.layout != "inference" and s.kind == "bf16" and e.dtype == torch.float8_e4m3fn \
+                and name.endswith(".weight"):
             scale = name[:-len("weight")] + "scale"
             if scale in cat.entries:
-                continue          # FP8 wo_a of the HF layout: dequantized at load, checked there
+                continue          # FP8 wo_a of the HF / hub / transformers layouts: dequantized at load, checked there
         if e.dtype not in s.accepted:
             problems.append(f"{name} must be {' or '.join(_dname(d) for d in s.accepted)} ({s.kind}), "
                             f"found {_dname(e.dtype)} {list(e.shape)}")
@@ -433,7 +434,7 @@ def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
     for name, e in cat.entries.items():
         if name in spec:
             continue
-        if cat.layout == "hf" and name.endswith(".scale"):
+        if cat.layout != "inference" and name.endswith(".scale"):
             w = name[:-len("scale")] + "weight"
             if w in spec and spec[w].kind == "bf16" and cat.entries.get(w) is not None \
                     and cat.entries[w].dtype == torch.float8_e4m3fn:
@@ -567,12 +568,13 @@ def read_checkpoint(path: str | os.PathLike[str], *,
                 if s.kind == "bf16" and t.dtype == torch.float8_e4m3fn:
                     sname = name[:-len("weight")] + "scale"
                     sc, _ = _read(cat, handles, cat.entries[sname])
-                    want = (math.ceil(s.shape[0] / 128), math.ceil(s.shape[1] / 128))
+                    tile = cat.config.weight_block_size
+                    want = (math.ceil(s.shape[0] / tile), math.ceil(s.shape[1] / tile))
                     if tuple(t.shape) != s.shape or tuple(sc.shape) != want:
                         raise CheckpointShapeError(f"checkpoint: FP8 {name} must be {list(s.shape)} with scale "
                                                    f"{list(want)}, found {list(t.shape)} / {list(sc.shape)}")
                     _check_scale(cat, cat.entries[sname], sc)
-                    t = v4hal.dequant_fp8(t, sc, 128, out_dtype=torch.bfloat16)
+                    t = v4hal.dequant_fp8(t, sc, tile, out_dtype=torch.bfloat16)
                 out = _convert(name, s, t, scale_dtype)
                 if not mmap and _shares(out, raw):
                     out = out.clone()

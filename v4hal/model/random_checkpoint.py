@@ -81,8 +81,8 @@ def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch
         elif s.kind == "bf16" and cfg.dtype == "fp8" and name.endswith("attn.wo_a.weight"):
             # published checkpoints hold wo_a in FP8 (the public converter dequantizes it to bf16):
             # draw it on the FP8 grid, so that the Hugging Face layout (FP8) and this one agree exactly
-            q, sc = v4hal.quant_weight_fp8(w, 128, "ue8m0")
-            yield name, v4hal.dequant_fp8(q, sc, 128, out_dtype=torch.bfloat16)
+            q, sc = v4hal.quant_weight_fp8(w, cfg.weight_block_size, "ue8m0")
+            yield name, v4hal.dequant_fp8(q, sc, cfg.weight_block_size, out_dtype=torch.bfloat16)
         elif s.kind == "bf16":
             yield name, w.to(torch.bfloat16)
         elif s.kind == "i32":
@@ -126,8 +126,8 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
     ``layout="transformers"``: what transformers' ``save_pretrained`` writes (``DeepseekV4ForCausalLM`` of
     transformers 5.23 / ``DeepseekV41ForCausalLM``): its ``config.json``, its tensor names
     (`checkpoint.to_transformers_name`), float tensors bf16 (V4.1: mHC, sinks, gate biases fp32), no V4 MTP
-    layers; ``shards`` files with an index. ``layout="hub"`` (V4.1 only): the release layout, hub names (the
-    inference names), the composite ``config.json``.
+    layers, ``wo_a`` FP8 with its scale (FP8 configs); ``shards`` files with an index. ``layout="hub"`` (V4.1
+    only): the release layout, hub names (the inference names), ``wo_a`` FP8, the composite ``config.json``.
     ``fp4_storage``: ``"F4"`` (float4_e2m1fn_x2, the public converter's output) or ``"I8"``.
     """
     if layout not in LAYOUTS:
@@ -185,10 +185,15 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
         out: list[tuple[str, torch.Tensor]] = []
         for name, t in items:
             t = fp4_view(name, t, fp4_storage if layout == "hub" else "I8")
-            if layout == "hub":
-                out.append((name, t))
-            elif cfg.is_v41 or not name.startswith("mtp."):       # transformers builds no V4 MTP layers
-                out.append((to_transformers_name(name, cfg.is_v41), _transformers_dtype(name, t, cfg.is_v41)))
+            pairs = [(name, t)]
+            if name.endswith("attn.wo_a.weight") and cfg.dtype == "fp8":    # stored FP8, dequantized at load
+                q, sc = v4hal.quant_weight_fp8(t.float(), cfg.weight_block_size, "ue8m0")
+                pairs = [(name, q), (name[:-len("weight")] + "scale", sc)]
+            for n, v in pairs:
+                if layout == "hub":
+                    out.append((n, v))
+                elif cfg.is_v41 or not n.startswith("mtp."):       # transformers builds no V4 MTP layers
+                    out.append((to_transformers_name(n, cfg.is_v41), _transformers_dtype(n, v, cfg.is_v41)))
         _write_shards(out_dir, out, shards)
         return out_dir
 
