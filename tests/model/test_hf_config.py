@@ -149,3 +149,12 @@ def test_transformers_config_round_trips(name: str) -> None:
     d = json.loads(json.dumps(transformers_config(cfg)))
     assert _diff(ModelConfig.from_dict(d), cfg) == []
     assert ModelConfig.from_dict(copy.deepcopy(d)) == cfg
+
+
+def test_engram_rows_derived_or_checked() -> None:
+    d = _release()
+    del d["text_config"]["engram_num_embeddings"]
+    assert ModelConfig.from_dict(d).engram_num_embeddings == [384006168, 384016682]
+    d["text_config"]["engram_num_embeddings"] = [384006168, 384016683]
+    with pytest.raises(RangeError, match="engram_num_embeddings.*primes"):
+        ModelConfig.from_dict(d)

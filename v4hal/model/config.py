@@ -427,6 +427,7 @@ class ModelConfig:
             elif "candidate_source_layer" not in values:
                 values["candidate_source_layer"] = None
             hf_config.v41_schedule(values, "compress_ratios")
+            cls._engram_rows(values)
             if deferred.get("layer_types") is not None:
                 hf_config.check_v41_layer_types(deferred["layer_types"], values["n_layers"], values["kv_source_layers"])
             if deferred.get("mlp_layer_types") is not None and set(deferred["mlp_layer_types"]) != {"moe"}:
@@ -452,6 +453,25 @@ class ModelConfig:
                 raise RangeError(f"ModelConfig.from_dict: partial_rotary_factor ({prf!r}) times head_dim ({head_dim}) "
                                  f"must be a whole number of rotary dims")
             put("rope_head_dim", int(rope), "partial_rotary_factor")
+
+    @staticmethod
+    def _engram_rows(values: dict[str, Any]) -> None:
+        """V4.1: ``engram_num_embeddings`` is the sum of each Engram layer's primes (the hash offsets index a table
+        of exactly that many rows): derived when missing, checked when given."""
+        layers = values.get("engram_layers")
+        keys = ("engram_max_ngram_size", "engram_n_heads", "engram_vocab_size")
+        args = [values.get(k) for k in keys]
+        if not layers or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in args) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers) or args[0] < 2:
+            return                                  # validate() names what is wrong
+        rows = engram_table_rows(list(layers), *args)
+        given = values.get("engram_num_embeddings")
+        if given is None:
+            values["engram_num_embeddings"] = rows
+        elif isinstance(given, (list, tuple)) and len(given) == len(rows) and list(given) != rows:
+            raise RangeError(f"ModelConfig.from_dict: engram_num_embeddings {list(given)} must be the sums of the "
+                             f"Engram layers' primes, {rows} (engram_layer_ids {list(layers)}, engram_vocab_size "
+                             f"{args[2]}, engram_max_ngram_size {args[0]}, engram_n_heads {args[1]})")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "ModelConfig":
