@@ -158,3 +158,12 @@ def test_engram_rows_derived_or_checked() -> None:
     d["text_config"]["engram_num_embeddings"] = [384006168, 384016683]
     with pytest.raises(RangeError, match="engram_num_embeddings.*primes"):
         ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("text, match", [([1, 2], "text_config must be a dict"),
+                                         ({"model_type": "llama"}, "text_config.model_type")])
+def test_composite_text_config_must_be_v41(text, match) -> None:
+    d = _release()
+    d["text_config"] = text
+    with pytest.raises(RangeError, match=match):
+        ModelConfig.from_dict(d)

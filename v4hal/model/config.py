@@ -316,8 +316,8 @@ class ModelConfig:
             for sub, target in _ROPE_SCALING_MAP.items():
                 if sub in part:
                     put(target, part[sub], f"{where}.{sub}")
-            factor = part.get("attention_factor", part.get("mscale_all_dim", None))
-            if "attention_factor" in part and factor != 1.0:
+            factor = part.get("attention_factor", 1.0)
+            if factor != 1.0:
                 raise RangeError(f"ModelConfig.from_dict: {where}.attention_factor must be 1.0 (the V4 graph applies "
                                  f"no YaRN attention scaling), got {factor!r}")
             ignored.extend(f"{where}.{k}" for k in part if k not in _ROPE_SCALING_MAP and k not in (
