@@ -220,3 +220,11 @@ def test_from_pretrained_takes_a_transformers_v4_directory(tmp_path) -> None:
     assert a.config == b.config and a.config.n_mtp_layers == 0
     with torch.no_grad():
         assert torch.equal(a.forward(tokens), b.forward(tokens))
+
+
+@pytest.mark.parametrize("name", ["v41-mini", "v41-flash"])
+def test_v41_spec_names_map_both_ways(name: str) -> None:
+    spec = checkpoint_spec(ModelConfig.preset(name))
+    hf = [to_transformers_name(n, True) for n in spec]
+    assert len(set(hf)) == len(hf) and all(h.startswith("model.") or h == "lm_head.weight" for h in hf)
+    assert [transformers_rename(h, True) for h in hf] == list(spec)
