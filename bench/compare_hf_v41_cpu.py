@@ -36,6 +36,7 @@ v4hal returns the logits of each call's last token, so its runs are compared at 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -54,6 +55,8 @@ PATCHES = (
     "transformers.cache_utils.get_layer_types_and_kwargs: layers of type 'shared_compressed_attention' get "
     "config=<the text config> (DeepseekV41CSACache(config) needs it; 5.25 passes it only to its own "
     "compressed layer types)",
+    "DeepseekV41ForCausalLM.forward: a 'cache' keyword (what generate() passes on 5.25) is taken as "
+    "past_key_values (the files' name); without it generate() runs every step on a fresh cache",
 )
 
 HF_PACKAGE = "transformers.models.deepseek_v41"
@@ -157,6 +160,17 @@ def load_hf(hf_dir: Path):
                        for t, kw in zip(types, kwargs)]
 
     cache_utils.get_layer_types_and_kwargs = layer_types_and_kwargs
+
+    causal_lm = modeling.DeepseekV41ForCausalLM
+    forward = causal_lm.forward
+
+    @functools.wraps(forward)
+    def forward_taking_cache(self, *args, cache=None, **kwargs):
+        if cache is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache
+        return forward(self, *args, **kwargs)
+
+    causal_lm.forward = forward_taking_cache
     return modeling
 
 
@@ -374,6 +388,15 @@ def _new_sequence(model) -> None:
         model.model.engram_hash_state.history = None
 
 
+def hf_no_cache_rows(model, prompt: list[int]) -> dict[int, torch.Tensor]:
+    """The prompt in one call with ``use_cache=False`` (HF's other path, for the record: with two or more KV
+    sources its groups concatenate the compressed entries of every source)."""
+    _new_sequence(model)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt]), use_cache=False).logits
+    return {p: logits[0, p].float().clone() for p in range(len(prompt))}
+
+
 def hf_generate(model, prompt: list[int], n: int) -> list[int]:
     """``generate()`` greedy tokens (its own cache handling), for the record."""
     _new_sequence(model)
@@ -463,6 +486,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     progress("HF fp32: one-shot prefill + decode, chunked prefill + decode")
     runs["hf_fp32"] = hf_rows(hf32, tokens, one_shot)
     runs["hf_fp32_chunked"] = hf_rows(hf32, tokens, chunked)
+    runs["hf_fp32_no_cache"] = hf_no_cache_rows(hf32, prompt)
     gen = hf_generate(hf32, prompt, a.decode) if a.generate else None
     del hf32
     progress("HF bf16: one-shot prefill + decode, chunked")
@@ -502,7 +526,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "model": a.model, "seed": a.seed, "prompt_len": a.prompt_len, "decode": a.decode, "chunks": a.chunks,
         "threads": a.threads, "hf_checkpoint": str(hf_path), "v4hal_checkpoint": str(v4_path),
         "patches": list(PATCHES), "prompt": prompt, "greedy_tokens_hf_fp32": forced,
-        "generate_tokens_hf_fp32": gen, "bf16_spread": spread, "tol_factor": a.tol_factor,
+        "generate_tokens_hf_fp32": gen, "generate_matches": None if gen is None else gen == forced,
+        "bf16_spread": spread, "tol_factor": a.tol_factor,
         "tol_floor": a.tol_floor, "v4hal_error": v4hal_error, "rows": table,
     }
 
@@ -516,6 +541,8 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"{r['run']:<18} {r['phase']:<7} {r['positions']:>4} {f(r['max_abs'], '10.3e')} "
                      f"{f(r['calc_diff'], '10.3e')} {f(r['argmax_agree'], '7.3f')} {r['verdict']}")
+    if result["generate_matches"] is not None:
+        lines.append(f"HF generate() greedy tokens == the cache-path loop's: {result['generate_matches']}")
     if result["v4hal_error"]:
         lines.append(f"v4hal not run: {result['v4hal_error']}")
     return "\n".join(lines)

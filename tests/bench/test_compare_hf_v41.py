@@ -131,3 +131,25 @@ def test_parse_chunks_type(cmp) -> None:
     assert cmp.parse_chunks("7") == [7]
     with pytest.raises(argparse.ArgumentTypeError):
         cmp.parse_chunks("")
+
+
+def test_v4hal_side_runs_the_documented_api(cmp, tmp_path: Path) -> None:
+    """The driver's v4hal runs on a small V4 model (the API is the same for V4.1): ``forward`` in chunks and
+    ``forward_batch`` beside two other requests give, bit for bit, the rows of the one-shot ``forward``."""
+    from v4hal.model import V4Model, write_random_checkpoint
+
+    cfg = ModelConfig.preset("v4-mini").replace(n_layers=2, compress_ratios=[4, 128, 4], max_seq_len=256)
+    model = V4Model.from_pretrained(write_random_checkpoint(cfg, tmp_path, seed=0))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (30,), generator=g).tolist()
+    others = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (15, 11)]
+    prompt, sizes = 24, [3, 5, 1, 7]
+    decode = [(p, 1) for p in range(prompt, len(tokens))]
+    one = cmp.v4hal_forward_rows(model, tokens, [(0, prompt)] + decode)
+    chunked = cmp.v4hal_forward_rows(model, tokens, cmp.chunk_plan(prompt, sizes) + decode)
+    batched = cmp.v4hal_batched_rows(model, tokens, prompt, sizes, others, 16)
+    assert sorted(one) == list(range(prompt - 1, len(tokens)))
+    assert sorted(chunked) == sorted(batched) == [2, 7, 8, 15, 18] + sorted(one)
+    assert all(torch.equal(one[p], chunked[p]) for p in one)
+    assert cmp.compare_rows(chunked, batched) == {"positions": 12, "max_abs": 0.0, "calc_diff": 0.0,
+                                                  "argmax_agree": 1.0, "first_disagree": None}
