@@ -16,7 +16,8 @@ What it does:
    sinks / biases / Engram q-k weights), written with HF's ``save_pretrained`` (``<out>/hf``, with a small
    tokenizer whose normalised vocabulary has ``engram_compressed_vocab_size`` entries) and, under the release
    tensor names (``layers.{i}.attn.wq_a.weight``, ``embed.weight``, ``head.weight``), for v4hal
-   (``<out>/v4hal``);
+   (``<out>/v4hal``: ``save_tensors`` of a v4hal config; bf16 weights, or with ``--v4hal-dtype fp8`` the
+   FP8 / FP4 kinds of v4hal's ``checkpoint_spec`` with their scales, holding the same values exactly);
 2. runs HF's cache path (what ``generate()`` uses: one ``DynamicCache`` across calls) in fp32 and bf16: a
    one-shot prefill then ``--decode`` one-token steps (fp32 greedy tokens, fed to every other run), and a
    chunked prefill (``--chunks``, odd sizes that cut ratio-2 groups) then the same decode steps;
@@ -309,9 +310,47 @@ def release_name(hf_name: str) -> str:
     return hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
 
 
-def build_checkpoint(modeling, cfg, out: Path, seed: int, paired_index_heads: bool = True) -> tuple[Path, Path]:
-    """Write ``out/hf`` (``save_pretrained`` + tokenizer) and ``out/v4hal`` (release names); both paths."""
+def v4hal_tensors(cfg, named: Iterable[tuple[str, torch.Tensor]], kinds: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The HF parameters ``named`` under their release names for v4hal. ``kinds`` (release name -> ``"fp8"`` /
+    ``"fp4"``, from v4hal's ``checkpoint_spec``) names the weights to store quantized, with their ``.scale``:
+    FP8 in ``cfg.weight_block_size`` tiles (an Engram table: per row, one scale per 32 channels), routed
+    experts FP4 per ``cfg.expert_block_size``; every other tensor bf16 (fp32 where the release keeps fp32).
+    A quantized weight must hold the HF values exactly (the built checkpoint puts them on these grids)."""
+    import v4hal
+
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, t in named:
+        name = release_name(hf_name)
+        kind = kinds.get(name)
+        if name in out:                # an Engram table's scale, already written with its quantized rows
+            continue
+        if kind not in ("fp8", "fp4"):
+            out[name] = t.float() if hf_name.endswith(_FP32_SUFFIXES) else t.to(torch.bfloat16)
+            continue
+        w = t.float()
+        if kind == "fp8" and name.endswith("engram.embed.weight"):
+            q, sc = v4hal.act_quant(w, 32, "ue8m0", torch.float8_e8m0fnu)
+            back = v4hal.dequant_fp8(q, sc, 32)
+        elif kind == "fp8":
+            q, sc = v4hal.quant_weight_fp8(w, cfg.weight_block_size, "ue8m0")
+            back = v4hal.dequant_fp8(q, sc, cfg.weight_block_size)
+        else:
+            q, sc = v4hal.quant_weight_fp4(w, cfg.expert_block_size)
+            back = v4hal.dequant_fp4(q, sc, cfg.expert_block_size)
+        if not torch.equal(back, w):
+            raise SystemExit(f"{name}: its {kind} form does not hold the HF weight exactly "
+                             f"(max |diff| {float((back - w).abs().max()):.3g})")
+        out[name] = q
+        out[name[:-len("weight")] + "scale"] = sc
+    return out
+
+
+def build_checkpoint(modeling, cfg, out: Path, seed: int, paired_index_heads: bool = True,
+                     v4hal_dtype: str = "bf16") -> tuple[Path, Path]:
+    """Write ``out/hf`` (``save_pretrained`` + tokenizer) and ``out/v4hal`` (release names, ``v4hal_dtype``:
+    ``"bf16"`` weights, or ``"fp8"``: the quantized kinds of v4hal's ``checkpoint_spec``); both paths."""
     from v4hal.model.random_checkpoint import save_tensors
+    from v4hal.model.spec import checkpoint_spec
 
     conf = modeling.DeepseekV41TextConfig(**hf_config_kwargs(cfg))
     torch.manual_seed(seed)
@@ -321,11 +360,13 @@ def build_checkpoint(modeling, cfg, out: Path, seed: int, paired_index_heads: bo
     model.save_pretrained(hf_path)
     tok = make_tokenizer(cfg)
     tok.save_pretrained(hf_path)
-    tensors = {}
-    for name, p in model.named_parameters():
-        t = p.detach()
-        tensors[release_name(name)] = t.float() if name.endswith(_FP32_SUFFIXES) else t.to(torch.bfloat16)
-    save_tensors(cfg.replace(dtype="bf16", expert_dtype=None), tensors, v4_path)
+    if v4hal_dtype == "bf16":
+        v4cfg, kinds = cfg.replace(dtype="bf16", expert_dtype=None), {}
+    else:
+        v4cfg = cfg.replace(dtype="fp8", expert_dtype=cfg.expert_dtype or "fp4")
+        kinds = {name: s.kind for name, s in checkpoint_spec(v4cfg).items()}
+    named = [(name, p.detach()) for name, p in model.named_parameters()]
+    save_tensors(v4cfg, v4hal_tensors(v4cfg, named, kinds), v4_path)
     tok.save_pretrained(v4_path)
     return hf_path, v4_path
 
@@ -468,7 +509,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     modeling = load_hf(a.hf_dir)
     if a.checkpoint is None:
         progress(f"building the {a.model} checkpoint (seed {a.seed}) in {a.workdir}")
-        hf_path, v4_path = build_checkpoint(modeling, cfg, a.workdir, a.seed, not a.independent_index_heads)
+        hf_path, v4_path = build_checkpoint(modeling, cfg, a.workdir, a.seed, not a.independent_index_heads,
+                                            a.v4hal_dtype)
     else:
         hf_path, v4_path = a.checkpoint / "hf", a.checkpoint / "v4hal"
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -558,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the built checkpoint goes (hf/ and v4hal/)")
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="take a checkpoint this driver built before (its hf/ and v4hal/) instead of building one")
+    ap.add_argument("--v4hal-dtype", choices=("bf16", "fp8"), default="bf16",
+                    help="the v4hal copy's weights: bf16, or fp8 (FP8 tiles and FP4 experts where v4hal's "
+                         "checkpoint_spec says so; the same values either way)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-len", type=int, default=40)
     ap.add_argument("--decode", type=int, default=8, help="greedy decode steps after the prompt")

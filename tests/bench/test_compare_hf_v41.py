@@ -153,3 +153,41 @@ def test_v4hal_side_runs_the_documented_api(cmp, tmp_path: Path) -> None:
     assert all(torch.equal(one[p], chunked[p]) for p in one)
     assert cmp.compare_rows(chunked, batched) == {"positions": 12, "max_abs": 0.0, "calc_diff": 0.0,
                                                   "argmax_agree": 1.0, "first_disagree": None}
+
+
+def test_v4hal_tensors_quantize_losslessly_or_refuse(cmp) -> None:
+    """Weights on their release grids go into FP8 tiles / FP4 blocks / FP8 Engram rows exactly, with scales;
+    a weight off its grid is refused; the rest is bf16 (fp32 where the release keeps fp32)."""
+    cfg = ModelConfig.preset("v41-mini")
+    g = torch.Generator().manual_seed(1)
+
+    def on_grid(name: str, *shape: int) -> tuple[str, torch.Tensor]:
+        return name, cmp._grid(name, torch.randn(*shape, generator=g))
+
+    named = [on_grid("model.layers.2.attn.wq_a.weight", 128, 256),
+             on_grid("model.layers.0.ffn.experts.1.w2.weight", 256, 128),
+             on_grid("model.layers.1.engram.embed.weight", 96, 64),
+             ("model.layers.1.engram.embed.scale", torch.ones(96, 2)),
+             on_grid("model.layers.0.hc_attn_fn", 24, 1024), on_grid("lm_head.weight", 512, 256)]
+    kinds = {"layers.2.attn.wq_a.weight": "fp8", "layers.0.ffn.experts.1.w2.weight": "fp4",
+             "layers.1.engram.embed.weight": "fp8"}
+    out = cmp.v4hal_tensors(cfg, named, kinds)
+    assert sorted(out) == sorted(["layers.2.attn.wq_a.weight", "layers.2.attn.wq_a.scale",
+                                  "layers.0.ffn.experts.1.w2.weight", "layers.0.ffn.experts.1.w2.scale",
+                                  "layers.1.engram.embed.weight", "layers.1.engram.embed.scale",
+                                  "layers.0.hc_attn_fn", "head.weight"])
+    assert out["layers.2.attn.wq_a.scale"].shape == (4, 8)
+    assert out["layers.2.attn.wq_a.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(v4hal.dequant_fp8(out["layers.2.attn.wq_a.weight"], out["layers.2.attn.wq_a.scale"], 32),
+                       named[0][1])
+    assert out["layers.0.ffn.experts.1.w2.scale"].shape == (256, 8)
+    assert torch.equal(v4hal.dequant_fp4(out["layers.0.ffn.experts.1.w2.weight"],
+                                         out["layers.0.ffn.experts.1.w2.scale"], 16), named[1][1])
+    assert out["layers.1.engram.embed.scale"].shape == (96, 2)            # the computed scales, not HF's ones
+    assert torch.equal(v4hal.dequant_fp8(out["layers.1.engram.embed.weight"], out["layers.1.engram.embed.scale"], 32),
+                       named[2][1])
+    assert out["layers.0.hc_attn_fn"].dtype == torch.float32 and out["head.weight"].dtype == torch.bfloat16
+    plain = cmp.v4hal_tensors(cfg, named, {})
+    assert plain["layers.1.engram.embed.scale"].dtype == torch.bfloat16 and len(plain) == len(named)
+    with pytest.raises(SystemExit, match="layers.2.attn.wq_a.weight: its fp8 form"):
+        cmp.v4hal_tensors(cfg, [("model.layers.2.attn.wq_a.weight", torch.randn(128, 256, generator=g))], kinds)
