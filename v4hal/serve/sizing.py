@@ -5,9 +5,10 @@ decode step), holds at most, per page kind (``bs``: the kind's page size, ``bloc
 ``state_block_size``; ``ceil`` rounds up):
 
 - ``"c4"`` / ``"c128"``: ``ceil((max_len // r) / bs)`` (compressed entries stay until the request is released);
-- ``"token"``, ``"state4"``, ``"state128"``: ``min(ceil(max_len / bs), ceil((chunk + back - 1) / bs) + 1)``
-  with ``back = window_size - 1``, ``7`` and ``127``: a step reads ``back`` positions behind its first new one
-  (`v4hal.serve.first_needed_position`) and writes ``chunk``; a span of ``m`` positions touches at most
+- ``"c2"`` / ``"c1"`` (V4.1): likewise with ``r`` = 2 / 1;
+- ``"token"``, ``"state4"``, ``"state128"``, ``"state2"``: ``min(ceil(max_len / bs), ceil((chunk + back - 1) /
+  bs) + 1)`` with ``back = window_size - 1``, ``7``, ``127`` and ``1``: a step reads ``back`` positions behind its
+  first new one (`v4hal.serve.first_needed_position`) and writes ``chunk``; a span of ``m`` positions touches at most
   ``ceil((m - 1) / bs) + 1`` pages.
 
 A pool holding ``R`` such requests at once needs ``R`` times that of each kind (`request_pages`); its bytes are
@@ -41,9 +42,11 @@ __all__ = ["PoolSize", "request_pages", "page_bytes", "pool_bytes", "request_bud
 #: the indexer keys as bf16 too: they are FP4-rounded values, which bf16 holds exactly (``indexer_fp8`` would
 #: round them again with one scale per token), so both pairs give the same logits. ``bf16_kv``: bf16 attention
 #: caches beside FP4 indexer keys, the default of a model whose KV scales are not powers of two (its FP8 KV
-#: would round again in ``model1_fp8`` pages).
+#: would round again in ``model1_fp8`` pages). ``v41_quantized``: DeepSeek-V4.1's FlashMLA window format (its
+#: compressed caches then take ``v41_compressed_fp4``).
 LAYOUT_PAIRS: dict[str, tuple[str, str]] = {"quantized": ("model1_fp8", "indexer_fp4"), "bf16": ("bf16", "bf16"),
-                                            "bf16_kv": ("bf16", "indexer_fp4")}
+                                            "bf16_kv": ("bf16", "indexer_fp4"),
+                                            "v41_quantized": ("v41_window_fp8", "indexer_fp4")}
 
 
 def default_layout(device: str | torch.device | None, cfg: ModelConfig | None = None) -> str:
@@ -82,7 +85,7 @@ def default_pool_memory(device: str | torch.device | None) -> int:
     return int(platform_of(device).pool_memory_share * available_memory(device))
 
 #: positions a step reads behind its first new one, per state kind (the window's is ``window_size - 1``)
-STATE_BACK = {"state4": 7, "state128": 127}
+STATE_BACK = {"state4": 7, "state128": 127, "state2": 1}
 
 
 def _positive(op: str, name: str, value: object) -> int:
