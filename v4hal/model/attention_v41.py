@@ -3,7 +3,8 @@ the indexer with shared keys, and the candidate (two-level) top-k.
 
 Per layer ``i`` of compress ratio ``r`` (the cache path of V4.1's public code, written on v4hal ops):
 
-1. ``qr = q_norm(wq_a(x))``, ``q = wq_b(qr)`` (no per-head norm of q, unlike V4); ``kv = kv_norm(wkv(x))``;
+1. ``qr = q_norm(wq_a(x))``, ``q = wq_b(qr)`` (no per-head norm of q, unlike V4); ``kv = kv_norm(wkv(x))``
+   (V4.1's norms, `V41RMSNorm`, round to bf16 before and after the weight);
    rope on the last ``rope_head_dim`` dims of q and kv at each token's position (the compress rope, theta
    and YaRN, when ``r > 0``, else the main rope); kv gets the window cache's FP8 round trip (e4m3 with one
    ue8m0 scale per 32 values, every dim) and is written at the token's ``"token"`` slot.
@@ -44,7 +45,7 @@ from .layers import Linear, RMSNorm, float_gemm
 from .spec import linear_kind
 from .step import Step
 
-__all__ = ["CSA2Compressor", "V41Indexer", "V41Attention", "window_round_trip", "compressed_round_trip",
+__all__ = ["V41RMSNorm", "CSA2Compressor", "V41Indexer", "V41Attention", "window_round_trip", "compressed_round_trip",
            "topk_plan_key", "CANDIDATES_PLAN"]
 
 #: `Step.plans` key of the candidate blocks the candidate source publishes (int32 ``[T, 1, n_blocks]``)
@@ -67,6 +68,18 @@ def compressed_round_trip(x: torch.Tensor) -> torch.Tensor:
     """bf16 ``[..., D]`` -> bf16: the ``v41_compressed_fp4`` cache's FP4 round trip (e2m1, one e4m3 scale per
     16 values)."""
     return formats.fp4_e4m3_round_trip(x).to(x.dtype)
+
+
+class V41RMSNorm(RMSNorm):
+    """V4.1's RMSNorm: ``x * rsqrt(mean(x**2) + eps)`` rounded to x's dtype (``rms_norm`` with a unit weight), then
+    times the weight, rounded again (V4's `RMSNorm` rounds once)."""
+
+    _ones: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ones is None or self._ones.device != x.device:
+            self._ones = torch.ones(self.weight.shape[0], dtype=torch.float32, device=x.device)
+        return (v4hal.rms_norm(x, self._ones, self.eps).float() * self.weight).to(x.dtype)
 
 
 class CSA2Compressor(nn.Module):
@@ -137,7 +150,7 @@ class V41Indexer(nn.Module):
         self.owns_keys = layer_id in cfg.kv_source_layers
         if self.owns_keys:
             self.wk = Linear(cfg.head_dim, self.head_dim, "bf16", cfg)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = V41RMSNorm(self.head_dim, cfg.norm_eps)
 
     def keys(self, latent: torch.Tensor, epos: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         """Indexer keys ``[N, index_head_dim]`` bf16 of the compressor's pre-rope ``latent [N, head_dim]`` at
@@ -192,10 +205,10 @@ class V41Attention(nn.Module):
         self.softmax_scale = cfg.head_dim ** -0.5
         self.register_buffer("attn_sink", torch.empty(cfg.n_heads, device=torch.device("meta")))
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, lin, cfg)
-        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.q_norm = V41RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
         self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, lin, cfg)
         self.wkv = Linear(cfg.dim, cfg.head_dim, lin, cfg)
-        self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.kv_norm = V41RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.wo_a = Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, "bf16", cfg)
         self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, lin, cfg)
         self.compressor = CSA2Compressor(cfg, self.ratio) if layer_id in cfg.kv_source_layers else None

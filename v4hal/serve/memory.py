@@ -9,7 +9,7 @@ from v4hal.bench.report import text_table
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
 
-from .pool import CachePool, layout_problem
+from .pool import CachePool
 from .sizing import LAYOUT_PAIRS, default_block_size
 
 __all__ = ["FLASHMLA_ENTRY_BYTES", "contiguous_bytes", "memory_rows", "format_memory_table"]
@@ -71,8 +71,6 @@ def memory_rows(tokens: int = 1 << 20, presets: Sequence[str] = ("v4-flash", "v4
         bs = default_block_size(cfg) if block_size is None else block_size
         cost = v4_cost(cfg, n, name)
         for layout, (attn, idx) in LAYOUT_PAIRS.items():
-            if layout_problem(cfg, attn, idx) is not None:     # a pair of the other model generation
-                continue
             pool = CachePool(cfg, block_size=bs, attn_layout=attn, indexer_layout=idx, allocate=False)
             by_kind = pool.request_bytes(n)
             flashmla = None
