@@ -58,9 +58,10 @@ def bf16_model(bf16_cfg: ModelConfig, bf16_tensors: dict[str, torch.Tensor]) -> 
 
 
 def _layers(model: V4Model, x: torch.Tensor, ids: torch.Tensor, layouts: tuple[str, str] | None = None,
-            chunk: int | None = None) -> tuple[list[torch.Tensor], Step, PrivatePool]:
+            chunk: int | None = None, slot_form: bool | None = None) -> tuple[list[torch.Tensor], Step, PrivatePool]:
     """Every attention layer over ``x [b, s, dim]`` (bf16) at positions ``0 .. s-1`` of ``b`` sequences, in
-    chunks of ``chunk`` positions (None: one step): each layer's output ``[b, s, dim]``, the last step and pool."""
+    chunks of ``chunk`` positions (None: one step): each layer's output ``[b, s, dim]``, the last step and pool.
+    ``slot_form``: force how the steps pass the attention picks (`Step.slot_form`; None: the step's choice)."""
     cfg = model.config
     b, s, _ = x.shape
     pool = PrivatePool(cfg, model.device, layouts=layouts)
@@ -70,6 +71,8 @@ def _layers(model: V4Model, x: torch.Tensor, ids: torch.Tensor, layouts: tuple[s
         end = min(s, start + chunk)
         pool.ensure(b, end, keep=start > 0)
         step = Step.build(cfg, pool.batch(ids[:, start:end], start), pool)
+        if slot_form is not None:
+            step.plans["slot_form"] = slot_form
         xs = x[:, start:end].reshape(1, -1, x.shape[-1])
         for i, block in enumerate(model.layers):
             outs[i].append(block.attn(xs, step).view(b, end - start, -1))
@@ -160,6 +163,14 @@ def test_checkpoint_names(cfg: ModelConfig) -> None:
     assert spec["layers.2.attn.compressor.wgate.weight"].shape == (cfg.head_dim, cfg.dim)
 
 
+def test_candidates_of_another_source_are_refused() -> None:
+    """Candidate blocks index their source's entries: an index source reading another KV source's keys cannot
+    select inside them (a clear error when the model is built, before anything runs)."""
+    cfg = _cfg(candidate_source_layer=2)
+    with pytest.raises(RangeError, match="layer 4 selects inside the candidate blocks of layer 2"):
+        V4Model(cfg)
+
+
 # ---------------------------------------------------------------------------------------------- one path
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64])
 def test_chunked_prefill_equals_one_shot(model: V4Model, chunk: int) -> None:
@@ -207,6 +218,15 @@ def test_continuous_batch_equals_each_request_alone(model: V4Model) -> None:
     for i, (_, rows) in enumerate(alone):
         got = engine.finished[i].logits
         assert all(torch.equal(got[k], rows[k]) for k in range(new)), i
+
+
+def test_position_form_equals_slot_form(model: V4Model) -> None:
+    """The picks as positions and entry indices over the request's pages (what CANN's attention and the other
+    backends take) give the slots' outputs bit for bit, on V4.1's quantized pages, in chunks of 5."""
+    x, ids = _inputs(model.config, 2, 30, seed=4)
+    slots, _, _ = _layers(model, x, ids, QUANTIZED, chunk=5, slot_form=True)
+    positions, _, _ = _layers(model, x, ids, QUANTIZED, chunk=5, slot_form=False)
+    assert all(torch.equal(a, b) for a, b in zip(slots, positions))
 
 
 def test_consumers_read_their_source(model: V4Model) -> None:

@@ -37,11 +37,12 @@ from torch import nn
 
 import v4hal
 from v4hal.hal import formats
+from v4hal.hal.errors import RangeError
 
 from .attention import Attention, _adjacent, _bf16_if_exact, _rope_tail, _write_entries
 from .caches import LayerCaches, compressed_layout
 from .config import ModelConfig
-from .layers import Linear, RMSNorm, float_gemm
+from .layers import Linear, RMSNorm
 from .spec import linear_kind
 from .step import Step
 
@@ -144,6 +145,11 @@ class V41Indexer(nn.Module):
         cand = cfg.candidate_source_layer
         self.publishes = layer_id == cand
         self.restricted = 0 <= cand < layer_id
+        if self.restricted and cfg.kv_source_of(cand) != self.source:
+            raise RangeError(f"V41Indexer: layer {layer_id} selects inside the candidate blocks of layer {cand}, "
+                             f"which index the entries of KV source {cfg.kv_source_of(cand)}; its own keys are KV "
+                             f"source {self.source}'s: a candidate source must share the KV source of every later "
+                             f"index source")
         self.n_blocks, self.block = cfg.candidate_topk_blocks, cfg.candidate_block_size
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, linear_kind(cfg), cfg)
         self.weights_proj = Linear(cfg.dim, self.n_heads, "bf16", cfg)
@@ -170,7 +176,7 @@ class V41Indexer(nn.Module):
         q = _rope_tail(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)), freqs, self.rd).contiguous()
         v4hal.fp4_act_quant(q, 32, inplace=True)
         q = q.view(t, 1, self.n_heads, self.head_dim)
-        w = float_gemm(x[0], self.weights_proj.weight).float() * self.weight_scale          # [T, H] fp32
+        w = self.weights_proj(x[0]).float() * self.weight_scale                            # [T, H] fp32
         kind = f"c{self.ratio}"
         ctx = step.plan(f"v41:context:{self.ratio}",
                         lambda: ((step.positions + 1) // self.ratio).to(torch.int32))
