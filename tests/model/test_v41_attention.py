@@ -12,7 +12,7 @@ import torch
 from ref_v41_attention import RefV41Attention
 
 from v4hal.hal.errors import RangeError
-from v4hal.model import V4Model
+from v4hal.model import ForwardBatch, V4Model
 from v4hal.model.attention_v41 import CANDIDATES_PLAN, topk_plan_key
 from v4hal.model.caches import PrivatePool
 from v4hal.model.config import ModelConfig
@@ -22,7 +22,14 @@ from v4hal.model.step import Step
 from v4hal.ops.paged import PAGED_LAYOUTS
 from v4hal.serve import CachePool
 from v4hal.serve.engine import Engine
-from v4hal.serve.sizing import default_layout, layout_pair
+from v4hal.serve.sizing import (
+    blocks_for_budget,
+    default_layout,
+    layout_pair,
+    pool_bytes,
+    request_budget_bytes,
+    request_pages,
+)
 
 QUANTIZED = ("v41_window_fp8", "indexer_fp4")
 
@@ -117,6 +124,19 @@ def test_pool_kv_bytes_per_token(name: str, tokens: int) -> None:
     assert pool.kv_bytes_per_token(tokens) == want / tokens
     if name == "v41-flash":      # 3 x (288 + 68) / 2 + (288 + 68) per token, plus 2 window pages of 40 layers
         assert pool.kv_bytes_per_token(tokens) == pytest.approx(890 + 2 * 64 * 40 * 528 / tokens)
+
+
+def test_request_pages(cfg: ModelConfig) -> None:
+    """`request_pages` of a V4.1 request (200 positions, chunks of 7, pages of 16): compressed entries stay (100
+    ratio-2, 200 ratio-1 entries), the window spans a chunk plus 15 positions behind, the ratio-2 state a chunk
+    plus the one waiting position; a budget for 3 such requests sizes a pool of at least 3."""
+    got = request_pages(cfg, 200, chunk=7, block_size=16)
+    assert got == {"token": 3, "c2": 7, "c1": 13, "state2": 2}
+    lay = dict(attn_layout=QUANTIZED[0], indexer_layout=QUANTIZED[1])
+    size = blocks_for_budget(cfg, 3 * request_budget_bytes(cfg, 200, chunk=7, block_size=16, **lay), 200, chunk=7,
+                             block_size=16, **lay)
+    assert size.requests >= 3 and size.blocks == {k: size.requests * n for k, n in got.items()}
+    assert pool_bytes(cfg, size.blocks, block_size=16, **lay) == size.bytes
 
 
 def test_layouts_by_name() -> None:
@@ -218,6 +238,29 @@ def test_continuous_batch_equals_each_request_alone(model: V4Model) -> None:
     for i, (_, rows) in enumerate(alone):
         got = engine.finished[i].logits
         assert all(torch.equal(got[k], rows[k]) for k in range(new)), i
+
+
+def test_runtime_tables_equal_forward(model: V4Model) -> None:
+    """A runtime's own V4.1 tables (`ForwardBatch.from_block_tables`, from an allocator-only pool) on a pool of
+    quantized pages: prefill chunks of odd sizes and a decode step give ``forward``'s logits bit for bit."""
+    cfg = model.config
+    prompt = torch.randint(0, cfg.vocab_size, (41,), generator=torch.Generator().manual_seed(8)).tolist()
+    tables = CachePool(cfg, block_size=16, allocate=False)
+    caches = CachePool(cfg, block_size=16, attn_layout=QUANTIZED[0], indexer_layout=QUANTIZED[1])
+    tables.add_request("r", prompt)
+
+    def step(n: int) -> torch.Tensor:
+        b = tables.schedule([("r", n)])
+        rt = ForwardBatch.from_block_tables(cfg, req_ids=["r"], input_ids=b.input_ids, cu_seqlens=b.cu_seqlens,
+                                            start_pos=b.start_pos, block_tables=b.block_tables, block_size=16,
+                                            num_blocks=caches.num_blocks)
+        out = model.forward_batch(rt, caches).logits[0]
+        tables.advance_batch(b)
+        return out
+
+    step(23)
+    assert torch.equal(step(17), model.forward(torch.tensor([prompt[:40]]), 0)[0])
+    assert torch.equal(step(1), model.forward(torch.tensor([prompt]), 0)[0])
 
 
 def test_position_form_equals_slot_form(model: V4Model) -> None:

@@ -60,7 +60,9 @@ def topk_plan_key(layer_id: int) -> str:
 
 def window_round_trip(x: torch.Tensor) -> torch.Tensor:
     """bf16 ``[..., D]`` -> bf16: the ``v41_window_fp8`` cache's FP8 round trip (e4m3, one ue8m0 scale per 32
-    values, the scale floored at 1e-4 after the division by 448)."""
+    values, the scale floored at 1e-4 after the division by 448, as FlashMLA's format stores it; the public
+    PyTorch model floors the block amax at 1e-4 instead, which differs only for blocks whose amax is below
+    448e-4)."""
     y, s = formats.fp8_cache_block_quant(x)
     return formats.fp8_block_dequant(y, s).to(x.dtype)
 
