@@ -304,10 +304,10 @@ def test_candidates_restrict_later_index_sources(model: V4Model) -> None:
     differs = 0
     attn6 = model.layers[6].attn
     xs = x.reshape(1, -1, cfg.dim)
-    qr = attn6.q_norm(attn6.wq_a(xs))
     freqs = attn6.freqs_cis[step.positions]
+    qr, iq, _, _ = attn6.project(xs, freqs)
     del step.plans[CANDIDATES_PLAN]               # the same layer with no candidates published: dense top-k
-    dense = attn6.indexer(xs, qr, freqs, step, pool.layers[4].indexer)[:, 0]
+    dense = attn6.indexer(xs, qr, freqs, step, pool.layers[4].indexer, iq)[:, 0]
     for p in range(x.shape[1]):
         c = [int(v) for v in cands[p] if v >= 0]
         assert len(c) == min(cfg.candidate_topk_blocks, -(-(p + 1) // cb)) and p // cb in c

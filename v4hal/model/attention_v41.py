@@ -42,7 +42,7 @@ from v4hal.hal.errors import RangeError
 from .attention import Attention, _adjacent, _bf16_if_exact, _rope_tail, _write_entries
 from .caches import LayerCaches, compressed_layout
 from .config import ModelConfig
-from .layers import Linear, RMSNorm
+from .layers import FusedLinear, Linear, RMSNorm
 from .spec import linear_kind
 from .step import Step
 
@@ -71,6 +71,15 @@ def compressed_round_trip(x: torch.Tensor) -> torch.Tensor:
     """bf16 ``[..., D]`` -> bf16: the ``v41_compressed_fp4`` cache's FP4 round trip (e2m1, one e4m3 scale per
     16 values)."""
     return formats.fp4_e4m3_round_trip(x).to(x.dtype)
+
+
+def _fused(parts: list[Linear]) -> FusedLinear | None:
+    """``parts`` (reading one input) as one fused GEMM, or None where they cannot be fused."""
+    if not FusedLinear.can_fuse(parts):
+        return None
+    fused = FusedLinear(parts)
+    fused.fuse()
+    return fused
 
 
 class V41RMSNorm(RMSNorm):
@@ -170,12 +179,14 @@ class V41Indexer(nn.Module):
         return k
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, freqs: torch.Tensor, step: Step,
-                cache: torch.Tensor) -> torch.Tensor:
+                cache: torch.Tensor, q_proj: torch.Tensor | None = None) -> torch.Tensor:
         """Entry indices int32 ``[T, 1, index_topk]`` (-1 padded) each token attends to: x ``[1, T, dim]`` bf16
-        (normed), the q latent ``qr [1, T, q_lora_rank]``, each token's rope rows ``freqs [T, rd/2]``,
-        ``cache`` the KV source's indexer keys. Publishes the candidate blocks at the candidate source."""
+        (normed), the q latent ``qr [1, T, q_lora_rank]`` (``q_proj``: its ``wq_b`` projection when the caller
+        fused it), each token's rope rows ``freqs [T, rd/2]``, ``cache`` the KV source's indexer keys. Publishes
+        the candidate blocks at the candidate source."""
         t = x.shape[1]
-        q = _rope_tail(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)), freqs, self.rd).contiguous()
+        proj = self.wq_b(qr) if q_proj is None else q_proj
+        q = _rope_tail(proj.unflatten(-1, (self.n_heads, self.head_dim)), freqs, self.rd).contiguous()
         v4hal.fp4_act_quant(q, 32, inplace=True)
         q = q.view(t, 1, self.n_heads, self.head_dim)
         w = self.weights_proj(x[0]).float() * self.weight_scale                            # [T, H] fp32
@@ -224,26 +235,35 @@ class V41Attention(nn.Module):
         self.register_buffer("freqs_cis", torch.empty(cfg.max_seq_len, cfg.rope_head_dim // 2,
                                                       dtype=torch.complex64, device=torch.device("meta")),
                              persistent=False)
+        self.qkv_a: FusedLinear | None = None         # wq_a | wkv, built by prepare()
+        self.q_b: FusedLinear | None = None           # wq_b | indexer.wq_b (both read qr)
 
     def prepare(self) -> None:
-        """After loading: the compressor's bf16 weight copies."""
+        """After loading: fuse the projections that share an input (``wq_a | wkv`` on x, ``wq_b | indexer.wq_b``
+        on the q latent) into single GEMMs, and the compressor's bf16 weight copies."""
+        self.qkv_a = _fused([self.wq_a, self.wkv])
+        self.q_b = _fused([self.wq_b, self.indexer.wq_b]) if self.indexer is not None else None
         if self.compressor is not None:
             self.compressor.prepare()
 
     _grouped_out = Attention._grouped_out
     _picks = Attention._picks
 
-    def project(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[1, T, dim]`` (normed) with rope rows ``freqs [T, rd/2]`` -> the q latent ``qr``, ``q [1, T, h, d]``
-        (roped) and ``kv [1, T, d]`` (normed, roped, the window cache's FP8 round trip)."""
+    def project(self, x: torch.Tensor, freqs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x ``[1, T, dim]`` (normed) with rope rows ``freqs [T, rd/2]`` -> the q latent ``qr``, the indexer's
+        projection of it when fused (else None), ``q [1, T, h, d]`` (roped) and ``kv [1, T, d]`` (normed, roped,
+        the window cache's FP8 round trip)."""
         rd = self.rd
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        kv = self.kv_norm(self.wkv(x))
+        qa, kva = self.qkv_a(x) if self.qkv_a is not None else (self.wq_a(x), self.wkv(x))
+        qr = self.q_norm(qa)
+        qb, iq = self.q_b(qr) if self.q_b is not None else (self.wq_b(qr), None)
+        q = qb.unflatten(-1, (self.n_heads, self.head_dim))
+        kv = self.kv_norm(kva)
         tails = v4hal.rotary_emb(torch.cat([q[..., -rd:], kv[..., -rd:].unsqueeze(2)], dim=2), freqs)
         q = torch.cat([q[..., :-rd], tails[:, :, :-1]], dim=-1)
         kv = window_round_trip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1))
-        return qr, q, kv
+        return qr, iq, q, kv
 
     def _compress(self, x: torch.Tensor, step: Step, caches: LayerCaches) -> None:
         """KV source: run the compressor; write the compressed KV (and, at an index source, the keys)."""
@@ -264,7 +284,7 @@ class V41Attention(nn.Module):
         caches = step.caches[self.layer_id]
         t = x.shape[1]
         freqs = self.freqs_cis[step.positions]                                 # [T, rd/2]
-        qr, q, kv = self.project(x, freqs)
+        qr, iq, q, kv = self.project(x, freqs)
         v4hal.paged_cache_write(caches.window, kv[0].contiguous(), step.token_slots, step.attn_layout)
         extra = picks = None
         kind = f"c{self.ratio}"
@@ -273,7 +293,7 @@ class V41Attention(nn.Module):
                 self._compress(x, step, caches)
             src = step.caches[self.source]
             if self.indexer is not None:
-                step.plans[topk_plan_key(self.layer_id)] = self.indexer(x, qr, freqs, step, src.indexer)
+                step.plans[topk_plan_key(self.layer_id)] = self.indexer(x, qr, freqs, step, src.indexer, iq)
             picks = step.plans.get(topk_plan_key(self.index_source))
             extra = src.compressed if picks is not None else None
         indices, kw = self._picks(step, kind, extra, picks)
