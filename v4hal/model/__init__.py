@@ -20,7 +20,10 @@ Every attention, MoE, GEMM, quantization and mHC step is a v4hal op call (``v4ha
 - ``.float()`` / ``.to(bf16)`` casts where the public code casts (the fp32 compressor input, a
   bf16 part of a fused fp32 GEMM), the scalar scaling of the indexer head weights;
 - the sum of routed and shared expert outputs when the two cannot share one ``moe_experts``
-  call (different weight formats), and ``argmax`` in greedy generation.
+  call (different weight formats), and ``argmax`` in greedy generation;
+- DeepSeek-V4.1 attention (``attention_v41.py``): the window and compressed caches' round trips
+  (`v4hal.hal.formats`, the bit-exact format code every backend shares) and the weight product of V4.1's
+  RMSNorm (rounded to bf16 before and after it).
 
 No ``F.linear``/``matmul`` is used for model math: float (bf16/fp32) projections go through
 ``grouped_gemm`` with a single group.

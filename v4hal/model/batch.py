@@ -11,6 +11,13 @@ Page kinds (`KINDS`) and what one entry of each is:
   of the ratio-128 layers' compressor. Block 0 of a state kind is never handed out: the compressor reads a
   table entry 0 as "not kept", and released pages are passed to it as 0.
 
+DeepSeek-V4.1 (``cfg.is_v41``) uses ``"token"`` (every layer's window KV) and, for its KV-source layers:
+
+- ``"c2"`` / ``"c1"``: one compressed entry ``j = p // 2`` / ``j = p`` of the ratio-2 / ratio-1 KV sources
+  (compressed KV, and the indexer keys of the sources that feed an indexer);
+- ``"state2"``: one token position ``p``, the fp32 ``kv | gate`` projections of the ratio-2 sources'
+  compressors (a group's first token waits there for its second; block 0 reserved as for ``"state4"``).
+
 The position kinds (`POSITION_KINDS`) release their pages behind `first_needed_position` as a request
 advances; compressed pages stay until the request ends. A slot is ``block * block_size + offset``; ``-1``
 means "no slot".
@@ -30,12 +37,13 @@ __all__ = ["KINDS", "RATIO", "POSITION_KINDS", "STATE_KINDS", "STATE_BLOCK_SIZE"
            "block_sizes_of", "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages"]
 
 #: The page kinds, and the token positions one entry of each covers.
-KINDS: tuple[str, ...] = ("token", "c4", "c128", "state4", "state128")
-RATIO: dict[str, int] = {"token": 1, "c4": 4, "c128": 128, "state4": 1, "state128": 1}
+KINDS: tuple[str, ...] = ("token", "c4", "c128", "state4", "state128", "c2", "c1", "state2")
+RATIO: dict[str, int] = {"token": 1, "c4": 4, "c128": 128, "state4": 1, "state128": 1, "c2": 2, "c1": 1,
+                         "state2": 1}
 #: kinds whose entries are token positions (pages released behind `first_needed_position`)
-POSITION_KINDS: tuple[str, ...] = ("token", "state4", "state128")
+POSITION_KINDS: tuple[str, ...] = ("token", "state4", "state128", "state2")
 #: compressor-state kinds: their own page size, block 0 reserved
-STATE_KINDS: tuple[str, ...] = ("state4", "state128")
+STATE_KINDS: tuple[str, ...] = ("state4", "state128", "state2")
 #: default page size of the state kinds (positions per page)
 STATE_BLOCK_SIZE = 16
 #: the first block id of each kind a table may hold (block 0 of a state kind means "not kept")
@@ -46,21 +54,28 @@ _LAYERS = {"token": 0, "c4": 4, "c128": 128, "state4": 4, "state128": 128}
 
 def kinds_of(cfg: ModelConfig) -> tuple[str, ...]:
     """The page kinds ``cfg``'s layers use (main and MTP): always ``"token"``, then ``"c4"`` / ``"c128"``
-    and ``"state4"`` / ``"state128"`` when some layer has compress ratio 4 / 128."""
-    return tuple(k for k in KINDS if _LAYERS[k] == 0 or _LAYERS[k] in cfg.compress_ratios)
+    and ``"state4"`` / ``"state128"`` when some layer has compress ratio 4 / 128. V4.1: ``"token"``, then
+    ``"c2"`` (with ``"state2"``) / ``"c1"`` when some KV-source layer has compress ratio 2 / 1."""
+    if cfg.is_v41:
+        ratios = {cfg.compress_ratios[i] for i in cfg.kv_source_layers}
+        want = {"token": True, "c2": 2 in ratios, "c1": 1 in ratios, "state2": 2 in ratios}
+        return tuple(k for k in KINDS if want.get(k, False))
+    return tuple(k for k in _LAYERS if _LAYERS[k] == 0 or _LAYERS[k] in cfg.compress_ratios)
 
 
 def first_needed_position(cfg: ModelConfig, p: int, kind: str = "token") -> int:
     """The first position of a position kind a step at position ``p`` (or later) still reads, clamped at
     0: ``"token"`` (window KV) ``p - window + 1``; ``"state4"`` (ratio-4 compressor state) the start of the
-    block before the unfinished one, ``p // 4 * 4 - 4`` (overlapping pooling); ``"state128"`` the start of
-    the unfinished block, ``p // 128 * 128``."""
+    block before the unfinished one, ``p // 4 * 4 - 4`` (overlapping pooling); ``"state128"`` / ``"state2"``
+    the start of the unfinished block, ``p // 128 * 128`` / ``p // 2 * 2``."""
     if kind == "token":
         lo = p - cfg.window_size + 1
     elif kind == "state4":
         lo = p // 4 * 4 - 4
     elif kind == "state128":
         lo = p // 128 * 128
+    elif kind == "state2":
+        lo = p // 2 * 2
     else:
         raise RangeError(f"first_needed_position: kind must be one of {list(POSITION_KINDS)}, got {kind!r}")
     return max(lo, 0)

@@ -10,6 +10,13 @@ Per layer (main and MTP), by compress ratio ``r``:
   the ``kv | score`` projections of each position, ``coff = 2`` for ratio 4 else 1), ``D = head_dim`` for
   the layer's compressor (``r > 0``) and ``index_head_dim`` for the indexer's (``r == 4``).
 
+DeepSeek-V4.1 (``cfg.is_v41``), per layer: the window cache (``"token"`` pages, attention layout:
+``v41_window_fp8`` or ``bf16``), every layer; for a KV-source layer of ratio ``r`` (1 or 2) the compressed
+cache (``"c{r}"`` pages, `compressed_layout`: ``v41_compressed_fp4`` beside ``v41_window_fp8``, else ``bf16``),
+at ratio 2 its compressor state (``"state2"``, fp32 ``[blocks, state_block_size, 2 * head_dim]``: ``kv | gate``),
+and when it is an index source too, the indexer keys (``"c{r}"`` pages, indexer layout, ``index_head_dim``).
+Consumer layers (ratio > 0, not a source) own only their window: they read their source's caches.
+
 A serving pool (`v4hal.serve.CachePool`) satisfies `CacheSource` and hands its pages to many requests; the
 `PrivatePool` gives each of ``B`` sequences consecutive blocks of every kind and grows with them.
 """
@@ -26,6 +33,8 @@ from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
 from .batch import (
     FIRST_BLOCK,
+    POSITION_KINDS,
+    RATIO,
     STATE_BLOCK_SIZE,
     ForwardBatch,
     block_sizes_of,
@@ -36,7 +45,19 @@ from .config import ModelConfig
 from .layers import act_scale_format
 
 __all__ = ["LayerCaches", "CacheSpec", "CacheSource", "PrivatePool", "layer_specs", "cache_layouts", "kv_scale_fmt",
-           "private_layouts"]
+           "private_layouts", "compressed_layout", "V41_WINDOW_LAYOUTS"]
+
+#: the window-cache layouts of a V4.1 model (both store exactly the FP8-rounded KV the model computes)
+V41_WINDOW_LAYOUTS: tuple[str, ...] = ("v41_window_fp8", "bf16")
+
+
+def compressed_layout(cfg: ModelConfig | bool, attn_layout: str) -> str:
+    """The layout of the compressed caches beside window caches of ``attn_layout`` (``cfg``: the config, or
+    whether it is V4.1's): V4's share it; V4.1's are ``v41_compressed_fp4`` beside ``v41_window_fp8``
+    (FlashMLA's pair), else ``bf16``."""
+    if not (cfg if isinstance(cfg, bool) else cfg.is_v41):
+        return attn_layout
+    return "v41_compressed_fp4" if attn_layout == "v41_window_fp8" else "bf16"
 
 
 def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = None) -> tuple[str, str]:
@@ -48,6 +69,8 @@ def cache_layouts(device: str | torch.device | None, cfg: ModelConfig | None = N
     power-of-two scales (`kv_scale_fmt` is ``"ue8m0"``; ``cfg=None``: assumed, as in the published models),
     else ``bf16`` attention caches."""
     attn, idx = platform_of(device).cache_layouts
+    if cfg is not None and cfg.is_v41:        # V4.1's FlashMLA formats in place of V4's MODEL1
+        return ("v41_window_fp8" if attn == "model1_fp8" else "bf16"), idx
     if attn == "model1_fp8" and cfg is not None and kv_scale_fmt(cfg) != "ue8m0":
         attn = "bf16"
     return attn, idx
@@ -86,6 +109,8 @@ class CacheSpec:
 
 def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
     """The cache tensors of every layer of ``cfg`` (main then MTP)."""
+    if cfg.is_v41:
+        return _v41_specs(cfg, attn_layout, indexer_layout)
     out: list[CacheSpec] = []
     for i, r in enumerate(cfg.compress_ratios):
         out.append(CacheSpec(i, "window", "token", attn_layout, cfg.head_dim))
@@ -97,6 +122,23 @@ def layer_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list
         if r == 4:
             out.append(CacheSpec(i, "indexer", "c4", indexer_layout, cfg.index_head_dim))
             out.append(CacheSpec(i, "index_state", "state4", None, 2 * 2 * cfg.index_head_dim))
+    return out
+
+
+def _v41_specs(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> list[CacheSpec]:
+    """V4.1's cache tensors: every layer's window; compressed KV (+ state at ratio 2, + indexer keys when an
+    index source) only at the KV sources."""
+    out: list[CacheSpec] = []
+    comp = compressed_layout(cfg, attn_layout)
+    for i, r in enumerate(cfg.compress_ratios):
+        out.append(CacheSpec(i, "window", "token", attn_layout, cfg.head_dim))
+        if i not in cfg.kv_source_layers:
+            continue
+        out.append(CacheSpec(i, "compressed", f"c{r}", comp, cfg.head_dim))
+        if r == 2:
+            out.append(CacheSpec(i, "state", "state2", None, 2 * cfg.head_dim))
+        if i in cfg.index_source_layers:
+            out.append(CacheSpec(i, "indexer", f"c{r}", indexer_layout, cfg.index_head_dim))
     return out
 
 
@@ -137,6 +179,8 @@ def private_layouts(cfg: ModelConfig, device: torch.device) -> tuple[str, str]:
     if device.type == "cpu":
         return "bf16", "bf16"
     attn, index = cache_layouts(device, cfg)
+    if cfg.is_v41 and PAGED_LAYOUTS[compressed_layout(cfg, attn)].dim_problem(cfg.head_dim):
+        attn = "bf16"
     if attn == "model1_fp8" and cfg.rope_head_dim != 64 or PAGED_LAYOUTS[attn].dim_problem(cfg.head_dim):
         attn = "bf16"
     if PAGED_LAYOUTS[index].dim_problem(cfg.index_head_dim):
@@ -214,8 +258,8 @@ class PrivatePool:
 
         entry_slots = {}
         for k in self.kinds:
-            if k in ("c4", "c128"):
-                r = 4 if k == "c4" else 128
+            if k not in POSITION_KINDS:
+                r = RATIO[k]
                 entry_slots[k] = torch.where((positions + 1) % r == 0, slot(k, positions // r), -1).to(i32)
         return ForwardBatch(
             req_ids=tuple(range(b)), block_size=bs, query_lens=(s,) * b, start_positions=(start,) * b,

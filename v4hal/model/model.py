@@ -38,6 +38,7 @@ import v4hal
 from v4hal.hal.errors import RangeError, ShapeError
 
 from .attention import Attention
+from .attention_v41 import V41Attention
 from .batch import ForwardBatch
 from .caches import CacheSource, PrivatePool
 from .config import ModelConfig
@@ -67,7 +68,7 @@ class Block(nn.Module):
         self.hc_iters, self.hc_eps = cfg.hc_sinkhorn_iters, cfg.hc_eps
         self._hc_args = dict(norm_eps=cfg.norm_eps, hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
                              hc_eps=cfg.hc_eps)
-        self.attn = Attention(layer_id, cfg)
+        self.attn = V41Attention(layer_id, cfg) if cfg.is_v41 else Attention(layer_id, cfg)
         self.ffn = MoE(layer_id, cfg)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)

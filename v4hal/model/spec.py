@@ -103,6 +103,27 @@ def _compressor(out: dict[str, TensorSpec], p: str, cfg: ModelConfig, ratio: int
     _plain(out, f"{p}.norm.weight", (head_dim,), "f32")
 
 
+def _v41_attention(out: dict[str, TensorSpec], a: str, cfg: ModelConfig, layer_id: int) -> None:
+    """DeepSeek-V4.1's compressor (KV sources) and indexer (index sources) under attention prefix ``a``, named as
+    the release checkpoint names them: ``compressor.wkv`` / ``compressor.wgate`` (ratio 2 only) ``[head_dim, dim]``
+    and ``compressor.norm``; ``indexer.wq_b`` (the Linear kind, FP8), ``indexer.weights_proj`` (bf16) and, at a
+    KV source, ``indexer.wk`` ``[index_head_dim, head_dim]`` (bf16) and ``indexer.k_norm``."""
+    ratio = cfg.compress_ratios[layer_id]
+    if layer_id in cfg.kv_source_layers:
+        c = f"{a}.compressor"
+        _weight(out, f"{c}.wkv", cfg.head_dim, cfg.dim, "f32")
+        if ratio == 2:
+            _weight(out, f"{c}.wgate", cfg.head_dim, cfg.dim, "f32")
+        _plain(out, f"{c}.norm.weight", (cfg.head_dim,), "f32")
+    if layer_id in cfg.index_source_layers:
+        i = f"{a}.indexer"
+        _weight(out, f"{i}.wq_b", cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank, linear_kind(cfg))
+        _weight(out, f"{i}.weights_proj", cfg.index_n_heads, cfg.dim, "bf16")
+        if layer_id in cfg.kv_source_layers:
+            _weight(out, f"{i}.wk", cfg.index_head_dim, cfg.head_dim, "bf16")
+            _plain(out, f"{i}.k_norm.weight", (cfg.index_head_dim,), "f32")
+
+
 def _block(out: dict[str, TensorSpec], p: str, cfg: ModelConfig, layer_id: int) -> None:
     """Tensors of one block (main layer ``layer_id`` or an MTP layer) under prefix ``p``."""
     lin = linear_kind(cfg)
@@ -124,9 +145,11 @@ def _block(out: dict[str, TensorSpec], p: str, cfg: ModelConfig, layer_id: int) 
     _plain(out, f"{a}.kv_norm.weight", (cfg.head_dim,), "f32")
     _weight(out, f"{a}.wo_a", cfg.o_groups * cfg.o_lora_rank, cfg.n_heads * cfg.head_dim // cfg.o_groups, "bf16")
     _weight(out, f"{a}.wo_b", dim, cfg.o_groups * cfg.o_lora_rank, lin)
-    if ratio:
+    if cfg.is_v41:
+        _v41_attention(out, a, cfg, layer_id)
+    elif ratio:
         _compressor(out, f"{a}.compressor", cfg, ratio, cfg.head_dim)
-    if ratio == 4:
+    if ratio == 4 and not cfg.is_v41:
         i = f"{a}.indexer"
         _weight(out, f"{i}.wq_b", cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank, lin)
         _weight(out, f"{i}.weights_proj", cfg.index_n_heads, dim, "bf16")

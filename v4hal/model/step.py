@@ -37,8 +37,9 @@ class Step:
 
     ``positions`` int64 ``[T]``; ``req_index`` int64 ``[T]`` (the token's request row in the batch);
     ``token_slots`` int32 ``[T]``; ``state_tables[ratio]`` int32 ``[B, pages]`` (the ``"state4"`` /
-    ``"state128"`` pages of the ratio-4 / ratio-128 compressors, released pages as block 0, which a pool
-    never hands out); ``c4_context`` int32 ``[T]`` (compressed entries visible to each token);
+    ``"state128"`` pages of the ratio-4 / ratio-128 compressors, V4.1: ``"state2"`` of the ratio-2 ones,
+    released pages as block 0, which a pool never hands out); ``c4_context`` int32 ``[T]`` (compressed
+    entries visible to each token);
     ``c128_picks`` int32 ``[T, 1, n]`` (every visible ratio-128 entry index, -1 past) or None when no token
     sees one; ``completed[ratio]``: how many compressed entries of that ratio the step's tokens complete
     (from the batch's host copies: a step that completes none skips the entries' round trip and cache
@@ -73,10 +74,10 @@ class Step:
         return cls(batch=batch, caches=source.layers, attn_layout=source.attn_layout,
                    indexer_layout=source.indexer_layout, positions=pos, req_index=req,
                    token_slots=batch.token_slots,
-                   state_tables={r: tables[f"state{r}"].clamp_min(0) for r in (4, 128) if f"state{r}" in tables},
+                   state_tables={r: tables[f"state{r}"].clamp_min(0) for r in (4, 128, 2) if f"state{r}" in tables},
                    c4_context=c4_context, c128_picks=c128_picks,
                    completed={r: sum((s + n) // r - s // r for s, n in zip(batch.start_positions, batch.query_lens))
-                              for r in (4, 128)})
+                              for r in (4, 128, 2, 1)})
 
     def plan(self, key: str, build: Callable[[], Any]) -> Any:
         """The step's entry ``key`` of `plans`, made by ``build()`` on first use (once per step)."""

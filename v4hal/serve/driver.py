@@ -47,11 +47,11 @@ from v4hal.hal.errors import RangeError
 from .engine import Engine
 from .pool import CachePool
 from .sizing import (
-    LAYOUT_PAIRS,
     blocks_for_budget,
     default_block_size,
     default_layout,
     default_pool_memory,
+    layout_pair,
     request_pages,
 )
 from .workload import arrival_steps, check_workload, iter_prompts, request_lengths
@@ -146,7 +146,7 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
     prompts = iter_prompts([n - shared_prefix for n in lengths], cfg.vocab_size, seed, shared_prefix)
     arrive = arrival_steps(requests, arrival, seed)            # non-decreasing: requests arrive in index order
     mine = [i for i in range(requests) if i % world == rank]
-    attn, idx = LAYOUT_PAIRS[layout]
+    attn, idx = layout_pair(layout, cfg)
 
     def pages_of(i: int) -> dict[str, int]:
         """The most pages request ``i`` holds at once (`v4hal.serve.sizing.request_pages`)."""

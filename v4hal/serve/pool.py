@@ -35,7 +35,7 @@ from v4hal.model.batch import (
     pages_needed,
     written_pages,
 )
-from v4hal.model.caches import CacheSpec, LayerCaches, cache_layouts, kv_scale_fmt, layer_specs
+from v4hal.model.caches import V41_WINDOW_LAYOUTS, CacheSpec, LayerCaches, cache_layouts, kv_scale_fmt, layer_specs
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS, new_paged_cache
 
@@ -60,8 +60,16 @@ def layout_problem(cfg: ModelConfig, attn_layout: str, indexer_layout: str) -> s
     they are; ``model1_fp8`` (blocks of 64, ue8m0 scales) holds the KV exactly only when the model's scales
     are ue8m0 too (an ``amax / 448`` scale's values round again); ``indexer_fp4`` (blocks of 32, ue8m0)
     holds the FP4 keys exactly. Every other pairing rounds the values again (``indexer_fp8``: one fp32
-    scale per entry; an FP4 layout for the KV; ``model1_fp8`` for the keys)."""
-    if attn_layout == "model1_fp8":
+    scale per entry; an FP4 layout for the KV; ``model1_fp8`` for the keys).
+
+    DeepSeek-V4.1 rounds its window KV as ``v41_window_fp8`` stores it (e4m3, ue8m0 scales per 32) and its
+    compressed KV as ``v41_compressed_fp4`` does (the compressed caches take that layout beside
+    ``v41_window_fp8``, ``bf16`` beside ``bf16``): its attention layout is one of those two."""
+    if cfg.is_v41:
+        if attn_layout not in V41_WINDOW_LAYOUTS:
+            return (f"attn_layout {attn_layout!r} does not hold DeepSeek-V4.1's window KV as the model rounds it; "
+                    f"a V4.1 model takes attn_layout in {list(V41_WINDOW_LAYOUTS)}")
+    elif attn_layout == "model1_fp8":
         fmt = kv_scale_fmt(cfg)
         if fmt != "ue8m0":
             return (f"attn_layout 'model1_fp8' stores FP8 with power-of-two (ue8m0) scales, but this model rounds "
@@ -715,13 +723,16 @@ def memory_table(presets: Sequence[str] = ("v4-flash", "v4-pro"), tokens: int = 
                  block_size: int = 64, state_block_size: int = STATE_BLOCK_SIZE) -> list[dict[str, object]]:
     """Cache bytes of one ``tokens``-long request per preset and (attention, indexer) layout pair, from a pool
     built with ``allocate=False`` (pages of ``block_size`` entries, ``state_block_size`` for the state
-    kinds). Rows: ``config``, ``attn_layout``, ``indexer_layout``, ``tokens``, ``kv_bytes_per_token``,
+    kinds; a V4.1 preset takes ``v41_window_fp8`` for ``model1_fp8``). Rows: ``config``, ``attn_layout``,
+    ``indexer_layout``, ``tokens``, ``kv_bytes_per_token``,
     ``total_bytes`` and ``bytes_by_kind`` (per page kind)."""
     rows = []
     for name in presets:
         cfg = ModelConfig.preset(name)
         cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, tokens), max_batch_size=1)
         for attn, idx in layouts:
+            if cfg.is_v41 and attn == "model1_fp8":      # V4.1's quantized window format
+                attn = "v41_window_fp8"
             pool = CachePool(cfg, block_size=block_size, state_block_size=state_block_size, attn_layout=attn,
                              indexer_layout=idx, allocate=False)
             by_kind = pool.request_bytes(tokens)

@@ -5,9 +5,10 @@ decode step), holds at most, per page kind (``bs``: the kind's page size, ``bloc
 ``state_block_size``; ``ceil`` rounds up):
 
 - ``"c4"`` / ``"c128"``: ``ceil((max_len // r) / bs)`` (compressed entries stay until the request is released);
-- ``"token"``, ``"state4"``, ``"state128"``: ``min(ceil(max_len / bs), ceil((chunk + back - 1) / bs) + 1)``
-  with ``back = window_size - 1``, ``7`` and ``127``: a step reads ``back`` positions behind its first new one
-  (`v4hal.serve.first_needed_position`) and writes ``chunk``; a span of ``m`` positions touches at most
+- ``"c2"`` / ``"c1"`` (V4.1): likewise with ``r`` = 2 / 1;
+- ``"token"``, ``"state4"``, ``"state128"``, ``"state2"``: ``min(ceil(max_len / bs), ceil((chunk + back - 1) /
+  bs) + 1)`` with ``back = window_size - 1``, ``7``, ``127`` and ``1``: a step reads ``back`` positions behind its
+  first new one (`v4hal.serve.first_needed_position`) and writes ``chunk``; a span of ``m`` positions touches at most
   ``ceil((m - 1) / bs) + 1`` pages.
 
 A pool holding ``R`` such requests at once needs ``R`` times that of each kind (`request_pages`); its bytes are
@@ -35,22 +36,36 @@ from .batch import POSITION_KINDS, STATE_BLOCK_SIZE, STATE_KINDS, block_sizes_of
 from .pool import CachePool, cache_layouts
 
 __all__ = ["PoolSize", "request_pages", "page_bytes", "pool_bytes", "request_budget_bytes", "blocks_for_budget",
-           "LAYOUT_PAIRS", "default_layout", "default_block_size", "available_memory", "default_pool_memory"]
+           "LAYOUT_PAIRS", "layout_pair", "default_layout", "default_block_size", "available_memory",
+           "default_pool_memory"]
 
 #: cache layout pairs (attention caches, indexer key caches) by the name ``--layout`` takes. ``bf16`` stores
 #: the indexer keys as bf16 too: they are FP4-rounded values, which bf16 holds exactly (``indexer_fp8`` would
 #: round them again with one scale per token), so both pairs give the same logits. ``bf16_kv``: bf16 attention
 #: caches beside FP4 indexer keys, the default of a model whose KV scales are not powers of two (its FP8 KV
-#: would round again in ``model1_fp8`` pages).
+#: would round again in ``model1_fp8`` pages). A DeepSeek-V4.1 model takes each pair with its own window format
+#: in place of ``model1_fp8`` (`layout_pair`).
 LAYOUT_PAIRS: dict[str, tuple[str, str]] = {"quantized": ("model1_fp8", "indexer_fp4"), "bf16": ("bf16", "bf16"),
                                             "bf16_kv": ("bf16", "indexer_fp4")}
+
+
+def layout_pair(name: str, cfg: ModelConfig | None = None) -> tuple[str, str]:
+    """The (attention, indexer) layouts of `LAYOUT_PAIRS` entry ``name`` for ``cfg``: as listed, except that a
+    DeepSeek-V4.1 model's quantized window caches are ``v41_window_fp8`` (FlashMLA's V4.1 format; its
+    compressed caches then take ``v41_compressed_fp4``) where V4's are ``model1_fp8``."""
+    if name not in LAYOUT_PAIRS:
+        raise RangeError(f"layout must be one of {list(LAYOUT_PAIRS)}, got {name!r}")
+    attn, idx = LAYOUT_PAIRS[name]
+    if cfg is not None and cfg.is_v41 and attn == "model1_fp8":
+        attn = "v41_window_fp8"
+    return attn, idx
 
 
 def default_layout(device: str | torch.device | None, cfg: ModelConfig | None = None) -> str:
     """The `LAYOUT_PAIRS` name of the pair a pool of ``cfg`` on ``device`` uses by default (`cache_layouts`:
     the device's preferred layouts, restricted to what stores exactly what the model computed)."""
     pair = cache_layouts(device, cfg)
-    name = next((n for n, p in LAYOUT_PAIRS.items() if p == pair), None)
+    name = next((n for n in LAYOUT_PAIRS if layout_pair(n, cfg) == pair), None)
     if name is None:
         raise RangeError(f"default_layout: the default cache layouts {pair} on {device} have no --layout name; "
                          f"named pairs: {LAYOUT_PAIRS}")
@@ -82,7 +97,7 @@ def default_pool_memory(device: str | torch.device | None) -> int:
     return int(platform_of(device).pool_memory_share * available_memory(device))
 
 #: positions a step reads behind its first new one, per state kind (the window's is ``window_size - 1``)
-STATE_BACK = {"state4": 7, "state128": 127}
+STATE_BACK = {"state4": 7, "state128": 127, "state2": 1}
 
 
 def _positive(op: str, name: str, value: object) -> int:

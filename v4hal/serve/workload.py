@@ -11,7 +11,7 @@ from v4hal.hal.errors import RangeError
 from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
 
-from .sizing import LAYOUT_PAIRS, request_budget_bytes
+from .sizing import LAYOUT_PAIRS, layout_pair, request_budget_bytes
 
 __all__ = ["MAX_WORKLOAD_TOKENS", "request_lengths", "iter_prompts", "make_prompts", "arrival_steps",
            "check_workload"]
@@ -93,7 +93,7 @@ def check_workload(cfg: ModelConfig, *, requests: int, prompt_len: int, max_new_
         raise RangeError(f"{name('requests')} {requests} x up to {per_request} tokens each (prompt and output) = "
                          f"{requests * per_request} tokens: a run makes and records at most {MAX_WORKLOAD_TOKENS}; "
                          f"give at most {name('requests')} {max(1, MAX_WORKLOAD_TOKENS // per_request)}")
-    attn, idx = LAYOUT_PAIRS[layout]
+    attn, idx = layout_pair(layout, cfg)
     for lay, dim, what in ((attn, cfg.head_dim, "attention caches (head_dim)"),
                            (idx, cfg.index_head_dim, "indexer caches (index_head_dim)")):
         why = PAGED_LAYOUTS[lay].dim_problem(dim)
