@@ -407,7 +407,7 @@ def _convert(name: str, s: TensorSpec, t: torch.Tensor, scale_dtype: torch.dtype
         return _to_scale(name, t, scale_dtype)
     if s.kind == "fp4":
         return t.view(torch.uint8)
-    if s.kind == "fp4_scale":
+    if s.kind in ("fp4_scale", "table", "table_scale"):
         return t
     if s.kind == "i32":
         if t.dtype != torch.int32:
@@ -459,17 +459,18 @@ def read_checkpoint(path: str | os.PathLike[str], *,
             for name, s in spec.items():
                 e = cat.entries[name]
                 t, raw = _read(cat, handles, e)
-                if s.kind in ("fp8_scale", "fp4_scale"):
+                if s.kind in ("fp8_scale", "fp4_scale", "table_scale"):
                     _check_scale(cat, e, t)
                 if s.kind == "bf16" and t.dtype == torch.float8_e4m3fn:
                     sname = name[:-len("weight")] + "scale"
                     sc, _ = _read(cat, handles, cat.entries[sname])
-                    want = (math.ceil(s.shape[0] / 128), math.ceil(s.shape[1] / 128))
+                    tile = cat.config.weight_block_size
+                    want = (math.ceil(s.shape[0] / tile), math.ceil(s.shape[1] / tile))
                     if tuple(t.shape) != s.shape or tuple(sc.shape) != want:
                         raise CheckpointShapeError(f"checkpoint: FP8 {name} must be {list(s.shape)} with scale "
                                                    f"{list(want)}, found {list(t.shape)} / {list(sc.shape)}")
                     _check_scale(cat, cat.entries[sname], sc)
-                    t = v4hal.dequant_fp8(t, sc, 128, out_dtype=torch.bfloat16)
+                    t = v4hal.dequant_fp8(t, sc, tile, out_dtype=torch.bfloat16)
                 out = _convert(name, s, t, scale_dtype)
                 if not mmap and _shares(out, raw):
                     out = out.clone()
