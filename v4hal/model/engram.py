@@ -13,8 +13,10 @@ before its first new position, from the pool that keeps its tokens), so a reques
 at any position or started from a reused prefix hashes exactly as in one call.
 
 The tables are large (about 98 GB each in the release): by default the model keeps them in host memory even
-on an accelerator (``engram_lookup`` gathers the rows there and moves only those); ``V4Model(...,
-engram_on_device=True)`` places them on the model's device.
+on an accelerator, pageable (a memory-mapped checkpoint's table stays in the file's map): ``engram_lookup``
+gathers the rows on the host and moves only those. Pinning a table (``v4hal.backends.triton.engram.
+map_host_table``) lets the Triton kernel read it from the GPU directly, at the cost of page-locking all of
+it; ``V4Model(..., engram_on_device=True)`` places the tables on the model's device.
 """
 from __future__ import annotations
 

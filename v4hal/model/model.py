@@ -300,13 +300,6 @@ class V4Model(nn.Module):
             raise ShapeError(f"V4Model: weights never loaded: {', '.join(missing[:8])}"
                              + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
         dev = self.embed.weight.device if device is None else torch.device(device)
-        if self.config.is_v41 and dev.type == "cuda":
-            for block in self.layers:     # host tables: pinned, so the device reads the gathered rows directly
-                if block.engram is not None and block.engram.embed.weight.device.type == "cpu":
-                    for leaf in ("weight", "scale"):
-                        t = block.engram.embed._buffers[leaf]
-                        if not t.is_pinned():
-                            block.engram.embed._buffers[leaf] = t.pin_memory()
         for block in [*self.layers, *self.mtp]:
             block.attn.freqs_cis = precompute_freqs_cis(self.config, bool(block.attn.ratio), dev)
             block.attn.prepare()
