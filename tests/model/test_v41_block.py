@@ -267,6 +267,26 @@ def test_serving_pool_steps_and_prefix_reuse_carry_the_history(model) -> None:
     assert torch.equal(model.forward_batch(batch, pool).logits, want)
 
 
+def test_batched_requests_keep_their_own_history(model) -> None:
+    """Two requests cut into different chunks and batched together: each gives its one-shot logits bit for bit
+    (the history rows of a batch are per request)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(12)
+    prompts = {r: torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for r, n in (("a", 13), ("b", 9))}
+    want = {r: model.forward(torch.tensor([p]), 0) for r, p in prompts.items()}
+    pool = CachePool(cfg, block_size=16, attn_layout="bf16", indexer_layout="bf16")
+    for r, p in prompts.items():
+        pool.add_request(r, p)
+    got = {}
+    for items in ([("a", 5), ("b", 2)], [("a", 1), ("b", 6)], [("b", 1), ("a", 7)]):
+        out = model.forward_batch(pool.schedule(items), pool)
+        for i, (r, _) in enumerate(items):
+            got[r] = out.logits[i:i + 1]
+        pool.advance_batch(out.step.batch)
+    for r in prompts:
+        assert torch.equal(got[r], want[r]), r
+
+
 def test_runtime_tables_need_history_after_position_0() -> None:
     cfg = v41_cfg()
     kw = dict(req_ids=["r"], input_ids=torch.tensor([1, 2]), cu_seqlens=torch.tensor([0, 2]),
