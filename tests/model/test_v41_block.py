@@ -391,6 +391,23 @@ def test_fp4_per_16_experts_match_the_dequantized_float_swiglu() -> None:
     assert ((got - want).norm() / want.norm()) < 1e-2
 
 
+def test_dspark_and_vision_tensors_are_left_unread_others_refused(tmp_path) -> None:
+    from v4hal.model.checkpoint import CheckpointError
+    from v4hal.model.random_checkpoint import random_tensors, save_tensors
+    cfg = v41_cfg(dspark_layers=1)
+    extra = [("mtp.0.attn.wq_a.weight", torch.zeros(4, 4)), ("vision.patch.weight", torch.zeros(2, 2)),
+             ("image_newline", torch.zeros(8))]
+    ok = save_tensors(cfg, list(random_tensors(cfg, 1)) + extra, tmp_path / "ok")
+    from v4hal.model.tokenizer import write_tokenizer
+    write_tokenizer(cfg, ok)
+    m = V4Model.from_pretrained(ok)
+    assert m.forward(torch.tensor([[1, 2, 3]]), 0).shape == (1, cfg.vocab_size)
+    bad = save_tensors(cfg, list(random_tensors(cfg, 1)) + [("mtp.1.attn.wq_a.weight", torch.zeros(4, 4))],
+                       tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="unexpected tensor mtp.1.attn.wq_a.weight"):
+        V4Model.from_pretrained(bad)
+
+
 # ---------------------------------------------------------------- tokenizer
 
 def test_tokenizer_map_from_a_written_tokenizer_json(model_dir) -> None:

@@ -35,6 +35,10 @@ private memory map of the file: far less anonymous memory for huge checkpoints, 
 must then stay unchanged while the model lives (truncating one kills the process with SIGBUS on
 the next access; rewriting one changes the weights).
 
+DeepSeek-V4.1 checkpoints hold tensors the text graph does not run: the DSpark draft stages
+(``mtp.{j}.*`` for ``j < dspark_layers``) and the vision tower (``vision.*``, ``aligner.*``,
+``image_start`` / ``image_end`` / ``image_newline``); they are left unread (`unused_v41`), not refused.
+
 Seeded random checkpoints in either layout are written by `v4hal.model.random_checkpoint`.
 """
 from __future__ import annotations
@@ -59,7 +63,7 @@ from .layers import act_scale_format
 from .spec import FP4_X2, TensorSpec, checkpoint_spec
 
 __all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "CheckpointRangeError",
-           "read_checkpoint", "read_for_device", "hf_rename", "shard_dim", "is_routed_expert"]
+           "read_checkpoint", "read_for_device", "hf_rename", "shard_dim", "is_routed_expert", "unused_v41"]
 
 
 class CheckpointError(V4HalError, ValueError):
@@ -90,6 +94,20 @@ if FP4_X2 is not None:
 _RANK_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 # public convert.py: which dimension a model-parallel rank splits, by the tensor's key
 _SHARD_DIMS = {"embed": 0, "wq_b": 0, "wo_a": 0, "wo_b": 1, "head": 0, "attn_sink": 0, "weights_proj": 0}
+
+
+_V41_VISION = re.compile(r"^(vision\.|aligner\.|image_(start|end|newline)$)")
+
+
+def unused_v41(cfg: ModelConfig, name: str) -> bool:
+    """Whether ``name`` is a DeepSeek-V4.1 tensor the text graph leaves unread: a DSpark draft stage's
+    (``mtp.{j}.``, ``j < cfg.dspark_layers``) or the vision tower's. Always False for a V4 config."""
+    if not cfg.is_v41:
+        return False
+    if _V41_VISION.match(name):
+        return True
+    parts = name.split(".")
+    return parts[0] == "mtp" and len(parts) > 2 and parts[1].isdigit() and int(parts[1]) < cfg.dspark_layers
 
 
 def _dname(dtype: torch.dtype | None) -> str:
@@ -328,7 +346,7 @@ def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
             problems.append(f"{name} must be {list(s.shape)}, found {list(e.shape)} ({_dname(e.dtype)})")
             kinds[CheckpointShapeError] += 1
     for name, e in cat.entries.items():
-        if name in spec:
+        if name in spec or unused_v41(cat.config, name):
             continue
         if cat.layout == "hf" and name.endswith(".scale"):
             w = name[:-len("scale")] + "weight"

@@ -223,7 +223,9 @@ class V4Model(nn.Module):
         rewriting one changes the weights silently.
 
         DeepSeek-V4.1 with Engram layers: the folder's ``tokenizer.json`` gives the Engram vocabulary map
-        (`v4hal.model.tokenizer`); the Engram tables stay in host memory unless ``engram_on_device``.
+        (`v4hal.model.tokenizer`); the Engram tables stay in host memory unless ``engram_on_device``. On an
+        accelerator (where weights are read through the memory map) or with ``mmap=True`` a host table stays in
+        the file's memory map, with the same hazard: the files must not change while the model lives.
         """
         from .checkpoint import read_for_device
 
