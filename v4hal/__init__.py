@@ -16,7 +16,7 @@ from .ops import OPS, PUBLIC_OPS, public_ops
 # The op wrappers are exported through ``*PUBLIC_OPS`` in ``__all__``, which a linter cannot read.
 from .ops.attention import compress_kv, index_scores, indexer_topk, sparse_attn  # noqa: F401
 from .ops.gemm import fp4_gemm, fp8_gemm, grouped_gemm  # noqa: F401
-from .ops.mhc import hc_head, hc_post, hc_pre, hc_split_sinkhorn  # noqa: F401
+from .ops.mhc import hc_collapse, hc_head, hc_mix, hc_post, hc_pre, hc_split_sinkhorn  # noqa: F401
 from .ops.moe import MoEHandle, moe_combine, moe_dispatch, moe_experts, moe_gate  # noqa: F401
 from .ops.paged import PAGED_LAYOUTS, new_paged_cache, paged_cache_read, paged_cache_write  # noqa: F401
 from .ops.quant import act_quant, dequant_fp4, dequant_fp8, fp4_act_quant, quant_weight_fp4, quant_weight_fp8  # noqa: F401

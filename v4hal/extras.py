@@ -24,6 +24,8 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "plot"),
     "yaml": ("PyYAML", "bench"),
     "triton": ("triton", "cuda"),
+    "tokenizers": ("tokenizers", "v41"),
+    "numpy": ("numpy", "v41"),
 }
 
 

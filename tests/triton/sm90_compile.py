@@ -81,7 +81,7 @@ def _indexer_cases() -> list[Case]:
 def _mhc_cases() -> list[Case]:
     mix_types = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "sq_ptr": "*fp32"}
     apply_types = {"part_ptr": "*fp32", "sq_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32",
-                   "x_ptr": "*bf16", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
+                   "x_ptr": "*bf16", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32", "pre_ptr": "*fp32",
                    "norm_eps": "fp32", "hc_eps": "fp32"}
     split_types = {"mix_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "pre_ptr": "*fp32",
                    "post_ptr": "*fp32", "comb_ptr": "*fp32", "eps": "fp32"}
@@ -89,9 +89,13 @@ def _mhc_cases() -> list[Case]:
     cases = [Case(f"hc_mix bf16 BT={bt}", "mhc:_hc_mix_kernel", mix_types,
                   dict(BLOCK_T=bt, BLOCK_K=64, MIXP=32, PREC="tf32x3"), ("x_ptr", "fn_ptr", "s_xt", "s_fn", "K_SPLIT"),
                   4, 2 if bt == 64 else 3) for bt in (16, 32, 64)]
-    cases += [Case(f"hc_apply head={head}", "mhc:_hc_apply_kernel", apply_types,
-                   dict(BLOCK_T=4, HCP=4, MIXP=16 if head else 32, BLOCK_D=256, HEAD=head),
-                   ("x_ptr", "y_ptr", "s_xt", "s_xh", "s_yt")) for head in (False, True)]
+    cases += [Case(f"hc_apply head={head} mix_only={mix_only}", "mhc:_hc_apply_kernel", apply_types,
+                   dict(BLOCK_T=4, HCP=4, MIXP=16 if head else 32, BLOCK_D=256, HEAD=head, MIX_ONLY=mix_only),
+                   ("x_ptr", "y_ptr", "s_xt", "s_xh", "s_yt"))
+              for head, mix_only in ((False, False), (True, False), (False, True))]
+    collapse_types = {"x_ptr": "*bf16", "pre_ptr": "*fp32", "y_ptr": "*bf16"}
+    cases.append(Case("hc_collapse", "mhc:_hc_collapse_kernel", collapse_types,
+                      dict(BLOCK_T=4, HCP=4, BLOCK_D=256), ("x_ptr", "y_ptr", "s_xt", "s_xh", "s_yt")))
     cases.append(Case("hc_split", "mhc:_hc_split_kernel", split_types, dict(BLOCK_T=64, HCP=4)))
     cases.append(Case("hc_post", "mhc:_hc_post_kernel", post_types, dict(HCP=4, BLOCK_D=512),
                       ("x_ptr", "res_ptr", "out_ptr", "s_xt", "s_rt", "s_rh", "s_ot", "s_oh")))

@@ -80,6 +80,22 @@ def test_hc_pre(lead, hc, dim, dtype) -> None:
     assert_close(comb, ecomb, torch.float32, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("lead,hc,dim,dtype", [((1,), 4, 64, torch.bfloat16), ((2, 3), 4, 40, torch.float32),
+                                               ((17,), 3, 96, torch.float16), ((5,), 4, 512, torch.bfloat16)])
+def test_hc_mix_and_hc_collapse_are_hc_pre_bit_for_bit(lead, hc, dim, dtype) -> None:
+    """V4.1's lagged mHC pieces: hc_mix gives hc_pre's (pre, post, comb) bits, hc_collapse with that pre its y;
+    against the reference within fp32 ulps (the MMA's summation order), the collapse correctly rounded."""
+    x, fn, scale, base = make_hc(lead, hc, dim, dtype, seed=dim + 7 * hc)
+    y, post, comb = mhc.hc_pre(x, fn, scale, base, 1e-6, hc, 20, 1e-6)
+    pre, post2, comb2 = mhc.hc_mix(x, fn, scale, base, 1e-6, hc, 20, 1e-6)
+    assert torch.equal(post2, post) and torch.equal(comb2, comb)
+    assert torch.equal(mhc.hc_collapse(x, pre), y)
+    epre, epost, ecomb = ref_mhc.hc_mix(x, fn, scale, base, 1e-6, hc, 20, 1e-6)
+    for a, e in ((pre, epre), (post2, epost), (comb2, ecomb)):
+        assert_close(a, e, torch.float32, atol=2e-5, rtol=2e-5)
+    check(mhc.hc_collapse(x, epre), ref_mhc.hc_collapse(x, epre), ref_mhc.hc_collapse(x.float(), epre), dtype)
+
+
 @pytest.mark.parametrize("lead,hc,dim,dtype", [((1,), 4, 64, torch.float32), ((2, 3), 4, 72, torch.bfloat16),
                                                ((4,), 3, 32, torch.float16)])
 def test_hc_head(lead, hc, dim, dtype) -> None:

@@ -73,3 +73,24 @@ register_case(OpCase(
 register_case(OpCase(
     "hc_head", _hc_head, {"t": REQUIRED, "d": REQUIRED, "hc": 4}, tiny=[{"t": 5, "d": 64}],
     shapes=_streams("head"), flops=lambda s: s["t"] * (2 * s["hc"] ** 2 * s["d"] + 5 * s["hc"] * s["d"])))
+
+
+def _hc_mix(g: Gen, s: Shape) -> list:
+    return _hc_pre(g, s)
+
+
+def _hc_collapse(g: Gen, s: Shape) -> list:
+    hc, d = s["hc"], s["d"]
+    x = g.randn(s["t"], hc, d, dtype="bf16")
+    return [x, torch.sigmoid(g.randn(s["t"], hc)) + 1e-6]
+
+
+register_case(OpCase(
+    "hc_mix", _hc_mix, {"t": REQUIRED, "d": REQUIRED, "hc": 4, "iters": 20}, tiny=[{"t": 5, "d": 64}],
+    shapes=_streams("attn", iters=True),
+    flops=lambda s: s["t"] * (2 * _width(s) * s["hc"] * s["d"] + 3 * s["hc"] * s["d"]
+                              + 4 * s["hc"] ** 2 * s["iters"])))
+
+register_case(OpCase(
+    "hc_collapse", _hc_collapse, {"t": REQUIRED, "d": REQUIRED, "hc": 4}, tiny=[{"t": 5, "d": 64}, {"t": 3, "d": 7}],
+    shapes=_streams("attn"), flops=lambda s: 2 * s["t"] * s["hc"] * s["d"]))

@@ -34,7 +34,8 @@ from v4hal.hal.errors import DTypeError, RangeError, ShapeError
 from .config import ModelConfig
 
 __all__ = ["KINDS", "RATIO", "POSITION_KINDS", "STATE_KINDS", "STATE_BLOCK_SIZE", "FIRST_BLOCK", "ForwardBatch",
-           "block_sizes_of", "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages"]
+           "block_sizes_of", "build_batch", "kinds_of", "first_needed_position", "pages_needed", "written_pages",
+           "history_width", "token_history"]
 
 #: The page kinds, and the token positions one entry of each covers.
 KINDS: tuple[str, ...] = ("token", "c4", "c128", "state4", "state128", "c2", "c1", "state2")
@@ -106,7 +107,11 @@ class ForwardBatch:
     ``"state128"``); ``token_slots [T]`` int32, the token-kind slot each token's window KV goes to;
     ``entry_slots[kind] [T]`` int32 for ``"c4"``/``"c128"``: the slot of the compressed entry the token
     completes (``(p + 1) % ratio == 0``), else -1;
-    ``last_token_index [B]`` int64, the row of each request's last token (for logits).
+    ``last_token_index [B]`` int64, the row of each request's last token (for logits);
+    ``history_ids [B, H]`` int64 or None: for a config with Engram layers (DeepSeek-V4.1), the token ids of the
+    ``H = engram_max_ngram_size - 1`` positions before each request's first new position, oldest first, -1
+    before position 0 (what the Engram n-gram hash looks back at; `history_width`). The pool that knows the
+    requests' tokens fills it, so it follows a request across steps, chunks and reused prefixes.
 
     Host copies: ``req_ids``, ``query_lens``, ``start_positions`` and ``host_tables`` (Python ints, no
     device sync).
@@ -132,6 +137,7 @@ class ForwardBatch:
     #: the `CachePool` token of the pool that built the batch (``CachePool.build_batch``), None for a runtime's
     #: own tables (`from_block_tables`); `CachePool.begin_step` refuses a batch of another pool
     origin: object | None = field(default=None, repr=False, compare=False)
+    history_ids: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_requests(self) -> int:
@@ -154,7 +160,8 @@ class ForwardBatch:
     def from_block_tables(cls, cfg: ModelConfig, *, req_ids: Sequence[Hashable], input_ids: torch.Tensor,
                           cu_seqlens: torch.Tensor, start_pos: torch.Tensor, block_tables: dict[str, torch.Tensor],
                           block_size: int, num_blocks: dict[str, int],
-                          state_block_size: int = STATE_BLOCK_SIZE) -> "ForwardBatch":
+                          state_block_size: int = STATE_BLOCK_SIZE,
+                          history_ids: torch.Tensor | None = None) -> "ForwardBatch":
         """A batch over a runtime's own page tables (the pool holds only the cache tensors).
 
         ``input_ids [T]``, ``cu_seqlens [B+1]``, ``start_pos [B]`` (each request's first new position: what
@@ -171,6 +178,8 @@ class ForwardBatch:
         at most once; a block the step writes is in no other request's row (a page may be shared by
         several requests only while none of them writes it, e.g. a prefix's full pages). Where the pages
         came from (which pool, what they hold) is checked when the batch runs (`CachePool.begin_step`).
+        ``history_ids [B, H]`` (int, -1 or token ids): for a config with Engram layers, each request's token
+        ids before its first new position (`ForwardBatch`); may be left out when every request starts at 0.
         Raises `ShapeError` / `DTypeError` / `RangeError`.
         """
         op = "ForwardBatch.from_block_tables"
@@ -241,8 +250,25 @@ class ForwardBatch:
         sizes = block_sizes_of(kinds, block_size, state_block_size)
         _check_coverage(op, cfg, ids, starts, lens, tables, sizes)
         _check_sharing(op, ids, starts, lens, tables, sizes)
+        history = None
+        width = history_width(cfg)
+        if history_ids is not None:
+            if not isinstance(history_ids, torch.Tensor) or history_ids.dtype not in (torch.int32, torch.int64):
+                raise DTypeError(f"{op}: history_ids must be an int32/int64 tensor, got "
+                                 f"{getattr(history_ids, 'dtype', type(history_ids).__name__)}")
+            if tuple(history_ids.shape) != (b, width):
+                raise ShapeError(f"{op}: history_ids must be [B, engram_max_ngram_size - 1] = [{b}, {width}], got "
+                                 f"{list(history_ids.shape)}")
+            history = history_ids.tolist()
+            bad = [x for row in history for x in row if not -1 <= x < cfg.vocab_size]
+            if bad:
+                raise RangeError(f"{op}: history_ids must be -1 or in [0, vocab_size = {cfg.vocab_size}), got "
+                                 f"{bad[:4]}")
+        elif width and any(starts):
+            raise RangeError(f"{op}: a config with Engram layers needs history_ids [B, {width}] (the token ids "
+                             f"before each request's start) when a request starts after position 0")
         return build_batch(cfg, ids, tokens, starts, lens, tables, block_size, input_ids.device,
-                           state_block_size=state_block_size)
+                           state_block_size=state_block_size, history=history)
 
 
 def written_pages(kind: str, start: int, end: int, block_size: int) -> range:
@@ -304,11 +330,12 @@ def _check_sharing(op: str, ids: list, starts: list[int], lens: list[int], table
 def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[int], starts: Sequence[int],
                 lens: Sequence[int], tables: dict[str, Sequence[Sequence[int]]], block_size: int,
                 device: torch.device | str | None, *, state_block_size: int = STATE_BLOCK_SIZE,
-                origin: object | None = None) -> ForwardBatch:
+                origin: object | None = None, history: Sequence[Sequence[int]] | None = None) -> ForwardBatch:
     """Assemble a `ForwardBatch` from host lists the caller has validated (``tokens``: the ``sum(lens)``
     new token ids in request order; ``tables[kind][b]``: request ``b``'s block ids, pages of ``block_size``
     entries, ``state_block_size`` for the state kinds; ``origin``: the building pool's token, None for a
-    runtime's own tables)."""
+    runtime's own tables); ``history[b]``: request ``b``'s token ids before its start (`ForwardBatch.history_ids`;
+    None: -1 everywhere, right for requests starting at 0)."""
     b = len(req_ids)
     n = torch.tensor(list(lens), dtype=torch.int64)
     s = torch.tensor(list(starts), dtype=torch.int64)
@@ -349,4 +376,26 @@ def build_batch(cfg: ModelConfig, req_ids: Sequence[Hashable], tokens: Sequence[
         block_tables={k: i32(v) for k, v in block_tables.items()},
         block_sizes=block_sizes_of(tuple(tables), block_size, state_block_size), token_slots=i32(token_slots),
         entry_slots={k: i32(v) for k, v in entry_slots.items()}, last_token_index=(cu[1:] - 1).to(dev),
-        host_tables={k: tuple(tuple(int(x) for x in r) for r in rows) for k, rows in tables.items()}, origin=origin)
+        host_tables={k: tuple(tuple(int(x) for x in r) for r in rows) for k, rows in tables.items()}, origin=origin,
+        history_ids=_history_tensor(cfg, b, history, dev))
+
+
+def history_width(cfg: ModelConfig) -> int:
+    """Token ids of history the Engram hash reads before a request's start: ``engram_max_ngram_size - 1`` for a
+    config with Engram layers, else 0."""
+    return cfg.engram_max_ngram_size - 1 if cfg.engram_layers else 0
+
+
+def token_history(tokens: Sequence[int], start: int, width: int) -> list[int]:
+    """The ``width`` token ids of ``tokens`` before position ``start``, oldest first, -1 before position 0."""
+    return [int(tokens[p]) if p >= 0 else -1 for p in range(start - width, start)]
+
+
+def _history_tensor(cfg: ModelConfig, b: int, history: Sequence[Sequence[int]] | None,
+                    dev: torch.device) -> torch.Tensor | None:
+    width = history_width(cfg)
+    if not width:
+        return None
+    if history is None:
+        return torch.full((b, width), -1, dtype=torch.int64, device=dev)
+    return torch.tensor([list(r) for r in history], dtype=torch.int64, device=dev).view(b, width)

@@ -38,6 +38,7 @@ from .batch import (
     STATE_BLOCK_SIZE,
     ForwardBatch,
     block_sizes_of,
+    history_width,
     kinds_of,
     pages_needed,
 )
@@ -212,6 +213,9 @@ class PrivatePool:
         self.running = 0            # sequences the model runs (set by the model at each start)
         self.pages: dict[str, int] = {k: 0 for k in self.kinds}
         self.tables: dict[str, torch.Tensor] = {}
+        #: the token ids of every position of each sequence (-1 not yet known), kept for the Engram hash's
+        #: look-back (`ForwardBatch.history_ids`); None for a config without Engram layers
+        self.tokens: torch.Tensor | None = None
 
     def ensure(self, bsz: int, end: int, keep: bool) -> None:
         """Hold ``bsz`` sequences of positions ``0 .. end-1``; ``keep``: the sequences continue (their pages
@@ -236,6 +240,11 @@ class PrivatePool:
                 t[first:].unflatten(0, (bsz, pages[s.kind]))[:old_bsz, :n].copy_(
                     src[first:].unflatten(0, (old_bsz, n)))
             setattr(self.layers[s.layer], s.name, t)
+        if history_width(self.cfg):
+            tokens = torch.full((bsz, pages["token"] * self.block_size), -1, dtype=torch.int64, device=self.device)
+            if keep and self.tokens is not None:
+                tokens[:old_bsz, :self.tokens.shape[1]] = self.tokens
+            self.tokens = tokens
         self.bsz, self.pages = bsz, pages
         self.tables = {k: (FIRST_BLOCK[k] + torch.arange(bsz * pages[k], dtype=torch.int32, device=self.device)
                            ).view(bsz, pages[k]) for k in self.kinds}
@@ -261,10 +270,16 @@ class PrivatePool:
             if k not in POSITION_KINDS:
                 r = RATIO[k]
                 entry_slots[k] = torch.where((positions + 1) % r == 0, slot(k, positions // r), -1).to(i32)
+        history = None
+        width = history_width(self.cfg)
+        if width:
+            self.tokens[:b, start:start + s] = input_ids
+            back = torch.arange(start - width, start, device=dev)
+            history = torch.where(back >= 0, self.tokens[:b, back.clamp_min(0)], -1)
         return ForwardBatch(
             req_ids=tuple(range(b)), block_size=bs, query_lens=(s,) * b, start_positions=(start,) * b,
             input_ids=input_ids.reshape(-1), positions=positions, req_index=req_index, cu_seqlens=cu,
             start_pos=torch.full((b,), start, dtype=i32, device=dev),
             seq_lens=torch.full((b,), start + s, dtype=i32, device=dev), block_tables=tables,
             block_sizes=dict(self.block_sizes), token_slots=slot("token", positions).to(i32),
-            entry_slots=entry_slots, last_token_index=cu[1:].long() - 1)
+            entry_slots=entry_slots, last_token_index=cu[1:].long() - 1, history_ids=history)

@@ -203,7 +203,7 @@ def _naming(keys: list[str], cfg: ModelConfig) -> str:
 
 def _rename(layout: str, key: str, cfg: ModelConfig) -> str | None:
     if layout == "inference":
-        return key
+        return v41_hub_rename(key) if cfg.is_v41 else key
     if layout == "transformers":
         return transformers_rename(key, cfg.is_v41)
     if layout == "hub":
@@ -511,7 +511,7 @@ def _convert(name: str, s: TensorSpec, t: torch.Tensor, scale_dtype: torch.dtype
         return _to_scale(name, t, scale_dtype)
     if s.kind == "fp4":
         return t.view(torch.uint8)
-    if s.kind == "fp4_scale":
+    if s.kind in ("fp4_scale", "table", "table_scale"):
         return t
     if s.kind == "i32":
         if t.dtype != torch.int32:
@@ -563,7 +563,7 @@ def read_checkpoint(path: str | os.PathLike[str], *,
             for name, s in spec.items():
                 e = cat.entries[name]
                 t, raw = _read(cat, handles, e)
-                if s.kind in ("fp8_scale", "fp4_scale"):
+                if s.kind in ("fp8_scale", "fp4_scale", "table_scale"):
                     _check_scale(cat, e, t)
                 if s.kind == "bf16" and t.dtype == torch.float8_e4m3fn:
                     sname = name[:-len("weight")] + "scale"

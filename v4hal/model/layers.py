@@ -27,7 +27,7 @@ FP8 = torch.float8_e4m3fn
 # dtype the model keeps for each weight kind of `spec.py`
 KIND_DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8, "fp8_scale": torch.float32,
-    "fp4": torch.uint8, "fp4_scale": E8M0, "i32": torch.int32,
+    "fp4": torch.uint8, "fp4_scale": E8M0, "i32": torch.int32, "table": FP8, "table_scale": E8M0,
 }
 
 
@@ -68,13 +68,14 @@ def float_gemm(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None =
 
 
 class Linear(nn.Module):
-    """``y = x @ W^T`` with W FP8 (+ 128x128 block scales), bf16 or fp32.
+    """``y = x @ W^T`` with W FP8 (+ block scales over ``cfg.weight_block_size`` square tiles: 128 in V4,
+    32 in V4.1), bf16 or fp32.
 
     Args:
         in_features, out_features: K and N.
         kind: ``"fp8"`` (FP8 weight, activations quantized per 128 with ``act_quant``),
             ``"bf16"`` or ``"f32"`` (float weight, ``grouped_gemm``; x must have the weight's dtype).
-        cfg: gives the activation scale format for FP8.
+        cfg: gives the activation scale format and the weight tile for FP8.
     Input ``[..., K]``; output ``[..., N]`` bf16 for FP8 weights, else the weight's dtype.
     """
 
@@ -82,10 +83,12 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         self.scale_fmt, self.scale_dtype = act_scale_format(cfg)
+        self.block = cfg.weight_block_size
         meta = torch.device("meta")
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=KIND_DTYPES[kind], device=meta))
         if kind == "fp8":
-            self.register_buffer("scale", torch.empty(math.ceil(out_features / 128), math.ceil(in_features / 128),
+            b = self.block
+            self.register_buffer("scale", torch.empty(math.ceil(out_features / b), math.ceil(in_features / b),
                                                       dtype=self.scale_dtype, device=meta))
         else:
             self.scale = None
@@ -105,7 +108,7 @@ class FusedLinear(nn.Module):
 
     Exactly the separate products up to fp32 summation order: each output block only sees its
     own weight rows, FP8 activations are quantized per row (the same for every part), and FP8
-    block scales stay aligned because every part but the last has ``N % 128 == 0``. Parts must
+    block scales stay aligned because every part but the last has ``N`` a multiple of the weight tile. Parts must
     share a kind, except that bf16 parts may join fp32 ones: their weights are widened to fp32
     (exact) and their outputs rounded back to bf16, which is what a bf16 GEMM with fp32
     accumulation returns. After `fuse`, the same-kind parts' ``weight`` / ``scale`` buffers are
@@ -128,7 +131,8 @@ class FusedLinear(nn.Module):
         if len({p.in_features for p in parts}) != 1:
             return False
         if kinds == {"fp8"}:
-            return all(p.out_features % 128 == 0 for p in parts[:-1]) and len({p.scale.dtype for p in parts}) == 1
+            return (len({p.block for p in parts}) == 1 and all(p.out_features % p.block == 0 for p in parts[:-1])
+                    and len({p.scale.dtype for p in parts}) == 1)
         return kinds <= {"f32", "bf16"} and (len(kinds) == 1 or "f32" in kinds)
 
     def fuse(self) -> None:

@@ -15,6 +15,13 @@ Computation of the public ``inference/model.py`` ``Block`` / ``ParallelHead`` / 
 Glue in plain torch: the embedding lookup (``F.embedding``), the copy of the embedding into
 ``hc`` residual copies, slicing of the last position, ``argmax`` in `generate`.
 
+DeepSeek-V4.1 (``cfg.is_v41``), the same graph with: lagged mHC (each site's ``pre`` mix collapses the
+streams at the next site: attention with the previous FFN's, one-hot on stream 0 before layer 0, the FFN
+with attention's, the head with the last FFN's, through ``hc_mix`` / ``hc_collapse``; V4.1 has no
+``hc_head``), the Engram memory before the layers of ``cfg.engram_layers`` (`v4hal.model.engram`, its rows
+hashed once per step), the V4.1 router, FP8 32x32 / FP4-per-16 weights, and no MTP block (its DSpark draft
+stages are not run).
+
 One graph path: every forward is a `Step` over paged caches (`v4hal.model.step`).
 `V4Model.forward_batch` runs many requests in one call, each at its own position (a prefill chunk of any
 length or a decode token), on the caches of a pool (`v4hal.serve.CachePool`, or any `CacheSource`);
@@ -35,13 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import v4hal
-from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.hal.errors import RangeError, ShapeError, V4HalError
 
 from .attention import Attention
 from .attention_v41 import V41Attention
 from .batch import ForwardBatch
 from .caches import CacheSource, PrivatePool
 from .config import ModelConfig
+from .engram import Engram, EngramHash
 from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
 from .moe import MoE
 from .spec import linear_kind
@@ -70,6 +78,8 @@ class Block(nn.Module):
                              hc_eps=cfg.hc_eps)
         self.attn = V41Attention(layer_id, cfg) if cfg.is_v41 else Attention(layer_id, cfg)
         self.ffn = MoE(layer_id, cfg)
+        #: V4.1: the Engram memory applied to the streams before this block (None elsewhere)
+        self.engram = Engram(layer_id, cfg) if cfg.is_v41 and layer_id in cfg.engram_layers else None
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         mix, hc_dim = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
@@ -86,6 +96,25 @@ class Block(nn.Module):
         x, post, comb = v4hal.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **self._hc_args)
         x = self.ffn(self.ffn_norm(x), input_ids)
         return v4hal.hc_post(x, h, post, comb)
+
+    def forward_lagged(self, h: torch.Tensor, pre: torch.Tensor, step: Step, input_ids: torch.Tensor,
+                       rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V4.1's block: ``h [1, T, hc, dim]`` (bf16) and the previous site's pre mix ``pre [1, T, hc]``
+        (fp32) -> (the new streams, this block's FFN pre mix, which the next site collapses with). ``rows``: the
+        step's Engram rows of this layer (`EngramHash.rows`) when it has an Engram memory."""
+        if self.engram is not None:
+            h = self.engram(h, rows)
+        pre_attn, post, comb = v4hal.hc_mix(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                                            **self._hc_args)
+        x = self.attn(self.attn_norm(v4hal.hc_collapse(h, pre)), step)
+        h = v4hal.hc_post(x, h, post, comb)
+        pre_ffn, post, comb = v4hal.hc_mix(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **self._hc_args)
+        x = self.ffn(self.ffn_norm(v4hal.hc_collapse(h, pre_attn)), input_ids)
+        return v4hal.hc_post(x, h, post, comb), pre_ffn
+
+
+#: what `V4Model.mtp_forward` / `mtp_forward_batch` say for a DeepSeek-V4.1 model
+DSPARK_REFUSAL = "DeepSeek-V4.1's DSpark draft stages are not supported"
 
 
 class _Head(nn.Module):
@@ -154,16 +183,21 @@ class V4Model(nn.Module):
     Build with `V4Model.from_pretrained` (a checkpoint directory) or `V4Model.from_tensors`.
     """
 
-    def __init__(self, cfg: ModelConfig, experts_fp8: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, experts_fp8: bool = False, *, engram_on_device: bool = False) -> None:
         super().__init__()
         cfg.validate()
         self.config = cfg
         self.experts_fp8 = experts_fp8
+        #: V4.1: keep the Engram tables on the model's device (default: in host memory, see `v4hal.model.engram`)
+        self.engram_on_device = bool(engram_on_device)
+        #: V4.1: the Engram hash state (`bind_vocab_map`); None until bound
+        self.engram_hash: EngramHash | None = None
         self.embed = _Embed(cfg)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = _Head(cfg)
-        _register_hc_head(self, cfg)
+        if not cfg.is_v41:
+            _register_hc_head(self, cfg)
         self.mtp = nn.ModuleList(MTPBlock(cfg.n_layers + j, cfg) for j in range(cfg.n_mtp_layers))
         #: next position of the running sequences of `forward` (None: none yet) and of each MTP block's
         self._next_pos: int | None = None
@@ -176,7 +210,7 @@ class V4Model(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str | None = None, *,
-                        experts_fp8: bool = False, mmap: bool = False) -> "V4Model":
+                        experts_fp8: bool = False, mmap: bool = False, engram_on_device: bool = False) -> "V4Model":
         """Load a checkpoint directory (inference or Hugging Face layout; see `v4hal.model.checkpoint`).
 
         ``experts_fp8``: re-encode FP4 routed experts as FP8 at load when lossless, so the shared
@@ -188,17 +222,31 @@ class V4Model(nn.Module):
         memory map (little anonymous memory for huge checkpoints); the files must then not change
         while the model lives: truncating one kills the process (SIGBUS) at the next forward,
         rewriting one changes the weights silently.
+
+        DeepSeek-V4.1 with Engram layers: the folder's ``tokenizer.json`` gives the Engram vocabulary map
+        (`v4hal.model.tokenizer`); the Engram tables stay in host memory unless ``engram_on_device``. On an
+        accelerator (where weights are read through the memory map) or with ``mmap=True`` a host table stays in
+        the file's memory map, with the same hazard: the files must not change while the model lives.
         """
         from .checkpoint import read_for_device
 
         cfg, tensors = read_for_device(path, device, mmap=mmap)
-        return cls.from_tensors(cfg, tensors, device, experts_fp8=experts_fp8).eval()
+        vocab_map = None
+        if cfg.is_v41 and cfg.engram_layers:
+            from .tokenizer import load_vocab_map
+            vocab_map = load_vocab_map(path, cfg)
+        model = cls.from_tensors(cfg, tensors, device, experts_fp8=experts_fp8, engram_on_device=engram_on_device)
+        if vocab_map is not None:
+            model.bind_vocab_map(vocab_map)
+        return model.eval()
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                     device: torch.device | str | None = None, *, experts_fp8: bool = False) -> "V4Model":
-        """Build from ``(model name, tensor)`` pairs already in the model's dtypes (see `checkpoint`)."""
-        model = cls(cfg, experts_fp8=experts_fp8)
+                     device: torch.device | str | None = None, *, experts_fp8: bool = False,
+                     engram_on_device: bool = False) -> "V4Model":
+        """Build from ``(model name, tensor)`` pairs already in the model's dtypes (see `checkpoint`). A V4.1
+        model with Engram layers then needs `bind_vocab_map` before it runs."""
+        model = cls(cfg, experts_fp8=experts_fp8, engram_on_device=engram_on_device)
         model.assign(tensors, device)
         model.finalize(device)
         return model
@@ -218,8 +266,14 @@ class V4Model(nn.Module):
             mod = getattr(mod, p)
         return mod, parts[-1], expert
 
+    def bind_vocab_map(self, vocab_map: torch.Tensor) -> None:
+        """V4.1: the tokenizer's Engram vocabulary map, int64 ``[vocab_size]`` (`v4hal.model.tokenizer`), from
+        which the model builds its Engram hash constants."""
+        self.engram_hash = EngramHash(self.config, vocab_map)
+
     def assign(self, tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device | str | None = None) -> None:
-        """Place checkpoint tensors (checkpoint names, model dtypes) into the model's buffers."""
+        """Place checkpoint tensors (checkpoint names, model dtypes) into the model's buffers (the Engram tables
+        stay in host memory unless ``engram_on_device``)."""
         for name, t in tensors:
             mod, leaf, expert = self._resolve(name)
             cur = getattr(mod, leaf)
@@ -227,7 +281,9 @@ class V4Model(nn.Module):
                 if tuple(cur.shape) != tuple(t.shape) or not _same_kind(leaf, cur.dtype, t.dtype):
                     raise ShapeError(f"V4Model: {name} must be {cur.dtype} {list(cur.shape)}, got {t.dtype} "
                                      f"{list(t.shape)}")
-                mod._buffers[leaf] = t.to(device) if device is not None else t
+                host = ".engram.embed." in name and not self.engram_on_device
+                to = "cpu" if host else device
+                mod._buffers[leaf] = t.to(to) if to is not None else t
             else:
                 if cur.is_meta:
                     cur = torch.empty(cur.shape, dtype=cur.dtype, device=device or t.device)
@@ -257,10 +313,16 @@ class V4Model(nn.Module):
         return self.embed.weight.device
 
     # ------------------------------------------------------------------ forward
-    def _head_logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm) -> torch.Tensor:
+    def _head_logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm,
+                     pre: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits ``[b, vocab]`` of the last position of ``h [b, s, hc, dim]``; V4.1 collapses the streams
+        with the last site's pre mix ``pre [b, s, hc]``, V4 with ``owner``'s ``hc_head``."""
         cfg = self.config
-        x = v4hal.hc_head(h[:, -1], owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
-                          norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps)    # [b, dim] bf16
+        if pre is not None:
+            x = v4hal.hc_collapse(h[:, -1], pre[:, -1])
+        else:
+            x = v4hal.hc_head(h[:, -1], owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base,
+                              norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps)    # [b, dim] bf16
         return float_gemm(norm(x).float(), self.head.weight)          # [b, vocab] fp32
 
     def _private_step(self, op: str, input_ids: torch.Tensor, start_pos: int, expected: int | None,
@@ -301,17 +363,39 @@ class V4Model(nn.Module):
         ids = input_ids.to(device=self.device, dtype=torch.long)
         return Step.build(self.config, pool.batch(ids, start_pos), pool)
 
-    def _run(self, step: Step, keep_hidden: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The main layers over ``step``: the final stream ``[1, T, hc, dim]`` and, with ``keep_hidden``, each
-        layer's output stream."""
+    def _run(self, step: Step, keep_hidden: bool = False
+             ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """The main layers over ``step``: the final stream ``[1, T, hc, dim]``, with ``keep_hidden`` each layer's
+        output stream, and (V4.1) the last site's pre mix ``[1, T, hc]`` fp32 the head collapses with (V4:
+        None). The V4.1 pre mix is carried from site to site here, one-hot on stream 0 before layer 0."""
+        cfg = self.config
         ids = step.batch.input_ids.unsqueeze(0)                               # [1, T]
-        h = self.embed(ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
+        h = self.embed(ids).unsqueeze(2).repeat(1, 1, cfg.hc_mult, 1)
         hidden: list[torch.Tensor] = []
+        pre = None
+        if cfg.is_v41:
+            pre = torch.zeros(h.shape[:-1], dtype=torch.float32, device=h.device)
+            pre[..., 0] = 1.0
+            rows = self._engram_rows(step)
         for block in self.layers:
-            h = block(h, step, ids)
+            if pre is None:
+                h = block(h, step, ids)
+            else:
+                h, pre = block.forward_lagged(h, pre, step, ids,
+                                              rows[block.engram.index] if block.engram is not None else None)
             if keep_hidden:
                 hidden.append(h)
-        return h, hidden
+        return h, hidden, pre
+
+    def _engram_rows(self, step: Step) -> list[torch.Tensor]:
+        """V4.1: every Engram layer's table rows of the step's tokens (hashed once per step)."""
+        if not self.config.engram_layers:
+            return []
+        if self.engram_hash is None:
+            raise V4HalError("V4Model: the Engram layers need the tokenizer's vocabulary map: load the model with "
+                             "from_pretrained from a folder holding tokenizer.json, or call "
+                             "bind_vocab_map(v4hal.model.tokenizer.load_vocab_map(path, cfg))")
+        return self.engram_hash.rows(step.batch)
 
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor, start_pos: int = 0, keep_hidden: bool = False) -> ForwardResult:
@@ -322,10 +406,10 @@ class V4Model(nn.Module):
         computed again replaces what was cached for it)."""
         step = self._private_step("forward_full", input_ids, start_pos, self._next_pos, main=True)
         bsz, seqlen = input_ids.shape
-        h, hidden = self._run(step, keep_hidden)
+        h, hidden, pre = self._run(step, keep_hidden)
         shape = (bsz, seqlen, *h.shape[2:])
         final = h.view(shape)
-        logits = self._head_logits(final, self, self.norm)
+        logits = self._head_logits(final, self, self.norm, None if pre is None else pre.view(shape[:-1]))
         self._next_pos = start_pos + seqlen
         if start_pos == 0:
             self._mtp_next_pos = [None] * len(self.mtp)
@@ -340,6 +424,8 @@ class V4Model(nn.Module):
         """MTP block ``j``: main final stream ``hidden [b, s, hc, dim]`` at positions ``start_pos ..`` and the
         tokens that follow them ``next_ids [b, s]`` -> fp32 logits ``[b, vocab]`` (drafts of the token after).
         Runs on the sequences of the last `forward_full` start; continues like it."""
+        if self.config.is_v41:
+            raise V4HalError(f"V4Model.mtp_forward: {DSPARK_REFUSAL}")
         if not 0 <= j < len(self.mtp):
             raise RangeError(f"V4Model.mtp_forward: j must be in [0, {len(self.mtp)}), got {j}")
         step = self._private_step("mtp_forward", next_ids, start_pos, self._mtp_next_pos[j], main=False)
@@ -387,8 +473,10 @@ class V4Model(nn.Module):
         """
         writes = self._check_step("forward_batch", batch, pool)
         step = Step.build(self.config, batch, pool)
-        h, _ = self._run(step)
-        logits = self._head_logits(h[0, batch.last_token_index].unsqueeze(1), self, self.norm)
+        h, _, pre = self._run(step)
+        last = batch.last_token_index
+        logits = self._head_logits(h[0, last].unsqueeze(1), self, self.norm,
+                                   None if pre is None else pre[0, last].unsqueeze(1))
         pool.end_step(writes)
         return BatchOutput(logits, h, step)
 
@@ -397,6 +485,8 @@ class V4Model(nn.Module):
         """MTP block ``j`` on the step of ``out`` (a `forward_batch` result): ``next_ids [T]`` int64 is the
         token after each of the step's tokens (for a request's last new token: the token just chosen) ->
         fp32 logits ``[B, vocab]`` at each request's last new token (drafts of the token after ``next_ids``)."""
+        if self.config.is_v41:
+            raise V4HalError(f"V4Model.mtp_forward_batch: {DSPARK_REFUSAL}")
         if not 0 <= j < len(self.mtp):
             raise RangeError(f"V4Model.mtp_forward_batch: j must be in [0, {len(self.mtp)}), got {j}")
         t = out.final.shape[1]

@@ -27,11 +27,22 @@ META = torch.device("meta")
 
 
 class Gate(nn.Module):
-    """Routing weights: ``weight [E, dim]`` (bf16), ``bias [E]`` fp32 or ``tid2eid [vocab, k]`` int32."""
+    """Routing weights: ``weight [E, dim]`` (bf16), ``bias [E]`` fp32 or ``tid2eid [vocab, k]`` int32.
+
+    DeepSeek-V4.1 (``cfg.is_v41``): logits divided by ``cfg.gate_temp`` before the score, no hash layers, the
+    weights normalised with ``sum + 1e-20``; the checkpoint's image-token bias ``bias_vl [E]`` is loaded
+    and unused (v4hal runs text only)."""
+
+    #: V4.1's router adds this to the sum of the chosen scores before dividing (not the model's norm eps)
+    V41_NORM_EPS = 1e-20
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.topk, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
+        self.gate_temp = float(cfg.gate_temp) if cfg.is_v41 else 1.0
+        self.norm_eps = self.V41_NORM_EPS if cfg.is_v41 else 0.0
+        if cfg.is_v41:
+            self.register_buffer("bias_vl", torch.empty(cfg.n_routed_experts, dtype=torch.float32, device=META))
         self.hash = layer_id < cfg.n_hash_layers
         self.register_buffer("weight", torch.empty(cfg.n_routed_experts, cfg.dim, dtype=torch.bfloat16, device=META))
         if self.hash:
@@ -46,7 +57,8 @@ class Gate(nn.Module):
         """x ``[T, dim]``, input_ids ``[T]`` -> (fp32 weights ``[T, k]``, int32 indices ``[T, k]``)."""
         return v4hal.moe_gate(x, self.weight, topk=self.topk, bias=self.bias, score_func=self.score_func,
                               route_scale=self.route_scale, tid2eid=self.tid2eid,
-                              input_ids=input_ids if self.hash else None)
+                              input_ids=input_ids if self.hash else None, gate_temp=self.gate_temp,
+                              norm_eps=self.norm_eps)
 
 
 class Experts(nn.Module):
@@ -57,15 +69,17 @@ class Experts(nn.Module):
         self.kind = expert_kind(cfg)
         e, d, inter = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         self.swiglu_limit = float(cfg.swiglu_limit)
+        self.fp4_block = cfg.expert_block_size        # FP4 scales per 32 (V4) / 16 (V4.1) along K
         scale_dtype = act_scale_format(cfg)[1]
+        self.tile = tile = cfg.weight_block_size     # FP8 weight tile (128 V4, 32 V4.1)
         for name, (n, k) in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d))):
             if self.kind == "fp4":
                 self.register_buffer(name, torch.empty(e, n, k // 2, dtype=torch.uint8, device=META))
-                self.register_buffer(f"{name}_scale", torch.empty(e, n, k // 32, dtype=torch.float8_e8m0fnu,
-                                                                  device=META))
+                self.register_buffer(f"{name}_scale", torch.empty(e, n, k // self.fp4_block,
+                                                                  dtype=torch.float8_e8m0fnu, device=META))
             elif self.kind == "fp8":
                 self.register_buffer(name, torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=META))
-                self.register_buffer(f"{name}_scale", torch.empty(e, math.ceil(n / 128), math.ceil(k / 128),
+                self.register_buffer(f"{name}_scale", torch.empty(e, math.ceil(n / tile), math.ceil(k / tile),
                                                                   dtype=scale_dtype, device=META))
             else:
                 self.register_buffer(name, torch.empty(e, n, k, dtype=KIND_DTYPES[self.kind], device=META))
@@ -83,9 +97,9 @@ class Experts(nn.Module):
             return False
         new = {}
         for name in ("w1", "w2", "w3"):
-            wf = v4hal.dequant_fp4(getattr(self, name), getattr(self, f"{name}_scale"), 32)
-            q, sc = v4hal.quant_weight_fp8(wf, 128, "ue8m0")
-            if not torch.equal(v4hal.dequant_fp8(q, sc, 128), wf):
+            wf = v4hal.dequant_fp4(getattr(self, name), getattr(self, f"{name}_scale"), self.fp4_block)
+            q, sc = v4hal.quant_weight_fp8(wf, self.tile, "ue8m0")
+            if not torch.equal(v4hal.dequant_fp8(q, sc, self.tile), wf):
                 return False
             new[name] = (q, sc.float() if scale_dtype == torch.float32 else sc)
         for name, (q, sc) in new.items():

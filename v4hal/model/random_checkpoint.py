@@ -20,7 +20,8 @@ from v4hal.hal.errors import RangeError
 from .checkpoint import is_routed_expert, shard_dim, to_transformers_name
 from .config import HF_KEY_MAP, ModelConfig
 from .hf_config import transformers_config
-from .spec import FP4_X2, TensorSpec, checkpoint_spec
+from .spec import FP4_X2, TensorSpec, checkpoint_spec, weight_blocks
+from .tokenizer import write_tokenizer
 
 __all__ = ["write_random_checkpoint", "random_tensors", "save_tensors", "LAYOUTS"]
 
@@ -51,11 +52,22 @@ def _init(name: str, s: TensorSpec, cfg: ModelConfig, g: torch.Generator) -> tor
         return 0.5 * randn(*shape)
     if leaf == "ape":
         return 0.5 * randn(*shape)
-    if leaf == "bias":
+    if leaf in ("bias", "bias_vl"):
         return 0.1 * randn(*shape)
-    if name == "embed.weight":
+    if name == "embed.weight" or s.kind == "table":
         return randn(*shape)
+    if leaf in ("q_weight", "k_weight"):                           # V4.1 Engram gate weights
+        return 1.0 + 0.1 * randn(*shape)
     return randn(*shape) / math.sqrt(shape[1])                    # Linear weights [N, K]
+
+
+def _table_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An Engram table ``w [R, W]`` as FP8 rows with one power-of-two e8m0 scale per 32 channels."""
+    blocks = w.view(w.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1).clamp_min(1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    q = (blocks / scale.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn).view_as(w)
+    return q, scale.to(torch.float8_e8m0fnu)
 
 
 def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
@@ -66,23 +78,28 @@ def random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch
     """
     g = torch.Generator().manual_seed(int(seed))
     spec = checkpoint_spec(cfg)
+    tile, fp4_block = weight_blocks(cfg)
     for name, s in spec.items():
-        if s.kind in ("fp8_scale", "fp4_scale"):
+        if s.kind in ("fp8_scale", "fp4_scale", "table_scale"):
             continue                           # produced with their weight
         w = _init(name, s, cfg, g)
         if s.kind == "fp8":
-            q, sc = v4hal.quant_weight_fp8(w, 128, "ue8m0")
+            q, sc = v4hal.quant_weight_fp8(w, tile, "ue8m0")
             yield name, q
             yield name[:-len("weight")] + "scale", sc
         elif s.kind == "fp4":
-            q, sc = v4hal.quant_weight_fp4(w, 32)
+            q, sc = v4hal.quant_weight_fp4(w, fp4_block)
+            yield name, q
+            yield name[:-len("weight")] + "scale", sc
+        elif s.kind == "table":
+            q, sc = _table_fp8(w)
             yield name, q
             yield name[:-len("weight")] + "scale", sc
         elif s.kind == "bf16" and cfg.dtype == "fp8" and name.endswith("attn.wo_a.weight"):
             # published checkpoints hold wo_a in FP8 (the public converter dequantizes it to bf16):
             # draw it on the FP8 grid, so that the Hugging Face layout (FP8) and this one agree exactly
-            q, sc = v4hal.quant_weight_fp8(w, cfg.weight_block_size, "ue8m0")
-            yield name, v4hal.dequant_fp8(q, sc, cfg.weight_block_size, out_dtype=torch.bfloat16)
+            q, sc = v4hal.quant_weight_fp8(w, tile, "ue8m0")
+            yield name, v4hal.dequant_fp8(q, sc, tile, out_dtype=torch.bfloat16)
         elif s.kind == "bf16":
             yield name, w.to(torch.bfloat16)
         elif s.kind == "i32":
@@ -203,7 +220,7 @@ def save_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] |
     for name, t in items:
         t = fp4_view(name, t, "I8")
         if name.endswith("attn.wo_a.weight") and cfg.dtype == "fp8":
-            q, sc = v4hal.quant_weight_fp8(t.float(), 128, "ue8m0")
+            q, sc = v4hal.quant_weight_fp8(t.float(), cfg.weight_block_size, "ue8m0")
             hf += [(name, q), (name[:-len("weight")] + "scale", sc)]
             continue
         hf.append((name, t))
@@ -265,7 +282,9 @@ def write_random_checkpoint(config: ModelConfig, path: str | os.PathLike[str], s
             when ``dtype`` is fp8, None (= dtype) for bf16).
         layout, world, shards, fp4_storage: see `save_tensors`.
 
-    Returns the directory. The written ``config.json`` records the dtypes actually used.
+    Returns the directory. The written ``config.json`` records the dtypes actually used. A DeepSeek-V4.1
+    config with Engram layers also gets a tiny ``tokenizer.json`` (`v4hal.model.tokenizer.write_tokenizer`)
+    whose vocabulary map has ``engram_compressed_vocab_size`` ids.
     """
     changes: dict[str, Any] = {}
     if dtype is not None:
@@ -278,5 +297,8 @@ def write_random_checkpoint(config: ModelConfig, path: str | os.PathLike[str], s
     else:
         changes["expert_dtype"] = expert_dtype
     cfg = config.replace(**changes)
-    return save_tensors(cfg, random_tensors(cfg, seed), path, layout=layout, world=world, shards=shards,
-                        fp4_storage=fp4_storage)
+    out = save_tensors(cfg, random_tensors(cfg, seed), path, layout=layout, world=world, shards=shards,
+                       fp4_storage=fp4_storage)
+    if cfg.is_v41 and cfg.engram_layers:
+        write_tokenizer(cfg, out)
+    return out

@@ -1,5 +1,8 @@
 """mHC (manifold-constrained hyper-connections): Sinkhorn split of the mixes, the pre-mix that
-collapses ``hc`` residual copies into a sub-layer input, the post-mix, and the head collapse."""
+collapses ``hc`` residual copies into a sub-layer input, the post-mix, and the head collapse.
+
+DeepSeek-V4.1 lags the pre-mix by one site: ``hc_mix`` gives a site's (pre, post, comb) without
+collapsing, ``hc_collapse`` collapses the copies with a given pre."""
 from __future__ import annotations
 
 import torch
@@ -140,3 +143,52 @@ def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
             norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
     """Collapse ``x [..., hc, D]`` with ``pre = sigmoid(mixes*scale + base) + eps`` only -> ``[..., D]``."""
     return call.hc_head(x, hc_fn, hc_scale, hc_base, float(norm_eps), float(hc_eps))
+
+
+def _check_hc_mix(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps):
+    op = "hc_mix"
+    C.in_range(op, "hc_mult", hc_mult, 1, C.MAX_HC_MULT)
+    C.in_range(op, "sinkhorn_iters", sinkhorn_iters, 1, C.MAX_SINKHORN_ITERS)
+    C.eps_arg(op, "norm_eps", norm_eps)
+    C.eps_arg(op, "hc_eps", hc_eps)
+    _check_hc_params(op, hc_scale, hc_base, hc_mult, 3)
+    _check_hc_x(op, x, hc_fn, hc_mult, (2 + hc_mult) * hc_mult)
+    C.same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+
+
+define_op("hc_mix",
+          "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps=1e-6, int hc_mult=4, "
+          "int sinkhorn_iters=20, float hc_eps=1e-6) -> (Tensor, Tensor, Tensor)",
+          check=_check_hc_mix, fake=lambda x, fn, s, b, ne, hc, it, he: _fake_split(x.shape[:-2], x, hc),
+          doc=C.ranges_doc(norm_eps=C.EPS_RANGE, hc_mult=C.interval(1, C.MAX_HC_MULT),
+                           sinkhorn_iters=C.interval(1, C.MAX_SINKHORN_ITERS), hc_eps=C.EPS_RANGE))
+
+
+def hc_mix(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,
+           norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20, hc_eps: float = 1e-6):
+    """The mixes of one site without the collapse: x ``[..., hc, D]`` -> (pre ``[..., hc]``, post ``[..., hc]``,
+    comb ``[..., hc, hc]``), fp32, exactly the (pre, post, comb) ``hc_pre`` computes (V4.1's lagged mHC
+    collapses with the previous site's pre, `hc_collapse`)."""
+    return call.hc_mix(x, hc_fn, hc_scale, hc_base, float(norm_eps), hc_mult, sinkhorn_iters, float(hc_eps))
+
+
+def _check_hc_collapse(x, pre):
+    op = "hc_collapse"
+    C.dtype(op, "x", x, FLOATS)
+    C.min_rank(op, "x", x, 2, "[..., hc, D]")
+    hc = x.shape[-2]
+    C.in_range(op, "x.shape[-2] (hc)", hc, 1, C.MAX_HC_MULT)
+    C.dtype(op, "pre", pre, (torch.float32,))
+    C.shape(op, "pre", pre, (*x.shape[:-1],), "[..., hc] matching x")
+    C.same_device(op, x=x, pre=pre)
+
+
+define_op("hc_collapse", "(Tensor x, Tensor pre) -> Tensor",
+          check=_check_hc_collapse, fake=lambda x, pre: x.new_empty((*x.shape[:-2], x.shape[-1])),
+          doc=C.ranges_doc(hc=C.interval(1, C.MAX_HC_MULT)))
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``y = sum_j pre[..., j] * fp32(x[..., j, :])`` (in order j = 0..hc-1) -> ``[..., D]`` in x's dtype:
+    x float ``[..., hc, D]``, pre fp32 ``[..., hc]``."""
+    return call.hc_collapse(x, pre)

@@ -31,8 +31,10 @@ from v4hal.model.batch import (
     block_sizes_of,
     build_batch,
     first_needed_position,
+    history_width,
     kinds_of,
     pages_needed,
+    token_history,
     written_pages,
 )
 from v4hal.model.caches import V41_WINDOW_LAYOUTS, CacheSpec, LayerCaches, cache_layouts, kv_scale_fmt, layer_specs
@@ -435,7 +437,14 @@ class CachePool:
         return build_batch(self.cfg, [st.req_id for st, _ in checked], tokens, [st.computed for st, _ in checked],
                            [n for _, n in checked], {k: [st.tables[k] for st, _ in checked] for k in self.kinds},
                            self.block_size, self.device if device is None else device,
-                           state_block_size=self.state_block_size, origin=self._key)
+                           state_block_size=self.state_block_size, origin=self._key,
+                           history=self._history([st for st, _ in checked]))
+
+    def _history(self, states: Sequence[RequestState]) -> list[list[int]] | None:
+        """Each request's token ids before its next position, for the Engram hash (`ForwardBatch.history_ids`):
+        read from the request's known tokens, which hold a reused prefix's too; None without Engram layers."""
+        width = history_width(self.cfg)
+        return [token_history(st.tokens, st.computed, width) for st in states] if width else None
 
     def begin_step(self, batch: ForwardBatch, op: str = "CachePool.begin_step") -> list[tuple[str, int, int]]:
         """Check that ``batch`` may run on this pool's caches now (`V4Model.forward_batch` calls it before any

@@ -94,3 +94,26 @@ def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
             norm_eps: float = 1e-6, hc_eps: float = 1e-6) -> torch.Tensor:
     """Reference head collapse (plain torch in vllm-ascend as well)."""
     return always_reference("hc_head", ref.hc_head, x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
+
+
+# DeepSeek-V4.1's lagged mHC: CANN's fused pre-mix returns the collapse with the site's own pre and never pre
+# itself, so neither piece has an op.
+for _op in ("hc_mix", "hc_collapse"):
+    limits.plan(_op, {})
+NO_MIX_OP = (always("npu_hc_pre_v2 returns y with the site's own pre, never pre itself (V4.1 lags it)"),)
+NO_COLLAPSE_OP = (always("no CANN op collapses the mHC streams with a given pre"),)
+
+
+@implements("hc_mix", "ascend", requires=NO_MIX_OP)
+def hc_mix(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
+           norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20,
+           hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, post, comb) fp32 (reference on the NPU tensors)."""
+    return always_reference("hc_mix", ref.hc_mix, x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters,
+                            hc_eps)
+
+
+@implements("hc_collapse", "ascend", requires=NO_COLLAPSE_OP)
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``sum_j pre[j] * x[j]`` in x's dtype (reference on the NPU tensors)."""
+    return always_reference("hc_collapse", ref.hc_collapse, x, pre)

@@ -32,7 +32,7 @@ from v4hal.hal.registry import implements
 
 from ._rows import pointwise, row_matmul
 
-__all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
+__all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head", "hc_mix", "hc_collapse"]
 
 
 def _split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc: int,
@@ -89,8 +89,29 @@ def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
     """
     xf, mixes = _mixes(x, hc_fn, norm_eps)
     pre, post, comb = _split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps)
-    y = (pre.unsqueeze(-1) * xf).sum(dim=-2)
-    return y.to(x.dtype), post, comb
+    return _collapse(xf, pre).to(x.dtype), post, comb
+
+
+def _collapse(xf: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """fp32 ``sum_j pre[..., j] * xf[..., j, :]``."""
+    return (pre.unsqueeze(-1) * xf).sum(dim=-2)
+
+
+@implements("hc_mix", "reference")
+def hc_mix(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
+           norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20,
+           hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (pre, post, comb) of `hc_pre` without the collapse: x float ``[..., hc, D]`` -> fp32
+    ``[..., hc]``, ``[..., hc]``, ``[..., hc, hc]`` (the same mixes and split, so the same bits)."""
+    _, mixes = _mixes(x, hc_fn, norm_eps)
+    return _split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps)
+
+
+@implements("hc_collapse", "reference")
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """x float ``[..., hc, D]``, pre fp32 ``[..., hc]`` -> ``sum_j pre[j] * fp32(x[j])`` in x's dtype (the
+    collapse of `hc_pre`, with a given pre)."""
+    return _collapse(x.float(), pre).to(x.dtype)
 
 
 @implements("hc_post", "reference")

@@ -11,7 +11,9 @@ Kernels:
   ``pre = sigmoid(mix*scale0 + base) + eps`` and the pre-weighted sum ``y = sum_j pre[j] x[j]``
   for its D block; the programs of the first D block also compute ``post`` and the Sinkhorn
   ``comb`` and store them. ``hc_pre`` is these two kernels; ``hc_head`` the same two with the
-  head's ``[hc, hc*D]`` projection and no post/comb.
+  head's ``[hc, hc*D]`` projection and no post/comb; ``hc_mix`` the same two storing ``pre`` instead of
+  forming ``y`` (so its pre, post and comb are hc_pre's bits).
+- ``_hc_collapse_kernel``: ``y = sum_j pre[j] x[j]`` with a given ``pre`` per (token block, D block).
 - ``_hc_split_kernel``: ``hc_split_sinkhorn`` on given mixes.
 - ``_hc_post_kernel``: ``out[k] = post[k] * x + sum_j comb[j, k] * residual[j]`` per (token, D block).
 
@@ -92,11 +94,12 @@ def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, MIX, K_SPLIT, s_xt, s
 
 
 @triton.jit
-def _hc_apply_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, x_ptr, y_ptr, post_ptr, comb_ptr,
+def _hc_apply_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, x_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
                      T, D, HC, SPLITS, KT, norm_eps, hc_eps, ITERS, s_xt, s_xh, s_yt,
                      BLOCK_T: tl.constexpr, HCP: tl.constexpr, MIXP: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD: tl.constexpr, SOFT: tl.constexpr):
-    """Reduce the split-K partials, RMS-scale, split (+Sinkhorn), and y = sum_j pre[j] * x[j] for one D block."""
+                     HEAD: tl.constexpr, SOFT: tl.constexpr, MIX_ONLY: tl.constexpr):
+    """Reduce the split-K partials, RMS-scale, split (+Sinkhorn), and y = sum_j pre[j] * x[j] for one D block
+    (``MIX_ONLY``: store pre instead of forming y)."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -140,11 +143,32 @@ def _hc_apply_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, x_ptr, y_ptr, post_p
                      + (jj[:, None] * HC + kk[None, :])[None, :, :],
                      comb, mask=t_ok[:, None, None] & valid[None, :, :])
 
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    if MIX_ONLY:
+        tl.store(pre_ptr + offs_t.to(tl.int64)[:, None] * HC + jj[None, :], pre, mask=tj_ok)
+    else:
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        xm = tj_ok[:, :, None] & d_ok[None, None, :]
+        xt = tl.load(x_ptr + offs_t.to(tl.int64)[:, None, None] * s_xt + jj[None, :, None] * s_xh
+                     + offs_d[None, None, :], mask=xm, other=0.0).to(tl.float32)
+        y = tl.sum(pre[:, :, None] * xt, 1)
+        tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * s_yt + offs_d[None, :],
+                 cast_out(y, y_ptr.dtype.element_ty, SOFT), mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _hc_collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, HC, s_xt, s_xh, s_yt,
+                        BLOCK_T: tl.constexpr, HCP: tl.constexpr, BLOCK_D: tl.constexpr, SOFT: tl.constexpr):
+    """y[t, d] = sum_j pre[t, j] * x[t, j, d] (fp32, in order j = 0..HC-1 as one masked reduction)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    jj = tl.arange(0, HCP)
+    tj_ok = t_ok[:, None] & (jj < HC)[None, :]
+    pre = tl.load(pre_ptr + offs_t.to(tl.int64)[:, None] * HC + jj[None, :], mask=tj_ok, other=0.0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    xm = tj_ok[:, :, None] & d_ok[None, None, :]
     xt = tl.load(x_ptr + offs_t.to(tl.int64)[:, None, None] * s_xt + jj[None, :, None] * s_xh + offs_d[None, None, :],
-                 mask=xm, other=0.0).to(tl.float32)
+                 mask=tj_ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
     y = tl.sum(pre[:, :, None] * xt, 1)
     tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * s_yt + offs_d[None, :],
              cast_out(y, y_ptr.dtype.element_ty, SOFT), mask=t_ok[:, None] & d_ok[None, :])
@@ -243,8 +267,10 @@ def _cuda_sm_count(index: int) -> int:
 
 def _apply(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, norm_eps: float,
            hc_eps: float, iters: int, head: bool,
-           outs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]) -> None:
-    """Shared body of hc_pre / hc_head: x ``[..., hc, D]`` -> fills y (and post, comb unless head)."""
+           outs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+           pre: torch.Tensor | None = None) -> None:
+    """Shared body of hc_pre / hc_head / hc_mix: x ``[..., hc, D]`` -> fills y (and post, comb unless head);
+    with ``pre`` (fp32 ``[..., hc]``, hc_mix) fills pre, post and comb and leaves y alone."""
     y, post, comb = outs
     hc, dim = x.shape[-2], x.shape[-1]
     t = math.prod(x.shape[:-2])
@@ -259,14 +285,18 @@ def _apply(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
     hcp = next_pow2(hc)
     block_t = 4
     block_d = max(16, min(next_pow2(dim), 64 if interp else 1024 // hcp))
-    grid = (cdiv(t, block_t), max(1, cdiv(dim, block_d)))  # D = 0 still writes post / comb
-    y2 = y.view(t, dim)
+    mix_only = pre is not None
+    # D = 0 still writes post / comb; hc_mix forms no y: one program per token block
+    grid = (cdiv(t, block_t), 1 if mix_only else max(1, cdiv(dim, block_d)))
+    y2 = y.view(t, dim) if y is not None else xc.view(t, hc * dim)
     kwargs = {} if interp else {"num_warps": 4}
     _hc_apply_kernel[grid](part, sq, hc_scale, hc_base, xc, y2,
                            post if post is not None else y2, comb if comb is not None else y2,
+                           pre if mix_only else y2,
                            t, dim, hc, splits, hc * dim, float(norm_eps), float(hc_eps), int(iters),
                            xc.stride(0), xc.stride(1), y2.stride(0),
-                           BLOCK_T=block_t, HCP=hcp, MIXP=mixp, BLOCK_D=block_d, HEAD=head, SOFT=interp, **kwargs)
+                           BLOCK_T=block_t, HCP=hcp, MIXP=mixp, BLOCK_D=block_d, HEAD=head, SOFT=interp,
+                           MIX_ONLY=mix_only, **kwargs)
 
 
 @implements("hc_split_sinkhorn", "triton", requires=(_hc_limit("hc_mult"),))
@@ -322,6 +352,43 @@ def hc_pre_into(outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.
     _apply(x, hc_fn, hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps, sinkhorn_iters, False,
            (y, post, comb))
     return y, post, comb
+
+
+@implements("hc_mix", "triton", requires=(_hc_limit("hc_mult"),))
+def hc_mix(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
+           norm_eps: float = 1e-6, hc_mult: int = 4, sinkhorn_iters: int = 20,
+           hc_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float ``[..., hc, D]`` -> pre, post ``[..., hc]``, comb ``[..., hc, hc]`` (fp32): hc_pre's kernels
+    storing pre instead of the collapse."""
+    hc = hc_mult
+    lead = x.shape[:-2]
+    pre = torch.empty(*lead, hc, dtype=torch.float32, device=x.device)
+    post = torch.empty(*lead, hc, dtype=torch.float32, device=x.device)
+    comb = torch.empty(*lead, hc, hc, dtype=torch.float32, device=x.device)
+    _apply(x, hc_fn, hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps, sinkhorn_iters, False,
+           (None, post, comb), pre=pre.view(-1, hc))
+    return pre, post, comb
+
+
+@implements("hc_collapse", "triton", requires=(_hc_limit("x.shape[-2]"),))
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """x float ``[..., hc, D]``, pre fp32 ``[..., hc]`` -> ``sum_j pre[j] * x[j]`` ``[..., D]`` in x's dtype."""
+    hc, dim = x.shape[-2], x.shape[-1]
+    y = torch.empty(*x.shape[:-2], dim, dtype=x.dtype, device=x.device)
+    t = math.prod(x.shape[:-2])
+    if t == 0 or dim == 0:
+        return y
+    xc = x.contiguous().reshape(t, hc, dim)
+    y2 = y.view(t, dim)
+    interp = on_interpreter(x)
+    hcp = next_pow2(hc)
+    block_t = 4
+    block_d = max(16, min(next_pow2(dim), 64 if interp else 1024 // hcp))
+    kwargs = {} if interp else {"num_warps": 4}
+    _hc_collapse_kernel[(cdiv(t, block_t), cdiv(dim, block_d))](
+        xc, pre.contiguous().reshape(t, hc), y2, t, dim, hc, xc.stride(0), xc.stride(1), y2.stride(0),
+        BLOCK_T=block_t, HCP=hcp, BLOCK_D=block_d, SOFT=interp, **kwargs)
+    return y
 
 
 @implements("hc_head", "triton", requires=(_hc_limit("x.shape[-2]"),))
