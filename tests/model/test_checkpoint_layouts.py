@@ -93,7 +93,7 @@ def test_v41_layouts_read_back(tmp_path, layout: str) -> None:
 
 
 def test_v41_hub_skips_dspark_and_vision_refuses_the_rest(tmp_path) -> None:
-    cfg = ModelConfig.preset("v41-mini")
+    cfg = ModelConfig.preset("v41-mini").replace(dspark_layers=3)
     d = write_random_checkpoint(cfg, tmp_path / "hub", seed=1, layout="hub")
     extra = {"mtp.0.attn.wq_a.weight": torch.zeros(4, 4), "mtp.2.markov_head.head.weight": torch.zeros(2, 2),
              "vision.blocks.0.attn.wqkv.weight": torch.zeros(2, 2), "aligner.w1.weight": torch.zeros(2, 2),
@@ -145,7 +145,8 @@ def test_v41_transformers_names() -> None:
     assert {n: transformers_rename(t, True) for n, t in hf.items()} == {n: n for n in hf}
     for skipped in ("mtp.0.attn.wq_a.weight", "model.vision.blocks.0.attn.wo.weight", "aligner.w1.weight",
                     "model.image_newline"):
-        assert transformers_rename(skipped, True) is None
+        assert transformers_rename(skipped, True, dspark_layers=3) is None
+    assert transformers_rename("mtp.3.attn.wq_a.weight", True, dspark_layers=3) == "mtp.3.attn.wq_a.weight"
 
 
 def test_v4_transformers_names() -> None:

@@ -135,20 +135,26 @@ def hf_rename(name: str) -> str | None:
     return name.replace("weight_scale_inv", "scale").replace("e_score_correction_bias", "bias")
 
 
-# DeepSeek-V4.1 tensors v4hal does not run: DSpark draft stages, the vision tower and aligner, image delimiters
-_V41_SKIPPED = re.compile(r"^(mtp\.|vision\.|aligner\.|image_(start|end|newline)$)")
+# DeepSeek-V4.1 tensors v4hal does not run: the vision tower and aligner, image delimiters (and DSpark stages)
+_V41_VISION = re.compile(r"^(vision\.|aligner\.|image_(start|end|newline)$)")
 _V4_HC_HEAD = re.compile(r"^hc_head\.hc_(fn|base|scale)$")
 _V4_ATTN_NORM = re.compile(r"^(layers\.\d+\.attn)\.norm\.weight$")
 _V4_KV_NORM = re.compile(r"^(layers\.\d+\.attn)\.kv_norm\.weight$")
 
 
-def v41_hub_rename(name: str) -> str | None:
+def v41_hub_rename(name: str, dspark_layers: int) -> str | None:
     """Inference name of a tensor of the DeepSeek-V4.1 hub checkpoint (the same name); None for what v4hal does
-    not run (``mtp.*`` DSpark stages, ``vision.*``, ``aligner.*``, ``image_start/end/newline``)."""
-    return None if _V41_SKIPPED.match(name) else name
+    not run: the DSpark draft stages (``mtp.{j}.*``, ``j < dspark_layers``), ``vision.*``, ``aligner.*``,
+    ``image_start/end/newline``. A stage past ``dspark_layers`` keeps its name (and is refused as unexpected)."""
+    if _V41_VISION.match(name):
+        return None
+    parts = name.split(".")
+    if parts[0] == "mtp" and len(parts) > 2 and parts[1].isdigit() and int(parts[1]) < dspark_layers:
+        return None
+    return name
 
 
-def transformers_rename(name: str, v41: bool) -> str | None:
+def transformers_rename(name: str, v41: bool, dspark_layers: int = 0) -> str | None:
     """Inference (hub) name of a tensor as transformers' ``save_pretrained`` names it; None when skipped.
 
     DeepSeek-V4.1 (``DeepseekV41ForCausalLM``; its modules carry the hub names): ``model.`` dropped,
@@ -165,7 +171,7 @@ def transformers_rename(name: str, v41: bool) -> str | None:
         name = name[len("model."):]
     name = name.replace("weight_scale_inv", "scale")
     if v41:
-        return v41_hub_rename(name)
+        return v41_hub_rename(name, dspark_layers)
     if name == "embed_tokens.weight":
         return "embed.weight"
     m = _V4_HC_HEAD.match(name)
@@ -203,11 +209,11 @@ def _naming(keys: list[str], cfg: ModelConfig) -> str:
 
 def _rename(layout: str, key: str, cfg: ModelConfig) -> str | None:
     if layout == "inference":
-        return v41_hub_rename(key) if cfg.is_v41 else key
+        return v41_hub_rename(key, cfg.dspark_layers) if cfg.is_v41 else key
     if layout == "transformers":
-        return transformers_rename(key, cfg.is_v41)
+        return transformers_rename(key, cfg.is_v41, cfg.dspark_layers)
     if layout == "hub":
-        return v41_hub_rename(key)
+        return v41_hub_rename(key, cfg.dspark_layers)
     return hf_rename(key)
 
 
