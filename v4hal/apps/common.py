@@ -21,9 +21,8 @@ MAX_RANDOM_BYTES = 4 << 30
 MAX_POSITIONS = 1 << 24          # --prompt-len, --max-new-tokens, --shared-prefix
 MAX_BATCH = 1024                 # --batch
 
-_KIND_BYTES = {"f32": 4, "bf16": 2, "fp8": 1, "fp8_scale": 1, "fp4": 1, "fp4_scale": 1, "i32": 4}
-
-
+_KIND_BYTES = {"f32": 4, "bf16": 2, "fp8": 1, "fp8_scale": 1, "fp4": 1, "fp4_scale": 1, "i32": 4, "table": 1,
+               "table_scale": 1}
 
 def checkpoint_bytes(cfg) -> int:
     """Bytes of the checkpoint of ``cfg`` as `write_random_checkpoint` stores it."""
