@@ -19,16 +19,20 @@ a scale per 16 (V4.1 routed experts) fold their scales into the decoded weight l
 The grouped GEMM has no Python loop over experts: experts are bucketed by their row count
 (power-of-two classes), each bucket is padded to its largest group and multiplied with one
 ``torch.bmm`` (per K block for the quantized recipes); padding waste is below 2x per bucket and
-bucket chunks are sized to bound memory. Only experts that own rows are dequantized.
+bucket chunks are sized to bound memory. Only experts that own rows are dequantized, in every call,
+unless the stack was decoded once ahead (:func:`prepare_grouped_weights`, what ``prepare_moe_experts``
+asks of this backend after a model loads): the calls then gather rows of the fp32 stack, the same bits.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
+from v4hal.ops._checks import contents_key
 
 from ._rows import pad_rows, row_matmul
 
@@ -185,6 +189,59 @@ def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t[index]
 
 
+def _decode_weights(w: torch.Tensor, w_scale: torch.Tensor | None, n: int,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert weights ``[c, N, K]`` (float / fp8) or ``[c, N, K/2]`` (packed FP4) with their scales -> fp32
+    ``[c, N, K]`` and fp32 per-row scales ``[c, N, KB]`` (fp8, ``step``-wide K blocks) or None (float; FP4:
+    folded into the weights). Element by element, so decoding a gathered subset equals gathering the decoded
+    stack."""
+    if w.dtype == F.FP8_DTYPE:
+        return F.fp8_to_float(w), _fp8_weight_scales(w_scale, n, step)
+    if w.dtype == torch.uint8:
+        return _fp4_weight_to_float(w, w_scale), None
+    return w.float(), None
+
+
+#: expert stacks decoded once by `prepare_grouped_weights`: weight tensor -> (its `contents_key`, its scales'
+#: key, step, fp32 weights ``[E, N, K]``, fp32 per-row scales ``[E, N, KB]`` or None)
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _fp8_step(w: torch.Tensor, w_scale: torch.Tensor | None) -> int:
+    """The K width of one scaled block for an expert stack: the FP8 tile (128 or 32), else 128."""
+    return fp8_weight_block(w_scale, w.shape[-1]) if w.dtype == F.FP8_DTYPE else _BLOCK
+
+
+def prepare_grouped_weights(w: torch.Tensor, w_scale: torch.Tensor | None) -> bool:
+    """Decode an expert stack once for the grouped GEMMs (`_decode_weights` of all of ``w``): later calls with
+    this very ``w`` and ``w_scale`` gather rows of the fp32 stack instead of decoding the picked experts in
+    every call; the results are the same bits. The entry is used only while both tensors keep the contents
+    they had here (an in-place change, or other tensors, decode per call again) and lives as long as ``w``.
+    Costs fp32 memory (4x an FP8 stack, 8x a packed FP4 one). Returns False (nothing kept) for inference
+    tensors, which carry no version counter to tell a change.
+
+    w ``[E, N, K]`` float / fp8 or uint8 ``[E, N, K/2]`` (FP4); w_scale as `grouped_gemm` takes it or None."""
+    wkey = contents_key(w)
+    skey = None if w_scale is None else contents_key(w_scale)
+    if wkey is None or (w_scale is not None and skey is None):
+        return False
+    step = _fp8_step(w, w_scale)
+    with torch.no_grad():
+        wf, sf = _decode_weights(w, w_scale, w.shape[1], step)
+    _PREPARED[w] = (wkey, skey, step, wf, sf)
+    return True
+
+
+def _prepared(w: torch.Tensor, w_scale: torch.Tensor | None,
+              step: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The fp32 stack and per-row scales `prepare_grouped_weights` made of these very contents, or None."""
+    got = _PREPARED.get(w)
+    if got is None or got[0] != contents_key(w) or got[2] != step \
+            or got[1] != (None if w_scale is None else contents_key(w_scale)):
+        return None
+    return got[3], got[4]
+
+
 def _bucket_product(xp: torch.Tensor, xs: torch.Tensor | None, wf: torch.Tensor, ws: torch.Tensor | None,
                     k_blocks: int, step: int = _BLOCK) -> torch.Tensor:
     """One bucket: padded rows xp fp32 ``[c, R, K]`` times wf fp32 ``[c, N, K]`` -> fp32 ``[c, R, N]``.
@@ -292,12 +349,13 @@ def grouped_gemms(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tenso
         return _rows(t, ex)
 
     def expert_weights(w: torch.Tensor, w_scale: torch.Tensor | None):
-        """ex -> (fp32 weights [c, N, K], fp32 per-row scales [c, N, KB] or None when folded in)."""
-        if recipe == "float":
-            return lambda ex: (gather(w, ex).float(), None)
-        if recipe == "fp8":
-            return lambda ex: (F.fp8_to_float(gather(w, ex)), _fp8_weight_scales(gather(w_scale, ex), n, step))
-        return lambda ex: (_fp4_weight_to_float(gather(w, ex), gather(w_scale, ex)), None)
+        """ex -> (fp32 weights [c, N, K], fp32 per-row scales [c, N, KB] or None when folded in): rows of the
+        prepared stack (`prepare_grouped_weights`), else the picked experts decoded in this call."""
+        full = _prepared(w, w_scale, step)
+        if full is not None:
+            wf, sf = full
+            return lambda ex: (gather(wf, ex), None if sf is None else gather(sf, ex))
+        return lambda ex: _decode_weights(gather(w, ex), None if w_scale is None else gather(w_scale, ex), n, step)
 
     if recipe == "float":
         x_rows, row_scales = x.float(), None
