@@ -36,12 +36,13 @@ from torch import nn
 
 import v4hal
 from v4hal.hal.errors import RangeError, ShapeError
+from v4hal.ops.gemm import prepare_gemm_weight
 
 from .attention import Attention
 from .batch import ForwardBatch
 from .caches import CacheSource, PrivatePool
 from .config import ModelConfig
-from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
+from .layers import FusedLinear, Linear, RMSNorm, float_gemm, precompute_freqs_cis
 from .moe import MoE
 from .spec import linear_kind
 from .step import Step
@@ -250,6 +251,17 @@ class V4Model(nn.Module):
             block.attn.freqs_cis = precompute_freqs_cis(self.config, bool(block.attn.ratio), dev)
             block.attn.prepare()
             block.ffn.prepare(self.experts_fp8)
+        self._prepare_gemm_weights()
+
+    def _prepare_gemm_weights(self) -> None:
+        """Let the backend serving ``fp8_gemm`` prepare the FP8 weights the layers hand it (``prepare_gemm_weight``:
+        the reference backend decodes them once); the parts of a fused linear run through the fused weight."""
+        fused = {id(p) for m in self.modules() if isinstance(m, FusedLinear) and m.weight is not None
+                 for p in m._parts}
+        for m in self.modules():
+            if isinstance(m, (Linear, FusedLinear)) and m.kind == "fp8" and m.weight is not None \
+                    and id(m) not in fused:
+                prepare_gemm_weight(m.weight, m.scale)
 
     @property
     def device(self) -> torch.device:

@@ -4,15 +4,13 @@ permutation of token copies to experts and back, and the whole routed-expert pat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
-from v4hal.hal import dispatch
 
 from . import _checks as C
 from ._checks import FLOATS, FP8
 from ._define import call, define_op
+from ._prepare import prepare_for
 from .gemm import BLOCK, WEIGHT_DTYPES, weight_kind
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
@@ -247,15 +245,6 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     return call.moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, float(swiglu_limit))
 
 
-#: backend name -> its preparer of routed-expert stacks for `prepare_moe_experts` (registered by the backend)
-_EXPERT_PREPARERS: dict[str, Callable[..., bool]] = {}
-
-
-def register_experts_preparer(backend: str, fn: Callable[..., bool]) -> None:
-    """Let ``backend`` prepare expert stacks ahead of its ``moe_experts`` calls:
-    ``fn(w1, w2, w3, w_scales) -> bool`` (whether it kept anything)."""
-    _EXPERT_PREPARERS[backend] = fn
-
 
 def prepare_moe_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
                         w_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> bool:
@@ -263,7 +252,7 @@ def prepare_moe_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
     stacks for its later calls with these very tensors (the reference backend decodes them to fp32 once
     instead of decoding the picked experts in every call; results unchanged, fp32 memory held while the
     weights live). Arguments as :func:`moe_experts`. Returns whether the backend kept a preparation (False
-    where it has none to make)."""
+    where it has none to make). Its preparer takes ``(w1, w2, w3, w_scales)``."""
     op = "prepare_moe_experts"
     if w_scales is not None and len(w_scales) != 3:
         raise C.ShapeError(f"{op}: w_scales must be (w1_scale, w2_scale, w3_scale), got {len(w_scales)} items")
@@ -275,5 +264,4 @@ def prepare_moe_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
     weight_kind(op, "w3", w3, s3, w2.shape[1], "w3_scale")
     weight_kind(op, "w2", w2, s2, w1.shape[1], "w2_scale")
     C.same_device(op, w1=w1, w2=w2, w3=w3, w1_scale=s1, w2_scale=s2, w3_scale=s3)
-    fn = _EXPERT_PREPARERS.get(dispatch.serving_backend("moe_experts", w1.device.type) or "")
-    return bool(fn(w1, w2, w3, w_scales)) if fn is not None else False
+    return prepare_for("moe_experts", w1.device, w1, w2, w3, w_scales)
