@@ -1,6 +1,7 @@
-"""Expert stacks prepared once for the reference grouped GEMMs (``prepare_moe_experts``): the calls that
-follow give the same bits without decoding the picked experts again; an in-place change of a weight or
-its scales, other tensors and inference tensors fall back to decoding in the call."""
+"""Weights prepared once for the reference GEMMs (``prepare_moe_experts`` for the grouped expert GEMMs,
+``prepare_gemm_weight`` for ``fp8_gemm`` / ``fp4_gemm``): the calls that follow give the same bits without
+decoding the weights again; an in-place change of a weight or its scales, other tensors and inference
+tensors fall back to decoding in the call."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 
 from tests.reference.test_moe_experts import make_case, quantize
 from v4hal.backends.reference import gemm as G
+from v4hal.backends.reference import quant as Q
 from v4hal.backends.reference.moe_experts import moe_experts
 from v4hal.hal.errors import DTypeError, ShapeError
+from v4hal.ops.gemm import prepare_gemm_weight
 from v4hal.ops.moe import prepare_moe_experts
 
 FMTS = ["bf16", "fp8-e8m0", "fp8-fp32", "fp4"]
@@ -98,3 +101,47 @@ def test_prepare_errors() -> None:
         prepare_moe_experts(ws[0], ws[1][0], ws[2], w_scales=scales)
     with pytest.raises(DTypeError, match="prepare_moe_experts: w1 must be"):
         prepare_moe_experts(ws[0].view(torch.int8), *ws[1:], w_scales=scales)
+
+
+# ------------------------------------------------------------------ fp8_gemm / fp4_gemm weights
+def dense(fmt: str, seed: int):
+    """(a, a_s, b, b_s) for fp8_gemm ('fp8-128', 'fp8-32': 32x32 tiles) or fp4_gemm ('fp4', 'fp4-16')."""
+    g = torch.Generator().manual_seed(seed)
+    a, a_s = Q.act_quant(torch.randn(5, 256, generator=g), 128, "ue8m0", torch.float8_e8m0fnu)
+    w = torch.randn(384, 256, generator=g)
+    if fmt.startswith("fp8"):
+        b, b_s = Q.quant_weight_fp8(w, int(fmt.split("-")[1]), "ue8m0")
+    else:
+        b, b_s = Q.quant_weight_fp4(w, 16 if fmt == "fp4-16" else 32)
+    return a, a_s, b, b_s
+
+
+def gemm(a, a_s, b, b_s) -> torch.Tensor:
+    fn = torch.ops.v4hal.fp8_gemm if b.dtype == torch.float8_e4m3fn else torch.ops.v4hal.fp4_gemm
+    return fn(a, a_s, b, b_s, a_s.dtype, torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-128", "fp8-32", "fp4", "fp4-16"])
+def test_prepared_gemm_weight_gives_the_same_bits_without_decoding(fmt: str, decodes: list) -> None:
+    a, a_s, b, b_s = dense(fmt, seed=21)
+    want = [gemm(a[:m], a_s[:m], b, b_s) for m in (5, 1)]
+    assert decodes
+    assert prepare_gemm_weight(b, b_s)
+    decodes.clear()
+    for m, w in zip((5, 1), want):
+        assert torch.equal(gemm(a[:m], a_s[:m], b, b_s), w)
+    assert not decodes
+    b.view(torch.uint8)[3].bitwise_xor_(0x88 if b.dtype == torch.uint8 else 0x80)   # in place: not served stale
+    changed = gemm(a, a_s, b, b_s)
+    assert not torch.equal(changed, want[0])
+    assert torch.equal(changed, gemm(a, a_s, b.clone(), b_s.clone()))
+
+
+def test_prepare_gemm_weight_errors() -> None:
+    _, _, b, b_s = dense("fp8-128", seed=22)
+    with pytest.raises(DTypeError, match="prepare_gemm_weight: b must be"):
+        prepare_gemm_weight(b.view(torch.int8), b_s)
+    with pytest.raises(ShapeError, match="prepare_gemm_weight: b_s must be"):
+        prepare_gemm_weight(b, b_s[:1])
+    with pytest.raises(ShapeError, match="prepare_gemm_weight: b must be"):
+        prepare_gemm_weight(b[0], b_s)
