@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from v4hal.backends.reference import gemm as G
+from v4hal.hal.errors import RangeError
 from v4hal.model import V4Model
 
 
@@ -37,3 +38,16 @@ def test_loaded_weights_are_prepared_and_change_no_bit(mini_fp8, monkeypatch, ex
     unprepared = logits(model)
     assert any(decodes)
     assert all(torch.equal(a, b) for a, b in zip(prepared, unprepared))
+
+
+def test_prepare_weights_can_be_left_off(mini_fp8) -> None:
+    model = V4Model.from_pretrained(mini_fp8, experts_fp8=True, prepare_weights=False)
+    assert G._prepared(model.layers[0].ffn.experts.w1, model.layers[0].ffn.experts.w1_scale, 128) is None
+    model = V4Model.from_pretrained(mini_fp8, experts_fp8=True, mmap=True)       # mmap: little memory, by default
+    assert G._prepared(model.layers[0].attn.wo_b.weight, model.layers[0].attn.wo_b.scale, 128) is None
+    model.prepare_weights()
+    assert G._prepared(model.layers[0].attn.wo_b.weight, model.layers[0].attn.wo_b.scale, 128) is not None
+    shared = model.layers[0].ffn.shared_experts.w1                  # reaches moe_experts, never fp8_gemm
+    assert G._prepared(shared.weight, shared.scale, 128) is None
+    with pytest.raises(RangeError, match="prepare_weights must be True or False"):
+        V4Model.from_pretrained(mini_fp8, prepare_weights=1)

@@ -91,6 +91,13 @@ def test_inference_tensors_are_not_kept() -> None:
     assert torch.equal(run(x, weights, indices, ws, scales), run_fresh(x, weights, indices, ws, scales))
 
 
+def test_fp32_weights_are_not_kept() -> None:
+    x, weights, indices, ws, _ = stacks("bf16", seed=15)
+    x, ws = x.float(), [w.float() for w in ws]
+    assert not prepare_moe_experts(*ws)                  # the calls use fp32 stacks as they are: nothing to keep
+    assert not any(G._PREPARED.get(w) for w in ws)
+
+
 def test_prepare_errors() -> None:
     _, _, _, ws, scales = stacks("fp8-e8m0", seed=14)
     with pytest.raises(DTypeError, match="prepare_moe_experts: a quantized w1 .* needs w1_scale"):

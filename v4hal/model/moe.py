@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import v4hal
-from v4hal.ops.moe import prepare_moe_experts
 
 from .config import ModelConfig
 from .layers import KIND_DTYPES, Linear, act_scale_format
@@ -148,16 +147,8 @@ class MoE(nn.Module):
         self._shared_slot: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prepare(self, experts_fp8: bool = False) -> None:
-        """After loading: `_fuse_shared`, then let the backend serving ``moe_experts`` prepare the routed
-        stack (``prepare_moe_experts``: the reference backend decodes it once)."""
-        self._fuse_shared(experts_fp8)
-        ex = self.experts
-        prepare_moe_experts(ex.w1, ex.w2, ex.w3,
-                            w_scales=None if ex.w1_scale is None else (ex.w1_scale, ex.w2_scale, ex.w3_scale))
-
-    def _fuse_shared(self, experts_fp8: bool) -> None:
-        """Optionally re-encode FP4 experts as FP8 (lossless only, see `Experts.fp4_to_fp8`), then fuse the
-        shared expert into the routed stack when the formats agree."""
+        """After loading: optionally re-encode FP4 experts as FP8 (lossless only, see
+        `Experts.fp4_to_fp8`), then fuse the shared expert into the routed stack when the formats agree."""
         sh, ex = self.shared_experts, self.experts
         if experts_fp8 and sh is not None and sh.w1.kind == "fp8":
             ex.fp4_to_fp8(sh.w1.scale.dtype)

@@ -104,14 +104,15 @@ def prepare_weights(w: torch.Tensor, w_scale: torch.Tensor | None) -> bool:
     weight, or the picked experts, in every call; the results are the same bits. The entry is used only
     while both tensors keep the contents they had here (an in-place change, or other tensors, decode per
     call again) and lives as long as ``w``. Costs fp32 memory (4x an FP8 weight, 8x a packed FP4 one).
-    Returns False (nothing kept) for inference tensors, which carry no version counter to tell a change.
+    Returns False (nothing kept) for fp32 weights, which the calls use as they are, and for inference
+    tensors, which carry no version counter to tell a change.
 
     w: an expert stack ``[E, N, K]`` float / fp8 or uint8 ``[E, N, K/2]`` (FP4) with w_scale as
     `grouped_gemm` takes it (None for float), or one matrix ``[N, K]`` / ``[N, K/2]`` with b_s as
     `fp8_gemm` / `fp4_gemm` take it."""
     wkey = contents_key(w)
     skey = None if w_scale is None else contents_key(w_scale)
-    if wkey is None or (w_scale is not None and skey is None):
+    if w.dtype == torch.float32 or wkey is None or (w_scale is not None and skey is None):
         return False
     step = _fp8_step(w, w_scale)
     with torch.no_grad():
