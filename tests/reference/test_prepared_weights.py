@@ -106,6 +106,8 @@ def test_prepare_errors() -> None:
         prepare_moe_experts(*ws, w_scales=scales[:2])
     with pytest.raises(ShapeError, match="prepare_moe_experts: w2"):
         prepare_moe_experts(ws[0], ws[1][0], ws[2], w_scales=scales)
+    with pytest.raises(ShapeError, match="prepare_moe_experts: w3 must have w1's shape"):
+        prepare_moe_experts(ws[0], ws[1], ws[2][:1], w_scales=(scales[0], scales[1], scales[2][:1]))
     with pytest.raises(DTypeError, match="prepare_moe_experts: w1 must be"):
         prepare_moe_experts(ws[0].view(torch.int8), *ws[1:], w_scales=scales)
 

@@ -245,7 +245,6 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     return call.moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, float(swiglu_limit))
 
 
-
 def prepare_moe_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
                         w_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> bool:
     """Once after loading: let the backend that serves ``moe_experts`` on the weights' device prepare these
@@ -263,5 +262,7 @@ def prepare_moe_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
     weight_kind(op, "w1", w1, s1, w2.shape[1], "w1_scale")
     weight_kind(op, "w3", w3, s3, w2.shape[1], "w3_scale")
     weight_kind(op, "w2", w2, s2, w1.shape[1], "w2_scale")
+    if tuple(w3.shape) != tuple(w1.shape):
+        raise C.ShapeError(f"{op}: w3 must have w1's shape {list(w1.shape)}, got {C.describe(w3)}")
     C.same_device(op, w1=w1, w2=w2, w3=w3, w1_scale=s1, w2_scale=s2, w3_scale=s3)
     return prepare_for("moe_experts", w1.device, w1, w2, w3, w_scales)
