@@ -14,6 +14,10 @@ token), decode time the remaining one-token steps: the definitions of ``v4hal ru
 ``run()`` measures the v4hal side.
 
     python bench/compare_public_cpu.py --public /tmp/pub/model.py --prompt-len 64 --max-new-tokens 16
+
+With ``--cpu-time`` the v4hal side is ``V4Model.forward`` on a model loaded once (not ``v4hal run``),
+and both sides are measured as CPU time (``time.process_time``): best of ``--repeats`` alternated runs,
+printed with the v4hal/public speed ratios (> 1: v4hal faster).
 """
 from __future__ import annotations
 
@@ -178,6 +182,32 @@ def run_public(model, prompt: torch.Tensor, n: int) -> dict:
             "tokens": torch.stack(toks, 1).tolist()}
 
 
+def graph_cpu(public, ckpt: Path, prompt: torch.Tensor, n: int, repeats: int, experts_fp8: bool) -> dict:
+    """Best-of-``repeats`` CPU seconds ``{"public" | "v4hal": {"prefill_cpu_s", "decode_cpu_s"}}``: the public model
+    and ``V4Model.forward`` alternated, prefill = the first forward, decode = the ``n - 1`` one-token steps."""
+    from v4hal.model import V4Model
+
+    model = V4Model.from_pretrained(ckpt, experts_fp8=experts_fp8)
+
+    def run_v4hal() -> dict:
+        with torch.inference_mode():
+            c0 = time.process_time()
+            tok = model(prompt, 0).argmax(-1)
+            c1 = time.process_time()
+            for i in range(1, n):
+                tok = model(tok.unsqueeze(1), prompt.shape[1] + i - 1).argmax(-1)
+            c2 = time.process_time()
+        return {"prefill_cpu_s": c1 - c0, "decode_cpu_s": c2 - c1}
+
+    best = {name: {"prefill_cpu_s": float("inf"), "decode_cpu_s": float("inf")} for name in ("public", "v4hal")}
+    for _ in range(repeats):
+        for name, fn in (("public", lambda: run_public(public, prompt, n)), ("v4hal", run_v4hal)):
+            r = fn()
+            for key in ("prefill_cpu_s", "decode_cpu_s"):
+                best[name][key] = min(best[name][key], r[key])
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--public", required=True, type=Path, help="path of the public inference/model.py")
@@ -190,15 +220,31 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--experts", choices=("auto", "checkpoint", "fp8"), default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="v4hal side = V4Model.forward on a model loaded once; CPU time of both sides and their ratios")
     a = ap.parse_args()
 
-    from v4hal.model.cli import make_prompt, resolve_checkpoint
-    from v4hal.model.cli import run as v4hal_run
+    from v4hal.apps.common import experts_fp8, make_prompt, resolve_checkpoint
+    from v4hal.apps.run import run as v4hal_run
 
     torch.set_num_threads(a.threads)
     ckpt = resolve_checkpoint(a.model, None)
     public = load_public(a.public, ckpt)
     prompt = make_prompt(a.batch, a.prompt_len, 512 if a.model == "v4-mini" else 129280, a.seed, "cpu")
+    if a.cpu_time:
+        best = graph_cpu(public, ckpt, prompt, a.max_new_tokens, a.repeats, experts_fp8(a.experts, "cpu"))
+        pub, v4 = best["public"], best["v4hal"]
+        print(f"CPU time, best of {a.repeats} ({a.threads} thread(s), batch {a.batch}, prompt {a.prompt_len}, "
+              f"{a.max_new_tokens - 1} decode steps):")
+        for name, b in best.items():
+            print(f"{name:8s} prefill {b['prefill_cpu_s'] * 1e3:8.1f} ms  decode {b['decode_cpu_s'] * 1e3:8.1f} ms")
+        total = (pub["prefill_cpu_s"] + pub["decode_cpu_s"]) / (v4["prefill_cpu_s"] + v4["decode_cpu_s"])
+        print(f"v4hal/public speed: prefill {pub['prefill_cpu_s'] / v4['prefill_cpu_s']:.3f}x  "
+              f"decode {pub['decode_cpu_s'] / v4['decode_cpu_s']:.3f}x  total {total:.3f}x")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": best},
+                                               indent=1))
+        return 0
     run_args = argparse.Namespace(model=a.model, checkpoint=None, backend=None, device="cpu",
                                   prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, batch=a.batch,
                                   seed=a.seed, threads=a.threads, experts=a.experts, json=None, no_progress=True)

@@ -43,6 +43,8 @@ from torch import nn
 
 import v4hal
 from v4hal.hal.errors import RangeError, ShapeError, V4HalError
+from v4hal.ops.gemm import prepare_gemm_weight
+from v4hal.ops.moe import prepare_moe_experts
 
 from .attention import Attention
 from .attention_v41 import V41Attention
@@ -50,8 +52,8 @@ from .batch import ForwardBatch
 from .caches import CacheSource, PrivatePool
 from .config import ModelConfig
 from .engram import Engram, EngramHash
-from .layers import Linear, RMSNorm, float_gemm, precompute_freqs_cis
-from .moe import MoE
+from .layers import FusedLinear, Linear, RMSNorm, float_gemm, precompute_freqs_cis
+from .moe import Experts, MoE, SharedExpert
 from .spec import linear_kind
 from .step import Step
 
@@ -210,7 +212,8 @@ class V4Model(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str | None = None, *,
-                        experts_fp8: bool = False, mmap: bool = False, engram_on_device: bool = False) -> "V4Model":
+                        experts_fp8: bool = False, mmap: bool = False, engram_on_device: bool = False,
+                        prepare_weights: bool | None = None) -> "V4Model":
         """Load a checkpoint directory (inference or Hugging Face layout; see `v4hal.model.checkpoint`).
 
         ``experts_fp8``: re-encode FP4 routed experts as FP8 at load when lossless, so the shared
@@ -227,15 +230,19 @@ class V4Model(nn.Module):
         (`v4hal.model.tokenizer`); the Engram tables stay in host memory unless ``engram_on_device``. On an
         accelerator (where weights are read through the memory map) or with ``mmap=True`` a host table stays in
         the file's memory map, with the same hazard: the files must not change while the model lives.
+        ``prepare_weights``: run `prepare_weights` once loaded (the reference backend then keeps fp32 copies
+        of the quantized GEMM weights, 4x their FP8 bytes, and skips decoding them in every call). Default
+        (None): True, except with ``mmap``, whose point is little memory.
         """
         from .checkpoint import read_for_device
 
-        cfg, tensors = read_for_device(path, device, mmap=mmap)
+        cfg, tensors = read_for_device(path, device, mmap=mmap, engram_device=None if engram_on_device else "cpu")
         vocab_map = None
         if cfg.is_v41 and cfg.engram_layers:
             from .tokenizer import load_vocab_map
             vocab_map = load_vocab_map(path, cfg)
-        model = cls.from_tensors(cfg, tensors, device, experts_fp8=experts_fp8, engram_on_device=engram_on_device)
+        model = cls.from_tensors(cfg, tensors, device, experts_fp8=experts_fp8, engram_on_device=engram_on_device,
+                                 prepare_weights=not mmap if prepare_weights is None else prepare_weights)
         if vocab_map is not None:
             model.bind_vocab_map(vocab_map)
         return model.eval()
@@ -243,12 +250,17 @@ class V4Model(nn.Module):
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
                      device: torch.device | str | None = None, *, experts_fp8: bool = False,
-                     engram_on_device: bool = False) -> "V4Model":
-        """Build from ``(model name, tensor)`` pairs already in the model's dtypes (see `checkpoint`). A V4.1
-        model with Engram layers then needs `bind_vocab_map` before it runs."""
+                     engram_on_device: bool = False, prepare_weights: bool = True) -> "V4Model":
+        """Build from ``(model name, tensor)`` pairs already in the model's dtypes (see `checkpoint`);
+        ``prepare_weights``: run `prepare_weights` once built. A V4.1 model with Engram layers then needs
+        `bind_vocab_map` before it runs."""
+        if not isinstance(prepare_weights, bool):
+            raise RangeError(f"V4Model: prepare_weights must be True or False, got {prepare_weights!r}")
         model = cls(cfg, experts_fp8=experts_fp8, engram_on_device=engram_on_device)
         model.assign(tensors, device)
         model.finalize(device)
+        if prepare_weights:
+            model.prepare_weights()
         return model
 
     def _resolve(self, name: str) -> tuple[nn.Module, str, int | None]:
@@ -307,6 +319,23 @@ class V4Model(nn.Module):
             block.attn.freqs_cis = precompute_freqs_cis(self.config, bool(block.attn.ratio), dev)
             block.attn.prepare()
             block.ffn.prepare(self.experts_fp8)
+
+    def prepare_weights(self) -> None:
+        """Hand the quantized GEMM weights, as the layers pass them, to the backends serving their ops on this
+        device, once (``prepare_gemm_weight`` for the FP8 linears, ``prepare_moe_experts`` for the expert
+        stacks): the reference backend keeps fp32 copies (4x an FP8 weight's bytes, while the weights live) and
+        then skips decoding them in every call; results are unchanged. Linears that never reach ``fp8_gemm``
+        are left out: the parts of a fused linear (they run through the fused weight) and the shared expert's
+        (``moe_experts`` takes them, as a row of the routed stack or on their own)."""
+        skip = {id(p) for m in self.modules() if isinstance(m, FusedLinear) and m.weight is not None
+                for p in m._parts}
+        skip |= {id(lin) for m in self.modules() if isinstance(m, SharedExpert) for lin in (m.w1, m.w2, m.w3)}
+        for m in self.modules():
+            if isinstance(m, (Linear, FusedLinear)) and m.kind == "fp8" and m.weight is not None \
+                    and id(m) not in skip:
+                prepare_gemm_weight(m.weight, m.scale)
+            elif isinstance(m, Experts) and m.w1.dtype in (torch.float8_e4m3fn, torch.uint8):
+                prepare_moe_experts(m.w1, m.w2, m.w3, w_scales=(m.w1_scale, m.w2_scale, m.w3_scale))
 
     @property
     def device(self) -> torch.device:

@@ -188,6 +188,14 @@ def index_range(op: str, name: str, t: torch.Tensor, low: int, high: int) -> Non
         raise RangeError(f"{op}: {name} values must be in [{low}, {high}), got min {lo}, max {hi}")
 
 
+def contents_key(t: torch.Tensor) -> tuple | None:
+    """What identifies a tensor's contents while it lives: version counter (bumped by every in-place change),
+    storage, view, dtype, device. None for an inference tensor (it has no version counter)."""
+    if t.is_inference():
+        return None
+    return (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
 #: tensors found finite, with what identified their contents then (version counter, storage, view): weights and
 #: their scales are checked on their first call only, again after any in-place change (which bumps the version)
 _FINITE: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -199,7 +207,7 @@ def finite(op: str, name: str, t: torch.Tensor | None) -> None:
     activations of an inference-mode step) carry no version counter and are read every time."""
     if t is None or t.numel() == 0:
         return
-    key = None if t.is_inference() else (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype)
+    key = contents_key(t)
     if key is not None and _FINITE.get(t) == key:
         return
     if t.dtype == E8M0:

@@ -13,6 +13,7 @@ import torch
 from . import _checks as C
 from ._checks import FLOATS, FP8, SCALE_DTYPES, ceil_div
 from ._define import call, define_op
+from ._prepare import prepare_for
 
 BLOCK = 128   # FP8 block along K (activations) and N x K (weights)
 FP4_BLOCK = 32
@@ -102,6 +103,25 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     (fp32 or e8m0) ``[ceil(N/128), K/128]`` (128x128 tiles) or ``[ceil(N/32), K/32]`` (32x32 tiles);
     fp32 accumulation per weight-tile-wide K block; out ``out_dtype``."""
     return call.fp8_gemm(a, a_s, b, b_s, scale_dtype, out_dtype)
+
+
+def prepare_gemm_weight(b: torch.Tensor, b_s: torch.Tensor) -> bool:
+    """Once after loading: let the backend that serves ``fp8_gemm`` (b fp8 ``[N, K]``, tile scales as
+    :func:`fp8_gemm` takes them) or ``fp4_gemm`` (b packed uint8 ``[N, K/2]``, scales as :func:`fp4_gemm`)
+    on b's device prepare this weight for its later calls with these very tensors (the reference backend
+    decodes it to fp32 once instead of in every call; results unchanged, fp32 memory held while the weight
+    lives). Returns whether the backend kept a preparation. Its preparer takes ``(b, b_s)``."""
+    op = "prepare_gemm_weight"
+    C.dtype(op, "b", b, (FP8, torch.uint8))
+    C.rank(op, "b", b, (2,), "[N, K] (FP4: [N, K/2])")
+    if b.dtype == FP8:
+        C.divisible(op, "b.shape[1] (K)", b.shape[1], BLOCK, "the FP8 block")
+        fp8_weight_block(op, "b_s", b_s, b.shape[0], b.shape[1])
+    else:
+        C.divisible(op, "2 * b.shape[1] (K)", 2 * b.shape[1], BLOCK, "the FP8 block")
+        fp4_weight_block(op, "b_s", b_s, b.shape[0], 2 * b.shape[1])
+    C.same_device(op, b=b, b_s=b_s)
+    return prepare_for("fp8_gemm" if b.dtype == FP8 else "fp4_gemm", b.device, b, b_s)
 
 
 def _check_fp4_gemm(a, a_s, b, b_s, scale_dtype, out_dtype):

@@ -10,6 +10,7 @@ import torch
 from . import _checks as C
 from ._checks import FLOATS, FP8
 from ._define import call, define_op
+from ._prepare import prepare_for
 from .gemm import BLOCK, WEIGHT_DTYPES, weight_kind
 
 SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
@@ -242,3 +243,26 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
                                f"got {len(w_scales)} items")
         s1, s2, s3 = w_scales
     return call.moe_experts(x, weights, indices, w1, w2, w3, s1, s2, s3, float(swiglu_limit))
+
+
+def prepare_moe_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
+                        w_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> bool:
+    """Once after loading: let the backend that serves ``moe_experts`` on the weights' device prepare these
+    stacks for its later calls with these very tensors (the reference backend decodes them to fp32 once
+    instead of decoding the picked experts in every call; results unchanged, fp32 memory held while the
+    weights live). Arguments as :func:`moe_experts`. Returns whether the backend kept a preparation (False
+    where it has none to make). Its preparer takes ``(w1, w2, w3, w_scales)``."""
+    op = "prepare_moe_experts"
+    if w_scales is not None and len(w_scales) != 3:
+        raise C.ShapeError(f"{op}: w_scales must be (w1_scale, w2_scale, w3_scale), got {len(w_scales)} items")
+    s1, s2, s3 = (None, None, None) if w_scales is None else w_scales
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        C.dtype(op, name, w, WEIGHT_DTYPES)
+        C.rank(op, name, w, (3,), "[E, N, K] (FP4: [E, N, K/2])")
+    weight_kind(op, "w1", w1, s1, w2.shape[1], "w1_scale")
+    weight_kind(op, "w3", w3, s3, w2.shape[1], "w3_scale")
+    weight_kind(op, "w2", w2, s2, w1.shape[1], "w2_scale")
+    if tuple(w3.shape) != tuple(w1.shape):
+        raise C.ShapeError(f"{op}: w3 must have w1's shape {list(w1.shape)}, got {C.describe(w3)}")
+    C.same_device(op, w1=w1, w2=w2, w3=w3, w1_scale=s1, w2_scale=s2, w3_scale=s3)
+    return prepare_for("moe_experts", w1.device, w1, w2, w3, w_scales)

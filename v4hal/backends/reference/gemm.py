@@ -19,16 +19,21 @@ a scale per 16 (V4.1 routed experts) fold their scales into the decoded weight l
 The grouped GEMM has no Python loop over experts: experts are bucketed by their row count
 (power-of-two classes), each bucket is padded to its largest group and multiplied with one
 ``torch.bmm`` (per K block for the quantized recipes); padding waste is below 2x per bucket and
-bucket chunks are sized to bound memory. Only experts that own rows are dequantized.
+bucket chunks are sized to bound memory. Only experts that own rows are dequantized, in every call,
+unless the stack was decoded once ahead (:func:`prepare_weights`, what ``prepare_moe_experts``
+asks of this backend after a model loads): the calls then gather rows of the fp32 stack, the same bits.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
+from v4hal.ops._checks import contents_key
+from v4hal.ops._prepare import register_preparer
 
 from ._rows import pad_rows, row_matmul
 
@@ -70,6 +75,62 @@ def _act_scales_per(sa: torch.Tensor, step: int, k_steps: int) -> torch.Tensor:
     return sa.repeat_interleave(_BLOCK // step, dim=-1)[..., :k_steps]
 
 
+def _decode_weights(w: torch.Tensor, w_scale: torch.Tensor | None, n: int,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights ``[..., N, K]`` (float / fp8) or ``[..., N, K/2]`` (packed FP4) with their scales -> fp32
+    ``[..., N, K]`` and fp32 per-row scales ``[..., N, KB]`` (fp8, ``step``-wide K blocks) or None (float;
+    FP4: folded into the weights). Element by element, so decoding a gathered subset of experts equals
+    gathering the decoded stack."""
+    if w.dtype == F.FP8_DTYPE:
+        return F.fp8_to_float(w), _fp8_weight_scales(w_scale, n, step)
+    if w.dtype == torch.uint8:
+        return _fp4_weight_to_float(w, w_scale), None
+    return w.float(), None
+
+
+#: weights decoded once by `prepare_weights`: weight tensor -> (its `contents_key`, its scales' key, step,
+#: fp32 weights ``[..., N, K]``, fp32 per-row scales ``[..., N, KB]`` or None)
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _fp8_step(w: torch.Tensor, w_scale: torch.Tensor | None) -> int:
+    """The K width of one scaled block of a weight: its FP8 tile (128 or 32), else 128."""
+    return fp8_weight_block(w_scale, w.shape[-1]) if w.dtype == F.FP8_DTYPE else _BLOCK
+
+
+def prepare_weights(w: torch.Tensor, w_scale: torch.Tensor | None) -> bool:
+    """Decode a weight once (`_decode_weights` of all of ``w``): later GEMM calls with this very ``w`` and
+    ``w_scale`` use the fp32 form (the grouped GEMMs gather its experts' rows) instead of decoding the
+    weight, or the picked experts, in every call; the results are the same bits. The entry is used only
+    while both tensors keep the contents they had here (an in-place change, or other tensors, decode per
+    call again) and lives as long as ``w``. Costs fp32 memory (4x an FP8 weight, 8x a packed FP4 one).
+    Returns False (nothing kept) for fp32 weights, which the calls use as they are, and for inference
+    tensors, which carry no version counter to tell a change.
+
+    w: an expert stack ``[E, N, K]`` float / fp8 or uint8 ``[E, N, K/2]`` (FP4) with w_scale as
+    `grouped_gemm` takes it (None for float), or one matrix ``[N, K]`` / ``[N, K/2]`` with b_s as
+    `fp8_gemm` / `fp4_gemm` take it."""
+    wkey = contents_key(w)
+    skey = None if w_scale is None else contents_key(w_scale)
+    if w.dtype == torch.float32 or wkey is None or (w_scale is not None and skey is None):
+        return False
+    step = _fp8_step(w, w_scale)
+    with torch.no_grad():
+        wf, sf = _decode_weights(w, w_scale, w.shape[-2], step)
+    _PREPARED[w] = (wkey, skey, step, wf, sf)
+    return True
+
+
+def _prepared(w: torch.Tensor, w_scale: torch.Tensor | None,
+              step: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The fp32 stack and per-row scales `prepare_weights` made of these very contents, or None."""
+    got = _PREPARED.get(w)
+    if got is None or got[0] != contents_key(w) or got[2] != step \
+            or got[1] != (None if w_scale is None else contents_key(w_scale)):
+        return None
+    return got[3], got[4]
+
+
 @implements("fp8_gemm", "reference")
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
              scale_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -86,8 +147,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     m = a.numel() // k if k else 0
     a2 = pad_rows(F.fp8_to_float(a.reshape(-1, k)))                     # rows padded once: row-invariant bits
     sa = _act_scales_per(pad_rows(F.scale_to_float(a_s).reshape(-1, _ceil_div(k, _BLOCK))), wb, kb_count)
-    sb = _fp8_weight_scales(b_s, n, wb)                                # [N, KB]
-    bf = F.fp8_to_float(b)
+    bf, sb = _prepared(b, b_s, wb) or _decode_weights(b, b_s, n, wb)   # fp32 [N, K], per-row scales [N, KB]
     scales = sa.unsqueeze(1) * sb                                      # [M, N, KB]: a_s[kb] * b_s[n // wb, kb]
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
@@ -107,7 +167,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     m = a.numel() // k if k else 0
     a2 = pad_rows(F.fp8_to_float(a.reshape(-1, k)))                     # rows padded once: row-invariant bits
     sa = pad_rows(F.scale_to_float(a_s).reshape(-1, kb_count))
-    bf = _fp4_weight_to_float(b, b_s)
+    bf = (_prepared(b, b_s, _BLOCK) or _decode_weights(b, b_s, n, _BLOCK))[0]
     acc = torch.zeros(a2.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(kb_count):
         sl = slice(kb * _BLOCK, min(k, (kb + 1) * _BLOCK))
@@ -292,12 +352,13 @@ def grouped_gemms(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tenso
         return _rows(t, ex)
 
     def expert_weights(w: torch.Tensor, w_scale: torch.Tensor | None):
-        """ex -> (fp32 weights [c, N, K], fp32 per-row scales [c, N, KB] or None when folded in)."""
-        if recipe == "float":
-            return lambda ex: (gather(w, ex).float(), None)
-        if recipe == "fp8":
-            return lambda ex: (F.fp8_to_float(gather(w, ex)), _fp8_weight_scales(gather(w_scale, ex), n, step))
-        return lambda ex: (_fp4_weight_to_float(gather(w, ex), gather(w_scale, ex)), None)
+        """ex -> (fp32 weights [c, N, K], fp32 per-row scales [c, N, KB] or None when folded in): rows of the
+        prepared stack (`prepare_weights`), else the picked experts decoded in this call."""
+        full = _prepared(w, w_scale, step)
+        if full is not None:
+            wf, sf = full
+            return lambda ex: (gather(wf, ex), None if sf is None else gather(sf, ex))
+        return lambda ex: _decode_weights(gather(w, ex), None if w_scale is None else gather(w_scale, ex), n, step)
 
     if recipe == "float":
         x_rows, row_scales = x.float(), None
@@ -307,3 +368,7 @@ def grouped_gemms(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tenso
     outs = _grouped_matmul(plan, n, x_rows, row_scales, [expert_weights(w, w_scale) for w, w_scale in weights],
                            k_blocks, step)
     return [o.to(out_dtype) for o in outs]
+
+
+register_preparer("fp8_gemm", "reference", prepare_weights)
+register_preparer("fp4_gemm", "reference", prepare_weights)

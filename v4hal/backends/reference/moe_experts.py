@@ -34,10 +34,22 @@ import torch.nn.functional as Fn
 
 from v4hal.hal import formats as F
 from v4hal.hal.registry import implements
+from v4hal.ops._prepare import register_preparer
 
 from ._rows import pointwise
-from .gemm import GroupPlan, grouped_gemms
+from .gemm import GroupPlan, grouped_gemms, prepare_weights
 from .quant import act_quant
+
+
+def prepare_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                    w_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> bool:
+    """Decode the three stacks once for the grouped GEMMs of later :func:`moe_experts` calls with these very
+    tensors (`prepare_weights`: the same bits, fp32 memory); True when all three were kept."""
+    scales = (None, None, None) if w_scales is None else w_scales
+    return all([prepare_weights(w, s) for w, s in zip((w1, w2, w3), scales)])
+
+
+register_preparer("moe_experts", "reference", prepare_experts)
 
 
 @implements("moe_experts", "reference")
