@@ -27,7 +27,15 @@ from typing import Any, ClassVar, Mapping
 
 from v4hal.hal.errors import RangeError, ShapeError
 
-from . import hf_config
+from .hf_config import (
+    TORCH_DTYPE_NAMES,
+    V41_HF_DEFAULTS,
+    V41_KEY_MAP,
+    check_v41_layer_types,
+    unwrap,
+    v4_schedule,
+    v41_schedule,
+)
 
 __all__ = ["ModelConfig", "PRESETS", "V41_FIELDS", "engram_table_rows", "HF_KEY_MAP", "read_json_file", "regular_file",
            "file_kind"]
@@ -289,7 +297,7 @@ class ModelConfig:
         """
         if not isinstance(d, Mapping):
             raise RangeError(f"ModelConfig.from_dict: d must be a mapping, got {type(d).__name__}")
-        d, hf_v41, ignored = hf_config.unwrap(d)
+        d, hf_v41, ignored = unwrap(d)
         v41 = hf_v41 or d.get("arch") == "v41"
         names = set(cls.field_names())
         values: dict[str, Any] = {}
@@ -326,7 +334,7 @@ class ModelConfig:
         for key, value in d.items():
             if key == "ignored_keys":
                 ignored.append(key)
-            elif key == "dtype" and isinstance(value, str) and value in hf_config.TORCH_DTYPE_NAMES:
+            elif key == "dtype" and isinstance(value, str) and value in TORCH_DTYPE_NAMES:
                 ignored.append(key)       # transformers: the torch dtype of the saved tensors, not the weight format
             elif key in ("compress_ratios", "layer_types", "compress_rates", "mlp_layer_types",
                          "partial_rotary_factor", "candidate_source_layer_id"):
@@ -337,8 +345,8 @@ class ModelConfig:
                 put("dspark_layers" if v41 else "n_mtp_layers", value, key)
             elif key in HF_KEY_MAP:
                 put(HF_KEY_MAP[key], value, key)
-            elif key in hf_config.V41_KEY_MAP:
-                put(hf_config.V41_KEY_MAP[key], value, key)
+            elif key in V41_KEY_MAP:
+                put(V41_KEY_MAP[key], value, key)
             elif key == "rope_scaling":
                 if value is None:
                     put("rope_factor", 1.0, "rope_scaling")
@@ -418,7 +426,7 @@ class ModelConfig:
         sources and DSpark trimming (`hf_config.v41_schedule`), or V4's ``layer_types`` / ``mlp_layer_types``."""
         if v41:
             put("arch", "v41", "model_type")
-            for name, default in hf_config.V41_HF_DEFAULTS.items():
+            for name, default in V41_HF_DEFAULTS.items():
                 values.setdefault(name, default)
             if "compress_ratios" in deferred:
                 values["compress_ratios"] = deferred["compress_ratios"]
@@ -426,16 +434,16 @@ class ModelConfig:
                 put("candidate_source_layer", deferred["candidate_source_layer_id"], "candidate_source_layer_id")
             elif "candidate_source_layer" not in values:
                 values["candidate_source_layer"] = None
-            hf_config.v41_schedule(values, "compress_ratios")
+            v41_schedule(values, "compress_ratios")
             cls._engram_rows(values)
             if deferred.get("layer_types") is not None:
-                hf_config.check_v41_layer_types(deferred["layer_types"], values["n_layers"], values["kv_source_layers"])
+                check_v41_layer_types(deferred["layer_types"], values["n_layers"], values["kv_source_layers"])
             if deferred.get("mlp_layer_types") is not None and set(deferred["mlp_layer_types"]) != {"moe"}:
                 raise RangeError(f"ModelConfig.from_dict: mlp_layer_types must be all 'moe' for DeepSeek-V4.1 (no "
                                  f"hash-routed layers), got {deferred['mlp_layer_types']!r:.80}")
         else:
             n = values.get("n_layers", cls.n_layers)
-            ratios, n_hash = hf_config.v4_schedule(deferred.get("layer_types"), deferred.get("compress_rates"),
+            ratios, n_hash = v4_schedule(deferred.get("layer_types"), deferred.get("compress_rates"),
                                                    deferred.get("mlp_layer_types"), n)
             if ratios is not None:
                 put("compress_ratios", ratios + [0] * values.get("n_mtp_layers", cls.n_mtp_layers), "layer_types")
