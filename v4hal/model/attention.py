@@ -201,7 +201,6 @@ class Attention(nn.Module):
         self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
         self.window, self.eps = cfg.window_size, cfg.norm_eps
         self.ratio = cfg.compress_ratios[layer_id]
-        self.v41 = cfg.is_v41
         self.softmax_scale = cfg.head_dim ** -0.5
         self.scale_fmt = act_scale_format(cfg)[0]
         self.register_buffer("attn_sink", torch.empty(cfg.n_heads, device=torch.device("meta")))
@@ -267,9 +266,7 @@ class Attention(nn.Module):
             qb, iq = self.q_b(qr)
         else:
             qb = self.wq_b(qr)
-        q = qb.unflatten(-1, (self.n_heads, self.head_dim))
-        if not self.v41:          # V4.1 drops V4's per-head RMS norm of q
-            q = self._head_norm(q)
+        q = self._head_norm(qb.unflatten(-1, (self.n_heads, self.head_dim)))
         kv = self.kv_norm(kva)
         # rope on q's heads and on kv in one call (kv rides along as one more head)
         tails = v4hal.rotary_emb(torch.cat([q[..., -rd:], kv[..., -rd:].unsqueeze(2)], dim=2), freqs)
