@@ -107,7 +107,8 @@ def test_shared_prefix_is_computed_once(model: V4Model) -> None:
 
 def test_memory_rows() -> None:
     rows = {(r["config"], r["layout"]): r for r in M.memory_rows(1 << 20)}
-    assert set(rows) == {(c, lay) for c in ("v4-flash", "v4-pro", "v4-mini") for lay in S.LAYOUT_PAIRS}
+    assert set(rows) == {(c, lay) for c in ("v4-flash", "v4-pro", "v41-flash", "v4-mini", "v41-mini")
+                         for lay in S.LAYOUT_PAIRS}
     for name in ("v4-flash", "v4-pro"):
         q, b = rows[name, "quantized"], rows[name, "bf16"]
         assert q["tokens"] == 1 << 20 and q["attn_entry_bytes"] == 584 and q["indexer_entry_bytes"] == 68
@@ -124,8 +125,16 @@ def test_memory_rows() -> None:
         assert r["tokens"] == MINI.max_seq_len and r["flashmla"] is None
         assert r["measured"] == r["pool"]          # an allocated pool's tensors hold what the accounting says
         assert r["attn_entry_bytes"] == PAGED_LAYOUTS[attn].token_bytes(MINI.head_dim)
+    # DeepSeek-V4.1: FlashMLA's 528-byte window entries; the pool holds what the cost model counts (window
+    # pages of every layer, compressed entries and indexer keys at KV sources only)
+    q = rows["v41-flash", "quantized"]
+    assert (q["attn_layout"], q["attn_entry_bytes"], q["flashmla"], q["contiguous"]) == ("v41_window_fp8", 528,
+                                                                                         None, None)
+    assert abs(q["pool"] - q["cost"]) < 0.001 * q["cost"] and q["pool"] < 0.26 * rows["v4-flash", "quantized"]["pool"]
+    r = rows["v41-mini", "quantized"]
+    assert r["measured"] == r["pool"] and r["attn_layout"] == "v41_window_fp8"
     text = M.format_memory_table(list(rows.values()))
-    assert len(text.splitlines()) == 2 + 9 and "FlashMLA 584" in text
+    assert len(text.splitlines()) == 2 + 15 and "FlashMLA 584" in text
 
 
 def test_cli_run_requests_and_cost_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -142,7 +151,7 @@ def test_cli_run_requests_and_cost_pool(tmp_path: Path, monkeypatch: pytest.Monk
     assert cli(["cost", "--pool", "--context", "65536", "--json", str(tmp_path / "c.json")]) == 0
     text = capsys.readouterr().out
     pool = json.loads((tmp_path / "c.json").read_text())["pool"]
-    assert [r["tokens"] for r in pool] == [65536] * 6 + [4096] * 3 and "pool B/tok" in text
+    assert [r["tokens"] for r in pool] == [65536] * 9 + [4096] * 6 and "pool B/tok" in text
 
 
 def test_engine_defers_prefill_when_the_pool_is_short(tmp_path) -> None:

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0, help="seed of the v4-mini weights for --measure")
     parser.add_argument("--pool", action="store_true",
                         help="also print the paged cache pool's KV bytes per token at the largest --context for "
-                             "V4-Flash and V4-Pro (page tables only, no tensors) and v4-mini (an allocated pool), "
+                             "V4-Flash, V4-Pro and V4.1-Flash (page tables only, no tensors) and v4-mini / v41-mini "
+                             "(allocated pools), "
                              "per layout pair, next to this cost model, FlashMLA's 584 B entries and the contiguous "
                              "bf16 caches")
 
@@ -206,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
         from v4hal.serve.memory import format_memory_table, memory_rows
         report["pool"] = memory_rows(max(args.context))
         print(f"\nKV bytes per token of one request on the paged cache pool, at {max(args.context)} tokens "
-              f"(v4-mini at most its max_seq_len):")
+              f"(v4-mini and v41-mini at most their max_seq_len):")
         print(format_memory_table(report["pool"]))
     measured = None
     if getattr(args, "measure", False):

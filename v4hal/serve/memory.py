@@ -1,5 +1,6 @@
 """Cache bytes per token of one request, per preset and cache layout pair: the pool's page accounting next to
-the cost model, FlashMLA's entry size and the contiguous caches (the table of ``v4hal cost --pool``)."""
+the cost model, FlashMLA's entry size and the contiguous caches (the table of ``v4hal cost --pool``), for
+DeepSeek-V4 and DeepSeek-V4.1 presets."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from v4hal.model.config import ModelConfig
 from v4hal.ops.paged import PAGED_LAYOUTS
 
 from .pool import CachePool
-from .sizing import LAYOUT_PAIRS, default_block_size
+from .sizing import LAYOUT_PAIRS, default_block_size, layout_pair
 
 __all__ = ["FLASHMLA_ENTRY_BYTES", "contiguous_bytes", "memory_rows", "format_memory_table"]
 
@@ -52,29 +53,32 @@ def _measured_pool_bytes(cfg: ModelConfig, tokens: int, attn: str, idx: str, blo
     return total
 
 
-def memory_rows(tokens: int = 1 << 20, presets: Sequence[str] = ("v4-flash", "v4-pro"), *,
+def memory_rows(tokens: int = 1 << 20, presets: Sequence[str] = ("v4-flash", "v4-pro", "v41-flash"), *,
                 mini: bool = True, block_size: int | None = None) -> list[dict[str, Any]]:
     """Cache bytes per token of one request, per preset and `LAYOUT_PAIRS` entry: ``pool`` from a `CachePool`
     built without tensors (page-granular: window pages, compressor state per token, compressed and indexer
     entries), ``cost`` from `v4hal.bench.cost` (main layers, what the caches store), ``flashmla`` every
-    attention entry at FlashMLA's 584 B (window and compressed, indexer keys at the layout's bytes), and
-    ``contiguous`` from `contiguous_bytes`. ``mini``: add v4-mini rows at ``min(tokens, max_seq_len)``
-    whose ``measured`` figure comes from an allocated pool's tensors. Block size: `default_block_size`."""
-    from v4hal.bench.cost import v4_cost
+    attention entry at FlashMLA's 584 B (window and compressed, indexer keys at the layout's bytes; V4 only:
+    V4.1's pool already stores FlashMLA's 528 / 288-byte entries), and ``contiguous`` from `contiguous_bytes`
+    (V4 only). ``mini``: add v4-mini and v41-mini rows at ``min(tokens, max_seq_len)`` whose ``measured``
+    figure comes from an allocated pool's tensors. Block size: `default_block_size`. A V4.1 preset's layout
+    pairs are `layout_pair`'s (its quantized window caches are ``v41_window_fp8``)."""
+    from v4hal.bench.cost import v4_cost, v41_cost
 
     rows = []
-    names = list(presets) + (["v4-mini"] if mini else [])
-    for name in names:
+    minis = ["v4-mini", "v41-mini"] if mini else []
+    for name in list(presets) + minis:
         cfg = ModelConfig.preset(name)
-        n = min(tokens, cfg.max_seq_len) if name == "v4-mini" else tokens
+        n = min(tokens, cfg.max_seq_len) if name in minis else tokens
         cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, n), max_batch_size=1)
         bs = default_block_size(cfg) if block_size is None else block_size
-        cost = v4_cost(cfg, n, name)
-        for layout, (attn, idx) in LAYOUT_PAIRS.items():
+        cost = (v41_cost if cfg.is_v41 else v4_cost)(cfg, n, name)
+        for layout in LAYOUT_PAIRS:
+            attn, idx = layout_pair(layout, cfg)
             pool = CachePool(cfg, block_size=bs, attn_layout=attn, indexer_layout=idx, allocate=False)
             by_kind = pool.request_bytes(n)
             flashmla = None
-            if PAGED_LAYOUTS["model1_fp8"].token_bytes(cfg.head_dim) == FLASHMLA_ENTRY_BYTES:
+            if not cfg.is_v41 and PAGED_LAYOUTS["model1_fp8"].token_bytes(cfg.head_dim) == FLASHMLA_ENTRY_BYTES:
                 entries = sum(min(cfg.window_size, n) + (n // r if r else 0) for r in cfg.compress_ratios)
                 keys = sum(n // 4 for r in cfg.compress_ratios if r == 4)
                 flashmla = (FLASHMLA_ENTRY_BYTES * entries
@@ -84,8 +88,8 @@ def memory_rows(tokens: int = 1 << 20, presets: Sequence[str] = ("v4-flash", "v4
                    "indexer_entry_bytes": PAGED_LAYOUTS[idx].token_bytes(cfg.index_head_dim),
                    "pool": sum(by_kind.values()) / n, "pool_by_kind": by_kind,
                    "cost": cost.kv_bytes_per_token, "flashmla": flashmla,
-                   "contiguous": contiguous_bytes(cfg, n) / n, "measured": None}
-            if name == "v4-mini":
+                   "contiguous": None if cfg.is_v41 else contiguous_bytes(cfg, n) / n, "measured": None}
+            if name in minis:
                 row["measured"] = _measured_pool_bytes(cfg, n, attn, idx, bs) / n
             rows.append(row)
     return rows
