@@ -91,3 +91,24 @@ def test_v4_counterpart() -> None:
     assert D.v4_kv_bytes(ModelConfig.preset("v4-mini"), "quantized", 16, 100) is None
     bf16 = D.v4_kv_bytes(V41, "bf16", 16, 100)
     assert (bf16["attn_layout"], bf16["indexer_layout"]) == ("bf16", "bf16")
+
+
+def test_serving_doc_table_of_v41_flash_requests() -> None:
+    """docs/serving.md's V4.1-Flash rows (pages per request and MiB per layout pair, pages of 64, chunks of 64) are
+    what `v4hal.serve.sizing` computes."""
+    from pathlib import Path
+
+    from v4hal.serve.sizing import layout_pair, page_bytes, request_pages
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text(encoding="utf-8")
+    cfg = ModelConfig.preset("v41-flash").replace(max_seq_len=1 << 20)
+    for name, n in (("128K", 1 << 17), ("1M", 1 << 20)):
+        per = request_pages(cfg, n, chunk=64, block_size=64)
+        mib = []
+        for lay in ("quantized", "bf16"):
+            attn, idx = layout_pair(lay, cfg)
+            pb = page_bytes(cfg, block_size=64, attn_layout=attn, indexer_layout=idx)
+            mib.append(round(sum(per[k] * pb[k] for k in per) / 2**20))
+        row = (f"| V4.1-Flash, {name} | {per['token']}, {per['c2']}, {per['c1']}, {per['state2']} | {mib[0]} MiB | "
+               f"{mib[1]} MiB |")
+        assert row in doc, row
