@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument("--model", default="v4-mini", type=model_preset,
-                        help="preset whose random checkpoint to run (default v4-mini)")
+                        help="preset whose random checkpoint to run: v4-mini (default) or v41-mini (DeepSeek-V4.1); "
+                             "the release-sized presets (v4-flash, v4-pro, v41-flash) need --checkpoint DIR")
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory to run instead of a preset")
     parser.add_argument("--backend", default=None, type=choice(backend_names, "backend"),
                         help="force every op onto this backend (default: automatic)")
