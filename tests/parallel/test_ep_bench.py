@@ -46,6 +46,20 @@ def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "dispatch B/tok" in capsys.readouterr().out
 
 
+def test_cli_model_sets_the_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model v41-flash``: V4.1-Flash's hidden size, routed experts and top-k, each overridable by its flag."""
+    out = tmp_path / "ep.json"
+    base = ["--ep", "2", "--tokens", "2", "--iters", "1", "--warmup", "0", "--payloads", "bf16", "--threads", "1",
+            "--json", str(out)]
+    assert main([*base, "--model", "v41-flash"]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert (cfg["dim"], cfg["experts"], cfg["topk"]) == (5120, 384, 6)
+    assert main([*base, "--model", "v41-flash", "--dim", "256", "--topk", "2"]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert (cfg["dim"], cfg["experts"], cfg["topk"]) == (256, 384, 2)
+    assert "dispatch B/tok" in capsys.readouterr().out
+
+
 def test_unknown_payload() -> None:
     with pytest.raises(RangeError, match="payloads"):
         measure_ep(2, payloads=("int4",))

@@ -283,7 +283,7 @@ def rank_identity(rank: int, world: int) -> tuple[int, int, str]:
 # --------------------------------------------------------------------------- model
 def rank_model(rank: int, world: int, path: str, ids: torch.Tensor, experts_fp8: bool,
                preslice: bool = False) -> dict[str, Any]:
-    """v4-mini with sharded experts: prefill this rank's rows, then two decode steps.
+    """v4-mini (or a V4.1 checkpoint) with sharded experts: prefill this rank's rows, then two decode steps.
 
     ``preslice``: first cut the expert stacks down to this rank's rows (+ the fused shared row), as a
     loader that reads only the local experts would leave them.
@@ -308,8 +308,12 @@ def rank_model(rank: int, world: int, path: str, ids: torch.Tensor, experts_fp8:
         nxt = logits[-1].argmax(dim=-1, keepdim=True)
         logits.append(model(nxt, ids.shape[1] + step))
     ffn = model.layers[1].ffn
+    ep = ffn.experts.ep
+    shared = ffn.experts.shared[3][0][0] if ffn.fused else ffn.shared_experts.w1.scale
     return {"rows": rows, "logits": logits, "transport": ffn.experts.transport, "fused": bool(ffn.fused),
-            "local_experts": int(ffn.experts.ep.w1.shape[0])}
+            "local_experts": int(ep.w1.shape[0]), "routed": (ep.w1.dtype, list(ep.w_scales[0].shape)),
+            "shared_scale": list(shared.shape), "gate_temp": ffn.gate.gate_temp,
+            "hash_gates": sum(b.ffn.gate.hash for b in model.layers)}
 
 
 # --------------------------------------------------------------------------- transport adapters (stand-ins)

@@ -300,7 +300,8 @@ def choice_list(choices: Choices, what: str) -> Callable[[str], str]:
 
 
 def model_preset(text: str) -> str:
-    """The name of a model preset (``v4-mini``, ``v4-flash``, ``v4-pro``; case and ``_`` / ``-`` are free)."""
+    """The name of a model preset (``v4-mini``, ``v4-flash``, ``v4-pro``, ``v41-flash``, ``v41-mini``; case and
+    ``_`` / ``-`` are free)."""
     from v4hal.model.config import PRESETS
 
     return choice(list(PRESETS), "model preset", lambda s: s.lower().replace("_", "-"))(text)

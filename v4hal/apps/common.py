@@ -2,17 +2,19 @@
 prompt, the backend and thread setup, and the numeric bounds of their common flags."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 __all__ = ["cache_dir", "checkpoint_bytes", "resolve_checkpoint", "make_prompt", "prepare_backend", "set_threads",
-           "experts_fp8", "MAX_POSITIONS", "MAX_BATCH"]
+           "experts_fp8", "backend_gaps", "backend_scope", "kernel_private_pages", "MAX_POSITIONS", "MAX_BATCH"]
 
 DEFAULT_WEIGHT_SEED = 0
 MAX_RANDOM_BYTES = 4 << 30
@@ -103,6 +105,55 @@ def prepare_backend(backend: str | None, device: str) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         print("note: --backend triton on the CPU runs the Triton interpreter (TRITON_INTERPRET=1); "
               "its timings say nothing about GPU speed", file=sys.stderr)
+
+
+def backend_gaps(backend: str | None, note: bool = True) -> list[str]:
+    """The ops ``backend`` (``--backend``) has no implementation of at all (Triton: ``compressor_ragged`` and
+    ``engram_hash``), which `backend_scope` runs on the reference backend; ``note``: say so on stderr. Empty for
+    None, the reference, or a backend that cannot load here (its strict override then says why at the first
+    op)."""
+    if not backend or backend == "reference":
+        return []
+    from v4hal.hal import registry
+
+    if backend not in registry.BACKENDS or registry.ensure_loaded(backend) is not None:
+        return []
+    gaps = sorted(set(registry.OPS) - set(registry.declarations(backend)))
+    if gaps and note:
+        print(f"note: --backend {backend} has no implementation of {', '.join(gaps)}: "
+              f"{'that op runs' if len(gaps) == 1 else 'those ops run'} on the reference backend", file=sys.stderr)
+    return gaps
+
+
+def backend_scope(backend: str | None, gaps: Sequence[str] = ()) -> contextlib.AbstractContextManager:
+    """``--backend NAME``: every op on that backend (`v4hal.use_backend`, strict: a call it cannot serve raises),
+    except ``gaps`` (`backend_gaps`), which run on the reference; no override for None."""
+    if not backend:
+        return contextlib.nullcontext()
+    import v4hal
+
+    return v4hal.use_backend(backend, **dict.fromkeys(gaps, "reference"))
+
+
+def kernel_private_pages(model: torch.nn.Module, backend: str | None) -> None:
+    """With a forced kernel backend on the CPU (Triton under its interpreter), give ``model``'s private pool
+    (`V4Model.forward`) the device's serving layouts (`v4hal.serve.cache_layouts`: quantized pages, which the
+    paged kernels decode) in place of the CPU's bf16 pages, which only the reference reads (the Triton indexer
+    takes FP4 or FP8 keys). Both store the model's values exactly, so the logits do not change. Left as it is
+    elsewhere, and where those layouts do not hold the config's entries."""
+    if backend in (None, "reference") or model.device.type != "cpu":
+        return
+    from v4hal.model.caches import cache_layouts, compressed_layout
+    from v4hal.ops.paged import PAGED_LAYOUTS
+    from v4hal.serve.pool import layout_problem
+
+    cfg = model.config
+    attn, idx = cache_layouts(model.device, cfg)
+    widths = ((attn, cfg.head_dim), (compressed_layout(cfg, attn), cfg.head_dim), (idx, cfg.index_head_dim))
+    if any(PAGED_LAYOUTS[lay].dim_problem(d) for lay, d in widths) or layout_problem(cfg, attn, idx) \
+            or (attn == "model1_fp8" and cfg.rope_head_dim != 64):
+        return
+    model.private_layouts = (attn, idx)
 
 
 def set_threads(threads: int | None, checkpoint: Path, device: str) -> None:

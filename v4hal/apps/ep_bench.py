@@ -24,13 +24,17 @@ MAX_ITERS = 10_000
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``python -m v4hal.apps.ep_bench``."""
-    from v4hal.apps.args import choice_list, int_in, threads, writable_path
+    from v4hal.apps.args import choice_list, int_in, model_preset, threads, writable_path
 
     p.add_argument("--ep", type=int_in(1, MAX_EP), default=2, help="local gloo ranks (default 2)")
     p.add_argument("--tokens", type=int_in(1, MAX_TOKENS), default=256, help="tokens per rank (default 256)")
-    p.add_argument("--dim", type=int_in(1, MAX_DIM), default=4096, help="hidden size (default 4096, V4-Flash)")
-    p.add_argument("--experts", type=int_in(1, MAX_EXPERTS), default=256, help="routed experts (default 256)")
-    p.add_argument("--topk", type=int_in(1, MAX_EXPERTS), default=6, help="experts per token (default 6)")
+    p.add_argument("--model", type=model_preset, default="v4-flash",
+                   help="preset whose hidden size, routed experts and experts per token are the defaults of --dim, "
+                        "--experts, --topk (default v4-flash: 4096, 256, 6; v41-flash: 5120, 384, 6)")
+    p.add_argument("--dim", type=int_in(1, MAX_DIM), default=None, help="hidden size (default: --model's)")
+    p.add_argument("--experts", type=int_in(1, MAX_EXPERTS), default=None, help="routed experts (default: --model's)")
+    p.add_argument("--topk", type=int_in(1, MAX_EXPERTS), default=None,
+                   help="experts per token (default: --model's)")
     p.add_argument("--iters", type=int_in(1, MAX_ITERS), default=5, help="timed iterations (default 5)")
     p.add_argument("--warmup", type=int_in(0, MAX_ITERS), default=2, help="untimed iterations first (default 2)")
     p.add_argument("--payloads", default=",".join(PAYLOADS), type=choice_list(list(PAYLOADS), "payload"),
@@ -42,7 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(a: argparse.Namespace) -> None:
-    """The checks that involve several options (`RangeError`), before any rank starts."""
+    """Fill ``--dim``, ``--experts``, ``--topk`` left out from ``--model``'s config, then the checks that involve
+    several options (`RangeError`), before any rank starts."""
+    from v4hal.model.config import ModelConfig
+
+    cfg = ModelConfig.preset(getattr(a, "model", None) or "v4-flash")
+    for name, value in (("dim", cfg.dim), ("experts", cfg.n_routed_experts), ("topk", cfg.n_activated_experts)):
+        if getattr(a, name, None) is None:
+            setattr(a, name, value)
     if a.topk > a.experts:
         raise RangeError(f"--topk {a.topk} exceeds --experts {a.experts}")
     if a.experts % a.ep:

@@ -3,7 +3,9 @@
 ``v4hal run --model v4-mini`` writes a seeded random v4-mini checkpoint into the cache folder
 on first use (``$V4HAL_CACHE_DIR`` or ``~/.cache/v4hal``, subfolder named after the preset) and
 runs it; ``--checkpoint DIR`` runs a real checkpoint (inference or Hugging Face layout).
-``--backend NAME`` forces every op onto one backend (``v4hal.use_backend``).
+``--backend NAME`` forces every op onto one backend (``v4hal.use_backend``), except the ops that backend has no
+implementation of (`v4hal.apps.common.backend_gaps`, named in a note), which run on the reference; on the CPU a
+kernel backend's private pool then takes quantized pages (`v4hal.apps.common.kernel_private_pages`).
 
 The prompt is ``--batch`` rows of ``--prompt-len`` random token ids (``--seed``). Prefill time
 covers the forward pass over the prompt (which yields the first new token); decode time covers
@@ -18,7 +20,6 @@ ranks (request i to rank i % K) that step together (`v4hal.apps.serve.run_reques
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from typing import Any
@@ -29,7 +30,10 @@ from v4hal.apps.args import reports_errors, write_json
 from v4hal.apps.common import (
     MAX_BATCH,
     MAX_POSITIONS,
+    backend_gaps,
+    backend_scope,
     experts_fp8,
+    kernel_private_pages,
     make_prompt,
     prepare_backend,
     resolve_checkpoint,
@@ -66,10 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument("--model", default="v4-mini", type=model_preset,
-                        help="preset whose random checkpoint to run (default v4-mini)")
+                        help="preset whose random checkpoint to run: v4-mini (default) or v41-mini (DeepSeek-V4.1); "
+                             "the release-sized presets (v4-flash, v4-pro, v41-flash) need --checkpoint DIR")
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory to run instead of a preset")
     parser.add_argument("--backend", default=None, type=choice(backend_names, "backend"),
-                        help="force every op onto this backend (default: automatic)")
+                        help="force every op onto this backend (default: automatic); the ops it has no "
+                             "implementation of run on the reference, named in a note")
     parser.add_argument("--device", default="cpu", type=device, help="torch device (cpu, cuda, npu ...)")
     parser.add_argument("--prompt-len", type=int_in(1, MAX_POSITIONS), default=64,
                         help="prompt tokens per row (default 64)")
@@ -186,7 +192,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     prompt = make_prompt(args.batch, args.prompt_len, model.config.vocab_size, args.seed, args.device)
     n = args.max_new_tokens
-    ctx = v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    kernel_private_pages(model, args.backend)
+    ctx = backend_scope(args.backend, backend_gaps(args.backend))
     # the bar counts the decode steps, as the summary does: the first of the n new tokens comes from the prefill
     with ctx, tqdm(total=n - 1, desc="decode", unit="tok", disable=args.no_progress or n == 1,
                    file=sys.stderr) as bar:

@@ -8,15 +8,21 @@ replicated attention), the MoE layers exchanging tokens every step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-import v4hal
-from v4hal.apps.common import experts_fp8, make_prompt, prepare_backend, resolve_checkpoint
+from v4hal.apps.common import (
+    backend_gaps,
+    backend_scope,
+    experts_fp8,
+    kernel_private_pages,
+    make_prompt,
+    prepare_backend,
+    resolve_checkpoint,
+)
 from v4hal.bench.decode import timed_decode
 from v4hal.hal.errors import RangeError
 from v4hal.model import V4Model
@@ -31,13 +37,14 @@ def _rank_run(rank: int, world: int, opts: dict[str, Any], path: str) -> dict[st
     t0 = time.perf_counter()
     model = V4Model.from_pretrained(path, device="cpu", experts_fp8=opts["experts_fp8"], mmap=opts["mmap"])
     shard_model_experts(model, fp8_payload=opts["fp8_payload"], timeout=opts["timeout"])
+    kernel_private_pages(model, opts["backend"])
     load_s = time.perf_counter() - t0
     cfg = model.config
     prompt = make_prompt(opts["batch"], opts["prompt_len"], cfg.vocab_size, opts["seed"], "cpu")
     rows = (torch.tensor_split(torch.arange(opts["batch"]), world)[rank] if opts["batch"] >= world
             else torch.arange(opts["batch"]))
     prompt = prompt[rows]
-    ctx = v4hal.use_backend(opts["backend"]) if opts["backend"] else contextlib.nullcontext()
+    ctx = backend_scope(opts["backend"], opts["backend_gaps"])
     sent = {"dispatch_bytes_remote": 0.0, "combine_bytes_remote": 0.0}
     layers = [f.experts for f in moe_layers(model)]
 
@@ -73,7 +80,8 @@ def run_ep(args: argparse.Namespace, ep: int, *, timeout_s: float = 120.0, start
     prepare_backend(args.backend, "cpu")
     path = resolve_checkpoint(args.model if not args.checkpoint else None, args.checkpoint)
     opts = {"batch": args.batch, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, "backend": args.backend, "fp8_payload": fp8_payload, "timeout": timeout_s,
+            "seed": args.seed, "backend": args.backend, "backend_gaps": backend_gaps(args.backend),
+            "fp8_payload": fp8_payload, "timeout": timeout_s,
             "experts_fp8": experts_fp8(getattr(args, "experts", "auto"), "cpu"), "mmap": getattr(args, "mmap", False)}
     threads = getattr(args, "threads", None) or 1
     res = spawn(_rank_run, ep, opts, str(path), timeout_s=timeout_s, start_method=start_method, threads=threads)

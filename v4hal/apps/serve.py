@@ -3,12 +3,18 @@ command line (`run_serving`), and its expert-parallel form on local gloo ranks (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from typing import Any
 
-import v4hal
-from v4hal.apps.common import experts_fp8, prepare_backend, resolve_checkpoint, set_threads
+from v4hal.apps.common import (
+    backend_gaps,
+    backend_scope,
+    experts_fp8,
+    kernel_private_pages,
+    prepare_backend,
+    resolve_checkpoint,
+    set_threads,
+)
 from v4hal.bench.report import format_bytes
 from v4hal.hal.errors import RangeError
 from v4hal.model import V4Model
@@ -68,6 +74,7 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     opts = serve_options(args, ModelConfig.from_json(path if path.is_dir() else path.parent))
     setup = {"model": args.model if not args.checkpoint else None, "checkpoint": str(path),
              "backend": args.backend or "auto"}
+    gaps = backend_gaps(args.backend)
     if args.ep > 1:
         res = run_requests_ep(str(path), args.ep, experts_fp8=experts_fp8(args.experts, args.device),
                               backend=args.backend, fp8_payload=args.fp8_payload, mmap=getattr(args, "mmap", False),
@@ -77,7 +84,8 @@ def run_serving(args: argparse.Namespace) -> dict[str, Any]:
     model = V4Model.from_pretrained(path, device=args.device, experts_fp8=experts_fp8(args.experts, args.device),
                                     mmap=getattr(args, "mmap", False))
     load_s = time.perf_counter() - t0
-    with v4hal.use_backend(args.backend) if args.backend else contextlib.nullcontext():
+    kernel_private_pages(model, args.backend)          # the single-request baseline runs `forward`
+    with backend_scope(args.backend, gaps):
         res = run_requests(model, **opts, progress=not args.no_progress)
     return {**setup, "load_s": load_s, "experts": model.layers[0].ffn.experts.kind, **res}
 
@@ -87,9 +95,9 @@ def _rank_requests(rank: int, world: int, path: str, load: dict[str, Any], workl
     t0 = time.perf_counter()
     model = V4Model.from_pretrained(path, device="cpu", experts_fp8=load["experts_fp8"], mmap=load["mmap"])
     shard_model_experts(model, fp8_payload=load["fp8_payload"], timeout=load["timeout"])
+    kernel_private_pages(model, load["backend"])
     load_s = time.perf_counter() - t0
-    backend = load["backend"]
-    with v4hal.use_backend(backend) if backend else contextlib.nullcontext():
+    with backend_scope(load["backend"], load["backend_gaps"]):
         rec = serve_rank(model, **workload, expert_parallel=True, timeout=load["timeout"],
                          progress=load["progress"] and rank == 0)
     return {**rec, "load_s": load_s}
@@ -111,7 +119,8 @@ def run_requests_ep(path: str, ep: int, *, experts_fp8: bool = True, backend: st
     """
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
         raise RangeError(f"run_requests_ep: ep must be an int >= 1, got {ep!r}")
-    load = {"experts_fp8": experts_fp8, "backend": backend, "fp8_payload": fp8_payload, "mmap": mmap,
+    load = {"experts_fp8": experts_fp8, "backend": backend, "backend_gaps": backend_gaps(backend, note=False),
+            "fp8_payload": fp8_payload, "mmap": mmap,
             "timeout": timeout_s, "progress": progress}
     recs = spawn(_rank_requests, ep, str(path), load, workload, timeout_s=timeout_s, start_method=start_method,
                  threads=threads)

@@ -1,4 +1,4 @@
-"""Expert parallelism for V4's routed experts on torch.distributed.
+"""Expert parallelism for the routed experts of DeepSeek-V4 and V4.1 on torch.distributed.
 
 - `ep_dispatch` / `ep_combine` (``ep.py``): tokens to the ranks of their experts and back, `EPHandle`
   (``layout.py``: the expert layout and the handle, built by keyword).

@@ -1,7 +1,8 @@
 """EP dispatch/combine measurements: bytes sent per token and time per MoE layer, bf16 vs FP8 payload.
 
 ``python -m v4hal.apps.ep_bench --ep 2 --tokens 256 --dim 4096 --experts 256 --topk 6`` (V4-Flash-like:
-dim 4096, 256 routed experts, top-6) starts ``--ep`` local gloo ranks, routes ``--tokens`` random
+dim 4096, 256 routed experts, top-6; ``--model v41-flash`` takes V4.1-Flash's 5120, 384, 6) starts ``--ep``
+local gloo ranks, routes ``--tokens`` random
 bf16 tokens per rank to uniformly random top-k experts, and times `ep_dispatch` and `ep_combine`
 (identity experts in between, so only the exchange and its packing are timed) for each payload:
 bf16, FP8 with fp32 scales, FP8 with ue8m0 scales; the combine both ways (one row per copy, exact,

@@ -1,4 +1,5 @@
-"""The V4 model under expert parallelism: `shard_model_experts` and the lockstep engine steps.
+"""The V4 model (DeepSeek-V4 and V4.1) under expert parallelism: `shard_model_experts` and the lockstep engine
+steps.
 
 `shard_model_experts(model, group)` swaps every MoE layer's routed experts (main layers and MTP) for
 `EPExperts`: this rank keeps only experts ``[r*E/W, (r+1)*E/W)`` (the other rows are freed) and
@@ -7,6 +8,11 @@ When the model has fused the shared expert into the routed stack (``MoE.fused``:
 ``E``, weight 1, in one ``moe_experts`` call), `EPExperts` keeps that expert local, takes the
 routed sum in fp32 from the EP path and adds the shared output before the single final cast, so the
 summation is the fused single-process one (slots in order, shared last).
+
+The experts keep their checkpoint format (V4: FP4 with a scale per 32, FP8 in 128x128 tiles; V4.1: FP4 with a
+scale per 16, FP8 in 32x32 tiles) and the gate is the model's own (V4.1's router with ``gate_temp``; V4's hash
+layers route by token id on the rank that holds the token), so a rank's tokens get the experts and weights
+they get in one process.
 
 The model loader reads every expert before sharding; for ``v4-mini`` that costs nothing. A loader
 that reads only the rank's experts can hand its stacks over as they are: `shard_model_experts`

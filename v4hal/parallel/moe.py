@@ -58,8 +58,10 @@ class ExpertParallelMoE:
         """From this rank's local experts (every rank of ``group`` calls it, collectively).
 
         Args:
-            w1, w3: ``[E/W, I, D]``; w2 ``[E/W, D, I]`` (bf16/fp16/fp32, fp8 with 128x128 block scales, or packed
-                FP4 uint8 ``[E/W, N, K/2]`` with e8m0 ``[E/W, N, K/32]`` scales) of experts ``[r*E/W, (r+1)*E/W)``.
+            w1, w3: ``[E/W, I, D]``; w2 ``[E/W, D, I]`` (bf16/fp16/fp32, fp8 with 128x128 (V4) or 32x32 (V4.1)
+                block scales, or packed FP4 uint8 ``[E/W, N, K/2]`` with e8m0 ``[E/W, N, K/32]`` (V4) or
+                ``[E/W, N, K/16]`` (V4.1) scales; `v4hal.moe_experts` reads the block from the scales' shape) of
+                experts ``[r*E/W, (r+1)*E/W)``.
             num_experts: E over the whole group (divisible by its size W).
             group: the EP group (None: WORLD). swiglu_limit, w_scales: as `v4hal.moe_experts`.
             fp8_payload / scale_fmt: FP8 dispatch payload (see `ep_dispatch`).

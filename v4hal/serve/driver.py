@@ -29,7 +29,14 @@ Definitions of the figures:
 - Bytes: ``kv_bytes_per_token_peak`` = bytes of the pages the live requests reference (shared pages once)
   / the positions they have computed, at the step where those bytes peak; ``pool_bytes_peak`` counts every
   page in use (registered prefixes too); ``kv_bytes_per_token_request`` = ``pool.kv_bytes_per_token`` of
-  one request of the mean final length.
+  one request of the mean final length; ``cache_layers``: the layers whose caches the pool holds (each has a
+  window cache; an MTP layer counts).
+- ``v4_counterpart`` (a DeepSeek-V4.1 model only, else None): the same one-request figure for the V4 preset
+  whose caches have the model's widths (`v4_counterpart`: v4-mini beside v41-mini, v4-flash beside v41-flash),
+  in a pool of the same ``layout`` name and page size, computed from that pool's page sizes
+  (``CachePool.kv_bytes_per_token``, nothing allocated or run): ``model``, ``attn_layout``, ``indexer_layout``,
+  ``block_size``, ``request_tokens`` (the run's), ``cache_layers`` (the V4 preset's, its MTP layer included)
+  and ``kv_bytes_per_token_request``.
 """
 from __future__ import annotations
 
@@ -43,7 +50,10 @@ import torch
 from v4hal.bench.decode import timed_decode
 from v4hal.bench.report import format_bytes
 from v4hal.hal.errors import RangeError
+from v4hal.model.caches import compressed_layout
+from v4hal.model.config import ModelConfig
 
+from .batch import kinds_of
 from .engine import Engine
 from .pool import CachePool
 from .sizing import (
@@ -56,7 +66,8 @@ from .sizing import (
 )
 from .workload import arrival_steps, check_workload, iter_prompts, request_lengths
 
-__all__ = ["single_request_decode", "serve_rank", "merge_ranks", "run_requests"]
+__all__ = ["single_request_decode", "serve_rank", "merge_ranks", "run_requests", "v4_counterpart",
+           "v4_kv_bytes"]
 
 
 @torch.inference_mode()
@@ -75,6 +86,40 @@ def single_request_decode(model: torch.nn.Module, prompt_len: int, max_new_token
                      **out.figures(prompt_len)})
     best = sorted(runs, key=lambda r: r["decode_s"])[len(runs) // 2]
     return {**best, "decode_tok_s_runs": [r["decode_tok_s"] for r in runs]}
+
+
+#: the widths a V4 preset must share with a V4.1 config to stand beside it in the cache figures
+_CACHE_WIDTHS = ("head_dim", "rope_head_dim", "window_size", "index_head_dim")
+
+
+def v4_counterpart(cfg: ModelConfig) -> str | None:
+    """The V4 preset whose cache bytes a DeepSeek-V4.1 config's are set beside: one with the same cache widths
+    (``head_dim``, ``rope_head_dim``, ``window_size``, ``index_head_dim``), the nearest in layer count
+    (``v41-mini`` -> ``v4-mini``, ``v41-flash`` -> ``v4-flash``). None for a V4 config, or when no V4 preset
+    has those widths."""
+    if not cfg.is_v41:
+        return None
+    presets = ((n, ModelConfig.preset(n)) for n in ModelConfig.PRESET_NAMES)
+    same = [(abs(c.n_layers - cfg.n_layers), n) for n, c in presets
+            if not c.is_v41 and all(getattr(c, w) == getattr(cfg, w) for w in _CACHE_WIDTHS)]
+    return min(same, key=lambda t: t[0])[1] if same else None
+
+
+def v4_kv_bytes(cfg: ModelConfig, layout: str, block_size: int, tokens: int) -> dict[str, Any] | None:
+    """The cache bytes per token one request of ``tokens`` positions holds in a pool of ``cfg``'s
+    `v4_counterpart` with the same `LAYOUT_PAIRS` name and page size, from that pool's page sizes (nothing is
+    allocated or run); None when ``cfg`` has no counterpart. The keys are the module docstring's
+    ``v4_counterpart``."""
+    name = v4_counterpart(cfg)
+    if name is None:
+        return None
+    v4 = ModelConfig.preset(name)
+    attn, idx = layout_pair(layout, v4)
+    pool = CachePool(v4, blocks={k: 1 for k in kinds_of(v4)}, block_size=block_size, attn_layout=attn,
+                     indexer_layout=idx, allocate=False)
+    return {"model": name, "attn_layout": attn, "indexer_layout": idx, "block_size": block_size,
+            "request_tokens": tokens, "cache_layers": len(v4.compress_ratios),
+            "kv_bytes_per_token_request": pool.kv_bytes_per_token(tokens)}
 
 
 def _live_pages(pool: CachePool) -> tuple[int, int]:
@@ -249,12 +294,14 @@ def serve_rank(model: torch.nn.Module, *, requests: int = 16, prompt_len: int = 
         "setup": {"requests": requests, "prompt_len": prompt_len, "prompt_lengths": lengths,
                   "shared_prefix": shared_prefix, "max_new_tokens": max_new_tokens, "chunk": chunk,
                   "arrival": arrival, "arrival_steps": arrive, "block_size": block_size, "layout": layout,
-                  "attn_layout": attn, "indexer_layout": idx, "device": str(model.device),
+                  "attn_layout": attn, "indexer_layout": idx, "compressed_layout": compressed_layout(cfg, attn),
+                  "device": str(model.device),
                   "threads": torch.get_num_threads()},
         "pool_pages": capacity, "page_bytes": page_bytes, "pool_memory": budget,
         "pool_bytes": pool_bytes, "waited": waited,
         "final_pages": final_pages, "pages_after_evict": pool.pages_in_use(), "prefix": prefix,
         "request_tokens": final_len, "kv_bytes_per_token_request": pool.kv_bytes_per_token(final_len),
+        "cache_layers": len(cfg.compress_ratios), "v4_counterpart": v4_kv_bytes(cfg, layout, block_size, final_len),
         "experts": getattr(experts, "kind", None), "transport": getattr(experts, "transport", None),
         "single": single,
     }
@@ -333,6 +380,7 @@ def merge_ranks(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "kv_bytes_per_token_peak": live["live_bytes"] / live["live_tokens"] if live["live_tokens"] else None,
         "request_tokens": recs[0]["request_tokens"],
         "kv_bytes_per_token_request": recs[0]["kv_bytes_per_token_request"],
+        "cache_layers": recs[0]["cache_layers"], "v4_counterpart": recs[0]["v4_counterpart"],
         "prefix_lookups": sum(r["prefix"]["prefix_lookups"] for r in recs),
         "prefix_hits": sum(r["prefix"]["prefix_hits"] for r in recs),
         "prefix_tokens_saved": sum(r["prefix"]["prefix_tokens_saved"] for r in recs),

@@ -12,6 +12,26 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _layouts(res: dict[str, Any]) -> str:
+    """'model1_fp8 + indexer_fp4', or with DeepSeek-V4.1's own compressed layout 'v41_window_fp8 +
+    v41_compressed_fp4 + indexer_fp4' (window, compressed, indexer caches)."""
+    comp = res.get("compressed_layout")
+    mid = f" + {comp}" if comp and comp != res["attn_layout"] else ""
+    return f"{res['attn_layout']}{mid} + {res['indexer_layout']}"
+
+
+def _v4_row(res: dict[str, Any]) -> list[list[str]]:
+    """The row setting a V4.1 run's one-request cache bytes beside its V4 counterpart's (none for a V4 run)."""
+    v4 = res.get("v4_counterpart")
+    if not v4:
+        return []
+    mine, theirs = res["kv_bytes_per_token_request"], v4["kv_bytes_per_token_request"]
+    return [["KV bytes/token vs V4", f"one {v4['request_tokens']}-token request: {mine:.1f} here "
+             f"({res['cache_layers']} layers) vs {theirs:.1f} for {v4['model']} ({v4['cache_layers']} layers incl. "
+             f"MTP, {v4['attn_layout']} + {v4['indexer_layout']} pages of {v4['block_size']}; computed from its "
+             f"pool's page sizes, not run): {mine / theirs:.2f}x"]]
+
+
 def format_report(res: dict[str, Any]) -> str:
     """The screen table of a `run_requests` result."""
     single = res.get("single") or {}
@@ -47,10 +67,11 @@ def format_report(res: dict[str, Any]) -> str:
         ["KV bytes/token", f"{_fmt(res['kv_bytes_per_token_peak'])} at peak ({res['live_bytes_peak']} B for "
                            f"{res['live_tokens_at_peak']} positions); one {res['request_tokens']}-token request: "
                            f"{res['kv_bytes_per_token_request']:.1f}; pool peak {res['pool_bytes_peak']} B"],
+        *_v4_row(res),
         ["prefix reuse", f"{res['prefix_hits']} hits of {res['prefix_lookups']} lookups, "
                          f"{res['prefix_tokens_saved']} tokens saved"],
         ["setup", f"chunk {res['chunk']}, block size {res['block_size']}, layout {res['layout']} "
-                  f"({res['attn_layout']} + {res['indexer_layout']}), {res['device']}, {res['threads']} threads"],
+                  f"({_layouts(res)}), {res['device']}, {res['threads']} threads"],
     ]
     if res.get("ep"):
         rows.append(["expert parallel", f"{res['ep']} ranks ({res['transport']}), requests per rank "
