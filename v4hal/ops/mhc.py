@@ -64,8 +64,8 @@ def _check_hc_x(op, x, hc_fn, hc_mult, rows):
     C.shape(op, "hc_fn", hc_fn, (rows, hc_mult * d), f"[{rows}, hc*D]")
 
 
-def _check_hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps):
-    op = "hc_pre"
+def _check_site(op, x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps):
+    """The arguments of one mHC site's mixing (``hc_pre``, ``hc_mix``)."""
     C.in_range(op, "hc_mult", hc_mult, 1, C.MAX_HC_MULT)
     C.in_range(op, "sinkhorn_iters", sinkhorn_iters, 1, C.MAX_SINKHORN_ITERS)
     C.eps_arg(op, "norm_eps", norm_eps)
@@ -73,6 +73,10 @@ def _check_hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters
     _check_hc_params(op, hc_scale, hc_base, hc_mult, 3)
     _check_hc_x(op, x, hc_fn, hc_mult, (2 + hc_mult) * hc_mult)
     C.same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+
+
+def _check_hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps):
+    _check_site("hc_pre", x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps)
 
 
 def _fake_hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, iters, hc_eps):
@@ -146,14 +150,7 @@ def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_bas
 
 
 def _check_hc_mix(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps):
-    op = "hc_mix"
-    C.in_range(op, "hc_mult", hc_mult, 1, C.MAX_HC_MULT)
-    C.in_range(op, "sinkhorn_iters", sinkhorn_iters, 1, C.MAX_SINKHORN_ITERS)
-    C.eps_arg(op, "norm_eps", norm_eps)
-    C.eps_arg(op, "hc_eps", hc_eps)
-    _check_hc_params(op, hc_scale, hc_base, hc_mult, 3)
-    _check_hc_x(op, x, hc_fn, hc_mult, (2 + hc_mult) * hc_mult)
-    C.same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+    _check_site("hc_mix", x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps)
 
 
 define_op("hc_mix",
