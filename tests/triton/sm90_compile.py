@@ -240,7 +240,10 @@ def _csa2_cases() -> list[Case]:
 
 
 def _engram_cases() -> list[Case]:
-    """The Engram lookup (256-wide e4m3 rows, e8m0 / fp32 scales) and gate (bf16 streams, chunks of 1024)."""
+    """The Engram lookup (256-wide e4m3 rows, e8m0 / fp32 scales), gate (bf16 streams, chunks of 1024) and
+    hash (64 tokens / requests per program)."""
+    import triton
+
     cases = []
     for e8m0 in (True, False):
         t = {"rows_ptr": "*i64", "table_ptr": "*u8", "s_ptr": "*u8" if e8m0 else "*fp32", "out_ptr": "*bf16"}
@@ -251,6 +254,13 @@ def _engram_cases() -> list[Case]:
              "out_ptr": "*bf16", "eps": "fp32", "inv_sqrt_d": "fp32", "clamp": "fp32"}
         cases.append(Case(f"engram_gate bf16 mask={mask}", "engram:_gate_kernel", t,
                           dict(HAS_MASK=mask, BLOCK_D=1024), ("h_ptr", "kv_ptr", "q_ptr", "k_ptr", "out_ptr")))
+    t = {"ids_ptr": "*i64", "cu_ptr": "*i32", "hist_ptr": "*i64", "mult_ptr": "*i64", "primes_ptr": "*i64",
+         "rows_ptr": "*i64", "new_hist_ptr": "*i64"}
+    for n, heads in ((4, 8), (3, 2)):           # the release's 3 n-gram sizes x 8 heads; a small layout
+        cases.append(Case(f"engram_hash N={n} H={heads}", "engram:_hash_kernel", t,
+                          dict(N=n, H=heads, CP=triton.next_power_of_2((n - 1) * heads),
+                               BP=triton.next_power_of_2(n - 1), BLOCK_T=64, BLOCK_B=64),
+                          ("ids_ptr", "rows_ptr")))
     return cases
 
 
