@@ -155,3 +155,17 @@ def test_an_ulp_in_the_mhc_mix_fails_v41_parity_unless_choices_are_replayed(v41_
     assert all(r["status"] == "pass" for r in rows)
     assert max(r["calc_diff"] for r in rows if r["tensor"] == "logits") < DEFAULT_TOL_LOGITS / 4
     assert own.replayed == {} and replayed.replayed["moe_gate"][0] > 0
+
+
+def test_parity_command_reports_its_layouts_and_choice_mode(tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    from v4hal.apps.main import cli
+
+    monkeypatch.setenv("V4HAL_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "par.json"
+    assert cli(["parity", "--model", "v4-mini", "--backends", "reference", "--decode-steps", "1",
+                "--own-choices", "--json", str(out)]) == 0
+    assert "caches: model1_fp8 attention, indexer_fp4 indexer pages" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["layouts"] == ["model1_fp8", "indexer_fp4"] and res["own_choices"] is True and res["replayed"] == {}
