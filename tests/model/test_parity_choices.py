@@ -54,8 +54,8 @@ def test_replay_takes_the_recorded_experts_with_own_weights(near_tie) -> None:
     assert torch.allclose(got_w, s / s.sum(-1, keepdim=True) * 1.5, rtol=0, atol=1e-6)
     assert not torch.equal(got_w, want_w)
     assert play.replayed == {"moe_gate": [1, 2]}
-    assert format_replays("triton", play.replayed) == ("note: triton: choices near a tie replayed from the "
-                                                      "reference (its own differed): moe_gate 1 of 2 rows")
+    assert format_replays("triton", play.replayed) == ("note: triton: took the reference's top-k choices where its "
+                                                      "own differed (--own-choices keeps them): moe_gate 1 of 2 rows")
 
 
 def test_agreeing_choices_are_left_alone(near_tie) -> None:

@@ -20,13 +20,15 @@ apart by ~1e-3 (calc_diff) over a few quantized layers; a wrong kernel shows up 
 
 Discrete choices are replayed (`Decisions`): the graph's top-k choices (the experts of
 ``moe_gate``, the indexer's picks and the candidate blocks) turn a rounding difference into a
-different set of rows the moment two scores are near a tie, after which the streams differ by
-whole experts or whole KV entries. A one-ulp fp32 difference in a single mHC mix can do that
-(DeepSeek-V4.1-mini: a different expert in the last layer moves the decode logits by calc_diff
-~4e-2). So, as the backend runs take the reference's tokens, they take the reference's choices
-where theirs differ (the backend still computes its own, and the expert weights of the replayed
-experts come from its own scores); the table notes how many rows were replayed per op. The
-choosing ops themselves are checked bit for bit on their cases by ``v4hal parity`` (op level).
+different set of rows when two candidates score close (and the indexer's FP4 queries move a score
+by a whole FP4 step when a value upstream sits at a rounding boundary), after which the streams
+differ by whole experts or whole KV entries. Differences of one fp32 ulp in the mHC mixes are
+enough (DeepSeek-V4.1-mini: a different expert in the last layer moves the decode logits by
+calc_diff ~4e-2, twice the bound). So, as the backend runs take the reference's tokens, they take
+the reference's choices where theirs differ (the backend still computes its own, and the expert
+weights of the replayed experts come from its own scores); a note counts the rows replayed per
+op, and ``--own-choices`` turns the replay off. The choosing ops themselves are compared on their
+cases by ``v4hal parity`` (op level).
 
 The caches are paged in the layouts the backends' kernels read on a GPU (`parity_layouts`:
 the quantized pair, which stores exactly the values of the ``bf16`` pages), also on the CPU, so
@@ -143,8 +145,8 @@ def format_replays(backend: str, replayed: dict[str, list[int]]) -> str | None:
     parts = [f"{op} {n} of {total} rows" for op, (n, total) in replayed.items() if n]
     if not parts:
         return None
-    return (f"note: {backend}: choices near a tie replayed from the reference (its own differed): "
-            + ", ".join(parts))
+    return (f"note: {backend}: took the reference's top-k choices where its own differed (--own-choices keeps "
+            f"them): " + ", ".join(parts))
 
 
 def collect(model: Any, prompt: torch.Tensor, decode_steps: int, forced: torch.Tensor | None = None,
