@@ -89,7 +89,9 @@ def _mhc_cases() -> list[Case]:
     cases = [Case(f"hc_mix bf16 BT={bt}", "mhc:_hc_mix_kernel", mix_types,
                   dict(BLOCK_T=bt, BLOCK_K=64, MIXP=32, PREC="tf32x3"), ("x_ptr", "fn_ptr", "s_xt", "s_fn", "K_SPLIT"),
                   4, 2 if bt == 64 else 3) for bt in (16, 32, 64)]
-    cases += [Case(f"hc_apply head={head} mix_only={mix_only}", "mhc:_hc_apply_kernel", apply_types,
+    # mix_only (hc_mix): the launcher passes the fp32 ``pre`` output as y_ptr
+    cases += [Case(f"hc_apply head={head} mix_only={mix_only}", "mhc:_hc_apply_kernel",
+                   {**apply_types, "y_ptr": "*fp32"} if mix_only else apply_types,
                    dict(BLOCK_T=4, HCP=4, MIXP=16 if head else 32, BLOCK_D=256, HEAD=head, MIX_ONLY=mix_only),
                    ("x_ptr", "y_ptr", "s_xt", "s_xh", "s_yt"))
               for head, mix_only in ((False, False), (True, False), (False, True))]
