@@ -137,24 +137,28 @@ def v41_mini(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_an_ulp_in_the_mhc_mix_fails_v41_parity_unless_choices_are_replayed(v41_mini) -> None:
-    """The reference against itself with every mHC mix one fp32 ulp off: its own top-k choices flip near ties
-    (an expert in the last layer) and the logits leave the bound; with the reference's choices replayed every
-    row stays well inside it."""
+    """The reference against itself with every mHC mix one fp32 ulp off: its own top-k choices flip (an expert,
+    indexer picks) and the logits leave the bound (on at least one of three prompts: the first, as the graph
+    stands); with the reference's choices replayed every row of every prompt stays well inside it."""
     from v4hal.apps.run import make_prompt
     from v4hal.model.parity import DEFAULT_TOL_HIDDEN, DEFAULT_TOL_LOGITS, compare, run_backend
 
-    prompt = make_prompt(1, 24, 512, 0, "cpu")
-    ref = run_backend(str(v41_mini), "reference", "cpu", prompt, 1, None)
-    assert {op for op, _ in ref.decisions} == set(DECISION_OPS)          # every kind of choice V4.1 makes
-    with _NudgeMix():
-        own = run_backend(str(v41_mini), "reference", "cpu", prompt, 1, ref.tokens)
-        replayed = run_backend(str(v41_mini), "reference", "cpu", prompt, 1, ref.tokens, decisions=ref.decisions)
-    own_rows = compare(ref, own, DEFAULT_TOL_HIDDEN, DEFAULT_TOL_LOGITS)
-    rows = compare(ref, replayed, DEFAULT_TOL_HIDDEN, DEFAULT_TOL_LOGITS)
-    assert any(r["status"] == "FAIL" and r["tensor"] == "logits" for r in own_rows)
-    assert all(r["status"] == "pass" for r in rows)
-    assert max(r["calc_diff"] for r in rows if r["tensor"] == "logits") < DEFAULT_TOL_LOGITS / 4
-    assert own.replayed == {} and replayed.replayed["moe_gate"][0] > 0
+    own_worst = []
+    for seed in range(3):
+        prompt = make_prompt(1, 24, 512, seed, "cpu")
+        ref = run_backend(str(v41_mini), "reference", "cpu", prompt, 1, None)
+        assert {op for op, _ in ref.decisions} == set(DECISION_OPS)          # every kind of choice V4.1 makes
+        with _NudgeMix():
+            own = run_backend(str(v41_mini), "reference", "cpu", prompt, 1, ref.tokens)
+            replayed = run_backend(str(v41_mini), "reference", "cpu", prompt, 1, ref.tokens,
+                                   decisions=ref.decisions)
+        own_worst.append(max(r["calc_diff"] for r in compare(ref, own, DEFAULT_TOL_HIDDEN, DEFAULT_TOL_LOGITS)
+                             if r["tensor"] == "logits"))
+        rows = compare(ref, replayed, DEFAULT_TOL_HIDDEN, DEFAULT_TOL_LOGITS)
+        assert all(r["status"] == "pass" for r in rows), seed
+        assert max(r["calc_diff"] for r in rows if r["tensor"] == "logits") < DEFAULT_TOL_LOGITS / 4
+        assert own.replayed == {} and sum(n for n, _ in replayed.replayed.values()) > 0
+    assert max(own_worst) > DEFAULT_TOL_LOGITS, own_worst
 
 
 def test_parity_command_reports_its_layouts_and_choice_mode(tmp_path, monkeypatch, capsys) -> None:
