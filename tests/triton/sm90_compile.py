@@ -89,7 +89,9 @@ def _mhc_cases() -> list[Case]:
     cases = [Case(f"hc_mix bf16 BT={bt}", "mhc:_hc_mix_kernel", mix_types,
                   dict(BLOCK_T=bt, BLOCK_K=64, MIXP=32, PREC="tf32x3"), ("x_ptr", "fn_ptr", "s_xt", "s_fn", "K_SPLIT"),
                   4, 2 if bt == 64 else 3) for bt in (16, 32, 64)]
-    cases += [Case(f"hc_apply head={head} mix_only={mix_only}", "mhc:_hc_apply_kernel", apply_types,
+    # mix_only (hc_mix): the launcher passes the fp32 ``pre`` output as y_ptr
+    cases += [Case(f"hc_apply head={head} mix_only={mix_only}", "mhc:_hc_apply_kernel",
+                   {**apply_types, "y_ptr": "*fp32"} if mix_only else apply_types,
                    dict(BLOCK_T=4, HCP=4, MIXP=16 if head else 32, BLOCK_D=256, HEAD=head, MIX_ONLY=mix_only),
                    ("x_ptr", "y_ptr", "s_xt", "s_xh", "s_yt"))
               for head, mix_only in ((False, False), (True, False), (False, True))]
@@ -240,7 +242,10 @@ def _csa2_cases() -> list[Case]:
 
 
 def _engram_cases() -> list[Case]:
-    """The Engram lookup (256-wide e4m3 rows, e8m0 / fp32 scales) and gate (bf16 streams, chunks of 1024)."""
+    """The Engram lookup (256-wide e4m3 rows, e8m0 / fp32 scales), gate (bf16 streams, chunks of 1024) and
+    hash (64 tokens / requests per program)."""
+    import triton
+
     cases = []
     for e8m0 in (True, False):
         t = {"rows_ptr": "*i64", "table_ptr": "*u8", "s_ptr": "*u8" if e8m0 else "*fp32", "out_ptr": "*bf16"}
@@ -251,6 +256,13 @@ def _engram_cases() -> list[Case]:
              "out_ptr": "*bf16", "eps": "fp32", "inv_sqrt_d": "fp32", "clamp": "fp32"}
         cases.append(Case(f"engram_gate bf16 mask={mask}", "engram:_gate_kernel", t,
                           dict(HAS_MASK=mask, BLOCK_D=1024), ("h_ptr", "kv_ptr", "q_ptr", "k_ptr", "out_ptr")))
+    t = {"ids_ptr": "*i64", "cu_ptr": "*i32", "hist_ptr": "*i64", "mult_ptr": "*i64", "primes_ptr": "*i64",
+         "rows_ptr": "*i64", "new_hist_ptr": "*i64"}
+    for n, heads in ((4, 8), (3, 2)):           # the release's 3 n-gram sizes x 8 heads; a small layout
+        cases.append(Case(f"engram_hash N={n} H={heads}", "engram:_hash_kernel", t,
+                          dict(N=n, H=heads, CP=triton.next_power_of_2((n - 1) * heads),
+                               BP=triton.next_power_of_2(n - 1), BLOCK_T=64, BLOCK_B=64),
+                          ("ids_ptr", "rows_ptr")))
     return cases
 
 

@@ -17,7 +17,7 @@ from tests.reference.test_engram import make_table, oracle_gate, oracle_lookup
 from v4hal.backends.reference import engram as ref
 from v4hal.backends.triton import engram as tri
 from v4hal.hal.dispatch import use_backend
-from v4hal.ops.engram import engram_gate, engram_lookup
+from v4hal.ops.engram import engram_gate, engram_hash, engram_lookup, engram_multipliers, engram_primes
 
 
 @pytest.mark.parametrize("e8m0", [True, False])
@@ -85,3 +85,62 @@ def test_gate_matches_the_oracle_and_the_reference(dtype, t, hc, d, masked):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     if masked:
         assert torch.equal(got[1], streams[1])
+
+
+def _hash_both(ids, cu, hist, mult, primes, pad):
+    """(reference, triton) outputs of engram_hash on the same inputs (the history is not written in place)."""
+    with use_backend("reference"):
+        want = engram_hash(ids, cu, hist.clone(), mult, primes, pad)
+    with use_backend("triton"):
+        got = engram_hash(ids, cu, hist.clone(), mult, primes, pad)
+    return want, got
+
+
+@pytest.mark.parametrize("n,heads,b,max_len,seed", [(4, 8, 5, 9, 0), (3, 2, 70, 4, 1), (2, 3, 3, 150, 2),
+                                                     (6, 1, 9, 1, 3), (4, 8, 130, 2, 4)])
+def test_hash_matches_the_scalar_oracle(n, heads, b, max_len, seed):
+    """Ragged batches (empty requests, dead tokens, histories with dead entries) across several token and
+    history programs: the rows equal the scalar oracle's and the reference's, bit for bit."""
+    import random
+
+    from tests.reference.test_engram import DEAD, oracle_rows
+    rng = random.Random(seed)
+    vocab = 99_092
+    mult = engram_multipliers([1 + seed], n, vocab)[0]
+    primes = engram_primes([1 + seed], n, heads, 16_000_000 if n == 4 else 1000)[0]
+    reqs = [[DEAD if rng.random() < 0.15 else rng.randrange(vocab) for _ in range(rng.randrange(max_len + 1))]
+            for _ in range(b)]
+    pasts = [[DEAD if rng.random() < 0.2 else rng.randrange(vocab) for _ in range(rng.randrange(n))] for _ in reqs]
+    hist = torch.tensor([[DEAD] * (n - 1 - len(p)) + p for p in pasts], dtype=torch.int64)
+    ids = torch.tensor([t for r in reqs for t in r], dtype=torch.int64)
+    cu = torch.tensor([0] + torch.tensor([len(r) for r in reqs]).cumsum(0).tolist(), dtype=torch.int32)
+    (want_rows, want_hist), (rows, new_hist) = _hash_both(ids, cu, hist, mult, primes, 2)
+    oracle = [row for p, r in zip(pasts, reqs)
+              for row in oracle_rows([DEAD] * (n - 1 - len(p)) + p + r, n - 1, mult.tolist(), primes.tolist(), 2)]
+    assert rows.dtype == torch.int64 and rows.shape == (len(ids), (n - 1) * heads)
+    assert rows.tolist() == oracle and torch.equal(rows, want_rows)
+    assert new_hist.tolist() == [([DEAD] * (n - 1) + p + r)[-(n - 1):] for p, r in zip(pasts, reqs)]
+    assert torch.equal(new_hist, want_hist)
+
+
+def test_hash_of_ids_at_the_int64_limit():
+    """The largest ids the op accepts (id * multiplier just below 2**63): products, XOR and modulo in int64."""
+    mult = torch.tensor([(1 << 40) + 1, 3, (1 << 33) + 7], dtype=torch.int64)
+    top = (2 ** 63 - 1) // int(mult.max())
+    primes = torch.tensor([[1_000_003, 999_983], [16_000_057, 2_147_483_647]], dtype=torch.int64)
+    ids = torch.tensor([top, top - 1, 5, top, -1, top - 2, 0], dtype=torch.int64)
+    cu = torch.tensor([0, 4, 4, 7], dtype=torch.int64)
+    hist = torch.tensor([[top, -1], [3, 4], [-1, top]], dtype=torch.int64)
+    (want_rows, want_hist), (rows, new_hist) = _hash_both(ids, cu, hist, mult, primes, top)
+    assert torch.equal(rows, want_rows) and torch.equal(new_hist, want_hist)
+    assert int(rows.min()) >= 0
+
+
+def test_hash_of_no_tokens_keeps_the_history():
+    mult = torch.tensor([3, 5, 7], dtype=torch.int64)
+    primes = torch.tensor([[11, 13], [17, 19]], dtype=torch.int64)
+    hist = torch.tensor([[1, 2], [-1, 4]], dtype=torch.int64)
+    with use_backend("triton"):
+        rows, new_hist = engram_hash(torch.empty(0, dtype=torch.int64), torch.zeros(3, dtype=torch.int32), hist,
+                                     mult, primes, 0)
+    assert rows.shape == (0, 4) and torch.equal(new_hist, hist)

@@ -47,3 +47,29 @@ def test_v41_router_without_features():
     got = tri_moe.moe_gate(*args)
     assert_same_routing(got, ref_moe.moe_gate(*args), "v41 router D=0")
     assert set(got[1][0].tolist()) == {0, 1} and set(got[1][1].tolist()) == {6, 7}
+
+
+def test_model_parity_replays_an_expert_choice_through_the_triton_gate():
+    """Model parity's replay (`v4hal.model.parity.Decisions`) re-routes a token whose experts differ from the
+    recorded ones through the Triton gate's table routing: the recorded experts, weighted by the Triton
+    gate's own scores as the reference weights them."""
+    import v4hal
+    from v4hal.hal.dispatch import use_backend
+    from v4hal.model.parity import Decisions
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(16, 64, generator=g) * 0.125).to(torch.bfloat16)
+    bias = torch.zeros(16)
+    kw = dict(topk=4, bias=bias, score_func="sqrtsoftplus", route_scale=1.5, gate_temp=0.7, norm_eps=1e-20)
+    with use_backend("triton"):
+        own_w, own_i = v4hal.moe_gate(x, weight, **kw)
+        other = own_i.flip(0).contiguous()                  # another token's experts on every row
+        play = Decisions([("moe_gate", other)])
+        with play:
+            got_w, got_i = v4hal.moe_gate(x, weight, **kw)
+    assert torch.equal(got_i, other) and play.replayed == {"moe_gate": [4, 5]}   # the middle row is its own
+    ids = torch.arange(5, dtype=torch.int32)
+    want_w, _ = ref_moe.moe_gate(x, weight, 4, bias, "sqrtsoftplus", 1.5, other, ids, 0.7, None, None, 1e-20)
+    torch.testing.assert_close(got_w, want_w, rtol=2e-7, atol=0)
+    assert not torch.allclose(got_w, own_w)

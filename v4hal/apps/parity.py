@@ -7,7 +7,15 @@ import time
 from typing import Any
 
 from v4hal.apps.args import reports_errors, write_json
-from v4hal.model.parity import DEFAULT_TOL_HIDDEN, DEFAULT_TOL_LOGITS, MAX_TOL, compare, run_backend
+from v4hal.model.parity import (
+    DEFAULT_TOL_HIDDEN,
+    DEFAULT_TOL_LOGITS,
+    MAX_TOL,
+    compare,
+    format_replays,
+    parity_layouts,
+    run_backend,
+)
 from v4hal.model.parity import format_table as format_model_table
 from v4hal.parity import format_table, run_parity
 
@@ -92,6 +100,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"max calc_diff of a layer's output stream (default {DEFAULT_TOL_HIDDEN:g})")
     parser.add_argument("--tol-logits", type=float_in(0, MAX_TOL), default=DEFAULT_TOL_LOGITS,
                         help=f"max calc_diff of the logits (default {DEFAULT_TOL_LOGITS:g})")
+    parser.add_argument("--own-choices", action="store_true",
+                        help="let each backend keep its own top-k choices (experts, indexer picks) where they differ "
+                             "from the reference's (default: replay the reference's, see v4hal.model.parity)")
 
 
 def _opt(args: argparse.Namespace, name: str, default: Any) -> Any:
@@ -127,18 +138,25 @@ def model_main(args: argparse.Namespace) -> int:
     experts_fp8 = _opt(args, "experts", "checkpoint") == "fp8"
     tol_h, tol_l = _opt(args, "tol_hidden", DEFAULT_TOL_HIDDEN), _opt(args, "tol_logits", DEFAULT_TOL_LOGITS)
 
-    ref = run_backend(str(path), "reference", device, prompt, steps, None, experts_fp8)
+    layouts = parity_layouts(cfg, device)
+    own = bool(getattr(args, "own_choices", False))
+    ref = run_backend(str(path), "reference", device, prompt, steps, None, experts_fp8, layouts=layouts)
     forced = ref.tokens
     rows: list[dict[str, Any]] = []
     runs = {"reference": ref}
     for b in others:
-        runs[b] = run_backend(str(path), b, device, prompt, steps, forced, experts_fp8)
+        runs[b] = run_backend(str(path), b, device, prompt, steps, forced, experts_fp8,
+                              decisions=None if own else ref.decisions, layouts=layouts)
         rows += compare(ref, runs[b], tol_h, tol_l)
     if rows:
         print(format_model_table(rows))
+    print(f"caches: {layouts[0]} attention, {layouts[1]} indexer pages")
     for b, r in runs.items():
         for op, why in r.fallbacks.items():
             print(f"note: {b}: {op} ran on the reference backend ({why})")
+        line = format_replays(b, r.replayed)
+        if line:
+            print(line)
     failed = [r for r in rows if r["status"] == "FAIL"]
     if not others:
         print("only the reference backend was run (nothing to compare); set TRITON_INTERPRET=1 or use a GPU "
@@ -151,5 +169,7 @@ def model_main(args: argparse.Namespace) -> int:
                                "backends": backends, "prompt_len": prompt_len, "decode_steps": steps,
                                "tol_hidden": tol_h, "tol_logits": tol_l, "rows": rows,
                                "fallbacks": {b: r.fallbacks for b, r in runs.items()},
+                               "layouts": list(layouts), "own_choices": own,
+                               "replayed": {b: r.replayed for b, r in runs.items() if b != "reference"},
                                "reference_tokens": forced.tolist()})
     return 1 if failed else 0

@@ -172,12 +172,13 @@ class CacheSource(Protocol):
     def end_step(self, writes: list) -> None: ...
 
 
-def private_layouts(cfg: ModelConfig, device: torch.device) -> tuple[str, str]:
+def private_layouts(cfg: ModelConfig, device: torch.device, serving: bool = False) -> tuple[str, str]:
     """The (attention, indexer) layouts of a `PrivatePool` by default: ``bf16`` on the CPU (the reference reads
     it without decoding; it stores the model's values exactly), elsewhere `cache_layouts` of the device (what
     serving and its kernels use), each replaced by ``bf16`` where it cannot hold ``cfg``'s entries
-    (``model1_fp8`` keeps 64 bf16 rope dims; a layout's entry widths)."""
-    if device.type == "cpu":
+    (``model1_fp8`` keeps 64 bf16 rope dims; a layout's entry widths). ``serving``: the latter on the CPU too
+    (what the Triton kernels read, interpreted there)."""
+    if device.type == "cpu" and not serving:
         return "bf16", "bf16"
     attn, index = cache_layouts(device, cfg)
     if cfg.is_v41 and PAGED_LAYOUTS[compressed_layout(cfg, attn)].dim_problem(cfg.head_dim):

@@ -17,6 +17,22 @@ says which ops the comparison covered.
 The bounds are loose on purpose: FP8/FP4 activation quantization turns a one-ulp bf16
 difference upstream into a full quantization step downstream, so two correct backends drift
 apart by ~1e-3 (calc_diff) over a few quantized layers; a wrong kernel shows up as 1e-1..1.
+
+Discrete choices are replayed (`Decisions`): the graph's top-k choices (the experts of
+``moe_gate``, the indexer's picks and the candidate blocks) turn a rounding difference into a
+different set of rows when two candidates score close (and the indexer's FP4 queries move a score
+by a whole FP4 step when a value upstream sits at a rounding boundary), after which the streams
+differ by whole experts or whole KV entries. Differences of one fp32 ulp in the mHC mixes are
+enough (DeepSeek-V4.1-mini: a different expert in the last layer moves the decode logits by
+calc_diff ~4e-2, twice the bound). So, as the backend runs take the reference's tokens, they take
+the reference's choices where theirs differ (the backend still computes its own, and the expert
+weights of the replayed experts come from its own scores); a note counts the rows replayed per
+op, and ``--own-choices`` turns the replay off. The choosing ops themselves are compared on their
+cases by ``v4hal parity`` (op level).
+
+The caches are paged in the layouts the backends' kernels read on a GPU (`parity_layouts`:
+the quantized pair, which stores exactly the values of the ``bf16`` pages), also on the CPU, so
+that the interpreted Triton indexer reads the FP4 keys it reads on a GPU.
 """
 from __future__ import annotations
 
@@ -24,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from v4hal import compare as numerics
 from v4hal.compare import calc_diff
 
-__all__ = ["collect", "format_table", "compare", "calc_diff", "BackendRun", "run_backend"]
+__all__ = ["collect", "format_table", "compare", "calc_diff", "BackendRun", "run_backend", "Decisions",
+           "DECISION_OPS", "parity_layouts", "format_replays"]
 
 HIDDEN_RULE = numerics.rule_for(numerics.MODEL_HIDDEN, torch.float32)
 LOGITS_RULE = numerics.rule_for(numerics.MODEL_LOGITS, torch.float32)
@@ -46,6 +64,89 @@ class BackendRun:
     stages: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     fallbacks: dict[str, str] = field(default_factory=dict)   # op -> why it ran on the reference
+    #: the run's discrete choices in call order (`Decisions.log`): recorded by the reference run
+    decisions: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    #: op -> [rows whose choice was replayed from the reference, rows chosen] (empty for the reference)
+    replayed: dict[str, list[int]] = field(default_factory=dict)
+
+
+#: the ops whose outputs are discrete choices (int ids of the chosen experts / KV entries / blocks)
+DECISION_OPS = ("moe_gate", "indexer_topk_paged", "indexer_topk_paged_sparse", "indexer_candidate_blocks")
+
+
+def _rows(ids: torch.Tensor) -> torch.Tensor:
+    """Choices ``[..., k]`` as rows of sorted ids ``[R, k]`` (a row's choice is a set: order not compared)."""
+    return ids.reshape(-1, ids.shape[-1]).sort(dim=-1).values
+
+
+class Decisions(TorchFunctionMode):
+    """Inside ``with Decisions(recorded):`` the calls of `DECISION_OPS` are recorded (``recorded=None``: the
+    reference run; `log` lists ``(op, ids)`` in call order) or replayed: a call whose rows choose a different
+    set than the recorded call's returns the recorded choice instead (``moe_gate``: the recorded expert ids
+    with weights from this backend's own scores, by the op's table routing). `replayed` counts per op the rows
+    replaced and the rows chosen. A replayed run must make the same calls in the same order (same graph, same
+    tokens): `RuntimeError` otherwise."""
+
+    def __init__(self, recorded: list[tuple[str, torch.Tensor]] | None = None) -> None:
+        super().__init__()
+        self.recording = recorded is None
+        self.log: list[tuple[str, torch.Tensor]] = [] if recorded is None else recorded
+        self.pos = 0
+        self.replayed: dict[str, list[int]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        op = getattr(func, "_qualified_op_name", "").partition("v4hal::")[2]
+        out = func(*args, **kwargs)
+        if op not in DECISION_OPS:
+            return out
+        ids = out[1] if op == "moe_gate" else out
+        if self.recording:
+            self.log.append((op, ids.detach().clone()))
+            return out
+        if self.pos >= len(self.log) or self.log[self.pos][0] != op or self.log[self.pos][1].shape != ids.shape:
+            want = self.log[self.pos][0] if self.pos < len(self.log) else "no further choice"
+            raise RuntimeError(f"parity: choice {self.pos} of the replayed run is {op} {tuple(ids.shape)}, the "
+                               f"reference made {want} there: the runs did not compute the same graph")
+        ref = self.log[self.pos][1].to(ids.device)
+        self.pos += 1
+        differ = int((_rows(ids) != _rows(ref)).any(dim=-1).sum())
+        count = self.replayed.setdefault(op, [0, 0])
+        count[0] += differ
+        count[1] += ref.reshape(-1, ref.shape[-1]).shape[0]
+        if not differ:
+            return out
+        if op != "moe_gate":
+            return ref.clone()
+        return self._route_as(func, args, kwargs, ref)
+
+    @staticmethod
+    def _route_as(func: Any, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
+        """``moe_gate`` again with the experts ``ids [T, k]`` as its routing table (one row per token): the
+        weights of those experts from this backend's scores."""
+        names = [a.name for a in func.default._schema.arguments]
+        values = dict(zip(names, args), **kwargs)
+        values["tid2eid"] = ids.to(torch.int32).contiguous()
+        values["input_ids"] = torch.arange(ids.shape[0], dtype=torch.int32, device=ids.device)
+        return func(*(values[n] for n in names if n in values))
+
+
+def parity_layouts(cfg: Any, device: str | torch.device) -> tuple[str, str]:
+    """The (attention, indexer) cache layouts of a parity run: what a pool of ``cfg`` on ``device`` serves with
+    (`v4hal.model.caches.private_layouts` with ``serving=True``: the quantized pair where it fits the model, on
+    the CPU as on a GPU)."""
+    from .caches import private_layouts
+
+    return private_layouts(cfg, torch.device(device), serving=True)
+
+
+def format_replays(backend: str, replayed: dict[str, list[int]]) -> str | None:
+    """One line on the choices a backend run took from the reference, or None when it made none differently."""
+    parts = [f"{op} {n} of {total} rows" for op, (n, total) in replayed.items() if n]
+    if not parts:
+        return None
+    return (f"note: {backend}: took the reference's top-k choices where its own differed (--own-choices keeps "
+            f"them): " + ", ".join(parts))
 
 
 def collect(model: Any, prompt: torch.Tensor, decode_steps: int, forced: torch.Tensor | None = None,
@@ -73,8 +174,12 @@ def collect(model: Any, prompt: torch.Tensor, decode_steps: int, forced: torch.T
 
 
 def run_backend(path: str, backend: str, device: str, prompt: torch.Tensor, decode_steps: int,
-                forced: torch.Tensor | None, experts_fp8: bool = False, max_retries: int = 32) -> BackendRun:
-    """Load the checkpoint and run it on ``backend``; ops the backend cannot serve fall back to the reference."""
+                forced: torch.Tensor | None, experts_fp8: bool = False, max_retries: int = 32,
+                decisions: list[tuple[str, torch.Tensor]] | None = None,
+                layouts: tuple[str, str] | None = None) -> BackendRun:
+    """Load the checkpoint and run it on ``backend``; ops the backend cannot serve fall back to the reference.
+    ``decisions``: the reference run's choices to replay (`Decisions`; None: record this run's own, as
+    `BackendRun.decisions`); ``layouts``: the caches' (attention, indexer) layouts (None: `parity_layouts`)."""
     import v4hal
     from v4hal.hal.errors import BackendUnavailableError
 
@@ -83,10 +188,15 @@ def run_backend(path: str, backend: str, device: str, prompt: torch.Tensor, deco
     run = BackendRun(backend)
     for _ in range(max_retries):
         model = V4Model.from_pretrained(path, device=device, experts_fp8=experts_fp8)
+        model.private_layouts = layouts or parity_layouts(model.config, device)
         per_op = {op: "reference" for op in run.fallbacks}
+        mode = Decisions(decisions)
         try:
-            with v4hal.use_backend(backend, **per_op):
+            with v4hal.use_backend(backend, **per_op), mode:
                 run.stages, run.tokens = collect(model, prompt, decode_steps, forced)
+            if decisions is None:
+                run.decisions = mode.log
+            run.replayed = mode.replayed
             return run
         except BackendUnavailableError as e:
             op = str(e).split(":", 1)[0].strip()

@@ -8,11 +8,17 @@
   an existing host tensor in place (``cudaHostRegister``, mapped + portable).
 - ``engram_gate``: one program per token; per mHC stream two passes over ``D`` in chunks of ``BLOCK_D``:
   the sums of ``h^2``, ``key^2`` and ``h * q * k * key``, then ``h + gate * value``, all fp32.
-- ``engram_hash`` has no kernel: the reference's torch ops (integer gathers, XOR, modulo over
-  ``[T, 24]``) serve every device.
+- ``engram_hash``: one launch for the whole ragged batch. Token programs (``BLOCK_T`` tokens each) find
+  each token's request by a binary search of ``cu_seqlens``, walk the look-back ``s = 0 .. N-1`` (this
+  step's ids, then the request's history; pad from the first dead token or the sequence start on), keep
+  the rolling XOR of ``id * multiplier`` in int64 and write ``hash % prime + row offset`` for every
+  (n-gram size, head) column, the offsets being the running sum of the primes (computed in the program).
+  History programs (``BLOCK_B`` requests each) write the new history: the last ``N - 1`` ids of
+  ``[history ; this step's ids]``. The reference's version is some 30 small torch launches per layer.
 
 Outputs are rounded to nearest even from fp32 (:func:`._cast.cast_out`). Verified where: numerics under
-the Triton interpreter (CPU tables, fp32/bf16/fp16 outputs, fp32 and e8m0 scales); the kernels compile
+the Triton interpreter (CPU tables, fp32/bf16/fp16 outputs, fp32 and e8m0 scales; the hash bit for bit
+against the reference on ragged batches with dead tokens, empty requests and long look-backs); the kernels compile
 for sm_90a without spills (``tests/triton/sm90_compile.py``). The host-mapped read and all speeds only
 on a GPU.
 """
@@ -35,6 +41,8 @@ from .quant import _scale_arg, interpreting, load_scale
 
 _TILE = 4096          # gathered elements per lookup program
 _GATE_BLOCK = 1024    # channels per pass step of the gate
+_HASH_TOKENS = 64     # tokens per hash program
+_HASH_REQUESTS = 64   # requests per history program of the hash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,3 +179,87 @@ def engram_gate(streams: torch.Tensor, kv: torch.Tensor, q_weight: torch.Tensor,
         GATE_CLAMP, HAS_MASK=token_mask is not None, SOFT=interpreting(streams),
         BLOCK_D=min(_GATE_BLOCK, next_pow2(d)), num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# engram_hash
+
+
+@triton.jit
+def _hash_kernel(ids_ptr, cu_ptr, hist_ptr, mult_ptr, primes_ptr, rows_ptr, new_hist_ptr, T, B, pad_id,
+                 token_programs, search_steps,
+                 N: tl.constexpr, H: tl.constexpr, CP: tl.constexpr, BP: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Programs ``0 .. token_programs-1``: rows ``[T, (N-1) H]`` of ``BLOCK_T`` tokens; the others: the new
+    history ``[B, N-1]`` of ``BLOCK_B`` requests. ``CP`` / ``BP``: ``(N-1) H`` / ``N-1`` rounded up to powers of 2."""
+    pid = tl.program_id(0)
+    back = N - 1
+    if pid < token_programs:
+        t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = t < T
+        # the token's request: the last b in [0, B) with cu[b] <= t (cu rises from 0)
+        lo = tl.zeros([BLOCK_T], dtype=tl.int64)
+        hi = tl.zeros([BLOCK_T], dtype=tl.int64) + (B - 1)
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) // 2
+            go = tl.load(cu_ptr + mid).to(tl.int64) <= t
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        req = lo
+        pos = t - tl.load(cu_ptr + req).to(tl.int64)
+        cols = tl.arange(0, CP)
+        cok = cols < back * H
+        primes = tl.load(primes_ptr + cols, mask=cok, other=1)
+        offsets = tl.cumsum(tl.where(cok, primes, 0), 0) - tl.where(cok, primes, 0)
+        rolling = tl.zeros([BLOCK_T], dtype=tl.int64)
+        blocked = tl.zeros([BLOCK_T], dtype=tl.int1)
+        rows = tl.zeros([BLOCK_T, CP], dtype=tl.int64)
+        for s in tl.static_range(N):
+            in_chunk = pos >= s
+            own = tl.load(ids_ptr + tl.maximum(t - s, 0), mask=ok & in_chunk, other=0)
+            h_col = tl.minimum(tl.maximum(back - (s - pos), 0), back - 1)
+            old = tl.load(hist_ptr + req * back + h_col, mask=ok & (pos < s), other=0)
+            src = tl.where(in_chunk, own, old)
+            blocked = blocked | (src == -1)
+            word = tl.where(blocked, pad_id, src).to(tl.int64) * tl.load(mult_ptr + s)
+            rolling = rolling ^ word
+            if s >= 1:
+                mine = (cols >= (s - 1) * H) & (cols < s * H)
+                rows = tl.where(mine[None, :], rolling[:, None] % primes[None, :], rows)
+        out = rows + offsets[None, :]
+        tl.store(rows_ptr + t[:, None] * (back * H) + cols[None, :], out, mask=ok[:, None] & cok[None, :])
+    else:
+        b = (pid - token_programs).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        bok = b < B
+        start = tl.load(cu_ptr + b, mask=bok, other=0).to(tl.int64)
+        end = tl.load(cu_ptr + b + 1, mask=bok, other=0).to(tl.int64)
+        k = tl.arange(0, BP)
+        kok = k < back
+        from_end = back - k                                      # 1-based distance from the request's end
+        in_new = (end - start)[:, None] >= from_end[None, :]
+        live = bok[:, None] & kok[None, :]
+        new = tl.load(ids_ptr + end[:, None] - from_end[None, :], mask=live & in_new, other=0)
+        shifted = tl.minimum(k[None, :] + (end - start)[:, None], back - 1)
+        kept = tl.load(hist_ptr + b[:, None] * back + shifted, mask=live & ~in_new, other=0)
+        tl.store(new_hist_ptr + b[:, None] * back + k[None, :], tl.where(in_new, new, kept), mask=live)
+
+
+@implements("engram_hash", "triton")
+def engram_hash(ids: torch.Tensor, cu_seqlens: torch.Tensor, history: torch.Tensor, multipliers: torch.Tensor,
+                primes: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids int64 ``[T]``, cu_seqlens int ``[B + 1]``, history int64 ``[B, N - 1]``, multipliers int64 ``[N]``,
+    primes int64 ``[N - 1, H]`` -> (rows int64 ``[T, (N - 1) H]``, new history int64 ``[B, N - 1]``)."""
+    t, b, n = ids.shape[0], history.shape[0], multipliers.shape[0]
+    heads = primes.shape[1]
+    rows = torch.empty(t, (n - 1) * heads, dtype=torch.int64, device=ids.device)
+    new_hist = torch.empty_like(history, memory_format=torch.contiguous_format)
+    token_programs = cdiv(t, _HASH_TOKENS) if b else 0
+    grid = token_programs + cdiv(b, _HASH_REQUESTS)
+    if grid == 0:
+        return rows, new_hist
+    _hash_kernel[(grid,)](
+        ids.contiguous(), cu_seqlens.contiguous(), history.contiguous(), multipliers.contiguous(),
+        primes.contiguous(), rows, new_hist, t, b, int(pad_id), token_programs, max(1, b).bit_length(),
+        N=n, H=heads, CP=next_pow2((n - 1) * heads), BP=next_pow2(n - 1), BLOCK_T=_HASH_TOKENS,
+        BLOCK_B=_HASH_REQUESTS, num_warps=4)
+    return rows, new_hist
