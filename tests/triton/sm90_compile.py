@@ -366,9 +366,7 @@ def compile_case(case: Case) -> dict[str, Any]:
             "spill_bytes": int(spill.group(1)) if spill else None, "smem": int(compiled.metadata.shared),
             "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
             "serving": case.serving,
-            # a MIX_ONLY launch writes only the fp32 mixes, never its bf16 output
-            "bf16_out": any(case.types.get(n) == "*bf16" for n in ("out_ptr", "y_ptr"))
-            and not case.constexprs.get("MIX_ONLY", False),
+            "bf16_out": any(case.types.get(n) == "*bf16" for n in ("out_ptr", "y_ptr")),
             "bf16_cvt": ptx.count("cvt.rn.bf16")}     # hardware fp32 -> bf16 conversions (f32 and bf16x2)
 
 
