@@ -758,7 +758,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     bisect = None
     if a.bisect and v4hal_error is None and not a.skip_v4hal:
         progress("bisection: teacher-forced layers, HF bf16 and v4hal against HF fp32 (one-shot prefill + decode)")
-        bisect = run_bisect(modeling, cfg, hf_path, v4_path, tokens, one_shot, a.hf_fp8_act)
+        bisect = run_bisect(modeling, cfg, hf_path, v4_path, tokens, one_shot,
+                            a.hf_fp8_act and a.v4hal_dtype == "fp8")
 
     phases = spans(a.prompt_len, total)
     table = comparisons(runs, phases, a.tol_factor, a.tol_floor)
@@ -861,8 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run HF (fp32 and bf16) with v4hal's FP8 activations ahead of every FP8 / FP4 weight "
                          "(the yardstick of --v4hal-dtype fp8) and compare the v4hal runs with it too")
     ap.add_argument("--bisect", action="store_true",
-                    help="also print the teacher-forced per-layer table (see run_bisect; with --hf-fp8-act against "
-                         "HF with FP8 activations)")
+                    help="also print the teacher-forced per-layer table (see run_bisect; for an fp8 copy with "
+                         "--hf-fp8-act: against HF with FP8 activations)")
     ap.add_argument("--generate", action="store_true", help="also record HF generate()'s greedy tokens")
     ap.add_argument("--skip-v4hal", action="store_true", help="run the HF side only")
     return ap
