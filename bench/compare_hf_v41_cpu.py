@@ -644,8 +644,16 @@ def v4hal_forced_rows(model, tokens: list[int], pieces: list[tuple[int, int]], f
     return cap
 
 
+def _row_diffs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """calc_diff of each row of ``a [R, D]`` against ``b`` (float64; 0 for two zero rows)."""
+    den = (a * a + b * b).sum(-1)
+    return torch.where(den > 0, 1 - 2 * (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
 def bisect_layers(ref: dict, others: dict[str, dict], n_calls: int, n_layers: int) -> list[dict[str, Any]]:
-    """Per layer and part, calc_diff of each run in ``others`` against ``ref`` (all calls' rows together)."""
+    """Per layer and part, calc_diff of each run in ``others`` against ``ref`` (all calls' rows together) and the
+    median of the per-row calc_diffs (``<name>_median``: one token routed to another expert or attending
+    another top-k pick moves the first a lot, the median hardly)."""
     from v4hal.compare import calc_diff
 
     out = []
@@ -657,7 +665,9 @@ def bisect_layers(ref: dict, others: dict[str, dict], n_calls: int, n_layers: in
             r = torch.cat([ref[k] for k in keys]).double()
             row: dict[str, Any] = {"layer": i, "part": part}
             for name, cap in others.items():
-                row[name] = calc_diff(r, torch.cat([cap[k] for k in keys]).double())
+                x = torch.cat([cap[k] for k in keys]).double()
+                row[name] = calc_diff(r, x)
+                row[name + "_median"] = float(_row_diffs(r, x).median())
             out.append(row)
     return out
 
@@ -686,13 +696,18 @@ def run_bisect(modeling, cfg, hf_path: Path, v4_path: Path, tokens: list[int], p
 
 
 def format_bisect(rows: list[dict[str, Any]], factor: float) -> str:
-    lines = [f"{'layer':>5} {'part':<7} {'hf_bf16':>9} {'v4hal':>9} {'ratio':>6}", "-" * 42]
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else (0.0 if a == 0 else math.inf)
+
+    lines = [f"{'layer':>5} {'part':<7} {'hf_bf16':>9} {'v4hal':>9} {'ratio':>6}  {'median':>9} {'median':>9} "
+             f"{'ratio':>6}", f"{'':>14}{'(all rows together)':^27}  {'hf_bf16 / v4hal, per row':^26}", "-" * 72]
     for r in rows:
-        ratio = r["v4hal"] / r["hf_bf16"] if r["hf_bf16"] > 0 else math.inf
-        flag = "  <<" if ratio > factor else ""
-        lines.append(f"{r['layer']:>5} {r['part']:<7} {r['hf_bf16']:9.2e} {r['v4hal']:9.2e} {ratio:6.2f}{flag}")
-    lines.append(f"teacher-forced calc_diff against HF fp32 of each layer's parts "
-                 f"(<< : v4hal above {factor:g}x HF bf16)")
+        whole, med = ratio(r["v4hal"], r["hf_bf16"]), ratio(r["v4hal_median"], r["hf_bf16_median"])
+        flag = "  <<" if med > factor else ""
+        lines.append(f"{r['layer']:>5} {r['part']:<7} {r['hf_bf16']:9.2e} {r['v4hal']:9.2e} {whole:6.2f}  "
+                     f"{r['hf_bf16_median']:9.2e} {r['v4hal_median']:9.2e} {med:6.2f}{flag}")
+    lines.append(f"teacher-forced calc_diff against HF fp32 of each layer's parts (<< : v4hal's median above "
+                 f"{factor:g}x HF bf16's)")
     return "\n".join(lines)
 
 

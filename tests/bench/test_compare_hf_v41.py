@@ -323,4 +323,7 @@ def test_forced_layers_replay_their_own_inputs(cmp, v41_model) -> None:
     rows = cmp.bisect_layers(forced, {"same": forced}, len(pieces), model.config.n_layers)
     assert [(r["layer"], r["part"]) for r in rows[:5]] == [(0, "attn"), (0, "ffn"), (0, "layer"), (1, "engram"),
                                                            (1, "attn")]
-    assert all(r["same"] == 0.0 for r in rows)
+    assert all(r["same"] == 0.0 and r["same_median"] == 0.0 for r in rows)
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]).double()
+    b = torch.tensor([[1.0, 0.0], [0.0, -2.0], [1.0, 0.0]]).double()
+    assert cmp._row_diffs(a, b).tolist() == [0.0, 2.0, 1 - 2 / 3]
