@@ -17,20 +17,28 @@ What it does:
    tokenizer whose normalised vocabulary has ``engram_compressed_vocab_size`` entries) and, under the release
    tensor names (``layers.{i}.attn.wq_a.weight``, ``embed.weight``, ``head.weight``), for v4hal
    (``<out>/v4hal``: ``save_tensors`` of a v4hal config; bf16 weights, or with ``--v4hal-dtype fp8`` the
-   FP8 / FP4 kinds of v4hal's ``checkpoint_spec`` with their scales, holding the same values exactly);
+   FP8 / FP4 kinds of v4hal's ``checkpoint_spec`` with their scales, holding the same values exactly; the
+   Engram tables are FP8 rows in both);
 2. runs HF's cache path (what ``generate()`` uses: one ``DynamicCache`` across calls) in fp32 and bf16: a
    one-shot prefill then ``--decode`` one-token steps (fp32 greedy tokens, fed to every other run), and a
-   chunked prefill (``--chunks``, odd sizes that cut ratio-2 groups) then the same decode steps;
-3. runs v4hal (when ``V4Model`` takes the V4.1 checkpoint): ``forward`` (whole prompt, then one token per
-   call), ``forward`` with the same chunks, and ``forward_batch`` on a ``CachePool`` with two other requests
-   prefilled and decoded in the same steps;
+   chunked prefill (``--chunks``, odd sizes that cut ratio-2 groups) then the same decode steps; with
+   ``--hf-fp8-act`` the same again with v4hal's FP8 activations ahead of every weight the FP8 copy stores FP8 /
+   FP4 (`emulate_fp8_activations`: the yardstick of ``--v4hal-dtype fp8``);
+3. runs v4hal: ``forward`` (whole prompt, then one token per call), ``forward`` with the same chunks, and
+   ``forward_batch`` on a ``CachePool`` with two other requests prefilled and decoded in the same steps;
 4. prints a table and writes ``--out`` JSON: per run and phase (prompt / decode positions), max |diff| and
-   ``calc_diff`` (``1 - 2<x,y>/(|x|^2+|y|^2)``) of the logits against HF fp32, and the share of positions
-   whose argmax agrees. HF's own bf16-vs-fp32 spread is the yardstick: a v4hal run passes when its
-   ``calc_diff`` is at most ``--tol-factor`` times that spread (floor ``--tol-floor``) and every argmax agrees.
+   ``calc_diff`` (``1 - 2<x,y>/(|x|^2+|y|^2)``) of the logits against HF fp32 (and HF fp32 with FP8
+   activations), and the share of positions whose argmax agrees. HF's own bf16-vs-fp32 spread is the yardstick
+   (`yardsticks`, `comparisons`): a v4hal run passes when its ``calc_diff`` is at most ``--tol-factor`` times
+   that spread (floor ``--tol-floor``) and its argmax agrees at every decisive position, one where HF fp32's
+   top-2 margin exceeds HF bf16's largest logit error (`compare_rows`; below it HF's own rounding swaps tokens);
+5. with ``--bisect``, the teacher-forced per-layer table (`run_bisect`): each layer of HF bf16 and of v4hal
+   started from HF fp32's inputs to it, the calc_diff its Engram, attention, MoE and output add.
 
 v4hal returns the logits of each call's last token, so its runs are compared at the positions it returns
-(prompt end or chunk ends, and every decode position); HF rows exist for every position.
+(prompt end or chunk ends, and every decode position); HF rows exist for every position. Exact ties among the
+indexer's scores are avoided by default (`init_weights`): the public code orders them as ``torch.topk`` happens
+to, v4hal by ascending position.
 
     /tmp/venv/bin/python bench/compare_hf_v41_cpu.py --hf-dir /tmp/hf_v41 --out /tmp/v41_parity.json
 """
@@ -761,7 +769,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         try:
             progress("v4hal: loading")
             model = load_v4hal(v4_path)
-        except Exception as e:  # the V4.1 graph may not take this checkpoint yet: say why, keep HF's results
+        except Exception as e:  # a checkpoint v4hal refuses: say why, keep HF's results
             v4hal_error = f"{type(e).__name__}: {e}"
             progress(f"v4hal: not run ({v4hal_error})")
         else:
