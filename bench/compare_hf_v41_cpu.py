@@ -81,6 +81,11 @@ _FP32_SUFFIXES = ("hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "h
 #: std x sqrt(fan_in) of the projections that end a residual branch (attention wo_b, expert w2): small
 #: branches keep a random 8-layer model from amplifying rounding (HF's bf16-vs-fp32 spread is the yardstick)
 BRANCH_SCALE = 0.25
+#: std of the mHC mixing weights and biases (``hc_*_fn``, ``hc_*_base``): biases of std 1 make the pre / post /
+#: comb mixes differ from site to site and stream to stream, so the streams part ways and which site's pre mix
+#: collapses them matters (with std 0.1 every mix is near uniform, and collapsing attention with its own pre mix
+#: instead of the previous site's moved no layer's output beyond HF's bf16 noise)
+HC_FN_STD, HC_BASE_STD = 0.02, 1.0
 
 
 def progress(msg: str) -> None:
@@ -307,8 +312,10 @@ def init_weights(model: torch.nn.Module, cfg, seed: int, paired_index_heads: boo
             if name.endswith("engram.embed.scale"):
                 w = torch.ones(shape)
             elif name.endswith(("hc_attn_fn", "hc_ffn_fn")):
-                w = randn(shape) * 0.02
-            elif name.endswith(("hc_attn_base", "hc_ffn_base", "gate.bias", "gate.bias_vl")):
+                w = randn(shape) * HC_FN_STD
+            elif name.endswith(("hc_attn_base", "hc_ffn_base")):
+                w = randn(shape) * HC_BASE_STD
+            elif name.endswith(("gate.bias", "gate.bias_vl")):
                 w = randn(shape) * 0.1
             elif name.endswith(("hc_attn_scale", "hc_ffn_scale", "q_weight", "k_weight")) or "norm" in name:
                 w = 1.0 + 0.1 * randn(shape)
@@ -703,6 +710,18 @@ def run_bisect(modeling, cfg, hf_path: Path, v4_path: Path, tokens: list[int], p
     return bisect_layers(ref, {"hf_bf16": b16, "v4hal": v4}, len(pieces), cfg.n_layers)
 
 
+def bisect_verdict(rows: list[dict[str, Any]], factor: float) -> dict[str, Any]:
+    """``pass`` when every part's per-row median calc_diff (v4hal) is at most ``factor`` x HF bf16's; the worst
+    part. Medians, not the pooled figures: one rerouted token moves those (see `bisect_layers`)."""
+    def ratio(r: dict[str, Any]) -> float:
+        b = r["hf_bf16_median"]
+        return r["v4hal_median"] / b if b > 0 else (0.0 if r["v4hal_median"] == 0 else math.inf)
+
+    worst = max(rows, key=ratio)
+    return {"verdict": "pass" if ratio(worst) <= factor else "FAIL", "worst_layer": worst["layer"],
+            "worst_part": worst["part"], "worst_median_ratio": ratio(worst)}
+
+
 def format_bisect(rows: list[dict[str, Any]], factor: float) -> str:
     def ratio(a: float, b: float) -> float:
         return a / b if b > 0 else (0.0 if a == 0 else math.inf)
@@ -716,6 +735,9 @@ def format_bisect(rows: list[dict[str, Any]], factor: float) -> str:
                      f"{r['hf_bf16_median']:9.2e} {r['v4hal_median']:9.2e} {med:6.2f}{flag}")
     lines.append(f"teacher-forced calc_diff against HF fp32 of each layer's parts (<< : v4hal's median above "
                  f"{factor:g}x HF bf16's)")
+    v = bisect_verdict(rows, factor)
+    lines.append(f"bisection: {v['verdict']} (worst: layer {v['worst_layer']} {v['worst_part']}, median "
+                 f"{v['worst_median_ratio']:.2f}x HF bf16's)")
     return "\n".join(lines)
 
 
@@ -794,7 +816,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "generate_matches": None if gen is None else gen == forced,
         "bf16_spread": {ph: compare_rows(runs["hf_fp32"], runs["hf_bf16"], pos) for ph, pos in phases.items()},
         "tol_factor": a.tol_factor, "tol_floor": a.tol_floor, "v4hal_error": v4hal_error, "rows": table,
-        "bisect": bisect,
+        "bisect": bisect, "bisect_verdict": bisect_verdict(bisect, a.tol_factor) if bisect else None,
     }
 
 

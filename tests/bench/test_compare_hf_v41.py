@@ -327,3 +327,8 @@ def test_forced_layers_replay_their_own_inputs(cmp, v41_model) -> None:
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]).double()
     b = torch.tensor([[1.0, 0.0], [0.0, -2.0], [1.0, 0.0]]).double()
     assert cmp._row_diffs(a, b).tolist() == [0.0, 2.0, 1 - 2 / 3]
+    two = [{"layer": 0, "part": "attn", "hf_bf16_median": 1e-4, "v4hal_median": 2e-4},
+           {"layer": 1, "part": "ffn", "hf_bf16_median": 1e-5, "v4hal_median": 5e-5}]
+    assert cmp.bisect_verdict(two, 4.0) == {"verdict": "FAIL", "worst_layer": 1, "worst_part": "ffn",
+                                            "worst_median_ratio": 5.0}
+    assert cmp.bisect_verdict(two, 5.0)["verdict"] == "pass"
