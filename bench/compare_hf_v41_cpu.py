@@ -742,11 +742,29 @@ def format_bisect(rows: list[dict[str, Any]], factor: float) -> str:
 
 
 # ---------------------------------------------------------------------------- driver
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def model_config(preset: str, replace: str | None):
+    """The v4hal preset ``preset`` with the fields of the JSON object ``replace`` replaced (validated), e.g.
+    ``{"n_layers": 10, "kv_source_layers": [2, 4, 6]}`` for a topology closer to the release's."""
+    from v4hal.hal.errors import V4HalError
     from v4hal.model.config import ModelConfig
 
+    cfg = ModelConfig.preset(preset)
+    if not replace:
+        return cfg
+    try:
+        fields = json.loads(replace)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        cfg = cfg.replace(**fields)
+        cfg.validate()
+    except (ValueError, TypeError, V4HalError) as e:
+        raise SystemExit(f"--replace {replace!r}: {e}") from None
+    return cfg
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
-    cfg = ModelConfig.preset(a.model)
+    cfg = model_config(a.model, a.replace)
     modeling = load_hf(a.hf_dir)
     if a.checkpoint is None:
         progress(f"building the {a.model} checkpoint (seed {a.seed}) in {a.workdir}")
@@ -809,7 +827,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     phases = spans(a.prompt_len, total)
     table = comparisons(runs, phases, a.tol_factor, a.tol_floor)
     return {
-        "model": a.model, "seed": a.seed, "prompt_len": a.prompt_len, "decode": a.decode, "chunks": a.chunks,
+        "model": a.model, "replace": a.replace, "seed": a.seed, "prompt_len": a.prompt_len, "decode": a.decode,
+        "chunks": a.chunks,
         "threads": a.threads, "v4hal_dtype": a.v4hal_dtype, "hf_checkpoint": str(hf_path),
         "v4hal_checkpoint": str(v4_path), "patches": list(PATCHES), "prompt": prompt,
         "greedy_tokens_hf_fp32": forced, "generate_tokens_hf_fp32": gen,
@@ -885,6 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder holding the HF modeling_deepseek_v41.py and configuration_deepseek_v41.py")
     ap.add_argument("--out", required=True, type=Path, help="JSON file to write the results to")
     ap.add_argument("--model", default="v41-mini", help="v4hal preset of the config (a V4.1 one)")
+    ap.add_argument("--replace", default=None,
+                    help="JSON object of config fields to replace in the preset (e.g. more layers and KV sources)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/v41_parity_ckpt"),
                     help="where the built checkpoint goes (hf/ and v4hal/)")
     ap.add_argument("--checkpoint", type=Path, default=None,

@@ -332,3 +332,14 @@ def test_forced_layers_replay_their_own_inputs(cmp, v41_model) -> None:
     assert cmp.bisect_verdict(two, 4.0) == {"verdict": "FAIL", "worst_layer": 1, "worst_part": "ffn",
                                             "worst_median_ratio": 5.0}
     assert cmp.bisect_verdict(two, 5.0)["verdict"] == "pass"
+
+
+def test_model_config_replaces_fields(cmp) -> None:
+    cfg = cmp.model_config("v41-mini", '{"n_layers": 10, "compress_ratios": [0, 0, 2, 2, 2, 2, 1, 1, 1, 1], '
+                                       '"kv_source_layers": [2, 4, 6], "index_source_layers": [2, 4, 6, 8], '
+                                       '"candidate_source_layer": 6}')
+    assert cfg.n_layers == 10 and cfg.kv_source_of(5) == 4 and cfg.index_source_of(9) == 8
+    assert cmp.model_config("v41-mini", None) == ModelConfig.preset("v41-mini")
+    for bad in ("[1]", "{", '{"no_such_field": 1}', '{"n_layers": 10}'):      # the last: ratios of 8 layers
+        with pytest.raises(SystemExit, match="--replace"):
+            cmp.model_config("v41-mini", bad)
