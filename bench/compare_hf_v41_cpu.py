@@ -632,11 +632,8 @@ def v4hal_forced_rows(model, tokens: list[int], pieces: list[tuple[int, int]], f
     cap: dict[tuple, Any] = {}
     call = [0]
     handles = []
-    originals = {}
     for i, block in enumerate(model.layers):
-        originals[i] = block.forward_lagged
-
-        def lagged(h, mix, *args, _orig=originals[i], i=i, **kw):
+        def lagged(h, mix, *args, _orig=block.forward_lagged, i=i, **kw):
             fh, fmix = forced[(call[0], "in", i)]
             out = _orig(fh.to(h.dtype).view(h.shape), fmix.float().view(mix.shape), *args, **kw)
             _record(cap, (call[0], "layer", i), out[0])
@@ -654,8 +651,8 @@ def v4hal_forced_rows(model, tokens: list[int], pieces: list[tuple[int, int]], f
     finally:
         for h in handles:
             h.remove()
-        for i, block in enumerate(model.layers):
-            del block.forward_lagged            # back to the class's method
+        for block in model.layers:
+            vars(block).pop("forward_lagged", None)          # back to the class's method
     return cap
 
 
