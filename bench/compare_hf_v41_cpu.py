@@ -17,20 +17,28 @@ What it does:
    tokenizer whose normalised vocabulary has ``engram_compressed_vocab_size`` entries) and, under the release
    tensor names (``layers.{i}.attn.wq_a.weight``, ``embed.weight``, ``head.weight``), for v4hal
    (``<out>/v4hal``: ``save_tensors`` of a v4hal config; bf16 weights, or with ``--v4hal-dtype fp8`` the
-   FP8 / FP4 kinds of v4hal's ``checkpoint_spec`` with their scales, holding the same values exactly);
+   FP8 / FP4 kinds of v4hal's ``checkpoint_spec`` with their scales, holding the same values exactly; the
+   Engram tables are FP8 rows in both);
 2. runs HF's cache path (what ``generate()`` uses: one ``DynamicCache`` across calls) in fp32 and bf16: a
    one-shot prefill then ``--decode`` one-token steps (fp32 greedy tokens, fed to every other run), and a
-   chunked prefill (``--chunks``, odd sizes that cut ratio-2 groups) then the same decode steps;
-3. runs v4hal (when ``V4Model`` takes the V4.1 checkpoint): ``forward`` (whole prompt, then one token per
-   call), ``forward`` with the same chunks, and ``forward_batch`` on a ``CachePool`` with two other requests
-   prefilled and decoded in the same steps;
+   chunked prefill (``--chunks``, odd sizes that cut ratio-2 groups) then the same decode steps; with
+   ``--hf-fp8-act`` the same again with v4hal's FP8 activations ahead of every weight the FP8 copy stores FP8 /
+   FP4 (`emulate_fp8_activations`: the yardstick of ``--v4hal-dtype fp8``);
+3. runs v4hal: ``forward`` (whole prompt, then one token per call), ``forward`` with the same chunks, and
+   ``forward_batch`` on a ``CachePool`` with two other requests prefilled and decoded in the same steps;
 4. prints a table and writes ``--out`` JSON: per run and phase (prompt / decode positions), max |diff| and
-   ``calc_diff`` (``1 - 2<x,y>/(|x|^2+|y|^2)``) of the logits against HF fp32, and the share of positions
-   whose argmax agrees. HF's own bf16-vs-fp32 spread is the yardstick: a v4hal run passes when its
-   ``calc_diff`` is at most ``--tol-factor`` times that spread (floor ``--tol-floor``) and every argmax agrees.
+   ``calc_diff`` (``1 - 2<x,y>/(|x|^2+|y|^2)``) of the logits against HF fp32 (and HF fp32 with FP8
+   activations), and the share of positions whose argmax agrees. HF's own bf16-vs-fp32 spread is the yardstick
+   (`yardsticks`, `comparisons`): a v4hal run passes when its ``calc_diff`` is at most ``--tol-factor`` times
+   that spread (floor ``--tol-floor``) and its argmax agrees at every decisive position, one where HF fp32's
+   top-2 margin exceeds HF bf16's largest logit error (`compare_rows`; below it HF's own rounding swaps tokens);
+5. with ``--bisect``, the teacher-forced per-layer table (`run_bisect`): each layer of HF bf16 and of v4hal
+   started from HF fp32's inputs to it, the calc_diff its Engram, attention, MoE and output add.
 
 v4hal returns the logits of each call's last token, so its runs are compared at the positions it returns
-(prompt end or chunk ends, and every decode position); HF rows exist for every position.
+(prompt end or chunk ends, and every decode position); HF rows exist for every position. Exact ties among the
+indexer's scores are avoided by default (`init_weights`): the public code orders them as ``torch.topk`` happens
+to, v4hal by ascending position.
 
     /tmp/venv/bin/python bench/compare_hf_v41_cpu.py --hf-dir /tmp/hf_v41 --out /tmp/v41_parity.json
 """
@@ -73,6 +81,11 @@ _FP32_SUFFIXES = ("hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "h
 #: std x sqrt(fan_in) of the projections that end a residual branch (attention wo_b, expert w2): small
 #: branches keep a random 8-layer model from amplifying rounding (HF's bf16-vs-fp32 spread is the yardstick)
 BRANCH_SCALE = 0.25
+#: std of the mHC mixing weights and biases (``hc_*_fn``, ``hc_*_base``): biases of std 1 make the pre / post /
+#: comb mixes differ from site to site and stream to stream, so the streams part ways and which site's pre mix
+#: collapses them matters (with std 0.1 every mix is near uniform, and collapsing attention with its own pre mix
+#: instead of the previous site's moved no layer's output beyond HF's bf16 noise)
+HC_FN_STD, HC_BASE_STD = 0.02, 1.0
 
 
 def progress(msg: str) -> None:
@@ -81,31 +94,50 @@ def progress(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- comparison math
 def compare_rows(ref: dict[int, torch.Tensor], got: dict[int, torch.Tensor],
-                 positions: Iterable[int] | None = None) -> dict[str, Any]:
+                 positions: Iterable[int] | None = None,
+                 noise: Sequence[dict[int, torch.Tensor]] = ()) -> dict[str, Any]:
     """Logits rows by position (``{pos: [vocab]}``) against reference rows: max |diff|, calc_diff of all
-    compared rows together, argmax agreement; over ``positions`` (default: every position ``got`` has)."""
+    compared rows together, argmax agreement; over ``positions`` (default: every position ``got`` has).
+
+    ``noise`` (rows of other runs of the reference code at lower precision, HF bf16): a position is a *near
+    tie* when the reference's top-2 margin is at most ``max |noise - ref|`` there over those runs (the
+    reference's own rounding moves a logit by more than the margin, so either token may come out on top);
+    ``decisive`` counts the other positions and ``decisive_disagree`` the argmax disagreements among them."""
     from v4hal.compare import calc_diff
 
     pos = sorted(got if positions is None else positions)
-    missing = [p for p in pos if p not in ref or p not in got]
+    missing = [p for p in pos if p not in ref or p not in got or any(p not in n for n in noise)]
     if missing:
         raise KeyError(f"compare_rows: no row at positions {missing[:8]}")
     if not pos:
-        return {"positions": 0, "max_abs": None, "calc_diff": None, "argmax_agree": None, "first_disagree": None}
+        return {"positions": 0, "max_abs": None, "calc_diff": None, "argmax_agree": None, "first_disagree": None,
+                "decisive": None, "decisive_disagree": None}
     a = torch.stack([ref[p].double() for p in pos])
     b = torch.stack([got[p].double() for p in pos])
     agree = (a.argmax(-1) == b.argmax(-1)).tolist()
     first = next((p for p, ok in zip(pos, agree) if not ok), None)
-    return {"positions": len(pos), "max_abs": float((a - b).abs().max()), "calc_diff": calc_diff(a, b),
-            "argmax_agree": sum(agree) / len(agree), "first_disagree": first}
+    out = {"positions": len(pos), "max_abs": float((a - b).abs().max()), "calc_diff": calc_diff(a, b),
+           "argmax_agree": sum(agree) / len(agree), "first_disagree": first, "decisive": None,
+           "decisive_disagree": None}
+    if noise:
+        top = a.topk(2, dim=-1).values if a.shape[-1] > 1 else torch.cat([a, a.new_full(a.shape, -math.inf)], -1)
+        margin = top[:, 0] - top[:, 1]
+        wobble = torch.stack([(torch.stack([n[p].double() for p in pos]) - a).abs().amax(-1) for n in noise]).amax(0)
+        decisive = (margin > wobble).tolist()
+        out["decisive"] = sum(decisive)
+        out["decisive_disagree"] = sum(1 for d, ok in zip(decisive, agree) if d and not ok)
+    return out
 
 
 def verdict(row: dict[str, Any], spread: float | None, factor: float, floor: float) -> str:
-    """``pass`` when ``row`` is within ``factor`` x the bf16 spread (at least ``floor``) and every argmax agrees."""
+    """``pass`` when ``row`` is within ``factor`` x the bf16 spread (at least ``floor``) and every argmax agrees
+    (with near ties told apart, see `compare_rows`: every argmax at a decisive position)."""
     if row["positions"] == 0:
         return "-"
     tol = max(factor * (spread or 0.0), floor)
     ok = row["calc_diff"] is not None and math.isfinite(row["calc_diff"]) and row["calc_diff"] <= tol
+    if row.get("decisive_disagree") is not None:
+        return "pass" if ok and row["decisive_disagree"] == 0 else "FAIL"
     return "pass" if ok and row["argmax_agree"] == 1.0 else "FAIL"
 
 
@@ -280,8 +312,10 @@ def init_weights(model: torch.nn.Module, cfg, seed: int, paired_index_heads: boo
             if name.endswith("engram.embed.scale"):
                 w = torch.ones(shape)
             elif name.endswith(("hc_attn_fn", "hc_ffn_fn")):
-                w = randn(shape) * 0.02
-            elif name.endswith(("hc_attn_base", "hc_ffn_base", "gate.bias", "gate.bias_vl")):
+                w = randn(shape) * HC_FN_STD
+            elif name.endswith(("hc_attn_base", "hc_ffn_base")):
+                w = randn(shape) * HC_BASE_STD
+            elif name.endswith(("gate.bias", "gate.bias_vl")):
                 w = randn(shape) * 0.1
             elif name.endswith(("hc_attn_scale", "hc_ffn_scale", "q_weight", "k_weight")) or "norm" in name:
                 w = 1.0 + 0.1 * randn(shape)
@@ -345,12 +379,28 @@ def v4hal_tensors(cfg, named: Iterable[tuple[str, torch.Tensor]], kinds: dict[st
     return out
 
 
+def v4hal_kinds(cfg, v4hal_dtype: str) -> tuple[Any, dict[str, str]]:
+    """The v4hal config of the written copy and the release names to store quantized (name -> ``"fp8"`` /
+    ``"fp4"``, as `v4hal_tensors` takes them): ``"bf16"`` quantizes only the Engram tables (FP8 rows in every
+    layout of ``checkpoint_spec``), ``"fp8"`` every FP8 / FP4 kind of ``checkpoint_spec``."""
+    from v4hal.model.spec import checkpoint_spec
+
+    if v4hal_dtype == "bf16":
+        v4cfg = cfg.replace(dtype="bf16", expert_dtype=None)
+    elif v4hal_dtype == "fp8":
+        v4cfg = cfg.replace(dtype="fp8", expert_dtype=cfg.expert_dtype or "fp4")
+    else:
+        raise SystemExit(f"v4hal_dtype must be 'bf16' or 'fp8', got {v4hal_dtype!r}")
+    kinds = {name: "fp8" if t.kind == "table" else t.kind for name, t in checkpoint_spec(v4cfg).items()
+             if t.kind == "table" or (v4hal_dtype == "fp8" and t.kind in ("fp8", "fp4"))}
+    return v4cfg, kinds
+
+
 def build_checkpoint(modeling, cfg, out: Path, seed: int, paired_index_heads: bool = True,
                      v4hal_dtype: str = "bf16") -> tuple[Path, Path]:
     """Write ``out/hf`` (``save_pretrained`` + tokenizer) and ``out/v4hal`` (release names, ``v4hal_dtype``:
     ``"bf16"`` weights, or ``"fp8"``: the quantized kinds of v4hal's ``checkpoint_spec``); both paths."""
     from v4hal.model.random_checkpoint import save_tensors
-    from v4hal.model.spec import checkpoint_spec
 
     conf = modeling.DeepseekV41TextConfig(**hf_config_kwargs(cfg))
     torch.manual_seed(seed)
@@ -360,11 +410,7 @@ def build_checkpoint(modeling, cfg, out: Path, seed: int, paired_index_heads: bo
     model.save_pretrained(hf_path)
     tok = make_tokenizer(cfg)
     tok.save_pretrained(hf_path)
-    if v4hal_dtype == "bf16":
-        v4cfg, kinds = cfg.replace(dtype="bf16", expert_dtype=None), {}
-    else:
-        v4cfg = cfg.replace(dtype="fp8", expert_dtype=cfg.expert_dtype or "fp4")
-        kinds = {name: s.kind for name, s in checkpoint_spec(v4cfg).items()}
+    v4cfg, kinds = v4hal_kinds(cfg, v4hal_dtype)
     named = [(name, p.detach()) for name, p in model.named_parameters()]
     save_tensors(v4cfg, v4hal_tensors(v4cfg, named, kinds), v4_path)
     tok.save_pretrained(v4_path)
@@ -386,6 +432,39 @@ def _tokenizer(path: Path):
 
     # not AutoTokenizer: it parses config.json, which 5.25's generic config class cannot (rope standardisation)
     return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+#: v4hal's activation quantization ahead of an FP8 / FP4 weight (`v4hal.model.layers.Linear`, ``moe_experts``):
+#: e4m3 with one power-of-two scale per this many values
+ACT_BLOCK = 128
+
+
+def fp8_activation_round_trip(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    """``x [..., K]`` through v4hal's activation quantization (``act_quant``: e4m3, ue8m0 scale per ``block``),
+    back in x's dtype."""
+    import v4hal
+
+    q, sc = v4hal.act_quant(x.float(), block, "ue8m0")
+    return (q.float().unflatten(-1, (-1, block)) * sc.float().unsqueeze(-1)).flatten(-2).to(x.dtype)
+
+
+def emulate_fp8_activations(model, cfg) -> list[str]:
+    """Give every linear of the HF ``model`` whose weight the FP8 copy stores FP8 or FP4 (``v4hal_kinds(cfg,
+    "fp8")``: attention and indexer projections, Engram ``wkv``, shared and routed experts) v4hal's FP8
+    activations (`fp8_activation_round_trip` of its input); the names of those linears. The FP8 copy's
+    kernels quantize activations this way; HF's float weights on the CPU do not."""
+    _, kinds = v4hal_kinds(cfg, "fp8")
+    quantized = {name[:-len(".weight")] for name, kind in kinds.items()
+                 if kind in ("fp8", "fp4") and name.endswith(".weight") and ".embed." not in name}
+    hooked = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and release_name(name + ".weight")[:-len(".weight")] in quantized:
+            mod.register_forward_pre_hook(lambda _m, args: (fp8_activation_round_trip(args[0]), *args[1:]))
+            hooked.append(name)
+    if len(hooked) != len(quantized):
+        missing = sorted(quantized - {release_name(h + ".weight")[:-len(".weight")] for h in hooked})
+        raise SystemExit(f"emulate_fp8_activations: no HF linear for {missing[:4]}")
+    return hooked
 
 
 def hf_rows(model, tokens: list[int], pieces: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
@@ -500,12 +579,189 @@ def load_v4hal(path: Path):
     return model
 
 
+# ---------------------------------------------------------------------------- per-layer bisection
+#: sub-modules whose outputs `bisect_layers` compares, in the order a layer runs them (then the layer's output)
+BISECT_PARTS = ("engram", "attn", "ffn", "layer")
+
+
+def _record(cap: dict, key: tuple, out: Any) -> None:
+    t = out[0] if isinstance(out, tuple) else out
+    cap[key] = t.float().reshape(-1, t.shape[-1]).clone()
+
+
+def hf_forced_rows(model, tokens: list[int], pieces: list[tuple[int, int]],
+                   forced: dict | None = None) -> dict[tuple, Any]:
+    """HF's cache path over ``pieces`` recording, per call ``c`` and layer ``i``, the layer's inputs
+    ``(c, "in", i)`` (streams fp32, pre mix) and the outputs of `BISECT_PARTS` ``(c, part, i)``; with ``forced``
+    (such a record) every layer starts from the forced inputs instead of the previous layer's outputs."""
+    from transformers.cache_utils import DynamicCache
+
+    cap: dict[tuple, Any] = {}
+    call = [0]
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def pre(_m, args, kwargs, i=i):
+            cap[(call[0], "in", i)] = (args[0].float().clone(), args[1].clone())
+            if forced is not None:
+                h, mix = forced[(call[0], "in", i)]
+                return (h.to(args[0].dtype), mix.clone(), *args[2:]), kwargs
+            return None
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        parts = {"layer": layer, "attn": layer.attn, "ffn": layer.ffn, "engram": layer.engram}
+        for part, mod in parts.items():
+            if mod is not None:
+                handles.append(mod.register_forward_hook(
+                    lambda _m, _a, out, i=i, part=part: _record(cap, (call[0], part, i), out)))
+    _new_sequence(model)
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.inference_mode():
+            for c, (start, n) in enumerate(pieces):
+                call[0] = c
+                model(input_ids=torch.tensor([tokens[start:start + n]]),
+                      position_ids=torch.arange(start, start + n).unsqueeze(0), past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return cap
+
+
+def v4hal_forced_rows(model, tokens: list[int], pieces: list[tuple[int, int]], forced: dict) -> dict[tuple, Any]:
+    """`V4Model.forward` over ``pieces`` with every layer started from HF's recorded inputs ``forced``
+    (`hf_forced_rows`), rounded to the model's stream dtype; the outputs of `BISECT_PARTS` per call and layer."""
+    cap: dict[tuple, Any] = {}
+    call = [0]
+    handles = []
+    for i, block in enumerate(model.layers):
+        def lagged(h, mix, *args, _orig=block.forward_lagged, i=i, **kw):
+            fh, fmix = forced[(call[0], "in", i)]
+            out = _orig(fh.to(h.dtype).view(h.shape), fmix.float().view(mix.shape), *args, **kw)
+            _record(cap, (call[0], "layer", i), out[0])
+            return out
+        block.forward_lagged = lagged
+        for part, mod in {"attn": block.attn, "ffn": block.ffn, "engram": block.engram}.items():
+            if mod is not None:
+                handles.append(mod.register_forward_hook(
+                    lambda _m, _a, out, i=i, part=part: _record(cap, (call[0], part, i), out)))
+    try:
+        with torch.inference_mode():
+            for c, (start, n) in enumerate(pieces):
+                call[0] = c
+                model.forward(torch.tensor([tokens[start:start + n]]), start)
+    finally:
+        for h in handles:
+            h.remove()
+        for block in model.layers:
+            vars(block).pop("forward_lagged", None)          # back to the class's method
+    return cap
+
+
+def _row_diffs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """calc_diff of each row of ``a [R, D]`` against ``b`` (float64; 0 for two zero rows)."""
+    den = (a * a + b * b).sum(-1)
+    return torch.where(den > 0, 1 - 2 * (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def bisect_layers(ref: dict, others: dict[str, dict], n_calls: int, n_layers: int) -> list[dict[str, Any]]:
+    """Per layer and part, calc_diff of each run in ``others`` against ``ref`` (all calls' rows together) and the
+    median of the per-row calc_diffs (``<name>_median``: one token routed to another expert or attending
+    another top-k pick moves the first a lot, the median hardly)."""
+    from v4hal.compare import calc_diff
+
+    out = []
+    for i in range(n_layers):
+        for part in BISECT_PARTS:
+            keys = [(c, part, i) for c in range(n_calls) if (c, part, i) in ref]
+            if not keys:
+                continue
+            r = torch.cat([ref[k] for k in keys]).double()
+            row: dict[str, Any] = {"layer": i, "part": part}
+            for name, cap in others.items():
+                x = torch.cat([cap[k] for k in keys]).double()
+                row[name] = calc_diff(r, x)
+                row[name + "_median"] = float(_row_diffs(r, x).median())
+            out.append(row)
+    return out
+
+
+def run_bisect(modeling, cfg, hf_path: Path, v4_path: Path, tokens: list[int], pieces: list[tuple[int, int]],
+               fp8_act: bool) -> list[dict[str, Any]]:
+    """Teacher-forced bisection: every layer of HF bf16 and of v4hal starts from HF fp32's inputs to that layer
+    (streams and pre mix, each call of ``pieces``), so each row shows the error a layer's own parts add, with no
+    error carried in from the layers before. ``fp8_act``: the reference and the HF bf16 run both get v4hal's FP8
+    activations (`emulate_fp8_activations`), the yardstick of an FP8 copy."""
+    from v4hal.model import V4Model
+
+    hf32 = load_hf_model(modeling, hf_path, torch.float32)
+    forced = {k: v for k, v in hf_forced_rows(hf32, tokens, pieces).items() if k[1] == "in"}
+    if fp8_act:
+        emulate_fp8_activations(hf32, cfg)
+    ref = hf_forced_rows(hf32, tokens, pieces, forced)
+    del hf32
+    hf16 = load_hf_model(modeling, hf_path, torch.bfloat16)
+    if fp8_act:
+        emulate_fp8_activations(hf16, cfg)
+    b16 = hf_forced_rows(hf16, tokens, pieces, forced)
+    del hf16
+    v4 = v4hal_forced_rows(V4Model.from_pretrained(v4_path), tokens, pieces, forced)
+    return bisect_layers(ref, {"hf_bf16": b16, "v4hal": v4}, len(pieces), cfg.n_layers)
+
+
+def bisect_verdict(rows: list[dict[str, Any]], factor: float) -> dict[str, Any]:
+    """``pass`` when every part's per-row median calc_diff (v4hal) is at most ``factor`` x HF bf16's; the worst
+    part. Medians, not the pooled figures: one rerouted token moves those (see `bisect_layers`)."""
+    def ratio(r: dict[str, Any]) -> float:
+        b = r["hf_bf16_median"]
+        return r["v4hal_median"] / b if b > 0 else (0.0 if r["v4hal_median"] == 0 else math.inf)
+
+    worst = max(rows, key=ratio)
+    return {"verdict": "pass" if ratio(worst) <= factor else "FAIL", "worst_layer": worst["layer"],
+            "worst_part": worst["part"], "worst_median_ratio": ratio(worst)}
+
+
+def format_bisect(rows: list[dict[str, Any]], factor: float) -> str:
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else (0.0 if a == 0 else math.inf)
+
+    lines = [f"{'layer':>5} {'part':<7} {'hf_bf16':>9} {'v4hal':>9} {'ratio':>6}  {'median':>9} {'median':>9} "
+             f"{'ratio':>6}", f"{'':>14}{'(all rows together)':^27}  {'hf_bf16 / v4hal, per row':^26}", "-" * 72]
+    for r in rows:
+        whole, med = ratio(r["v4hal"], r["hf_bf16"]), ratio(r["v4hal_median"], r["hf_bf16_median"])
+        flag = "  <<" if med > factor else ""
+        lines.append(f"{r['layer']:>5} {r['part']:<7} {r['hf_bf16']:9.2e} {r['v4hal']:9.2e} {whole:6.2f}  "
+                     f"{r['hf_bf16_median']:9.2e} {r['v4hal_median']:9.2e} {med:6.2f}{flag}")
+    lines.append(f"teacher-forced calc_diff against HF fp32 of each layer's parts (<< : v4hal's median above "
+                 f"{factor:g}x HF bf16's)")
+    v = bisect_verdict(rows, factor)
+    lines.append(f"bisection: {v['verdict']} (worst: layer {v['worst_layer']} {v['worst_part']}, median "
+                 f"{v['worst_median_ratio']:.2f}x HF bf16's)")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- driver
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def model_config(preset: str, replace: str | None):
+    """The v4hal preset ``preset`` with the fields of the JSON object ``replace`` replaced (validated), e.g.
+    ``{"n_layers": 10, "kv_source_layers": [2, 4, 6]}`` for a topology closer to the release's."""
+    from v4hal.hal.errors import V4HalError
     from v4hal.model.config import ModelConfig
 
+    cfg = ModelConfig.preset(preset)
+    if not replace:
+        return cfg
+    try:
+        fields = json.loads(replace)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        cfg = cfg.replace(**fields)
+        cfg.validate()
+    except (ValueError, TypeError, V4HalError) as e:
+        raise SystemExit(f"--replace {replace!r}: {e}") from None
+    return cfg
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
-    cfg = ModelConfig.preset(a.model)
+    cfg = model_config(a.model, a.replace)
     modeling = load_hf(a.hf_dir)
     if a.checkpoint is None:
         progress(f"building the {a.model} checkpoint (seed {a.seed}) in {a.workdir}")
@@ -536,13 +792,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     runs["hf_bf16"] = hf_rows(hf16, tokens, one_shot)
     runs["hf_bf16_chunked"] = hf_rows(hf16, tokens, chunked)
     del hf16
+    if a.hf_fp8_act:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            progress(f"HF {name} with v4hal's FP8 activations: one-shot, chunked")
+            hf = load_hf_model(modeling, hf_path, dtype)
+            emulate_fp8_activations(hf, cfg)
+            runs[f"hf_{name}_fp8act"] = hf_rows(hf, tokens, one_shot)
+            runs[f"hf_{name}_fp8act_chunked"] = hf_rows(hf, tokens, chunked)
+            del hf
 
     v4hal_error = None
     if not a.skip_v4hal:
         try:
             progress("v4hal: loading")
             model = load_v4hal(v4_path)
-        except Exception as e:  # the V4.1 graph may not take this checkpoint yet: say why, keep HF's results
+        except Exception as e:  # a checkpoint v4hal refuses: say why, keep HF's results
             v4hal_error = f"{type(e).__name__}: {e}"
             progress(f"v4hal: not run ({v4hal_error})")
         else:
@@ -551,42 +815,83 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             runs["v4hal_chunked"] = v4hal_forward_rows(model, tokens, chunked)
             runs["v4hal_batched"] = v4hal_batched_rows(model, tokens, a.prompt_len, a.chunks, others, a.block_size)
 
-    ref = runs["hf_fp32"]
+    bisect = None
+    if a.bisect and v4hal_error is None and not a.skip_v4hal:
+        progress("bisection: teacher-forced layers, HF bf16 and v4hal against HF fp32 (one-shot prefill + decode)")
+        bisect = run_bisect(modeling, cfg, hf_path, v4_path, tokens, one_shot,
+                            a.hf_fp8_act and a.v4hal_dtype == "fp8")
+
     phases = spans(a.prompt_len, total)
-    spread = {ph: compare_rows(ref, runs["hf_bf16"], pos) for ph, pos in phases.items()}
+    table = comparisons(runs, phases, a.tol_factor, a.tol_floor)
+    return {
+        "model": a.model, "replace": a.replace, "seed": a.seed, "prompt_len": a.prompt_len, "decode": a.decode,
+        "chunks": a.chunks,
+        "threads": a.threads, "v4hal_dtype": a.v4hal_dtype, "hf_checkpoint": str(hf_path),
+        "v4hal_checkpoint": str(v4_path), "patches": list(PATCHES), "prompt": prompt,
+        "greedy_tokens_hf_fp32": forced, "generate_tokens_hf_fp32": gen,
+        "generate_matches": None if gen is None else gen == forced,
+        "bf16_spread": {ph: compare_rows(runs["hf_fp32"], runs["hf_bf16"], pos) for ph, pos in phases.items()},
+        "tol_factor": a.tol_factor, "tol_floor": a.tol_floor, "v4hal_error": v4hal_error, "rows": table,
+        "bisect": bisect, "bisect_verdict": bisect_verdict(bisect, a.tol_factor) if bisect else None,
+    }
+
+
+def yardsticks(run: str, runs: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """``(reference, spread runs)`` a run is compared with: every run against HF fp32 (no spread); a v4hal run
+    also against HF fp32 with FP8 activations when that ran. The spread runs are the HF bf16 runs of the same
+    reference, one-shot and chunked: each is one sample of HF's own rounding noise at the positions compared,
+    and a v4hal run gives the same rows whichever way its prompt is cut."""
+    if not run.startswith("v4hal"):
+        return [("hf_fp32", [])]
+    out = [("hf_fp32", ["hf_bf16", "hf_bf16_chunked"])]
+    if "hf_fp32_fp8act" in runs:
+        out.append(("hf_fp32_fp8act", ["hf_bf16_fp8act", "hf_bf16_fp8act_chunked"]))
+    return out
+
+
+def comparisons(runs: dict[str, dict[int, torch.Tensor]], phases: dict[str, list[int]], factor: float,
+                floor: float) -> list[dict[str, Any]]:
+    """The table: each run (but HF fp32) per phase against each of its `yardsticks`; a v4hal row carries the
+    spread (the largest calc_diff of its HF bf16 runs against the same reference, at the same positions or over
+    the whole phase), the near ties those runs show (`compare_rows`) and its verdict."""
     table = []
     for name, rows in runs.items():
         if name == "hf_fp32":
             continue
-        for ph, pos in phases.items():
-            r = compare_rows(ref, rows, [p for p in pos if p in rows])
-            r.update(run=name, phase=ph,
-                     verdict=verdict(r, spread[ph]["calc_diff"], a.tol_factor, a.tol_floor)
-                     if name.startswith("v4hal") else "-")
-            table.append(r)
-    return {
-        "model": a.model, "seed": a.seed, "prompt_len": a.prompt_len, "decode": a.decode, "chunks": a.chunks,
-        "threads": a.threads, "hf_checkpoint": str(hf_path), "v4hal_checkpoint": str(v4_path),
-        "patches": list(PATCHES), "prompt": prompt, "greedy_tokens_hf_fp32": forced,
-        "generate_tokens_hf_fp32": gen, "generate_matches": None if gen is None else gen == forced,
-        "bf16_spread": spread, "tol_factor": a.tol_factor,
-        "tol_floor": a.tol_floor, "v4hal_error": v4hal_error, "rows": table,
-    }
+        for ref, spread_runs in yardsticks(name, runs):
+            for ph, pos in phases.items():
+                at = [p for p in pos if p in rows]
+                noise = [runs[n] for n in spread_runs]
+                r = compare_rows(runs[ref], rows, at, noise)
+                # HF's noise at these positions and over the whole phase (one row alone is a poor estimate)
+                spreads = [compare_rows(runs[ref], n, span)["calc_diff"] for n in noise for span in (at, pos)]
+                spread = max(spreads) if spreads and at else None
+                r.update(run=name, ref=ref, phase=ph, spread=spread,
+                         verdict=verdict(r, spread, factor, floor) if spread_runs else "-")
+                table.append(r)
+    return table
 
 
 def format_table(result: dict[str, Any]) -> str:
     def f(x: Any, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
-    lines = [f"{'run':<18} {'phase':<7} {'rows':>4} {'max_abs':>10} {'calc_diff':>10} {'argmax':>7} verdict",
-             "-" * 70]
+    lines = [f"{'run':<24} {'reference':<15} {'phase':<7} {'rows':>4} {'max_abs':>9} {'calc_diff':>9} "
+             f"{'spread':>9} {'argmax':>6} {'decisive':>9} verdict", "-" * 110]
     for r in result["rows"]:
-        lines.append(f"{r['run']:<18} {r['phase']:<7} {r['positions']:>4} {f(r['max_abs'], '10.3e')} "
-                     f"{f(r['calc_diff'], '10.3e')} {f(r['argmax_agree'], '7.3f')} {r['verdict']}")
+        dec = "-" if r["decisive"] is None else f"{r['decisive'] - r['decisive_disagree']}/{r['decisive']}"
+        lines.append(f"{r['run']:<24} {r['ref']:<15} {r['phase']:<7} {r['positions']:>4} {f(r['max_abs'], '9.2e')} "
+                     f"{f(r['calc_diff'], '9.2e')} {f(r['spread'], '9.2e')} {f(r['argmax_agree'], '6.3f')} "
+                     f"{dec:>9} {r['verdict']}")
+    lines.append("spread: the largest calc_diff of HF bf16 one-shot / chunked against the same reference, at the "
+                 "same positions or over the phase;\ndecisive: argmax agreements at positions whose reference top-2 "
+                 "margin exceeds HF bf16's max |diff| there")
     if result["generate_matches"] is not None:
         lines.append(f"HF generate() greedy tokens == the cache-path loop's: {result['generate_matches']}")
     if result["v4hal_error"]:
         lines.append(f"v4hal not run: {result['v4hal_error']}")
+    if result.get("bisect"):
+        lines += ["", format_bisect(result["bisect"], result["tol_factor"])]
     return "\n".join(lines)
 
 
@@ -596,6 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder holding the HF modeling_deepseek_v41.py and configuration_deepseek_v41.py")
     ap.add_argument("--out", required=True, type=Path, help="JSON file to write the results to")
     ap.add_argument("--model", default="v41-mini", help="v4hal preset of the config (a V4.1 one)")
+    ap.add_argument("--replace", default=None,
+                    help="JSON object of config fields to replace in the preset (e.g. more layers and KV sources)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/v41_parity_ckpt"),
                     help="where the built checkpoint goes (hf/ and v4hal/)")
     ap.add_argument("--checkpoint", type=Path, default=None,
@@ -614,6 +921,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tol-floor", type=float, default=1e-6, help="pass: calc_diff <= this in any case")
     ap.add_argument("--independent-index-heads", action="store_true",
                     help="draw the indexer query heads independently (exact-zero score ties: see init_weights)")
+    ap.add_argument("--hf-fp8-act", action="store_true",
+                    help="also run HF (fp32 and bf16) with v4hal's FP8 activations ahead of every FP8 / FP4 weight "
+                         "(the yardstick of --v4hal-dtype fp8) and compare the v4hal runs with it too")
+    ap.add_argument("--bisect", action="store_true",
+                    help="also print the teacher-forced per-layer table (see run_bisect; for an fp8 copy with "
+                         "--hf-fp8-act: against HF with FP8 activations)")
     ap.add_argument("--generate", action="store_true", help="also record HF generate()'s greedy tokens")
     ap.add_argument("--skip-v4hal", action="store_true", help="run the HF side only")
     return ap
