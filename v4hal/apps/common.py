@@ -108,8 +108,8 @@ def prepare_backend(backend: str | None, device: str) -> None:
 
 
 def backend_gaps(backend: str | None, note: bool = True) -> list[str]:
-    """The ops ``backend`` (``--backend``) has no implementation of at all (Triton: ``compressor_ragged`` and
-    ``engram_hash``), which `backend_scope` runs on the reference backend; ``note``: say so on stderr. Empty for
+    """The ops ``backend`` (``--backend``) has no implementation of at all (Triton: V4's
+    ``compressor_ragged``), which `backend_scope` runs on the reference backend; ``note``: say so on stderr. Empty for
     None, the reference, or a backend that cannot load here (its strict override then says why at the first
     op)."""
     if not backend or backend == "reference":
