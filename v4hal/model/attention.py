@@ -46,10 +46,11 @@ from .layers import FusedLinear, Linear, RMSNorm, act_scale_format, float_gemm
 from .spec import linear_kind
 from .step import Step
 
-__all__ = ["Compressor", "Indexer", "Attention"]
+__all__ = ["Compressor", "Indexer", "SharedKVAttention", "Attention", "rope_tail", "adjacent_pair", "bf16_if_exact",
+           "write_entries"]
 
 
-def _rope_tail(x: torch.Tensor, freqs: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
+def rope_tail(x: torch.Tensor, freqs: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
     """Rotary embedding on the last ``rd`` dims of ``x`` ``[b, s, (h,) d]``; the other dims unchanged."""
     tail = v4hal.rotary_emb(x[..., -rd:], freqs, inverse)
     return torch.cat([x[..., :-rd], tail], dim=-1)
@@ -89,9 +90,9 @@ class Compressor(nn.Module):
         """After loading: bf16 copies of ``wkv``, ``wgate`` and the norm weight when every value of the three is
         a bf16 value (V4's checkpoints store them so). ``compressor_ragged`` computes in fp32 from either, so
         the results are the same bits; the CANN compressor multiplies in x's dtype and takes only these."""
-        wkv, wgate = _adjacent(self.wkv.weight, self.wgate.weight)
+        wkv, wgate = adjacent_pair(self.wkv.weight, self.wgate.weight)
         self.wkv._buffers["weight"], self.wgate._buffers["weight"] = wkv, wgate
-        low = [_bf16_if_exact(w) for w in (torch.cat([wkv, wgate]), self.norm.weight)]
+        low = [bf16_if_exact(w) for w in (torch.cat([wkv, wgate]), self.norm.weight)]
         self.ragged_weights = (*low[0].split(wkv.shape[0]), low[1]) if all(w is not None for w in low) else None
 
     def forward(self, x: torch.Tensor, step: Step, state: torch.Tensor, eps: float, freqs_cis: torch.Tensor
@@ -115,7 +116,7 @@ class Compressor(nn.Module):
         return entries, req, epos
 
 
-def _adjacent(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def adjacent_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``a [n, K]`` and ``b [m, K]`` (same values) as the two row ranges of one contiguous ``[n + m, K]`` tensor,
     so that an op that stacks them (``compressor_ragged`` projects x on ``wkv | wgate`` in one GEMM) takes the
     stack without copying it."""
@@ -123,13 +124,13 @@ def _adjacent(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return both[:a.shape[0]], both[a.shape[0]:]
 
 
-def _bf16_if_exact(w: torch.Tensor) -> torch.Tensor | None:
+def bf16_if_exact(w: torch.Tensor) -> torch.Tensor | None:
     """``w`` in bf16 when every value is a bf16 value (the conversion is then exact), else None."""
     low = w.to(torch.bfloat16)
     return low if torch.equal(low.float(), w.float()) else None
 
 
-def _write_entries(cache: torch.Tensor, layout: str, done: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+def write_entries(cache: torch.Tensor, layout: str, done: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                    table: torch.Tensor, block_size: int) -> None:
     """Write what a `Compressor` returned (``done``: compressed ``entries [N, D]`` of batch rows ``req`` at entry
     indices ``epos``, -1 for unused rows; None: nothing)."""
@@ -163,7 +164,7 @@ class Indexer(nn.Module):
         """Indexer queries ``[b, s, H, D]`` bf16 of the q latent ``qr [b, s, q_lora_rank]`` with rope rows
         ``freqs [s, rd/2]``: projection (``q_proj`` when the caller fused it), rope, Hadamard, FP4 round trip."""
         q = (self.wq_b(qr) if q_proj is None else q_proj).unflatten(-1, (self.n_heads, self.head_dim))
-        q = v4hal.hadamard_transform(_rope_tail(q, freqs, self.rd))
+        q = v4hal.hadamard_transform(rope_tail(q, freqs, self.rd))
         v4hal.fp4_act_quant(q, 32, inplace=True)
         return q
 
@@ -175,7 +176,7 @@ class Indexer(nn.Module):
         keys the step completes into ``caches.indexer`` first."""
         t = x.shape[1]
         done = self.compressor(x[0], step, caches.index_state, eps, freqs_cis)
-        _write_entries(caches.indexer, step.indexer_layout, done, step.batch.block_tables["c4"], step.batch.block_size)
+        write_entries(caches.indexer, step.indexer_layout, done, step.batch.block_tables["c4"], step.batch.block_size)
         q = self.queries(qr, freqs, q_proj)
         weights = self.head_weights(x)
         return v4hal.indexer_topk_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.indexer,
@@ -190,7 +191,55 @@ class Indexer(nn.Module):
         return float_gemm(x.float(), w).to(torch.bfloat16) * self.weight_scale
 
 
-class Attention(nn.Module):
+class SharedKVAttention(nn.Module):
+    """What V4's and V4.1's attention layers share on the paged path: the picks of ``sparse_attn_paged`` and the
+    grouped low-rank output projection. Subclasses set ``groups``, ``o_rank``, ``wo_a``, ``window`` and
+    ``ratio``."""
+
+    groups: int
+    o_rank: int
+    window: int
+    ratio: int
+
+    def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:
+        """``o [b, s, h, d]`` -> per-group low-rank ``[b, s, groups * o_rank]`` through ``grouped_gemm``."""
+        bsz, seqlen = o.shape[:2]
+        t = bsz * seqlen
+        x = o.reshape(t, self.groups, -1).transpose(0, 1).reshape(self.groups * t, -1)
+        offsets = torch.arange(0, (self.groups + 1) * t, t, dtype=torch.int64, device=o.device)
+        w = self.wo_a.weight.view(self.groups, self.o_rank, -1)
+        y = v4hal.grouped_gemm(x, w, offsets, out_dtype=o.dtype)          # [g*t, r]
+        return y.view(self.groups, t, self.o_rank).transpose(0, 1).reshape(bsz, seqlen, -1)
+
+    def _picks(self, step: Step, kind: str, extra: torch.Tensor | None, extra_idx: torch.Tensor | None
+               ) -> tuple[torch.Tensor | None, dict]:
+        """The picks of ``sparse_attn_paged`` for this layer: the window ``indices`` (None for a band) and the
+        other keyword arguments. ``extra``: the compressed cache (of ``kind`` pages) or None; ``extra_idx`` its
+        entry indices ``[T, 1, k]``.
+
+        The position form: the window as a band over each token's request pages, the compressed picks as entry
+        indices into them (what the CANN shared-KV attention takes). Backends that read slots convert it in
+        every call; where the reference serves the op (`Step.slot_form`) the step converts what every layer
+        shares once instead (`Step.window_slots`, and the ratio-128 picks, which are the step's,
+        `Step.c128_slots`) and passes slots: the same slots, so the same bits. The ratio-4 picks (the layer's
+        own indexer's) stay entry indices."""
+        t = step.positions.shape[0]
+        positions = step.positions.view(t, 1)
+        if not step.slot_form:
+            return None, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
+                              block_table=step.request_rows("token"), window_size=self.window,
+                              extra_block_table=step.request_rows(kind) if extra is not None else None,
+                              extra_ratio=self.ratio if extra is not None else 0)
+        window = step.window_slots(self.window)
+        if extra is None:
+            return window, {}
+        if self.ratio == 128:
+            return window, dict(extra_kv_cache=extra, extra_indices=step.c128_slots())
+        return window, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
+                            extra_block_table=step.request_rows(kind), extra_ratio=self.ratio)
+
+
+class Attention(SharedKVAttention):
     """Shared-KV multi-head attention over the sliding window plus compressed entries."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
@@ -240,16 +289,6 @@ class Attention(nn.Module):
             self._ones = torch.ones(self.head_dim, dtype=torch.float32, device=q.device)
         return v4hal.rms_norm(q, self._ones, self.eps)
 
-    def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:
-        """``o [b, s, h, d]`` -> per-group low-rank ``[b, s, groups * o_rank]`` through ``grouped_gemm``."""
-        bsz, seqlen = o.shape[:2]
-        t = bsz * seqlen
-        x = o.reshape(t, self.groups, -1).transpose(0, 1).reshape(self.groups * t, -1)
-        offsets = torch.arange(0, (self.groups + 1) * t, t, dtype=torch.int64, device=o.device)
-        w = self.wo_a.weight.view(self.groups, self.o_rank, -1)
-        y = v4hal.grouped_gemm(x, w, offsets, out_dtype=o.dtype)          # [g*t, r]
-        return y.view(self.groups, t, self.o_rank).transpose(0, 1).reshape(bsz, seqlen, -1)
-
     def project(self, x: torch.Tensor, freqs: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """x ``[b, s, dim]`` (normed) with rope rows ``freqs [s, rd/2]`` (each position's) -> the q latent
@@ -274,33 +313,6 @@ class Attention(nn.Module):
         kv = _fp8_kv_roundtrip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1), rd, self.scale_fmt)
         return qr, iq, q, kv
 
-    def _picks(self, step: Step, kind: str, extra: torch.Tensor | None, extra_idx: torch.Tensor | None
-               ) -> tuple[torch.Tensor | None, dict]:
-        """The picks of ``sparse_attn_paged`` for this layer: the window ``indices`` (None for a band) and the
-        other keyword arguments. ``extra``: the compressed cache (of ``kind`` pages) or None; ``extra_idx`` its
-        entry indices ``[T, 1, k]``.
-
-        The position form: the window as a band over each token's request pages, the compressed picks as entry
-        indices into them (what the CANN shared-KV attention takes). Backends that read slots convert it in
-        every call; where the reference serves the op (`Step.slot_form`) the step converts what every layer
-        shares once instead (`Step.window_slots`, and the ratio-128 picks, which are the step's,
-        `Step.c128_slots`) and passes slots: the same slots, so the same bits. The ratio-4 picks (the layer's
-        own indexer's) stay entry indices."""
-        t = step.positions.shape[0]
-        positions = step.positions.view(t, 1)
-        if not step.slot_form:
-            return None, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
-                              block_table=step.request_rows("token"), window_size=self.window,
-                              extra_block_table=step.request_rows(kind) if extra is not None else None,
-                              extra_ratio=self.ratio if extra is not None else 0)
-        window = step.window_slots(self.window)
-        if extra is None:
-            return window, {}
-        if self.ratio == 128:
-            return window, dict(extra_kv_cache=extra, extra_indices=step.c128_slots())
-        return window, dict(extra_kv_cache=extra, extra_indices=extra_idx, positions=positions,
-                            extra_block_table=step.request_rows(kind), extra_ratio=self.ratio)
-
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """This layer over the step's tokens: x ``[1, T, dim]`` bf16 (normed) -> ``[1, T, dim]`` bf16."""
         caches = step.caches[self.layer_id]
@@ -316,7 +328,7 @@ class Attention(nn.Module):
         if ratio:
             x2 = x[0]
             done = self.compressor(x2, step, caches.state, self.eps, self.freqs_cis)
-            _write_entries(caches.compressed, step.attn_layout, done, step.batch.block_tables[kind], bs)
+            write_entries(caches.compressed, step.attn_layout, done, step.batch.block_tables[kind], bs)
             extra = caches.compressed
             if ratio == 4:
                 extra_idx = self.indexer(x, qr, iq, freqs, step, caches, self.eps, self.freqs_cis)
@@ -327,5 +339,5 @@ class Attention(nn.Module):
         indices, picks = self._picks(step, kind, extra, extra_idx)
         o = v4hal.sparse_attn_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.window, indices, self.attn_sink,
                                     self.softmax_scale, layout=step.attn_layout, **picks)
-        o = _rope_tail(o.view(1, t, self.n_heads, self.head_dim), freqs, rd, inverse=True)
+        o = rope_tail(o.view(1, t, self.n_heads, self.head_dim), freqs, rd, inverse=True)
         return self.wo_b(self._grouped_out(o))

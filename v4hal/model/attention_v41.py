@@ -39,7 +39,7 @@ import v4hal
 from v4hal.hal import formats
 from v4hal.hal.errors import RangeError
 
-from .attention import Attention, _adjacent, _bf16_if_exact, _rope_tail, _write_entries
+from .attention import SharedKVAttention, adjacent_pair, bf16_if_exact, rope_tail, write_entries
 from .caches import LayerCaches, compressed_layout
 from .config import ModelConfig
 from .layers import FusedLinear, Linear, RMSNorm
@@ -111,13 +111,13 @@ class CSA2Compressor(nn.Module):
     def prepare(self) -> None:
         """After loading: bf16 copies of the weights when exact (the op computes in fp32 from either)."""
         if self.wgate is not None:
-            wkv, wgate = _adjacent(self.wkv.weight, self.wgate.weight)
+            wkv, wgate = adjacent_pair(self.wkv.weight, self.wgate.weight)
             self.wkv._buffers["weight"], self.wgate._buffers["weight"] = wkv, wgate
-            w = _bf16_if_exact(torch.cat([wkv, wgate]))
+            w = bf16_if_exact(torch.cat([wkv, wgate]))
             parts = (None, None) if w is None else tuple(w.split(wkv.shape[0]))
         else:
-            parts = (_bf16_if_exact(self.wkv.weight), None)
-        norm = _bf16_if_exact(self.norm.weight)
+            parts = (bf16_if_exact(self.wkv.weight), None)
+        norm = bf16_if_exact(self.norm.weight)
         ok = parts[0] is not None and norm is not None
         self.low = (parts[0], parts[1], norm) if ok else None
 
@@ -174,7 +174,7 @@ class V41Indexer(nn.Module):
         entry indices ``epos [N]`` (-1 unused): ``k_norm(wk(latent))``, rope at ``g * ratio``, FP4 round trip."""
         k = self.k_norm(self.wk(latent))
         f = freqs_cis[(epos.long().clamp_min(0) * self.ratio)]
-        k = _rope_tail(k.unsqueeze(0), f, self.rd)[0].contiguous()
+        k = rope_tail(k.unsqueeze(0), f, self.rd)[0].contiguous()
         v4hal.fp4_act_quant(k, 32, inplace=True)
         return k
 
@@ -186,7 +186,7 @@ class V41Indexer(nn.Module):
         the candidate blocks at the candidate source."""
         t = x.shape[1]
         proj = self.wq_b(qr) if q_proj is None else q_proj
-        q = _rope_tail(proj.unflatten(-1, (self.n_heads, self.head_dim)), freqs, self.rd).contiguous()
+        q = rope_tail(proj.unflatten(-1, (self.n_heads, self.head_dim)), freqs, self.rd).contiguous()
         v4hal.fp4_act_quant(q, 32, inplace=True)
         q = q.view(t, 1, self.n_heads, self.head_dim)
         w = self.weights_proj(x[0]).float() * self.weight_scale                            # [T, H] fp32
@@ -207,7 +207,7 @@ class V41Indexer(nn.Module):
         return v4hal.indexer_topk_paged(q, cache, w, ctx, rows, self.topk, layout=layout)
 
 
-class V41Attention(nn.Module):
+class V41Attention(SharedKVAttention):
     """One V4.1 attention layer (see the module docstring); checkpoint names as V4's plus ``compressor``
     (KV sources) and ``indexer`` (index sources)."""
 
@@ -246,9 +246,6 @@ class V41Attention(nn.Module):
         if self.compressor is not None:
             self.compressor.prepare()
 
-    _grouped_out = Attention._grouped_out
-    _picks = Attention._picks
-
     def project(self, x: torch.Tensor, freqs: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """x ``[1, T, dim]`` (normed) with rope rows ``freqs [T, rd/2]`` -> the q latent ``qr``, the indexer's
@@ -273,10 +270,10 @@ class V41Attention(nn.Module):
         entries, latent, req, epos = done
         kind, bs = f"c{self.ratio}", step.batch.block_size
         table = step.batch.block_tables[kind]
-        _write_entries(caches.compressed, compressed_layout(True, step.attn_layout),
+        write_entries(caches.compressed, compressed_layout(True, step.attn_layout),
                        (compressed_round_trip(entries), req, epos), table, bs)
         if self.indexer is not None:
-            _write_entries(caches.indexer, step.indexer_layout,
+            write_entries(caches.indexer, step.indexer_layout,
                            (self.indexer.keys(latent, epos, self.freqs_cis), req, epos), table, bs)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
@@ -301,5 +298,5 @@ class V41Attention(nn.Module):
             kw["extra_layout"] = compressed_layout(True, step.attn_layout)
         o = v4hal.sparse_attn_paged(q.view(t, 1, self.n_heads, self.head_dim), caches.window, indices, self.attn_sink,
                                     self.softmax_scale, layout=step.attn_layout, **kw)
-        o = _rope_tail(o.view(1, t, self.n_heads, self.head_dim), freqs, self.rd, inverse=True)
+        o = rope_tail(o.view(1, t, self.n_heads, self.head_dim), freqs, self.rd, inverse=True)
         return self.wo_b(self._grouped_out(o))
