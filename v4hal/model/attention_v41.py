@@ -249,8 +249,8 @@ class V41Attention(SharedKVAttention):
     def project(self, x: torch.Tensor, freqs: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """x ``[1, T, dim]`` (normed) with rope rows ``freqs [T, rd/2]`` -> the q latent ``qr``, the indexer's
-        projection of it when fused (else None), ``q [1, T, h, d]`` (roped) and ``kv [1, T, d]`` (normed, roped,
-        the window cache's FP8 round trip)."""
+        projection of it when fused (else None), ``q [1, T, h, d]`` (roped) and ``kv [1, T, d]`` (normed,
+        roped; `forward` gives it the window cache's FP8 rounding)."""
         rd = self.rd
         qa, kva = self.qkv_a(x) if self.qkv_a is not None else (self.wq_a(x), self.wkv(x))
         qr = self.q_norm(qa)
@@ -259,7 +259,7 @@ class V41Attention(SharedKVAttention):
         kv = self.kv_norm(kva)
         tails = v4hal.rotary_emb(torch.cat([q[..., -rd:], kv[..., -rd:].unsqueeze(2)], dim=2), freqs)
         q = torch.cat([q[..., :-rd], tails[:, :, :-1]], dim=-1)
-        kv = window_round_trip(torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1))
+        kv = torch.cat([kv[..., :-rd], tails[:, :, -1]], dim=-1)
         return qr, iq, q, kv
 
     def _compress(self, x: torch.Tensor, step: Step, caches: LayerCaches) -> None:
@@ -282,6 +282,8 @@ class V41Attention(SharedKVAttention):
         t = x.shape[1]
         freqs = self.freqs_cis[step.positions]                                 # [T, rd/2]
         qr, iq, q, kv = self.project(x, freqs)
+        if step.attn_layout != "v41_window_fp8":     # those pages round it themselves, to the same values
+            kv = window_round_trip(kv)
         v4hal.paged_cache_write(caches.window, kv[0].contiguous(), step.token_slots, step.attn_layout)
         extra = picks = None
         kind = f"c{self.ratio}"
