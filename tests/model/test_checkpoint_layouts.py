@@ -229,3 +229,34 @@ def test_v41_spec_names_map_both_ways(name: str) -> None:
     hf = [to_transformers_name(n, True) for n in spec]
     assert len(set(hf)) == len(hf) and all(h.startswith("model.") or h == "lm_head.weight" for h in hf)
     assert [transformers_rename(h, True) for h in hf] == list(spec)
+
+
+def test_v41_float_engram_tables_as_transformers_saves_them(tmp_path) -> None:
+    """transformers keeps an Engram table in float (its ``scale`` then unused, saved as ones): read as the same FP8
+    table (e4m3, a power-of-two scale per 32) when every value is on that grid, refused naming the row if not."""
+    from v4hal.model.checkpoint import CheckpointDTypeError
+    from v4hal.model.model import V4Model
+
+    cfg = ModelConfig.preset("v41-mini")
+    d = write_random_checkpoint(cfg, tmp_path / "fp8", seed=3, layout="transformers")
+    (shard,) = glob.glob(str(d / "*.safetensors"))
+    tensors = load_file(shard)
+    tables = [k for k in tensors if k.endswith("engram.embed.weight")]
+    assert len(tables) == len(cfg.engram_layers)
+    for k in tables:
+        scale = tensors[k[:-len("weight")] + "scale"].float()
+        w = tensors[k].float().unflatten(-1, (scale.shape[-1], -1)) * scale.unsqueeze(-1)
+        tensors[k] = w.flatten(-2)
+        tensors[k[:-len("weight")] + "scale"] = torch.ones_like(scale)
+    floats = tmp_path / "float"
+    floats.mkdir()
+    for f in glob.glob(str(d / "*.json")):
+        (floats / Path(f).name).write_text(Path(f).read_text())
+    save_file(tensors, str(floats / Path(shard).name))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    want = V4Model.from_pretrained(d).forward(ids, 0)
+    assert torch.equal(V4Model.from_pretrained(floats).forward(ids, 0), want)
+    tensors[tables[0]][7, 5] += 1e-3                  # off the grid: loading would change it
+    save_file(tensors, str(floats / Path(shard).name))
+    with pytest.raises(CheckpointDTypeError, match=r"engram\.embed\.weight is a float32 Engram table whose row 7"):
+        V4Model.from_pretrained(floats)

@@ -19,7 +19,8 @@ Layouts read:
   writes (``model.`` prefixes, ``model.embed_tokens``, ``model.hc_head.hc_fn``, the attention's ``kv_norm``
   saved as ``attn.norm``, ``tid2eid`` int64, no MTP layers: such a checkpoint is read as the main model,
   ``n_mtp_layers`` 0), for DeepSeek-V4.1 what ``DeepseekV41ForCausalLM`` writes (``model.`` + the hub names,
-  ``lm_head``, ``weight_scale_inv``); `transformers_rename` / `to_transformers_name`. Told apart from the
+  ``lm_head``, ``weight_scale_inv``; Engram tables kept in float, which load as the FP8 tables v4hal serves
+  when their values lie on that grid); `transformers_rename` / `to_transformers_name`. Told apart from the
   Hugging Face hub layout by its names (``model.embed_tokens`` / ``model.hc_head``; for V4.1 any ``model.``).
 * **DeepSeek-V4.1 hub** (the release): composite ``config.json``, shards with an index, the inference names;
   the DSpark draft stages (``mtp.*``), the vision tower (``vision.*``, ``aligner.*``) and the image delimiters
@@ -62,6 +63,7 @@ import torch
 from safetensors import safe_open
 
 import v4hal
+from v4hal.hal import formats
 from v4hal.hal.errors import DTypeError, RangeError, ShapeError, V4HalError
 
 from .config import ModelConfig, file_kind, read_json_file, regular_file
@@ -425,6 +427,8 @@ def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
             problems.append(f"missing tensor {name} (expected {s.kind} {list(s.shape)})")
             kinds[CheckpointError] += 1
             continue
+        if s.kind == "table" and e.dtype in _FLOAT_TABLE_DTYPES and e.shape == s.shape:
+            continue      # a float Engram table (what transformers saves): encoded as FP8 at load, checked there
         if cat.layout != "inference" and s.kind == "bf16" and e.dtype == torch.float8_e4m3fn \
                 and name.endswith(".weight"):
             scale = name[:-len("weight")] + "scale"
@@ -506,6 +510,29 @@ def _to_scale(name: str, s: torch.Tensor, want: torch.dtype) -> torch.Tensor:
     return s.float().to(torch.float8_e8m0fnu)
 
 
+_FLOAT_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TABLE_ROWS_PER_PASS = 1 << 16
+
+
+def _encode_table(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float Engram table ``[R, W]`` (transformers keeps the table in float and ignores its ``scale`` then) as
+    the FP8 table v4hal serves: e4m3 with one ue8m0 scale per 32 values (``formats.fp8_cache_block_quant``),
+    only when that encoding gives back every value exactly; else `CheckpointDTypeError` naming the row."""
+    codes, scales = [], []
+    for r0 in range(0, t.shape[0], _TABLE_ROWS_PER_PASS):
+        x = t[r0:r0 + _TABLE_ROWS_PER_PASS].float()
+        y, sc = formats.fp8_cache_block_quant(x)
+        bad = (formats.fp8_block_dequant(y, sc) != x).any(dim=1).nonzero()
+        if bad.numel():
+            raise CheckpointDTypeError(
+                f"checkpoint: {name} is a {_dname(t.dtype)} Engram table whose row {r0 + int(bad[0])} is not on the "
+                f"FP8 grid v4hal serves it on (e4m3 with one power-of-two scale per 32 values): loading it would "
+                f"change its values; store the table as float8_e4m3fn with its .scale")
+        codes.append(y)
+        scales.append(sc)
+    return torch.cat(codes), torch.cat(scales)
+
+
 def _convert(name: str, s: TensorSpec, t: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     if s.kind == "f32":
         return t.to(torch.float32)
@@ -565,10 +592,16 @@ def read_checkpoint(path: str | os.PathLike[str], *,
     scale_dtype = act_scale_format(cat.config)[1]
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        encoded: dict[str, torch.Tensor] = {}       # scales of float Engram tables encoded at load, by name
         with stack:
             for name, s in spec.items():
+                if name in encoded:                     # the table's own scale (ignored by transformers)
+                    yield name, encoded.pop(name)
+                    continue
                 e = cat.entries[name]
                 t, raw = _read(cat, handles, e)
+                if s.kind == "table" and t.dtype != torch.float8_e4m3fn:
+                    t, encoded[name[:-len("weight")] + "scale"] = _encode_table(name, t)
                 if s.kind in ("fp8_scale", "fp4_scale", "table_scale"):
                     _check_scale(cat, e, t)
                 if s.kind == "bf16" and t.dtype == torch.float8_e4m3fn:
