@@ -193,13 +193,18 @@ class Indexer(nn.Module):
 
 class SharedKVAttention(nn.Module):
     """What V4's and V4.1's attention layers share on the paged path: the picks of ``sparse_attn_paged`` and the
-    grouped low-rank output projection. Subclasses set ``groups``, ``o_rank``, ``wo_a``, ``window`` and
-    ``ratio``."""
+    grouped low-rank output projection, and the shapes and the sink of layer ``layer_id``. Subclasses add
+    the projections (``wo_a`` among them)."""
 
-    groups: int
-    o_rank: int
-    window: int
-    ratio: int
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.head_dim, self.rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+        self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
+        self.window, self.eps = cfg.window_size, cfg.norm_eps
+        self.ratio = cfg.compress_ratios[layer_id]
+        self.softmax_scale = cfg.head_dim ** -0.5
+        self.register_buffer("attn_sink", torch.empty(cfg.n_heads, device=torch.device("meta")))
 
     def _grouped_out(self, o: torch.Tensor) -> torch.Tensor:
         """``o [b, s, h, d]`` -> per-group low-rank ``[b, s, groups * o_rank]`` through ``grouped_gemm``."""
@@ -243,16 +248,9 @@ class Attention(SharedKVAttention):
     """Shared-KV multi-head attention over the sliding window plus compressed entries."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(layer_id, cfg)
         lin = linear_kind(cfg)
-        self.layer_id = layer_id
-        self.n_heads, self.head_dim, self.rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
-        self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
-        self.window, self.eps = cfg.window_size, cfg.norm_eps
-        self.ratio = cfg.compress_ratios[layer_id]
-        self.softmax_scale = cfg.head_dim ** -0.5
         self.scale_fmt = act_scale_format(cfg)[0]
-        self.register_buffer("attn_sink", torch.empty(cfg.n_heads, device=torch.device("meta")))
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, lin, cfg)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
         self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, lin, cfg)

@@ -212,17 +212,10 @@ class V41Attention(SharedKVAttention):
     (KV sources) and ``indexer`` (index sources)."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(layer_id, cfg)
         lin = linear_kind(cfg)
-        self.layer_id = layer_id
-        self.n_heads, self.head_dim, self.rd = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
-        self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
-        self.window, self.eps = cfg.window_size, cfg.norm_eps
-        self.ratio = cfg.compress_ratios[layer_id]
         self.source = cfg.kv_source_of(layer_id)
         self.index_source = cfg.index_source_of(layer_id)
-        self.softmax_scale = cfg.head_dim ** -0.5
-        self.register_buffer("attn_sink", torch.empty(cfg.n_heads, device=torch.device("meta")))
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, lin, cfg)
         self.q_norm = V41RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
         self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, lin, cfg)
