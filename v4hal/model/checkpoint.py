@@ -68,7 +68,7 @@ from v4hal.hal.errors import DTypeError, RangeError, ShapeError, V4HalError
 
 from .config import ModelConfig, file_kind, read_json_file, regular_file
 from .layers import act_scale_format
-from .spec import FP4_X2, TensorSpec, checkpoint_spec
+from .spec import FLOAT_DTYPES, FP4_X2, TensorSpec, checkpoint_spec, is_engram_table
 
 __all__ = ["CheckpointError", "CheckpointShapeError", "CheckpointDTypeError", "CheckpointRangeError",
            "read_checkpoint", "read_for_device", "hf_rename", "transformers_rename", "to_transformers_name",
@@ -119,12 +119,6 @@ def shard_dim(name: str) -> int | None:
 
 def is_routed_expert(name: str) -> bool:
     return ".experts." in name and "shared_experts" not in name
-
-
-def is_engram_table(name: str) -> bool:
-    """Whether ``name`` is a DeepSeek-V4.1 Engram table (``layers.{i}.engram.embed.weight`` / ``.scale``): about
-    98 GB each in the release, kept in host memory by `read_for_device` unless told otherwise."""
-    return name.endswith(".engram.embed.weight") or name.endswith(".engram.embed.scale")
 
 
 def hf_rename(name: str) -> str | None:
@@ -187,7 +181,7 @@ def to_transformers_name(name: str, v41: bool) -> str:
     `transformers_rename`)."""
     if name == "head.weight":
         return "lm_head.weight" if v41 else "head.weight"
-    if name.endswith(".scale") and not name.endswith("engram.embed.scale"):
+    if name.endswith(".scale") and not is_engram_table(name):
         name = name[:-len("scale")] + "weight_scale_inv"
     if not v41:
         if name == "embed.weight":
@@ -427,7 +421,7 @@ def _validate(cat: _Catalog, spec: dict[str, TensorSpec]) -> None:
             problems.append(f"missing tensor {name} (expected {s.kind} {list(s.shape)})")
             kinds[CheckpointError] += 1
             continue
-        if s.kind == "table" and e.dtype in _FLOAT_TABLE_DTYPES and e.shape == s.shape:
+        if s.kind == "table" and e.dtype in FLOAT_DTYPES and e.shape == s.shape:
             continue      # a float Engram table (what transformers saves): encoded as FP8 at load, checked there
         if cat.layout != "inference" and s.kind == "bf16" and e.dtype == torch.float8_e4m3fn \
                 and name.endswith(".weight"):
@@ -510,7 +504,6 @@ def _to_scale(name: str, s: torch.Tensor, want: torch.dtype) -> torch.Tensor:
     return s.float().to(torch.float8_e8m0fnu)
 
 
-_FLOAT_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TABLE_ROWS_PER_PASS = 1 << 16
 
 

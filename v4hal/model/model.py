@@ -54,7 +54,7 @@ from .config import ModelConfig
 from .engram import Engram, EngramHash
 from .layers import FusedLinear, Linear, RMSNorm, float_gemm, precompute_freqs_cis
 from .moe import Experts, MoE, SharedExpert
-from .spec import linear_kind
+from .spec import is_engram_table, linear_kind
 from .step import Step
 
 __all__ = ["Block", "MTPBlock", "V4Model", "ForwardResult", "BatchOutput"]
@@ -293,7 +293,7 @@ class V4Model(nn.Module):
                 if tuple(cur.shape) != tuple(t.shape) or not _same_kind(leaf, cur.dtype, t.dtype):
                     raise ShapeError(f"V4Model: {name} must be {cur.dtype} {list(cur.shape)}, got {t.dtype} "
                                      f"{list(t.shape)}")
-                host = ".engram.embed." in name and not self.engram_on_device
+                host = is_engram_table(name) and not self.engram_on_device
                 to = "cpu" if host else device
                 mod._buffers[leaf] = t.to(to) if to is not None else t
             else:

@@ -38,7 +38,8 @@ import torch
 
 from .config import ModelConfig
 
-__all__ = ["TensorSpec", "checkpoint_spec", "linear_kind", "expert_kind", "weight_blocks", "FLOAT_DTYPES"]
+__all__ = ["TensorSpec", "checkpoint_spec", "linear_kind", "expert_kind", "weight_blocks", "is_engram_table",
+           "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E8M0 = torch.float8_e8m0fnu
@@ -73,6 +74,12 @@ class TensorSpec:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def is_engram_table(name: str) -> bool:
+    """Whether ``name`` is a DeepSeek-V4.1 Engram table (``layers.{i}.engram.embed.weight`` / ``.scale``): about
+    98 GB each in the release, kept in host memory unless told otherwise (`V4Model`, `read_for_device`)."""
+    return name.endswith(".engram.embed.weight") or name.endswith(".engram.embed.scale")
 
 
 def linear_kind(cfg: ModelConfig) -> str:
