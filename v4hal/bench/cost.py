@@ -249,6 +249,19 @@ def _compressor_flops(cfg: ModelConfig, ratio: int, head_dim: int, rotate: bool)
     return proj + entry / ratio
 
 
+def _layer_common(flops: dict[str, float], kv: dict[str, float], cfg: ModelConfig, n_keys: int,
+                  window_bytes: float) -> None:
+    """What every V4 / V4.1 layer adds whatever its attention kind: attention over ``n_keys`` keys, its window
+    cache (``window_bytes``), the MoE, the two mHC sites and the norms / residuals."""
+    h, hd = cfg.n_heads, cfg.head_dim
+    _add(flops, "attention", n_keys * h * (2 * hd + 2 * hd + SOFTMAX_FLOPS))
+    _add(kv, "window_cache", window_bytes)
+    _add(flops, "ffn", _moe_flops(cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts,
+                                  cfg.n_activated_experts, cfg.n_shared_experts))
+    _add(flops, "mhc", 2 * _mhc_sublayer_flops(cfg))
+    _add(flops, "norms_residual", 2 * RMS_FLOPS * cfg.dim)
+
+
 def v4_cost(cfg: ModelConfig, context: int, name: str = "v4") -> Cost:
     """FLOPs and cache bytes of a DeepSeek-V4 config for one token decoded at context ``context``."""
     L = _check_context(context)
@@ -287,12 +300,7 @@ def v4_cost(cfg: ModelConfig, context: int, name: str = "v4") -> Cost:
                 n_keys += min(cfg.index_topk, n_comp)
             else:
                 n_keys += n_comp
-        _add(flops, "attention", n_keys * h * (2 * hd + 2 * hd + SOFTMAX_FLOPS))
-        _add(kv, "window_cache", window * attn_entry)
-        _add(flops, "ffn", _moe_flops(cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts,
-                                      cfg.n_activated_experts, cfg.n_shared_experts))
-        _add(flops, "mhc", 2 * _mhc_sublayer_flops(cfg))
-        _add(flops, "norms_residual", 2 * RMS_FLOPS * cfg.dim)
+        _layer_common(flops, kv, cfg, n_keys, window * attn_entry)
     _add(flops, "head", _mhc_head_flops(cfg) + RMS_FLOPS * cfg.dim + _linear(cfg.dim, cfg.vocab_size))
     return Cost(name, L, flops, kv)
 
@@ -378,12 +386,7 @@ def v41_cost(cfg: ModelConfig, context: int, name: str = "v41") -> Cost:
                 else:
                     _add(flops, "indexer_scores", n_comp * per_entry)
             n_keys += min(cfg.index_topk, n_comp)
-        _add(flops, "attention", n_keys * h * (2 * hd + 2 * hd + SOFTMAX_FLOPS))
-        _add(kv, "window_cache", window * win_entry)
-        _add(flops, "ffn", _moe_flops(cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts,
-                                      cfg.n_activated_experts, cfg.n_shared_experts))
-        _add(flops, "mhc", 2 * _mhc_sublayer_flops(cfg))
-        _add(flops, "norms_residual", 2 * RMS_FLOPS * cfg.dim)
+        _layer_common(flops, kv, cfg, n_keys, window * win_entry)
     host: dict[str, float] = {}
     rows_per_layer = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
     for layer, rows in zip(cfg.engram_layers, cfg.engram_num_embeddings):
